@@ -1,0 +1,398 @@
+"""Layer descriptions: frozen dataclasses, validated and resolved on construction.
+
+A description says *what* a layer computes; :mod:`normgen.plan` decides *how*.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Union
+
+import numpy as np
+
+from .errors import NormgenError
+from .formats import Format, from_matlab, parse_format
+
+Initializer = Union[str, Callable[[int], Any], Sequence[float], np.ndarray, None]
+
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+INITIALIZERS = ("ones", "zeros", "narrownormal")
+RUNNING_VARIANCE = ("unbiased", "biased")
+PARAM_STORAGE = ("embedded", "runtime")
+PARALLEL = ("none", "openmp")
+OPERATION_DIMENSIONS = ("auto", "channel-only", "spatial-channel", "batch-excluded")
+
+# C99/C11 keywords and C++ keywords (the CUDA target is C++), plus identifiers the
+# generated code itself declares.
+_RESERVED = set(
+    """auto break case char const continue default do double else enum extern float for goto if
+    inline int long register restrict return short signed sizeof static struct switch typedef union
+    unsigned void volatile while _Bool _Complex _Imaginary _Alignas _Alignof _Atomic _Generic
+    _Noreturn _Static_assert _Thread_local bool alignas alignof and and_eq asm bitand bitor catch
+    char16_t char32_t char8_t class compl concept consteval constexpr constinit const_cast co_await
+    co_return co_yield decltype delete dynamic_cast explicit export false friend mutable namespace
+    new noexcept not not_eq nullptr operator or or_eq private protected public reinterpret_cast
+    requires static_assert static_cast template this thread_local throw true try typeid typename
+    using virtual wchar_t xor xor_eq main""".split()
+)
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str) or not _IDENT.match(name):
+        raise NormgenError(
+            f"layer name {name!r} is not a C identifier (letters, digits and '_', not starting with a digit)"
+        )
+    if name in _RESERVED:
+        raise NormgenError(f"layer name {name!r} is a C/C++ keyword or reserved identifier; choose another name")
+    if name.startswith("__") or (name.startswith("_") and len(name) > 1 and name[1].isupper()):
+        raise NormgenError(f"layer name {name!r} is reserved in C (leading '__' or '_' + capital letter)")
+    return name
+
+
+def _finite_number(value: object, what: str, *, positive: bool = False, lo: float | None = None,
+                   hi: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise NormgenError(f"{what} must be a number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise NormgenError(f"{what} must be finite, got {value!r}")
+    if positive and v <= 0:
+        raise NormgenError(f"{what} must be > 0, got {value!r}")
+    if lo is not None and hi is not None and not (lo <= v <= hi):
+        raise NormgenError(f"{what} must be in [{lo:g}, {hi:g}], got {value!r}")
+    if lo is not None and hi is None and v < lo:
+        raise NormgenError(f"{what} must be >= {lo:g}, got {value!r}")
+    return v
+
+
+def _choice(value: object, what: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise NormgenError(f"{what} {value!r} is not one of {', '.join(repr(a) for a in allowed)}")
+    return str(value)
+
+
+def _dtype_name(value: object) -> str:
+    if isinstance(value, str):
+        name = value
+    else:
+        try:
+            name = np.dtype(value).name  # type: ignore[arg-type]
+        except TypeError:
+            name = repr(value)
+    if name not in DTYPES:
+        raise NormgenError(f"dtype {value!r} is not one of {', '.join(DTYPES)}")
+    return name
+
+
+def _resolve_param(value: Initializer, default: str, size: int, what: str, layer_name: str) -> tuple[np.ndarray, str]:
+    """An initializer name, callable or array → (read-only float64 array of ``size``, source text)."""
+    if value is None:
+        value = default
+    if isinstance(value, str):
+        if value == "ones":
+            arr = np.ones(size)
+        elif value == "zeros":
+            arr = np.zeros(size)
+        elif value == "narrownormal":
+            # Deterministic per layer and parameter, so the same description emits the same bytes.
+            rng = np.random.default_rng(zlib.crc32(f"{layer_name}/{what}".encode()))
+            arr = rng.normal(0.0, 0.01, size)
+        else:
+            raise NormgenError(
+                f"{what} initializer {value!r} is not one of {', '.join(repr(i) for i in INITIALIZERS)},"
+                " a callable or an array"
+            )
+        source = value
+    elif callable(value):
+        arr = value(size)
+        source = f"callable {getattr(value, '__name__', type(value).__name__)}"
+    else:
+        arr = value
+        source = "array"
+    try:
+        arr = np.array(arr, dtype=np.float64).reshape(-1) if np.ndim(arr) <= 1 else np.array(arr, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise NormgenError(f"{what} of layer {layer_name!r} is not numeric: {exc}") from None
+    if arr.ndim != 1 or arr.shape[0] != size:
+        raise NormgenError(
+            f"{what} of layer {layer_name!r} has {arr.size} values (shape {arr.shape}); it needs {size}, one per channel"
+        )
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        raise NormgenError(f"{what} of layer {layer_name!r} has a non-finite value {arr[bad[0]]!r} at index {bad[0]}")
+    arr.setflags(write=False)
+    return arr, source
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Layer:
+    """Fields every kind shares. Use :class:`BatchNorm`, :class:`GroupNorm`, :class:`LayerNorm`
+    or :class:`InstanceNorm`."""
+
+    kind: ClassVar[str] = ""
+
+    name: str
+    shape: Sequence[int]
+    format: str | None = None
+    matlab_format: str | None = None
+    num_channels: int | str = "auto"
+    dtype: str = "float32"
+    epsilon: float = 1e-5
+    scale: Initializer = "ones"
+    offset: Initializer = "zeros"
+    scale_learn_rate_factor: float = 1.0
+    offset_learn_rate_factor: float = 1.0
+    scale_l2_factor: float = 1.0
+    offset_l2_factor: float = 1.0
+    param_storage: str = "embedded"
+    parallel: str = "none"
+
+    # Resolved on construction (not arguments).
+    fmt: Format = field(init=False, repr=False)
+    dims: tuple[int, ...] = field(init=False, repr=False)
+    channels: int = field(init=False, repr=False)
+    scale_values: np.ndarray = field(init=False, repr=False)
+    offset_values: np.ndarray = field(init=False, repr=False)
+    sources: dict = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if type(self) is Layer:
+            raise NormgenError("Layer is abstract: use BatchNorm, GroupNorm, LayerNorm or InstanceNorm")
+        _check_name(self.name)
+        set_ = object.__setattr__
+        if (self.format is None) == (self.matlab_format is None):
+            raise NormgenError(f"layer {self.name!r}: give exactly one of format (row-major) or matlab_format")
+        fmt = parse_format(self.format) if self.format is not None else from_matlab(self.matlab_format)
+        written = self.format if self.format is not None else self.matlab_format
+        shape = self.shape
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence) and not isinstance(shape, np.ndarray):
+            raise NormgenError(f"layer {self.name!r}: shape must be a list of sizes, got {shape!r}")
+        shape = list(shape)
+        need = len(written.replace("B", ""))
+        if len(shape) != need:
+            raise NormgenError(
+                f"layer {self.name!r}: shape {shape} has {len(shape)} sizes but format {written!r} has {need} "
+                "non-B dimensions (the batch size is a run-time argument)"
+            )
+        for s in shape:
+            if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1:
+                raise NormgenError(f"layer {self.name!r}: shape {shape} has size {s!r}; sizes are positive integers")
+        dims = tuple(int(s) for s in (shape if self.format is not None else shape[::-1]))
+        set_(self, "fmt", fmt)
+        set_(self, "dims", dims)
+        channels = dims[fmt.non_batch_letters().index("C")]
+        if self.num_channels != "auto":
+            nc = self.num_channels
+            if isinstance(nc, bool) or not isinstance(nc, (int, np.integer)):
+                raise NormgenError(f"layer {self.name!r}: num_channels must be 'auto' or an integer, got {nc!r}")
+            if int(nc) != channels:
+                raise NormgenError(
+                    f"layer {self.name!r}: num_channels {nc} does not match the shape, whose C dimension is {channels}"
+                )
+        set_(self, "channels", channels)
+        set_(self, "dtype", _dtype_name(self.dtype))
+        set_(self, "epsilon", _finite_number(self.epsilon, f"layer {self.name!r}: epsilon", positive=True))
+        for f in ("scale_learn_rate_factor", "offset_learn_rate_factor", "scale_l2_factor", "offset_l2_factor"):
+            set_(self, f, _finite_number(getattr(self, f), f"layer {self.name!r}: {f}", lo=0.0))
+        _choice(self.param_storage, f"layer {self.name!r}: param_storage", PARAM_STORAGE)
+        _choice(self.parallel, f"layer {self.name!r}: parallel", PARALLEL)
+        sources: dict[str, str] = {}
+        for pname, default in (("scale", "ones"), ("offset", "zeros")):
+            arr, src = _resolve_param(getattr(self, pname), default, channels, pname, self.name)
+            set_(self, f"{pname}_values", arr)
+            sources[pname] = src
+        set_(self, "sources", sources)
+        self._resolve_kind()
+
+    def _resolve_kind(self) -> None:  # overridden per kind
+        pass
+
+    # ---- derived facts -------------------------------------------------------------------------
+    @property
+    def is_batchnorm(self) -> bool:
+        return self.kind == "batchnorm"
+
+    def parameter_arrays(self) -> dict[str, np.ndarray]:
+        """Every per-channel array, learnable first, in a fixed order."""
+        return {"scale": self.scale_values, "offset": self.offset_values}
+
+    @property
+    def learnable_count(self) -> int:
+        return 2 * self.channels
+
+    @property
+    def state_count(self) -> int:
+        return 0
+
+    def _kind_fields(self) -> list[tuple[str, object]]:
+        return []
+
+    def describe(self) -> list[tuple[str, str]]:
+        """The full description as (key, value) text pairs: the provenance header of every file."""
+        items: list[tuple[str, object]] = [("kind", self.kind), ("name", self.name)]
+        if self.matlab_format is not None:
+            items.append(("matlab_format", self.matlab_format))
+        items += [
+            ("format", self.fmt.letters),
+            ("shape", list(self.dims)),
+            ("num_channels", self.channels),
+            ("dtype", self.dtype),
+            ("epsilon", repr(self.epsilon)),
+        ]
+        items += self._kind_fields()
+        items += [
+            ("param_storage", self.param_storage),
+            ("parallel", self.parallel),
+            ("scale_learn_rate_factor", repr(self.scale_learn_rate_factor)),
+            ("offset_learn_rate_factor", repr(self.offset_learn_rate_factor)),
+            ("scale_l2_factor", repr(self.scale_l2_factor)),
+            ("offset_l2_factor", repr(self.offset_l2_factor)),
+        ]
+        for pname, arr in self.parameter_arrays().items():
+            digest = hashlib.sha256(np.ascontiguousarray(arr, dtype="<f8").tobytes()).hexdigest()[:16]
+            items.append((pname, f"{self.sources[pname]}, sha256 {digest}"))
+        return [(k, str(v)) for k, v in items]
+
+    def replace(self, **changes: Any) -> "Layer":
+        """A copy with some constructor fields changed (validated again)."""
+        args = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        args.update(changes)
+        if "format" in changes and "matlab_format" not in changes:
+            args["matlab_format"] = None
+            if args.get("shape") is self.shape and self.matlab_format is not None:
+                args["shape"] = list(self.dims)
+        if "matlab_format" in changes and "format" not in changes:
+            args["format"] = None
+        return type(self)(**args)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class BatchNorm(Layer):
+    """Batch normalization: one statistic per channel over B, S, T, U.
+
+    ``mean_decay``/``variance_decay`` weight the *new* batch value (MATLAB's MeanDecay and
+    VarianceDecay, PyTorch's momentum). ``running_variance`` says whether the running variance
+    is updated with the unbiased (n/(n-1), PyTorch, the default) or biased batch variance.
+    """
+
+    kind: ClassVar[str] = "batchnorm"
+
+    trained_mean: Initializer = "zeros"
+    trained_variance: Initializer = "ones"
+    mean_decay: float = 0.1
+    variance_decay: float = 0.1
+    running_variance: str = "unbiased"
+
+    trained_mean_values: np.ndarray = field(init=False, repr=False)
+    trained_variance_values: np.ndarray = field(init=False, repr=False)
+
+    def _resolve_kind(self) -> None:
+        set_ = object.__setattr__
+        for f in ("mean_decay", "variance_decay"):
+            set_(self, f, _finite_number(getattr(self, f), f"layer {self.name!r}: {f}", lo=0.0, hi=1.0))
+        _choice(self.running_variance, f"layer {self.name!r}: running_variance", RUNNING_VARIANCE)
+        for pname, default in (("trained_mean", "zeros"), ("trained_variance", "ones")):
+            arr, src = _resolve_param(getattr(self, pname), default, self.channels, pname, self.name)
+            set_(self, f"{pname}_values", arr)
+            self.sources[pname] = src
+        neg = np.flatnonzero(self.trained_variance_values < 0)
+        if neg.size:
+            raise NormgenError(
+                f"trained_variance of layer {self.name!r} has a negative value "
+                f"{self.trained_variance_values[neg[0]]!r} at index {neg[0]}"
+            )
+
+    def parameter_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "scale": self.scale_values,
+            "offset": self.offset_values,
+            "trained_mean": self.trained_mean_values,
+            "trained_variance": self.trained_variance_values,
+        }
+
+    @property
+    def state_count(self) -> int:
+        return 2 * self.channels
+
+    def _kind_fields(self) -> list[tuple[str, object]]:
+        return [
+            ("mean_decay", repr(self.mean_decay)),
+            ("variance_decay", repr(self.variance_decay)),
+            ("running_variance", self.running_variance),
+        ]
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class GroupNorm(Layer):
+    """Group normalization: one statistic per (batch, group) over S, T, U and the group's channels.
+
+    ``num_groups`` is a positive integer dividing the channel count, ``"allchannels"`` (one group:
+    layer norm over everything but B) or ``"channelwise"`` (one group per channel: instance norm).
+    """
+
+    kind: ClassVar[str] = "groupnorm"
+
+    num_groups: int | str = 1
+    groups: int = field(init=False, repr=False)
+
+    def _resolve_kind(self) -> None:
+        g = self.num_groups
+        if g == "allchannels":
+            groups = 1
+        elif g == "channelwise":
+            groups = self.channels
+        elif isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g < 1:
+            raise NormgenError(
+                f"layer {self.name!r}: num_groups must be a positive integer, 'allchannels' or 'channelwise', got {g!r}"
+            )
+        else:
+            groups = int(g)
+            if self.channels % groups:
+                raise NormgenError(
+                    f"layer {self.name!r}: num_groups {groups} does not divide the {self.channels} channels"
+                    f" ({self.channels} / {groups} is not an integer)"
+                )
+        object.__setattr__(self, "groups", groups)
+
+    def _kind_fields(self) -> list[tuple[str, object]]:
+        return [("num_groups", self.num_groups), ("groups", self.groups)]
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class LayerNorm(Layer):
+    """Layer normalization with MATLAB's OperationDimension.
+
+    ``"auto"`` is ``"spatial-channel"`` when the format has two or more S and no T, otherwise
+    ``"channel-only"``.
+    """
+
+    kind: ClassVar[str] = "layernorm"
+
+    operation_dimension: str = "auto"
+    resolved_dimension: str = field(init=False, repr=False)
+
+    def _resolve_kind(self) -> None:
+        od = _choice(self.operation_dimension, f"layer {self.name!r}: operation_dimension", OPERATION_DIMENSIONS)
+        if od == "auto":
+            letters = self.fmt.letters
+            od = "spatial-channel" if letters.count("S") >= 2 and "T" not in letters else "channel-only"
+        object.__setattr__(self, "resolved_dimension", od)
+
+    def _kind_fields(self) -> list[tuple[str, object]]:
+        return [("operation_dimension", self.operation_dimension), ("resolved_dimension", self.resolved_dimension)]
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class InstanceNorm(Layer):
+    """Instance normalization: one statistic per (batch, channel) over S, T, U."""
+
+    kind: ClassVar[str] = "instancenorm"
+
+
+KINDS: dict[str, type[Layer]] = {cls.kind: cls for cls in (BatchNorm, GroupNorm, LayerNorm, InstanceNorm)}

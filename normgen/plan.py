@@ -1,0 +1,459 @@
+"""Lowering: a layer description → a target-independent :class:`Plan`.
+
+The plan resolves everything a template needs, so templates only substitute and loop:
+
+* the tensor as a list of *axes* in memory order (outermost first). Adjacent dimensions with the
+  same role merge into one axis; the channel axis never merges, and group norm's C splits
+  into a kept group axis G and a reduced axis C/G. An axis's extent is a static number, times
+  the run-time batch when it holds B;
+* which axes index a statistic (*kept*) and which are reduced over;
+* the loop structure of the one normalization core: *statistic loops* (kept axes outside every
+  reduced axis) around a *domain* (the rest, in memory order) whose statistics are accumulated
+  chunk by chunk (two-pass inside a cache-sized chunk, Chan's merge between chunks) into
+  ``nacc`` accumulators, one per kept position inside the domain;
+* folded constants and parameter arrays as literals of the element type.
+
+One core serves every kind: what differs between batch, group, layer and instance norm is only
+which axes are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import __version__
+from .errors import NormgenError
+from .layers import Layer
+from .reference import reduced_letters
+
+#: Elements of one statistics chunk: two passes over it stay in L1/L2.
+CHUNK_ELEMS = 8192
+#: Most accumulators a domain may keep on the stack (columns strategy); beyond it rows are used.
+MAX_ACCUMULATORS = 1024
+#: Shortest contiguous reduced run for which the rows strategy is used when columns are possible.
+MIN_ROW_RUN = 64
+
+#: How each target spells an element type, and the type statistics accumulate in.
+CTYPES = {
+    "float32": ("float", "double"),
+    "float64": ("double", "double"),
+}
+
+
+@dataclass(frozen=True)
+class Extent:
+    """``static`` elements, times the run-time batch when ``batched``."""
+
+    static: int
+    batched: bool = False
+
+    def __mul__(self, other: "Extent") -> "Extent":
+        if self.batched and other.batched:
+            raise AssertionError("B appears once in a format")
+        return Extent(self.static * other.static, self.batched or other.batched)
+
+    def expr(self, batch: str = "nb") -> str:
+        if not self.batched:
+            return str(self.static)
+        return batch if self.static == 1 else f"{batch} * {self.static}"
+
+    def value(self, batch: int) -> int:
+        return self.static * (batch if self.batched else 1)
+
+
+ONE = Extent(1)
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One loop of the core: a run of format dimensions with one role."""
+
+    letters: str  # the format letters it covers ("G"/"g" for group norm's split C)
+    extent: Extent
+    stride: Extent
+    keep: bool  # indexes a statistic (True) or is reduced over (False)
+    channel_mul: int  # contribution of this axis's index to the channel index (0: none)
+    var: str = ""
+
+    @property
+    def count(self) -> str:
+        return self.extent.expr()
+
+    @property
+    def step(self) -> str:
+        return self.stride.expr()
+
+
+@dataclass(frozen=True)
+class Loop:
+    """A loop as a template prints it: ``for (var = start; var < stop; ++var)``."""
+
+    var: str
+    start: str
+    stop: str
+
+
+@dataclass(frozen=True)
+class Function:
+    """One generated entry point: ``int name(args)``."""
+
+    role: str  # "predict" | "train_forward"
+    name: str
+    args: list[str]
+    pointers: list[str]  # arguments checked against NULL
+    doc: str
+    uses: list[str]  # parameter arrays the body reads
+
+    @property
+    def signature(self) -> str:
+        return f"{self.name}({', '.join(self.args)})"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the templates of every target need; no decisions are left to them."""
+
+    version: str
+    name: str
+    kind: str
+    dtype: str
+    ctype: str
+    acc_type: str
+    description: list[tuple[str, str]]
+    channels: int
+    epsilon: float
+    epsilon_literal: str
+    param_storage: str
+    parallel: str
+    axes: list[Axis]
+    strategy: str  # "rows" | "columns"
+    stat_axes: list[Axis]
+    domain_axes: list[Axis]
+    nacc: int
+    chunk_iters: int
+    offset_expr: str  # element offset from every loop variable
+    channel_expr: str
+    acc_expr: str
+    stat_offset_expr: str  # offset of a statistic block from the statistic loops
+    per_acc_tail: Extent  # reduced elements per accumulator for one iteration of the chunk axis
+    per_acc_total: Extent  # reduced elements per accumulator (the statistic's count)
+    apply_axes: list[Axis]  # batch-norm predict: every dimension, merged except C
+    apply_offset_expr: str
+    apply_channel_expr: str
+    elements: Extent  # elements of x
+    params: dict[str, list[str]]  # name → literals, in the element type
+    folded: dict[str, list[str]]  # batch norm predict: a = γ/√(σ²+ε), b = β − μ·a
+    reduced_letters: str
+    statistic_over: str
+    statistic_per: str
+    decays: dict[str, str] = field(default_factory=dict)
+    running_unbiased: bool = False
+
+    format: str = ""
+    has_batch: bool = True
+
+    @property
+    def has_train_forward(self) -> bool:
+        return self.kind == "batchnorm"
+
+    @property
+    def upper(self) -> str:
+        return self.name.upper()
+
+    @property
+    def guard(self) -> str:
+        return f"NORMGEN_{self.upper}_H"
+
+    @property
+    def runtime_params(self) -> bool:
+        return self.param_storage == "runtime"
+
+    @property
+    def split_mean(self) -> bool:
+        """Keep the mean as hi + lo in the element type, so x - mean stays exact for data whose
+        mean is large against its spread (float32)."""
+        return self.ctype == "float"
+
+    @property
+    def param_ref(self) -> dict[str, str]:
+        """How function bodies reach each parameter array."""
+        if self.runtime_params:
+            return {k: f"params->{k}" for k in self.params}
+        return {k: f"{self.name}_{k}" for k in self.params}
+
+    @property
+    def fold_ref(self) -> dict[str, str]:
+        if self.runtime_params:
+            return {"a": "fold_a", "b": "fold_b"}
+        return {"a": f"{self.name}_fold_a", "b": f"{self.name}_fold_b"}
+
+    @property
+    def functions(self) -> list[Function]:
+        t = self.ctype
+        lead = [f"const {self.name}_params *params"] if self.runtime_params else []
+        lead_ptr = ["params"] if self.runtime_params else []
+        folded_at_generation = self.kind == "batchnorm" and not self.runtime_params
+        predict_uses = [] if folded_at_generation else list(self.params) if self.kind == "batchnorm" else ["scale", "offset"]
+        fns = [
+            Function(
+                "predict",
+                f"{self.name}_predict",
+                lead + [f"const {t} *x", f"{t} *y", "int32_t batch"],
+                lead_ptr + ["x", "y"],
+                "Inference: y = normalize(x). x and y hold batch * "
+                f"{self.elements.static} elements in format {self.format}; y may be x.",
+                predict_uses,
+            )
+        ]
+        if self.has_train_forward:
+            fns.append(
+                Function(
+                    "train_forward",
+                    f"{self.name}_train_forward",
+                    lead + [f"const {t} *x", f"{t} *y", "int32_t batch", f"{t} *running_mean", f"{t} *running_var"],
+                    lead_ptr + ["x", "y", "running_mean", "running_var"],
+                    "Training forward: normalize with the batch's mean and biased variance, then update\n"
+                    " * running_mean and running_var (one per channel) in place: r = decay * batch + (1 - decay) * r.",
+                    ["scale", "offset"],
+                )
+            )
+        return fns
+
+    @property
+    def embedded_params(self) -> dict[str, list[str]]:
+        """The parameter arrays some function reads, embedded as static const arrays."""
+        used = {name for f in self.functions for name in f.uses}
+        return {k: v for k, v in self.params.items() if k in used}
+
+    @property
+    def stat_loops(self) -> list[Loop]:
+        return self.loops(self.stat_axes)
+
+    @property
+    def domain_full_loops(self) -> list[Loop]:
+        return self.loops(self.domain_axes)
+
+    @property
+    def apply_loops(self) -> list[Loop]:
+        return self.loops(self.apply_axes)
+
+    @property
+    def chunk_axis(self) -> Axis:
+        return self.domain_axes[0]
+
+    @property
+    def stat_comment(self) -> str:
+        return f"mean and variance of each statistic {self.statistic_per} over {self.statistic_over}"
+
+    @property
+    def acc_channel_expr(self) -> str:
+        """Batch norm: the channel of accumulator k (statistic loops hold C, or k is C)."""
+        return "k" if self.strategy == "columns" else self.channel_expr
+
+    def loops(self, axes: list[Axis]) -> list[Loop]:
+        return [Loop(a.var, "0", a.count) for a in axes]
+
+    @property
+    def domain_loops(self) -> list[Loop]:
+        """The domain inside one chunk: the first (chunk) axis runs from c0 to c1."""
+        loops = self.loops(self.domain_axes)
+        first = self.domain_axes[0]
+        return [Loop(first.var, "c0", "c1")] + loops[1:]
+
+
+def literal(value: float, ctype: str) -> str:
+    """A C literal that rounds to exactly ``value`` in ``ctype``."""
+    text = str(np.float32(value)) if ctype == "float" else str(np.float64(value))
+    if not any(ch in text for ch in ".en"):
+        text += ".0"
+    return text + ("f" if ctype == "float" else "")
+
+
+def _axes(layer: Layer) -> list[Axis]:
+    """Format dimensions → merged axes with roles, memory order (outermost first)."""
+    reduce = reduced_letters(layer)
+    raw: list[tuple[str, Extent, bool, bool]] = []  # letters, extent, keep, is_channel_part
+    dims = iter(layer.dims)
+    for ch in layer.fmt.letters:
+        if ch == "B":
+            raw.append(("B", Extent(1, True), "B" not in reduce, False))
+            continue
+        size = next(dims)
+        if ch == "C" and layer.kind == "groupnorm":
+            g = layer.groups
+            raw.append(("G", Extent(g), True, True))
+            raw.append(("g", Extent(size // g), False, True))
+        else:
+            raw.append((ch, Extent(size), ch not in reduce, ch == "C"))
+    # Drop static size-1 dimensions (they do not move the offset) unless they carry the channel.
+    raw = [r for r in raw if r[1].batched or r[1].static > 1 or r[3]]
+    merged: list[list] = []
+    for letters, ext, keep, is_ch in raw:
+        if merged and not is_ch and not merged[-1][3] and merged[-1][2] == keep:
+            merged[-1][0] += letters
+            merged[-1][1] = merged[-1][1] * ext
+        else:
+            merged.append([letters, ext, keep, is_ch])
+    axes: list[Axis] = []
+    stride = ONE
+    for letters, ext, keep, is_ch in reversed(merged):
+        if not is_ch:
+            mul = 0
+        elif letters == "G":
+            mul = layer.channels // layer.groups
+        else:
+            mul = 1
+        axes.append(Axis(letters, ext, stride, keep, mul))
+        stride = stride * ext
+    axes.reverse()
+    return [Axis(a.letters, a.extent, a.stride, a.keep, a.channel_mul, f"i{k}") for k, a in enumerate(axes)]
+
+
+def _apply_axes(layer: Layer) -> list[Axis]:
+    """Every dimension merged into outer × C × inner (batch norm's one multiply-add pass)."""
+    letters = layer.fmt.letters
+    c = letters.index("C")
+    parts = []
+    ext = ONE
+    dims = iter(layer.dims)
+    sizes = []
+    for ch in letters:
+        sizes.append(Extent(1, True) if ch == "B" else Extent(next(dims)))
+    for rng, is_ch in ((range(0, c), False), (range(c, c + 1), True), (range(c + 1, len(letters)), False)):
+        ext = ONE
+        for i in rng:
+            ext = ext * sizes[i]
+        if is_ch or ext.batched or ext.static > 1:
+            parts.append((letters[rng.start:rng.stop], ext, is_ch))
+    axes = []
+    stride = ONE
+    for lt, ext, is_ch in reversed(parts):
+        axes.append(Axis(lt, ext, stride, not is_ch, 1 if is_ch else 0))
+        stride = stride * ext
+    axes.reverse()
+    return [Axis(a.letters, a.extent, a.stride, a.keep, a.channel_mul, f"j{k}") for k, a in enumerate(axes)]
+
+
+def _sum_expr(terms: list[str]) -> str:
+    return " + ".join(terms) if terms else "0"
+
+
+def _offset(axes: list[Axis]) -> str:
+    return _sum_expr([a.var if a.stride == ONE else f"{a.var} * {a.step}" for a in axes])
+
+
+def _channel(axes: list[Axis]) -> str:
+    return _sum_expr([a.var if a.channel_mul == 1 else f"{a.var} * {a.channel_mul}" for a in axes if a.channel_mul])
+
+
+def _strategy(axes: list[Axis]) -> tuple[str, list[Axis], list[Axis]]:
+    """Choose rows (every kept axis outside, one accumulator) or columns (kept axes inside the
+    first reduced axis accumulate side by side, x swept in memory order)."""
+    first_r = next(i for i, a in enumerate(axes) if not a.keep)
+    inner_keep = [a for a in axes[first_r:] if a.keep]
+    nacc = int(np.prod([a.extent.static for a in inner_keep])) if inner_keep else 1
+    columns_ok = bool(inner_keep) and not any(a.extent.batched for a in inner_keep) and nacc <= MAX_ACCUMULATORS
+    last_reduced = axes[-1] if not axes[-1].keep else None
+    long_rows = last_reduced is not None and (last_reduced.extent.batched or last_reduced.extent.static >= MIN_ROW_RUN)
+    if columns_ok and not long_rows:
+        return "columns", axes[:first_r], axes[first_r:]
+    return "rows", [a for a in axes if a.keep], [a for a in axes if not a.keep]
+
+
+def _statistic_words(layer: Layer) -> tuple[str, str]:
+    red = reduced_letters(layer)
+    names = {"B": "B", "S": "S", "T": "T", "U": "U", "C": "C"}
+    over = [names[ch] for ch in "BCSTU" if ch in red and ch in layer.fmt.letters]
+    if layer.kind == "groupnorm":
+        over.append(f"the {layer.channels // layer.groups} channels of each of {layer.groups} groups")
+    per = [ch for ch in layer.fmt.letters if ch not in red and ch in "BCT"]
+    if layer.kind == "groupnorm":
+        per = [ch for ch in per if ch != "C"] + ["group"]
+    if layer.kind == "layernorm" and layer.resolved_dimension == "channel-only":
+        per = ["every non-C position"]
+    return ", ".join(over) or "nothing", "(" + ", ".join(per) + ")" if per else "the whole tensor"
+
+
+def lower(layer: Layer, target: str = "c") -> Plan:
+    """Resolve a layer into the plan its templates render."""
+    if layer.dtype not in CTYPES:
+        raise NormgenError(
+            f"layer {layer.name!r}: dtype {layer.dtype!r} is not supported by the {target} target "
+            f"(it supports {', '.join(CTYPES)})"
+        )
+    ctype, acc = CTYPES[layer.dtype]
+    axes = _axes(layer)
+    if all(a.keep for a in axes):
+        # Nothing is reduced (every statistic over a single element): a reduced axis of size 1.
+        axes = axes + [Axis("", ONE, ONE, False, 0, f"i{len(axes)}")]
+    strategy, stat_axes, domain_axes = _strategy(axes)
+    nacc = int(np.prod([a.extent.static for a in domain_axes if a.keep])) if strategy == "columns" else 1
+    inner = ONE
+    for a in domain_axes[1:]:
+        inner = inner * a.extent
+    chunk_iters = max(1, CHUNK_ELEMS // inner.static)
+    per_acc_tail = ONE
+    for a in domain_axes[1:]:
+        if not a.keep:
+            per_acc_tail = per_acc_tail * a.extent
+    per_acc_total = per_acc_tail * domain_axes[0].extent
+    acc_terms = []
+    mul = 1
+    for a in reversed(domain_axes):
+        if a.keep:
+            acc_terms.append(a.var if mul == 1 else f"{a.var} * {mul}")
+            mul *= a.extent.static
+    apply_axes = _apply_axes(layer)
+    params = {k: [literal(v, ctype) for v in arr] for k, arr in layer.parameter_arrays().items()}
+    folded: dict[str, list[str]] = {}
+    decays: dict[str, str] = {}
+    if layer.kind == "batchnorm":
+        a = layer.scale_values / np.sqrt(layer.trained_variance_values + layer.epsilon)
+        b = layer.offset_values - layer.trained_mean_values * a
+        folded = {"a": [literal(v, ctype) for v in a], "b": [literal(v, ctype) for v in b]}
+        decays = {"mean": literal(layer.mean_decay, acc), "variance": literal(layer.variance_decay, acc)}
+    elements = ONE
+    for ax in axes:
+        elements = elements * ax.extent
+    over, per = _statistic_words(layer)
+    return Plan(
+        version=__version__,
+        name=layer.name,
+        kind=layer.kind,
+        dtype=layer.dtype,
+        ctype=ctype,
+        acc_type=acc,
+        description=layer.describe(),
+        channels=layer.channels,
+        epsilon=layer.epsilon,
+        epsilon_literal=literal(layer.epsilon, acc),
+        param_storage=layer.param_storage,
+        parallel=layer.parallel,
+        axes=axes,
+        strategy=strategy,
+        stat_axes=stat_axes,
+        domain_axes=domain_axes,
+        nacc=nacc,
+        chunk_iters=chunk_iters,
+        offset_expr=_offset(axes),
+        channel_expr=_channel(axes),
+        acc_expr=_sum_expr(list(reversed(acc_terms))),
+        stat_offset_expr=_offset(stat_axes),
+        per_acc_tail=per_acc_tail,
+        per_acc_total=per_acc_total,
+        apply_axes=apply_axes,
+        apply_offset_expr=_offset(apply_axes),
+        apply_channel_expr=_channel(apply_axes),
+        elements=elements,
+        params=params,
+        folded=folded,
+        reduced_letters=reduced_letters(layer),
+        statistic_over=over,
+        statistic_per=per,
+        decays=decays,
+        running_unbiased=getattr(layer, "running_variance", "biased") == "unbiased",
+        format=layer.fmt.letters,
+        has_batch=layer.fmt.has_batch,
+    )

@@ -1,0 +1,57 @@
+"""Rendering plans into source files through the Jinja templates of each target."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jinja2
+
+from .errors import NormgenError
+from .layers import Layer
+from .plan import Plan, lower
+
+TARGETS = ("c", "cuda")
+
+
+def template_dir() -> Path:
+    """Installed: ``normgen/templates``; in a source checkout: ``templates/`` beside the package."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "templates", here.parent / "templates"):
+        if (candidate / "common" / "macros.j2").is_file():
+            return candidate
+    raise NormgenError(f"normgen's templates are missing (looked in {here / 'templates'} and {here.parent / 'templates'})")
+
+
+@functools.lru_cache(maxsize=1)
+def environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(template_dir())),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.globals["ind"] = lambda n: "    " * n
+    return env
+
+
+#: The files each target writes, as (file name pattern, template).
+FILES = {
+    "c": (("{name}.h", "c/layer.h.j2"), ("{name}.c", "c/layer.c.j2")),
+    "cuda": (("{name}.cuh", "cuda/layer.cuh.j2"), ("{name}.cu", "cuda/layer.cu.j2")),
+}
+
+
+def render(plan: Plan, target: str) -> dict[str, str]:
+    """A plan → {file name: text}."""
+    env = environment()
+    return {pattern.format(name=plan.name): env.get_template(tpl).render(plan=plan) for pattern, tpl in FILES[target]}
+
+
+def emit(layer: Layer, target: str = "c") -> dict[str, str]:
+    """Generate the source files of one layer: {file name: text}, byte-identical for the same layer."""
+    if target not in TARGETS:
+        raise NormgenError(f"target {target!r} is not one of {', '.join(TARGETS)}")
+    return render(lower(layer, target), target)
