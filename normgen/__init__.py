@@ -1,3 +1,19 @@
-"""normgen: a code generator for neural-network normalization layers."""
+"""normgen: a code generator for neural-network normalization layers.
+
+Describe a layer, then ``emit`` its C or CUDA source or ``build`` it into a callable
+test bench checked against :mod:`normgen.reference`.
+"""
 
 __version__ = "0.1.0"
+
+from .errors import NormgenError  # noqa: E402
+from .layers import BatchNorm, GroupNorm, InstanceNorm, Layer, LayerNorm  # noqa: E402
+from .render import emit  # noqa: E402
+from .spec import load_spec  # noqa: E402
+from .build import build  # noqa: E402
+from . import reference  # noqa: E402
+
+__all__ = [
+    "BatchNorm", "GroupNorm", "InstanceNorm", "Layer", "LayerNorm", "NormgenError",
+    "build", "emit", "load_spec", "reference", "__version__",
+]

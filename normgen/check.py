@@ -1,0 +1,76 @@
+"""Comparing a compiled layer with :mod:`normgen.reference` (``normgen check`` and the tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import reference
+from .layers import Layer
+
+#: y passes when |y - ref| <= atol + rtol * |ref| everywhere (ref in float64 from the same input).
+TOLERANCES = {
+    "float32": (2e-5, 2e-5),
+    "float64": (1e-12, 1e-12),
+    "float16": (1e-2, 1e-2),
+    "bfloat16": (5e-2, 5e-2),
+}
+DEFAULT_BATCHES = (1, 2, 5)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    layer: str
+    function: str
+    dtype: str
+    batch: int
+    max_abs: float
+    max_rel: float  # max |y - ref| / max |ref|
+    ok: bool
+
+
+def compare(name: str, function: str, dtype: str, batch: int, got: np.ndarray, want: np.ndarray) -> Comparison:
+    rtol, atol = TOLERANCES[dtype]
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    err = np.abs(got - want)
+    max_abs = float(err.max()) if err.size else 0.0
+    scale = float(np.abs(want).max()) if want.size else 0.0
+    ok = bool(np.all(err <= atol + rtol * np.abs(want))) and bool(np.all(np.isfinite(got)))
+    return Comparison(name, function, dtype, batch, max_abs, max_abs / scale if scale else max_abs, ok)
+
+
+def random_input(layer: Layer, batch: int, rng: np.random.Generator) -> np.ndarray:
+    """Data in the layer's format whose per-channel spread matches its trained statistics."""
+    shape = reference.full_shape(layer, batch)
+    x = rng.standard_normal(shape)
+    if layer.kind == "batchnorm":
+        cs = [1] * len(shape)
+        cs[layer.fmt.letters.index("C")] = layer.channels
+        x = x * np.sqrt(layer.trained_variance_values + 0.5).reshape(cs) + layer.trained_mean_values.reshape(cs)
+    else:
+        x = 2.0 * x + 0.5
+    return x
+
+
+def check_layer(compiled, layer: Layer, batches=DEFAULT_BATCHES, seed: int = 0) -> list[Comparison]:
+    """Run predict (and batch norm's train_forward) at several batch sizes against the reference."""
+    rng = np.random.default_rng(seed)
+    results = []
+    storage = np.dtype(np.float32) if layer.dtype in ("float16", "bfloat16") else np.dtype(layer.dtype)
+    for batch in batches if layer.fmt.has_batch else (1,):
+        x = random_input(layer, batch, rng)
+        x = compiled.quantize(x) if hasattr(compiled, "quantize") else x.astype(storage)
+        results.append(compare(layer.name, "predict", layer.dtype, batch, compiled.predict(x), reference.predict(layer, x)))
+        if layer.kind == "batchnorm":
+            if layer.running_variance == "unbiased" and reference.count(layer, batch) < 2:
+                continue
+            rm0 = np.array(compiled.running_mean, dtype=np.float64)
+            rv0 = np.array(compiled.running_var, dtype=np.float64)
+            y = compiled.train_forward(x)
+            ry, rm, rv = reference.train_forward(layer, x, rm0, rv0)
+            results.append(compare(layer.name, "train_forward", layer.dtype, batch, y, ry))
+            results.append(compare(layer.name, "running_mean", layer.dtype, batch, compiled.running_mean, rm))
+            results.append(compare(layer.name, "running_var", layer.dtype, batch, compiled.running_var, rv))
+    return results

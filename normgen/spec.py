@@ -1,0 +1,121 @@
+"""TOML spec files: one ``[[layer]]`` table per layer.
+
+Keys (all but ``name``, ``kind``, a format and ``shape`` optional)::
+
+    name, kind, format | matlab_format, shape, num_channels, dtype, epsilon,
+    num_groups (groupnorm), operation_dimension (layernorm),
+    mean_decay, variance_decay, running_variance (batchnorm),
+    scale_learn_rate_factor, offset_learn_rate_factor, scale_l2_factor, offset_l2_factor,
+    param_storage, parallel, params
+
+``params`` is a .npz path relative to the spec file with arrays ``scale``, ``offset`` and, for
+batch norm, ``trained_mean`` and ``trained_variance``; arrays it lacks take the initializers
+(scale ones, offset zeros, trained mean zeros, trained variance ones).
+"""
+
+from __future__ import annotations
+
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import NormgenError
+from .layers import KINDS, Layer
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+COMMON_KEYS = (
+    "name", "kind", "format", "matlab_format", "shape", "num_channels", "dtype", "epsilon",
+    "scale_learn_rate_factor", "offset_learn_rate_factor", "scale_l2_factor", "offset_l2_factor",
+    "param_storage", "parallel", "params",
+)
+KIND_KEYS = {
+    "batchnorm": ("mean_decay", "variance_decay", "running_variance"),
+    "groupnorm": ("num_groups",),
+    "layernorm": ("operation_dimension",),
+    "instancenorm": (),
+}
+ALL_KEYS = set(COMMON_KEYS).union(*KIND_KEYS.values())
+PARAM_ARRAYS = {
+    "batchnorm": ("scale", "offset", "trained_mean", "trained_variance"),
+    "groupnorm": ("scale", "offset"),
+    "layernorm": ("scale", "offset"),
+    "instancenorm": ("scale", "offset"),
+}
+
+
+def _load_params(path: Path, kind: str, where: str) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise NormgenError(f"{where}: params file {str(path)!r} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: np.array(data[k]) for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise NormgenError(f"{where}: params file {str(path)!r} is not a readable .npz file ({exc})") from None
+    allowed = PARAM_ARRAYS[kind]
+    for name in arrays:
+        if name not in allowed:
+            raise NormgenError(
+                f"{where}: params file {str(path)!r} has array {name!r}; a {kind} layer takes {', '.join(allowed)}"
+            )
+    return arrays
+
+
+def layer_from_table(table: dict, base: Path, where: str) -> Layer:
+    """One ``[[layer]]`` table → a validated layer (``base``: the spec's folder, for ``params``)."""
+    if not isinstance(table, dict):
+        raise NormgenError(f"{where}: each [[layer]] must be a table, got {table!r}")
+    unknown = sorted(set(table) - ALL_KEYS)
+    if unknown:
+        raise NormgenError(f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(sorted(ALL_KEYS))}")
+    for required in ("name", "kind", "shape"):
+        if required not in table:
+            raise NormgenError(f"{where}: missing key {required!r}")
+    kind = table["kind"]
+    if kind not in KINDS:
+        raise NormgenError(f"{where}: unknown kind {kind!r}; kinds are {', '.join(KINDS)}")
+    where = f"{where} ({table['name']!r})" if isinstance(table["name"], str) else where
+    for key in table:
+        for other, keys in KIND_KEYS.items():
+            if key in keys and other != kind:
+                raise NormgenError(f"{where}: key {key!r} is for {other} layers, not {kind}")
+    args = {k: v for k, v in table.items() if k not in ("kind", "params")}
+    if "params" in table:
+        if not isinstance(table["params"], str):
+            raise NormgenError(f"{where}: params must be a path to a .npz file, got {table['params']!r}")
+        args.update(_load_params(base / table["params"], kind, where))
+    try:
+        return KINDS[kind](**args)
+    except NormgenError as exc:
+        raise NormgenError(f"{where}: {exc}") from None
+
+
+def load_spec(path: str | Path) -> list[Layer]:
+    """Read a TOML spec file into its validated layers."""
+    path = Path(path)
+    if not path.is_file():
+        raise NormgenError(f"spec file {str(path)!r} does not exist")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise NormgenError(f"spec file {str(path)!r} is not valid TOML: {exc}") from None
+    extra = sorted(set(data) - {"layer"})
+    if extra:
+        raise NormgenError(f"spec file {str(path)!r}: unknown top-level key {extra[0]!r}; use [[layer]] tables")
+    tables = data.get("layer")
+    if not isinstance(tables, list) or not tables:
+        raise NormgenError(f"spec file {str(path)!r} has no [[layer]] tables")
+    layers = [layer_from_table(t, path.parent, f"{path.name}: layer {i + 1}") for i, t in enumerate(tables)]
+    seen: dict[str, int] = {}
+    for i, layer in enumerate(layers):
+        if layer.name in seen:
+            raise NormgenError(
+                f"{path.name}: layers {seen[layer.name] + 1} and {i + 1} are both named {layer.name!r}"
+            )
+        seen[layer.name] = i
+    return layers
