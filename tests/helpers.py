@@ -1,0 +1,53 @@
+"""Layers over every kind × format family, shared by the test modules."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm
+
+#: format → shape of the non-B dims (format order); one per family the issue names.
+FORMATS = {
+    "BC": [12],
+    "BCSS": [12, 5, 7],
+    "BSSC": [5, 7, 12],
+    "TBC": [9, 12],
+    "BTC": [9, 12],
+    "BCSSS": [12, 3, 4, 5],
+    "BCU": [12, 10],
+    "CSS": [12, 6, 5],  # no B: batch 1
+    "BCT": [12, 70],  # long contiguous rows
+}
+#: MATLAB-format cases: (matlab_format, shape in MATLAB order).
+MATLAB_FORMATS = {"SSCB": [7, 5, 12], "CBT": [12, 9], "CB": [12]}
+
+
+def params(channels: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"scale": rng.normal(1.0, 0.3, channels), "offset": rng.normal(0.0, 0.5, channels)}
+
+
+def bn_stats(channels: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed + 1)
+    return {"trained_mean": rng.normal(0.0, 1.0, channels), "trained_variance": rng.uniform(0.3, 3.0, channels)}
+
+
+def kinds(fmt_kw: dict, channels: int, dtype: str, tag: str):
+    """One layer of every kind (and each group-norm / layer-norm variant) for a format."""
+    base = dict(fmt_kw, dtype=dtype, **params(channels, len(tag)))
+    yield BatchNorm(name=f"bn_{tag}", **base, **bn_stats(channels, len(tag)))
+    yield BatchNorm(name=f"bnb_{tag}", **base, running_variance="biased", mean_decay=0.3, variance_decay=0.2)
+    yield GroupNorm(name=f"gn_{tag}", **base, num_groups=3)
+    yield GroupNorm(name=f"gna_{tag}", **base, num_groups="allchannels")
+    yield GroupNorm(name=f"gnc_{tag}", **base, num_groups="channelwise")
+    yield InstanceNorm(name=f"in_{tag}", **base)
+    for od in ("channel-only", "spatial-channel", "batch-excluded"):
+        yield LayerNorm(name=f"ln{od[0]}_{tag}", **base, operation_dimension=od)
+
+
+def grid(dtypes=("float32", "float64")):
+    for dtype in dtypes:
+        for fmt, shape in FORMATS.items():
+            yield from kinds({"format": fmt, "shape": shape}, 12, dtype, f"{fmt}_{dtype[-2:]}")
+        for fmt, shape in MATLAB_FORMATS.items():
+            yield from kinds({"matlab_format": fmt, "shape": shape}, 12, dtype, f"m{fmt}_{dtype[-2:]}")

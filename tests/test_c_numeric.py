@@ -1,0 +1,151 @@
+"""Tier 3: generated C compiled with cffi, run, and compared with normgen.reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, NormgenError, build, reference
+from normgen.check import check_layer, compare
+
+from helpers import grid, params
+
+GRID = list(grid())
+
+
+@pytest.mark.parametrize("layer", GRID, ids=lambda l: l.name)
+def test_grid_matches_reference(layer):
+    compiled = build(layer)
+    results = check_layer(compiled, layer, batches=(1, 2, 3), seed=7)
+    bad = [r for r in results if not r.ok]
+    assert results and not bad, bad
+
+
+@st.composite
+def layers(draw):
+    """A random valid format (one C, at most one B and T, some S/U), sizes, kind and dtype."""
+    letters = ["C"] + draw(st.lists(st.sampled_from("SU"), max_size=3))
+    if draw(st.booleans()):
+        letters.append("B")
+    if draw(st.booleans()):
+        letters.append("T")
+    letters = draw(st.permutations(letters))
+    fmt = "".join(letters)
+    groups = draw(st.integers(1, 4))
+    channels = groups * draw(st.integers(1, 3))
+    shape = [channels if ch == "C" else draw(st.integers(1, 6)) for ch in fmt if ch != "B"]
+    kw = dict(name="h", format=fmt, shape=shape, dtype=draw(st.sampled_from(["float32", "float64"])),
+              epsilon=draw(st.sampled_from([1e-5, 1e-3, 0.5])), **params(channels, 3))
+    kind = draw(st.sampled_from(["bn", "gn", "ln", "in"]))
+    if kind == "bn":
+        return BatchNorm(**kw, running_variance=draw(st.sampled_from(["biased", "unbiased"])))
+    if kind == "gn":
+        return GroupNorm(**kw, num_groups=groups)
+    if kind == "ln":
+        return LayerNorm(**kw, operation_dimension=draw(
+            st.sampled_from(["auto", "channel-only", "spatial-channel", "batch-excluded"])))
+    return InstanceNorm(**kw)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layer=layers(), batch=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_hypothesis_shapes(layer, batch, seed):
+    compiled = build(layer)
+    results = check_layer(compiled, layer, batches=(batch,), seed=seed)
+    assert results and all(r.ok for r in results), [r for r in results if not r.ok]
+
+
+@pytest.mark.parametrize("layer", [
+    LayerNorm(name="ln_big", format="BTC", shape=[8, 3000]),
+    GroupNorm(name="gn_big", format="BCSS", shape=[8, 40, 40], num_groups=2),
+    GroupNorm(name="gn_big_nhwc", format="BSSC", shape=[20, 20, 8], num_groups=4),
+    InstanceNorm(name="in_big", format="BCSS", shape=[4, 64, 64]),
+    BatchNorm(name="bn_big", format="BSSC", shape=[16, 16, 8]),
+], ids=lambda l: l.name)
+def test_large_mean_float32(layer):
+    """x = 1e4 + N(0, 1e-2) in float32: the statistics (two-pass in double, Chan's merge) and
+    x - mean (kept as hi + lo) stay accurate; E[x²] - E[x]² would lose every digit."""
+    rng = np.random.default_rng(1)
+    x = (1e4 + rng.normal(0, 1e-2, reference.full_shape(layer, 3))).astype(np.float32)
+    compiled = build(layer)
+    if layer.kind == "batchnorm":
+        got, (want, rm, rv) = compiled.train_forward(x), reference.train_forward(layer, x)
+        np.testing.assert_allclose(compiled.running_mean, rm, rtol=1e-6)
+        np.testing.assert_allclose(compiled.running_var, rv, rtol=1e-3, atol=1e-7)
+    else:
+        got, want = compiled.predict(x), reference.predict(layer, x)
+    assert np.abs(want).max() > 0.5  # normalized data, unit scale
+    assert np.abs(got - want).max() < 1e-4
+
+
+@pytest.mark.parametrize("layer", [
+    BatchNorm(name="bn_inplace", format="BSSC", shape=[3, 4, 6], **params(6, 1)),
+    GroupNorm(name="gn_inplace", format="BCSS", shape=[6, 4, 3], num_groups=2, **params(6, 1)),
+    LayerNorm(name="ln_inplace", format="TBC", shape=[5, 6], **params(6, 1)),
+], ids=lambda l: l.name)
+def test_in_place(layer):
+    compiled = build(layer)
+    x = np.random.default_rng(2).normal(size=reference.full_shape(layer, 4)).astype(np.float32)
+    want = compiled.predict(x)
+    buf = x.copy()
+    compiled.predict(buf, out=buf)
+    np.testing.assert_array_equal(buf, want)
+
+
+@pytest.mark.parametrize("fn", ["predict", "train_forward"])
+def test_error_codes_leave_outputs_untouched(fn):
+    layer = BatchNorm(name="bn_err", format="BCSS", shape=[3, 2, 2])
+    compiled = build(layer)
+    ffi, lib = compiled.ffi, compiled._lib
+    f = getattr(lib, f"bn_err_{fn}")
+    x = np.ones(3 * 4 * 2, dtype=np.float32)
+    y = np.full_like(x, 7.0)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    extra = [compiled._ptr(rm), compiled._ptr(rv)] if fn == "train_forward" else []
+    px, py = compiled._ptr(x), compiled._ptr(y)
+    assert f(ffi.NULL, py, 2, *extra) == 1
+    assert f(px, ffi.NULL, 2, *extra) == 1
+    assert f(px, py, 0, *extra) == 2
+    assert f(px, py, -3, *extra) == 2
+    if fn == "train_forward":
+        assert f(px, py, 2, ffi.NULL, extra[1]) == 1
+        assert f(px, py, 2, extra[0], ffi.NULL) == 1
+        np.testing.assert_array_equal(rm, 0)
+    assert (y == 7.0).all()
+    assert f(px, py, 2, *extra) == 0 and not (y == 7.0).all()
+
+
+def test_unbiased_running_variance_needs_two_values():
+    layer = BatchNorm(name="bn_one", format="BC", shape=[4])
+    compiled = build(layer)
+    x = np.ones((1, 4), np.float32)
+    with pytest.raises(NormgenError, match="returned 3"):
+        compiled.train_forward(x)
+    with pytest.raises(NormgenError, match="more than 1 value"):
+        reference.train_forward(layer, x)
+    # the biased convention is defined for one value, as ONNX/Keras do
+    biased = BatchNorm(name="bn_one_b", format="BC", shape=[4], running_variance="biased")
+    y = build(biased).train_forward(x)
+    assert compare("b", "t", "float32", 1, y, reference.train_forward(biased, x)[0]).ok
+
+
+def test_runtime_params_round_trip():
+    layer = GroupNorm(name="gn_rt", format="BSSC", shape=[3, 3, 8], num_groups=4, param_storage="runtime",
+                      **params(8, 5))
+    compiled = build(layer)
+    np.testing.assert_allclose(compiled.get_params()["scale"], layer.scale_values.astype(np.float32))
+    new = params(8, 9)
+    compiled.set_params(**new)
+    x = np.random.default_rng(0).normal(size=(2, 3, 3, 8)).astype(np.float32)
+    want = reference.predict(layer.replace(param_storage="embedded", **new), x)
+    assert compare("g", "predict", "float32", 2, compiled.predict(x), want).ok
+    with pytest.raises(NormgenError, match="needs 8 values"):
+        compiled.set_params(scale=np.ones(3))
+
+
+def test_mismatched_input_shape_is_an_error():
+    compiled = build(InstanceNorm(name="in_shape", format="BCSS", shape=[3, 4, 4]))
+    with pytest.raises(NormgenError, match=r"input of shape \(2, 4, 4, 4\)"):
+        compiled.predict(np.zeros((2, 4, 4, 4), np.float32))

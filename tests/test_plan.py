@@ -1,0 +1,114 @@
+"""Tier 1: the lowering, checked without compiling anything.
+
+An interpreter walks a plan's loops exactly as the C core does and proves that every element
+is visited once per pass, that accumulators group elements exactly as the reference does,
+and that channel indices agree with the format.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from normgen import BatchNorm, GroupNorm, LayerNorm, NormgenError
+from normgen.plan import MAX_ACCUMULATORS, lower
+from normgen.reference import full_shape, grouped_view
+
+from helpers import grid
+
+LAYERS = list(grid(dtypes=("float32",)))
+
+
+def _eval(expr: str, env: dict) -> int:
+    return int(eval(expr, {}, env))  # noqa: S307 - expressions come from the plan
+
+
+def walk(plan, batch: int):
+    """Yield (statistic-block id, accumulator, offset, channel) for every element, in the
+    order of the core's normalize pass."""
+    env = {"nb": batch}
+    stat_ranges = [range(_eval(a.count, env)) for a in plan.stat_axes]
+    for block, stat_idx in enumerate(itertools.product(*stat_ranges)):
+        env.update({a.var: i for a, i in zip(plan.stat_axes, stat_idx)})
+        dom_ranges = [range(_eval(a.count, env)) for a in plan.domain_axes]
+        for dom_idx in itertools.product(*dom_ranges):
+            env.update({a.var: i for a, i in zip(plan.domain_axes, dom_idx)})
+            yield block, _eval(plan.acc_expr, env), _eval(plan.offset_expr, env), _eval(plan.channel_expr, env)
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda l: l.name)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_core_loops_partition_like_the_reference(layer, batch):
+    if not layer.fmt.has_batch and batch != 1:
+        pytest.skip("format has no B")
+    plan = lower(layer)
+    shape = full_shape(layer, batch)
+    n = int(np.prod(shape))
+    offsets = np.arange(n).reshape(shape)
+    # Reference grouping: the statistic each element belongs to.
+    view, axes, _ = grouped_view(layer, offsets)
+    kept = [a for a in range(view.ndim) if a not in axes]
+    stat_of = np.empty(n, dtype=np.int64)
+    moved = np.moveaxis(view, kept, list(range(len(kept))))
+    for sid, idx in enumerate(np.ndindex(*moved.shape[: len(kept)])):
+        stat_of[moved[idx].reshape(-1)] = sid
+    channel_of = np.indices(shape)[layer.fmt.letters.index("C")].reshape(-1)
+
+    seen = np.zeros(n, dtype=np.int64)
+    groups: dict[tuple[int, int], set[int]] = {}
+    for block, acc, off, ch in walk(plan, batch):
+        assert 0 <= acc < plan.nacc
+        seen[off] += 1
+        assert ch == channel_of[off], f"offset {off}: channel {ch}, format says {channel_of[off]}"
+        groups.setdefault((block, acc), set()).add(stat_of[off])
+    assert (seen == 1).all(), "every element is visited exactly once"
+    # one statistic per (block, accumulator), and every statistic has one (block, accumulator)
+    assert all(len(s) == 1 for s in groups.values())
+    assert len(groups) == len(set(stat_of.tolist()))
+    # per-accumulator count the core divides by
+    count = plan.per_acc_total.value(batch)
+    assert count == n // len(groups)
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda l: l.name)
+def test_axes_describe_the_tensor(layer):
+    plan = lower(layer)
+    # extents multiply to the element count, strides are products of inner extents
+    stride = 1
+    for a in reversed(plan.axes):
+        assert a.stride.static == stride or a.stride.batched
+        stride *= a.extent.static
+    assert plan.elements.static == int(np.prod(layer.dims))
+    # the apply (batch-norm predict) loops cover the tensor with the channel as one axis
+    assert sum(a.channel_mul == 1 for a in plan.apply_axes) == 1
+    assert int(np.prod([a.extent.static for a in plan.apply_axes])) == plan.elements.static
+    # stat loops hold only kept axes; a columns domain starts with a reduced (chunk) axis
+    assert all(a.keep for a in plan.stat_axes)
+    assert not plan.domain_axes[0].keep
+    assert plan.nacc <= MAX_ACCUMULATORS
+
+
+def test_strategy_follows_the_layout():
+    nchw = lower(BatchNorm(name="a", format="BCSS", shape=[64, 56, 56]))
+    nhwc = lower(BatchNorm(name="b", format="BSSC", shape=[56, 56, 64]))
+    assert nchw.strategy == "rows" and [a.letters for a in nchw.stat_axes] == ["C"]
+    assert nhwc.strategy == "columns" and nhwc.nacc == 64  # channel vectors, x swept in memory order
+    gn = lower(GroupNorm(name="g", format="BSSC", shape=[64, 64, 320], num_groups=32))
+    assert gn.strategy == "columns" and gn.nacc == 32
+    ln = lower(LayerNorm(name="l", format="BTC", shape=[10, 4096]))
+    assert ln.strategy == "rows" and ln.domain_axes[-1].stride.static == 1  # contiguous rows
+
+
+def test_groupnorm_split_and_layernorm_auto():
+    gn = lower(GroupNorm(name="g", format="BCSS", shape=[12, 4, 4], num_groups=4))
+    assert [a.letters for a in gn.axes] == ["B", "G", "g", "SS"]
+    assert lower(LayerNorm(name="l", format="BCSS", shape=[4, 5, 5])).reduced_letters == "SUC"
+    assert lower(LayerNorm(name="l", format="BTC", shape=[5, 4])).reduced_letters == "C"
+    assert lower(LayerNorm(name="l", format="BCS", shape=[4, 5])).reduced_letters == "C"
+
+
+def test_c_target_rejects_half_types():
+    with pytest.raises(NormgenError, match="float16"):
+        lower(BatchNorm(name="h", format="BC", shape=[4], dtype="float16"), "c")
