@@ -1,0 +1,153 @@
+"""The command line: emit/check/show, and bad input → one clear message, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from normgen.cli import main
+
+GOOD = """
+[[layer]]
+name = "bn1"
+kind = "batchnorm"
+format = "BCSS"
+shape = [4, 3, 3]
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "spec.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def layer_spec(**keys) -> str:
+    base = {"name": '"l1"', "kind": '"groupnorm"', "format": '"BCSS"', "shape": "[12, 4, 4]"}
+    base.update(keys)
+    return "[[layer]]\n" + "".join(f"{k} = {v}\n" for k, v in base.items() if v is not None)
+
+
+BAD = {
+    "groups": (layer_spec(num_groups=5), ["num_groups 5", "12 channels"]),
+    "letter": (layer_spec(format='"BXSS"'), ["'BXSS'", "'X'"]),
+    "no_c": (layer_spec(format='"BSSS"'), ["exactly one C", "has 0"]),
+    "two_c": (layer_spec(format='"BCCS"'), ["exactly one C", "has 2"]),
+    "two_b": (layer_spec(format='"BBCS"', shape="[12, 4]"), ["'BBCS'", "2 B"]),
+    "two_t": (layer_spec(format='"TTCB"', shape="[3, 3, 12]"), ["'TTCB'", "2 T"]),
+    "shape_len": (layer_spec(shape="[12, 4]"), ["shape [12, 4]", "3 non-B"]),
+    "shape_zero": (layer_spec(shape="[12, 0, 4]"), ["size 0"]),
+    "channels": (layer_spec(num_channels=10), ["num_channels 10", "is 12"]),
+    "name_ident": (layer_spec(name='"my-layer"'), ["'my-layer'", "C identifier"]),
+    "name_digit": (layer_spec(name='"1st"'), ["'1st'", "C identifier"]),
+    "name_keyword": (layer_spec(name='"double"'), ["'double'", "keyword"]),
+    "eps_zero": (layer_spec(epsilon="0.0"), ["epsilon", "0.0"]),
+    "eps_neg": (layer_spec(epsilon="-1e-5"), ["epsilon", "-1e-05"]),
+    "eps_inf": (layer_spec(epsilon="inf"), ["epsilon", "inf"]),
+    "eps_nan": (layer_spec(epsilon="nan"), ["epsilon", "nan"]),
+    "decay": (layer_spec(kind='"batchnorm"', mean_decay="1.5"), ["mean_decay", "1.5", "[0, 1]"]),
+    "decay_neg": (layer_spec(kind='"batchnorm"', variance_decay="-0.1"), ["variance_decay", "-0.1"]),
+    "kind": (layer_spec(kind='"rmsnorm"'), ["unknown kind 'rmsnorm'"]),
+    "dtype": (layer_spec(dtype='"int8"'), ["dtype 'int8'"]),
+    "key": (layer_spec(momentum="0.9"), ["unknown key 'momentum'"]),
+    "kind_key": (layer_spec(mean_decay="0.1"), ["'mean_decay'", "batchnorm"]),
+    "running_variance": (layer_spec(kind='"batchnorm"', running_variance='"sample"'), ["'sample'"]),
+    "op_dim": (layer_spec(kind='"layernorm"', operation_dimension='"rows"'), ["'rows'"]),
+    "toml": ("[[layer]\nname = ", ["not valid TOML"]),
+    "empty": ("", ["no [[layer]] tables"]),
+    "top_key": (GOOD + "\n[extra]\nx = 1\n", ["unknown top-level key 'extra'"]),
+    "duplicate": (GOOD + GOOD, ["both named 'bn1'"]),
+    "params_missing": (layer_spec(params='"nope.npz"'), ["'", "nope.npz", "does not exist"]),
+    "params_type": (layer_spec(params="3"), ["params must be a path"]),
+}
+
+
+def run_bad(tmp_path, capsys, text, command="emit", files=None):
+    for name, arrays in (files or {}).items():
+        np.savez(tmp_path / name, **arrays)
+    spec = write(tmp_path, text)
+    out = tmp_path / "out"
+    rc = main([command, str(spec), "-o", str(out)] if command == "emit" else [command, str(spec)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert not out.exists(), "nothing is written on bad input"
+    assert err.startswith("normgen: error: ") and "Traceback" not in err and err.count("\n") == 1
+    return err
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+@pytest.mark.parametrize("command", ["emit", "show"])
+def test_bad_spec_is_one_clear_message(case, command, tmp_path, capsys):
+    text, needles = BAD[case]
+    err = run_bad(tmp_path, capsys, text, command)
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+BAD_PARAMS = {
+    "length": ({"scale": np.ones(5)}, ["scale", "5 values", "needs 12"]),
+    "nan": ({"offset": np.r_[np.zeros(11), np.nan]}, ["offset", "nan", "index 11"]),
+    "inf": ({"scale": np.r_[np.inf, np.ones(11)]}, ["scale", "inf", "index 0"]),
+    "negative_var": ({"trained_variance": np.r_[np.ones(3), -0.5, np.ones(8)]}, ["trained_variance", "-0.5", "index 3"]),
+    "unknown_array": ({"gamma": np.ones(12)}, ["'gamma'"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PARAMS))
+def test_bad_params_file(case, tmp_path, capsys):
+    arrays, needles = BAD_PARAMS[case]
+    text = layer_spec(kind='"batchnorm"', params='"p.npz"')
+    err = run_bad(tmp_path, capsys, text, files={"p.npz": arrays})
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def test_malformed_params_file(tmp_path, capsys):
+    (tmp_path / "p.npz").write_bytes(b"not a zip file")
+    err = run_bad(tmp_path, capsys, layer_spec(params='"p.npz"'))
+    assert "p.npz" in err and "not a readable .npz" in err
+
+
+def test_missing_spec_file(tmp_path, capsys):
+    assert main(["emit", str(tmp_path / "absent.toml"), "-o", str(tmp_path / "out")]) == 2
+    assert "absent.toml" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_emit_writes_and_is_idempotent(tmp_path, capsys):
+    spec = write(tmp_path, GOOD + layer_spec())
+    out = tmp_path / "out"
+    assert main(["emit", str(spec), "-o", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["bn1.c", "bn1.h", "l1.c", "l1.h"]
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(["emit", str(spec), "-o", str(out)]) == 0
+    assert capsys.readouterr().out.count("unchanged") == 4
+    assert first == {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def test_show_reports_counts_and_grouping(tmp_path, capsys):
+    spec = write(tmp_path, GOOD + layer_spec(num_groups=3) + layer_spec(
+        name='"ln"', kind='"layernorm"', format='"BTC"', shape="[5, 8]"))
+    assert main(["show", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert "learnable    8 (scale 4, offset 4)" in out and "state        8 (trained_mean 4, trained_variance 4)" in out
+    assert "groups       3 of 4 channels" in out
+    assert "operation    channel-only" in out
+
+
+def test_check_reports_a_table(tmp_path, capsys):
+    spec = write(tmp_path, GOOD)
+    assert main(["check", str(spec), "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "bn1" in out and "train_forward" in out and "running_var" in out and "4 passed, 0 failed" in out
+
+
+def test_console_script_exit_code_and_help():
+    proc = subprocess.run([sys.executable, "-m", "normgen", "emit", "/nonexistent/spec.toml"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "/nonexistent/spec.toml" in proc.stderr
+    helptext = subprocess.run([sys.executable, "-m", "normgen", "--help"], capture_output=True, text=True).stdout
+    assert "[[layer]]" in helptext and "matlab_format" in helptext and "num_groups" in helptext

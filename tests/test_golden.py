@@ -1,0 +1,41 @@
+"""Tier 2: rendered files compared with committed ones (tests/golden/).
+
+Refresh after an intended change to the templates, and review the diff:
+    NORMGEN_REGENERATE=1 python -m pytest tests/test_golden.py tests/test_examples.py
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from normgen import BatchNorm, GroupNorm, LayerNorm
+from normgen.render import emit
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+REGENERATE = os.environ.get("NORMGEN_REGENERATE") == "1"
+CUDA = (Path(__file__).resolve().parent.parent / "templates" / "cuda" / "layer.cu.j2").is_file()
+
+LAYERS = {
+    "bn_nchw": BatchNorm(name="bn_nchw", format="BCSS", shape=[3, 4, 4], scale=[1.0, 0.5, 2.0],
+                         offset=[0.0, 0.1, -0.1], trained_mean=[0.5, 0.0, -1.0], trained_variance=[1.0, 4.0, 0.25]),
+    "gn_nhwc": GroupNorm(name="gn_nhwc", format="BSSC", shape=[4, 4, 6], num_groups=3,
+                         scale=np.linspace(0.5, 1.5, 6), offset=np.linspace(-0.5, 0.5, 6)),
+    "ln_runtime": LayerNorm(name="ln_runtime", format="BTC", shape=[16, 8], param_storage="runtime", epsilon=1e-6),
+}
+CASES = [(name, "c") for name in LAYERS] + ([(name, "cuda") for name in LAYERS] if CUDA else [])
+
+
+@pytest.mark.parametrize("name,target", CASES)
+def test_golden(name, target):
+    files = emit(LAYERS[name], target)
+    for fname, text in files.items():
+        path = GOLDEN / target / fname
+        if REGENERATE:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        assert path.is_file(), f"missing golden file {path}; run NORMGEN_REGENERATE=1 pytest {__file__}"
+        assert text == path.read_text(), f"{fname} differs from {path}"

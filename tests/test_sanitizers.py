@@ -1,0 +1,93 @@
+"""Generated C under AddressSanitizer and UBSan: a standalone driver per layer reads x from a
+file, runs every entry point out of place and in place, and writes the results back."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, reference
+from normgen.check import compare
+from normgen.render import emit
+
+from helpers import bn_stats, params
+
+pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc not found")
+
+LAYERS = [
+    BatchNorm(name="san_bn", format="BSSC", shape=[5, 3, 8], **params(8, 1), **bn_stats(8, 1)),
+    BatchNorm(name="san_bn_rows", format="BCSS", shape=[4, 10, 10], dtype="float64", **params(4, 2)),
+    GroupNorm(name="san_gn", format="BCSS", shape=[12, 7, 9], num_groups=4, **params(12, 3)),
+    GroupNorm(name="san_gn_nhwc", format="BSSC", shape=[7, 9, 12], num_groups=3, **params(12, 3)),
+    LayerNorm(name="san_ln", format="BTC", shape=[6, 2041], param_storage="runtime", **params(2041, 4)),
+    InstanceNorm(name="san_in", format="TBC", shape=[11, 5], dtype="float64", **params(5, 5)),
+]
+
+DRIVER = r"""
+#include <stdio.h>
+#include <string.h>
+#include "{name}.h"
+#define N ({batch} * {per})
+static {T} x[N], y[N], z[N];
+int main(void)
+{{
+    FILE *f = fopen("x.bin", "rb");
+    if (!f || fread(x, sizeof x[0], N, f) != N) return 10;
+    fclose(f);
+    {params_decl}
+    if ({name}_predict({params_arg}x, y, {batch}) != 0) return 11;
+    memcpy(z, x, sizeof x);
+    if ({name}_predict({params_arg}z, z, {batch}) != 0) return 12;  /* in place */
+    if (memcmp(y, z, sizeof y) != 0) return 13;
+    f = fopen("y.bin", "wb");
+    fwrite(y, sizeof y[0], N, f);
+    {train}
+    fclose(f);
+    return 0;
+}}
+"""
+
+TRAIN = r"""
+    {T} rm[{C}], rv[{C}];
+    for (int c = 0; c < {C}; ++c) {{ rm[c] = 0; rv[c] = 1; }}
+    if ({name}_train_forward({params_arg}x, y, {batch}, rm, rv) != 0) return 14;
+    fwrite(y, sizeof y[0], N, f);
+    fwrite(rm, sizeof rm[0], {C}, f);
+    fwrite(rv, sizeof rv[0], {C}, f);
+"""
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda l: l.name)
+def test_asan_ubsan(layer, tmp_path):
+    for fname, text in emit(layer, "c").items():
+        (tmp_path / fname).write_text(text)
+    batch = 3
+    T = "float" if layer.dtype == "float32" else "double"
+    runtime = layer.param_storage == "runtime"
+    fields = dict(name=layer.name, batch=batch, per=int(np.prod(layer.dims)), T=T, C=layer.channels,
+                  params_decl=f"{layer.name}_params p; if ({layer.name}_params_init(&p)) return 9;" if runtime else "",
+                  params_arg="&p, " if runtime else "")
+    fields["train"] = TRAIN.format(**fields) if layer.kind == "batchnorm" else ""
+    (tmp_path / "driver.c").write_text(DRIVER.format(**fields))
+    flags = ["-std=c99", "-Wall", "-Wextra", "-pedantic", "-Werror", "-O1", "-g",
+             "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+    subprocess.run(["gcc", *flags, "-o", "driver", "driver.c", f"{layer.name}.c", "-lm"],
+                   cwd=tmp_path, check=True, capture_output=True, text=True)
+    dt = np.dtype(np.float32 if T == "float" else np.float64)
+    x = np.random.default_rng(0).normal(1.0, 2.0, reference.full_shape(layer, batch)).astype(dt)
+    x.tofile(tmp_path / "x.bin")
+    proc = subprocess.run(["./driver"], cwd=tmp_path, capture_output=True, text=True,
+                          env={"ASAN_OPTIONS": "detect_leaks=0", "UBSAN_OPTIONS": "print_stacktrace=1"})
+    assert proc.returncode == 0, proc.stderr
+    out = np.fromfile(tmp_path / "y.bin", dtype=dt)
+    n = x.size
+    assert compare(layer.name, "predict", layer.dtype, batch, out[:n].reshape(x.shape), reference.predict(layer, x)).ok
+    if layer.kind == "batchnorm":
+        y, rm, rv = reference.train_forward(layer, x, np.zeros(layer.channels), np.ones(layer.channels))
+        c = layer.channels
+        assert compare(layer.name, "train", layer.dtype, batch, out[n:2 * n].reshape(x.shape), y).ok
+        assert compare(layer.name, "rm", layer.dtype, batch, out[2 * n:2 * n + c], rm).ok
+        assert compare(layer.name, "rv", layer.dtype, batch, out[2 * n + c:], rv).ok
