@@ -11,14 +11,14 @@ import re
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 import numpy as np
 
 from .errors import NormgenError
 from .formats import Format, from_matlab, parse_format
 
-Initializer = Union[str, Callable[[int], Any], Sequence[float], np.ndarray, None]
+Initializer = str | Callable[[int], Any] | Sequence[float] | np.ndarray | None
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 INITIALIZERS = ("ones", "zeros", "narrownormal")
@@ -259,7 +259,7 @@ class Layer:
             items.append((pname, f"{self.sources[pname]}, sha256 {digest}"))
         return [(k, str(v)) for k, v in items]
 
-    def replace(self, **changes: Any) -> "Layer":
+    def replace(self, **changes: Any) -> Layer:
         """A copy with some constructor fields changed (validated again)."""
         args = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
         args.update(changes)

@@ -7,10 +7,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import grid, params
 from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, NormgenError, build, reference
 from normgen.check import check_layer, compare
-
-from helpers import grid, params
 
 GRID = list(grid())
 

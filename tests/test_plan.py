@@ -12,11 +12,10 @@ import itertools
 import numpy as np
 import pytest
 
+from helpers import grid
 from normgen import BatchNorm, GroupNorm, LayerNorm, NormgenError
 from normgen.plan import MAX_ACCUMULATORS, lower
 from normgen.reference import full_shape, grouped_view
-
-from helpers import grid
 
 LAYERS = list(grid(dtypes=("float32",)))
 
@@ -31,10 +30,10 @@ def walk(plan, batch: int):
     env = {"nb": batch}
     stat_ranges = [range(_eval(a.count, env)) for a in plan.stat_axes]
     for block, stat_idx in enumerate(itertools.product(*stat_ranges)):
-        env.update({a.var: i for a, i in zip(plan.stat_axes, stat_idx)})
+        env.update({a.var: i for a, i in zip(plan.stat_axes, stat_idx, strict=True)})
         dom_ranges = [range(_eval(a.count, env)) for a in plan.domain_axes]
         for dom_idx in itertools.product(*dom_ranges):
-            env.update({a.var: i for a, i in zip(plan.domain_axes, dom_idx)})
+            env.update({a.var: i for a, i in zip(plan.domain_axes, dom_idx, strict=True)})
             yield block, _eval(plan.acc_expr, env), _eval(plan.offset_expr, env), _eval(plan.channel_expr, env)
 
 

@@ -9,11 +9,10 @@ import subprocess
 import numpy as np
 import pytest
 
+from helpers import bn_stats, params
 from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, reference
 from normgen.check import compare
 from normgen.render import emit
-
-from helpers import bn_stats, params
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc not found")
 
