@@ -19,6 +19,15 @@ from normgen.layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm
 ONNX_RTOL, ONNX_ATOL = 1e-5, 1e-6  # ONNX expectations are float32
 TORCH_RTOL, TORCH_ATOL = 1e-10, 1e-12  # both sides float64
 
+
+def onnx_close(actual, expected):
+    np.testing.assert_allclose(actual, expected, rtol=ONNX_RTOL, atol=ONNX_ATOL)
+
+
+def torch_close(actual, expected):
+    np.testing.assert_allclose(actual, expected, rtol=TORCH_RTOL, atol=TORCH_ATOL)
+
+
 # DESIGN.md §3: the letters each layernorm operation dimension reduces over (U like S).
 LAYERNORM_REDUCED = {"channel-only": "C", "spatial-channel": "SUC", "batch-excluded": "SCTU"}
 
@@ -72,9 +81,10 @@ def _data_sets(case):
         yield [arr(a) for a in inputs], [arr(a) for a in outputs]
 
 
-def _nchw_format(x):
-    """ONNX's (N, C, D1, D2, ...) as a normgen format and the shape of its non-B dims."""
-    return "BC" + "S" * (x.ndim - 2), list(x.shape[1:])
+def _onnx_layer(cls, case, x, **kw):
+    """A layer for ONNX's (N, C, D1, D2, ...) layout: format BCS..S."""
+    fmt, eps = "BC" + "S" * (x.ndim - 2), _attrs(case).get("epsilon", 1e-5)
+    return cls(name="onnx_case", format=fmt, shape=list(x.shape[1:]), epsilon=eps, **kw)
 
 
 @pytest.mark.skipif(_ONNX_CASES is None, reason="onnx is not installed")
@@ -86,57 +96,41 @@ def test_onnx_cases_were_collected():
 @pytest.mark.parametrize("case", onnx_cases("BatchNormalization"))
 def test_onnx_batchnormalization(case):
     attrs = _attrs(case)
-    if _opset(case) < 14:
-        pytest.skip("BatchNormalization before opset 14 had other training outputs")
-    training = bool(attrs.get("training_mode", 0))
-    momentum = attrs.get("momentum", 0.9)
+    # ONNX's momentum weights the old running value (normgen's decay weights the new one), and
+    # ONNX folds the biased batch variance into the running variance.
+    decay = 1.0 - attrs.get("momentum", 0.9)
     for (x, scale, bias, mean, var), expected in _data_sets(case):
-        fmt, shape = _nchw_format(x)
-        layer = BatchNorm(
-            name="onnx_bn", format=fmt, shape=shape, epsilon=attrs.get("epsilon", 1e-5),
-            scale=scale, offset=bias, trained_mean=mean, trained_variance=var,
-            # ONNX's momentum weights the old running value; normgen's decay weights the new one.
-            # ONNX folds the biased batch variance into the running variance.
-            mean_decay=1.0 - momentum, variance_decay=1.0 - momentum, running_variance="biased",
-        )
-        if training:
+        layer = _onnx_layer(
+            BatchNorm, case, x, scale=scale, offset=bias, trained_mean=mean, trained_variance=var,
+            mean_decay=decay, variance_decay=decay, running_variance="biased",
+        )  # fmt: skip
+        if attrs.get("training_mode", 0):
             y, new_mean, new_var = reference.train_forward(layer, x, mean, var)
-            np.testing.assert_allclose(y, expected[0], rtol=ONNX_RTOL, atol=ONNX_ATOL)
-            np.testing.assert_allclose(new_mean, expected[1], rtol=ONNX_RTOL, atol=ONNX_ATOL)
-            np.testing.assert_allclose(new_var, expected[2], rtol=ONNX_RTOL, atol=ONNX_ATOL)
+            for actual, want in zip((y, new_mean, new_var), expected, strict=True):
+                onnx_close(actual, want)
         else:
-            assert len(expected) == 1
-            np.testing.assert_allclose(reference.predict(layer, x), expected[0], rtol=ONNX_RTOL, atol=ONNX_ATOL)
+            (want,) = expected
+            onnx_close(reference.predict(layer, x), want)
 
 
 @pytest.mark.parametrize("case", onnx_cases("GroupNormalization"))
 def test_onnx_groupnormalization(case):
-    attrs = _attrs(case)
-    groups = attrs["num_groups"]
+    groups = _attrs(case)["num_groups"]
     for (x, scale, bias), (expected,) in _data_sets(case):
-        fmt, shape = _nchw_format(x)
-        channels = x.shape[1]
         if _opset(case) < 21:
             # GroupNormalization-18 had one scale/bias per group: the same as per channel with
             # each group's value repeated over its C/G channels.
             assert scale.shape == bias.shape == (groups,)
-            scale, bias = np.repeat(scale, channels // groups), np.repeat(bias, channels // groups)
-        layer = GroupNorm(
-            name="onnx_gn", format=fmt, shape=shape, num_groups=groups,
-            epsilon=attrs.get("epsilon", 1e-5), scale=scale, offset=bias,
-        )
-        np.testing.assert_allclose(reference.predict(layer, x), expected, rtol=ONNX_RTOL, atol=ONNX_ATOL)
+            scale, bias = (np.repeat(p, x.shape[1] // groups) for p in (scale, bias))
+        layer = _onnx_layer(GroupNorm, case, x, num_groups=groups, scale=scale, offset=bias)
+        onnx_close(reference.predict(layer, x), expected)
 
 
 @pytest.mark.parametrize("case", onnx_cases("InstanceNormalization"))
 def test_onnx_instancenormalization(case):
-    attrs = _attrs(case)
     for (x, scale, bias), (expected,) in _data_sets(case):
-        fmt, shape = _nchw_format(x)
-        layer = InstanceNorm(
-            name="onnx_in", format=fmt, shape=shape, epsilon=attrs.get("epsilon", 1e-5), scale=scale, offset=bias
-        )
-        np.testing.assert_allclose(reference.predict(layer, x), expected, rtol=ONNX_RTOL, atol=ONNX_ATOL)
+        layer = _onnx_layer(InstanceNorm, case, x, scale=scale, offset=bias)
+        onnx_close(reference.predict(layer, x), expected)
 
 
 def _layernorm_layout(rank, axis, channel):
@@ -156,17 +150,12 @@ def _layernorm_layout(rank, axis, channel):
 @pytest.mark.parametrize("case", onnx_cases("LayerNormalization"))
 def test_onnx_layernormalization(case):
     attrs = _attrs(case)
-    if attrs.get("stash_type", 1) != 1:
-        pytest.skip("stash_type other than float32 is not a normgen setting")
     for (x, w, b), expected in _data_sets(case):
         axis = attrs.get("axis", -1) % x.ndim
         norm_shape = x.shape[axis:]
         w, b = np.broadcast_to(w, norm_shape), np.broadcast_to(b, norm_shape)
         # normgen's scale/offset are per channel: the normalized dim they vary over becomes C.
-        varying = [
-            k for k in range(len(norm_shape))
-            if np.ptp(w, axis=k).any() or np.ptp(b, axis=k).any()
-        ]
+        varying = [k for k in range(len(norm_shape)) if np.ptp(w, axis=k).any() or np.ptp(b, axis=k).any()]
         per_channel = len(varying) <= 1
         channel = varying[0] if len(varying) == 1 else len(norm_shape) - 1
         layout = _layernorm_layout(x.ndim, axis, channel)
@@ -183,21 +172,18 @@ def test_onnx_layernormalization(case):
             # Scale/bias vary over several normalized dims, which normgen's per-channel affine
             # cannot express: check normgen's normalization and apply ONNX's affine outside.
             scale, offset = "ones", "zeros"
-        shape = [n for n, letter in zip(x.shape, fmt) if letter != "B"]
+        shape = [n for n, letter in zip(x.shape, fmt, strict=True) if letter != "B"]
         layer = LayerNorm(
-            name="onnx_ln", format=fmt, shape=shape, operation_dimension=operation_dimension,
+            name="onnx_case", format=fmt, shape=shape, operation_dimension=operation_dimension,
             epsilon=attrs.get("epsilon", 1e-5), scale=scale, offset=offset,
-        )
+        )  # fmt: skip
         y = reference.predict(layer, x)
-        if not per_channel:
-            y = y * w + b
-        np.testing.assert_allclose(y, expected[0], rtol=ONNX_RTOL, atol=ONNX_ATOL)
+        onnx_close(y if per_channel else y * w + b, expected[0])
         if len(expected) > 1:  # optional outputs Mean and InvStdDev, shaped like the reduction
             mean, var = reference.statistics(layer, x)
             assert mean.shape == expected[1].shape
-            np.testing.assert_allclose(mean, expected[1], rtol=ONNX_RTOL, atol=ONNX_ATOL)
-            inv_std = 1.0 / np.sqrt(var + layer.epsilon)
-            np.testing.assert_allclose(inv_std, expected[2], rtol=ONNX_RTOL, atol=ONNX_ATOL)
+            onnx_close(mean, expected[1])
+            onnx_close(1.0 / np.sqrt(var + layer.epsilon), expected[2])
 
 
 # ---- 2. PyTorch, float64 ---------------------------------------------------------------------
@@ -261,48 +247,44 @@ def _to_torch(torch, letters, x, also_kept=""):
     return torch.from_numpy(np.ascontiguousarray(x.transpose(order))), back
 
 
+def _tensors(torch, *arrays):
+    return [torch.from_numpy(np.array(a)) for a in arrays]  # copies: torch may update them
+
+
 @pytest.mark.parametrize("fmt_id", FORMAT_IDS)
 def test_torch_batchnorm_predict(fmt_id):
     torch = pytest.importorskip("torch")
-    F = torch.nn.functional
+    nnf = torch.nn.functional
     letters, x, kw, stats = _setup(fmt_id)
     layer = BatchNorm(**kw, **stats)
     t, back = _to_torch(torch, letters, x)
-    want = F.batch_norm(
-        t, torch.from_numpy(stats["trained_mean"]), torch.from_numpy(stats["trained_variance"]),
-        torch.from_numpy(kw["scale"]), torch.from_numpy(kw["offset"]), training=False, eps=kw["epsilon"],
-    )
-    np.testing.assert_allclose(reference.predict(layer, x), back(want), rtol=TORCH_RTOL, atol=TORCH_ATOL)
+    args = _tensors(torch, stats["trained_mean"], stats["trained_variance"], kw["scale"], kw["offset"])
+    want = nnf.batch_norm(t, *args, training=False, eps=kw["epsilon"])
+    torch_close(reference.predict(layer, x), back(want))
 
 
 @pytest.mark.parametrize("fmt_id", FORMAT_IDS)
 def test_torch_batchnorm_train_forward(fmt_id):
     torch = pytest.importorskip("torch")
-    F = torch.nn.functional
+    nnf = torch.nn.functional
     letters, x, kw, stats = _setup(fmt_id)
     momentum = 0.3
     layer = BatchNorm(**kw, **stats, mean_decay=momentum, variance_decay=momentum)  # unbiased by default
     assert layer.running_variance == "unbiased"
     t, back = _to_torch(torch, letters, x)
-    running_mean = torch.from_numpy(stats["trained_mean"].copy())
-    running_var = torch.from_numpy(stats["trained_variance"].copy())
-    want = F.batch_norm(
-        t, running_mean, running_var, torch.from_numpy(kw["scale"]), torch.from_numpy(kw["offset"]),
-        training=True, momentum=momentum, eps=kw["epsilon"],
-    )
+    args = _tensors(torch, stats["trained_mean"], stats["trained_variance"], kw["scale"], kw["offset"])
+    want = nnf.batch_norm(t, *args, training=True, momentum=momentum, eps=kw["epsilon"])  # updates args[:2]
     y, new_mean, new_var = reference.train_forward(layer, x, stats["trained_mean"], stats["trained_variance"])
-    np.testing.assert_allclose(y, back(want), rtol=TORCH_RTOL, atol=TORCH_ATOL)
-    np.testing.assert_allclose(new_mean, running_mean.numpy(), rtol=TORCH_RTOL, atol=TORCH_ATOL)
-    np.testing.assert_allclose(new_var, running_var.numpy(), rtol=TORCH_RTOL, atol=TORCH_ATOL)
+    torch_close(y, back(want))
+    torch_close(new_mean, args[0].numpy())
+    torch_close(new_var, args[1].numpy())
 
 
 @pytest.mark.parametrize("fmt_id", FORMAT_IDS)
 def test_batchnorm_biased_running_variance_by_hand(fmt_id):
     letters, x, kw, stats = _setup(fmt_id)
     mean_decay, variance_decay = 0.2, 0.7
-    layer = BatchNorm(
-        **kw, **stats, mean_decay=mean_decay, variance_decay=variance_decay, running_variance="biased"
-    )
+    layer = BatchNorm(**kw, **stats, mean_decay=mean_decay, variance_decay=variance_decay, running_variance="biased")
     c = letters.index("C")
     rows = np.moveaxis(x, c, 0).reshape(x.shape[c], -1)  # one row per channel: B, S, T, U
     batch_mean, batch_var = rows.mean(axis=1), rows.var(axis=1)  # biased (1/n)
@@ -314,33 +296,26 @@ def test_batchnorm_biased_running_variance_by_hand(fmt_id):
 @pytest.mark.parametrize("fmt_id", [f for f in FORMAT_IDS if f != "BC"])  # BC: nothing to reduce
 def test_torch_instancenorm(fmt_id):
     torch = pytest.importorskip("torch")
-    F = torch.nn.functional
+    nnf = torch.nn.functional
     letters, x, kw, _ = _setup(fmt_id, seed=1)
     t, back = _to_torch(torch, letters, x)
-    want = F.instance_norm(
-        t, weight=torch.from_numpy(kw["scale"]), bias=torch.from_numpy(kw["offset"]), eps=kw["epsilon"]
-    )
-    np.testing.assert_allclose(
-        reference.predict(InstanceNorm(**kw), x), back(want), rtol=TORCH_RTOL, atol=TORCH_ATOL
-    )
+    weight, bias = _tensors(torch, kw["scale"], kw["offset"])
+    want = nnf.instance_norm(t, weight=weight, bias=bias, eps=kw["epsilon"])
+    torch_close(reference.predict(InstanceNorm(**kw), x), back(want))
 
 
 @pytest.mark.parametrize("groups", [1, 2, "C", "allchannels", "channelwise"])
 @pytest.mark.parametrize("fmt_id", FORMAT_IDS)
 def test_torch_groupnorm(fmt_id, groups):
     torch = pytest.importorskip("torch")
-    F = torch.nn.functional
+    nnf = torch.nn.functional
     letters, x, kw, _ = _setup(fmt_id, seed=2)
     channels = x.shape[letters.index("C")]
     num_groups = channels if groups == "C" else groups
     torch_groups = {"allchannels": 1, "channelwise": channels}.get(num_groups, num_groups)
     t, back = _to_torch(torch, letters, x)
-    want = F.group_norm(
-        t, torch_groups, weight=torch.from_numpy(kw["scale"]), bias=torch.from_numpy(kw["offset"]),
-        eps=kw["epsilon"],
-    )
-    layer = GroupNorm(**kw, num_groups=num_groups)
-    np.testing.assert_allclose(reference.predict(layer, x), back(want), rtol=TORCH_RTOL, atol=TORCH_ATOL)
+    want = nnf.group_norm(t, torch_groups, *_tensors(torch, kw["scale"], kw["offset"]), eps=kw["epsilon"])
+    torch_close(reference.predict(GroupNorm(**kw, num_groups=num_groups), x), back(want))
 
 
 LAYERNORM_CASES = [
@@ -363,26 +338,30 @@ LAYERNORM_CASES = [
 @pytest.mark.parametrize(("fmt_id", "operation_dimension"), LAYERNORM_CASES)
 def test_torch_layernorm(fmt_id, operation_dimension):
     torch = pytest.importorskip("torch")
-    F = torch.nn.functional
+    nnf = torch.nn.functional
     letters, x, kw, _ = _setup(fmt_id, seed=3)
     reduced = LAYERNORM_REDUCED[operation_dimension]
     kept = "".join(ch for ch in "STU" if ch not in reduced)
-    # B and the kept axes lead, then C and the other reduced axes: F.layer_norm normalizes the tail.
+    # B and the kept axes lead, then C and the other reduced axes: nnf.layer_norm normalizes the tail.
     t, back = _to_torch(torch, letters, x, also_kept=kept)
     n_kept = 1 + sum(ch in kept for ch in letters)
     norm_shape = tuple(t.shape[n_kept:])
-    per_c = (-1,) + (1,) * (len(norm_shape) - 1)
-    weight = torch.from_numpy(kw["scale"]).reshape(per_c).expand(norm_shape).contiguous()
-    bias = torch.from_numpy(kw["offset"]).reshape(per_c).expand(norm_shape).contiguous()
-    want = F.layer_norm(t, norm_shape, weight, bias, eps=kw["epsilon"])
-    layer = LayerNorm(**kw, operation_dimension=operation_dimension)
-    np.testing.assert_allclose(reference.predict(layer, x), back(want), rtol=TORCH_RTOL, atol=TORCH_ATOL)
+    per_c = (-1,) + (1,) * (len(norm_shape) - 1)  # the per-channel affine, spread over norm_shape
+    weight, bias = (np.broadcast_to(p.reshape(per_c), norm_shape) for p in (kw["scale"], kw["offset"]))
+    want = nnf.layer_norm(t, norm_shape, *_tensors(torch, weight, bias), eps=kw["epsilon"])
+    torch_close(reference.predict(LayerNorm(**kw, operation_dimension=operation_dimension), x), back(want))
 
 
 @pytest.mark.parametrize(
     ("fmt_id", "resolved"),
-    [("BCSS", "spatial-channel"), ("BTC", "channel-only"), ("BC", "channel-only"),
-     ("SBCT", "channel-only"), ("BCU", "channel-only"), ("matlab-SSCB", "spatial-channel")],
+    [
+        ("BCSS", "spatial-channel"),
+        ("BTC", "channel-only"),
+        ("BC", "channel-only"),
+        ("SBCT", "channel-only"),
+        ("BCU", "channel-only"),
+        ("matlab-SSCB", "spatial-channel"),
+    ],
 )
 def test_layernorm_auto_matches_resolved(fmt_id, resolved):
     """MATLAB's default: spatial-channel with two or more S and no T, otherwise channel-only."""
@@ -395,36 +374,24 @@ def test_layernorm_auto_matches_resolved(fmt_id, resolved):
 
 # ---- 3. Large mean, small spread ------------------------------------------------------------
 
-LARGE_MEAN_LAYERS = {
-    "batchnorm": lambda: BatchNorm(name="big", format="BCSS", shape=[4, 8, 8]),
-    "groupnorm": lambda: GroupNorm(name="big", format="BCSS", shape=[4, 8, 8], num_groups=2),
-    "instancenorm": lambda: InstanceNorm(name="big", format="BCSS", shape=[4, 8, 8]),
-    "layernorm": lambda: LayerNorm(name="big", format="BSSC", shape=[8, 8, 4], operation_dimension="channel-only"),
+LARGE_MEAN = {  # kind: (layer class and arguments for BCSS x of shape (3, 4, 8, 8), grouped view, reduced axes)
+    "batchnorm": (BatchNorm, {}, lambda x: x, (0, 2, 3)),
+    "groupnorm": (GroupNorm, {"num_groups": 2}, lambda x: x.reshape(3, 2, 2, 8, 8), (2, 3, 4)),
+    "instancenorm": (InstanceNorm, {}, lambda x: x, (2, 3)),
+    "layernorm": (LayerNorm, {"operation_dimension": "channel-only"}, lambda x: x, (1,)),
 }
 
 
-@pytest.mark.parametrize("kind", LARGE_MEAN_LAYERS)
+@pytest.mark.parametrize("kind", LARGE_MEAN)
 def test_large_mean_statistics(kind):
     """x = 1e4 + N(0, 1e-2) in float32: the reference must compute in float64 after the cast, so
     its statistics match float64 math on the very same float32 values."""
-    layer = LARGE_MEAN_LAYERS[kind]()
-    rng = np.random.default_rng(5)
-    x32 = (1e4 + rng.normal(0.0, 1e-2, (3, 4, 8, 8))).astype(np.float32)
-    if layer.fmt.letters == "BSSC":
-        x32 = np.ascontiguousarray(np.moveaxis(x32, 1, -1))
-    x64 = x32.astype(np.float64)
-    c = layer.fmt.letters.index("C")
-    axes = {
-        "batchnorm": tuple(i for i in range(4) if i != c),
-        "instancenorm": (2, 3),
-        "layernorm": (3,),
-    }
-    if kind == "groupnorm":
-        view, axes_kind = x64.reshape(3, 2, 2, 8, 8), (2, 3, 4)
-    else:
-        view, axes_kind = x64, axes[kind]
-    want_mean = view.mean(axis=axes_kind, keepdims=True)
-    want_var = ((view - want_mean) ** 2).mean(axis=axes_kind, keepdims=True)
+    cls, kw, grouped, axes = LARGE_MEAN[kind]
+    layer = cls(name="big", format="BCSS", shape=[4, 8, 8], **kw)
+    x32 = (1e4 + np.random.default_rng(5).normal(0.0, 1e-2, (3, 4, 8, 8))).astype(np.float32)
+    view = grouped(x32.astype(np.float64))
+    want_mean = view.mean(axis=axes, keepdims=True)
+    want_var = ((view - want_mean) ** 2).mean(axis=axes, keepdims=True)  # two-pass
     mean, var = reference.statistics(layer, x32)
     np.testing.assert_allclose(mean, want_mean, rtol=1e-12)
     np.testing.assert_allclose(var, want_var, rtol=1e-9)
