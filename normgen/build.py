@@ -25,6 +25,8 @@ from .errors import NormgenError
 from .layers import Layer
 from .plan import Plan, lower
 from .render import emit
+from .train_plan import cdef as train_cdef
+from .training import CTraining
 
 STRICT_FLAGS = ["-std=c99", "-Wall", "-Wextra", "-pedantic", "-Werror"]
 DEFAULT_OPT = ["-O2"]
@@ -70,6 +72,7 @@ def cdef(plan: Plan) -> str:
         lines.append(f"typedef struct {{\n{members}}} {plan.name}_params;")
         lines.append(f"int {plan.name}_params_init({plan.name}_params *params);")
     lines += [f"int {f.signature};" for f in plan.functions]
+    lines.append(train_cdef(plan))
     return "\n".join(lines) + "\n"
 
 
@@ -88,6 +91,8 @@ def compile_c(layer: Layer, *, flags: list[str] | None = None):
     plan = lower(layer, "c")
     files = emit(layer, "c")
     flags = opt_flags() if flags is None else flags
+    if plan.parallel == "openmp" and "-fopenmp" not in flags:
+        flags = [*flags, "-fopenmp"]  # the layer's `#pragma omp` loops (compiled and linked with it)
     compiler = cc()
     key = _key([*files.values(), cdef(plan), " ".join(flags), compiler_version(compiler),
                 cffi.__version__, sys.version])
@@ -126,7 +131,7 @@ def compile_c(layer: Layer, *, flags: list[str] | None = None):
     return module, plan
 
 
-class CompiledLayer:
+class CompiledLayer(CTraining):
     """A layer compiled for the C target, run on NumPy arrays shaped in the layer's format.
 
     ``running_mean`` / ``running_var`` (batch norm) start at the trained statistics and are

@@ -20,6 +20,7 @@ which axes are kept.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -30,8 +31,12 @@ from .reference import reduced_letters
 
 #: Elements of one statistics chunk: two passes over it stay in L1/L2.
 CHUNK_ELEMS = 8192
+#: Most rows of one columns chunk: each column's partial sums add at most this many values.
+CHUNK_ROWS = 256
 #: Most accumulators a domain may keep on the stack (columns strategy); beyond it rows are used.
 MAX_ACCUMULATORS = 1024
+#: Most elements in one row of a columns domain (the partial sums kept per column on the stack).
+MAX_COLUMNS = 1024
 #: Shortest contiguous reduced run for which the rows strategy is used when columns are possible.
 MIN_ROW_RUN = 64
 
@@ -40,6 +45,18 @@ CTYPES = {
     "float32": ("float", "double"),
     "float64": ("double", "double"),
 }
+#: The same per target. CUDA stores half and bfloat16 too and accumulates in float (double for
+#: float64); its parameter arrays are kept in the accumulation type (PARAMS_IN_ACC).
+TARGET_CTYPES = {
+    "c": CTYPES,
+    "cuda": {
+        "float32": ("float", "float"),
+        "float64": ("double", "double"),
+        "float16": ("__half", "float"),
+        "bfloat16": ("__nv_bfloat16", "float"),
+    },
+}
+PARAMS_IN_ACC = {"cuda"}
 
 
 @dataclass(frozen=True)
@@ -150,9 +167,32 @@ class Plan:
     statistic_per: str
     decays: dict[str, str] = field(default_factory=dict)
     running_unbiased: bool = False
+    #: MATLAB's per-parameter factors (scale/offset learn-rate and L2 factors), for the update step.
+    learn_factors: dict[str, float] = field(default_factory=dict)
 
     format: str = ""
     has_batch: bool = True
+
+    @property
+    def train(self):
+        """The training half (backward, update, population statistics): normgen/train_plan.py."""
+        from .train_plan import lower_train
+
+        return lower_train(self)
+
+    @property
+    def cuda(self):
+        """The CUDA target's launch shapes, derived from this plan: normgen/cuda_plan.py."""
+        from .cuda_plan import derive
+
+        return derive(self)
+
+    @cached_property
+    def sweep(self):
+        """How the C core walks a statistic block (runs, lanes, OpenMP): normgen/sweep.py."""
+        from .sweep import sweep_of
+
+        return sweep_of(self)
 
     @property
     def has_train_forward(self) -> bool:
@@ -224,7 +264,7 @@ class Plan:
     @property
     def embedded_params(self) -> dict[str, list[str]]:
         """The parameter arrays some function reads, embedded as static const arrays."""
-        used = {name for f in self.functions for name in f.uses}
+        used = {name for f in self.functions + self.train.functions for name in f.uses}
         return {k: v for k, v in self.params.items() if k in used}
 
     @property
@@ -354,7 +394,10 @@ def _strategy(axes: list[Axis]) -> tuple[str, list[Axis], list[Axis]]:
     first_r = next(i for i, a in enumerate(axes) if not a.keep)
     inner_keep = [a for a in axes[first_r:] if a.keep]
     nacc = int(np.prod([a.extent.static for a in inner_keep])) if inner_keep else 1
-    columns_ok = bool(inner_keep) and not any(a.extent.batched for a in inner_keep) and nacc <= MAX_ACCUMULATORS
+    inner = axes[first_r + 1:]
+    width = int(np.prod([a.extent.static for a in inner])) if inner else 1
+    columns_ok = (bool(inner_keep) and not any(a.extent.batched for a in inner) and nacc <= MAX_ACCUMULATORS
+                  and width <= MAX_COLUMNS)
     last_reduced = axes[-1] if not axes[-1].keep else None
     long_rows = last_reduced is not None and (last_reduced.extent.batched or last_reduced.extent.static >= MIN_ROW_RUN)
     if columns_ok and not long_rows:
@@ -378,12 +421,14 @@ def _statistic_words(layer: Layer) -> tuple[str, str]:
 
 def lower(layer: Layer, target: str = "c") -> Plan:
     """Resolve a layer into the plan its templates render."""
-    if layer.dtype not in CTYPES:
+    ctypes = TARGET_CTYPES.get(target, CTYPES)
+    if layer.dtype not in ctypes:
         raise NormgenError(
             f"layer {layer.name!r}: dtype {layer.dtype!r} is not supported by the {target} target "
-            f"(it supports {', '.join(CTYPES)})"
+            f"(it supports {', '.join(ctypes)})"
         )
-    ctype, acc = CTYPES[layer.dtype]
+    ctype, acc = ctypes[layer.dtype]
+    ptype = acc if target in PARAMS_IN_ACC else ctype  # how parameter literals are spelled
     axes = _axes(layer)
     if all(a.keep for a in axes):
         # Nothing is reduced (every statistic over a single element): a reduced axis of size 1.
@@ -394,6 +439,8 @@ def lower(layer: Layer, target: str = "c") -> Plan:
     for a in domain_axes[1:]:
         inner = inner * a.extent
     chunk_iters = max(1, CHUNK_ELEMS // inner.static)
+    if strategy == "columns":
+        chunk_iters = min(chunk_iters, CHUNK_ROWS)
     per_acc_tail = ONE
     for a in domain_axes[1:]:
         if not a.keep:
@@ -406,13 +453,13 @@ def lower(layer: Layer, target: str = "c") -> Plan:
             acc_terms.append(a.var if mul == 1 else f"{a.var} * {mul}")
             mul *= a.extent.static
     apply_axes = _apply_axes(layer)
-    params = {k: [literal(v, ctype) for v in arr] for k, arr in layer.parameter_arrays().items()}
+    params = {k: [literal(v, ptype) for v in arr] for k, arr in layer.parameter_arrays().items()}
     folded: dict[str, list[str]] = {}
     decays: dict[str, str] = {}
     if layer.kind == "batchnorm":
         a = layer.scale_values / np.sqrt(layer.trained_variance_values + layer.epsilon)
         b = layer.offset_values - layer.trained_mean_values * a
-        folded = {"a": [literal(v, ctype) for v in a], "b": [literal(v, ctype) for v in b]}
+        folded = {"a": [literal(v, ptype) for v in a], "b": [literal(v, ptype) for v in b]}
         decays = {"mean": literal(layer.mean_decay, acc), "variance": literal(layer.variance_decay, acc)}
     elements = ONE
     for ax in axes:
@@ -454,6 +501,8 @@ def lower(layer: Layer, target: str = "c") -> Plan:
         statistic_per=per,
         decays=decays,
         running_unbiased=getattr(layer, "running_variance", "biased") == "unbiased",
+        learn_factors={f: getattr(layer, f) for f in (
+            "scale_learn_rate_factor", "offset_learn_rate_factor", "scale_l2_factor", "offset_l2_factor")},
         format=layer.fmt.letters,
         has_batch=layer.fmt.has_batch,
     )

@@ -150,3 +150,157 @@ def train_forward(
     new_rm = layer.mean_decay * bm + (1.0 - layer.mean_decay) * rm
     new_rv = layer.variance_decay * bv + (1.0 - layer.variance_decay) * rv
     return y, new_rm, new_rv
+
+
+# ---- training: backward, parameter update, population statistics (docs/training.md) ---------
+
+
+def _channel_sum(layer: Layer, a: np.ndarray) -> np.ndarray:
+    """Sum over every axis but C: one value per channel."""
+    c = layer.fmt.letters.index("C")
+    return np.moveaxis(a, c, 0).reshape(layer.channels, -1).sum(axis=1)
+
+
+def _pair(layer: Layer, x: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    batch_of(layer, x)
+    dy = np.asarray(dy)
+    if dy.shape != np.shape(x):
+        raise NormgenError(f"layer {layer.name!r}: dy has shape {tuple(dy.shape)}, x has {tuple(np.shape(x))}")
+    return np.asarray(x, dtype=np.float64), np.asarray(dy, dtype=np.float64)
+
+
+def saved_statistics(layer: Layer, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The statistics a training forward saves for :func:`backward_saved`: (mean, 1/sqrt(var + ε)),
+    one per statistic, flattened row-major over the kept dimensions in format order (group norm:
+    its group index in place of C). Batch norm: one per channel."""
+    mean, var = statistics(layer, x)
+    return mean.reshape(-1), (1.0 / np.sqrt(var + layer.epsilon)).reshape(-1)
+
+
+def backward_saved(
+    layer: Layer, x: np.ndarray, dy: np.ndarray, saved_mean: np.ndarray, saved_invstd: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`backward` with the statistics given (as :func:`saved_statistics` lays them out)
+    instead of recomputed from x."""
+    x, dy = _pair(layer, x, dy)
+    mean0, _ = statistics(layer, x)  # only for its broadcast shape
+    mean = np.asarray(saved_mean, dtype=np.float64).reshape(mean0.shape)
+    inv = np.asarray(saved_invstd, dtype=np.float64).reshape(mean0.shape)
+    view, axes, _ = grouped_view(layer, x)
+    xhat_v = (view - mean) * inv
+    xhat = xhat_v.reshape(x.shape)
+    cs = _channel_shape(layer, x.ndim)
+    dz = dy * layer.scale_values.reshape(cs)  # dL/dxhat
+    dz_v, _, _ = grouped_view(layer, dz)
+    dx_v = inv * (dz_v - dz_v.mean(axis=axes, keepdims=True) - xhat_v * (dz_v * xhat_v).mean(axis=axes, keepdims=True))
+    return dx_v.reshape(x.shape), _channel_sum(layer, dy * xhat), _channel_sum(layer, dy)
+
+
+def backward(layer: Layer, x: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The gradient of the training-mode forward (batch statistics for batch norm; each
+    instance's own statistics for the other kinds): (dx, dscale, doffset).
+
+    With x̂ = (x − μ)·r, r = 1/√(σ² + ε), y = γ_c·x̂ + β_c and g = γ_c·dy (dL/dx̂), over the n
+    elements of each statistic::
+
+        dx       = r · (g − mean(g) − x̂ · mean(g · x̂))
+        dscale_c = Σ dy · x̂      (over every element of channel c)
+        doffset_c = Σ dy
+
+    A statistic over a single element has x̂ = 0 and dx = 0 (y = β does not depend on x).
+    """
+    mean, inv = saved_statistics(layer, x)
+    return backward_saved(layer, x, dy, mean, inv)
+
+
+def backward_frozen(layer: Layer, x: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Batch norm with its trained statistics held fixed (inference-mode forward):
+    dx = dy·γ_c·r_c, dscale_c = Σ dy·(x − μ_c)·r_c, doffset_c = Σ dy, r_c = 1/√(σ²_c + ε)."""
+    if layer.kind != "batchnorm":
+        raise NormgenError(f"backward_frozen is for batch norm; layer {layer.name!r} is {layer.kind}")
+    x, dy = _pair(layer, x, dy)
+    cs = _channel_shape(layer, x.ndim)
+    inv = (1.0 / np.sqrt(layer.trained_variance_values + layer.epsilon)).reshape(cs)
+    xhat = (x - layer.trained_mean_values.reshape(cs)) * inv
+    dx = dy * layer.scale_values.reshape(cs) * inv
+    return dx, _channel_sum(layer, dy * xhat), _channel_sum(layer, dy)
+
+
+def sgdm_update(
+    layer: Layer,
+    scale: np.ndarray,
+    offset: np.ndarray,
+    dscale: np.ndarray,
+    doffset: np.ndarray,
+    velocity_scale: np.ndarray,
+    velocity_offset: np.ndarray,
+    *,
+    learn_rate: float,
+    l2: float,
+    momentum: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One step of MATLAB's 'sgdm' on scale and offset, with the layer's learn-rate and L2 factors.
+
+    For p in (scale, offset) with factors f_lr (ScaleLearnRateFactor / OffsetLearnRateFactor) and
+    f_l2 (ScaleL2Factor / OffsetL2Factor)::
+
+        v ← momentum · v − learn_rate · f_lr · (dp + l2 · f_l2 · p)
+        p ← p + v
+
+    Returns (scale, offset, velocity_scale, velocity_offset), the new values.
+    """
+    out = []
+    for p, g, v, f_lr, f_l2 in (
+        (scale, dscale, velocity_scale, layer.scale_learn_rate_factor, layer.scale_l2_factor),
+        (offset, doffset, velocity_offset, layer.offset_learn_rate_factor, layer.offset_l2_factor),
+    ):
+        p, g, v = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (p, g, v))
+        for name, a in (("parameter", p), ("gradient", g), ("velocity", v)):
+            if a.size != layer.channels:
+                raise NormgenError(f"layer {layer.name!r}: {name} has {a.size} values; it needs {layer.channels}")
+        v = momentum * v - learn_rate * f_lr * (g + l2 * f_l2 * p)
+        out.append((p + v, v))
+    (new_scale, new_vs), (new_offset, new_vo) = out
+    return new_scale, new_offset, new_vs, new_vo
+
+
+def population_empty(layer: Layer) -> tuple[float, np.ndarray, np.ndarray]:
+    """An empty population accumulator: (count, per-channel mean, per-channel M2)."""
+    return 0.0, np.zeros(layer.channels), np.zeros(layer.channels)
+
+
+def population_accumulate(
+    layer: Layer, state: tuple[float, np.ndarray, np.ndarray], x: np.ndarray
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """Merge one batch into a population accumulator (batch norm: per channel over B, S, T, U).
+
+    The batch's own mean m_b and M2_b (two-pass) merge by Chan et al.'s formula::
+
+        δ = m_b − m,  N = n + n_b
+        m  ← m + δ · n_b / N
+        M2 ← M2 + M2_b + δ² · n · n_b / N
+        n  ← N
+    """
+    if layer.kind != "batchnorm":
+        raise NormgenError(f"population statistics are for batch norm; layer {layer.name!r} is {layer.kind}")
+    batch = batch_of(layer, x)
+    n, mean, m2 = state
+    bmean, bvar = statistics(layer, x)
+    nb = float(count(layer, batch))
+    bmean, bm2 = bmean.reshape(-1), bvar.reshape(-1) * nb
+    total = n + nb
+    delta = bmean - mean
+    return total, mean + delta * (nb / total), m2 + bm2 + delta * delta * (n * nb / total)
+
+
+def population_finalize(layer: Layer, state: tuple[float, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(trained mean, trained variance) from an accumulator: the mean of everything accumulated
+    and its variance, M2/(n − 1) for ``running_variance="unbiased"`` or M2/n for "biased"."""
+    n, mean, m2 = state
+    unbiased = layer.running_variance == "unbiased"
+    if n < (2 if unbiased else 1):
+        raise NormgenError(
+            f"layer {layer.name!r}: population statistics need at least {2 if unbiased else 1} values per channel,"
+            f" {int(n)} accumulated"
+        )
+    return mean.copy(), m2 / (n - 1 if unbiased else n)

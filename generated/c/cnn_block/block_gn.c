@@ -27,6 +27,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* A hint to fetch memory ahead of its use: GCC and Clang have one, other compilers do without. */
+#if defined(__GNUC__)
+#define BLOCK_GN_PREFETCH(p) __builtin_prefetch(p)
+#else
+#define BLOCK_GN_PREFETCH(p) ((void)(p))
+#endif
+
 /* scale, one per channel */
 static const float block_gn_scale[64] = {
     0.971792f, 0.8939671f, 0.79629105f, 0.88985986f, 1.0818504f, 0.8535071f,
@@ -68,61 +75,186 @@ int block_gn_predict(const float *x, float *y, int32_t batch)
     }
     if (batch < 1 || (size_t)batch > SIZE_MAX / 12544u) {
         return BLOCK_GN_ERR_BATCH;
-    }    const size_t nb = (size_t)batch;
+    }
+    const size_t nb = (size_t)batch;
     const float *scale = block_gn_scale;
     const float *offset = block_gn_offset;
     for (size_t i0 = 0; i0 < nb; ++i0) {
         {
-            double mean[8], m2[8], cmean[8], cm2[8];
+            double mean[8], m2[8];
+            float lane[64], lane2[64];
             float mhi[8], mlo[8], rs[8];
-            double n = 0;
+            double colmean[64], colm2[64];
+            float lmean[64], lhi[64], lg[64], lb[64];
+            double n = 0; /* rows of the block seen so far */
+            for (size_t j = 0; j < 64; ++j) {
+                colmean[j] = 0;
+                colm2[j] = 0;
+            }
+            /* pass 1: mean and variance of each statistic (B, group) over S, the 8 channels of each of 8 groups, chunk by chunk:
+             * two passes over a cache-sized chunk (the second corrects the first's mean m:
+             * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
+             * Chan's merge of the chunks in double */
+            for (size_t c0 = 0; c0 < 196; c0 += 128) {
+                const size_t c1 = c0 + 128 < 196 ? c0 + 128 : 196;
+                const double nc = (double)(c1 - c0);
+                /* the chunk's sum of each of the 64 columns */
+                for (size_t l = 0; l < 64; ++l) {
+                    lane[l] = 0;
+                }
+                for (size_t i1 = c0; i1 < c1; ++i1) {
+                    const float *xr = x + i0 * 12544 + i1 * 64;
+                    for (size_t j = 0; j < 64; ++j) {
+                        lane[j] += xr[j];
+                    }
+                }
+                const double inv_nc = 1 / nc;
+                for (size_t j = 0; j < 64; ++j) {
+                    lmean[j] = (float)(lane[j] * inv_nc);
+                    lane[j] = 0;
+                    lane2[j] = 0;
+                }
+                /* deviations from that mean and their squares; meanwhile the next chunk is fetched */
+                for (size_t i1 = c0; i1 < c1; ++i1) {
+                    const float *xr = x + i0 * 12544 + i1 * 64;
+                    for (size_t j = 0; j < 64; ++j) {
+                        const float dev = xr[j] - lmean[j];
+                        lane[j] += dev;
+                        lane2[j] += dev * dev;
+                    }
+                    if (i1 + 128 < 196) {
+                        for (size_t p = 0; p < 64; p += 16) {
+                            BLOCK_GN_PREFETCH(xr + 8192 + p);
+                        }
+                    }
+                }
+                const double total = n + nc;
+                const double wmean = nc / total, wm2 = n * nc / total;
+                for (size_t j = 0; j < 64; ++j) {
+                    const double s1 = lane[j];
+                    const double delta = ((double)lmean[j] + s1 * inv_nc) - colmean[j];
+                    colmean[j] += delta * wmean;
+                    colm2[j] += ((double)lane2[j] - s1 * s1 * inv_nc) + delta * delta * wm2;
+                }
+                n = total;
+            }
+            /* the columns of each statistic merged: 8 column(s) of n values each */
             for (size_t k = 0; k < 8; ++k) {
                 mean[k] = 0;
                 m2[k] = 0;
             }
-            /* pass 1: mean and variance of each statistic (B, group) over S, the 8 channels of each of 8 groups, chunk by chunk:
-             * two passes over a cache-sized chunk, then Chan's merge into the totals */
-            for (size_t c0 = 0; c0 < 196; c0 += 128) {
-                const size_t c1 = c0 + 128 < 196 ? c0 + 128 : 196;
-                const double nc = (double)((c1 - c0) * 8);
-                for (size_t k = 0; k < 8; ++k) {
-                    cmean[k] = 0;
-                    cm2[k] = 0;
-                }
-                for (size_t i1 = c0; i1 < c1; ++i1) {
-                    for (size_t i2 = 0; i2 < 8; ++i2) {
-                        for (size_t i3 = 0; i3 < 8; ++i3) {
-                            cmean[i2] += (double)x[i0 * 12544 + i1 * 64 + i2 * 8 + i3];
-                        }
-                    }
-                }
-                for (size_t k = 0; k < 8; ++k) {
-                    cmean[k] /= nc;
-                }
-                for (size_t i1 = c0; i1 < c1; ++i1) {
-                    for (size_t i2 = 0; i2 < 8; ++i2) {
-                        for (size_t i3 = 0; i3 < 8; ++i3) {
-                            const double dev = (double)x[i0 * 12544 + i1 * 64 + i2 * 8 + i3] - cmean[i2];
-                            cm2[i2] += dev * dev;
-                        }
-                    }
-                }
-                for (size_t k = 0; k < 8; ++k) {
-                    const double delta = cmean[k] - mean[k];
-                    const double total = n + nc;
-                    mean[k] += delta * (nc / total);
-                    m2[k] += cm2[k] + delta * delta * (n * nc / total);
-                }
-                n = n + nc;
+            for (size_t j = 0; j < 64; ++j) {
+                mean[j / 8] += colmean[j];
             }
+            for (size_t k = 0; k < 8; ++k) {
+                mean[k] /= 8;
+            }
+            for (size_t j = 0; j < 64; ++j) {
+                const double dm = colmean[j] - mean[j / 8];
+                m2[j / 8] += colm2[j] + n * dm * dm;
+            }
+            n *= 8;
             /* per statistic: 1/sqrt(var + epsilon) and the mean as hi + lo */
             for (size_t k = 0; k < 8; ++k) {
-                const double var = m2[k] / n;
+                const double var = m2[k] > 0 ? m2[k] / n : 0;
                 rs[k] = (float)(1 / sqrt(var + 1e-05));
                 mhi[k] = (float)mean[k];
                 mlo[k] = (float)(mean[k] - (double)mhi[k]);
             }
+            /* the statistics of each column */
+            for (size_t j = 0; j < 64; ++j) {
+                const size_t k = j / 8;
+                lhi[j] = mhi[k];
+                const float g = rs[k] * scale[j];
+                lg[j] = g;
+                lb[j] = offset[j] - mlo[k] * g;
+            }
             /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
+            for (size_t i1 = 0; i1 < 196; ++i1) {
+                const float *xr = x + i0 * 12544 + i1 * 64;
+                float *yr = y + i0 * 12544 + i1 * 64;
+                for (size_t j = 0; j < 64; ++j) {
+                    yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                }
+            }
+        }
+    }
+
+    return BLOCK_GN_OK;
+}
+
+/* Training forward that also saves each statistic's mean and 1/sqrt(var + epsilon) (BLOCK_GN_SAVED_STATISTICS(batch) of them) for
+ * block_gn_backward_saved; y is what predict computes. y may be x. */
+int block_gn_train_forward_save(const float *x, float *y, int32_t batch, double *saved_mean, double *saved_invstd)
+{
+    if (x == NULL) {
+        return BLOCK_GN_ERR_NULL;
+    }
+    if (y == NULL) {
+        return BLOCK_GN_ERR_NULL;
+    }
+    if (saved_mean == NULL) {
+        return BLOCK_GN_ERR_NULL;
+    }
+    if (saved_invstd == NULL) {
+        return BLOCK_GN_ERR_NULL;
+    }
+    if (batch < 1 || (size_t)batch > SIZE_MAX / 12544u) {
+        return BLOCK_GN_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    const float *scale = block_gn_scale;
+    const float *offset = block_gn_offset;
+    const double n = (double)(1568);
+    for (size_t i0 = 0; i0 < nb; ++i0) {
+        {
+            double mean[8], m2[8], s1[8];
+            float mhi[8], mlo[8], rs[8];
+            for (size_t k = 0; k < 8; ++k) {
+                mean[k] = 0;
+                m2[k] = 0;
+                s1[k] = 0;
+            }
+            /* pass 1: mean of each statistic (B, group) over S, the 8 channels of each of 8 groups */
+            for (size_t i1 = 0; i1 < 196; ++i1) {
+                for (size_t i2 = 0; i2 < 8; ++i2) {
+                    for (size_t i3 = 0; i3 < 8; ++i3) {
+                        mean[i2] += (double)x[i0 * 12544 + i1 * 64 + i2 * 8 + i3];
+                    }
+                }
+            }
+            for (size_t k = 0; k < 8; ++k) {
+                mean[k] /= n;
+            }
+            /* pass 2: squared deviations; their plain sum corrects the rounding of the mean */
+            for (size_t i1 = 0; i1 < 196; ++i1) {
+                for (size_t i2 = 0; i2 < 8; ++i2) {
+                    for (size_t i3 = 0; i3 < 8; ++i3) {
+                        const double dev = (double)x[i0 * 12544 + i1 * 64 + i2 * 8 + i3] - mean[i2];
+                        m2[i2] += dev * dev;
+                        s1[i2] += dev;
+                    }
+                }
+            }
+            for (size_t k = 0; k < 8; ++k) {
+                m2[k] -= s1[k] * s1[k] / n;
+                mean[k] += s1[k] / n;
+                if (m2[k] < 0) {
+                    m2[k] = 0;
+                }
+            }
+            /* per statistic: save mean and 1/sqrt(var + epsilon) */
+            for (size_t k = 0; k < 8; ++k) {
+                const double var = m2[k] / n;
+                const double inv = 1 / sqrt(var + 1e-05);
+                const size_t s = i0 * 8 + k;
+                saved_mean[s] = mean[k];
+                saved_invstd[s] = inv;
+                rs[k] = (float)inv;
+                mhi[k] = (float)mean[k];
+                mlo[k] = (float)(mean[k] - (double)mhi[k]);
+            }
+            /* pass 3: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
             for (size_t i1 = 0; i1 < 196; ++i1) {
                 for (size_t i2 = 0; i2 < 8; ++i2) {
                     for (size_t i3 = 0; i3 < 8; ++i3) {
@@ -135,7 +267,211 @@ int block_gn_predict(const float *x, float *y, int32_t batch)
             }
         }
     }
+    return BLOCK_GN_OK;
+}
 
+/* Backward of the training forward, statistics recomputed from x: dx, and dscale/doffset
+ * (one per channel, summed over everything sharing the channel). dx may be x or dy. */
+int block_gn_backward(const float *x, const float *dy, float *dx, float *dscale, float *doffset, int32_t batch)
+{
+    if (x == NULL) {
+        return BLOCK_GN_ERR_NULL;
+    }
+    if (dy == NULL) {
+        return BLOCK_GN_ERR_NULL;
+    }
+    if (dx == NULL) {
+        return BLOCK_GN_ERR_NULL;
+    }
+    if (dscale == NULL) {
+        return BLOCK_GN_ERR_NULL;
+    }
+    if (doffset == NULL) {
+        return BLOCK_GN_ERR_NULL;
+    }
+    if (batch < 1 || (size_t)batch > SIZE_MAX / 12544u) {
+        return BLOCK_GN_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    const float *scale = block_gn_scale;
+    const double n = (double)(1568);
+    double gscale[64], goffset[64];
+    for (size_t c = 0; c < 64; ++c) {
+        gscale[c] = 0;
+        goffset[c] = 0;
+    }
+    for (size_t i0 = 0; i0 < nb; ++i0) {
+        {
+            double mean[8], m2[8], inv[8], s1[8], s2[8];
+            for (size_t k = 0; k < 8; ++k) {
+                mean[k] = 0;
+                m2[k] = 0;
+                s1[k] = 0;
+            }
+            /* pass 1: mean of each statistic (B, group) over S, the 8 channels of each of 8 groups */
+            for (size_t i1 = 0; i1 < 196; ++i1) {
+                for (size_t i2 = 0; i2 < 8; ++i2) {
+                    for (size_t i3 = 0; i3 < 8; ++i3) {
+                        mean[i2] += (double)x[i0 * 12544 + i1 * 64 + i2 * 8 + i3];
+                    }
+                }
+            }
+            for (size_t k = 0; k < 8; ++k) {
+                mean[k] /= n;
+            }
+            /* pass 2: squared deviations; their plain sum corrects the rounding of the mean */
+            for (size_t i1 = 0; i1 < 196; ++i1) {
+                for (size_t i2 = 0; i2 < 8; ++i2) {
+                    for (size_t i3 = 0; i3 < 8; ++i3) {
+                        const double dev = (double)x[i0 * 12544 + i1 * 64 + i2 * 8 + i3] - mean[i2];
+                        m2[i2] += dev * dev;
+                        s1[i2] += dev;
+                    }
+                }
+            }
+            for (size_t k = 0; k < 8; ++k) {
+                m2[k] -= s1[k] * s1[k] / n;
+                mean[k] += s1[k] / n;
+                if (m2[k] < 0) {
+                    m2[k] = 0;
+                }
+            }
+            for (size_t k = 0; k < 8; ++k) {
+                inv[k] = 1 / sqrt(m2[k] / n + 1e-05);
+            }
+            for (size_t k = 0; k < 8; ++k) {
+                s1[k] = 0;
+                s2[k] = 0;
+            }
+            /* sums per statistic of g = scale * dy and g * xhat; per channel of dy * xhat and dy */
+            for (size_t i1 = 0; i1 < 196; ++i1) {
+                for (size_t i2 = 0; i2 < 8; ++i2) {
+                    for (size_t i3 = 0; i3 < 8; ++i3) {
+                        const size_t o = i0 * 12544 + i1 * 64 + i2 * 8 + i3;
+                        const size_t ch = i2 * 8 + i3;
+                        const size_t k = i2;
+                        const double xhat = ((double)x[o] - mean[k]) * inv[k];
+                        const double d = (double)dy[o];
+                        const double g = (double)scale[ch] * d;
+                        s1[k] += g;
+                        s2[k] += g * xhat;
+                        gscale[ch] += d * xhat;
+                        goffset[ch] += d;
+                    }
+                }
+            }
+            for (size_t k = 0; k < 8; ++k) {
+                s1[k] /= n;
+                s2[k] /= n;
+            }
+            /* dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + epsilon) */
+            for (size_t i1 = 0; i1 < 196; ++i1) {
+                for (size_t i2 = 0; i2 < 8; ++i2) {
+                    for (size_t i3 = 0; i3 < 8; ++i3) {
+                        const size_t o = i0 * 12544 + i1 * 64 + i2 * 8 + i3;
+                        const size_t ch = i2 * 8 + i3;
+                        const size_t k = i2;
+                        const double xhat = ((double)x[o] - mean[k]) * inv[k];
+                        dx[o] = (float)(inv[k] * ((double)scale[ch] * (double)dy[o] - s1[k] - xhat * s2[k]));
+                    }
+                }
+            }
+        }
+    }
+    for (size_t c = 0; c < 64; ++c) {
+        dscale[c] = (float)gscale[c];
+        doffset[c] = (float)goffset[c];
+    }
+    return BLOCK_GN_OK;
+}
+
+/* block_gn_backward with the statistics saved by block_gn_train_forward_save for the same x and batch.
+ * dx may be x or dy. */
+int block_gn_backward_saved(const float *x, const float *dy, const double *saved_mean, const double *saved_invstd, float *dx, float *dscale, float *doffset, int32_t batch)
+{
+    if (x == NULL) {
+        return BLOCK_GN_ERR_NULL;
+    }
+    if (dy == NULL) {
+        return BLOCK_GN_ERR_NULL;
+    }
+    if (saved_mean == NULL) {
+        return BLOCK_GN_ERR_NULL;
+    }
+    if (saved_invstd == NULL) {
+        return BLOCK_GN_ERR_NULL;
+    }
+    if (dx == NULL) {
+        return BLOCK_GN_ERR_NULL;
+    }
+    if (dscale == NULL) {
+        return BLOCK_GN_ERR_NULL;
+    }
+    if (doffset == NULL) {
+        return BLOCK_GN_ERR_NULL;
+    }
+    if (batch < 1 || (size_t)batch > SIZE_MAX / 12544u) {
+        return BLOCK_GN_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    const float *scale = block_gn_scale;
+    const double n = (double)(1568);
+    double gscale[64], goffset[64];
+    for (size_t c = 0; c < 64; ++c) {
+        gscale[c] = 0;
+        goffset[c] = 0;
+    }
+    for (size_t i0 = 0; i0 < nb; ++i0) {
+        {
+            double mean[8], inv[8], s1[8], s2[8];
+            for (size_t k = 0; k < 8; ++k) {
+                const size_t s = i0 * 8 + k;
+                mean[k] = saved_mean[s];
+                inv[k] = saved_invstd[s];
+            }
+            for (size_t k = 0; k < 8; ++k) {
+                s1[k] = 0;
+                s2[k] = 0;
+            }
+            /* sums per statistic of g = scale * dy and g * xhat; per channel of dy * xhat and dy */
+            for (size_t i1 = 0; i1 < 196; ++i1) {
+                for (size_t i2 = 0; i2 < 8; ++i2) {
+                    for (size_t i3 = 0; i3 < 8; ++i3) {
+                        const size_t o = i0 * 12544 + i1 * 64 + i2 * 8 + i3;
+                        const size_t ch = i2 * 8 + i3;
+                        const size_t k = i2;
+                        const double xhat = ((double)x[o] - mean[k]) * inv[k];
+                        const double d = (double)dy[o];
+                        const double g = (double)scale[ch] * d;
+                        s1[k] += g;
+                        s2[k] += g * xhat;
+                        gscale[ch] += d * xhat;
+                        goffset[ch] += d;
+                    }
+                }
+            }
+            for (size_t k = 0; k < 8; ++k) {
+                s1[k] /= n;
+                s2[k] /= n;
+            }
+            /* dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + epsilon) */
+            for (size_t i1 = 0; i1 < 196; ++i1) {
+                for (size_t i2 = 0; i2 < 8; ++i2) {
+                    for (size_t i3 = 0; i3 < 8; ++i3) {
+                        const size_t o = i0 * 12544 + i1 * 64 + i2 * 8 + i3;
+                        const size_t ch = i2 * 8 + i3;
+                        const size_t k = i2;
+                        const double xhat = ((double)x[o] - mean[k]) * inv[k];
+                        dx[o] = (float)(inv[k] * ((double)scale[ch] * (double)dy[o] - s1[k] - xhat * s2[k]));
+                    }
+                }
+            }
+        }
+    }
+    for (size_t c = 0; c < 64; ++c) {
+        dscale[c] = (float)gscale[c];
+        doffset[c] = (float)goffset[c];
+    }
     return BLOCK_GN_OK;
 }
 

@@ -31,6 +31,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* A hint to fetch memory ahead of its use: GCC and Clang have one, other compilers do without. */
+#if defined(__GNUC__)
+#define HEAD_BN_PREFETCH(p) __builtin_prefetch(p)
+#else
+#define HEAD_BN_PREFETCH(p) ((void)(p))
+#endif
+
 /* scale, one per channel */
 static const double head_bn_scale[64] = {
     1.0, 1.0, 1.0, 1.0, 1.0, 1.0,
@@ -59,6 +66,36 @@ static const double head_bn_offset[64] = {
     0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
     0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
     0.0, 0.0, 0.0, 0.0
+};
+
+/* trained_mean, one per channel */
+static const double head_bn_trained_mean[64] = {
+    0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+    0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+    0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+    0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+    0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+    0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+    0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+    0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+    0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+    0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+    0.0, 0.0, 0.0, 0.0
+};
+
+/* trained_variance, one per channel */
+static const double head_bn_trained_variance[64] = {
+    1.0, 1.0, 1.0, 1.0, 1.0, 1.0,
+    1.0, 1.0, 1.0, 1.0, 1.0, 1.0,
+    1.0, 1.0, 1.0, 1.0, 1.0, 1.0,
+    1.0, 1.0, 1.0, 1.0, 1.0, 1.0,
+    1.0, 1.0, 1.0, 1.0, 1.0, 1.0,
+    1.0, 1.0, 1.0, 1.0, 1.0, 1.0,
+    1.0, 1.0, 1.0, 1.0, 1.0, 1.0,
+    1.0, 1.0, 1.0, 1.0, 1.0, 1.0,
+    1.0, 1.0, 1.0, 1.0, 1.0, 1.0,
+    1.0, 1.0, 1.0, 1.0, 1.0, 1.0,
+    1.0, 1.0, 1.0, 1.0
 };
 
 /* Inference constants folded at generation time: a = scale / sqrt(trained_variance + epsilon),
@@ -102,7 +139,8 @@ int head_bn_predict(const double *x, double *y, int32_t batch)
     }
     if (batch < 1 || (size_t)batch > SIZE_MAX / 3136u) {
         return HEAD_BN_ERR_BATCH;
-    }    const size_t nb = (size_t)batch;
+    }
+    const size_t nb = (size_t)batch;
     /* y = x * a + b, one multiply-add per element */
     for (size_t j0 = 0; j0 < nb; ++j0) {
         for (size_t j1 = 0; j1 < 64; ++j1) {
@@ -133,78 +171,549 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
     }
     if (batch < 1 || (size_t)batch > SIZE_MAX / 3136u) {
         return HEAD_BN_ERR_BATCH;
-    }    if ((size_t)batch * 49 < 2) {
+    }
+    if ((size_t)batch * 49 < 2) {
         return HEAD_BN_ERR_COUNT;
     }
     const size_t nb = (size_t)batch;
     const double *scale = head_bn_scale;
     const double *offset = head_bn_offset;
-    {
-        double mean[64], m2[64], cmean[64], cm2[64];
-        double mhi[64], rs[64];
-        double n = 0;
-        for (size_t k = 0; k < 64; ++k) {
-            mean[k] = 0;
-            m2[k] = 0;
-        }
-        /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
-         * two passes over a cache-sized chunk, then Chan's merge into the totals */
-        for (size_t c0 = 0; c0 < nb; c0 += 2) {
-            const size_t c1 = c0 + 2 < nb ? c0 + 2 : nb;
-            const double nc = (double)((c1 - c0) * 49);
-            for (size_t k = 0; k < 64; ++k) {
-                cmean[k] = 0;
-                cm2[k] = 0;
-            }
-            for (size_t i0 = c0; i0 < c1; ++i0) {
-                for (size_t i1 = 0; i1 < 64; ++i1) {
-                    for (size_t i2 = 0; i2 < 49; ++i2) {
-                        cmean[i1] += (double)x[i0 * 3136 + i1 * 49 + i2];
+    for (size_t i1 = 0; i1 < 64; ++i1) {
+        {
+            double mean[1], m2[1];
+            double lane[16], lane2[16];
+            double mhi[1], rs[1];
+            double n = 0;
+            mean[0] = 0;
+            m2[0] = 0;
+            /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
+             * two passes over a cache-sized chunk (the second corrects the first's mean m:
+             * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
+             * Chan's merge of the chunks in double */
+            for (size_t c0 = 0; c0 < nb; c0 += 167) {
+                const size_t c1 = c0 + 167 < nb ? c0 + 167 : nb;
+                const double nc = (double)((c1 - c0) * 49);
+                /* the chunk's sum in 16 independent lanes */
+                for (size_t l = 0; l < 16; ++l) {
+                    lane[l] = 0;
+                }
+                for (size_t i0 = c0; i0 < c1; ++i0) {
+                    const double *xr = x + i0 * 3136 + i1 * 49;
+                    const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
+                    for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                        for (size_t l = 0; l < 16; ++l) {
+                            lane[l] += xr[i2 + l];
+                        }
+                    }
+                    {
+                        const size_t i2 = blocks_end;
+                        for (size_t l = 0; l < 49 - i2; ++l) {
+                            lane[l] += xr[i2 + l];
+                        }
                     }
                 }
-            }
-            for (size_t k = 0; k < 64; ++k) {
-                cmean[k] /= nc;
-            }
-            for (size_t i0 = c0; i0 < c1; ++i0) {
-                for (size_t i1 = 0; i1 < 64; ++i1) {
-                    for (size_t i2 = 0; i2 < 49; ++i2) {
-                        const double dev = (double)x[i0 * 3136 + i1 * 49 + i2] - cmean[i1];
-                        cm2[i1] += dev * dev;
+                double sum = 0;
+                for (size_t l = 0; l < 16; ++l) {
+                    sum += lane[l];
+                    lane[l] = 0;
+                    lane2[l] = 0;
+                }
+                const double m = (double)(sum / nc);
+                /* deviations from that mean and their squares; meanwhile the next chunk is fetched */
+                for (size_t i0 = c0; i0 < c1; ++i0) {
+                    const double *xr = x + i0 * 3136 + i1 * 49;
+                    const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
+                    for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                        if (i0 + 167 < nb) {
+                            HEAD_BN_PREFETCH(xr + i2 + 523712);
+                            HEAD_BN_PREFETCH(xr + i2 + 523712 + 8);
+                        }
+                        for (size_t l = 0; l < 16; ++l) {
+                            const double dev = xr[i2 + l] - m;
+                            lane[l] += dev;
+                            lane2[l] += dev * dev;
+                        }
+                    }
+                    {
+                        const size_t i2 = blocks_end;
+                        for (size_t l = 0; l < 49 - i2; ++l) {
+                            const double dev = xr[i2 + l] - m;
+                            lane[l] += dev;
+                            lane2[l] += dev * dev;
+                        }
                     }
                 }
-            }
-            for (size_t k = 0; k < 64; ++k) {
-                const double delta = cmean[k] - mean[k];
                 const double total = n + nc;
-                mean[k] += delta * (nc / total);
-                m2[k] += cm2[k] + delta * delta * (n * nc / total);
+                double s1 = 0, s2 = 0;
+                for (size_t l = 0; l < 16; ++l) {
+                    s1 += lane[l];
+                    s2 += lane2[l];
+                }
+                const double cm2 = s2 - s1 * s1 / nc;
+                const double delta = ((double)m + s1 / nc) - mean[0];
+                mean[0] += delta * (nc / total);
+                m2[0] += cm2 + delta * delta * (n * nc / total);
+                n = total;
             }
-            n = n + nc;
-        }
-        /* per statistic: 1/sqrt(var + epsilon) and the mean as the element type */
-        for (size_t k = 0; k < 64; ++k) {
-            const double var = m2[k] / n;
-            const size_t ch = k;
-            const double batch_var = n > 1 ? m2[k] / (n - 1) : var;
-            running_mean[ch] = (double)(0.1 * mean[k] + (1 - 0.1) * (double)running_mean[ch]);
-            running_var[ch] = (double)(0.1 * batch_var + (1 - 0.1) * (double)running_var[ch]);
-            rs[k] = (double)(1 / sqrt(var + 0.001));
-            mhi[k] = (double)mean[k];
-        }
-        /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
-        for (size_t i0 = 0; i0 < nb; ++i0) {
-            for (size_t i1 = 0; i1 < 64; ++i1) {
+            /* per statistic: 1/sqrt(var + epsilon) and the mean as the element type */
+            for (size_t k = 0; k < 1; ++k) {
+                const double var = m2[k] > 0 ? m2[k] / n : 0;
+                const size_t ch = i1;
+                const double batch_var = n > 1 ? m2[k] / (n - 1) : var;
+                running_mean[ch] = (double)(0.1 * mean[k] + (1 - 0.1) * (double)running_mean[ch]);
+                running_var[ch] = (double)(0.1 * batch_var + (1 - 0.1) * (double)running_var[ch]);
+                rs[k] = (double)(1 / sqrt(var + 0.001));
+                mhi[k] = (double)mean[k];
+            }
+            /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
+            for (size_t i0 = 0; i0 < nb; ++i0) {
+                const double *xr = x + i0 * 3136 + i1 * 49;
+                double *yr = y + i0 * 3136 + i1 * 49;
+                const double g = rs[0] * scale[i1];
+                const double b = offset[i1];
                 for (size_t i2 = 0; i2 < 49; ++i2) {
-                    const size_t o = i0 * 3136 + i1 * 49 + i2;
-                    const size_t ch = i1;
-                    const size_t k = i1;
-                    y[o] = (x[o] - mhi[k]) * (rs[k] * scale[ch]) + offset[ch];
+                    yr[i2] = (xr[i2] - mhi[0]) * g + b;
                 }
             }
         }
     }
 
+    return HEAD_BN_OK;
+}
+
+/* Training forward that also saves each statistic's mean and 1/sqrt(var + epsilon) (one per channel) for
+ * head_bn_backward_saved. Updates running_mean/running_var as train_forward does. y may be x. */
+int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double *running_mean, double *running_var, double *saved_mean, double *saved_invstd)
+{
+    if (x == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (y == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (running_mean == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (running_var == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (saved_mean == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (saved_invstd == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (batch < 1 || (size_t)batch > SIZE_MAX / 3136u) {
+        return HEAD_BN_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    const double *scale = head_bn_scale;
+    const double *offset = head_bn_offset;
+    if (nb * 49 < 2) {
+        return HEAD_BN_ERR_COUNT;
+    }
+    const double n = (double)(nb * 49);
+    for (size_t i1 = 0; i1 < 64; ++i1) {
+        {
+            double mean[1], m2[1], s1[1];
+            double mhi[1], rs[1];
+            for (size_t k = 0; k < 1; ++k) {
+                mean[k] = 0;
+                m2[k] = 0;
+                s1[k] = 0;
+            }
+            /* pass 1: mean of each statistic (C) over B, S */
+            for (size_t i0 = 0; i0 < nb; ++i0) {
+                for (size_t i2 = 0; i2 < 49; ++i2) {
+                    mean[0] += (double)x[i0 * 3136 + i1 * 49 + i2];
+                }
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                mean[k] /= n;
+            }
+            /* pass 2: squared deviations; their plain sum corrects the rounding of the mean */
+            for (size_t i0 = 0; i0 < nb; ++i0) {
+                for (size_t i2 = 0; i2 < 49; ++i2) {
+                    const double dev = (double)x[i0 * 3136 + i1 * 49 + i2] - mean[0];
+                    m2[0] += dev * dev;
+                    s1[0] += dev;
+                }
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                m2[k] -= s1[k] * s1[k] / n;
+                mean[k] += s1[k] / n;
+                if (m2[k] < 0) {
+                    m2[k] = 0;
+                }
+            }
+            /* per statistic: save mean and 1/sqrt(var + epsilon), update the running statistics */
+            for (size_t k = 0; k < 1; ++k) {
+                const double var = m2[k] / n;
+                const double inv = 1 / sqrt(var + 0.001);
+                const size_t s = i1;
+                saved_mean[s] = mean[k];
+                saved_invstd[s] = inv;
+                const size_t ch = i1;
+                const double batch_var = n > 1 ? m2[k] / (n - 1) : var;
+                running_mean[ch] = (double)(0.1 * mean[k] + (1 - 0.1) * (double)running_mean[ch]);
+                running_var[ch] = (double)(0.1 * batch_var + (1 - 0.1) * (double)running_var[ch]);
+                rs[k] = (double)inv;
+                mhi[k] = (double)mean[k];
+            }
+            /* pass 3: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
+            for (size_t i0 = 0; i0 < nb; ++i0) {
+                for (size_t i2 = 0; i2 < 49; ++i2) {
+                    const size_t o = i0 * 3136 + i1 * 49 + i2;
+                    const size_t ch = i1;
+                    const size_t k = 0;
+                    y[o] = (x[o] - mhi[k]) * (rs[k] * scale[ch]) + offset[ch];
+                }
+            }
+        }
+    }
+    return HEAD_BN_OK;
+}
+
+/* Backward of the training forward (batch statistics), statistics recomputed from x: dx, and dscale/doffset
+ * (one per channel, summed over everything sharing the channel). dx may be x or dy. */
+int head_bn_backward(const double *x, const double *dy, double *dx, double *dscale, double *doffset, int32_t batch)
+{
+    if (x == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (dy == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (dx == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (dscale == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (doffset == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (batch < 1 || (size_t)batch > SIZE_MAX / 3136u) {
+        return HEAD_BN_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    const double *scale = head_bn_scale;
+    const double n = (double)(nb * 49);
+    double gscale[64], goffset[64];
+    for (size_t c = 0; c < 64; ++c) {
+        gscale[c] = 0;
+        goffset[c] = 0;
+    }
+    for (size_t i1 = 0; i1 < 64; ++i1) {
+        {
+            double mean[1], m2[1], inv[1], s1[1], s2[1];
+            for (size_t k = 0; k < 1; ++k) {
+                mean[k] = 0;
+                m2[k] = 0;
+                s1[k] = 0;
+            }
+            /* pass 1: mean of each statistic (C) over B, S */
+            for (size_t i0 = 0; i0 < nb; ++i0) {
+                for (size_t i2 = 0; i2 < 49; ++i2) {
+                    mean[0] += (double)x[i0 * 3136 + i1 * 49 + i2];
+                }
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                mean[k] /= n;
+            }
+            /* pass 2: squared deviations; their plain sum corrects the rounding of the mean */
+            for (size_t i0 = 0; i0 < nb; ++i0) {
+                for (size_t i2 = 0; i2 < 49; ++i2) {
+                    const double dev = (double)x[i0 * 3136 + i1 * 49 + i2] - mean[0];
+                    m2[0] += dev * dev;
+                    s1[0] += dev;
+                }
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                m2[k] -= s1[k] * s1[k] / n;
+                mean[k] += s1[k] / n;
+                if (m2[k] < 0) {
+                    m2[k] = 0;
+                }
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                inv[k] = 1 / sqrt(m2[k] / n + 0.001);
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                s1[k] = 0;
+                s2[k] = 0;
+            }
+            /* sums per statistic of g = scale * dy and g * xhat; per channel of dy * xhat and dy */
+            for (size_t i0 = 0; i0 < nb; ++i0) {
+                for (size_t i2 = 0; i2 < 49; ++i2) {
+                    const size_t o = i0 * 3136 + i1 * 49 + i2;
+                    const size_t ch = i1;
+                    const size_t k = 0;
+                    const double xhat = ((double)x[o] - mean[k]) * inv[k];
+                    const double d = (double)dy[o];
+                    const double g = (double)scale[ch] * d;
+                    s1[k] += g;
+                    s2[k] += g * xhat;
+                    gscale[ch] += d * xhat;
+                    goffset[ch] += d;
+                }
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                s1[k] /= n;
+                s2[k] /= n;
+            }
+            /* dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + epsilon) */
+            for (size_t i0 = 0; i0 < nb; ++i0) {
+                for (size_t i2 = 0; i2 < 49; ++i2) {
+                    const size_t o = i0 * 3136 + i1 * 49 + i2;
+                    const size_t ch = i1;
+                    const size_t k = 0;
+                    const double xhat = ((double)x[o] - mean[k]) * inv[k];
+                    dx[o] = (double)(inv[k] * ((double)scale[ch] * (double)dy[o] - s1[k] - xhat * s2[k]));
+                }
+            }
+        }
+    }
+    for (size_t c = 0; c < 64; ++c) {
+        dscale[c] = (double)gscale[c];
+        doffset[c] = (double)goffset[c];
+    }
+    return HEAD_BN_OK;
+}
+
+/* head_bn_backward with the statistics saved by head_bn_train_forward_save for the same x and batch.
+ * dx may be x or dy. */
+int head_bn_backward_saved(const double *x, const double *dy, const double *saved_mean, const double *saved_invstd, double *dx, double *dscale, double *doffset, int32_t batch)
+{
+    if (x == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (dy == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (saved_mean == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (saved_invstd == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (dx == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (dscale == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (doffset == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (batch < 1 || (size_t)batch > SIZE_MAX / 3136u) {
+        return HEAD_BN_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    const double *scale = head_bn_scale;
+    const double n = (double)(nb * 49);
+    double gscale[64], goffset[64];
+    for (size_t c = 0; c < 64; ++c) {
+        gscale[c] = 0;
+        goffset[c] = 0;
+    }
+    for (size_t i1 = 0; i1 < 64; ++i1) {
+        {
+            double mean[1], inv[1], s1[1], s2[1];
+            for (size_t k = 0; k < 1; ++k) {
+                const size_t s = i1;
+                mean[k] = saved_mean[s];
+                inv[k] = saved_invstd[s];
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                s1[k] = 0;
+                s2[k] = 0;
+            }
+            /* sums per statistic of g = scale * dy and g * xhat; per channel of dy * xhat and dy */
+            for (size_t i0 = 0; i0 < nb; ++i0) {
+                for (size_t i2 = 0; i2 < 49; ++i2) {
+                    const size_t o = i0 * 3136 + i1 * 49 + i2;
+                    const size_t ch = i1;
+                    const size_t k = 0;
+                    const double xhat = ((double)x[o] - mean[k]) * inv[k];
+                    const double d = (double)dy[o];
+                    const double g = (double)scale[ch] * d;
+                    s1[k] += g;
+                    s2[k] += g * xhat;
+                    gscale[ch] += d * xhat;
+                    goffset[ch] += d;
+                }
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                s1[k] /= n;
+                s2[k] /= n;
+            }
+            /* dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + epsilon) */
+            for (size_t i0 = 0; i0 < nb; ++i0) {
+                for (size_t i2 = 0; i2 < 49; ++i2) {
+                    const size_t o = i0 * 3136 + i1 * 49 + i2;
+                    const size_t ch = i1;
+                    const size_t k = 0;
+                    const double xhat = ((double)x[o] - mean[k]) * inv[k];
+                    dx[o] = (double)(inv[k] * ((double)scale[ch] * (double)dy[o] - s1[k] - xhat * s2[k]));
+                }
+            }
+        }
+    }
+    for (size_t c = 0; c < 64; ++c) {
+        dscale[c] = (double)gscale[c];
+        doffset[c] = (double)goffset[c];
+    }
+    return HEAD_BN_OK;
+}
+
+/* Backward with the trained statistics held fixed (the gradient of predict): fine-tuning
+ * with frozen batch norm. dx may be x or dy. */
+int head_bn_backward_frozen(const double *x, const double *dy, double *dx, double *dscale, double *doffset, int32_t batch)
+{
+    if (x == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (dy == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (dx == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (dscale == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (doffset == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (batch < 1 || (size_t)batch > SIZE_MAX / 3136u) {
+        return HEAD_BN_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    const double *scale = head_bn_scale;
+    const double *trained_mean = head_bn_trained_mean;
+    const double *trained_variance = head_bn_trained_variance;
+    double gscale[64], goffset[64], inv[64];
+    for (size_t c = 0; c < 64; ++c) {
+        gscale[c] = 0;
+        goffset[c] = 0;
+        inv[c] = 1 / sqrt((double)trained_variance[c] + 0.001);
+    }
+    /* dx = dy * scale / sqrt(trained_var + epsilon); per channel sums of dy * xhat and dy */
+    for (size_t j0 = 0; j0 < nb; ++j0) {
+        for (size_t j1 = 0; j1 < 64; ++j1) {
+            for (size_t j2 = 0; j2 < 49; ++j2) {
+                const size_t o = j0 * 3136 + j1 * 49 + j2;
+                const size_t ch = j1;
+                const double d = (double)dy[o];
+                gscale[ch] += d * (((double)x[o] - (double)trained_mean[ch]) * inv[ch]);
+                goffset[ch] += d;
+                dx[o] = (double)(d * ((double)scale[ch] * inv[ch]));
+            }
+        }
+    }
+    for (size_t c = 0; c < 64; ++c) {
+        dscale[c] = (double)gscale[c];
+        doffset[c] = (double)goffset[c];
+    }
+    return HEAD_BN_OK;
+}
+
+/* Empty a population-statistics accumulator. */
+int head_bn_stats_reset(head_bn_stats *acc)
+{
+    if (acc == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    acc->count = 0;
+    for (size_t c = 0; c < 64; ++c) {
+        acc->mean[c] = 0;
+        acc->m2[c] = 0;
+    }
+    return HEAD_BN_OK;
+}
+
+/* Merge one batch into the population statistics (two-pass per batch, Chan's merge). */
+int head_bn_accumulate(head_bn_stats *acc, const double *x, int32_t batch)
+{
+    if (acc == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (x == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (batch < 1 || (size_t)batch > SIZE_MAX / 3136u) {
+        return HEAD_BN_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    const double n = (double)(nb * 49);
+    const double n0 = acc->count;
+    const double total = n0 + n;
+    for (size_t i1 = 0; i1 < 64; ++i1) {
+        {
+            double mean[1], m2[1], s1[1];
+            for (size_t k = 0; k < 1; ++k) {
+                mean[k] = 0;
+                m2[k] = 0;
+                s1[k] = 0;
+            }
+            /* pass 1: mean of each statistic (C) over B, S */
+            for (size_t i0 = 0; i0 < nb; ++i0) {
+                for (size_t i2 = 0; i2 < 49; ++i2) {
+                    mean[0] += (double)x[i0 * 3136 + i1 * 49 + i2];
+                }
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                mean[k] /= n;
+            }
+            /* pass 2: squared deviations; their plain sum corrects the rounding of the mean */
+            for (size_t i0 = 0; i0 < nb; ++i0) {
+                for (size_t i2 = 0; i2 < 49; ++i2) {
+                    const double dev = (double)x[i0 * 3136 + i1 * 49 + i2] - mean[0];
+                    m2[0] += dev * dev;
+                    s1[0] += dev;
+                }
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                m2[k] -= s1[k] * s1[k] / n;
+                mean[k] += s1[k] / n;
+                if (m2[k] < 0) {
+                    m2[k] = 0;
+                }
+            }
+            /* Chan's merge of this batch's (n, mean, M2) into the totals */
+            for (size_t k = 0; k < 1; ++k) {
+                const size_t ch = i1;
+                const double delta = mean[k] - acc->mean[ch];
+                acc->mean[ch] += delta * (n / total);
+                acc->m2[ch] += m2[k] + delta * delta * (n0 * n / total);
+            }
+        }
+    }
+    acc->count = total;
+    return HEAD_BN_OK;
+}
+
+/* The trained mean and variance (unbiased, M2 / (n - 1)) of everything accumulated,
+ * one per channel. */
+int head_bn_finalize(const head_bn_stats *acc, double *trained_mean, double *trained_variance)
+{
+    if (acc == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (trained_mean == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (trained_variance == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (acc->count < 2) {
+        return HEAD_BN_ERR_COUNT;
+    }
+    for (size_t c = 0; c < 64; ++c) {
+        trained_mean[c] = (double)acc->mean[c];
+        trained_variance[c] = (double)(acc->m2[c] / (acc->count - 1));
+    }
     return HEAD_BN_OK;
 }
 

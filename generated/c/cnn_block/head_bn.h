@@ -51,6 +51,52 @@ int head_bn_predict(const double *x, double *y, int32_t batch);
  * running_mean and running_var (one per channel) in place: r = decay * batch + (1 - decay) * r. */
 int head_bn_train_forward(const double *x, double *y, int32_t batch, double *running_mean, double *running_var);
 
+/* ---- Training: backward, saved statistics, population statistics ----
+ *
+ * Saved statistics (train_forward_save -> backward_saved) are double: the mean and
+ * 1/sqrt(var + epsilon) of each statistic (C), row-major over the kept
+ * dimensions in format order; HEAD_BN_SAVED_STATISTICS(batch) of each.
+ * Gradients are summed in double; backward keeps 2 * 64 double on the stack.
+ * Aliasing: dx may be x or dy (element for element); dscale, doffset, the saved statistics and
+ * the running statistics must not overlap any other argument.
+ */
+#define HEAD_BN_SAVED_STATISTICS(batch) (64)
+
+/* Population statistics (MATLAB BatchNormalizationStatistics = 'population'): per channel, the
+ * count, mean and sum of squared deviations M2 of everything accumulated, in double. Start with
+ * head_bn_stats_reset, merge batches with head_bn_accumulate, then head_bn_finalize. */
+typedef struct {
+    double count;
+    double mean[64];
+    double m2[64];
+} head_bn_stats;
+
+/* Training forward that also saves each statistic's mean and 1/sqrt(var + epsilon) (one per channel) for
+ * head_bn_backward_saved. Updates running_mean/running_var as train_forward does. y may be x. */
+int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double *running_mean, double *running_var, double *saved_mean, double *saved_invstd);
+
+/* Backward of the training forward (batch statistics), statistics recomputed from x: dx, and dscale/doffset
+ * (one per channel, summed over everything sharing the channel). dx may be x or dy. */
+int head_bn_backward(const double *x, const double *dy, double *dx, double *dscale, double *doffset, int32_t batch);
+
+/* head_bn_backward with the statistics saved by head_bn_train_forward_save for the same x and batch.
+ * dx may be x or dy. */
+int head_bn_backward_saved(const double *x, const double *dy, const double *saved_mean, const double *saved_invstd, double *dx, double *dscale, double *doffset, int32_t batch);
+
+/* Backward with the trained statistics held fixed (the gradient of predict): fine-tuning
+ * with frozen batch norm. dx may be x or dy. */
+int head_bn_backward_frozen(const double *x, const double *dy, double *dx, double *dscale, double *doffset, int32_t batch);
+
+/* Empty a population-statistics accumulator. */
+int head_bn_stats_reset(head_bn_stats *acc);
+
+/* Merge one batch into the population statistics (two-pass per batch, Chan's merge). */
+int head_bn_accumulate(head_bn_stats *acc, const double *x, int32_t batch);
+
+/* The trained mean and variance (unbiased, M2 / (n - 1)) of everything accumulated,
+ * one per channel. */
+int head_bn_finalize(const head_bn_stats *acc, double *trained_mean, double *trained_variance);
+
 #ifdef __cplusplus
 }
 #endif

@@ -30,6 +30,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* A hint to fetch memory ahead of its use: GCC and Clang have one, other compilers do without. */
+#if defined(__GNUC__)
+#define STEM_BN_PREFETCH(p) __builtin_prefetch(p)
+#else
+#define STEM_BN_PREFETCH(p) ((void)(p))
+#endif
+
 /* scale, one per channel */
 static const float stem_bn_scale[32] = {
     0.92068774f, 1.0240571f, 0.81036735f, 1.1395772f, 1.0638294f, 0.9707953f,
@@ -48,6 +55,26 @@ static const float stem_bn_offset[32] = {
     0.16184132f, 0.08271065f, -0.06638219f, 0.09944856f, -0.044269215f, -0.002165079f,
     -0.029043317f, 0.028382996f, 0.12880777f, -0.055558406f, -0.09854038f, -0.100295655f,
     -0.09682773f, -0.1431103f
+};
+
+/* trained_mean, one per channel */
+static const float stem_bn_trained_mean[32] = {
+    -0.45646703f, 0.6466328f, -0.29665598f, 0.12855382f, -0.60844696f, 0.08482529f,
+    -0.8703907f, -0.34937796f, 1.1272695f, -0.29148483f, 0.5599882f, 0.22752707f,
+    -0.07649289f, -0.3260534f, 0.6434547f, -0.08869173f, 0.7637122f, -0.3595395f,
+    0.028669493f, 0.23274957f, 0.18658009f, -0.61690074f, -0.33203137f, -0.0979901f,
+    -0.42684966f, 0.33866256f, 0.2940096f, -0.9785422f, -0.90262705f, -0.64078164f,
+    0.058629766f, 1.0165863f
+};
+
+/* trained_variance, one per channel */
+static const float stem_bn_trained_variance[32] = {
+    1.1042502f, 1.6490545f, 0.60157156f, 1.4102216f, 1.7856181f, 1.4425218f,
+    0.98200655f, 1.4836941f, 1.0072292f, 1.5028892f, 0.6925166f, 0.9199876f,
+    0.5490776f, 0.6258641f, 1.3321544f, 0.84754735f, 1.2741239f, 1.4893543f,
+    1.8217793f, 1.0325916f, 0.97801846f, 0.9705001f, 0.67677444f, 1.494775f,
+    1.7294818f, 1.2095073f, 1.3374461f, 1.9377202f, 1.5483727f, 1.6175523f,
+    1.8342476f, 0.8236859f
 };
 
 /* Inference constants folded at generation time: a = scale / sqrt(trained_variance + epsilon),
@@ -81,7 +108,8 @@ int stem_bn_predict(const float *x, float *y, int32_t batch)
     }
     if (batch < 1 || (size_t)batch > SIZE_MAX / 25088u) {
         return STEM_BN_ERR_BATCH;
-    }    const size_t nb = (size_t)batch;
+    }
+    const size_t nb = (size_t)batch;
     /* y = x * a + b, one multiply-add per element */
     for (size_t j0 = 0; j0 < nb; ++j0) {
         for (size_t j1 = 0; j1 < 32; ++j1) {
@@ -112,7 +140,8 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
     }
     if (batch < 1 || (size_t)batch > SIZE_MAX / 25088u) {
         return STEM_BN_ERR_BATCH;
-    }    if ((size_t)batch * 784 < 2) {
+    }
+    if ((size_t)batch * 784 < 2) {
         return STEM_BN_ERR_COUNT;
     }
     const size_t nb = (size_t)batch;
@@ -120,47 +149,84 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
     const float *offset = stem_bn_offset;
     for (size_t i1 = 0; i1 < 32; ++i1) {
         {
-            double mean[1], m2[1], cmean[1], cm2[1];
+            double mean[1], m2[1];
+            float lane[32], lane2[32];
             float mhi[1], mlo[1], rs[1];
             double n = 0;
-            for (size_t k = 0; k < 1; ++k) {
-                mean[k] = 0;
-                m2[k] = 0;
-            }
+            mean[0] = 0;
+            m2[0] = 0;
             /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
-             * two passes over a cache-sized chunk, then Chan's merge into the totals */
+             * two passes over a cache-sized chunk (the second corrects the first's mean m:
+             * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
+             * Chan's merge of the chunks in double */
             for (size_t c0 = 0; c0 < nb; c0 += 10) {
                 const size_t c1 = c0 + 10 < nb ? c0 + 10 : nb;
                 const double nc = (double)((c1 - c0) * 784);
-                for (size_t k = 0; k < 1; ++k) {
-                    cmean[k] = 0;
-                    cm2[k] = 0;
+                /* the chunk's sum in 32 independent lanes */
+                for (size_t l = 0; l < 32; ++l) {
+                    lane[l] = 0;
                 }
                 for (size_t i0 = c0; i0 < c1; ++i0) {
-                    for (size_t i2 = 0; i2 < 784; ++i2) {
-                        cmean[0] += (double)x[i0 * 25088 + i1 * 784 + i2];
+                    const float *xr = x + i0 * 25088 + i1 * 784;
+                    const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                    for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                        for (size_t l = 0; l < 32; ++l) {
+                            lane[l] += xr[i2 + l];
+                        }
+                    }
+                    {
+                        const size_t i2 = blocks_end;
+                        for (size_t l = 0; l < 784 - i2; ++l) {
+                            lane[l] += xr[i2 + l];
+                        }
                     }
                 }
-                for (size_t k = 0; k < 1; ++k) {
-                    cmean[k] /= nc;
+                double sum = 0;
+                for (size_t l = 0; l < 32; ++l) {
+                    sum += lane[l];
+                    lane[l] = 0;
+                    lane2[l] = 0;
                 }
+                const float m = (float)(sum / nc);
+                /* deviations from that mean and their squares; meanwhile the next chunk is fetched */
                 for (size_t i0 = c0; i0 < c1; ++i0) {
-                    for (size_t i2 = 0; i2 < 784; ++i2) {
-                        const double dev = (double)x[i0 * 25088 + i1 * 784 + i2] - cmean[0];
-                        cm2[0] += dev * dev;
+                    const float *xr = x + i0 * 25088 + i1 * 784;
+                    const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                    for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                        if (i0 + 10 < nb) {
+                            STEM_BN_PREFETCH(xr + i2 + 250880);
+                            STEM_BN_PREFETCH(xr + i2 + 250880 + 16);
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            const float dev = xr[i2 + l] - m;
+                            lane[l] += dev;
+                            lane2[l] += dev * dev;
+                        }
+                    }
+                    {
+                        const size_t i2 = blocks_end;
+                        for (size_t l = 0; l < 784 - i2; ++l) {
+                            const float dev = xr[i2 + l] - m;
+                            lane[l] += dev;
+                            lane2[l] += dev * dev;
+                        }
                     }
                 }
-                for (size_t k = 0; k < 1; ++k) {
-                    const double delta = cmean[k] - mean[k];
-                    const double total = n + nc;
-                    mean[k] += delta * (nc / total);
-                    m2[k] += cm2[k] + delta * delta * (n * nc / total);
+                const double total = n + nc;
+                double s1 = 0, s2 = 0;
+                for (size_t l = 0; l < 32; ++l) {
+                    s1 += lane[l];
+                    s2 += lane2[l];
                 }
-                n = n + nc;
+                const double cm2 = s2 - s1 * s1 / nc;
+                const double delta = ((double)m + s1 / nc) - mean[0];
+                mean[0] += delta * (nc / total);
+                m2[0] += cm2 + delta * delta * (n * nc / total);
+                n = total;
             }
             /* per statistic: 1/sqrt(var + epsilon) and the mean as hi + lo */
             for (size_t k = 0; k < 1; ++k) {
-                const double var = m2[k] / n;
+                const double var = m2[k] > 0 ? m2[k] / n : 0;
                 const size_t ch = i1;
                 const double batch_var = n > 1 ? m2[k] / (n - 1) : var;
                 running_mean[ch] = (float)(0.1 * mean[k] + (1 - 0.1) * (double)running_mean[ch]);
@@ -171,6 +237,102 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
             }
             /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
             for (size_t i0 = 0; i0 < nb; ++i0) {
+                const float *xr = x + i0 * 25088 + i1 * 784;
+                float *yr = y + i0 * 25088 + i1 * 784;
+                const float g = rs[0] * scale[i1];
+                const float b = offset[i1] - mlo[0] * g;
+                for (size_t i2 = 0; i2 < 784; ++i2) {
+                    yr[i2] = (xr[i2] - mhi[0]) * g + b;
+                }
+            }
+        }
+    }
+
+    return STEM_BN_OK;
+}
+
+/* Training forward that also saves each statistic's mean and 1/sqrt(var + epsilon) (one per channel) for
+ * stem_bn_backward_saved. Updates running_mean/running_var as train_forward does. y may be x. */
+int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *running_mean, float *running_var, double *saved_mean, double *saved_invstd)
+{
+    if (x == NULL) {
+        return STEM_BN_ERR_NULL;
+    }
+    if (y == NULL) {
+        return STEM_BN_ERR_NULL;
+    }
+    if (running_mean == NULL) {
+        return STEM_BN_ERR_NULL;
+    }
+    if (running_var == NULL) {
+        return STEM_BN_ERR_NULL;
+    }
+    if (saved_mean == NULL) {
+        return STEM_BN_ERR_NULL;
+    }
+    if (saved_invstd == NULL) {
+        return STEM_BN_ERR_NULL;
+    }
+    if (batch < 1 || (size_t)batch > SIZE_MAX / 25088u) {
+        return STEM_BN_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    const float *scale = stem_bn_scale;
+    const float *offset = stem_bn_offset;
+    if (nb * 784 < 2) {
+        return STEM_BN_ERR_COUNT;
+    }
+    const double n = (double)(nb * 784);
+    for (size_t i1 = 0; i1 < 32; ++i1) {
+        {
+            double mean[1], m2[1], s1[1];
+            float mhi[1], mlo[1], rs[1];
+            for (size_t k = 0; k < 1; ++k) {
+                mean[k] = 0;
+                m2[k] = 0;
+                s1[k] = 0;
+            }
+            /* pass 1: mean of each statistic (C) over B, S */
+            for (size_t i0 = 0; i0 < nb; ++i0) {
+                for (size_t i2 = 0; i2 < 784; ++i2) {
+                    mean[0] += (double)x[i0 * 25088 + i1 * 784 + i2];
+                }
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                mean[k] /= n;
+            }
+            /* pass 2: squared deviations; their plain sum corrects the rounding of the mean */
+            for (size_t i0 = 0; i0 < nb; ++i0) {
+                for (size_t i2 = 0; i2 < 784; ++i2) {
+                    const double dev = (double)x[i0 * 25088 + i1 * 784 + i2] - mean[0];
+                    m2[0] += dev * dev;
+                    s1[0] += dev;
+                }
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                m2[k] -= s1[k] * s1[k] / n;
+                mean[k] += s1[k] / n;
+                if (m2[k] < 0) {
+                    m2[k] = 0;
+                }
+            }
+            /* per statistic: save mean and 1/sqrt(var + epsilon), update the running statistics */
+            for (size_t k = 0; k < 1; ++k) {
+                const double var = m2[k] / n;
+                const double inv = 1 / sqrt(var + 1e-05);
+                const size_t s = i1;
+                saved_mean[s] = mean[k];
+                saved_invstd[s] = inv;
+                const size_t ch = i1;
+                const double batch_var = n > 1 ? m2[k] / (n - 1) : var;
+                running_mean[ch] = (float)(0.1 * mean[k] + (1 - 0.1) * (double)running_mean[ch]);
+                running_var[ch] = (float)(0.1 * batch_var + (1 - 0.1) * (double)running_var[ch]);
+                rs[k] = (float)inv;
+                mhi[k] = (float)mean[k];
+                mlo[k] = (float)(mean[k] - (double)mhi[k]);
+            }
+            /* pass 3: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
+            for (size_t i0 = 0; i0 < nb; ++i0) {
                 for (size_t i2 = 0; i2 < 784; ++i2) {
                     const size_t o = i0 * 25088 + i1 * 784 + i2;
                     const size_t ch = i1;
@@ -180,7 +342,349 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
             }
         }
     }
+    return STEM_BN_OK;
+}
 
+/* Backward of the training forward (batch statistics), statistics recomputed from x: dx, and dscale/doffset
+ * (one per channel, summed over everything sharing the channel). dx may be x or dy. */
+int stem_bn_backward(const float *x, const float *dy, float *dx, float *dscale, float *doffset, int32_t batch)
+{
+    if (x == NULL) {
+        return STEM_BN_ERR_NULL;
+    }
+    if (dy == NULL) {
+        return STEM_BN_ERR_NULL;
+    }
+    if (dx == NULL) {
+        return STEM_BN_ERR_NULL;
+    }
+    if (dscale == NULL) {
+        return STEM_BN_ERR_NULL;
+    }
+    if (doffset == NULL) {
+        return STEM_BN_ERR_NULL;
+    }
+    if (batch < 1 || (size_t)batch > SIZE_MAX / 25088u) {
+        return STEM_BN_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    const float *scale = stem_bn_scale;
+    const double n = (double)(nb * 784);
+    double gscale[32], goffset[32];
+    for (size_t c = 0; c < 32; ++c) {
+        gscale[c] = 0;
+        goffset[c] = 0;
+    }
+    for (size_t i1 = 0; i1 < 32; ++i1) {
+        {
+            double mean[1], m2[1], inv[1], s1[1], s2[1];
+            for (size_t k = 0; k < 1; ++k) {
+                mean[k] = 0;
+                m2[k] = 0;
+                s1[k] = 0;
+            }
+            /* pass 1: mean of each statistic (C) over B, S */
+            for (size_t i0 = 0; i0 < nb; ++i0) {
+                for (size_t i2 = 0; i2 < 784; ++i2) {
+                    mean[0] += (double)x[i0 * 25088 + i1 * 784 + i2];
+                }
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                mean[k] /= n;
+            }
+            /* pass 2: squared deviations; their plain sum corrects the rounding of the mean */
+            for (size_t i0 = 0; i0 < nb; ++i0) {
+                for (size_t i2 = 0; i2 < 784; ++i2) {
+                    const double dev = (double)x[i0 * 25088 + i1 * 784 + i2] - mean[0];
+                    m2[0] += dev * dev;
+                    s1[0] += dev;
+                }
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                m2[k] -= s1[k] * s1[k] / n;
+                mean[k] += s1[k] / n;
+                if (m2[k] < 0) {
+                    m2[k] = 0;
+                }
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                inv[k] = 1 / sqrt(m2[k] / n + 1e-05);
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                s1[k] = 0;
+                s2[k] = 0;
+            }
+            /* sums per statistic of g = scale * dy and g * xhat; per channel of dy * xhat and dy */
+            for (size_t i0 = 0; i0 < nb; ++i0) {
+                for (size_t i2 = 0; i2 < 784; ++i2) {
+                    const size_t o = i0 * 25088 + i1 * 784 + i2;
+                    const size_t ch = i1;
+                    const size_t k = 0;
+                    const double xhat = ((double)x[o] - mean[k]) * inv[k];
+                    const double d = (double)dy[o];
+                    const double g = (double)scale[ch] * d;
+                    s1[k] += g;
+                    s2[k] += g * xhat;
+                    gscale[ch] += d * xhat;
+                    goffset[ch] += d;
+                }
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                s1[k] /= n;
+                s2[k] /= n;
+            }
+            /* dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + epsilon) */
+            for (size_t i0 = 0; i0 < nb; ++i0) {
+                for (size_t i2 = 0; i2 < 784; ++i2) {
+                    const size_t o = i0 * 25088 + i1 * 784 + i2;
+                    const size_t ch = i1;
+                    const size_t k = 0;
+                    const double xhat = ((double)x[o] - mean[k]) * inv[k];
+                    dx[o] = (float)(inv[k] * ((double)scale[ch] * (double)dy[o] - s1[k] - xhat * s2[k]));
+                }
+            }
+        }
+    }
+    for (size_t c = 0; c < 32; ++c) {
+        dscale[c] = (float)gscale[c];
+        doffset[c] = (float)goffset[c];
+    }
+    return STEM_BN_OK;
+}
+
+/* stem_bn_backward with the statistics saved by stem_bn_train_forward_save for the same x and batch.
+ * dx may be x or dy. */
+int stem_bn_backward_saved(const float *x, const float *dy, const double *saved_mean, const double *saved_invstd, float *dx, float *dscale, float *doffset, int32_t batch)
+{
+    if (x == NULL) {
+        return STEM_BN_ERR_NULL;
+    }
+    if (dy == NULL) {
+        return STEM_BN_ERR_NULL;
+    }
+    if (saved_mean == NULL) {
+        return STEM_BN_ERR_NULL;
+    }
+    if (saved_invstd == NULL) {
+        return STEM_BN_ERR_NULL;
+    }
+    if (dx == NULL) {
+        return STEM_BN_ERR_NULL;
+    }
+    if (dscale == NULL) {
+        return STEM_BN_ERR_NULL;
+    }
+    if (doffset == NULL) {
+        return STEM_BN_ERR_NULL;
+    }
+    if (batch < 1 || (size_t)batch > SIZE_MAX / 25088u) {
+        return STEM_BN_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    const float *scale = stem_bn_scale;
+    const double n = (double)(nb * 784);
+    double gscale[32], goffset[32];
+    for (size_t c = 0; c < 32; ++c) {
+        gscale[c] = 0;
+        goffset[c] = 0;
+    }
+    for (size_t i1 = 0; i1 < 32; ++i1) {
+        {
+            double mean[1], inv[1], s1[1], s2[1];
+            for (size_t k = 0; k < 1; ++k) {
+                const size_t s = i1;
+                mean[k] = saved_mean[s];
+                inv[k] = saved_invstd[s];
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                s1[k] = 0;
+                s2[k] = 0;
+            }
+            /* sums per statistic of g = scale * dy and g * xhat; per channel of dy * xhat and dy */
+            for (size_t i0 = 0; i0 < nb; ++i0) {
+                for (size_t i2 = 0; i2 < 784; ++i2) {
+                    const size_t o = i0 * 25088 + i1 * 784 + i2;
+                    const size_t ch = i1;
+                    const size_t k = 0;
+                    const double xhat = ((double)x[o] - mean[k]) * inv[k];
+                    const double d = (double)dy[o];
+                    const double g = (double)scale[ch] * d;
+                    s1[k] += g;
+                    s2[k] += g * xhat;
+                    gscale[ch] += d * xhat;
+                    goffset[ch] += d;
+                }
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                s1[k] /= n;
+                s2[k] /= n;
+            }
+            /* dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + epsilon) */
+            for (size_t i0 = 0; i0 < nb; ++i0) {
+                for (size_t i2 = 0; i2 < 784; ++i2) {
+                    const size_t o = i0 * 25088 + i1 * 784 + i2;
+                    const size_t ch = i1;
+                    const size_t k = 0;
+                    const double xhat = ((double)x[o] - mean[k]) * inv[k];
+                    dx[o] = (float)(inv[k] * ((double)scale[ch] * (double)dy[o] - s1[k] - xhat * s2[k]));
+                }
+            }
+        }
+    }
+    for (size_t c = 0; c < 32; ++c) {
+        dscale[c] = (float)gscale[c];
+        doffset[c] = (float)goffset[c];
+    }
+    return STEM_BN_OK;
+}
+
+/* Backward with the trained statistics held fixed (the gradient of predict): fine-tuning
+ * with frozen batch norm. dx may be x or dy. */
+int stem_bn_backward_frozen(const float *x, const float *dy, float *dx, float *dscale, float *doffset, int32_t batch)
+{
+    if (x == NULL) {
+        return STEM_BN_ERR_NULL;
+    }
+    if (dy == NULL) {
+        return STEM_BN_ERR_NULL;
+    }
+    if (dx == NULL) {
+        return STEM_BN_ERR_NULL;
+    }
+    if (dscale == NULL) {
+        return STEM_BN_ERR_NULL;
+    }
+    if (doffset == NULL) {
+        return STEM_BN_ERR_NULL;
+    }
+    if (batch < 1 || (size_t)batch > SIZE_MAX / 25088u) {
+        return STEM_BN_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    const float *scale = stem_bn_scale;
+    const float *trained_mean = stem_bn_trained_mean;
+    const float *trained_variance = stem_bn_trained_variance;
+    double gscale[32], goffset[32], inv[32];
+    for (size_t c = 0; c < 32; ++c) {
+        gscale[c] = 0;
+        goffset[c] = 0;
+        inv[c] = 1 / sqrt((double)trained_variance[c] + 1e-05);
+    }
+    /* dx = dy * scale / sqrt(trained_var + epsilon); per channel sums of dy * xhat and dy */
+    for (size_t j0 = 0; j0 < nb; ++j0) {
+        for (size_t j1 = 0; j1 < 32; ++j1) {
+            for (size_t j2 = 0; j2 < 784; ++j2) {
+                const size_t o = j0 * 25088 + j1 * 784 + j2;
+                const size_t ch = j1;
+                const double d = (double)dy[o];
+                gscale[ch] += d * (((double)x[o] - (double)trained_mean[ch]) * inv[ch]);
+                goffset[ch] += d;
+                dx[o] = (float)(d * ((double)scale[ch] * inv[ch]));
+            }
+        }
+    }
+    for (size_t c = 0; c < 32; ++c) {
+        dscale[c] = (float)gscale[c];
+        doffset[c] = (float)goffset[c];
+    }
+    return STEM_BN_OK;
+}
+
+/* Empty a population-statistics accumulator. */
+int stem_bn_stats_reset(stem_bn_stats *acc)
+{
+    if (acc == NULL) {
+        return STEM_BN_ERR_NULL;
+    }
+    acc->count = 0;
+    for (size_t c = 0; c < 32; ++c) {
+        acc->mean[c] = 0;
+        acc->m2[c] = 0;
+    }
+    return STEM_BN_OK;
+}
+
+/* Merge one batch into the population statistics (two-pass per batch, Chan's merge). */
+int stem_bn_accumulate(stem_bn_stats *acc, const float *x, int32_t batch)
+{
+    if (acc == NULL) {
+        return STEM_BN_ERR_NULL;
+    }
+    if (x == NULL) {
+        return STEM_BN_ERR_NULL;
+    }
+    if (batch < 1 || (size_t)batch > SIZE_MAX / 25088u) {
+        return STEM_BN_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    const double n = (double)(nb * 784);
+    const double n0 = acc->count;
+    const double total = n0 + n;
+    for (size_t i1 = 0; i1 < 32; ++i1) {
+        {
+            double mean[1], m2[1], s1[1];
+            for (size_t k = 0; k < 1; ++k) {
+                mean[k] = 0;
+                m2[k] = 0;
+                s1[k] = 0;
+            }
+            /* pass 1: mean of each statistic (C) over B, S */
+            for (size_t i0 = 0; i0 < nb; ++i0) {
+                for (size_t i2 = 0; i2 < 784; ++i2) {
+                    mean[0] += (double)x[i0 * 25088 + i1 * 784 + i2];
+                }
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                mean[k] /= n;
+            }
+            /* pass 2: squared deviations; their plain sum corrects the rounding of the mean */
+            for (size_t i0 = 0; i0 < nb; ++i0) {
+                for (size_t i2 = 0; i2 < 784; ++i2) {
+                    const double dev = (double)x[i0 * 25088 + i1 * 784 + i2] - mean[0];
+                    m2[0] += dev * dev;
+                    s1[0] += dev;
+                }
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                m2[k] -= s1[k] * s1[k] / n;
+                mean[k] += s1[k] / n;
+                if (m2[k] < 0) {
+                    m2[k] = 0;
+                }
+            }
+            /* Chan's merge of this batch's (n, mean, M2) into the totals */
+            for (size_t k = 0; k < 1; ++k) {
+                const size_t ch = i1;
+                const double delta = mean[k] - acc->mean[ch];
+                acc->mean[ch] += delta * (n / total);
+                acc->m2[ch] += m2[k] + delta * delta * (n0 * n / total);
+            }
+        }
+    }
+    acc->count = total;
+    return STEM_BN_OK;
+}
+
+/* The trained mean and variance (unbiased, M2 / (n - 1)) of everything accumulated,
+ * one per channel. */
+int stem_bn_finalize(const stem_bn_stats *acc, float *trained_mean, float *trained_variance)
+{
+    if (acc == NULL) {
+        return STEM_BN_ERR_NULL;
+    }
+    if (trained_mean == NULL) {
+        return STEM_BN_ERR_NULL;
+    }
+    if (trained_variance == NULL) {
+        return STEM_BN_ERR_NULL;
+    }
+    if (acc->count < 2) {
+        return STEM_BN_ERR_COUNT;
+    }
+    for (size_t c = 0; c < 32; ++c) {
+        trained_mean[c] = (float)acc->mean[c];
+        trained_variance[c] = (float)(acc->m2[c] / (acc->count - 1));
+    }
     return STEM_BN_OK;
 }
 

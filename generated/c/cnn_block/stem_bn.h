@@ -50,6 +50,52 @@ int stem_bn_predict(const float *x, float *y, int32_t batch);
  * running_mean and running_var (one per channel) in place: r = decay * batch + (1 - decay) * r. */
 int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *running_mean, float *running_var);
 
+/* ---- Training: backward, saved statistics, population statistics ----
+ *
+ * Saved statistics (train_forward_save -> backward_saved) are double: the mean and
+ * 1/sqrt(var + epsilon) of each statistic (C), row-major over the kept
+ * dimensions in format order; STEM_BN_SAVED_STATISTICS(batch) of each.
+ * Gradients are summed in double; backward keeps 2 * 32 double on the stack.
+ * Aliasing: dx may be x or dy (element for element); dscale, doffset, the saved statistics and
+ * the running statistics must not overlap any other argument.
+ */
+#define STEM_BN_SAVED_STATISTICS(batch) (32)
+
+/* Population statistics (MATLAB BatchNormalizationStatistics = 'population'): per channel, the
+ * count, mean and sum of squared deviations M2 of everything accumulated, in double. Start with
+ * stem_bn_stats_reset, merge batches with stem_bn_accumulate, then stem_bn_finalize. */
+typedef struct {
+    double count;
+    double mean[32];
+    double m2[32];
+} stem_bn_stats;
+
+/* Training forward that also saves each statistic's mean and 1/sqrt(var + epsilon) (one per channel) for
+ * stem_bn_backward_saved. Updates running_mean/running_var as train_forward does. y may be x. */
+int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *running_mean, float *running_var, double *saved_mean, double *saved_invstd);
+
+/* Backward of the training forward (batch statistics), statistics recomputed from x: dx, and dscale/doffset
+ * (one per channel, summed over everything sharing the channel). dx may be x or dy. */
+int stem_bn_backward(const float *x, const float *dy, float *dx, float *dscale, float *doffset, int32_t batch);
+
+/* stem_bn_backward with the statistics saved by stem_bn_train_forward_save for the same x and batch.
+ * dx may be x or dy. */
+int stem_bn_backward_saved(const float *x, const float *dy, const double *saved_mean, const double *saved_invstd, float *dx, float *dscale, float *doffset, int32_t batch);
+
+/* Backward with the trained statistics held fixed (the gradient of predict): fine-tuning
+ * with frozen batch norm. dx may be x or dy. */
+int stem_bn_backward_frozen(const float *x, const float *dy, float *dx, float *dscale, float *doffset, int32_t batch);
+
+/* Empty a population-statistics accumulator. */
+int stem_bn_stats_reset(stem_bn_stats *acc);
+
+/* Merge one batch into the population statistics (two-pass per batch, Chan's merge). */
+int stem_bn_accumulate(stem_bn_stats *acc, const float *x, int32_t batch);
+
+/* The trained mean and variance (unbiased, M2 / (n - 1)) of everything accumulated,
+ * one per channel. */
+int stem_bn_finalize(const stem_bn_stats *acc, float *trained_mean, float *trained_variance);
+
 #ifdef __cplusplus
 }
 #endif

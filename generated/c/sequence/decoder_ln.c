@@ -27,6 +27,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* A hint to fetch memory ahead of its use: GCC and Clang have one, other compilers do without. */
+#if defined(__GNUC__)
+#define DECODER_LN_PREFETCH(p) __builtin_prefetch(p)
+#else
+#define DECODER_LN_PREFETCH(p) ((void)(p))
+#endif
+
 /* scale, one per channel */
 static const float decoder_ln_scale[128] = {
     1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f,
@@ -90,53 +97,172 @@ int decoder_ln_predict(const float *x, float *y, int32_t batch)
     }
     if (batch < 1 || (size_t)batch > SIZE_MAX / 4096u) {
         return DECODER_LN_ERR_BATCH;
-    }    const size_t nb = (size_t)batch;
+    }
+    const size_t nb = (size_t)batch;
     const float *scale = decoder_ln_scale;
     const float *offset = decoder_ln_offset;
     for (size_t i0 = 0; i0 < nb * 32; ++i0) {
         {
-            double mean[1], m2[1], cmean[1], cm2[1];
+            double mean[1], m2[1];
+            float lane[32], lane2[32];
             float mhi[1], mlo[1], rs[1];
             double n = 0;
-            for (size_t k = 0; k < 1; ++k) {
-                mean[k] = 0;
-                m2[k] = 0;
-            }
+            mean[0] = 0;
+            m2[0] = 0;
             /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
-             * two passes over a cache-sized chunk, then Chan's merge into the totals */
+             * two passes over a cache-sized chunk (the second corrects the first's mean m:
+             * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
+             * Chan's merge of the chunks in double */
             for (size_t c0 = 0; c0 < 128; c0 += 8192) {
                 const size_t c1 = c0 + 8192 < 128 ? c0 + 8192 : 128;
                 const double nc = (double)((c1 - c0) * 1);
-                for (size_t k = 0; k < 1; ++k) {
-                    cmean[k] = 0;
-                    cm2[k] = 0;
+                /* the chunk's sum in 32 independent lanes */
+                for (size_t l = 0; l < 32; ++l) {
+                    lane[l] = 0;
                 }
-                for (size_t i1 = c0; i1 < c1; ++i1) {
-                    cmean[0] += (double)x[i0 * 128 + i1];
+                {
+                    const float *xr = x + i0 * 128;
+                    const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                    for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
+                        for (size_t l = 0; l < 32; ++l) {
+                            lane[l] += xr[i1 + l];
+                        }
+                    }
+                    {
+                        const size_t i1 = blocks_end;
+                        for (size_t l = 0; l < c1 - i1; ++l) {
+                            lane[l] += xr[i1 + l];
+                        }
+                    }
                 }
-                for (size_t k = 0; k < 1; ++k) {
-                    cmean[k] /= nc;
+                double sum = 0;
+                for (size_t l = 0; l < 32; ++l) {
+                    sum += lane[l];
+                    lane[l] = 0;
+                    lane2[l] = 0;
                 }
-                for (size_t i1 = c0; i1 < c1; ++i1) {
-                    const double dev = (double)x[i0 * 128 + i1] - cmean[0];
-                    cm2[0] += dev * dev;
+                const float m = (float)(sum / nc);
+                /* deviations from that mean and their squares; meanwhile the next chunk is fetched */
+                {
+                    const float *xr = x + i0 * 128;
+                    const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                    for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
+                        if (i1 + 8224 <= 128) {
+                            DECODER_LN_PREFETCH(xr + i1 + 8192);
+                            DECODER_LN_PREFETCH(xr + i1 + 8192 + 16);
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            const float dev = xr[i1 + l] - m;
+                            lane[l] += dev;
+                            lane2[l] += dev * dev;
+                        }
+                    }
+                    {
+                        const size_t i1 = blocks_end;
+                        for (size_t l = 0; l < c1 - i1; ++l) {
+                            const float dev = xr[i1 + l] - m;
+                            lane[l] += dev;
+                            lane2[l] += dev * dev;
+                        }
+                    }
                 }
-                for (size_t k = 0; k < 1; ++k) {
-                    const double delta = cmean[k] - mean[k];
-                    const double total = n + nc;
-                    mean[k] += delta * (nc / total);
-                    m2[k] += cm2[k] + delta * delta * (n * nc / total);
+                const double total = n + nc;
+                double s1 = 0, s2 = 0;
+                for (size_t l = 0; l < 32; ++l) {
+                    s1 += lane[l];
+                    s2 += lane2[l];
                 }
-                n = n + nc;
+                const double cm2 = s2 - s1 * s1 / nc;
+                const double delta = ((double)m + s1 / nc) - mean[0];
+                mean[0] += delta * (nc / total);
+                m2[0] += cm2 + delta * delta * (n * nc / total);
+                n = total;
             }
             /* per statistic: 1/sqrt(var + epsilon) and the mean as hi + lo */
             for (size_t k = 0; k < 1; ++k) {
-                const double var = m2[k] / n;
+                const double var = m2[k] > 0 ? m2[k] / n : 0;
                 rs[k] = (float)(1 / sqrt(var + 1e-06));
                 mhi[k] = (float)mean[k];
                 mlo[k] = (float)(mean[k] - (double)mhi[k]);
             }
             /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
+            {
+                const float *xr = x + i0 * 128;
+                float *yr = y + i0 * 128;
+                for (size_t i1 = 0; i1 < 128; ++i1) {
+                    yr[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                }
+            }
+        }
+    }
+
+    return DECODER_LN_OK;
+}
+
+/* Training forward that also saves each statistic's mean and 1/sqrt(var + epsilon) (DECODER_LN_SAVED_STATISTICS(batch) of them) for
+ * decoder_ln_backward_saved; y is what predict computes. y may be x. */
+int decoder_ln_train_forward_save(const float *x, float *y, int32_t batch, double *saved_mean, double *saved_invstd)
+{
+    if (x == NULL) {
+        return DECODER_LN_ERR_NULL;
+    }
+    if (y == NULL) {
+        return DECODER_LN_ERR_NULL;
+    }
+    if (saved_mean == NULL) {
+        return DECODER_LN_ERR_NULL;
+    }
+    if (saved_invstd == NULL) {
+        return DECODER_LN_ERR_NULL;
+    }
+    if (batch < 1 || (size_t)batch > SIZE_MAX / 4096u) {
+        return DECODER_LN_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    const float *scale = decoder_ln_scale;
+    const float *offset = decoder_ln_offset;
+    const double n = (double)(128);
+    for (size_t i0 = 0; i0 < nb * 32; ++i0) {
+        {
+            double mean[1], m2[1], s1[1];
+            float mhi[1], mlo[1], rs[1];
+            for (size_t k = 0; k < 1; ++k) {
+                mean[k] = 0;
+                m2[k] = 0;
+                s1[k] = 0;
+            }
+            /* pass 1: mean of each statistic (every non-C position) over C */
+            for (size_t i1 = 0; i1 < 128; ++i1) {
+                mean[0] += (double)x[i0 * 128 + i1];
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                mean[k] /= n;
+            }
+            /* pass 2: squared deviations; their plain sum corrects the rounding of the mean */
+            for (size_t i1 = 0; i1 < 128; ++i1) {
+                const double dev = (double)x[i0 * 128 + i1] - mean[0];
+                m2[0] += dev * dev;
+                s1[0] += dev;
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                m2[k] -= s1[k] * s1[k] / n;
+                mean[k] += s1[k] / n;
+                if (m2[k] < 0) {
+                    m2[k] = 0;
+                }
+            }
+            /* per statistic: save mean and 1/sqrt(var + epsilon) */
+            for (size_t k = 0; k < 1; ++k) {
+                const double var = m2[k] / n;
+                const double inv = 1 / sqrt(var + 1e-06);
+                const size_t s = i0;
+                saved_mean[s] = mean[k];
+                saved_invstd[s] = inv;
+                rs[k] = (float)inv;
+                mhi[k] = (float)mean[k];
+                mlo[k] = (float)(mean[k] - (double)mhi[k]);
+            }
+            /* pass 3: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
             for (size_t i1 = 0; i1 < 128; ++i1) {
                 const size_t o = i0 * 128 + i1;
                 const size_t ch = i1;
@@ -145,7 +271,187 @@ int decoder_ln_predict(const float *x, float *y, int32_t batch)
             }
         }
     }
+    return DECODER_LN_OK;
+}
 
+/* Backward of the training forward, statistics recomputed from x: dx, and dscale/doffset
+ * (one per channel, summed over everything sharing the channel). dx may be x or dy. */
+int decoder_ln_backward(const float *x, const float *dy, float *dx, float *dscale, float *doffset, int32_t batch)
+{
+    if (x == NULL) {
+        return DECODER_LN_ERR_NULL;
+    }
+    if (dy == NULL) {
+        return DECODER_LN_ERR_NULL;
+    }
+    if (dx == NULL) {
+        return DECODER_LN_ERR_NULL;
+    }
+    if (dscale == NULL) {
+        return DECODER_LN_ERR_NULL;
+    }
+    if (doffset == NULL) {
+        return DECODER_LN_ERR_NULL;
+    }
+    if (batch < 1 || (size_t)batch > SIZE_MAX / 4096u) {
+        return DECODER_LN_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    const float *scale = decoder_ln_scale;
+    const double n = (double)(128);
+    double gscale[128], goffset[128];
+    for (size_t c = 0; c < 128; ++c) {
+        gscale[c] = 0;
+        goffset[c] = 0;
+    }
+    for (size_t i0 = 0; i0 < nb * 32; ++i0) {
+        {
+            double mean[1], m2[1], inv[1], s1[1], s2[1];
+            for (size_t k = 0; k < 1; ++k) {
+                mean[k] = 0;
+                m2[k] = 0;
+                s1[k] = 0;
+            }
+            /* pass 1: mean of each statistic (every non-C position) over C */
+            for (size_t i1 = 0; i1 < 128; ++i1) {
+                mean[0] += (double)x[i0 * 128 + i1];
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                mean[k] /= n;
+            }
+            /* pass 2: squared deviations; their plain sum corrects the rounding of the mean */
+            for (size_t i1 = 0; i1 < 128; ++i1) {
+                const double dev = (double)x[i0 * 128 + i1] - mean[0];
+                m2[0] += dev * dev;
+                s1[0] += dev;
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                m2[k] -= s1[k] * s1[k] / n;
+                mean[k] += s1[k] / n;
+                if (m2[k] < 0) {
+                    m2[k] = 0;
+                }
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                inv[k] = 1 / sqrt(m2[k] / n + 1e-06);
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                s1[k] = 0;
+                s2[k] = 0;
+            }
+            /* sums per statistic of g = scale * dy and g * xhat; per channel of dy * xhat and dy */
+            for (size_t i1 = 0; i1 < 128; ++i1) {
+                const size_t o = i0 * 128 + i1;
+                const size_t ch = i1;
+                const size_t k = 0;
+                const double xhat = ((double)x[o] - mean[k]) * inv[k];
+                const double d = (double)dy[o];
+                const double g = (double)scale[ch] * d;
+                s1[k] += g;
+                s2[k] += g * xhat;
+                gscale[ch] += d * xhat;
+                goffset[ch] += d;
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                s1[k] /= n;
+                s2[k] /= n;
+            }
+            /* dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + epsilon) */
+            for (size_t i1 = 0; i1 < 128; ++i1) {
+                const size_t o = i0 * 128 + i1;
+                const size_t ch = i1;
+                const size_t k = 0;
+                const double xhat = ((double)x[o] - mean[k]) * inv[k];
+                dx[o] = (float)(inv[k] * ((double)scale[ch] * (double)dy[o] - s1[k] - xhat * s2[k]));
+            }
+        }
+    }
+    for (size_t c = 0; c < 128; ++c) {
+        dscale[c] = (float)gscale[c];
+        doffset[c] = (float)goffset[c];
+    }
+    return DECODER_LN_OK;
+}
+
+/* decoder_ln_backward with the statistics saved by decoder_ln_train_forward_save for the same x and batch.
+ * dx may be x or dy. */
+int decoder_ln_backward_saved(const float *x, const float *dy, const double *saved_mean, const double *saved_invstd, float *dx, float *dscale, float *doffset, int32_t batch)
+{
+    if (x == NULL) {
+        return DECODER_LN_ERR_NULL;
+    }
+    if (dy == NULL) {
+        return DECODER_LN_ERR_NULL;
+    }
+    if (saved_mean == NULL) {
+        return DECODER_LN_ERR_NULL;
+    }
+    if (saved_invstd == NULL) {
+        return DECODER_LN_ERR_NULL;
+    }
+    if (dx == NULL) {
+        return DECODER_LN_ERR_NULL;
+    }
+    if (dscale == NULL) {
+        return DECODER_LN_ERR_NULL;
+    }
+    if (doffset == NULL) {
+        return DECODER_LN_ERR_NULL;
+    }
+    if (batch < 1 || (size_t)batch > SIZE_MAX / 4096u) {
+        return DECODER_LN_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    const float *scale = decoder_ln_scale;
+    const double n = (double)(128);
+    double gscale[128], goffset[128];
+    for (size_t c = 0; c < 128; ++c) {
+        gscale[c] = 0;
+        goffset[c] = 0;
+    }
+    for (size_t i0 = 0; i0 < nb * 32; ++i0) {
+        {
+            double mean[1], inv[1], s1[1], s2[1];
+            for (size_t k = 0; k < 1; ++k) {
+                const size_t s = i0;
+                mean[k] = saved_mean[s];
+                inv[k] = saved_invstd[s];
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                s1[k] = 0;
+                s2[k] = 0;
+            }
+            /* sums per statistic of g = scale * dy and g * xhat; per channel of dy * xhat and dy */
+            for (size_t i1 = 0; i1 < 128; ++i1) {
+                const size_t o = i0 * 128 + i1;
+                const size_t ch = i1;
+                const size_t k = 0;
+                const double xhat = ((double)x[o] - mean[k]) * inv[k];
+                const double d = (double)dy[o];
+                const double g = (double)scale[ch] * d;
+                s1[k] += g;
+                s2[k] += g * xhat;
+                gscale[ch] += d * xhat;
+                goffset[ch] += d;
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                s1[k] /= n;
+                s2[k] /= n;
+            }
+            /* dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + epsilon) */
+            for (size_t i1 = 0; i1 < 128; ++i1) {
+                const size_t o = i0 * 128 + i1;
+                const size_t ch = i1;
+                const size_t k = 0;
+                const double xhat = ((double)x[o] - mean[k]) * inv[k];
+                dx[o] = (float)(inv[k] * ((double)scale[ch] * (double)dy[o] - s1[k] - xhat * s2[k]));
+            }
+        }
+    }
+    for (size_t c = 0; c < 128; ++c) {
+        dscale[c] = (float)gscale[c];
+        doffset[c] = (float)goffset[c];
+    }
     return DECODER_LN_OK;
 }
 

@@ -42,6 +42,29 @@ extern "C" {
 /* Inference: y = normalize(x). x and y hold batch * 4096 elements in format TBC; y may be x. */
 int decoder_ln_predict(const float *x, float *y, int32_t batch);
 
+/* ---- Training: backward, saved statistics ----
+ *
+ * Saved statistics (train_forward_save -> backward_saved) are double: the mean and
+ * 1/sqrt(var + epsilon) of each statistic (every non-C position), row-major over the kept
+ * dimensions in format order; DECODER_LN_SAVED_STATISTICS(batch) of each.
+ * Gradients are summed in double; backward keeps 2 * 128 double on the stack.
+ * Aliasing: dx may be x or dy (element for element); dscale, doffset, the saved statistics and
+ * the running statistics must not overlap any other argument.
+ */
+#define DECODER_LN_SAVED_STATISTICS(batch) ((size_t)(batch) * 32)
+
+/* Training forward that also saves each statistic's mean and 1/sqrt(var + epsilon) (DECODER_LN_SAVED_STATISTICS(batch) of them) for
+ * decoder_ln_backward_saved; y is what predict computes. y may be x. */
+int decoder_ln_train_forward_save(const float *x, float *y, int32_t batch, double *saved_mean, double *saved_invstd);
+
+/* Backward of the training forward, statistics recomputed from x: dx, and dscale/doffset
+ * (one per channel, summed over everything sharing the channel). dx may be x or dy. */
+int decoder_ln_backward(const float *x, const float *dy, float *dx, float *dscale, float *doffset, int32_t batch);
+
+/* decoder_ln_backward with the statistics saved by decoder_ln_train_forward_save for the same x and batch.
+ * dx may be x or dy. */
+int decoder_ln_backward_saved(const float *x, const float *dy, const double *saved_mean, const double *saved_invstd, float *dx, float *dscale, float *doffset, int32_t batch);
+
 #ifdef __cplusplus
 }
 #endif

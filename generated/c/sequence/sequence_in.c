@@ -25,6 +25,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* A hint to fetch memory ahead of its use: GCC and Clang have one, other compilers do without. */
+#if defined(__GNUC__)
+#define SEQUENCE_IN_PREFETCH(p) __builtin_prefetch(p)
+#else
+#define SEQUENCE_IN_PREFETCH(p) ((void)(p))
+#endif
+
 /* scale, one per channel */
 static const float sequence_in_scale[48] = {
     1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f,
@@ -60,54 +67,177 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
     }
     if (batch < 1 || (size_t)batch > SIZE_MAX / 4800u) {
         return SEQUENCE_IN_ERR_BATCH;
-    }    const size_t nb = (size_t)batch;
+    }
+    const size_t nb = (size_t)batch;
     const float *scale = sequence_in_scale;
     const float *offset = sequence_in_offset;
     for (size_t i0 = 0; i0 < nb; ++i0) {
         for (size_t i1 = 0; i1 < 48; ++i1) {
             {
-                double mean[1], m2[1], cmean[1], cm2[1];
+                double mean[1], m2[1];
+                float lane[32], lane2[32];
                 float mhi[1], mlo[1], rs[1];
                 double n = 0;
-                for (size_t k = 0; k < 1; ++k) {
-                    mean[k] = 0;
-                    m2[k] = 0;
-                }
+                mean[0] = 0;
+                m2[0] = 0;
                 /* pass 1: mean and variance of each statistic (B, C) over T, chunk by chunk:
-                 * two passes over a cache-sized chunk, then Chan's merge into the totals */
+                 * two passes over a cache-sized chunk (the second corrects the first's mean m:
+                 * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
+                 * Chan's merge of the chunks in double */
                 for (size_t c0 = 0; c0 < 100; c0 += 8192) {
                     const size_t c1 = c0 + 8192 < 100 ? c0 + 8192 : 100;
                     const double nc = (double)((c1 - c0) * 1);
-                    for (size_t k = 0; k < 1; ++k) {
-                        cmean[k] = 0;
-                        cm2[k] = 0;
+                    /* the chunk's sum in 32 independent lanes */
+                    for (size_t l = 0; l < 32; ++l) {
+                        lane[l] = 0;
                     }
-                    for (size_t i2 = c0; i2 < c1; ++i2) {
-                        cmean[0] += (double)x[i0 * 4800 + i1 * 100 + i2];
+                    {
+                        const float *xr = x + i0 * 4800 + i1 * 100;
+                        const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                        for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
+                            for (size_t l = 0; l < 32; ++l) {
+                                lane[l] += xr[i2 + l];
+                            }
+                        }
+                        {
+                            const size_t i2 = blocks_end;
+                            for (size_t l = 0; l < c1 - i2; ++l) {
+                                lane[l] += xr[i2 + l];
+                            }
+                        }
                     }
-                    for (size_t k = 0; k < 1; ++k) {
-                        cmean[k] /= nc;
+                    double sum = 0;
+                    for (size_t l = 0; l < 32; ++l) {
+                        sum += lane[l];
+                        lane[l] = 0;
+                        lane2[l] = 0;
                     }
-                    for (size_t i2 = c0; i2 < c1; ++i2) {
-                        const double dev = (double)x[i0 * 4800 + i1 * 100 + i2] - cmean[0];
-                        cm2[0] += dev * dev;
+                    const float m = (float)(sum / nc);
+                    /* deviations from that mean and their squares; meanwhile the next chunk is fetched */
+                    {
+                        const float *xr = x + i0 * 4800 + i1 * 100;
+                        const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                        for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
+                            if (i2 + 8224 <= 100) {
+                                SEQUENCE_IN_PREFETCH(xr + i2 + 8192);
+                                SEQUENCE_IN_PREFETCH(xr + i2 + 8192 + 16);
+                            }
+                            for (size_t l = 0; l < 32; ++l) {
+                                const float dev = xr[i2 + l] - m;
+                                lane[l] += dev;
+                                lane2[l] += dev * dev;
+                            }
+                        }
+                        {
+                            const size_t i2 = blocks_end;
+                            for (size_t l = 0; l < c1 - i2; ++l) {
+                                const float dev = xr[i2 + l] - m;
+                                lane[l] += dev;
+                                lane2[l] += dev * dev;
+                            }
+                        }
                     }
-                    for (size_t k = 0; k < 1; ++k) {
-                        const double delta = cmean[k] - mean[k];
-                        const double total = n + nc;
-                        mean[k] += delta * (nc / total);
-                        m2[k] += cm2[k] + delta * delta * (n * nc / total);
+                    const double total = n + nc;
+                    double s1 = 0, s2 = 0;
+                    for (size_t l = 0; l < 32; ++l) {
+                        s1 += lane[l];
+                        s2 += lane2[l];
                     }
-                    n = n + nc;
+                    const double cm2 = s2 - s1 * s1 / nc;
+                    const double delta = ((double)m + s1 / nc) - mean[0];
+                    mean[0] += delta * (nc / total);
+                    m2[0] += cm2 + delta * delta * (n * nc / total);
+                    n = total;
                 }
                 /* per statistic: 1/sqrt(var + epsilon) and the mean as hi + lo */
                 for (size_t k = 0; k < 1; ++k) {
-                    const double var = m2[k] / n;
+                    const double var = m2[k] > 0 ? m2[k] / n : 0;
                     rs[k] = (float)(1 / sqrt(var + 1e-05));
                     mhi[k] = (float)mean[k];
                     mlo[k] = (float)(mean[k] - (double)mhi[k]);
                 }
                 /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
+                {
+                    const float *xr = x + i0 * 4800 + i1 * 100;
+                    float *yr = y + i0 * 4800 + i1 * 100;
+                    const float g = rs[0] * scale[i1];
+                    const float b = offset[i1] - mlo[0] * g;
+                    for (size_t i2 = 0; i2 < 100; ++i2) {
+                        yr[i2] = (xr[i2] - mhi[0]) * g + b;
+                    }
+                }
+            }
+        }
+    }
+
+    return SEQUENCE_IN_OK;
+}
+
+/* Training forward that also saves each statistic's mean and 1/sqrt(var + epsilon) (SEQUENCE_IN_SAVED_STATISTICS(batch) of them) for
+ * sequence_in_backward_saved; y is what predict computes. y may be x. */
+int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, double *saved_mean, double *saved_invstd)
+{
+    if (x == NULL) {
+        return SEQUENCE_IN_ERR_NULL;
+    }
+    if (y == NULL) {
+        return SEQUENCE_IN_ERR_NULL;
+    }
+    if (saved_mean == NULL) {
+        return SEQUENCE_IN_ERR_NULL;
+    }
+    if (saved_invstd == NULL) {
+        return SEQUENCE_IN_ERR_NULL;
+    }
+    if (batch < 1 || (size_t)batch > SIZE_MAX / 4800u) {
+        return SEQUENCE_IN_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    const float *scale = sequence_in_scale;
+    const float *offset = sequence_in_offset;
+    const double n = (double)(100);
+    for (size_t i0 = 0; i0 < nb; ++i0) {
+        for (size_t i1 = 0; i1 < 48; ++i1) {
+            {
+                double mean[1], m2[1], s1[1];
+                float mhi[1], mlo[1], rs[1];
+                for (size_t k = 0; k < 1; ++k) {
+                    mean[k] = 0;
+                    m2[k] = 0;
+                    s1[k] = 0;
+                }
+                /* pass 1: mean of each statistic (B, C) over T */
+                for (size_t i2 = 0; i2 < 100; ++i2) {
+                    mean[0] += (double)x[i0 * 4800 + i1 * 100 + i2];
+                }
+                for (size_t k = 0; k < 1; ++k) {
+                    mean[k] /= n;
+                }
+                /* pass 2: squared deviations; their plain sum corrects the rounding of the mean */
+                for (size_t i2 = 0; i2 < 100; ++i2) {
+                    const double dev = (double)x[i0 * 4800 + i1 * 100 + i2] - mean[0];
+                    m2[0] += dev * dev;
+                    s1[0] += dev;
+                }
+                for (size_t k = 0; k < 1; ++k) {
+                    m2[k] -= s1[k] * s1[k] / n;
+                    mean[k] += s1[k] / n;
+                    if (m2[k] < 0) {
+                        m2[k] = 0;
+                    }
+                }
+                /* per statistic: save mean and 1/sqrt(var + epsilon) */
+                for (size_t k = 0; k < 1; ++k) {
+                    const double var = m2[k] / n;
+                    const double inv = 1 / sqrt(var + 1e-05);
+                    const size_t s = i0 * 48 + i1;
+                    saved_mean[s] = mean[k];
+                    saved_invstd[s] = inv;
+                    rs[k] = (float)inv;
+                    mhi[k] = (float)mean[k];
+                    mlo[k] = (float)(mean[k] - (double)mhi[k]);
+                }
+                /* pass 3: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
                 for (size_t i2 = 0; i2 < 100; ++i2) {
                     const size_t o = i0 * 4800 + i1 * 100 + i2;
                     const size_t ch = i1;
@@ -117,7 +247,191 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
             }
         }
     }
+    return SEQUENCE_IN_OK;
+}
 
+/* Backward of the training forward, statistics recomputed from x: dx, and dscale/doffset
+ * (one per channel, summed over everything sharing the channel). dx may be x or dy. */
+int sequence_in_backward(const float *x, const float *dy, float *dx, float *dscale, float *doffset, int32_t batch)
+{
+    if (x == NULL) {
+        return SEQUENCE_IN_ERR_NULL;
+    }
+    if (dy == NULL) {
+        return SEQUENCE_IN_ERR_NULL;
+    }
+    if (dx == NULL) {
+        return SEQUENCE_IN_ERR_NULL;
+    }
+    if (dscale == NULL) {
+        return SEQUENCE_IN_ERR_NULL;
+    }
+    if (doffset == NULL) {
+        return SEQUENCE_IN_ERR_NULL;
+    }
+    if (batch < 1 || (size_t)batch > SIZE_MAX / 4800u) {
+        return SEQUENCE_IN_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    const float *scale = sequence_in_scale;
+    const double n = (double)(100);
+    double gscale[48], goffset[48];
+    for (size_t c = 0; c < 48; ++c) {
+        gscale[c] = 0;
+        goffset[c] = 0;
+    }
+    for (size_t i0 = 0; i0 < nb; ++i0) {
+        for (size_t i1 = 0; i1 < 48; ++i1) {
+            {
+                double mean[1], m2[1], inv[1], s1[1], s2[1];
+                for (size_t k = 0; k < 1; ++k) {
+                    mean[k] = 0;
+                    m2[k] = 0;
+                    s1[k] = 0;
+                }
+                /* pass 1: mean of each statistic (B, C) over T */
+                for (size_t i2 = 0; i2 < 100; ++i2) {
+                    mean[0] += (double)x[i0 * 4800 + i1 * 100 + i2];
+                }
+                for (size_t k = 0; k < 1; ++k) {
+                    mean[k] /= n;
+                }
+                /* pass 2: squared deviations; their plain sum corrects the rounding of the mean */
+                for (size_t i2 = 0; i2 < 100; ++i2) {
+                    const double dev = (double)x[i0 * 4800 + i1 * 100 + i2] - mean[0];
+                    m2[0] += dev * dev;
+                    s1[0] += dev;
+                }
+                for (size_t k = 0; k < 1; ++k) {
+                    m2[k] -= s1[k] * s1[k] / n;
+                    mean[k] += s1[k] / n;
+                    if (m2[k] < 0) {
+                        m2[k] = 0;
+                    }
+                }
+                for (size_t k = 0; k < 1; ++k) {
+                    inv[k] = 1 / sqrt(m2[k] / n + 1e-05);
+                }
+                for (size_t k = 0; k < 1; ++k) {
+                    s1[k] = 0;
+                    s2[k] = 0;
+                }
+                /* sums per statistic of g = scale * dy and g * xhat; per channel of dy * xhat and dy */
+                for (size_t i2 = 0; i2 < 100; ++i2) {
+                    const size_t o = i0 * 4800 + i1 * 100 + i2;
+                    const size_t ch = i1;
+                    const size_t k = 0;
+                    const double xhat = ((double)x[o] - mean[k]) * inv[k];
+                    const double d = (double)dy[o];
+                    const double g = (double)scale[ch] * d;
+                    s1[k] += g;
+                    s2[k] += g * xhat;
+                    gscale[ch] += d * xhat;
+                    goffset[ch] += d;
+                }
+                for (size_t k = 0; k < 1; ++k) {
+                    s1[k] /= n;
+                    s2[k] /= n;
+                }
+                /* dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + epsilon) */
+                for (size_t i2 = 0; i2 < 100; ++i2) {
+                    const size_t o = i0 * 4800 + i1 * 100 + i2;
+                    const size_t ch = i1;
+                    const size_t k = 0;
+                    const double xhat = ((double)x[o] - mean[k]) * inv[k];
+                    dx[o] = (float)(inv[k] * ((double)scale[ch] * (double)dy[o] - s1[k] - xhat * s2[k]));
+                }
+            }
+        }
+    }
+    for (size_t c = 0; c < 48; ++c) {
+        dscale[c] = (float)gscale[c];
+        doffset[c] = (float)goffset[c];
+    }
+    return SEQUENCE_IN_OK;
+}
+
+/* sequence_in_backward with the statistics saved by sequence_in_train_forward_save for the same x and batch.
+ * dx may be x or dy. */
+int sequence_in_backward_saved(const float *x, const float *dy, const double *saved_mean, const double *saved_invstd, float *dx, float *dscale, float *doffset, int32_t batch)
+{
+    if (x == NULL) {
+        return SEQUENCE_IN_ERR_NULL;
+    }
+    if (dy == NULL) {
+        return SEQUENCE_IN_ERR_NULL;
+    }
+    if (saved_mean == NULL) {
+        return SEQUENCE_IN_ERR_NULL;
+    }
+    if (saved_invstd == NULL) {
+        return SEQUENCE_IN_ERR_NULL;
+    }
+    if (dx == NULL) {
+        return SEQUENCE_IN_ERR_NULL;
+    }
+    if (dscale == NULL) {
+        return SEQUENCE_IN_ERR_NULL;
+    }
+    if (doffset == NULL) {
+        return SEQUENCE_IN_ERR_NULL;
+    }
+    if (batch < 1 || (size_t)batch > SIZE_MAX / 4800u) {
+        return SEQUENCE_IN_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    const float *scale = sequence_in_scale;
+    const double n = (double)(100);
+    double gscale[48], goffset[48];
+    for (size_t c = 0; c < 48; ++c) {
+        gscale[c] = 0;
+        goffset[c] = 0;
+    }
+    for (size_t i0 = 0; i0 < nb; ++i0) {
+        for (size_t i1 = 0; i1 < 48; ++i1) {
+            {
+                double mean[1], inv[1], s1[1], s2[1];
+                for (size_t k = 0; k < 1; ++k) {
+                    const size_t s = i0 * 48 + i1;
+                    mean[k] = saved_mean[s];
+                    inv[k] = saved_invstd[s];
+                }
+                for (size_t k = 0; k < 1; ++k) {
+                    s1[k] = 0;
+                    s2[k] = 0;
+                }
+                /* sums per statistic of g = scale * dy and g * xhat; per channel of dy * xhat and dy */
+                for (size_t i2 = 0; i2 < 100; ++i2) {
+                    const size_t o = i0 * 4800 + i1 * 100 + i2;
+                    const size_t ch = i1;
+                    const size_t k = 0;
+                    const double xhat = ((double)x[o] - mean[k]) * inv[k];
+                    const double d = (double)dy[o];
+                    const double g = (double)scale[ch] * d;
+                    s1[k] += g;
+                    s2[k] += g * xhat;
+                    gscale[ch] += d * xhat;
+                    goffset[ch] += d;
+                }
+                for (size_t k = 0; k < 1; ++k) {
+                    s1[k] /= n;
+                    s2[k] /= n;
+                }
+                /* dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + epsilon) */
+                for (size_t i2 = 0; i2 < 100; ++i2) {
+                    const size_t o = i0 * 4800 + i1 * 100 + i2;
+                    const size_t ch = i1;
+                    const size_t k = 0;
+                    const double xhat = ((double)x[o] - mean[k]) * inv[k];
+                    dx[o] = (float)(inv[k] * ((double)scale[ch] * (double)dy[o] - s1[k] - xhat * s2[k]));
+                }
+            }
+        }
+    }
+    for (size_t c = 0; c < 48; ++c) {
+        dscale[c] = (float)gscale[c];
+        doffset[c] = (float)goffset[c];
+    }
     return SEQUENCE_IN_OK;
 }
 

@@ -1,0 +1,897 @@
+"""``normgen bench``: time the generated functions against copy bandwidth, PyTorch and ONNX Runtime.
+
+For every layer of a spec and every generated function (``predict``; batch norm's
+``train_forward``; ``backward`` where the layer has one) the bench reports:
+
+* the median time of one call, over ``--repeat`` samples taken after a warm-up;
+* GB/s = bytes moved / time, counting each tensor byte read and each tensor byte written
+  once (see :func:`traffic`): predict reads x and writes y (2·N·s bytes for N elements of
+  s bytes); train_forward also reads and writes the running mean and variance (+4·C·s);
+* the bandwidth of a plain copy of the same number of bytes, measured in the same run and
+  interleaved sample by sample with the generated function (C: ``numpy.copyto`` of a buffer
+  holding half the bytes, one thread; CUDA: a device-to-device ``memcpy``), and the fraction
+  of it the generated function reaches;
+* PyTorch's time for the same operation (``torch.nn.functional`` in the matching memory
+  format, ``torch.set_num_threads(threads)``) and ONNX Runtime's (a one-node model built with
+  ``onnx.helper``, ``intra_op_num_threads = threads``) when they are importable, and their
+  time divided by ours (> 1: normgen is faster).
+
+Batch sizes are run-time arguments, so the spec cannot hold them: ``--batch N`` sets every
+layer's batch; otherwise the sidecar file ``SPEC.bench.toml`` beside the spec (or ``--config``)
+gives them::
+
+    [bench]
+    default_batch = 1          # layers not listed below
+    [bench.batch]
+    rn50_bn_nchw = 16          # layer name = batch size
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, reference
+from .errors import NormgenError
+from .layers import Layer
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_FLAGS = "-O3 -march=native"
+#: A timing sample lasts at least this long (short functions are called several times per sample).
+MIN_SAMPLE_S = 2e-3
+ROLES = ("predict", "train_forward", "backward")
+NUMPY_DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16}
+
+
+# ---- arguments -------------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``normgen bench`` (the spec positional is added by the CLI)."""
+    p.add_argument("--target", choices=("c", "cuda"), default="c")
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads for PyTorch/ONNX Runtime and for layers built with OpenMP (default 1)")
+    p.add_argument("--openmp", action="store_true",
+                   help="build every layer with parallel = \"openmp\" (C target), whatever the spec says")
+    p.add_argument("--batch", type=int, default=None,
+                   help="batch size of every layer (overrides SPEC.bench.toml)")
+    p.add_argument("--config", default=None,
+                   help="bench sidecar TOML with per-layer batch sizes (default: SPEC.bench.toml beside the spec)")
+    p.add_argument("--repeat", type=int, default=15, help="timing samples per measurement; the median is reported (default 15)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default 2)")
+    p.add_argument("--flags", default=None,
+                   help=f"C optimization flags (default: $NORMGEN_CFLAGS, else {DEFAULT_FLAGS!r})")
+    p.add_argument("--layer", action="append", default=None, metavar="NAME",
+                   help="bench only this layer (repeatable)")
+    p.add_argument("--function", action="append", choices=ROLES, default=None,
+                   help="bench only this function (repeatable)")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    p.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime comparison")
+    p.add_argument("--json", default=None, metavar="FILE", help="write every result as JSON")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="draw GB/s per workload (normgen, copy, PyTorch, ONNX Runtime); needs matplotlib")
+
+
+# ---- results ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    layer: str
+    function: str
+    kind: str
+    format: str
+    shape: list[int]  # full shape of x, B included, format order
+    dtype: str
+    batch: int
+    parallel: str
+    threads: int  # threads the generated code ran on
+    bytes: int
+    time_s: float
+    gbps: float
+    copy_time_s: float  # a copy of the same number of bytes
+    copy_gbps: float
+    fraction_of_copy: float
+    torch_time_s: float | None = None  # as PyTorch is called (its output allocated each call)
+    torch_speedup: float | None = None  # torch time / normgen time
+    torch_reuse_time_s: float | None = None  # the same with freed memory reused (no fresh-page faults)
+    torch_reuse_speedup: float | None = None
+    torch_note: str = ""
+    ort_time_s: float | None = None
+    ort_speedup: float | None = None
+    ort_note: str = ""
+    samples: int = 0
+
+
+@dataclass
+class Report:
+    normgen_version: str
+    target: str
+    spec: str
+    threads: int
+    flags: str
+    machine: dict
+    bytes_counted: str
+    results: list[Result] = field(default_factory=list)
+
+
+BYTES_DOC = (
+    "bytes = every tensor byte read plus every tensor byte written, each once: predict reads x and "
+    "writes y (2*N*s for N elements of s bytes); train_forward also reads and writes the running "
+    "mean and variance (+4*C*s); backward reads x and dy and writes dx, dscale and doffset "
+    "(3*N*s + 2*C*s). Parameter reads (scale, offset, folded constants: C values) are not counted. "
+    "copy = a plain copy of a buffer of bytes/2, so it reads and writes the same number of bytes."
+)
+
+
+def traffic(layer: Layer, role: str, batch: int) -> int:
+    """Bytes a function moves (see BYTES_DOC)."""
+    s = np.dtype(NUMPY_DTYPES.get(layer.dtype, np.float32)).itemsize if layer.dtype != "bfloat16" else 2
+    n = int(np.prod(reference.full_shape(layer, batch)))
+    if role == "predict":
+        return 2 * n * s
+    if role == "train_forward":
+        return 2 * n * s + 4 * layer.channels * s
+    if role == "backward":
+        return 3 * n * s + 2 * layer.channels * s
+    raise NormgenError(f"unknown function role {role!r}")
+
+
+# ---- progress ---------------------------------------------------------------------------------
+
+
+class Progress:
+    """One status line on stderr: rewritten in place on a terminal, one line per step otherwise."""
+
+    def __init__(self, total: int, stream=None):
+        self.total = total
+        self.done = 0
+        self.stream = sys.stderr if stream is None else stream
+        self.tty = self.stream.isatty()
+        self.t0 = time.perf_counter()
+        self._width = 0
+
+    def step(self, what: str) -> None:
+        elapsed = time.perf_counter() - self.t0
+        line = f"[{self.done + 1}/{self.total} {elapsed:5.1f}s] {what}"
+        if self.tty:
+            pad = max(0, self._width - len(line))
+            self.stream.write("\r" + line + " " * pad)
+            self._width = len(line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def advance(self) -> None:
+        self.done += 1
+
+    def close(self) -> None:
+        if self.tty and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+        self.stream.flush()
+
+
+# ---- timing ----------------------------------------------------------------------------------
+
+
+def _calibrate(fn: Callable[[], object], warmup: int) -> int:
+    """Calls per sample so that a sample lasts at least MIN_SAMPLE_S."""
+    for _ in range(max(1, warmup)):
+        fn()
+    t0 = time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - t0, 1e-7)
+    return max(1, int(np.ceil(MIN_SAMPLE_S / one)))
+
+
+def _sample(fn: Callable[[], object], calls: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls
+
+
+def time_interleaved(fns: list[Callable[[], object]], repeat: int, warmup: int) -> list[float]:
+    """Median seconds per call of each function, their samples interleaved so that a change in
+    the machine's state (another process, frequency) affects all of them alike."""
+    calls = [_calibrate(f, warmup) for f in fns]
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(max(1, repeat)):
+        for i, f in enumerate(fns):
+            samples[i].append(_sample(f, calls[i]))
+    return [statistics.median(s) for s in samples]
+
+
+def time_one(fn: Callable[[], object], repeat: int, warmup: int) -> float:
+    return time_interleaved([fn], repeat, warmup)[0]
+
+
+# ---- configuration ---------------------------------------------------------------------------
+
+
+def sidecar_path(spec: str | Path) -> Path:
+    spec = Path(spec)
+    return spec.with_name(spec.stem + ".bench.toml")
+
+
+@dataclass
+class BenchConfig:
+    """Run-time settings of each layer: its batch size and the functions to time."""
+
+    batch: dict[str, int]
+    functions: dict[str, list[str]]
+
+
+def load_config(layers: list[Layer], spec: str, config: str | None, batch: int | None) -> BenchConfig:
+    """Batch size of each layer: --batch, else the sidecar's [bench.batch] table, else its
+    default_batch (1 when there is no sidecar); functions: the sidecar's [bench.functions]."""
+    names = [layer.name for layer in layers]
+    path = Path(config) if config else sidecar_path(spec)
+    table: dict = {}
+    functions: dict = {}
+    default = 1
+    if path.is_file():
+        where = f"bench config {str(path)!r}"
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise NormgenError(f"{where} is not valid TOML: {exc}") from None
+        bench = data.get("bench", {})
+        extra = sorted(set(data) - {"bench"}) + sorted(set(bench) - {"default_batch", "batch", "functions"})
+        if extra:
+            raise NormgenError(f"{where}: unknown key {extra[0]!r} (keys: [bench] default_batch, "
+                               "[bench.batch], [bench.functions])")
+        default = bench.get("default_batch", 1)
+        table = bench.get("batch", {})
+        functions = bench.get("functions", {})
+        if not isinstance(table, dict) or not isinstance(functions, dict):
+            raise NormgenError(f"{where}: [bench.batch] and [bench.functions] are tables keyed by layer name")
+        for name, value in [("default_batch", default), *table.items()]:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise NormgenError(f"{where}: batch of {name!r} must be a positive integer, got {value!r}")
+        for name, value in functions.items():
+            if not isinstance(value, list) or not value or any(v not in ROLES for v in value):
+                raise NormgenError(f"{where}: functions of {name!r} must be a list from {', '.join(ROLES)}, got {value!r}")
+        unknown = sorted((set(table) | set(functions)) - set(names))
+        if unknown and not config:
+            # a sidecar may describe layers that --layer filtered away; only a typo is an error
+            unknown = [u for u in unknown if u not in _spec_names(spec)]
+        if unknown:
+            raise NormgenError(f"{where} names layer {unknown[0]!r}, which the spec does not have")
+    elif config:
+        raise NormgenError(f"bench config {str(path)!r} does not exist")
+    if batch is not None:
+        if batch < 1:
+            raise NormgenError(f"--batch must be a positive integer, got {batch}")
+        table, default = {}, batch
+    return BenchConfig({n: table.get(n, default) for n in names}, {n: functions[n] for n in names if n in functions})
+
+
+def _spec_names(spec: str) -> set[str]:
+    from .spec import load_spec
+
+    return {layer.name for layer in load_spec(spec)}
+
+
+def machine_info(target: str) -> dict:
+    info = {"system": platform.system(), "machine": platform.machine(), "cpu": platform.processor() or "",
+            "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if target == "c":
+        from .build import cc, compiler_version
+
+        info["compiler"] = compiler_version(cc())
+    return info
+
+
+# ---- the generated C ---------------------------------------------------------------------------
+
+
+def _set_omp_threads(threads: int) -> bool:
+    """omp_set_num_threads for the libgomp the generated modules link (cffi modules live in this
+    process, so OMP_NUM_THREADS would only be read once, when libgomp is first loaded)."""
+    name = ctypes.util.find_library("gomp") or "libgomp.so.1"
+    try:
+        lib = ctypes.CDLL(name)
+    except OSError:
+        return False
+    lib.omp_set_num_threads(ctypes.c_int(threads))
+    return True
+
+
+class CFunctions:
+    """Direct calls of the generated C through the cffi module, on preallocated buffers."""
+
+    def __init__(self, layer: Layer, flags: list[str], batch: int, rng: np.random.Generator):
+        from .build import CompiledLayer
+        from .check import random_input
+
+        self.layer = layer
+        self.compiled = CompiledLayer(layer, flags=flags)
+        self.ffi = self.compiled.ffi
+        self.lib = self.compiled._lib
+        dtype = self.compiled.dtype
+        self.x = np.ascontiguousarray(random_input(layer, batch, rng), dtype=dtype)
+        self.y = np.empty_like(self.x)
+        self.batch = batch
+        self.rm = np.array(getattr(self.compiled, "running_mean", np.zeros(layer.channels)), dtype=dtype)
+        self.rv = np.array(getattr(self.compiled, "running_var", np.ones(layer.channels)), dtype=dtype)
+        self._keep: list = []
+
+    def _p(self, arr: np.ndarray):
+        ptr = self.ffi.cast(f"{self.compiled.plan.ctype} *", self.ffi.from_buffer(arr))
+        self._keep.append(ptr)
+        return ptr
+
+    def roles(self) -> list[str]:
+        roles = [f.role for f in self.compiled.plan.functions]
+        train = getattr(self.compiled.plan, "train", None)
+        if hasattr(self.compiled, "backward") and train is not None and "backward" in train.roles:
+            roles.append("backward")
+        return [r for r in ROLES if r in roles]
+
+    def call(self, role: str) -> Callable[[], object]:
+        name = self.layer.name
+        lead = list(self.compiled._lead)
+        if role == "predict":
+            fn = getattr(self.lib, f"{name}_predict")
+            args = [*lead, self._p(self.x), self._p(self.y), self.batch]
+        elif role == "train_forward":
+            fn = getattr(self.lib, f"{name}_train_forward")
+            args = [*lead, self._p(self.x), self._p(self.y), self.batch, self._p(self.rm), self._p(self.rv)]
+        elif role == "backward":
+            return self._backward()
+        else:  # pragma: no cover
+            raise NormgenError(f"unknown function role {role!r}")
+
+        def go(fn=fn, args=args, role=role):
+            rc = fn(*args)
+            if rc:
+                raise NormgenError(f"{name}_{role} returned {rc}")
+
+        return go
+
+    def _backward(self) -> Callable[[], object]:
+        """``NAME_backward(x, dy, dx, dscale, doffset, batch)`` (docs/training.md) on
+        preallocated buffers."""
+        name = self.layer.name
+        dy = np.ascontiguousarray(np.random.default_rng(1).standard_normal(self.x.shape), dtype=self.x.dtype)
+        self.dx = np.empty_like(self.x)
+        self.dscale = np.empty(self.layer.channels, dtype=self.x.dtype)
+        self.doffset = np.empty_like(self.dscale)
+        self.dy = dy
+        fn = getattr(self.lib, f"{name}_backward")
+        args = [*self.compiled._lead, self._p(self.x), self._p(dy), self._p(self.dx), self._p(self.dscale),
+                self._p(self.doffset), self.batch]
+
+        def go(fn=fn, args=args):
+            rc = fn(*args)
+            if rc:
+                raise NormgenError(f"{name}_backward returned {rc}")
+
+        return go
+
+
+# ---- PyTorch -----------------------------------------------------------------------------------
+
+
+def _torch_logical(layer: Layer, x: np.ndarray, device: str = "cpu"):
+    """x as a torch tensor in PyTorch's (N, C, *) order whose strides are normgen's layout
+    (NHWC data gives a channels_last tensor); None if torch cannot take the layout."""
+    import torch
+
+    letters = layer.fmt.letters
+    t = torch.from_numpy(np.ascontiguousarray(x).copy()).to(device)
+    order = ([letters.index("B")] if "B" in letters else []) + [letters.index("C")]
+    order += [i for i, ch in enumerate(letters) if ch not in "BC"]
+    v = t.permute(order)
+    if "B" not in letters:
+        v = v.unsqueeze(0)
+    return v
+
+
+def torch_case(layer: Layer, role: str, x: np.ndarray, device: str = "cpu") -> tuple[Callable[[], object] | None, str]:
+    """A zero-argument callable running PyTorch's version of one generated function, and a note."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None, "torch not importable"
+    if role == "backward":
+        return None, "not compared"
+    letters = layer.fmt.letters
+    dt = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+          "bfloat16": torch.bfloat16}[layer.dtype]
+    v = _torch_logical(layer, x, device).to(dt)
+    c = layer.channels
+
+    def vec(a):
+        return torch.tensor(np.array(a, dtype=np.float64), device=device).to(dt)
+
+    w, b, eps = vec(layer.scale_values), vec(layer.offset_values), layer.epsilon
+    note = "channels_last" if v.dim() >= 3 and not v.is_contiguous() and v.is_contiguous(
+        memory_format=torch.channels_last if v.dim() == 4 else torch.contiguous_format) else ""
+    if layer.kind == "batchnorm":
+        rm, rv = vec(layer.trained_mean_values), vec(layer.trained_variance_values)
+        if role == "predict":
+            return (lambda: F.batch_norm(v, rm, rv, w, b, False, 0.0, eps)), note
+        return (lambda: F.batch_norm(v, rm, rv, w, b, True, layer.mean_decay, eps)), note
+    if role != "predict":
+        return None, "no such function"
+    if layer.kind == "groupnorm":
+        return (lambda: F.group_norm(v, layer.groups, w, b, eps)), note
+    if layer.kind == "instancenorm":
+        if v.dim() < 3:
+            return None, "instance norm needs a dimension besides B and C"
+        return (lambda: F.instance_norm(v, weight=w, bias=b, eps=eps)), note
+    od = layer.resolved_dimension
+    if od == "channel-only":
+        u = v.movedim(1, -1)  # (N, *, C): normalized over the last dimension
+        return (lambda: F.layer_norm(u, (c,), w, b, eps)), "layer_norm" + ("" if u.is_contiguous() else ", strided")
+    if od == "spatial-channel" and "T" in letters:
+        return None, "spatial-channel with T has no PyTorch op"
+    # spatial-channel (no T) and batch-excluded: one statistic per batch with per-channel affine
+    return (lambda: F.group_norm(v, 1, w, b, eps)), "group_norm(G=1)"
+
+
+# ---- ONNX Runtime --------------------------------------------------------------------------------
+
+
+def ort_case(layer: Layer, role: str, x: np.ndarray, threads: int) -> tuple[Callable[[], object] | None, str]:
+    """ONNX Runtime's version of a function: a one-node model run with preallocated outputs."""
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None, "onnxruntime/onnx not importable"
+    if role == "backward":
+        return None, "not compared"
+    if layer.dtype not in ("float32", "float64"):
+        return None, f"{layer.dtype} not compared"
+    letters = layer.fmt.letters
+    channel_first = letters.startswith("BC") or (not layer.fmt.has_batch and letters.startswith("C"))
+    xin = x if layer.fmt.has_batch else x[None]
+    np_t = np.dtype(layer.dtype)
+    tp = TensorProto.FLOAT if layer.dtype == "float32" else TensorProto.DOUBLE
+    inits: dict[str, np.ndarray] = {"s": np.asarray(layer.scale_values, dtype=np_t),
+                                    "b": np.asarray(layer.offset_values, dtype=np_t)}
+    outputs = ["y"]
+    opset = 17
+    if layer.kind == "batchnorm":
+        if not channel_first:
+            return None, "ONNX BatchNormalization is channel-first only"
+        inits["m"] = np.asarray(layer.trained_mean_values, dtype=np_t)
+        inits["v"] = np.asarray(layer.trained_variance_values, dtype=np_t)
+        attrs = {"epsilon": layer.epsilon}
+        opset = 15
+        if role == "train_forward":
+            attrs.update(training_mode=1, momentum=1.0 - layer.mean_decay)
+            outputs = ["y", "rm", "rv"]
+        node = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], outputs, **attrs)
+    elif role != "predict":
+        return None, "no such function"
+    elif layer.kind == "groupnorm":
+        if not channel_first:
+            return None, "ONNX GroupNormalization is channel-first only"
+        opset = 21
+        node = helper.make_node("GroupNormalization", ["x", "s", "b"], ["y"], epsilon=layer.epsilon,
+                                num_groups=layer.groups)
+    elif layer.kind == "instancenorm":
+        if not channel_first or xin.ndim < 3:
+            return None, "ONNX InstanceNormalization is channel-first with a spatial dimension"
+        node = helper.make_node("InstanceNormalization", ["x", "s", "b"], ["y"], epsilon=layer.epsilon)
+    else:
+        od = layer.resolved_dimension
+        if od == "channel-only":
+            if not letters.endswith("C"):
+                return None, "ONNX LayerNormalization normalizes trailing dimensions"
+            node = helper.make_node("LayerNormalization", ["x", "s", "b"], ["y"], epsilon=layer.epsilon, axis=-1)
+        elif od == "spatial-channel" and "T" in letters:
+            return None, "spatial-channel with T not compared"
+        else:
+            if not channel_first:
+                return None, "channel-last spatial-channel layer norm not compared"
+            opset = 21
+            node = helper.make_node("GroupNormalization", ["x", "s", "b"], ["y"], epsilon=layer.epsilon, num_groups=1)
+    graph = helper.make_graph(
+        [node], layer.name, [helper.make_tensor_value_info("x", tp, list(xin.shape))],
+        [helper.make_tensor_value_info(o, tp, None) for o in outputs],
+        [numpy_helper.from_array(a, n) for n, a in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = min(model.ir_version, 10)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        return None, f"onnxruntime rejected the model: {str(exc).splitlines()[0][:80]}"
+    xo = np.ascontiguousarray(xin, dtype=np_t)
+    y = np.empty_like(xo)
+    binding = sess.io_binding()
+    binding.bind_cpu_input("x", xo)
+    binding.bind_output("y", "cpu", 0, np_t, list(y.shape), y.ctypes.data)
+    keep = [xo, y]
+    for o in outputs[1:]:
+        buf = np.empty(layer.channels, dtype=np_t)
+        keep.append(buf)
+        binding.bind_output(o, "cpu", 0, np_t, [layer.channels], buf.ctypes.data)
+
+    def go(sess=sess, binding=binding, keep=keep):
+        sess.run_with_iobinding(binding)
+
+    return go, f"opset {opset}"
+
+
+def _keep_freed_memory() -> None:
+    """Let glibc keep and reuse freed blocks (no trimming, no mmap for big blocks), so that
+    PyTorch's per-call output allocation does not page-fault fresh memory on every call: its time
+    is then its kernel's, which is the fair (and for normgen, conservative) comparison."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 2**30)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+# ---- the C bench ----------------------------------------------------------------------------------
+
+
+def _copy_pair(nbytes: int, x: np.ndarray, y: np.ndarray) -> Callable[[], object]:
+    """A zero-argument plain copy moving ``nbytes`` (read + written)."""
+    half = nbytes // 2
+    if x.nbytes == half:
+        return lambda: np.copyto(y, x)
+    src = np.ones(half, dtype=np.uint8)
+    dst = np.empty_like(src)
+    return lambda: np.copyto(dst, src)
+
+
+def bench_c(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) -> Report:
+    from .build import BuildError
+
+    flags_text = args.flags if args.flags is not None else os.environ.get("NORMGEN_CFLAGS") or DEFAULT_FLAGS
+    flags = shlex.split(flags_text)
+    report = Report(__version__, "c", str(args.spec), args.threads, flags_text, machine_info("c"), BYTES_DOC)
+    rng = np.random.default_rng(0)
+    plans = []
+    for layer in layers:
+        if layer.dtype not in ("float32", "float64"):
+            raise NormgenError(f"layer {layer.name!r}: dtype {layer.dtype} is not supported by the c target")
+        if args.openmp and layer.parallel != "openmp":
+            layer = layer.replace(parallel="openmp")
+        plans.append(layer)
+    progress = Progress(_total(plans, cfg, args))
+    have_torch = not args.no_torch and _importable("torch")
+    have_ort = not args.no_ort and _importable("onnxruntime")
+    if have_torch:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    omp_ok = True
+    try:
+        for layer in plans:
+            progress.step(f"{layer.name}: compiling ({' '.join(flags)}{' -fopenmp' if layer.parallel == 'openmp' else ''})")
+            try:
+                fns = CFunctions(layer, flags, cfg.batch[layer.name], rng)
+            except BuildError:
+                progress.close()
+                raise
+            threads = 1
+            if layer.parallel == "openmp":
+                omp_ok = _set_omp_threads(args.threads) and omp_ok
+                threads = args.threads
+            for role in fns.roles():
+                if not _wanted(args, cfg, layer.name, role):
+                    continue
+                where = f"{layer.name}.{role} (batch {fns.batch})"
+                nbytes = traffic(layer, role, fns.batch)
+                progress.step(f"{where}: normgen vs copy")
+                ours = fns.call(role)
+                t_ours, t_copy = time_interleaved([ours, _copy_pair(nbytes, fns.x, fns.y)], args.repeat, args.warmup)
+                res = Result(layer.name, role, layer.kind, layer.fmt.letters, list(fns.x.shape), layer.dtype,
+                             fns.batch, layer.parallel, threads, nbytes, t_ours, nbytes / t_ours / 1e9,
+                             t_copy, nbytes / t_copy / 1e9, t_copy / t_ours, samples=args.repeat)
+                if have_torch:
+                    progress.step(f"{where}: PyTorch")
+                    fn, res.torch_note = torch_case(layer, role, fns.x)
+                    if fn is not None:
+                        res.torch_time_s = time_one(fn, args.repeat, args.warmup)
+                        res.torch_speedup = res.torch_time_s / t_ours
+                else:
+                    res.torch_note = "skipped" if args.no_torch else "torch not importable"
+                if have_ort:
+                    progress.step(f"{where}: ONNX Runtime")
+                    fn, res.ort_note = ort_case(layer, role, fns.x, args.threads)
+                    if fn is not None:
+                        res.ort_time_s = time_one(fn, args.repeat, args.warmup)
+                        res.ort_speedup = res.ort_time_s / t_ours
+                else:
+                    res.ort_note = "skipped" if args.no_ort else "onnxruntime not importable"
+                report.results.append(res)
+                progress.advance()
+            del fns
+        if have_torch:
+            _torch_reused(plans, cfg, report, args, progress)
+    finally:
+        progress.close()
+    if not omp_ok:
+        print("normgen bench: warning: libgomp not found; OpenMP layers ran with OMP_NUM_THREADS", file=sys.stderr)
+    return report
+
+
+def _wanted(args: argparse.Namespace, cfg: BenchConfig, name: str, role: str) -> bool:
+    """--function wins over the sidecar's [bench.functions]; neither: every function."""
+    chosen = args.function or cfg.functions.get(name)
+    return not chosen or role in chosen
+
+
+def _roles(layer: Layer, target: str) -> list[str]:
+    """The functions of a layer the bench times, in ROLES order."""
+    from .plan import lower
+
+    plan = lower(layer, target)
+    roles = {f.role for f in plan.functions}
+    try:
+        roles.update(plan.train.roles if target == "c" else [])
+    except (AttributeError, ImportError, NormgenError):  # no training half
+        pass
+    return [r for r in ROLES if r in roles]
+
+
+def _total(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) -> int:
+    n = 0
+    for layer in layers:
+        n += sum(_wanted(args, cfg, layer.name, r) for r in _roles(layer, args.target))
+    return max(n, 1)
+
+
+def _torch_reused(layers: list[Layer], cfg: BenchConfig, report: Report, args: argparse.Namespace,
+                  progress: Progress) -> None:
+    """PyTorch again, once glibc keeps freed memory (see _keep_freed_memory): its kernel's time
+    without the page faults of a fresh output. Run after everything else because glibc's
+    settings cannot be put back."""
+    from .check import random_input
+
+    _keep_freed_memory()
+    by_name = {layer.name: layer for layer in layers}
+    rng = np.random.default_rng(0)
+    inputs: dict[str, np.ndarray] = {}
+    for res in report.results:
+        if res.torch_time_s is None:
+            continue
+        layer = by_name[res.layer]
+        progress.step(f"{res.layer}.{res.function}: PyTorch, freed memory reused")
+        if res.layer not in inputs:
+            inputs.clear()
+            inputs[res.layer] = random_input(layer, res.batch, rng).astype(res.dtype)
+        fn, _ = torch_case(layer, res.function, inputs[res.layer])
+        if fn is not None:
+            res.torch_reuse_time_s = time_one(fn, args.repeat, args.warmup)
+            res.torch_reuse_speedup = res.torch_reuse_time_s / res.time_s
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+# ---- the CUDA bench ---------------------------------------------------------------------------------
+
+
+def bench_cuda(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) -> Report:
+    """Time the CUDA kernels with CUDA events (``CudaLayer.time``), against a device-to-device
+    copy of the same bytes and torch.cuda, all on pycuda's primary context (shared with torch)."""
+    try:
+        from .cuda import CudaLayer, _pycuda, to_storage
+    except ImportError as exc:
+        raise NormgenError(f"the CUDA target is not available: {exc}") from None
+    drv, gpuarray = _pycuda()  # NormgenError without pycuda
+    try:
+        dev = drv.Context.get_device()
+    except Exception as exc:  # noqa: BLE001 - pycuda raises its own driver errors
+        raise NormgenError(f"normgen bench --target cuda needs a CUDA GPU: {exc}") from None
+    from .check import random_input
+
+    info = machine_info("cuda")
+    info["gpu"] = dev.name()
+    report = Report(__version__, "cuda", str(args.spec), 1, "nvcc (normgen.cuda defaults)", info, BYTES_DOC)
+    have_torch = not args.no_torch and _importable("torch")
+    rng = np.random.default_rng(0)
+    progress = Progress(_total(layers, cfg, args))
+    calls = 10
+
+    def events_time(fn: Callable[[], object]) -> float:
+        for _ in range(max(1, args.warmup)):
+            fn()
+        drv.Context.synchronize()
+        start, stop = drv.Event(), drv.Event()
+        samples = []
+        for _ in range(max(1, args.repeat)):
+            start.record()
+            for _ in range(calls):
+                fn()
+            stop.record()
+            stop.synchronize()
+            samples.append(start.time_till(stop) / 1e3 / calls)
+        return statistics.median(samples)
+
+    try:
+        for layer in layers:
+            progress.step(f"{layer.name}: compiling (nvcc)")
+            cl = CudaLayer(layer)
+            batch = cfg.batch[layer.name]
+            x = random_input(layer, batch, rng)
+            x_gpu = gpuarray.to_gpu(to_storage(x, layer.dtype))
+            roles = ["predict"] + (["train_forward"] if layer.kind == "batchnorm" else [])
+            for role in roles:
+                if not _wanted(args, cfg, layer.name, role):
+                    continue
+                where = f"{layer.name}.{role} (batch {batch})"
+                nbytes = traffic(layer, role, batch)
+                progress.step(f"{where}: CUDA kernels vs device copy")
+                cl.time(role, x_gpu, repeat=2, warmup=max(1, args.warmup))
+                t_ours = statistics.median(cl.time(role, x_gpu, repeat=calls, warmup=0) for _ in range(args.repeat))
+                half = nbytes // 2
+                src, dst = drv.mem_alloc(half), drv.mem_alloc(half)
+                t_copy = events_time(lambda src=src, dst=dst, half=half: drv.memcpy_dtod(dst, src, half))
+                src.free()
+                dst.free()
+                res = Result(layer.name, role, layer.kind, layer.fmt.letters, list(x.shape), layer.dtype, batch,
+                             "cuda", 0, nbytes, t_ours, nbytes / t_ours / 1e9, t_copy, nbytes / t_copy / 1e9,
+                             t_copy / t_ours, samples=args.repeat, ort_note="not compared on cuda")
+                if have_torch:
+                    import torch
+
+                    progress.step(f"{where}: torch.cuda")
+                    tf, res.torch_note = torch_case(layer, role, x, device="cuda")
+                    if tf is not None:
+                        res.torch_time_s = _torch_cuda_time(torch, tf, args.repeat, args.warmup)
+                        res.torch_speedup = res.torch_time_s / t_ours
+                else:
+                    res.torch_note = "skipped" if args.no_torch else "torch not importable"
+                report.results.append(res)
+                progress.advance()
+            del x_gpu, cl
+    finally:
+        progress.close()
+    return report
+
+
+def _torch_cuda_time(torch, fn: Callable[[], object], repeat: int, warmup: int, calls: int = 20) -> float:
+    for _ in range(max(1, warmup)):
+        fn()
+    torch.cuda.synchronize()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(max(1, repeat)):
+        start.record()
+        for _ in range(calls):
+            fn()
+        stop.record()
+        stop.synchronize()
+        samples.append(start.elapsed_time(stop) / 1e3 / calls)
+    return statistics.median(samples)
+
+
+# ---- output --------------------------------------------------------------------------------------------
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(report: Report, out=None) -> None:
+    out = sys.stdout if out is None else out
+    m = report.machine
+    where = m.get("gpu") or m.get("cpu") or m.get("machine")
+    print(f"normgen {report.normgen_version} bench, target {report.target}, {where}, "
+          f"{report.threads} thread(s), flags {report.flags!r}", file=out)
+    head = (f"{'workload':34} {'shape':18} {'MB':>6} {'us':>9} {'GB/s':>6} {'copy':>6} {'%copy':>5} "
+            f"{'torch us':>9} {'x torch':>7} {'x reuse':>7} {'ort us':>9} {'x ort':>6}")
+    print(head, file=out)
+    print("-" * len(head), file=out)
+    for r in report.results:
+        shape = "x".join(map(str, r.shape))
+        print(f"{r.layer + '.' + r.function:34} {shape:18} {r.bytes / 1e6:6.1f} {r.time_s * 1e6:9.1f} "
+              f"{r.gbps:6.2f} {r.copy_gbps:6.2f} {100 * r.fraction_of_copy:4.0f}% "
+              f"{_fmt(r.torch_time_s and r.torch_time_s * 1e6, '9.1f'):>9} {_fmt(r.torch_speedup, '6.2f'):>7} "
+              f"{_fmt(r.torch_reuse_speedup, '6.2f'):>7} "
+              f"{_fmt(r.ort_time_s and r.ort_time_s * 1e6, '9.1f'):>9} {_fmt(r.ort_speedup, '5.2f'):>6}", file=out)
+    print("GB/s: bytes read + written / median time; copy: a plain copy of the same bytes in the same run; "
+          "x torch / x ort: their time / normgen's (> 1: normgen faster); x reuse: PyTorch with freed "
+          "memory reused (no page faults for its fresh output)", file=out)
+
+
+def write_plot(report: Report, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise NormgenError("--plot needs matplotlib: pip install matplotlib (or pip install 'normgen[bench]')") from None
+    rs = report.results
+    labels = [f"{r.layer}\n{r.function}" for r in rs]
+    series = [("normgen", [r.gbps for r in rs]), ("copy", [r.copy_gbps for r in rs])]
+    if any(r.torch_time_s for r in rs):
+        series.append(("PyTorch", [r.bytes / r.torch_time_s / 1e9 if r.torch_time_s else 0.0 for r in rs]))
+    if any(r.ort_time_s for r in rs):
+        series.append(("ONNX Runtime", [r.bytes / r.ort_time_s / 1e9 if r.ort_time_s else 0.0 for r in rs]))
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rs) + 2), 4.5))
+    xs = np.arange(len(rs))
+    for i, (name, values) in enumerate(series):
+        ax.bar(xs + (i - (len(series) - 1) / 2) * width, values, width, label=name)
+    ax.set_xticks(xs)
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("GB/s (bytes read + written)")
+    where = report.machine.get("gpu") or report.machine.get("cpu", "")
+    ax.set_title(f"normgen bench ({report.target}, {report.threads} thread(s)) — {where}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``normgen bench``: returns the exit status."""
+    from .spec import load_spec
+
+    if args.threads < 1:
+        raise NormgenError(f"--threads must be a positive integer, got {args.threads}")
+    if args.repeat < 1:
+        raise NormgenError(f"--repeat must be a positive integer, got {args.repeat}")
+    layers = load_spec(args.spec)
+    if args.layer:
+        names = {layer.name for layer in layers}
+        missing = [n for n in args.layer if n not in names]
+        if missing:
+            raise NormgenError(f"--layer {missing[0]!r}: the spec has layers {', '.join(sorted(names))}")
+        layers = [layer for layer in layers if layer.name in args.layer]
+    cfg = load_config(layers, args.spec, args.config, args.batch)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise NormgenError("--plot needs matplotlib: pip install matplotlib (or pip install 'normgen[bench]')") from None
+    if args.target == "cuda":
+        report = bench_cuda(layers, cfg, args)
+    else:
+        report = bench_c(layers, cfg, args)
+    print_table(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    if args.plot:
+        write_plot(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0

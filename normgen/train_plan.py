@@ -1,0 +1,499 @@
+"""Lowering of the training half (issue 4): backward, saved statistics, parameter update and
+population statistics, on top of the forward :class:`~normgen.plan.Plan`.
+
+It adds only what the training templates need beyond the forward plan: the entry points, the
+index of a statistic in the saved-statistics arrays, how many statistics there are, and the
+update step's factors as literals. The loops themselves (statistic loops, domain loops,
+accumulators, channel and offset expressions) are the forward plan's.
+
+Saved statistics (``saved_mean``, ``saved_invstd``, accumulator type) hold one value per
+statistic, row-major over the kept axes in memory order: batch norm one per channel; group norm
+(batch, group); instance norm (batch, channel); layer norm its kept positions. In the loops that
+is ``stat_index_expr``: the statistic loops' index times ``nacc``, plus the accumulator ``k``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .plan import ONE, Extent, Function, Plan, literal
+
+#: The four MATLAB factors, in the order the update step uses them.
+FACTORS = ("scale_learn_rate_factor", "offset_learn_rate_factor", "scale_l2_factor", "offset_l2_factor")
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """What the training templates of every target need beyond the forward plan."""
+
+    functions: list[Function]
+    stat_index_expr: str  # index into saved_mean/saved_invstd from the statistic loops and k
+    stat_count: Extent  # statistics per call (times the batch when B is kept)
+    factors: dict[str, str]  # FACTORS → literals in the accumulator type
+    stats_type: str  # batch norm's population accumulator struct
+    population: bool  # batch norm: stats_reset/accumulate/finalize and backward_frozen
+    update: bool  # run-time parameters: the SGD-with-momentum step
+    min_population: int  # values per channel finalize needs (2 for an unbiased variance)
+    cuda: TrainCuda  # the CUDA training kernels (used when the plan was lowered for cuda)
+
+    def function(self, role: str) -> Function:
+        return next(f for f in self.functions if f.role == role)
+
+    @property
+    def roles(self) -> list[str]:
+        return [f.role for f in self.functions]
+
+
+def _stat_index(plan: Plan) -> tuple[str, Extent]:
+    """Row-major index over the statistic loops (all kept axes) and then the accumulators."""
+    terms: list[str] = []
+    mul = Extent(plan.nacc)
+    for a in reversed(plan.stat_axes):
+        terms.append(a.var if mul == ONE else f"{a.var} * {mul.expr()}")
+        mul = mul * a.extent
+    terms.reverse()
+    if plan.nacc > 1:
+        terms.append("k")
+    return (" + ".join(terms) if terms else "0"), mul
+
+
+def lower_train(plan: Plan) -> TrainPlan:
+    t, a, name = plan.ctype, plan.acc_type, plan.name
+    lead = [f"const {name}_params *params"] if plan.runtime_params else []
+    lead_ptr = ["params"] if plan.runtime_params else []
+    bn = plan.kind == "batchnorm"
+    index, count = _stat_index(plan)
+    per = "one per channel" if bn else f"{plan.upper}_SAVED_STATISTICS(batch) of them"
+    running = [f"{t} *running_mean", f"{t} *running_var"] if bn else []
+    fns = [
+        Function(
+            "train_forward_save",
+            f"{name}_train_forward_save",
+            lead + [f"const {t} *x", f"{t} *y", "int32_t batch", *running, f"{a} *saved_mean", f"{a} *saved_invstd"],
+            lead_ptr + ["x", "y", *(["running_mean", "running_var"] if bn else []), "saved_mean", "saved_invstd"],
+            (
+                "Training forward that also saves each statistic's mean and 1/sqrt(var + epsilon)"
+                f" ({per}) for\n * {name}_backward_saved"
+                + (
+                    ". Updates running_mean/running_var as train_forward does."
+                    if bn
+                    else "; y is what predict computes."
+                )
+                + " y may be x."
+            ),
+            ["scale", "offset"],
+        ),
+        Function(
+            "backward",
+            f"{name}_backward",
+            lead + [f"const {t} *x", f"const {t} *dy", f"{t} *dx", f"{t} *dscale", f"{t} *doffset", "int32_t batch"],
+            lead_ptr + ["x", "dy", "dx", "dscale", "doffset"],
+            (
+                "Backward of the training forward"
+                + (" (batch statistics)" if bn else "")
+                + ", statistics recomputed from x: dx, and dscale/doffset\n"
+                " * (one per channel, summed over everything sharing the channel). dx may be x or dy."
+            ),
+            ["scale"],
+        ),
+        Function(
+            "backward_saved",
+            f"{name}_backward_saved",
+            lead
+            + [
+                f"const {t} *x",
+                f"const {t} *dy",
+                f"const {a} *saved_mean",
+                f"const {a} *saved_invstd",
+                f"{t} *dx",
+                f"{t} *dscale",
+                f"{t} *doffset",
+                "int32_t batch",
+            ],
+            lead_ptr + ["x", "dy", "saved_mean", "saved_invstd", "dx", "dscale", "doffset"],
+            (
+                f"{name}_backward with the statistics saved by {name}_train_forward_save for the same x and batch.\n"
+                " * dx may be x or dy."
+            ),
+            ["scale"],
+        ),
+    ]
+    if bn:
+        fns += [
+            Function(
+                "backward_frozen",
+                f"{name}_backward_frozen",
+                lead
+                + [f"const {t} *x", f"const {t} *dy", f"{t} *dx", f"{t} *dscale", f"{t} *doffset", "int32_t batch"],
+                lead_ptr + ["x", "dy", "dx", "dscale", "doffset"],
+                (
+                    "Backward with the trained statistics held fixed (the gradient of predict): fine-tuning\n"
+                    " * with frozen batch norm. dx may be x or dy."
+                ),
+                ["scale", "trained_mean", "trained_variance"],
+            ),
+            Function(
+                "stats_reset",
+                f"{name}_stats_reset",
+                [f"{name}_stats *acc"],
+                ["acc"],
+                "Empty a population-statistics accumulator.",
+                [],
+            ),
+            Function(
+                "accumulate",
+                f"{name}_accumulate",
+                [f"{name}_stats *acc", f"const {t} *x", "int32_t batch"],
+                ["acc", "x"],
+                "Merge one batch into the population statistics (two-pass per batch, Chan's merge).",
+                [],
+            ),
+            Function(
+                "finalize",
+                f"{name}_finalize",
+                [f"const {name}_stats *acc", f"{t} *trained_mean", f"{t} *trained_variance"],
+                ["acc", "trained_mean", "trained_variance"],
+                (
+                    "The trained mean and variance ("
+                    + ("unbiased, M2 / (n - 1)" if plan.running_unbiased else "biased, M2 / n")
+                    + ") of everything accumulated,\n * one per channel"
+                    + (
+                        " (pass params->trained_mean, params->trained_variance to train the run-time parameters)"
+                        if plan.runtime_params
+                        else ""
+                    )
+                    + "."
+                ),
+                [],
+            ),
+        ]
+    if plan.runtime_params:
+        fns.append(
+            Function(
+                "update",
+                f"{name}_update",
+                [
+                    f"{name}_params *params",
+                    f"const {t} *dscale",
+                    f"const {t} *doffset",
+                    f"{t} *velocity_scale",
+                    f"{t} *velocity_offset",
+                    f"{t} learn_rate",
+                    f"{t} l2",
+                    f"{t} momentum",
+                ],
+                ["params", "dscale", "doffset", "velocity_scale", "velocity_offset"],
+                (
+                    "One SGD-with-momentum step (MATLAB 'sgdm') on params->scale and params->offset:\n"
+                    " *   v = momentum * v - learn_rate * lr_factor * (grad + l2 * l2_factor * p); p = p + v\n"
+                    " * with the layer's ScaleLearnRateFactor/OffsetLearnRateFactor and ScaleL2Factor/OffsetL2Factor.\n"
+                    " * velocity_scale/velocity_offset (one per channel) start at zero and carry between steps."
+                ),
+                [],
+            )
+        )
+    return TrainPlan(
+        functions=fns,
+        stat_index_expr=index,
+        stat_count=count,
+        factors={f: literal(plan.learn_factors[f], a) for f in FACTORS},
+        stats_type=f"{name}_stats",
+        population=bn,
+        update=plan.runtime_params,
+        min_population=2 if plan.running_unbiased else 1,
+        cuda=lower_train_cuda(plan, plan.ctype, plan.acc_type),
+    )
+
+
+def cdef(plan: Plan) -> str:
+    """The cffi declarations of the training half (the population struct and every entry point)."""
+    train = plan.train
+    lines = []
+    if train.population:
+        lines.append(
+            f"typedef struct {{\n    double count;\n    double mean[{plan.channels}];\n"
+            f"    double m2[{plan.channels}];\n}} {train.stats_type};"
+        )
+    lines += [f"int {f.signature};" for f in train.functions]
+    return "\n".join(lines) + "\n"
+
+
+# ---- CUDA: the training kernels' shapes (templates/cuda/train.cu.j2, normgen/training.py) ---------
+
+#: Threads of every training kernel block.
+CUDA_BLOCK = 256
+#: Element-wise training kernels stride over the tensor with at most this many blocks.
+CUDA_ELEM_MAX_BLOCKS = 65536
+CUDA_MAX_GRID = 2**31 - 1
+ACC_BYTES = {"float": 4, "double": 8}
+
+
+def _operand(e: Extent) -> str:
+    text = e.expr("nb")
+    return f"({text})" if " " in text else text
+
+
+@dataclass(frozen=True)
+class FlatAxis:
+    """One plan axis as the CUDA training kernels index it by mixed radix."""
+
+    extent: Extent
+    stride: Extent
+    keep: bool
+    channel_mul: int
+    stat_mul: Extent  # the axis index's weight in the statistic index (kept axes)
+
+    @property
+    def e(self) -> str:
+        return _operand(self.extent)
+
+    @property
+    def st(self) -> str:
+        return _operand(self.stride)
+
+    @property
+    def sm(self) -> str:
+        return _operand(self.stat_mul)
+
+
+@dataclass(frozen=True)
+class CudaLaunch:
+    kernel: str
+    grid: int
+    block: tuple[int, int, int]
+    args: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TrainCuda:
+    """Launch shapes and index arithmetic of the CUDA training kernels (one statistic per block
+    for the statistics, one channel per block for dscale/doffset, grid-stride element kernels).
+    Every reduction is a fixed-order block sum: the same bits on every run, no atomics."""
+
+    name: str
+    T: str
+    A: str
+    axes: list[FlatAxis]  # memory order
+    count: Extent  # elements per statistic
+    stats: Extent  # statistics per call
+    per_channel: Extent  # elements per channel
+    elements: Extent
+    channels: int
+    batchnorm: bool
+    running: bool  # batch norm: train_forward_save updates the running statistics
+    launchers: list[Function]
+
+    @property
+    def kept(self) -> list[FlatAxis]:
+        return [a for a in self.axes if a.keep]
+
+    @property
+    def reduced(self) -> list[FlatAxis]:
+        return [a for a in self.axes if not a.keep]
+
+    @property
+    def channel_axes(self) -> list[FlatAxis]:
+        return [a for a in self.axes if a.channel_mul]
+
+    @property
+    def other_axes(self) -> list[FlatAxis]:
+        return [a for a in self.axes if not a.channel_mul]
+
+    def kernel(self, part: str) -> str:
+        return f"{self.name}_{part}"
+
+    @property
+    def kernels(self) -> list[str]:
+        parts = ["train_forward_save_fused", "backward_stats", "backward_params", "backward_dx"]
+        if self.batchnorm:
+            parts += [
+                "backward_frozen_params",
+                "backward_frozen_dx",
+                "stats_reset_kernel",
+                "accumulate_merge",
+                "accumulate_count",
+                "finalize_kernel",
+            ]
+        return [self.kernel(p) for p in parts]
+
+    def workspace_size(self, batch: int) -> int:
+        """Bytes of device workspace backward/backward_saved need: 5 values per statistic."""
+        return 5 * self.stats.value(batch) * ACC_BYTES[self.A]
+
+    def elem_grid(self, batch: int) -> int:
+        n = self.elements.value(batch)
+        return max(1, min(-(-n // CUDA_BLOCK), CUDA_ELEM_MAX_BLOCKS))
+
+    def launches(self, role: str, batch: int) -> list[CudaLaunch]:
+        """What the launcher of ``role`` runs for ``batch``: kernels, grids, blocks, arguments."""
+        b = (CUDA_BLOCK, 1, 1)
+        s, c = self.stats.value(batch), self.channels
+        running = ("running_mean", "running_var") if self.running else ()
+        k = self.kernel
+        table = {
+            "train_forward_save": [
+                CudaLaunch(
+                    k("train_forward_save_fused"), s, b, ("x", "y", "batch", *running, "saved_mean", "saved_invstd")
+                )
+            ],
+            "backward": [
+                CudaLaunch(k("backward_stats"), s, b, ("x", "dy", "batch", "null", "null", "workspace")),
+                CudaLaunch(k("backward_params"), c, b, ("x", "dy", "batch", "workspace", "dscale", "doffset")),
+                CudaLaunch(k("backward_dx"), self.elem_grid(batch), b, ("x", "dy", "dx", "batch", "workspace")),
+            ],
+            "backward_saved": [
+                CudaLaunch(k("backward_stats"), s, b, ("x", "dy", "batch", "saved_mean", "saved_invstd", "workspace")),
+                CudaLaunch(k("backward_params"), c, b, ("x", "dy", "batch", "workspace", "dscale", "doffset")),
+                CudaLaunch(k("backward_dx"), self.elem_grid(batch), b, ("x", "dy", "dx", "batch", "workspace")),
+            ],
+        }
+        if self.batchnorm:
+            table.update(
+                {
+                    "backward_frozen": [
+                        CudaLaunch(k("backward_frozen_params"), c, b, ("x", "dy", "batch", "dscale", "doffset")),
+                        CudaLaunch(k("backward_frozen_dx"), self.elem_grid(batch), b, ("x", "dy", "dx", "batch")),
+                    ],
+                    "stats_reset": [CudaLaunch(k("stats_reset_kernel"), 1, b, ("acc",))],
+                    "accumulate": [
+                        CudaLaunch(k("accumulate_merge"), c, b, ("acc", "x", "batch")),
+                        CudaLaunch(k("accumulate_count"), 1, (32, 1, 1), ("acc", "batch")),
+                    ],
+                    "finalize": [
+                        CudaLaunch(
+                            k("finalize_kernel"), -(-c // CUDA_BLOCK), b, ("acc", "trained_mean", "trained_variance")
+                        )
+                    ],
+                }
+            )
+        if role not in table:
+            raise KeyError(f"layer {self.name!r} has no CUDA training function {role!r}")
+        for launch in table[role]:
+            if launch.grid > CUDA_MAX_GRID:
+                from .errors import NormgenError
+
+                raise NormgenError(f"layer {self.name!r}: the batch is too large for one grid ({launch.grid} blocks)")
+        return table[role]
+
+
+def lower_train_cuda(plan: Plan, T: str, A: str) -> TrainCuda:
+    """The CUDA training kernels of a plan lowered for the cuda target (T storage, A accumulation)."""
+    axes = []
+    mul = ONE
+    for a in reversed(plan.axes):
+        axes.append(FlatAxis(a.extent, a.stride, a.keep, a.channel_mul, mul if a.keep else ONE))
+        if a.keep:
+            mul = mul * a.extent
+    axes.reverse()
+    per_channel = ONE
+    for a in plan.axes:
+        if not a.channel_mul:
+            per_channel = per_channel * a.extent
+    bn = plan.kind == "batchnorm"
+    name = plan.name
+    running = ["{T} *running_mean", "{T} *running_var"] if bn else []
+    grads = [f"{T} *dx", f"{A} *dscale", f"{A} *doffset", "int32_t batch"]
+    ws = ["void *workspace", "size_t workspace_bytes", "cudaStream_t stream"]
+    doc_dev = "\n * All pointers are device pointers; the kernels are queued on stream."
+    fns = [
+        Function(
+            "train_forward_save",
+            f"{name}_train_forward_save",
+            [
+                f"const {T} *x",
+                f"{T} *y",
+                "int32_t batch",
+                *[r.format(T=T) for r in running],
+                "double *saved_mean",
+                "double *saved_invstd",
+                "cudaStream_t stream",
+            ],
+            ["x", "y", *(["running_mean", "running_var"] if bn else []), "saved_mean", "saved_invstd"],
+            (
+                "Training forward that also saves each statistic's mean and 1/sqrt(var + epsilon) (double,"
+                f"\n * {plan.upper}_SAVED_STATISTICS(batch) of each) for {name}_backward_saved"
+                + ("; updates running_mean/running_var." if bn else "; y is what predict computes.")
+                + " y may be x."
+                + doc_dev
+            ),
+            [],
+        ),
+        Function(
+            "backward",
+            f"{name}_backward",
+            [f"const {T} *x", f"const {T} *dy", *grads, *ws],
+            ["x", "dy", "dx", "dscale", "doffset"],
+            (
+                "Backward of the training forward, statistics recomputed from x: dx, and dscale/doffset"
+                f"\n * ({A}, one per channel). dx may be x or dy. workspace: {name}_backward_workspace_size(batch)"
+                "\n * bytes, 16-byte aligned." + doc_dev
+            ),
+            [],
+        ),
+        Function(
+            "backward_saved",
+            f"{name}_backward_saved",
+            [f"const {T} *x", f"const {T} *dy", "const double *saved_mean", "const double *saved_invstd", *grads, *ws],
+            ["x", "dy", "saved_mean", "saved_invstd", "dx", "dscale", "doffset"],
+            (f"{name}_backward with the statistics saved by {name}_train_forward_save." + doc_dev),
+            [],
+        ),
+    ]
+    if bn:
+        fns += [
+            Function(
+                "backward_frozen",
+                f"{name}_backward_frozen",
+                [f"const {T} *x", f"const {T} *dy", *grads, "cudaStream_t stream"],
+                ["x", "dy", "dx", "dscale", "doffset"],
+                (
+                    "Backward with the trained statistics held fixed (the gradient of predict). dx may be x or dy."
+                    + doc_dev
+                ),
+                [],
+            ),
+            Function(
+                "stats_reset",
+                f"{name}_stats_reset",
+                [f"{name}_stats *acc", "cudaStream_t stream"],
+                ["acc"],
+                "Empty a population-statistics accumulator (in device memory)." + doc_dev,
+                [],
+            ),
+            Function(
+                "accumulate",
+                f"{name}_accumulate",
+                [f"{name}_stats *acc", f"const {T} *x", "int32_t batch", "cudaStream_t stream"],
+                ["acc", "x"],
+                "Merge one batch into the population statistics (Chan's merge, in double)." + doc_dev,
+                [],
+            ),
+            Function(
+                "finalize",
+                f"{name}_finalize",
+                [f"const {name}_stats *acc", f"{A} *trained_mean", f"{A} *trained_variance", "cudaStream_t stream"],
+                ["acc", "trained_mean", "trained_variance"],
+                (
+                    "The trained mean and variance ("
+                    + ("M2 / (n - 1)" if plan.running_unbiased else "M2 / n")
+                    + f") of everything accumulated, one per channel ({A}). With fewer than"
+                    f"\n * {2 if plan.running_unbiased else 1} values accumulated the outputs are left untouched"
+                    " (the count lives on the device:\n * the launcher does not synchronize to report it)." + doc_dev
+                ),
+                [],
+            ),
+        ]
+    return TrainCuda(
+        name=name,
+        T=T,
+        A=A,
+        axes=axes,
+        count=plan.per_acc_total,
+        stats=_stat_index(plan)[1],
+        per_channel=per_channel,
+        elements=plan.elements,
+        channels=plan.channels,
+        batchnorm=bn,
+        running=bn,
+        launchers=fns,
+    )

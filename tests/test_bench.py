@@ -1,0 +1,234 @@
+"""`normgen bench` runs and reports (no timing assertions), the benchmark specs stay loadable,
+and the OpenMP variant of the generated C compiles warning-free and computes what the
+reference does, with the same bits on any number of threads."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, build, load_spec, reference
+from normgen.bench import load_config, sidecar_path, traffic
+from normgen.build import STRICT_FLAGS, cc
+from normgen.check import check_layer
+from normgen.cli import main
+from normgen.render import emit
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+
+TINY = """
+[[layer]]
+name = "tbn"
+kind = "batchnorm"
+format = "BCSS"
+shape = [6, 5, 4]
+
+[[layer]]
+name = "tgn"
+kind = "groupnorm"
+format = "BSSC"
+shape = [4, 5, 6]
+num_groups = 3
+
+[[layer]]
+name = "tln"
+kind = "layernorm"
+format = "BTC"
+shape = [7, 40]
+"""
+
+RESULT_FIELDS = {
+    "layer", "function", "kind", "format", "shape", "dtype", "batch", "parallel", "threads", "bytes",
+    "time_s", "gbps", "copy_time_s", "copy_gbps", "fraction_of_copy", "torch_time_s", "torch_speedup",
+    "torch_reuse_time_s", "torch_reuse_speedup", "torch_note", "ort_time_s", "ort_speedup", "ort_note",
+}
+
+
+@pytest.fixture
+def tiny_spec(tmp_path: Path) -> Path:
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(TINY)
+    return spec
+
+
+def _bench(args: list[str], capsys) -> tuple[int, str]:
+    rc = main(["bench", *args])
+    return rc, capsys.readouterr().out
+
+
+def test_bench_writes_json(tiny_spec, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc, text = _bench([str(tiny_spec), "--batch", "2", "--repeat", "2", "--warmup", "1", "--json", str(out)], capsys)
+    assert rc == 0
+    assert "tbn.predict" in text and "tgn.predict" in text and "tln.predict" in text
+    report = json.loads(out.read_text())
+    assert report["target"] == "c" and report["threads"] == 1 and report["flags"]
+    assert "bytes" in report["bytes_counted"] and report["machine"]["cores"] >= 1
+    results = report["results"]
+    assert {(r["layer"], r["function"]) for r in results} >= {
+        ("tbn", "predict"), ("tbn", "train_forward"), ("tgn", "predict"), ("tln", "predict")}
+    for r in results:
+        assert RESULT_FIELDS <= set(r)
+        assert r["batch"] == 2 and r["time_s"] > 0 and r["copy_time_s"] > 0
+        assert r["gbps"] == pytest.approx(r["bytes"] / r["time_s"] / 1e9)
+        assert r["fraction_of_copy"] == pytest.approx(r["copy_time_s"] / r["time_s"])
+        if r["torch_time_s"] is not None:
+            assert r["torch_speedup"] == pytest.approx(r["torch_time_s"] / r["time_s"])
+    bn = next(r for r in results if r["layer"] == "tbn" and r["function"] == "predict")
+    assert bn["bytes"] == 2 * 2 * 6 * 5 * 4 * 4  # x read + y written, float32
+    assert bn["shape"] == [2, 6, 5, 4]
+
+
+def test_bench_sidecar_batches_and_functions(tiny_spec, tmp_path, capsys):
+    sidecar_path(tiny_spec).write_text(
+        '[bench]\ndefault_batch = 3\n[bench.batch]\ntbn = 4\n[bench.functions]\ntbn = ["train_forward"]\n')
+    out = tmp_path / "b.json"
+    rc, _ = _bench([str(tiny_spec), "--repeat", "1", "--no-torch", "--no-ort", "--json", str(out)], capsys)
+    assert rc == 0
+    results = json.loads(out.read_text())["results"]
+    got = {(r["layer"], r["function"]): r["batch"] for r in results}
+    assert got[("tbn", "train_forward")] == 4 and ("tbn", "predict") not in got
+    assert got[("tgn", "predict")] == 3
+    assert all(r["torch_note"] == "skipped" and r["ort_note"] == "skipped" for r in results)
+    # --batch overrides the sidecar; --layer and --function filter
+    rc, text = _bench([str(tiny_spec), "--repeat", "1", "--no-torch", "--no-ort", "--batch", "1",
+                       "--layer", "tln", "--function", "predict", "--json", str(out)], capsys)
+    results = json.loads(out.read_text())["results"]
+    assert [(r["layer"], r["function"], r["batch"]) for r in results] == [("tln", "predict", 1)]
+
+
+def test_bench_errors(tiny_spec, capsys):
+    sidecar_path(tiny_spec).write_text("[bench.batch]\nnope = 2\n")
+    assert main(["bench", str(tiny_spec)]) == 2
+    assert "nope" in capsys.readouterr().err
+    sidecar_path(tiny_spec).write_text("[bench.batch]\ntbn = 0\n")
+    assert main(["bench", str(tiny_spec)]) == 2
+    assert "positive" in capsys.readouterr().err
+    sidecar_path(tiny_spec).unlink()
+    assert main(["bench", str(tiny_spec), "--layer", "missing"]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
+def test_bench_cuda_without_gpu_says_why(tiny_spec, capsys):
+    if importlib.util.find_spec("pycuda") is not None:
+        pytest.skip("pycuda is installed: the CUDA bench may run here")
+    assert main(["bench", str(tiny_spec), "--target", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "pycuda" in err or "GPU" in err
+
+
+def test_bench_plot(tiny_spec, tmp_path, capsys):
+    png = tmp_path / "bench.png"
+    args = [str(tiny_spec), "--batch", "1", "--repeat", "1", "--no-ort", "--plot", str(png)]
+    if importlib.util.find_spec("matplotlib") is None:
+        assert main(["bench", *args]) == 2
+        assert "matplotlib" in capsys.readouterr().err
+        return
+    assert main(["bench", *args]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_traffic_counts_tensor_bytes():
+    bn = BatchNorm(name="b", format="BCSS", shape=[3, 4, 5])
+    assert traffic(bn, "predict", 2) == 2 * (2 * 3 * 4 * 5) * 4
+    assert traffic(bn, "train_forward", 2) == 2 * (2 * 3 * 4 * 5) * 4 + 4 * 3 * 4
+    assert traffic(bn.replace(dtype="float64"), "predict", 1) == 2 * 60 * 8
+
+
+@pytest.mark.parametrize("name", ["cpu", "cuda"])
+def test_benchmark_specs_load(name):
+    """benchmarks/*.toml are plain spec files, their sidecars name only their layers."""
+    spec = BENCH / f"{name}.toml"
+    layers = load_spec(spec)
+    cfg = load_config(layers, str(spec), None, None)
+    assert set(cfg.batch) == {layer.name for layer in layers}
+    assert all(b >= 1 for b in cfg.batch.values())
+
+
+def test_cpu_benchmark_layers_match_the_reference():
+    """The benchmark workloads' generated C computes what the reference does (batch 1)."""
+    for layer in load_spec(BENCH / "cpu.toml"):
+        results = check_layer(build(layer), layer, batches=(1,), seed=3)
+        assert all(r.ok for r in results), [r for r in results if not r.ok]
+
+
+# ---- the OpenMP variant ------------------------------------------------------------------------
+
+OMP_LAYERS = [
+    BatchNorm(name="obn_nchw", format="BCSS", shape=[6, 9, 7], trained_mean=np.linspace(-1, 1, 6),
+              trained_variance=np.linspace(0.5, 2, 6), scale=np.linspace(0.5, 1.5, 6)),
+    BatchNorm(name="obn_nhwc", format="BSSC", shape=[9, 7, 6]),
+    GroupNorm(name="ogn_nchw", format="BCSS", shape=[12, 8, 9], num_groups=4, offset=np.linspace(-1, 1, 12)),
+    GroupNorm(name="ogn_nhwc", format="BSSC", shape=[8, 9, 12], num_groups=4),
+    LayerNorm(name="oln", format="BTC", shape=[11, 70]),
+    InstanceNorm(name="oin", format="BCT", shape=[5, 300]),
+]
+
+
+def _omp(layer):
+    return layer.replace(parallel="openmp")
+
+
+@pytest.mark.parametrize("layer", OMP_LAYERS, ids=lambda l: l.name)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_openmp_variant_compiles_warning_free(layer, dtype, tmp_path):
+    layer = _omp(layer.replace(dtype=dtype))
+    files = emit(layer)
+    assert "#pragma omp parallel for" in files[f"{layer.name}.c"]
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    for extra in ([], ["-fopenmp"]):
+        cmd = [cc(), *STRICT_FLAGS, "-O2", *extra, "-c", str(tmp_path / f"{layer.name}.c"), "-o", str(tmp_path / "o.o")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+
+
+def _threads(n: int) -> None:
+    from normgen.bench import _set_omp_threads
+
+    if not _set_omp_threads(n):
+        pytest.skip("libgomp not found")
+
+
+@pytest.mark.parametrize("layer", OMP_LAYERS, ids=lambda l: l.name)
+def test_openmp_variant_matches_reference_on_any_thread_count(layer):
+    layer = _omp(layer)
+    compiled = build(layer)
+    assert all(r.ok for r in check_layer(compiled, layer, batches=(1, 3), seed=1))
+    x = (1e4 + np.random.default_rng(4).normal(0, 1e-2, reference.full_shape(layer, 3))).astype(np.float32)
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            _threads(n)
+            if layer.kind == "batchnorm":
+                compiled.running_mean[:] = layer.trained_mean_values
+                compiled.running_var[:] = layer.trained_variance_values
+                outs.append((compiled.train_forward(x), compiled.running_mean.copy(), compiled.running_var.copy()))
+            else:
+                outs.append((compiled.predict(x),))
+    finally:
+        _threads(1)
+    for got in outs[1:]:
+        for a, b in zip(outs[0], got, strict=True):
+            assert np.array_equal(a, b), "results differ between thread counts"
+    want = reference.train_forward(layer, x)[0] if layer.kind == "batchnorm" else reference.predict(layer, x)
+    assert np.abs(outs[0][0] - want).max() < 1e-4
+
+
+def test_core_in_place_and_long_runs():
+    """y may be x, for rows (blocked lanes with a short last block) and columns sweeps."""
+    for layer in (LayerNorm(name="ip_rows", format="BTC", shape=[3, 8195]),
+                  GroupNorm(name="ip_cols", format="BSSC", shape=[70, 3, 12], num_groups=3),
+                  BatchNorm(name="ip_bn", format="BCSS", shape=[4, 7, 7])):
+        compiled = build(layer)
+        x = np.random.default_rng(5).normal(2.0, 3.0, reference.full_shape(layer, 2)).astype(np.float32)
+        want = reference.predict(layer, x)
+        got = compiled.predict(x, out=x)
+        assert got is x
+        np.testing.assert_allclose(x, want, rtol=2e-5, atol=2e-5)

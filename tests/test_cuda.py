@@ -1,0 +1,802 @@
+"""The CUDA target, in four tiers.
+
+1. Launch shapes (pure Python): every layout family, the split decision, workspace sizes.
+2. Compile checks: every generated .cu, across kinds x layouts x dtypes, compiled by nvcc for
+   sm_80 and sm_90 with warnings as errors; the launchers and kernels must be exported.
+3. CPU emulation: the generated .cu (kernels *and* host launchers) compiled with g++ against
+   tests/cuda_emu (threads as fibers, barriers and warp shuffles emulated) and run; y and the
+   running statistics are compared with normgen.reference, and the launches the launchers make
+   with what normgen.cuda_plan says pycuda must launch.
+4. GPU (pycuda): CudaLayer against normgen.reference, on a GPU only.
+
+Tolerances (after rounding x to the storage type; |y| ~ 1): float64 1e-9, float32 2e-4,
+float16 2e-3 (rtol and atol; half of a float16 ulp is 4.9e-4 relative), bfloat16 1.6e-2
+(half of a bfloat16 ulp is 3.9e-3 relative).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from normgen import cuda_plan as cpm
+from normgen import reference
+from normgen.cuda import from_storage, round_to, storage_dtype, to_storage
+from normgen.errors import NormgenError
+from normgen.layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm
+from normgen.plan import lower
+from normgen.render import emit
+
+HERE = Path(__file__).resolve().parent
+EMU = HERE / "cuda_emu"
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+TOL = {"float64": 1e-9, "float32": 2e-4, "float16": 2e-3, "bfloat16": 1.6e-2}
+#: Layouts: plain features, NCHW, NHWC, time-major, batch-first sequences, 3-D NCHW, with a U,
+#: without a B, and one with more alternation than the [A][R1][K][R2] families (generic).
+FORMATS = ("BC", "BCSS", "BSSC", "TBC", "BTC", "BCSSS", "BUC", "SSC", "SBSC")
+SIZES = {"C": 12, "T": 5, "U": 3, "S": (5, 4, 3)}
+
+
+def _dims(fmt: str, channels: int = SIZES["C"]) -> list[int]:
+    out, s = [], 0
+    for ch in fmt.replace("B", ""):
+        if ch == "S":
+            out.append(SIZES["S"][s % 3])
+            s += 1
+        else:
+            out.append(channels if ch == "C" else SIZES[ch])
+    return out
+
+
+def make(kind: str, fmt: str, dtype: str = "float32", *, name: str | None = None, channels: int = SIZES["C"], **kw):
+    rng = np.random.default_rng(len(fmt) * 7 + len(kind))
+    shape = kw.pop("shape", None) or _dims(fmt, channels)
+    c = shape[fmt.replace("B", "").index("C")]
+    common = dict(name=name or f"{kind[:2]}_{fmt.lower()}_{dtype}", format=fmt, shape=shape, dtype=dtype,
+                  scale=rng.uniform(0.5, 1.5, c), offset=rng.normal(0, 0.5, c))
+    common.update(kw)
+    if kind == "batchnorm":
+        common.setdefault("trained_mean", rng.normal(0, 1, c))
+        common.setdefault("trained_variance", rng.uniform(0.5, 2, c))
+        return BatchNorm(**common)
+    if kind == "groupnorm":
+        common.setdefault("num_groups", 3)
+        return GroupNorm(**common)
+    if kind == "layernorm":
+        return LayerNorm(**common)
+    return InstanceNorm(**common)
+
+
+KINDS = ("batchnorm", "groupnorm", "layernorm", "instancenorm")
+
+
+def _tool(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root and os.access(os.path.join(root, "bin", name), os.X_OK):
+            return os.path.join(root, "bin", name)
+    return None
+
+
+NVCC = _tool("nvcc")
+GXX = shutil.which("g++")
+
+
+def _cuda_include() -> Path | None:
+    cands = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
+    if NVCC:
+        cands.append(str(Path(NVCC).resolve().parent.parent))
+    for c in cands:
+        if c and (Path(c) / "include" / "cuda_fp16.h").is_file():
+            return Path(c) / "include"
+    return None
+
+
+CUDA_INCLUDE = _cuda_include()
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not installed (CUDA toolkit missing)")
+needs_emu = pytest.mark.skipif(GXX is None or CUDA_INCLUDE is None,
+                               reason="the CPU emulator needs g++ and the CUDA headers (cuda_fp16.h)")
+
+
+# ---- 1. launch shapes ---------------------------------------------------------------------------
+def _cp(layer):
+    return lower(layer, "cuda").cuda
+
+
+@pytest.mark.parametrize("fmt,shape,kind,family", [
+    ("BCSS", [12, 8, 8], "batchnorm", "segments"),  # planes of 64
+    ("BCSS", [12, 5, 4], "batchnorm", "columns"),  # planes of 20: rows of C * 20
+    ("BSSC", [8, 8, 12], "batchnorm", "columns"), ("BC", [12], "batchnorm", "columns"),
+    ("CB", [12], "batchnorm", "segments"),  # B innermost: one run per channel
+    ("BTC", [5, 12], "layernorm", "segments"), ("BCSS", [12, 5, 4], "layernorm", "segments"),
+    ("BSSC", [5, 4, 12], "groupnorm", "columns"), ("BCSS", [12, 5, 4], "groupnorm", "segments"),
+    ("BCSS", [12, 5, 4], "instancenorm", "segments"), ("BSSC", [5, 4, 12], "instancenorm", "columns"),
+    ("SBSC", [5, 4, 12], "instancenorm", "generic"), ("TBC", [5, 12], "instancenorm", "columns"),
+])
+def test_family(fmt, shape, kind, family):
+    assert _cp(make(kind, fmt, shape=shape)).family == family
+
+
+def test_types_and_parameters_per_target():
+    bn = make("batchnorm", "BCSS", "float16")
+    p = lower(bn, "cuda")
+    assert (p.ctype, p.acc_type) == ("__half", "float")
+    assert all(v.endswith("f") for v in p.params["scale"] + p.folded["a"])  # kept in float
+    assert lower(make("batchnorm", "BCSS", "bfloat16"), "cuda").ctype == "__nv_bfloat16"
+    assert lower(make("batchnorm", "BCSS", "float64"), "cuda").acc_type == "double"
+    with pytest.raises(NormgenError, match="not supported by the c target"):
+        lower(bn, "c")
+    c = lower(make("batchnorm", "BCSS", "float32"), "c")
+    assert (c.ctype, c.acc_type) == ("float", "double")  # the C target keeps double accumulation
+    with pytest.raises(NormgenError, match="lowered for the cuda target"):
+        _ = c.cuda
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_launch_shapes_cover_every_statistic(kind, fmt):
+    cp = _cp(make(kind, fmt))
+    for batch in (1, 2, 7) if "B" in fmt else (1,):
+        for ws in (False, True):
+            launches = cp.launches(cp.reduce_role, batch, ws)
+            parts = cp.parts(batch, ws)
+            assert len(launches) == (1 if parts == 1 else 3)
+            lay = cp.layout
+            assert launches[0].grid == lay.grid(batch, parts)
+            # the statistics times their count is every element
+            assert lay.stats.value(batch) * lay.count.value(batch) == cp.plan.elements.value(batch)
+            assert (cp.workspace_size(batch) == 0) == (cp.parts(batch) == 1)
+            for L in launches:
+                assert 1 <= L.block[0] * L.block[1] <= 1024 and L.grid >= 1
+
+
+def test_split_decisions_for_benchmark_shapes():
+    """The workloads of issue 3 take the paths the docs say."""
+    ln = _cp(LayerNorm(name="ln", format="BC", shape=[4096], dtype="float16"))
+    assert ln.segments.cached and ln.parts(4096) == 1
+    assert ln.bytes_moved("predict", 4096)["actual"] == ln.bytes_moved("predict", 4096)["minimum"]
+    odd = _cp(LayerNorm(name="ln", format="BC", shape=[2041], dtype="float16"))
+    assert odd.segments.vec == 1 and odd.segments.cached
+    bn = _cp(BatchNorm(name="bn", format="BCSS", shape=[256, 56, 56], dtype="float32"))
+    assert bn.affine.mode == "uniform" and bn.parts(32) > 1 and bn.workspace_size(32) > 0
+    nhwc = _cp(BatchNorm(name="bn", format="BSSC", shape=[56, 56, 256], dtype="float16"))
+    assert nhwc.affine.mode == "consecutive" and nhwc.family == "columns" and nhwc.parts(32) > 1
+    gn = _cp(GroupNorm(name="gn", format="BSSC", shape=[64, 64, 320], num_groups=32, dtype="float16"))
+    assert gn.family == "columns" and gn.parts(2) > 1
+    inn = _cp(InstanceNorm(name="inn", format="BCSS", shape=[64, 128, 128]))
+    assert inn.parts(16) == 1  # 1024 statistics fill the GPU
+
+
+def test_output_is_byte_identical_and_has_provenance():
+    layer = make("groupnorm", "BSSC", "float16")
+    a, b = emit(layer, "cuda"), emit(layer, "cuda")
+    assert a == b and set(a) == {f"{layer.name}.cuh", f"{layer.name}.cu"}
+    for text in a.values():
+        assert text.startswith("/*\n * CUDA") and "Generated by normgen" in text and "num_groups" in text
+    assert 'extern "C" __global__' in a[f"{layer.name}.cu"]
+
+
+def test_runtime_params_take_a_params_struct():
+    layer = make("batchnorm", "BCSS", param_storage="runtime")
+    cp = _cp(layer)
+    assert cp.runtime_params and cp.param_arrays == {}
+    assert all(f.args[0] == f"const {layer.name}_params *params" for f in cp.launchers)
+    for role in ("predict", "train_forward"):
+        for ws in (False, True):
+            for L in cp.launches(role, 2, ws):
+                assert (L.args[0] == "params") == (not L.kernel.endswith(("_partial", "_finalize")))
+
+
+def forward_only(layer) -> dict[str, str]:
+    """The layer's CUDA files without the training half that templates/cuda/layer.*.j2 include
+    (cuda/train.*.j2, tested with the training code), rendered with those templates empty."""
+    import jinja2
+
+    from normgen import render
+
+    base = render.environment()
+    env = base.overlay(loader=jinja2.ChoiceLoader(
+        [jinja2.DictLoader({"cuda/train.cu.j2": "", "cuda/train.cuh.j2": ""}), base.loader]))
+    plan = lower(layer, "cuda")
+    return {pat.format(name=plan.name): env.get_template(tpl).render(plan=plan) for pat, tpl in render.FILES["cuda"]}
+
+
+#: Run-time parameters (a device params struct): tested on the forward half only, since the
+#: training half does not take run-time parameters yet.
+RUNTIME_LAYERS = [
+    LayerNorm(name="rt_ln", format="BTC", shape=[5, 12], param_storage="runtime", epsilon=1e-6),
+    BatchNorm(name="rt_bn", format="BCSS", shape=[3, 8, 8], param_storage="runtime", dtype="float16",
+              scale=[1.0, 0.5, 2.0], offset=[0.0, 0.1, -0.1], trained_mean=[0.5, 0.0, -1.0],
+              trained_variance=[1.0, 4.0, 0.25]),
+    GroupNorm(name="rt_gn", format="BSSC", shape=[4, 4, 6], num_groups=3, param_storage="runtime",
+              scale=np.linspace(0.5, 1.5, 6), offset=np.linspace(-0.5, 0.5, 6), dtype="bfloat16"),
+    InstanceNorm(name="rt_in", format="SBSC", shape=[3, 4, 5], param_storage="runtime", dtype="float64",
+                 scale=np.linspace(0.5, 1.5, 5)),
+]
+
+
+def _files(layer) -> dict[str, str]:
+    return forward_only(layer) if layer.param_storage == "runtime" else emit(layer, "cuda")
+
+
+# ---- 2. nvcc compile checks ---------------------------------------------------------------------
+def _compile_grid():
+    """kinds x layouts x dtypes as a covering array: every (layout, dtype) pair, each with a
+    different kind, so that every (kind, layout) and (kind, dtype) pair occurs too (the whole
+    product with NORMGEN_CUDA_FULL_GRID=1; nvcc takes ~3 s per layer for both architectures)."""
+    if os.environ.get("NORMGEN_CUDA_FULL_GRID") == "1":
+        layers = [make(k, f, d) for k in KINDS for f in FORMATS for d in DTYPES]
+    else:
+        layers = [make(KINDS[(i + j) % len(KINDS)], f, d) for i, f in enumerate(FORMATS) for j, d in enumerate(DTYPES)]
+    # odd sizes: hidden 2041, prime channel counts, one-element statistics
+    layers += [
+        LayerNorm(name="ln_2041_f16", format="BC", shape=[2041], dtype="float16"),
+        LayerNorm(name="ln_2041_bf16", format="BTC", shape=[3, 2041], dtype="bfloat16"),
+        BatchNorm(name="bn_prime", format="BSSC", shape=[7, 7, 2039], dtype="float16"),
+        GroupNorm(name="gn_wide", format="BSSC", shape=[4, 4, 2046], num_groups=31, dtype="float16"),
+        InstanceNorm(name="in_point", format="BC", shape=[5]),
+        GroupNorm(name="gn_chw_all", format="BCSS", shape=[6, 3, 3], num_groups="allchannels", dtype="float64"),
+    ]
+    return layers + RUNTIME_LAYERS
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """Every layer of the grid compiled by nvcc in batches (both architectures per call, two
+    calls at a time): {layer name: (return code, stderr, exported symbols)}."""
+    if NVCC is None:
+        pytest.skip("nvcc is not installed (CUDA toolkit missing)")
+    root = tmp_path_factory.mktemp("nvcc")
+    layers = _compile_grid()
+    for layer in layers:
+        for fname, text in _files(layer).items():
+            (root / fname).write_text(text)
+    size = -(-len(layers) // 4)
+    chunks = [layers[i:i + size] for i in range(0, len(layers), size)]
+
+    def build(i, chunk):
+        unit = root / f"unit{i}.cu"
+        unit.write_text("".join(f'#include "{layer.name}.cu"\n' for layer in chunk))
+        obj = root / f"unit{i}.o"
+        cmd = [NVCC, "-std=c++17", "-O0", "-gencode", "arch=compute_80,code=sm_80",
+               "-gencode", "arch=compute_90,code=sm_90", "-Werror", "all-warnings",
+               "-Xcompiler", "-Wall,-Wextra,-Werror", "-c", str(unit), "-o", str(obj)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+        syms: set[str] = set()
+        if proc.returncode == 0:
+            nm = subprocess.run(["nm", "-g", "--defined-only", str(obj)], capture_output=True, text=True)
+            syms = {line.split()[-1] for line in nm.stdout.splitlines() if " T " in line}
+        return {layer.name: (proc.returncode, proc.stderr, syms) for layer in chunk}
+
+    out: dict = {}
+    with cf.ThreadPoolExecutor(max_workers=2) as pool:
+        for result in pool.map(lambda ic: build(*ic), enumerate(chunks)):
+            out.update(result)
+    return layers, out
+
+
+@needs_nvcc
+def test_nvcc_compiles_every_layer_warning_free(compiled):
+    layers, results = compiled
+    failures = {name: err for name, (rc, err, _) in results.items() if rc}
+    assert not failures, next(iter(failures.values()))[:4000]
+    for layer in layers:
+        cp = _cp(layer)
+        syms = results[layer.name][2]
+        want = {f.name for f in cp.launchers} | set(cp.kernels) | {f"{layer.name}_workspace_size"}
+        if cp.runtime_params:
+            want.add(f"{layer.name}_params_init")
+        assert want <= syms, f"{layer.name}: missing {sorted(want - syms)}"
+
+
+# ---- 3. CPU emulation ---------------------------------------------------------------------------
+class Emulator:
+    """Builds emulator binaries of generated layers (one per layer, with a precompiled emu.h)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.flags = ["-std=c++17", "-O1", "-w", f"-I{root}", f"-I{CUDA_INCLUDE}"]
+        shutil.copy(EMU / "emu.h", root / "emu.h")
+        shutil.copy(EMU / "cuda_runtime.h", root / "cuda_runtime.h")
+        subprocess.run([GXX, *self.flags, "-x", "c++-header", str(root / "emu.h"), "-o", str(root / "emu.h.gch")],
+                       check=True)
+        subprocess.run([GXX, *self.flags, "-include", "emu.h", "-c", str(EMU / "emu.cpp"), "-o", str(root / "emu.o")],
+                       check=True)
+
+    def build(self, layer) -> Path:
+        """Compile the layer's .cu with the driver into one emulator executable (cached by name)."""
+        d = self.root / layer.name
+        exe = d / "run"
+        if exe.exists():
+            return exe
+        d.mkdir(exist_ok=True)
+        for fname, text in _files(layer).items():
+            (d / fname).write_text(text)
+        train = ["-DHAS_TRAIN"] if layer.kind == "batchnorm" else []
+        if layer.param_storage == "runtime":
+            train.append("-DRUNTIME_PARAMS")
+        cmd = [GXX, *self.flags, f"-I{d}", "-include", "emu.h", f"-DLAYER={layer.name}",
+               f'-DLAYER_SOURCE="{layer.name}.cu"', *train, str(EMU / "driver.cpp"), str(self.root / "emu.o"),
+               "-rdynamic", "-ldl", "-o", str(d / "run.tmp")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[:4000]
+        os.replace(d / "run.tmp", exe)
+        return exe
+
+    def build_many(self, layers) -> None:
+        """Build several layers, two compilers at a time."""
+        with cf.ThreadPoolExecutor(max_workers=2) as pool:
+            list(pool.map(self.build, layers))
+
+    def run(self, layer, mode, x=None, batch=1, *, offset=0, inplace=False, rm=None, rv=None):
+        exe = self.build(layer)
+        work = exe.parent
+        if x is not None:
+            to_storage(x, layer.dtype).tofile(work / "x.bin")
+        if rm is not None:
+            to_storage(rm, layer.dtype).tofile(work / "rm.bin")
+            to_storage(rv, layer.dtype).tofile(work / "rv.bin")
+        proc = subprocess.run([str(exe), mode, str(batch), str(offset), str(int(inplace)), str(work)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+        info = {"launches": [], "stdout": proc.stdout}
+        for line in proc.stdout.splitlines():
+            parts = line.split()
+            if parts[0] == "launch":
+                info["launches"].append((parts[1], int(parts[2]), (int(parts[3]), int(parts[4]), 1)))
+            elif len(parts) == 2:
+                info[parts[0]] = int(parts[1])
+        if x is not None and mode in ("predict", "predict_ws", "train_forward", "train_forward_ws"):
+            sd = storage_dtype(layer.dtype)
+            info["y"] = from_storage(np.fromfile(work / "y.bin", sd), layer.dtype).astype(np.float64).reshape(x.shape)
+            if rm is not None:
+                info["rm"] = from_storage(np.fromfile(work / "rm_out.bin", sd), layer.dtype).astype(np.float64)
+                info["rv"] = from_storage(np.fromfile(work / "rv_out.bin", sd), layer.dtype).astype(np.float64)
+        return info
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    """The emulator, with the layers of the unpatched tests built up front (in parallel)."""
+    if GXX is None or CUDA_INCLUDE is None:
+        pytest.skip("the CPU emulator needs g++ and the CUDA headers (cuda_fp16.h)")
+    emu = Emulator(tmp_path_factory.mktemp("emu"))
+    emu.build_many([make(*case) for case in EMU_GRID] + ODD_LAYERS + RUNTIME_LAYERS
+                   + [_large_mean_layer(k, f) for k, f in LARGE_MEAN] + [_error_layer(k) for k in KINDS])
+    return emu
+
+
+@pytest.fixture
+def small_parts(monkeypatch):
+    """Split thresholds low enough that the small test tensors take the split (workspace) path."""
+    monkeypatch.setattr(cpm, "FILL_BLOCKS", 10**9)
+    monkeypatch.setattr(cpm, "SPLIT_MIN_UNITS", 6)
+    monkeypatch.setattr(cpm, "PART_MIN_UNITS", 3)
+    monkeypatch.setattr(cpm, "PART_MIN_ROWS", 1)
+
+
+def _close(layer, got, want, what):
+    tol = TOL[layer.dtype]
+    err = np.abs(got - want) - tol * np.abs(want)
+    assert np.all(err <= tol), f"{layer.name} {what}: max |err| {np.abs(got - want).max():.3g} (tol {tol})"
+
+
+def _data(layer, batch, seed=0, mean=0.5, spread=2.0):
+    rng = np.random.default_rng(seed)
+    x = mean + spread * rng.standard_normal(reference.full_shape(layer, batch))
+    return round_to(x, layer.dtype)
+
+
+def _check_launches(layer, info, role, batch, ws):
+    cp = _cp(layer)
+    want = [(L.kernel, L.grid, L.block) for L in cp.launches(role, batch, ws)]
+    assert info["launches"] == want
+    if ws:
+        assert info["workspace"] == cp.workspace_size(batch)
+
+
+def _emulate(emulator, layer, batch, *, ws, seed=0, offset=0, inplace=False, **data):
+    x = _data(layer, batch, seed, **data)
+    role = "train_forward" if layer.kind == "batchnorm" else "predict"
+    mode = role + ("_ws" if ws else "")
+    if layer.kind == "batchnorm":
+        rm, rv = round_to(layer.trained_mean_values, layer.dtype), round_to(layer.trained_variance_values, layer.dtype)
+        info = emulator.run(layer, mode, x, batch, offset=offset, inplace=inplace, rm=rm, rv=rv)
+        if _cp(layer).layout.count.value(batch) < 2 and layer.running_variance == "unbiased":
+            assert info["rc"] == 3 and info["launches"] == []  # one value per channel
+            return info
+        assert info["rc"] == 0
+        y, nrm, nrv = reference.train_forward(layer, x, rm, rv)
+        _close(layer, info["rm"], round_to(nrm, layer.dtype), "running_mean")
+        _close(layer, info["rv"], round_to(nrv, layer.dtype), "running_var")
+    else:
+        info = emulator.run(layer, mode, x, batch, offset=offset, inplace=inplace)
+        assert info["rc"] == 0
+        y = reference.predict(layer, x)
+    _close(layer, info["y"], y, mode)
+    _check_launches(layer, info, role, batch, ws)
+    if ws and info.get("small_workspace") is not None:
+        assert info["small_workspace"] == 5
+    return info
+
+
+#: Every kind x layout in float32; every kind x other dtype, NCHW and NHWC alternating.
+EMU_GRID = [(k, f, "float32") for k in KINDS for f in FORMATS] + [
+    (k, ("BCSS", "BSSC")[(i + j) % 2], d) for i, k in enumerate(KINDS) for j, d in enumerate(("float64", "float16", "bfloat16"))
+]
+
+
+@needs_emu
+@pytest.mark.parametrize("kind,fmt,dtype", EMU_GRID, ids=lambda v: v)
+def test_emulated_matches_reference(emulator, kind, fmt, dtype):
+    layer = make(kind, fmt, dtype)
+    for batch in (1, 3) if "B" in fmt else (1,):
+        _emulate(emulator, layer, batch, ws=False, seed=batch)
+    _emulate(emulator, layer, 2 if "B" in fmt else 1, ws=True, seed=5)
+    if kind == "batchnorm":
+        batch = 2 if "B" in fmt else 1
+        x = _data(layer, batch, 3)
+        info = emulator.run(layer, "predict", x, batch)
+        assert info["rc"] == 0
+        _close(layer, info["y"], reference.predict(layer, x), "predict")
+        _check_launches(layer, info, "predict", batch, False)
+
+
+@needs_emu
+@pytest.mark.parametrize("kind,fmt,dtype,shape", [
+    ("batchnorm", "BCSS", "float32", None), ("batchnorm", "BCSS", "float16", [6, 8, 8]),
+    ("batchnorm", "BSSC", "float16", None), ("batchnorm", "TBC", "float64", None),
+    ("groupnorm", "BSSC", "float32", [14, 14, 12]), ("groupnorm", "BCSS", "bfloat16", None),
+    ("layernorm", "BTC", "float32", [2, 96]), ("layernorm", "BCSS", "float16", None),
+    ("instancenorm", "BSSC", "float32", [14, 14, 12]), ("instancenorm", "BCSSS", "float64", None),
+    ("layernorm", "SSC", "float32", None),
+], ids=lambda v: v if v is None or isinstance(v, str) else "x".join(map(str, v)))
+def test_emulated_split_path(emulator, small_parts, kind, fmt, dtype, shape):
+    """The partial/finalize/apply kernels with a workspace, with thresholds lowered so that
+    small tensors split; also misaligned (scalar loads) and in place."""
+    extra = {"shape": shape} if shape else {}
+    layer = make(kind, fmt, dtype, name=f"split_{kind[:2]}_{fmt.lower()}_{dtype}_{len(extra)}", **extra)
+    cp = _cp(layer)
+    batch = next((b for b in range(3, 65) if cp.parts(b) > 1), 1) if "B" in fmt else 1
+    assert cp.parts(batch) > 1, "the test shape should split"
+    _emulate(emulator, layer, batch, ws=True, seed=1)
+    _emulate(emulator, layer, batch, ws=True, seed=2, offset=1)
+    _emulate(emulator, layer, batch, ws=True, seed=3, inplace=True)
+
+
+LARGE_MEAN = [("layernorm", "BTC"), ("groupnorm", "BSSC"), ("instancenorm", "BCSS"), ("batchnorm", "BSSC"),
+              ("batchnorm", "BCSS")]
+
+
+def _large_mean_layer(kind, fmt):
+    return make(kind, fmt, "float32", name=f"big_{kind[:2]}_{fmt.lower()}")
+
+
+def _error_layer(kind):
+    return make(kind, "BSSC", name=f"err_{kind[:2]}")
+
+
+@needs_emu
+@pytest.mark.parametrize("kind,fmt", LARGE_MEAN)
+def test_emulated_large_mean(emulator, kind, fmt):
+    """x = 1e4 + N(0, 1e-2) in float32: the shift by x0 keeps the variance accurate."""
+    layer = _large_mean_layer(kind, fmt)
+    _emulate(emulator, layer, 3, ws=False, mean=1e4, spread=1e-2)
+    _emulate(emulator, layer, 3, ws=True, mean=1e4, spread=1e-2, seed=4)
+
+
+ODD_LAYERS = [
+    LayerNorm(name="odd_ln", format="BC", shape=[2041], dtype="float16"),
+    GroupNorm(name="odd_gn", format="BSSC", shape=[3, 3, 35], num_groups=7, dtype="float32"),
+    GroupNorm(name="odd_gn_chw", format="BCSS", shape=[35, 3, 3], num_groups=5, dtype="bfloat16"),
+    BatchNorm(name="odd_bn", format="BSSC", shape=[3, 3, 37], dtype="float16"),
+    InstanceNorm(name="odd_in", format="BC", shape=[5]),
+    GroupNorm(name="odd_all", format="BSSC", shape=[4, 4, 6], num_groups="allchannels"),
+    LayerNorm(name="odd_ln_chw", format="BCSS", shape=[3, 40, 7], operation_dimension="channel-only",
+              dtype="float16"),
+    BatchNorm(name="odd_bn_cb", format="CB", shape=[5]),  # B innermost: a run of `batch` per channel
+    BatchNorm(name="odd_bn_scb", format="SCB", shape=[4, 3], dtype="float16"),  # segments of `batch`
+    LayerNorm(name="odd_ln_cb", format="CB", shape=[6], operation_dimension="channel-only"),  # rows of `batch`
+    InstanceNorm(name="odd_in_tbc", format="TBC", shape=[9, 5], dtype="bfloat16"),  # statistics per row: B x C
+]
+
+
+@needs_emu
+@pytest.mark.parametrize("layer", ODD_LAYERS, ids=lambda layer: layer.name)
+def test_emulated_odd_sizes(emulator, layer):
+    _emulate(emulator, layer, 2, ws=False)
+    _emulate(emulator, layer, 2, ws=True, seed=1, offset=1)
+
+
+@needs_emu
+@pytest.mark.parametrize("layer", RUNTIME_LAYERS, ids=lambda layer: layer.name)
+def test_emulated_runtime_params(emulator, layer):
+    """param_storage="runtime": the kernels read the device params struct (NAME_params_init's
+    values here; there are no embedded parameter arrays to fall back on)."""
+    assert "static __device__ const acc_t scale" not in _files(layer)[f"{layer.name}.cu"]
+    _emulate(emulator, layer, 2, ws=False)
+    _emulate(emulator, layer, 3, ws=True, seed=1)
+    if layer.kind == "batchnorm":
+        x = _data(layer, 2, 3)
+        info = emulator.run(layer, "predict", x, 2)
+        assert info["rc"] == 0
+        _close(layer, info["y"], reference.predict(layer, x), "predict")
+
+
+@needs_emu
+@pytest.mark.parametrize("kind,fmt,shape", [("batchnorm", "BCSS", [12, 5, 4]), ("batchnorm", "BCSS", [6, 8, 8]),
+                                            ("groupnorm", "BSSC", [14, 14, 12]), ("layernorm", "BTC", [2, 96]),
+                                            ("instancenorm", "SBSC", [5, 4, 12])])
+def test_launchers_launch_what_cuda_plan_says(emulator, small_parts, kind, fmt, shape):
+    """For batches 1..40 the rendered launchers and CudaPlan agree on every launch and
+    workspace size (with the split thresholds lowered, so both paths occur)."""
+    layer = make(kind, fmt, shape=shape, name=f"shape_{kind[:2]}_{fmt.lower()}_{shape[-1]}")
+    info = emulator.run(layer, "shapes", batch=40)
+    cp = _cp(layer)
+    blocks = info["stdout"].split("batch ")[1:]
+    assert len(blocks) == 40
+    saw_split = False
+    for b, text in enumerate(blocks, start=1):
+        lines = text.splitlines()
+        assert lines[0] == f"{b} workspace {cp.workspace_size(b)}"
+        assert lines[1] == "rcs 0 0 0"
+        got = [(p[1], int(p[2]), (int(p[3]), int(p[4]), 1)) for p in (ln.split() for ln in lines[2:])]
+        want = [(L.kernel, L.grid, L.block) for L in cp.launches("predict", b, False)]
+        if cp.affine:
+            want += [(L.kernel, L.grid, L.block) for L in cp.launches("train_forward", b, False)]
+        want += [(L.kernel, L.grid, L.block) for L in cp.launches(cp.reduce_role, b, True)]
+        assert got == want, b
+        saw_split |= cp.parts(b) > 1
+    assert saw_split or cp.family == "generic"
+
+
+@needs_emu
+@pytest.mark.parametrize("kind", KINDS)
+def test_error_codes(emulator, kind):
+    info = emulator.run(_error_layer(kind), "errors")
+    assert (info["null"], info["batch"], info["launch_error"], info["workspace_size0"]) == (1, 2, 4, 0)
+
+
+# ---- 4. GPU -------------------------------------------------------------------------------------
+def _gpu_reason() -> str | None:
+    try:
+        import pycuda.driver as drv
+    except ImportError:
+        return "pycuda is not installed"
+    try:
+        drv.init()
+        if drv.Device.count() == 0:
+            return "no CUDA device"
+    except Exception as exc:  # noqa: BLE001 - any driver failure means no usable GPU
+        return f"no usable CUDA device ({exc})"
+    if NVCC is None:
+        return "nvcc is not installed"
+    return None
+
+
+GPU_REASON = _gpu_reason()
+needs_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=f"GPU tests: {GPU_REASON}")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", ("BC", "BCSS", "BSSC", "TBC", "BTC", "BCSSS", "BUC", "SSC", "SBSC"))
+@pytest.mark.parametrize("kind", KINDS)
+def test_gpu_matches_reference(kind, fmt, dtype):
+    from normgen.build import build
+
+    layer = make(kind, fmt, dtype, name=f"gpu_{kind[:2]}_{fmt.lower()}_{dtype}")
+    for workspace in (True, False):
+        cl = build(layer, target="cuda", workspace=workspace)
+        for batch in (1, 4) if "B" in fmt else (1,):
+            x = _data(layer, batch, seed=batch)
+            if kind == "batchnorm":
+                y = np.asarray(cl.predict(x), dtype=np.float64)
+                _close(layer, y, reference.predict(layer, x), "predict")
+                rm, rv = cl.running_mean.astype(np.float64), cl.running_var.astype(np.float64)
+                y = np.asarray(cl.train_forward(x), dtype=np.float64)
+                want, nrm, nrv = reference.train_forward(layer, x, rm, rv)
+                _close(layer, y, want, "train_forward")
+                _close(layer, cl.running_mean.astype(np.float64), round_to(nrm, dtype), "running_mean")
+            else:
+                y = np.asarray(cl.predict(x), dtype=np.float64)
+                _close(layer, y, reference.predict(layer, x), "predict")
+
+
+@needs_gpu
+def test_gpu_arrays_in_place_and_timing():
+    import pycuda.gpuarray as gpuarray
+
+    from normgen.cuda import CudaLayer
+
+    layer = LayerNorm(name="gpu_ln_big", format="BC", shape=[4096], dtype="float16")
+    cl = CudaLayer(layer)
+    x = _data(layer, 64)
+    xg = gpuarray.to_gpu(to_storage(x, "float16"))
+    yg = cl.predict(xg)
+    assert isinstance(yg, gpuarray.GPUArray)
+    _close(layer, yg.get().astype(np.float64), reference.predict(layer, x), "gpuarray")
+    cl.predict(xg, out=xg)  # in place
+    _close(layer, xg.get().astype(np.float64), reference.predict(layer, x), "in place")
+    assert cl.time("predict", xg, repeat=3) > 0
+    assert cl.bytes_moved("predict", 64)["minimum"] == 2 * 64 * 4096 * 2
+
+
+@needs_gpu
+def test_gpu_deterministic_and_large_mean():
+    from normgen.cuda import CudaLayer
+
+    layer = BatchNorm(name="gpu_bn_det", format="BCSS", shape=[64, 56, 56])
+    cl = CudaLayer(layer)
+    x = _data(layer, 16, mean=1e4, spread=1e-2)
+    y1, y2 = cl.train_forward(x), cl.train_forward(x)
+    assert np.array_equal(y1, y2)
+    want, _, _ = reference.train_forward(layer, x)
+    _close(layer, y1.astype(np.float64), want, "large mean")
+
+
+# ---- pycuda marshalling, without a GPU ----------------------------------------------------------
+
+def _kernel_params(cu_text: str) -> dict[str, list[tuple[str, str]]]:
+    """extern "C" __global__ kernels of a .cu → [(C type, name)] of their parameters."""
+    import re
+
+    out = {}
+    for m in re.finditer(r'extern "C" __global__ void __launch_bounds__\(\d+\) (\w+)\(([^)]*)\)', cu_text):
+        params = []
+        for p in m.group(2).split(","):
+            p = p.strip()
+            name = re.findall(r"\w+$", p)[0]
+            params.append((p[: -len(name)].strip(), name))
+        out[m.group(1)] = params
+    return out
+
+
+@pytest.mark.parametrize("kind,fmt", [("batchnorm", "BCSS"), ("batchnorm", "BSSC"), ("groupnorm", "BSSC"),
+                                      ("layernorm", "BTC"), ("instancenorm", "SBSC")])
+def test_kernel_parameters_match_launch_arguments(small_parts, kind, fmt):
+    """What CudaLayer passes (CudaPlan.launches' argument names, 'P' or 'i') is what each kernel takes."""
+    shape = {"BSSC": [14, 14, 12], "BTC": [2, 96]}.get(fmt)
+    layer = make(kind, fmt, shape=shape, name=f"sig_{kind[:2]}_{fmt.lower()}")
+    cp = _cp(layer)
+    kernels = _kernel_params(emit(layer, "cuda")[f"{layer.name}.cu"])
+    assert set(cp.kernels) <= set(kernels)
+    seen = set()
+    for batch in (1, 2, 3, 30):
+        for ws in (False, True):
+            for role in ("predict", cp.reduce_role):
+                for L in cp.launches(role, batch, ws):
+                    params = kernels[L.kernel]
+                    names = [{"ws": "workspace"}.get(n, n) for _, n in params]
+                    assert names == list(L.args), L.kernel
+                    for (ctype, _), arg in zip(params, L.args, strict=True):
+                        assert ("*" in ctype) == (arg not in ("batch", "parts")), (L.kernel, ctype, arg)
+                    seen.add(L.kernel)
+    assert seen == set(cp.kernels) or cp.family == "generic"
+
+
+class _FakeArray:
+    def __init__(self, a):
+        self.a = np.array(a)
+        self.shape, self.dtype, self.gpudata = self.a.shape, self.a.dtype, id(self)
+
+    def get(self):
+        return self.a.copy()
+
+    def set(self, a):
+        self.a[...] = a
+
+
+def _fake_pycuda(calls):
+    class Fn:
+        def __init__(self, name):
+            self.name = name
+
+        def prepare(self, sig):
+            self.sig = sig
+
+        def prepared_async_call(self, grid, block, stream, *args):
+            assert len(args) == len(self.sig)
+            for t, a in zip(self.sig, args, strict=True):
+                assert isinstance(a, np.int32) if t == "i" else not isinstance(a, np.integer)
+            calls.append((self.name, grid, block, self.sig))
+
+    class Module:
+        def get_function(self, name):
+            return Fn(name)
+
+    class Ctx:
+        @staticmethod
+        def get_device():
+            class Dev:
+                def compute_capability(self):
+                    return (8, 0)
+            return Dev()
+
+        @staticmethod
+        def synchronize():
+            pass
+
+    class FakeEvent:
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def time_till(self, other):
+            return 1.0
+
+    class Drv:
+        Context = Ctx
+
+        @staticmethod
+        def module_from_file(path):
+            assert Path(path).stat().st_size > 0
+            return Module()
+
+        @staticmethod
+        def mem_alloc(n):
+            return ("alloc", n)
+
+        @staticmethod
+        def memcpy_htod(dst, src):
+            assert dst[1] == src.nbytes
+
+        Event = FakeEvent
+
+    class GA:
+        GPUArray = _FakeArray
+
+        @staticmethod
+        def to_gpu(a):
+            return _FakeArray(a)
+
+        @staticmethod
+        def empty_like(a):
+            return _FakeArray(np.zeros_like(a.a))
+
+    return Drv, GA
+
+
+@needs_nvcc
+def test_cuda_layer_marshalling_without_gpu(monkeypatch, tmp_path):
+    """CudaLayer (with pycuda faked) compiles a cubin with nvcc and issues exactly the launches of
+    CudaPlan, with pointer and int32 arguments in kernel order, for NumPy and GPU-array inputs."""
+    import normgen.cuda as nc
+
+    monkeypatch.setenv("NORMGEN_CACHE", str(tmp_path))
+    calls: list = []
+    monkeypatch.setattr(nc, "_pycuda", lambda: _fake_pycuda(calls))
+    layer = BatchNorm(name="fake_bn", format="BSSC", shape=[12, 12, 8], dtype="bfloat16")
+    cl = nc.CudaLayer(layer)
+    assert cl.arch == "sm_80" and cl.cubin.exists()
+    x = _data(layer, 3)
+    assert np.array_equal(cl.quantize(x), x)  # _data is already rounded to bfloat16
+    y = cl.predict(x)
+    assert y.dtype == np.float32 and y.shape == x.shape
+    assert [c[0] for c in calls] == [L.kernel for L in cl.cp.launches("predict", 3)]
+    calls.clear()
+    cl.train_forward(x)
+    assert [(c[0], c[1][0], c[2]) for c in calls] == [(L.kernel, L.grid, L.block) for L in cl.cp.launches("train_forward", 3)]
+    calls.clear()
+    xg = _FakeArray(to_storage(x, "bfloat16"))
+    assert isinstance(cl.predict(xg), _FakeArray)
+    assert cl.time("train_forward", xg, repeat=2, warmup=1) == pytest.approx(1.0 / 1e3 / 2)
+    with pytest.raises(NormgenError, match="GPUArray input must be"):
+        cl.predict(_FakeArray(x.astype(np.float32)))
+    calls.clear()
+    monkeypatch.setattr(nc, "emit", lambda layer, target: _files(layer))  # the forward half, see RUNTIME_LAYERS
+    rt = nc.CudaLayer(RUNTIME_LAYERS[0])
+    rt.set_params(scale=np.full(12, 2.0))
+    assert rt.get_params()["scale"][0] == 2.0
+    rt.predict(_data(RUNTIME_LAYERS[0], 2))
+    assert all(c[3][0] == "P" for c in calls) and len(calls[0][3]) == 4  # params, x, y, batch
