@@ -108,7 +108,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from .plan import lower
 
     for i, layer in enumerate(_load(args.spec)):
-        plan = lower(layer, "c") if layer.dtype in ("float32", "float64") else None
+        plan = lower(layer, "c" if layer.dtype in ("float32", "float64") else "cuda")
         letters = layer.fmt.letters
         sizes = []
         it = iter(layer.dims)
@@ -125,8 +125,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(f"  operation    {layer.resolved_dimension} (operation_dimension = {layer.operation_dimension!r})")
         n1 = count(layer, 1)
         per = f"{n1} values" + (" x batch" if layer.kind == "batchnorm" and layer.fmt.has_batch else "")
-        if plan is not None:
-            print(f"  statistics   one per {plan.statistic_per}, over {plan.statistic_over} ({per} each)")
+        print(f"  statistics   one per {plan.statistic_per}, over {plan.statistic_over} ({per} each)")
         if layer.kind == "batchnorm":
             print("  predict      trained statistics, folded: y = x * a[c] + b[c]")
             print(f"  train        batch statistics; running = decay * batch + (1 - decay) * running "

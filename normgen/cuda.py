@@ -194,6 +194,14 @@ class CudaLayer(CudaTraining):
         packed = np.concatenate([self._param_values[k] for k in self.plan.params])
         self._drv.memcpy_htod(self._params, packed)
 
+    def _download_params(self) -> None:
+        """Read the device struct back (after the update kernel wrote it)."""
+        sizes = [self._param_values[k].size for k in self.plan.params]
+        packed = np.empty(sum(sizes), dtype=self._param_values["scale"].dtype)
+        self._drv.memcpy_dtoh(packed, self._params)
+        for k, part in zip(self.plan.params, np.split(packed, np.cumsum(sizes)[:-1]), strict=True):
+            self._param_values[k] = part.copy()
+
     def set_params(self, **arrays: np.ndarray) -> None:
         """Run-time parameters: set ``scale``, ``offset``, ``trained_mean``, ``trained_variance``
         (copied into the device ``NAME_params`` struct the kernels read)."""

@@ -66,7 +66,7 @@ class Extent:
     static: int
     batched: bool = False
 
-    def __mul__(self, other: "Extent") -> "Extent":
+    def __mul__(self, other: Extent) -> Extent:
         if self.batched and other.batched:
             raise AssertionError("B appears once in a format")
         return Extent(self.static * other.static, self.batched or other.batched)

@@ -222,6 +222,25 @@ def cdef(plan: Plan) -> str:
 
 #: Threads of every training kernel block.
 CUDA_BLOCK = 256
+#: The parameter arrays each CUDA training kernel reads. With run-time parameters such a kernel
+#: takes the device ``const NAME_params *params`` first and reaches the arrays through it, as the
+#: forward kernels do; with embedded ones it reads the static __device__ arrays (EMBEDDED_NAMES).
+KERNEL_PARAMS = {
+    "train_forward_save_fused": ("scale", "offset"),
+    "backward_stats": ("scale",),
+    "backward_dx": ("scale",),
+    "backward_frozen_params": ("trained_mean", "trained_variance"),
+    "backward_frozen_dx": ("scale", "trained_variance"),
+}
+#: How kernel bodies name the embedded parameter arrays (scale/offset are the forward's arrays).
+EMBEDDED_NAMES = {
+    "scale": "scale",
+    "offset": "offset",
+    "trained_mean": "train_trained_mean",
+    "trained_variance": "train_trained_variance",
+}
+#: Scalar (by value, accumulation type) arguments of the update kernel.
+SCALAR_ARGS = ("learn_rate", "l2", "momentum")
 #: Element-wise training kernels stride over the tensor with at most this many blocks.
 CUDA_ELEM_MAX_BLOCKS = 65536
 CUDA_MAX_GRID = 2**31 - 1
@@ -282,6 +301,58 @@ class TrainCuda:
     batchnorm: bool
     running: bool  # batch norm: train_forward_save updates the running statistics
     launchers: list[Function]
+    runtime_params: bool = False  # parameters come from a device NAME_params struct
+    update: bool = False  # NAME_update (run-time parameters only)
+
+    @property
+    def params_type(self) -> str:
+        return f"{self.name}_params"
+
+    @property
+    def embedded_statistics(self) -> bool:
+        """Batch norm with embedded parameters: backward_frozen's trained statistics are static
+        __device__ arrays of the .cu (with run-time parameters they are read from the struct)."""
+        return self.batchnorm and not self.runtime_params
+
+    @property
+    def ref(self) -> dict[str, str]:
+        """How a kernel body names each parameter array: the embedded arrays, or (run-time
+        parameters) the locals that :meth:`param_locals` declares from the struct."""
+        if self.runtime_params:
+            return {k: k for k in EMBEDDED_NAMES}
+        return dict(EMBEDDED_NAMES)
+
+    def reads(self, part: str) -> tuple[str, ...]:
+        """The parameter arrays kernel ``part`` reads."""
+        return KERNEL_PARAMS.get(part, ())
+
+    def takes_params(self, part: str) -> bool:
+        """Whether kernel ``part`` takes the params struct (first): run-time parameters it reads."""
+        return self.runtime_params and bool(self.reads(part))
+
+    def param_lead(self, part: str) -> str:
+        """The kernel's leading parameter: ``const NAME_params *params, `` or nothing."""
+        return f"const {self.params_type} *params, " if self.takes_params(part) else ""
+
+    def param_arg(self, part: str) -> str:
+        """The launcher's leading kernel argument: ``(void *)&params, `` or nothing."""
+        return "(void *)&params, " if self.takes_params(part) else ""
+
+    def param_locals(self, part: str) -> str:
+        """Lines opening the kernel body that reach each parameter array it reads through the
+        struct (``const acc_t *scale = params->scale;``), as the forward kernels do; nothing with
+        embedded parameters."""
+        if not self.takes_params(part):
+            return ""
+        return "".join(f"    const acc_t *{k} = params->{k};\n" for k in self.reads(part))
+
+    def arg_code(self, arg: str) -> str:
+        """pycuda's prepare() code of a launch argument: int32 batch, A scalars, else a pointer."""
+        if arg == "batch":
+            return "i"
+        if arg in SCALAR_ARGS:
+            return "f" if self.A == "float" else "d"
+        return "P"
 
     @property
     def kept(self) -> list[FlatAxis]:
@@ -314,6 +385,8 @@ class TrainCuda:
                 "accumulate_count",
                 "finalize_kernel",
             ]
+        if self.update:
+            parts.append("update_kernel")
         return [self.kernel(p) for p in parts]
 
     def workspace_size(self, batch: int) -> int:
@@ -366,14 +439,27 @@ class TrainCuda:
                     ],
                 }
             )
+        if self.update:
+            table["update"] = [
+                CudaLaunch(
+                    k("update_kernel"),
+                    -(-c // CUDA_BLOCK),
+                    b,
+                    ("params", "dscale", "doffset", "velocity_scale", "velocity_offset", *SCALAR_ARGS),
+                )
+            ]
         if role not in table:
             raise KeyError(f"layer {self.name!r} has no CUDA training function {role!r}")
+        out = []
         for launch in table[role]:
             if launch.grid > CUDA_MAX_GRID:
                 from .errors import NormgenError
 
                 raise NormgenError(f"layer {self.name!r}: the batch is too large for one grid ({launch.grid} blocks)")
-        return table[role]
+            if self.takes_params(launch.kernel[len(self.name) + 1 :]):
+                launch = CudaLaunch(launch.kernel, launch.grid, launch.block, ("params", *launch.args))
+            out.append(launch)
+        return out
 
 
 def lower_train_cuda(plan: Plan, T: str, A: str) -> TrainCuda:
@@ -391,6 +477,9 @@ def lower_train_cuda(plan: Plan, T: str, A: str) -> TrainCuda:
             per_channel = per_channel * a.extent
     bn = plan.kind == "batchnorm"
     name = plan.name
+    # run-time parameters: the functions that read parameters take the device struct first
+    lead = [f"const {name}_params *params"] if plan.runtime_params else []
+    lead_ptr = ["params"] if plan.runtime_params else []
     running = ["{T} *running_mean", "{T} *running_var"] if bn else []
     grads = [f"{T} *dx", f"{A} *dscale", f"{A} *doffset", "int32_t batch"]
     ws = ["void *workspace", "size_t workspace_bytes", "cudaStream_t stream"]
@@ -399,7 +488,8 @@ def lower_train_cuda(plan: Plan, T: str, A: str) -> TrainCuda:
         Function(
             "train_forward_save",
             f"{name}_train_forward_save",
-            [
+            lead
+            + [
                 f"const {T} *x",
                 f"{T} *y",
                 "int32_t batch",
@@ -408,7 +498,7 @@ def lower_train_cuda(plan: Plan, T: str, A: str) -> TrainCuda:
                 "double *saved_invstd",
                 "cudaStream_t stream",
             ],
-            ["x", "y", *(["running_mean", "running_var"] if bn else []), "saved_mean", "saved_invstd"],
+            lead_ptr + ["x", "y", *(["running_mean", "running_var"] if bn else []), "saved_mean", "saved_invstd"],
             (
                 "Training forward that also saves each statistic's mean and 1/sqrt(var + epsilon) (double,"
                 f"\n * {plan.upper}_SAVED_STATISTICS(batch) of each) for {name}_backward_saved"
@@ -421,8 +511,8 @@ def lower_train_cuda(plan: Plan, T: str, A: str) -> TrainCuda:
         Function(
             "backward",
             f"{name}_backward",
-            [f"const {T} *x", f"const {T} *dy", *grads, *ws],
-            ["x", "dy", "dx", "dscale", "doffset"],
+            lead + [f"const {T} *x", f"const {T} *dy", *grads, *ws],
+            lead_ptr + ["x", "dy", "dx", "dscale", "doffset"],
             (
                 "Backward of the training forward, statistics recomputed from x: dx, and dscale/doffset"
                 f"\n * ({A}, one per channel). dx may be x or dy. workspace: {name}_backward_workspace_size(batch)"
@@ -433,8 +523,16 @@ def lower_train_cuda(plan: Plan, T: str, A: str) -> TrainCuda:
         Function(
             "backward_saved",
             f"{name}_backward_saved",
-            [f"const {T} *x", f"const {T} *dy", "const double *saved_mean", "const double *saved_invstd", *grads, *ws],
-            ["x", "dy", "saved_mean", "saved_invstd", "dx", "dscale", "doffset"],
+            lead
+            + [
+                f"const {T} *x",
+                f"const {T} *dy",
+                "const double *saved_mean",
+                "const double *saved_invstd",
+                *grads,
+                *ws,
+            ],
+            lead_ptr + ["x", "dy", "saved_mean", "saved_invstd", "dx", "dscale", "doffset"],
             (f"{name}_backward with the statistics saved by {name}_train_forward_save." + doc_dev),
             [],
         ),
@@ -444,8 +542,8 @@ def lower_train_cuda(plan: Plan, T: str, A: str) -> TrainCuda:
             Function(
                 "backward_frozen",
                 f"{name}_backward_frozen",
-                [f"const {T} *x", f"const {T} *dy", *grads, "cudaStream_t stream"],
-                ["x", "dy", "dx", "dscale", "doffset"],
+                lead + [f"const {T} *x", f"const {T} *dy", *grads, "cudaStream_t stream"],
+                lead_ptr + ["x", "dy", "dx", "dscale", "doffset"],
                 (
                     "Backward with the trained statistics held fixed (the gradient of predict). dx may be x or dy."
                     + doc_dev
@@ -483,6 +581,33 @@ def lower_train_cuda(plan: Plan, T: str, A: str) -> TrainCuda:
                 [],
             ),
         ]
+    if plan.runtime_params:
+        fns.append(
+            Function(
+                "update",
+                f"{name}_update",
+                [
+                    f"{name}_params *params",
+                    f"const {A} *dscale",
+                    f"const {A} *doffset",
+                    f"{A} *velocity_scale",
+                    f"{A} *velocity_offset",
+                    f"{A} learn_rate",
+                    f"{A} l2",
+                    f"{A} momentum",
+                    "cudaStream_t stream",
+                ],
+                ["params", "dscale", "doffset", "velocity_scale", "velocity_offset"],
+                (
+                    "One SGD-with-momentum step (MATLAB 'sgdm') on params->scale and params->offset, one thread"
+                    " per channel:\n *   v = momentum * v - learn_rate * lr_factor * (grad + l2 * l2_factor * p);"
+                    " p = p + v\n * with the layer's ScaleLearnRateFactor/OffsetLearnRateFactor and"
+                    f" ScaleL2Factor/OffsetL2Factor, in {A}.\n * velocity_scale/velocity_offset (one per channel)"
+                    " start at zero and carry between steps." + doc_dev
+                ),
+                [],
+            )
+        )
     return TrainCuda(
         name=name,
         T=T,
@@ -496,4 +621,6 @@ def lower_train_cuda(plan: Plan, T: str, A: str) -> TrainCuda:
         batchnorm=bn,
         running=bn,
         launchers=fns,
+        runtime_params=plan.runtime_params,
+        update=plan.runtime_params,
     )

@@ -3,7 +3,9 @@ parameter update and population statistics on the compiled layers of each target
 
 :class:`TrainingBench` holds what every target shares (argument checks, velocity state, the
 error for embedded parameters); each target supplies ``_call(role, *arrays, ...)``-style
-primitives in its own mixin (:class:`CTraining` for the C target).
+primitives in its own mixin (:class:`CTraining` for the C target, :class:`CudaTraining` for
+CUDA). Both have the same methods; with ``param_storage="runtime"`` ``.update(...)`` steps the
+run-time parameters (the C struct, or the CUDA device struct) and ``.get_params()`` reads them.
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ class TrainingBench:
             raise NormgenError(f"layer {self.layer.name!r}: dy has shape {dy.shape}, x has {x.shape}")
         return np.ascontiguousarray(dy, dtype=self.dtype)
 
-    def _per_channel(self, name: str, values: np.ndarray) -> np.ndarray:
-        values = np.ascontiguousarray(values, dtype=self.dtype).reshape(-1)
+    def _per_channel(self, name: str, values: np.ndarray, dtype=None) -> np.ndarray:
+        values = np.ascontiguousarray(values, dtype=self.dtype if dtype is None else dtype).reshape(-1)
         if values.size != self.layer.channels:
             raise NormgenError(f"{name} needs {self.layer.channels} values (one per channel), got {values.size}")
         return values
@@ -204,10 +206,13 @@ class CudaTraining(TrainingBench):
         return np.dtype(np.float64 if self._tc().A == "double" else np.float32)
 
     def _train_launch(self, role: str, batch: int, values: dict) -> None:
+        tc = self._tc()
         values = dict(values, batch=np.int32(batch), null=np.intp(0))
-        for launch in self._tc().launches(role, batch):
+        if tc.runtime_params:
+            values.setdefault("params", self._params)  # the device NAME_params struct
+        for launch in tc.launches(role, batch):
             fn = self.module.get_function(launch.kernel)
-            fn.prepare("".join("i" if a == "batch" else "P" for a in launch.args))
+            fn.prepare("".join(tc.arg_code(a) for a in launch.args))
             fn.prepared_call((launch.grid, 1), launch.block, *[values[a] for a in launch.args])
         self._drv.Context.synchronize()
 
@@ -289,11 +294,43 @@ class CudaTraining(TrainingBench):
         self._require_batchnorm("backward_frozen")
         return self._backward("backward_frozen", x, dy)
 
-    def update(self, dscale, doffset, **_):
-        raise NormgenError(
-            f"update needs run-time parameters, which the cuda target does not support yet (layer"
-            f" {self.layer.name!r}: its parameters are compiled into the .cu); use the c target's bench"
-        )
+    def reset_velocity(self) -> None:
+        """Zero the momentum state that :meth:`update` carries between steps (accumulation type,
+        like the parameters on the device)."""
+        acc = self._acc_dtype()
+        self.velocity_scale = np.zeros(self.layer.channels, dtype=acc)
+        self.velocity_offset = np.zeros(self.layer.channels, dtype=acc)
+
+    def update(
+        self,
+        dscale,
+        doffset,
+        *,
+        learn_rate: float = SGDM_DEFAULTS["learn_rate"],
+        l2: float = SGDM_DEFAULTS["l2"],
+        momentum: float = SGDM_DEFAULTS["momentum"],
+    ) -> None:
+        """One SGD-with-momentum step (the ``NAME_update`` kernel) on the device parameter struct,
+        keeping the velocities in ``velocity_scale``/``velocity_offset``; :meth:`get_params`
+        returns the updated values. Defaults: MATLAB's sgdm defaults."""
+        self._require_runtime("update")
+        if not hasattr(self, "velocity_scale"):
+            self.reset_velocity()
+        acc = self._acc_dtype()
+        ds, do = (self._gpu(self._per_channel(n, g, acc)) for n, g in (("dscale", dscale), ("doffset", doffset)))
+        vs, vo = self._gpu(self.velocity_scale.astype(acc)), self._gpu(self.velocity_offset.astype(acc))
+        values = {
+            "dscale": ds.gpudata,
+            "doffset": do.gpudata,
+            "velocity_scale": vs.gpudata,
+            "velocity_offset": vo.gpudata,
+            "learn_rate": acc.type(learn_rate),
+            "l2": acc.type(l2),
+            "momentum": acc.type(momentum),
+        }
+        self._train_launch("update", 1, values)
+        self.velocity_scale, self.velocity_offset = vs.get(), vo.get()
+        self._download_params()
 
     def _stats_buffer(self):
         if getattr(self, "_stats_gpu", None) is None:
@@ -319,7 +356,8 @@ class CudaTraining(TrainingBench):
         return float(out[0])
 
     def finalize(self):
-        """(trained mean, trained variance) in the accumulation type."""
+        """(trained mean, trained variance) in the accumulation type. With run-time parameters
+        they are written into the device parameter struct (so predict uses them) as well."""
         self._require_batchnorm("population statistics")
         need = 2 if self.plan.running_unbiased else 1
         if self.stats_count < need:
@@ -329,4 +367,7 @@ class CudaTraining(TrainingBench):
         self._train_launch(
             "finalize", 1, {"acc": self._stats_buffer(), "trained_mean": mean.gpudata, "trained_variance": var.gpudata}
         )
-        return mean.get(), var.get()
+        mean, var = mean.get(), var.get()
+        if self.plan.runtime_params:
+            self.set_params(trained_mean=mean, trained_variance=var)
+        return mean, var

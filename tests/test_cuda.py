@@ -195,22 +195,8 @@ def test_runtime_params_take_a_params_struct():
                 assert (L.args[0] == "params") == (not L.kernel.endswith(("_partial", "_finalize")))
 
 
-def forward_only(layer) -> dict[str, str]:
-    """The layer's CUDA files without the training half that templates/cuda/layer.*.j2 include
-    (cuda/train.*.j2, tested with the training code), rendered with those templates empty."""
-    import jinja2
-
-    from normgen import render
-
-    base = render.environment()
-    env = base.overlay(loader=jinja2.ChoiceLoader(
-        [jinja2.DictLoader({"cuda/train.cu.j2": "", "cuda/train.cuh.j2": ""}), base.loader]))
-    plan = lower(layer, "cuda")
-    return {pat.format(name=plan.name): env.get_template(tpl).render(plan=plan) for pat, tpl in render.FILES["cuda"]}
-
-
-#: Run-time parameters (a device params struct): tested on the forward half only, since the
-#: training half does not take run-time parameters yet.
+#: Run-time parameters (a device params struct). Their training half (backward, update) is tested
+#: in tests/test_cuda_training.py.
 RUNTIME_LAYERS = [
     LayerNorm(name="rt_ln", format="BTC", shape=[5, 12], param_storage="runtime", epsilon=1e-6),
     BatchNorm(name="rt_bn", format="BCSS", shape=[3, 8, 8], param_storage="runtime", dtype="float16",
@@ -221,10 +207,6 @@ RUNTIME_LAYERS = [
     InstanceNorm(name="rt_in", format="SBSC", shape=[3, 4, 5], param_storage="runtime", dtype="float64",
                  scale=np.linspace(0.5, 1.5, 5)),
 ]
-
-
-def _files(layer) -> dict[str, str]:
-    return forward_only(layer) if layer.param_storage == "runtime" else emit(layer, "cuda")
 
 
 # ---- 2. nvcc compile checks ---------------------------------------------------------------------
@@ -257,7 +239,7 @@ def compiled(tmp_path_factory):
     root = tmp_path_factory.mktemp("nvcc")
     layers = _compile_grid()
     for layer in layers:
-        for fname, text in _files(layer).items():
+        for fname, text in emit(layer, "cuda").items():
             (root / fname).write_text(text)
     size = -(-len(layers) // 4)
     chunks = [layers[i:i + size] for i in range(0, len(layers), size)]
@@ -318,7 +300,7 @@ class Emulator:
         if exe.exists():
             return exe
         d.mkdir(exist_ok=True)
-        for fname, text in _files(layer).items():
+        for fname, text in emit(layer, "cuda").items():
             (d / fname).write_text(text)
         train = ["-DHAS_TRAIN"] if layer.kind == "batchnorm" else []
         if layer.param_storage == "runtime":
@@ -521,7 +503,7 @@ def test_emulated_odd_sizes(emulator, layer):
 def test_emulated_runtime_params(emulator, layer):
     """param_storage="runtime": the kernels read the device params struct (NAME_params_init's
     values here; there are no embedded parameter arrays to fall back on)."""
-    assert "static __device__ const acc_t scale" not in _files(layer)[f"{layer.name}.cu"]
+    assert "static __device__ const acc_t scale" not in emit(layer, "cuda")[f"{layer.name}.cu"]
     _emulate(emulator, layer, 2, ws=False)
     _emulate(emulator, layer, 3, ws=True, seed=1)
     if layer.kind == "batchnorm":
@@ -794,7 +776,6 @@ def test_cuda_layer_marshalling_without_gpu(monkeypatch, tmp_path):
     with pytest.raises(NormgenError, match="GPUArray input must be"):
         cl.predict(_FakeArray(x.astype(np.float32)))
     calls.clear()
-    monkeypatch.setattr(nc, "emit", lambda layer, target: _files(layer))  # the forward half, see RUNTIME_LAYERS
     rt = nc.CudaLayer(RUNTIME_LAYERS[0])
     rt.set_params(scale=np.full(12, 2.0))
     assert rt.get_params()["scale"][0] == 2.0

@@ -513,7 +513,9 @@ def lower_cuda(layer):
 
 class EmulatedLayer:
     """The generated CUDA launchers run on the CPU through tests/cuda_emu (device pointers are host
-    pointers there), called with ctypes on NumPy arrays."""
+    pointers there), called with ctypes on NumPy arrays. With run-time parameters ``params`` is
+    the NAME_params struct (the parameter arrays back to back, in the accumulation type), filled
+    by NAME_params_init, and ``lead`` passes it first to the functions that take it."""
 
     def __init__(self, lib, layer):
         import ctypes
@@ -525,6 +527,11 @@ class EmulatedLayer:
                                  "bfloat16": np.uint16}[layer.dtype])  # fmt: skip
         self.acc = np.dtype(np.float64 if self.tc.A == "double" else np.float32)
         getattr(lib, f"{layer.name}_backward_workspace_size").restype = ctypes.c_size_t
+        self.params, self.lead = None, ()
+        if self.tc.runtime_params:
+            self.params = np.zeros((len(layer.parameter_arrays()), layer.channels), self.acc)
+            assert self.fn("params_init")(self.p(self.params)) == 0
+            self.lead = (self.p(self.params),)
 
     def fn(self, role):
         return getattr(self.lib, f"{self.layer.name}_{role}")
@@ -555,20 +562,20 @@ class EmulatedLayer:
         batch = reference.batch_of(self.layer, x)
         ws, n = self.workspace(batch)
         if saved is None:
-            rc = self.fn("backward")(self.p(xs), self.p(dys), self.p(dx), self.p(ds), self.p(do), batch,
+            rc = self.fn("backward")(*self.lead, self.p(xs), self.p(dys), self.p(dx), self.p(ds), self.p(do), batch,
                                      self.p(ws), self.ct.c_size_t(n), None)  # fmt: skip
         else:
             sm, si = (np.ascontiguousarray(a, np.float64) for a in saved)
-            rc = self.fn("backward_saved")(self.p(xs), self.p(dys), self.p(sm), self.p(si), self.p(dx), self.p(ds),
-                                           self.p(do), batch, self.p(ws), self.ct.c_size_t(n), None)  # fmt: skip
+            rc = self.fn("backward_saved")(*self.lead, self.p(xs), self.p(dys), self.p(sm), self.p(si), self.p(dx),
+                                           self.p(ds), self.p(do), batch, self.p(ws), self.ct.c_size_t(n),
+                                           None)  # fmt: skip
         assert rc == 0, rc
         return self.load(dx), ds, do
 
 
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
-    """One shared library: every CUDA_GRID layer's .cu (kernels and launchers) + the emulator;
-    cached like the compiled C modules (by the sources, the flags and g++'s version)."""
+def emulated_library(layers, tmp_path_factory, tag="train"):
+    """One shared library: every layer's .cu (kernels and launchers) + the emulator, loaded with
+    ctypes; cached like the compiled C modules (by the sources, the flags and g++'s version)."""
     if GXX is None or CUDA_INCLUDE is None or not (EMU / "emu.h").is_file():
         pytest.skip("the CPU emulator needs g++, the CUDA headers and tests/cuda_emu")
     import ctypes
@@ -577,26 +584,32 @@ def emulated(tmp_path_factory):
     from normgen.build import _key, cache_dir, compiler_version
 
     flags = ["-std=c++17", "-O1", "-w", "-fPIC"]
-    sources = {fname: text for la in CUDA_GRID for fname, text in emit(la, "cuda").items()}
+    sources = {fname: text for la in layers for fname, text in emit(la, "cuda").items()}
     emu_files = {name: (EMU / name).read_text() for name in ("emu.h", "emu.cpp", "cuda_runtime.h")}
     key = _key([*sources.values(), *emu_files.values(), *flags, str(CUDA_INCLUDE), compiler_version(GXX)])
-    lib = cache_dir() / f"_train_emu_{key}.so"
+    lib = cache_dir() / f"_{tag}_emu_{key}.so"
     if not lib.exists():
-        root = tmp_path_factory.mktemp("train_emu")
+        root = tmp_path_factory.mktemp(f"{tag}_emu")
         for fname, text in {**sources, **emu_files}.items():
             (root / fname).write_text(text)
         inc = [f"-I{root}", f"-I{CUDA_INCLUDE}"]
         cmds = [[GXX, *flags, *inc, "-c", str(root / "emu.cpp"), "-o", str(root / "emu.o")]]
-        for layer in CUDA_GRID:
+        for layer in layers:
             cmds.append([GXX, *flags, *inc, "-include", "emu.h", "-x", "c++", "-c", str(root / f"{layer.name}.cu"),
                          "-o", str(root / f"{layer.name}.o")])  # fmt: skip
         with ThreadPoolExecutor(max_workers=2) as pool:
             for proc in pool.map(lambda c: subprocess.run(c, capture_output=True, text=True), cmds):
                 assert proc.returncode == 0, proc.stderr[:4000]
-        objs = [str(root / f"{la.name}.o") for la in CUDA_GRID] + [str(root / "emu.o")]
+        objs = [str(root / f"{la.name}.o") for la in layers] + [str(root / "emu.o")]
         subprocess.run([GXX, "-shared", *objs, "-o", str(root / "train.so"), "-ldl"], check=True)
         os.replace(root / "train.so", lib)
     return ctypes.CDLL(str(lib))
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    """The CUDA_GRID layers under the emulator (emulated_library)."""
+    return emulated_library(CUDA_GRID, tmp_path_factory)
 
 
 def _cuda_close(got, want, layer, what):

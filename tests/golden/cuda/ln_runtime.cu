@@ -649,6 +649,7 @@ extern "C" int ln_runtime_predict_ws(const ln_runtime_params *params, const floa
  *   ln_runtime_backward_stats
  *   ln_runtime_backward_params
  *   ln_runtime_backward_dx
+ *   ln_runtime_update_kernel
  * Statistics blocks shift by their first element x0 and sum in fixed order, as the forward does. */
 
 namespace normgen_ln_runtime {
@@ -702,8 +703,10 @@ static size_t train_elem_grid(size_t nb)
 
 /* train_forward_save: one block per statistic: shifted two-pass statistics, the saved mean and
  * 1/sqrt(var + epsilon), then y. */
-extern "C" __global__ void __launch_bounds__(256) ln_runtime_train_forward_save_fused(const elem_t *x, elem_t *y, int batch, double *saved_mean, double *saved_invstd)
+extern "C" __global__ void __launch_bounds__(256) ln_runtime_train_forward_save_fused(const ln_runtime_params *params, const elem_t *x, elem_t *y, int batch, double *saved_mean, double *saved_invstd)
 {
+    const acc_t *scale = params->scale;
+    const acc_t *offset = params->offset;
     const size_t nb = (size_t)batch;
     (void)nb;
     const size_t s = blockIdx.x;
@@ -776,8 +779,9 @@ extern "C" __global__ void __launch_bounds__(256) ln_runtime_train_forward_save_
 /* backward 1 of 3: one block per statistic. ws holds, per statistic, the mean as hi + lo,
  * 1/sqrt(var + epsilon), mean(g) and mean(g * xhat) with g = scale * dy. The statistics come from
  * saved_mean/saved_invstd, or (NULL) are recomputed from x. */
-extern "C" __global__ void __launch_bounds__(256) ln_runtime_backward_stats(const elem_t *x, const elem_t *dy, int batch, const double *saved_mean, const double *saved_invstd, acc_t *ws)
+extern "C" __global__ void __launch_bounds__(256) ln_runtime_backward_stats(const ln_runtime_params *params, const elem_t *x, const elem_t *dy, int batch, const double *saved_mean, const double *saved_invstd, acc_t *ws)
 {
+    const acc_t *scale = params->scale;
     const size_t nb = (size_t)batch;
     (void)nb;
     const size_t s = blockIdx.x;
@@ -909,8 +913,9 @@ extern "C" __global__ void __launch_bounds__(256) ln_runtime_backward_params(con
 
 /* backward 3 of 3: dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + epsilon), element-wise
  * (after 2 of 3 has read dy: dx may be dy). */
-extern "C" __global__ void __launch_bounds__(256) ln_runtime_backward_dx(const elem_t *x, const elem_t *dy, elem_t *dx, int batch, const acc_t *ws)
+extern "C" __global__ void __launch_bounds__(256) ln_runtime_backward_dx(const ln_runtime_params *params, const elem_t *x, const elem_t *dy, elem_t *dx, int batch, const acc_t *ws)
 {
+    const acc_t *scale = params->scale;
     const size_t nb = (size_t)batch;
     (void)nb;
     const size_t nstat = nb * 16;
@@ -938,6 +943,21 @@ extern "C" __global__ void __launch_bounds__(256) ln_runtime_backward_dx(const e
     }
 }
 
+/* update: one thread per channel, one SGD-with-momentum step (MATLAB 'sgdm') on the run-time scale
+ * and offset: v = momentum * v - learn_rate * lr_factor * (grad + l2 * l2_factor * p); p = p + v. */
+extern "C" __global__ void __launch_bounds__(256) ln_runtime_update_kernel(ln_runtime_params *params, const acc_t *dscale, const acc_t *doffset, acc_t *velocity_scale, acc_t *velocity_offset, acc_t learn_rate, acc_t l2, acc_t momentum)
+{
+    const size_t c = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c < 8) {
+        const acc_t vs = momentum * velocity_scale[c] - learn_rate * 1.0f * (dscale[c] + l2 * 1.0f * params->scale[c]);
+        const acc_t vo = momentum * velocity_offset[c] - learn_rate * 1.0f * (doffset[c] + l2 * 1.0f * params->offset[c]);
+        params->scale[c] += vs;
+        params->offset[c] += vo;
+        velocity_scale[c] = vs;
+        velocity_offset[c] = vo;
+    }
+}
+
 } /* namespace normgen_ln_runtime */
 
 /* ---- training launchers ----------------------------------------------------------------------- */
@@ -955,9 +975,12 @@ extern "C" size_t ln_runtime_backward_workspace_size(int32_t batch)
 /* Training forward that also saves each statistic's mean and 1/sqrt(var + epsilon) (double,
  * LN_RUNTIME_SAVED_STATISTICS(batch) of each) for ln_runtime_backward_saved; y is what predict computes. y may be x.
  * All pointers are device pointers; the kernels are queued on stream. */
-extern "C" int ln_runtime_train_forward_save(const float *x, float *y, int32_t batch, double *saved_mean, double *saved_invstd, cudaStream_t stream)
+extern "C" int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *x, float *y, int32_t batch, double *saved_mean, double *saved_invstd, cudaStream_t stream)
 {
     using namespace normgen_ln_runtime;
+    if (params == NULL) {
+        return LN_RUNTIME_ERR_NULL;
+    }
     if (x == NULL) {
         return LN_RUNTIME_ERR_NULL;
     }
@@ -979,7 +1002,7 @@ extern "C" int ln_runtime_train_forward_save(const float *x, float *y, int32_t b
         return LN_RUNTIME_ERR_BATCH;
     }
     int b = batch;
-    void *args[] = {(void *)&x, (void *)&y, (void *)&b, (void *)&saved_mean, (void *)&saved_invstd};
+    void *args[] = {(void *)&params, (void *)&x, (void *)&y, (void *)&b, (void *)&saved_mean, (void *)&saved_invstd};
     if (train_launch_failed(cudaLaunchKernel(ln_runtime_train_forward_save_fused, dim3((unsigned int)(nb * 16)), dim3(256), args, 0, stream))) {
         return LN_RUNTIME_ERR_LAUNCH;
     }
@@ -990,9 +1013,12 @@ extern "C" int ln_runtime_train_forward_save(const float *x, float *y, int32_t b
  * (float, one per channel). dx may be x or dy. workspace: ln_runtime_backward_workspace_size(batch)
  * bytes, 16-byte aligned.
  * All pointers are device pointers; the kernels are queued on stream. */
-extern "C" int ln_runtime_backward(const float *x, const float *dy, float *dx, float *dscale, float *doffset, int32_t batch, void *workspace, size_t workspace_bytes, cudaStream_t stream)
+extern "C" int ln_runtime_backward(const ln_runtime_params *params, const float *x, const float *dy, float *dx, float *dscale, float *doffset, int32_t batch, void *workspace, size_t workspace_bytes, cudaStream_t stream)
 {
     using namespace normgen_ln_runtime;
+    if (params == NULL) {
+        return LN_RUNTIME_ERR_NULL;
+    }
     if (x == NULL) {
         return LN_RUNTIME_ERR_NULL;
     }
@@ -1024,9 +1050,9 @@ extern "C" int ln_runtime_backward(const float *x, const float *dy, float *dx, f
     const acc_t *cws = ws;
     const double *saved_mean = NULL;
     const double *saved_invstd = NULL;
-    void *sargs[] = {(void *)&x, (void *)&dy, (void *)&b, (void *)&saved_mean, (void *)&saved_invstd, (void *)&ws};
+    void *sargs[] = {(void *)&params, (void *)&x, (void *)&dy, (void *)&b, (void *)&saved_mean, (void *)&saved_invstd, (void *)&ws};
     void *pargs[] = {(void *)&x, (void *)&dy, (void *)&b, (void *)&cws, (void *)&dscale, (void *)&doffset};
-    void *dargs[] = {(void *)&x, (void *)&dy, (void *)&dx, (void *)&b, (void *)&cws};
+    void *dargs[] = {(void *)&params, (void *)&x, (void *)&dy, (void *)&dx, (void *)&b, (void *)&cws};
     if (train_launch_failed(cudaLaunchKernel(ln_runtime_backward_stats, dim3((unsigned int)(nb * 16)), dim3(256), sargs, 0, stream)) ||
         train_launch_failed(cudaLaunchKernel(ln_runtime_backward_params, dim3(8), dim3(256), pargs, 0, stream)) ||
         train_launch_failed(cudaLaunchKernel(ln_runtime_backward_dx, dim3((unsigned int)train_elem_grid(nb)), dim3(256), dargs, 0, stream))) {
@@ -1037,9 +1063,12 @@ extern "C" int ln_runtime_backward(const float *x, const float *dy, float *dx, f
 
 /* ln_runtime_backward with the statistics saved by ln_runtime_train_forward_save.
  * All pointers are device pointers; the kernels are queued on stream. */
-extern "C" int ln_runtime_backward_saved(const float *x, const float *dy, const double *saved_mean, const double *saved_invstd, float *dx, float *dscale, float *doffset, int32_t batch, void *workspace, size_t workspace_bytes, cudaStream_t stream)
+extern "C" int ln_runtime_backward_saved(const ln_runtime_params *params, const float *x, const float *dy, const double *saved_mean, const double *saved_invstd, float *dx, float *dscale, float *doffset, int32_t batch, void *workspace, size_t workspace_bytes, cudaStream_t stream)
 {
     using namespace normgen_ln_runtime;
+    if (params == NULL) {
+        return LN_RUNTIME_ERR_NULL;
+    }
     if (x == NULL) {
         return LN_RUNTIME_ERR_NULL;
     }
@@ -1075,12 +1104,42 @@ extern "C" int ln_runtime_backward_saved(const float *x, const float *dy, const 
     }
     acc_t *ws = (acc_t *)workspace;
     const acc_t *cws = ws;
-    void *sargs[] = {(void *)&x, (void *)&dy, (void *)&b, (void *)&saved_mean, (void *)&saved_invstd, (void *)&ws};
+    void *sargs[] = {(void *)&params, (void *)&x, (void *)&dy, (void *)&b, (void *)&saved_mean, (void *)&saved_invstd, (void *)&ws};
     void *pargs[] = {(void *)&x, (void *)&dy, (void *)&b, (void *)&cws, (void *)&dscale, (void *)&doffset};
-    void *dargs[] = {(void *)&x, (void *)&dy, (void *)&dx, (void *)&b, (void *)&cws};
+    void *dargs[] = {(void *)&params, (void *)&x, (void *)&dy, (void *)&dx, (void *)&b, (void *)&cws};
     if (train_launch_failed(cudaLaunchKernel(ln_runtime_backward_stats, dim3((unsigned int)(nb * 16)), dim3(256), sargs, 0, stream)) ||
         train_launch_failed(cudaLaunchKernel(ln_runtime_backward_params, dim3(8), dim3(256), pargs, 0, stream)) ||
         train_launch_failed(cudaLaunchKernel(ln_runtime_backward_dx, dim3((unsigned int)train_elem_grid(nb)), dim3(256), dargs, 0, stream))) {
+        return LN_RUNTIME_ERR_LAUNCH;
+    }
+    return LN_RUNTIME_OK;
+}
+
+/* One SGD-with-momentum step (MATLAB 'sgdm') on params->scale and params->offset, one thread per channel:
+ *   v = momentum * v - learn_rate * lr_factor * (grad + l2 * l2_factor * p); p = p + v
+ * with the layer's ScaleLearnRateFactor/OffsetLearnRateFactor and ScaleL2Factor/OffsetL2Factor, in float.
+ * velocity_scale/velocity_offset (one per channel) start at zero and carry between steps.
+ * All pointers are device pointers; the kernels are queued on stream. */
+extern "C" int ln_runtime_update(ln_runtime_params *params, const float *dscale, const float *doffset, float *velocity_scale, float *velocity_offset, float learn_rate, float l2, float momentum, cudaStream_t stream)
+{
+    using namespace normgen_ln_runtime;
+    if (params == NULL) {
+        return LN_RUNTIME_ERR_NULL;
+    }
+    if (dscale == NULL) {
+        return LN_RUNTIME_ERR_NULL;
+    }
+    if (doffset == NULL) {
+        return LN_RUNTIME_ERR_NULL;
+    }
+    if (velocity_scale == NULL) {
+        return LN_RUNTIME_ERR_NULL;
+    }
+    if (velocity_offset == NULL) {
+        return LN_RUNTIME_ERR_NULL;
+    }
+    void *args[] = {(void *)&params, (void *)&dscale, (void *)&doffset, (void *)&velocity_scale, (void *)&velocity_offset, (void *)&learn_rate, (void *)&l2, (void *)&momentum};
+    if (train_launch_failed(cudaLaunchKernel(ln_runtime_update_kernel, dim3(1), dim3(256), args, 0, stream))) {
         return LN_RUNTIME_ERR_LAUNCH;
     }
     return LN_RUNTIME_OK;

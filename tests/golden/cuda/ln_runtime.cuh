@@ -88,17 +88,24 @@ size_t ln_runtime_backward_workspace_size(int32_t batch);
 /* Training forward that also saves each statistic's mean and 1/sqrt(var + epsilon) (double,
  * LN_RUNTIME_SAVED_STATISTICS(batch) of each) for ln_runtime_backward_saved; y is what predict computes. y may be x.
  * All pointers are device pointers; the kernels are queued on stream. */
-int ln_runtime_train_forward_save(const float *x, float *y, int32_t batch, double *saved_mean, double *saved_invstd, cudaStream_t stream);
+int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *x, float *y, int32_t batch, double *saved_mean, double *saved_invstd, cudaStream_t stream);
 
 /* Backward of the training forward, statistics recomputed from x: dx, and dscale/doffset
  * (float, one per channel). dx may be x or dy. workspace: ln_runtime_backward_workspace_size(batch)
  * bytes, 16-byte aligned.
  * All pointers are device pointers; the kernels are queued on stream. */
-int ln_runtime_backward(const float *x, const float *dy, float *dx, float *dscale, float *doffset, int32_t batch, void *workspace, size_t workspace_bytes, cudaStream_t stream);
+int ln_runtime_backward(const ln_runtime_params *params, const float *x, const float *dy, float *dx, float *dscale, float *doffset, int32_t batch, void *workspace, size_t workspace_bytes, cudaStream_t stream);
 
 /* ln_runtime_backward with the statistics saved by ln_runtime_train_forward_save.
  * All pointers are device pointers; the kernels are queued on stream. */
-int ln_runtime_backward_saved(const float *x, const float *dy, const double *saved_mean, const double *saved_invstd, float *dx, float *dscale, float *doffset, int32_t batch, void *workspace, size_t workspace_bytes, cudaStream_t stream);
+int ln_runtime_backward_saved(const ln_runtime_params *params, const float *x, const float *dy, const double *saved_mean, const double *saved_invstd, float *dx, float *dscale, float *doffset, int32_t batch, void *workspace, size_t workspace_bytes, cudaStream_t stream);
+
+/* One SGD-with-momentum step (MATLAB 'sgdm') on params->scale and params->offset, one thread per channel:
+ *   v = momentum * v - learn_rate * lr_factor * (grad + l2 * l2_factor * p); p = p + v
+ * with the layer's ScaleLearnRateFactor/OffsetLearnRateFactor and ScaleL2Factor/OffsetL2Factor, in float.
+ * velocity_scale/velocity_offset (one per channel) start at zero and carry between steps.
+ * All pointers are device pointers; the kernels are queued on stream. */
+int ln_runtime_update(ln_runtime_params *params, const float *dscale, const float *doffset, float *velocity_scale, float *velocity_offset, float learn_rate, float l2, float momentum, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,546 @@
+"""The CUDA training half with run-time parameters (param_storage="runtime", issue 4).
+
+With run-time parameters every CUDA training function that reads parameters (train_forward_save,
+backward, backward_saved, backward_frozen) takes the device ``const NAME_params *params`` first,
+as the forward launchers do, and ``NAME_update`` runs one SGD-with-momentum step on the device
+struct. Tested here, reusing the helpers of tests/test_training.py and tests/test_cuda.py:
+
+1. the plan (pure Python): launcher signatures, launch arguments, and that every kernel's
+   parameters in the rendered .cu are what the pycuda bench passes (names, order, C types);
+2. nvcc: full runtime-params .cu files (training half included) for every kind, sm_80 and sm_90,
+   warnings as errors, every launcher and kernel exported;
+3. the CPU emulator (tests/cuda_emu): backward, backward_saved, backward_frozen, train_forward_save
+   and update against normgen.reference, with parameters set in the struct at run time (so values
+   compiled into the file cannot pass), updates feeding the next backward, population statistics
+   finalized into the struct; the pycuda bench's ``.update`` with a fake pycuda whose update
+   kernel runs through the emulated launcher;
+4. GPU (pycuda and a device; skipped, saying why, otherwise): CudaLayer's training methods.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_cuda import _kernel_params, needs_gpu
+from test_training import (
+    CUDA_TOL,
+    EmulatedLayer,
+    _bn_stats,
+    _cuda_close,
+    _nvcc_check,
+    _params,
+    emulated_library,
+    lower_cuda,
+    needs_emu,
+    needs_nvcc,
+)
+
+from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, NormgenError, emit, reference
+from normgen.check import random_input
+from normgen.cuda import round_to
+
+#: MATLAB's four factors, away from their defaults, so that the update shows it applies each one.
+FACTORS = dict(scale_learn_rate_factor=2.0, offset_learn_rate_factor=0.5, scale_l2_factor=0.0, offset_l2_factor=3.0)
+
+
+def runtime_layers():
+    """Every kind with run-time parameters, over the CUDA layout families and all four dtypes."""
+    p = dict(_params(13), param_storage="runtime", **FACTORS)
+    return [
+        BatchNorm(name="rbn_nchw32", format="BCSS", shape=[6, 3, 5], **p, **_bn_stats(5), mean_decay=0.2),
+        BatchNorm(name="rbn_nhwc16", format="BSSC", shape=[3, 5, 6], dtype="float16", **p, **_bn_stats(6)),
+        BatchNorm(
+            name="rbn_bc64", format="BC", shape=[6], dtype="float64", running_variance="biased", **p, **_bn_stats(7)
+        ),
+        GroupNorm(name="rgn_nhwc_bf", format="BSSC", shape=[3, 5, 6], num_groups=3, dtype="bfloat16", **p),
+        GroupNorm(name="rgn_sbsc64", format="SBSC", shape=[3, 4, 6], num_groups=2, dtype="float64", **p),  # generic
+        LayerNorm(name="rln_btc32", format="BTC", shape=[4, 6], **p),
+        LayerNorm(
+            name="rln_css16", format="CSS", shape=[6, 3, 5], operation_dimension="batch-excluded", dtype="float16", **p
+        ),
+        InstanceNorm(name="rin_bcu64", format="BCU", shape=[6, 7], dtype="float64", **p),
+        InstanceNorm(name="rin_tbc_bf", format="TBC", shape=[5, 6], dtype="bfloat16", **p),
+    ]
+
+
+RT_GRID = runtime_layers()
+#: Update steps: (learn_rate, l2, momentum).
+STEPS = [(0.05, 0.01, 0.9), (0.1, 0.0, 0.5), (0.02, 0.1, 0.0)]
+
+
+def _by_name(name):
+    return next(la for la in RT_GRID if la.name == name)
+
+
+def _new_params(layer, seed):
+    """Parameter values other than the description's (rounded to float32 when the device keeps
+    them in float, so the reference sees exactly what the kernels read)."""
+    rng = np.random.default_rng(seed)
+    c = layer.channels
+    new = {"scale": rng.normal(0.0, 1.0, c), "offset": rng.normal(0.0, 1.0, c)}
+    if layer.kind == "batchnorm":
+        new.update(trained_mean=rng.normal(0.0, 1.0, c), trained_variance=rng.uniform(0.3, 3.0, c))
+    acc = np.float64 if layer.dtype == "float64" else np.float32
+    return {k: v.astype(acc).astype(np.float64) for k, v in new.items()}
+
+
+def _batches(layer):
+    return (1, 3) if layer.fmt.has_batch else (1,)
+
+
+# ---- 1. the plan --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer", RT_GRID, ids=lambda la: la.name)
+def test_runtime_training_signatures_and_launches(layer):
+    """Functions that read parameters take the device struct first; NAME_update is generated; the
+    launches name params first exactly for the kernels that read parameters."""
+    tc = lower_cuda(layer).train.cuda
+    name, A = layer.name, tc.A
+    reads = {"train_forward_save", "backward", "backward_saved", "backward_frozen"}
+    for f in tc.launchers:
+        assert (f.args[0] == f"const {name}_params *params") == (f.role in reads), f.name
+        assert (f.pointers[:1] == ["params"]) == (f.role in reads or f.role == "update"), f.name
+        assert f.args[-1] == "cudaStream_t stream"
+    update = next(f for f in tc.launchers if f.role == "update")
+    assert update.signature == (
+        f"{name}_update({name}_params *params, const {A} *dscale, const {A} *doffset, {A} *velocity_scale, "
+        f"{A} *velocity_offset, {A} learn_rate, {A} l2, {A} momentum, cudaStream_t stream)"
+    )
+    for role in tc.launchers:
+        for launch in tc.launches(role.role, 2):
+            part = launch.kernel[len(name) + 1 :]
+            assert (launch.args[0] == "params") == bool(tc.reads(part)) or part == "update_kernel", launch
+    assert f"{name}_update_kernel" in tc.kernels
+    # the embedded variant of the same layer: no struct, no update
+    emb = lower_cuda(layer.replace(param_storage="embedded")).train.cuda
+    assert not emb.update and all("params" not in f.args[0] for f in emb.launchers)
+    assert all("params" not in L.args for f in emb.launchers for L in emb.launches(f.role, 2))
+
+
+@pytest.mark.parametrize("layer", RT_GRID, ids=lambda la: la.name)
+def test_kernel_parameters_are_what_the_bench_passes(layer):
+    """Every training kernel's parameters in the rendered .cu are the names of TrainCuda.launches
+    (what CudaTraining passes through pycuda), in order, with matching C types: pointers 'P',
+    int 'i', acc_t scalars 'f'/'d' (TrainCuda.arg_code). No embedded parameter arrays are left."""
+    cu = emit(layer, "cuda")[f"{layer.name}.cu"]
+    kernels = _kernel_params(cu)
+    tc = lower_cuda(layer).train.cuda
+    assert set(tc.kernels) <= set(kernels)
+    scalar = {"f": "acc_t", "d": "acc_t", "i": "int"}
+    seen = set()
+    for f in tc.launchers:
+        for launch in tc.launches(f.role, 3 if layer.fmt.has_batch else 1):
+            params = kernels[launch.kernel]
+            names = [{"ws": "workspace"}.get(n, n) for _, n in params]
+            assert len(names) == len(launch.args), launch.kernel
+            assert all(a in (n, "null") for n, a in zip(names, launch.args, strict=True)), (launch.kernel, names)
+            for (ctype, _), arg in zip(params, launch.args, strict=True):
+                code = tc.arg_code(arg)
+                assert ctype.endswith("*") if code == "P" else ctype == scalar[code], (launch.kernel, ctype, arg)
+            seen.add(launch.kernel)
+    assert seen == set(tc.kernels)
+    assert "static __device__ const acc_t scale" not in cu and "train_trained_mean" not in cu
+    assert tc.arg_code("learn_rate") == ("d" if layer.dtype == "float64" else "f")
+
+
+def test_embedded_training_text_unchanged_by_runtime_support():
+    """Embedded layers keep their parameter arrays and kernels without a struct argument."""
+    layer = _by_name("rbn_nchw32").replace(param_storage="embedded", name="ebn_nchw32")
+    cu = emit(layer, "cuda")["ebn_nchw32.cu"]
+    assert "static __device__ const acc_t train_trained_mean[6]" in cu
+    assert "ebn_nchw32_backward_stats(const elem_t *x," in cu
+    assert "_update" not in cu and "ebn_nchw32_params" not in cu + emit(layer, "cuda")["ebn_nchw32.cuh"]
+
+
+# ---- 2. nvcc ------------------------------------------------------------------------------------
+
+
+@needs_nvcc
+def test_runtime_cuda_training_compiles_warning_free_sm80_sm90(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda la: _nvcc_check(la, tmp_path), RT_GRID))
+    for layer, (rc, err, syms) in zip(RT_GRID, results, strict=True):
+        assert rc == 0, f"{layer.name}:\n{err[:4000]}"
+        cp = lower_cuda(layer).cuda
+        tc = lower_cuda(layer).train.cuda
+        want = {f.name for f in tc.launchers} | set(tc.kernels) | {f.name for f in cp.launchers} | set(cp.kernels)
+        want |= {f"{layer.name}_update", f"{layer.name}_params_init", f"{layer.name}_backward_workspace_size"}
+        assert want <= syms, f"{layer.name}: missing {sorted(want - syms)}"
+
+
+# ---- 3. the CPU emulator ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rt_emulated(tmp_path_factory):
+    return emulated_library(RT_GRID, tmp_path_factory, tag="rt_train")
+
+
+def _set(em, values):
+    """Write parameter arrays into the emulated struct (its rows are the layer's parameter arrays)."""
+    names = list(em.layer.parameter_arrays())
+    for k, v in values.items():
+        em.params[names.index(k)] = v
+
+
+def _get(em, name):
+    return em.params[list(em.layer.parameter_arrays()).index(name)].astype(np.float64)
+
+
+def _grads(em, role, x, dy, batch):
+    xs, dys = em.store(x), em.store(dy)
+    dx = np.empty_like(xs)
+    ds, do = np.empty(em.layer.channels, em.acc), np.empty(em.layer.channels, em.acc)
+    assert em.fn(role)(*em.lead, em.p(xs), em.p(dys), em.p(dx), em.p(ds), em.p(do), batch, None) == 0
+    return em.load(dx), ds, do
+
+
+@needs_emu
+@pytest.mark.parametrize("layer", RT_GRID, ids=lambda la: la.name)
+def test_runtime_backward_emulated_matches_reference(rt_emulated, layer):
+    """Parameters set in the struct at run time (not the description's): backward, train_forward_save,
+    backward_saved and backward_frozen read them."""
+    em = EmulatedLayer(rt_emulated, layer)
+    np.testing.assert_array_equal(_get(em, "scale"), layer.scale_values.astype(em.acc))  # params_init
+    new = _new_params(layer, 3)
+    _set(em, new)
+    current = layer.replace(**new)
+    rng = np.random.default_rng(31)
+    for batch in _batches(layer):
+        x = round_to(random_input(layer, batch, rng), layer.dtype)
+        dy = round_to(rng.standard_normal(x.shape), layer.dtype)
+        want = reference.backward(current, x, dy)
+        for name, g, w in zip(("dx", "dscale", "doffset"), em.backward(x, dy), want, strict=True):
+            _cuda_close(g, w, layer, f"batch {batch} backward {name}")
+        xs = em.store(x)
+        y = np.empty_like(xs)
+        n = em.tc.stats.value(batch)
+        sm, si = np.empty(n), np.empty(n)
+        running = []
+        if layer.kind == "batchnorm":
+            rm0, rv0 = round_to(np.zeros(6), layer.dtype), round_to(np.ones(6), layer.dtype)
+            rm, rv = em.store(rm0), em.store(rv0)
+            running = [em.p(rm), em.p(rv)]
+        assert em.fn("train_forward_save")(*em.lead, em.p(xs), em.p(y), batch, *running, em.p(sm), em.p(si), None) == 0
+        if layer.kind == "batchnorm":
+            wy, wrm, wrv = reference.train_forward(current, x, rm0, rv0)
+            _cuda_close(em.load(rm), wrm, layer, "running mean")
+            _cuda_close(em.load(rv), wrv, layer, "running var")
+        else:
+            wy = reference.predict(current, x)
+        _cuda_close(em.load(y), wy, layer, "train_forward_save y")
+        for name, g, w in zip(("dx", "dscale", "doffset"), em.backward(x, dy, saved=(sm, si)), want, strict=True):
+            _cuda_close(g, w, layer, f"batch {batch} backward_saved {name}")
+        if layer.kind == "batchnorm":
+            for name, g, w in zip(("dx", "dscale", "doffset"), _grads(em, "backward_frozen", x, dy, batch),
+                                  reference.backward_frozen(current, x, dy), strict=True):  # fmt: skip
+                _cuda_close(g, w, layer, f"batch {batch} backward_frozen {name}")
+
+
+def _update(em, ds, do, vs, vo, step):
+    scalar = ctypes.c_double if em.acc == np.float64 else ctypes.c_float
+    return em.fn("update")(*em.lead, em.p(ds), em.p(do), em.p(vs), em.p(vo), *map(scalar, step), None)
+
+
+@needs_emu
+@pytest.mark.parametrize("layer", RT_GRID, ids=lambda la: la.name)
+def test_runtime_update_emulated_matches_sgdm(rt_emulated, layer):
+    """NAME_update follows reference.sgdm_update with the layer's four factors, over steps with
+    different learn rates, L2 and momentum; the next backward (and backward_frozen) reads the
+    updated struct; the trained statistics are left alone."""
+    em = EmulatedLayer(rt_emulated, layer)
+    frozen_stats = {k: _get(em, k) for k in ("trained_mean", "trained_variance") if layer.kind == "batchnorm"}
+    s, o = _get(em, "scale"), _get(em, "offset")
+    vs, vo = np.zeros(6, em.acc), np.zeros(6, em.acc)
+    ws_, wo_ = np.zeros(6), np.zeros(6)
+    current = layer.replace(scale=s, offset=o)
+    rng = np.random.default_rng(17)
+    batch = 2 if layer.fmt.has_batch else 1
+    exact = {"rtol": 1e-12, "atol": 1e-12} if em.acc == np.float64 else {"rtol": 2e-6, "atol": 2e-6}
+    for i, step in enumerate(STEPS):
+        x = round_to(random_input(layer, batch, rng), layer.dtype)
+        dy = round_to(rng.standard_normal(x.shape), layer.dtype)
+        dx, ds, do = em.backward(x, dy)
+        for name, g, w in zip(("dx", "dscale", "doffset"), (dx, ds, do), reference.backward(current, x, dy),
+                              strict=True):  # fmt: skip
+            _cuda_close(g, w, layer, f"step {i} backward {name}")
+        assert _update(em, ds, do, vs, vo, step) == 0
+        lr, l2, mom = step
+        s, o, ws_, wo_ = reference.sgdm_update(layer, s, o, ds.astype(np.float64), do.astype(np.float64), ws_, wo_,
+                                               learn_rate=lr, l2=l2, momentum=mom)  # fmt: skip
+        np.testing.assert_allclose(_get(em, "scale"), s, **exact, err_msg=f"step {i} scale")
+        np.testing.assert_allclose(_get(em, "offset"), o, **exact, err_msg=f"step {i} offset")
+        np.testing.assert_allclose(vs, ws_, **exact, err_msg=f"step {i} velocity_scale")
+        np.testing.assert_allclose(vo, wo_, **exact, err_msg=f"step {i} velocity_offset")
+        # carry on from exactly what the device holds
+        s, o, ws_, wo_ = _get(em, "scale"), _get(em, "offset"), vs.astype(np.float64), vo.astype(np.float64)
+        current = layer.replace(scale=s, offset=o)
+    for k, v in frozen_stats.items():
+        np.testing.assert_array_equal(_get(em, k), v)
+    if layer.kind == "batchnorm":
+        x = round_to(random_input(layer, batch, rng), layer.dtype)
+        dy = round_to(rng.standard_normal(x.shape), layer.dtype)
+        for name, g, w in zip(("dx", "dscale", "doffset"), _grads(em, "backward_frozen", x, dy, batch),
+                              reference.backward_frozen(current, x, dy), strict=True):  # fmt: skip
+            _cuda_close(g, w, layer, f"backward_frozen after update {name}")
+
+
+@needs_emu
+def test_runtime_population_into_params_and_errors_emulated(rt_emulated):
+    """finalize writes straight into the struct's trained statistics (device pointers into it),
+    which backward_frozen then uses; NULL arguments are refused with nothing written."""
+    layer = _by_name("rbn_nhwc16")
+    em = EmulatedLayer(rt_emulated, layer)
+    acc = np.zeros(1 + 2 * layer.channels)
+    assert em.fn("stats_reset")(em.p(acc), None) == 0
+    rng = np.random.default_rng(8)
+    parts = [round_to(random_input(layer, b, rng), layer.dtype) for b in (2, 3)]
+    for part in parts:
+        assert em.fn("accumulate")(em.p(acc), em.p(em.store(part)), reference.batch_of(layer, part), None) == 0
+    names = list(layer.parameter_arrays())
+    row = em.params.strides[0]
+    base = em.params.ctypes.data
+    tm, tv = (ctypes.c_void_p(base + row * names.index(k)) for k in ("trained_mean", "trained_variance"))
+    assert em.fn("finalize")(em.p(acc), tm, tv, None) == 0
+    state = reference.population_empty(layer)
+    for part in parts:
+        state = reference.population_accumulate(layer, state, part)
+    want_mean, want_var = reference.population_finalize(layer, state)
+    np.testing.assert_allclose(_get(em, "trained_mean"), want_mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(_get(em, "trained_variance"), want_var, rtol=1e-6)
+    current = layer.replace(trained_mean=_get(em, "trained_mean"), trained_variance=_get(em, "trained_variance"))
+    x, dy = parts[0], round_to(rng.standard_normal(parts[0].shape), layer.dtype)
+    for name, g, w in zip(("dx", "dscale", "doffset"), _grads(em, "backward_frozen", x, dy, 2),
+                          reference.backward_frozen(current, x, dy), strict=True):  # fmt: skip
+        _cuda_close(g, w, layer, f"backward_frozen after finalize {name}")
+    # errors: a NULL struct or array is refused, nothing is written
+    before = em.params.copy()
+    v = np.zeros(6, em.acc)
+    g = np.ones(6, em.acc)
+    assert em.fn("update")(None, em.p(g), em.p(g), em.p(v), em.p(v), *map(ctypes.c_float, STEPS[0]), None) == 1
+    assert em.fn("update")(*em.lead, em.p(g), None, em.p(v), em.p(v), *map(ctypes.c_float, STEPS[0]), None) == 1
+    assert em.fn("update")(*em.lead, em.p(g), em.p(g), em.p(v), None, *map(ctypes.c_float, STEPS[0]), None) == 1
+    np.testing.assert_array_equal(em.params, before)
+    xs, out = em.store(x), np.zeros_like(em.store(x))
+    ws, n = em.workspace(2)
+    assert em.fn("backward")(None, em.p(xs), em.p(xs), em.p(out), em.p(g), em.p(g), 2, em.p(ws), ctypes.c_size_t(n),
+                             None) == 1  # fmt: skip
+    assert em.fn("backward_frozen")(None, em.p(xs), em.p(xs), em.p(out), em.p(g), em.p(g), 2, None) == 1
+    assert not out.any() and (g == 1).all()
+
+
+# ---- the pycuda bench without a GPU: a fake pycuda over host memory ------------------------------
+
+
+class _Mem:
+    """Fake device memory: host bytes; int() is the address, as a pycuda DeviceAllocation's."""
+
+    def __init__(self, nbytes):
+        self.buf = np.zeros(max(nbytes, 16) // 8 + 2, np.float64)  # 16-byte aligned by NumPy
+
+    def __int__(self):
+        return self.buf.ctypes.data
+
+
+class _GPUArray:
+    def __init__(self, a):
+        self.shape, self.dtype = a.shape, a.dtype
+        self.gpudata = _Mem(a.nbytes)
+        self._view()[...] = a
+
+    def _view(self):
+        n = int(np.prod(self.shape))
+        return self.gpudata.buf.view(np.uint8)[: n * self.dtype.itemsize].view(self.dtype).reshape(self.shape)
+
+    def get(self):
+        return self._view().copy()
+
+
+def _emu_pycuda(lib, layer, calls):
+    """A pycuda stand-in: every prepared call is checked against the kernel's parameters in the
+    rendered .cu and recorded; the update kernel runs through the emulated NAME_update launcher
+    (same arguments, plus the stream)."""
+    kernels = _kernel_params(emit(layer, "cuda")[f"{layer.name}.cu"])
+    codes = {"f": ctypes.c_float, "d": ctypes.c_double}
+
+    class Fn:
+        def __init__(self, name):
+            self.name = name
+
+        def prepare(self, sig):
+            self.sig = sig
+            assert len(sig) == len(kernels[self.name]), self.name
+
+        def prepared_call(self, grid, block, *args):
+            assert len(args) == len(self.sig)
+            for code, a, (ctype, pname) in zip(self.sig, args, kernels[self.name], strict=True):
+                if code == "P":
+                    assert ctype.endswith("*") and not isinstance(a, (np.floating, float)), (self.name, pname)
+                else:
+                    want = {"i": np.int32, "f": np.float32, "d": np.float64}[code]
+                    assert isinstance(a, want) and not ctype.endswith("*"), (self.name, pname, a)
+            calls.append((self.name, grid, block))
+            if self.name == f"{layer.name}_update_kernel":
+                c_args = [ctypes.c_void_p(int(a)) if code == "P" else codes[code](a)
+                          for code, a in zip(self.sig, args, strict=True)]  # fmt: skip
+                assert getattr(lib, f"{layer.name}_update")(*c_args, None) == 0
+
+    class Module:
+        def get_function(self, name):
+            return Fn(name)
+
+    class Ctx:
+        @staticmethod
+        def get_device():
+            class Dev:
+                def compute_capability(self):
+                    return (8, 0)
+
+            return Dev()
+
+        @staticmethod
+        def synchronize():
+            pass
+
+    class Drv:
+        Context = Ctx
+
+        @staticmethod
+        def module_from_file(path):
+            assert Path(path).stat().st_size > 0
+            return Module()
+
+        @staticmethod
+        def mem_alloc(n):
+            return _Mem(n)
+
+        @staticmethod
+        def memcpy_htod(dst, src):
+            dst.buf.view(np.uint8)[: src.nbytes] = np.ascontiguousarray(src).view(np.uint8).reshape(-1)
+
+        @staticmethod
+        def memcpy_dtoh(dst, src):
+            dst.view(np.uint8).reshape(-1)[...] = src.buf.view(np.uint8)[: dst.nbytes]
+
+    class GA:
+        GPUArray = _GPUArray
+
+        @staticmethod
+        def to_gpu(a):
+            return _GPUArray(np.ascontiguousarray(a))
+
+        @staticmethod
+        def empty(n, dtype):
+            return _GPUArray(np.zeros(n, dtype))
+
+        @staticmethod
+        def empty_like(a):
+            return _GPUArray(np.zeros(a.shape, a.dtype))
+
+    return Drv, GA
+
+
+@needs_nvcc
+@needs_emu
+@pytest.mark.parametrize("name", ["rgn_nhwc_bf", "rbn_bc64"])
+def test_bench_update_through_emulated_kernel(rt_emulated, monkeypatch, tmp_path, name):
+    """CudaLayer.update (the pycuda path) marshals the device struct, gradients, velocities and
+    scalars as the update kernel declares them; run by the emulator, the result follows
+    reference.sgdm_update and lands in get_params() and velocity_scale/velocity_offset. The
+    backward launches carry the struct first. Same Python API as the C bench's .update()."""
+    import normgen.cuda as nc
+
+    layer = _by_name(name)
+    monkeypatch.setenv("NORMGEN_CACHE", str(tmp_path))
+    calls: list = []
+    monkeypatch.setattr(nc, "_pycuda", lambda: _emu_pycuda(rt_emulated, layer, calls))
+    cl = nc.CudaLayer(layer)
+    acc = np.float64 if layer.dtype == "float64" else np.float32
+    s, o = layer.scale_values.astype(acc).astype(np.float64), layer.offset_values.astype(acc).astype(np.float64)
+    vs, vo = np.zeros(6), np.zeros(6)
+    rng = np.random.default_rng(2)
+    for lr, l2, mom in STEPS:
+        ds, do = rng.standard_normal(6), rng.standard_normal(6)
+        cl.update(ds, do, learn_rate=lr, l2=l2, momentum=mom)
+        ds, do = ds.astype(acc).astype(np.float64), do.astype(acc).astype(np.float64)
+        s, o, vs, vo = reference.sgdm_update(layer, s, o, ds, do, vs, vo, learn_rate=lr, l2=l2, momentum=mom)
+        got = cl.get_params()
+        tol = {"rtol": 1e-12} if acc == np.float64 else {"rtol": 2e-6, "atol": 2e-6}
+        np.testing.assert_allclose(got["scale"], s, **tol)
+        np.testing.assert_allclose(got["offset"], o, **tol)
+        np.testing.assert_allclose(cl.velocity_scale, vs, **tol)
+        np.testing.assert_allclose(cl.velocity_offset, vo, **tol)
+        assert cl.velocity_scale.dtype == acc and got["scale"].dtype == acc
+        s, o, vs, vo = (np.asarray(a, np.float64) for a in (got["scale"], got["offset"], cl.velocity_scale,
+                                                            cl.velocity_offset))  # fmt: skip
+    cl.update(np.zeros(6), np.zeros(6))  # MATLAB's defaults
+    cl.reset_velocity()
+    assert not cl.velocity_scale.any()
+    with pytest.raises(NormgenError, match="dscale needs 6 values"):
+        cl.update(np.zeros(5), np.zeros(6))
+    tc = lower_cuda(layer).train.cuda
+    calls.clear()
+    x = round_to(random_input(layer, 2 if layer.fmt.has_batch else 1, rng), layer.dtype)
+    cl.backward(x, x)
+    batch = reference.batch_of(layer, x)
+    assert calls == [(L.kernel, (L.grid, 1), L.block) for L in tc.launches("backward", batch)]
+
+
+# ---- 4. GPU -------------------------------------------------------------------------------------
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("layer", RT_GRID, ids=lambda la: la.name)
+def test_runtime_training_on_gpu(layer):
+    """CudaLayer with run-time parameters on a GPU: parameters set at run time, backward,
+    backward_saved, backward_frozen, update steps and population statistics into the struct."""
+    from normgen import build
+
+    c = build(layer, "cuda")
+    new = _new_params(layer, 4)
+    c.set_params(**new)
+    current = layer.replace(**new)
+    rng = np.random.default_rng(3)
+    batch = 3 if layer.fmt.has_batch else 1
+    x = round_to(random_input(layer, batch, rng), layer.dtype)
+    dy = round_to(rng.standard_normal(x.shape), layer.dtype)
+    want = reference.backward(current, x, dy)
+    for name, g, w in zip(("dx", "dscale", "doffset"), c.backward(x, dy), want, strict=True):
+        _cuda_close(g, w, layer, f"gpu backward {name}")
+    _, sm, si = c.train_forward_save(x)
+    for name, g, w in zip(("dx", "dscale", "doffset"), c.backward_saved(x, dy, sm, si), want, strict=True):
+        _cuda_close(g, w, layer, f"gpu backward_saved {name}")
+    if layer.kind == "batchnorm":
+        for name, g, w in zip(("dx", "dscale", "doffset"), c.backward_frozen(x, dy),
+                              reference.backward_frozen(current, x, dy), strict=True):  # fmt: skip
+            _cuda_close(g, w, layer, f"gpu backward_frozen {name}")
+    s, o, vs, vo = new["scale"], new["offset"], np.zeros(6), np.zeros(6)
+    for lr, l2, mom in STEPS:
+        _, ds, do = c.backward(x, dy)
+        c.update(ds, do, learn_rate=lr, l2=l2, momentum=mom)
+        s, o, vs, vo = reference.sgdm_update(layer, s, o, ds.astype(np.float64), do.astype(np.float64), vs, vo,
+                                             learn_rate=lr, l2=l2, momentum=mom)  # fmt: skip
+        got = c.get_params()
+        np.testing.assert_allclose(got["scale"], s, rtol=CUDA_TOL["float32"], atol=CUDA_TOL["float32"])
+        np.testing.assert_allclose(got["offset"], o, rtol=CUDA_TOL["float32"], atol=CUDA_TOL["float32"])
+        s, o = got["scale"].astype(np.float64), got["offset"].astype(np.float64)
+        vs, vo = c.velocity_scale.astype(np.float64), c.velocity_offset.astype(np.float64)
+    updated = current.replace(scale=s, offset=o)
+    for name, g, w in zip(("dx", "dscale", "doffset"), c.backward(x, dy), reference.backward(updated, x, dy),
+                          strict=True):  # fmt: skip
+        _cuda_close(g, w, layer, f"gpu backward after update {name}")
+    if layer.kind == "batchnorm":
+        c.reset_stats()
+        c.accumulate(x)
+        mean, var = c.finalize()
+        np.testing.assert_array_equal(c.get_params()["trained_mean"], mean)
+        state = reference.population_accumulate(layer, reference.population_empty(layer), x)
+        for g, w in zip((mean, var), reference.population_finalize(layer, state), strict=True):
+            _cuda_close(g, w, layer, "gpu population")
