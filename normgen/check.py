@@ -54,8 +54,14 @@ def random_input(layer: Layer, batch: int, rng: np.random.Generator) -> np.ndarr
     return x
 
 
-def check_layer(compiled, layer: Layer, batches=DEFAULT_BATCHES, seed: int = 0) -> list[Comparison]:
-    """Run predict (and batch norm's train_forward) at several batch sizes against the reference."""
+def check_layer(
+    compiled, layer: Layer, batches=DEFAULT_BATCHES, seed: int = 0, training: bool = False
+) -> list[Comparison]:
+    """Run predict (and batch norm's train_forward) at several batch sizes against the reference.
+
+    With ``training``, also the backward pass (dx, dscale, doffset) and, for batch norm, the
+    frozen backward, for a random upstream gradient dy.
+    """
     rng = np.random.default_rng(seed)
     results = []
     storage = np.dtype(np.float32) if layer.dtype in ("float16", "bfloat16") else np.dtype(layer.dtype)
@@ -63,6 +69,13 @@ def check_layer(compiled, layer: Layer, batches=DEFAULT_BATCHES, seed: int = 0) 
         x = random_input(layer, batch, rng)
         x = compiled.quantize(x) if hasattr(compiled, "quantize") else x.astype(storage)
         results.append(compare(layer.name, "predict", layer.dtype, batch, compiled.predict(x), reference.predict(layer, x)))
+        if training:
+            dy = rng.standard_normal(x.shape)
+            dy = compiled.quantize(dy) if hasattr(compiled, "quantize") else dy.astype(storage)
+            results += _gradients(layer, batch, "backward", compiled.backward(x, dy), reference.backward(layer, x, dy))
+            if layer.kind == "batchnorm":
+                got = compiled.backward_frozen(x, dy)
+                results += _gradients(layer, batch, "backward_frozen", got, reference.backward_frozen(layer, x, dy))
         if layer.kind == "batchnorm":
             if layer.running_variance == "unbiased" and reference.count(layer, batch) < 2:
                 continue
@@ -74,3 +87,10 @@ def check_layer(compiled, layer: Layer, batches=DEFAULT_BATCHES, seed: int = 0) 
             results.append(compare(layer.name, "running_mean", layer.dtype, batch, compiled.running_mean, rm))
             results.append(compare(layer.name, "running_var", layer.dtype, batch, compiled.running_var, rv))
     return results
+
+
+def _gradients(layer: Layer, batch: int, function: str, got, want) -> list[Comparison]:
+    return [
+        compare(layer.name, f"{function}:{part}", layer.dtype, batch, g, w)
+        for part, g, w in zip(("dx", "dscale", "doffset"), got, want, strict=True)
+    ]

@@ -91,13 +91,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     rows = []
     for layer in layers:
         compiled = build(layer, args.target)
-        rows += check_layer(compiled, layer, batches, seed=args.seed)
-    header = f"{'layer':16} {'function':14} {'dtype':9} {'batch':>5} {'max abs err':>12} {'max rel err':>12}  result"
+        rows += check_layer(compiled, layer, batches, seed=args.seed, training=args.training)
+    header = f"{'layer':16} {'function':24} {'dtype':9} {'batch':>5} {'max abs err':>12} {'max rel err':>12}  result"
     print(f"target {args.target}; reference: normgen.reference (float64)")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r.layer:16} {r.function:14} {r.dtype:9} {r.batch:5d} {r.max_abs:12.3e} {r.max_rel:12.3e}  "
+        print(f"{r.layer:16} {r.function:24} {r.dtype:9} {r.batch:5d} {r.max_abs:12.3e} {r.max_rel:12.3e}  "
               f"{'pass' if r.ok else 'FAIL'}")
     failed = sum(not r.ok for r in rows)
     print(f"{len(rows) - failed} passed, {failed} failed")
@@ -172,6 +172,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--target", choices=TARGETS, default="c")
     c.add_argument("--batch", default="1,2,5", help="comma-separated batch sizes (default 1,2,5)")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--no-training", dest="training", action="store_false",
+                   help="check predict and train_forward only, not the backward functions")
     c.set_defaults(func=cmd_check)
 
     s = add("show", "say what each layer computes: format, statistics, parameter counts")

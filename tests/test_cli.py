@@ -143,7 +143,31 @@ def test_check_reports_a_table(tmp_path, capsys):
     spec = write(tmp_path, GOOD)
     assert main(["check", str(spec), "--batch", "2"]) == 0
     out = capsys.readouterr().out
-    assert "bn1" in out and "train_forward" in out and "running_var" in out and "4 passed, 0 failed" in out
+    assert "bn1" in out and "train_forward" in out and "running_var" in out
+    assert "backward:dscale" in out and "backward_frozen:dx" in out and "10 passed, 0 failed" in out
+    assert main(["check", str(spec), "--batch", "2", "--no-training"]) == 0
+    out = capsys.readouterr().out
+    assert "backward" not in out and "4 passed, 0 failed" in out
+
+
+def test_check_fails_on_a_wrong_gradient(tmp_path, capsys, monkeypatch):
+    """check compares every output: a compiled backward that is off in one dscale value fails."""
+    from normgen.training import CTraining
+
+    real = CTraining.backward
+
+    def off_by_a_little(self, x, dy):
+        dx, dscale, doffset = real(self, x, dy)
+        dscale = dscale.copy()
+        dscale[-1] += 1e-3
+        return dx, dscale, doffset
+
+    monkeypatch.setattr(CTraining, "backward", off_by_a_little)
+    spec = write(tmp_path, GOOD)
+    assert main(["check", str(spec), "--batch", "2"]) == 1
+    out = capsys.readouterr().out
+    fails = [line for line in out.splitlines() if line.endswith("FAIL")]
+    assert len(fails) == 1 and "backward:dscale" in fails[0] and "9 passed, 1 failed" in out
 
 
 def test_console_script_exit_code_and_help():
