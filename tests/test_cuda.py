@@ -279,6 +279,44 @@ def test_nvcc_compiles_every_layer_warning_free(compiled):
         assert want <= syms, f"{layer.name}: missing {sorted(want - syms)}"
 
 
+@needs_nvcc
+def test_benchmark_kernels_do_not_spill(tmp_path):
+    """The CUDA benchmark workloads (benchmarks/cuda.toml) compiled at -O3 for sm_90: ptxas
+    reports every kernel, none with a register spill (register-cached rows stay in registers,
+    within each kernel's __launch_bounds__)."""
+    import re
+
+    from normgen.spec import load_spec
+
+    layers = load_spec(Path(__file__).parent.parent / "benchmarks" / "cuda.toml")
+    for layer in layers:
+        for fname, text in emit(layer, "cuda").items():
+            (tmp_path / fname).write_text(text)
+    halves = [layers[0::2], layers[1::2]]
+
+    def ptxas(i):
+        unit = tmp_path / f"unit{i}.cu"
+        unit.write_text("".join(f'#include "{layer.name}.cu"\n' for layer in halves[i]))
+        cmd = [NVCC, "-std=c++17", "-O3", "-arch=sm_90", "-cubin", "-Xptxas", "-v", str(unit),
+               "-o", str(tmp_path / f"unit{i}.cubin")]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+
+    with cf.ThreadPoolExecutor(max_workers=2) as pool:
+        procs = list(pool.map(ptxas, range(2)))
+    spills, seen = {}, set()
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr[:4000]
+        props = re.findall(r"Function properties for (\S+)\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                           r"(\d+) bytes spill loads", proc.stderr)
+        for name, _, stores, loads in props:
+            seen.add(name)
+            if int(stores) or int(loads):
+                spills[name] = (int(stores), int(loads))
+    want = {k for layer in layers for k in _cp(layer).kernels}
+    assert want <= seen, f"ptxas did not report {sorted(want - seen)[:5]}"
+    assert not spills, f"kernels spilling registers (stores, loads bytes): {spills}"
+
+
 # ---- 3. CPU emulation ---------------------------------------------------------------------------
 class Emulator:
     """Builds emulator binaries of generated layers (one per layer, with a precompiled emu.h)."""
