@@ -31,6 +31,10 @@ elsewhere), so that memory keeps streaming while the core computes.
 The normalize pass is one subtract-subtract-multiply-add per element on the same runs,
 ``y = ((x - mean_hi) - mean_lo) * (rstd * scale[c]) + offset[c]``, reading per-column copies of
 the statistic (``norm_lanes`` of them) in the columns case.
+
+The training backward walks the same runs and lanes (see the comment above ``grad_cols``): its
+gradient sums ride on the statistics' second sweep, so that x and dy are each read once to
+compute them, and one more elementwise pass writes dx.
 """
 
 from __future__ import annotations
@@ -45,6 +49,12 @@ LANE_BYTES = 128
 LANE_SIZES = {"float": 4, "double": 8}
 #: Elements an OpenMP thread takes at a time (schedule(dynamic, n)).
 OMP_GRAIN = 16384
+#: Backward, rows strategy with the channel along the run: runs whose dy and dy * xhat the per-channel
+#: partial sums (element type) take before they are added into the accumulator type.
+CHANNEL_RUNS = 16
+#: Backward, rows strategy: blocks of lanes whose products the element-type gradient lanes sum
+#: before they are moved into lanes of the accumulator type.
+GRAD_BLOCKS = 8
 
 
 def _static_elems(axes: list[Axis]) -> int:
@@ -80,6 +90,16 @@ class Sweep:
     prefetch_shift: str = ""  # the next chunk's element is this far from the current one ("": no prefetch)
     prefetch_if: str = ""  # ... when this holds (there is a next chunk)
     line: int = 16  # elements of a 64-byte cache line
+    acc_type: str = "double"  # the type statistics and gradient sums are merged in
+    channel_lane: str = "0"  # rows: the channel of blocked run element ``run.var + l``; columns: channel_expr
+    run_blocks: bool = True  # rows: a run can hold a whole block of lanes (else only the short block is emitted)
+    channels: int = 1
+    local_channels: int = 1  # rows: channels of one statistic block (its reduced channel axis, else 1)
+    local_channel_expr: str = "0"  # rows: the channel's index among them (the domain's channel axis)
+    stat_channel_expr: str = ""  # rows: the channel of local channel 0 ("": 0), followed by " + "
+    partials_from: str = "0"  # rows, channel along the run: the channel of run element 0
+    partials_len: int = 1  # ... and the channels of a run
+    nacc: int = 1  # statistics of a block
 
     @property
     def prefetch(self) -> bool:
@@ -127,6 +147,10 @@ class Sweep:
         b = f"offset[{self.channel_expr}]" + (" - mlo[0] * g" if self.split_mean else "")
         return [f"const {t} g = rs[0] * scale[{self.channel_expr}];", f"const {t} b = {b};"]
 
+    def norm_body(self, i: str) -> list[str]:
+        """Pass 2's statement for run element ``i``."""
+        return [f"yr[{i}] = {self.norm_stmt(f'xr[{i}]')};"]
+
     def norm_stmt(self, x: str) -> str:
         """Pass 2's expression for the element x."""
         c = self.channel_expr
@@ -138,6 +162,244 @@ class Sweep:
         centered = f"({x} - {hi}) - {lo}" if self.split_mean else f"{x} - {hi}"
         return f"({centered}) * ({rs} * scale[{c}]) + offset[{c}]"
 
+    # ---- the training backward (core.j2 `statistics` and `backward`, c/train.c.j2), per block:
+    #
+    # Gradient sums: lanes sum, per chunk, dy and dy * dev, or g = scale[c] * dy and g * dev where a
+    # lane mixes channels ("rows", "columns"), with dev = x - shift in T (exact for a large mean).
+    # In `backward` they ride on the statistics' second sweep (shift: the chunk's own mean m, or
+    # lmean[j] per column: x and dy are read once); in `backward_saved` they are a sweep of their
+    # own (shift: the saved mean). The products are rounded to T once; their sums are A: rows keep
+    # lanes of T (registers) moved into lanes of A (da, db) every GRAD_BLOCKS blocks, columns keep
+    # one lane of A per column. After each run (one channel along it: "rows_const") or chunk the
+    # lanes are added into the block's gradient columns ca (sum of dy or g) and cb (sum of dy or g
+    # times x - ref), moved from the shift to the block's reference ref (the first chunk's mean)
+    # exactly: b + (shift - ref) * a. With the mean known, a column gives
+    # sum(dy * xhat) = inv * (cb - (mean - ref) * ca): fold_grads adds the columns into the
+    # statistic's s1 = sum(g) and s2 = sum(g * xhat) and, where a column has one channel, into that
+    # channel's gscale = sum(dy * xhat) and goffset = sum(dy) (the function's arrays, A).
+    # Gradient columns, by how the channel runs (as in pass 2 of the forward):
+    # "rows_const": one per channel of the block (one channel per run: with several in a block,
+    #     the lanes are added up after each run, else after each chunk);
+    # "rows": one (the channel varies along the run, each element of a run its own channel);
+    # "columns_fold" and "columns": one per column j.
+    #
+    # Pass D writes dx = dy * (scale[c] * pw) + ((x - mhi) * q + r) with pw = inv,
+    # q = -inv^2 * mean(g * xhat), r = inv * (inv * mean(g * xhat) * corr - mean(g)) per statistic
+    # (all 0 for a statistic of one element, whose x-hat is 0). Where a gradient column mixes
+    # channels, pass D also sums each element's dy and dy * xhat per channel: "rows" into partial
+    # sums of T per channel (fa, fb) added into A every CHANNEL_RUNS runs, "columns" into A per run.
+
+    @property
+    def grad_cols(self) -> int:
+        """Gradient columns (ca, cb) of a block."""
+        if self.norm == "rows_const":
+            return self.local_channels
+        return 1 if self.norm == "rows" else self.lanes
+
+    @property
+    def grad_ref(self) -> int:
+        """References of a block: one per column in the columns strategy."""
+        return 1 if self.blocked else self.lanes
+
+    def grad_body(self, dy: str, lane: str) -> list[str]:
+        """Statements adding element dy (deviation ``dev``) into lane ``lane``."""
+        t = self.ctype
+        if self.norm in ("rows_const", "columns_fold"):
+            return [f"const {t} d = {dy};", f"ga[{lane}] += d;", f"gb[{lane}] += d * dev;"]
+        sc = f"scale[{self.channel_lane}]" if self.norm == "rows" else "sc"
+        return [f"const {t} g = {dy} * {sc};", f"ga[{lane}] += g;", f"gb[{lane}] += g * dev;"]
+
+    @property
+    def grad_lane_type(self) -> str:
+        """Type of the gradient lanes ga, gb: rows, T (moved into the lanes da, db of A every
+        grad_blocks blocks); columns, A (they are memory, one per column, anyway)."""
+        return self.ctype if self.blocked else self.acc_type
+
+    @property
+    def grad_blocks(self) -> int:
+        return GRAD_BLOCKS
+
+    @property
+    def grad_every(self) -> list[str]:
+        """rows: statements after every grad_blocks blocks of lanes: ga, gb moved into da, db."""
+        if not self.blocked:
+            return []
+        return [f"for (size_t l = 0; l < {self.lanes}; ++l) {{", "    da[l] += ga[l];", "    db[l] += gb[l];",
+                "    ga[l] = 0;", "    gb[l] = 0;", "}"]
+
+    def _zero_lanes(self, n: int, var: str) -> list[str]:
+        wide = ["    da[l] = 0;", "    db[l] = 0;"] if self.blocked else []
+        return [f"for (size_t {var} = 0; {var} < {n}; ++{var}) {{", f"    ga[{var}] = 0;", f"    gb[{var}] = 0;", *wide,
+                "}"]
+
+    def _move(self, shift: str, a: str, ref: str) -> str:
+        return f" + (({self.acc_type}){shift} - {ref}) * {a}" if shift else ""
+
+    @property
+    def _per_run(self) -> bool:
+        """rows_const with several channels in a block: the lanes are added up after each run."""
+        return self.norm == "rows_const" and self.local_channels > 1
+
+    @property
+    def grad_chunk_pre(self) -> list[str]:
+        """Statements before each chunk of the gradient sums."""
+        return [] if self._per_run else self._zero_lanes(self.lanes, "l" if self.blocked else "j")
+
+    @property
+    def grad_run_pre(self) -> list[str]:
+        """Statements before each run of the gradient sums."""
+        if self._per_run:
+            return self._zero_lanes(self.lanes, "l")
+        if self.norm == "columns":
+            return [f"const {self.ctype} sc = scale[{self.channel_expr}];"]
+        return []
+
+    def _add_lanes(self) -> list[str]:
+        a = self.acc_type
+        return [f"{a} a = 0, b = 0;", f"for (size_t l = 0; l < {self.lanes}; ++l) {{", "    a += da[l] + ga[l];",
+                "    b += db[l] + gb[l];", "}"]
+
+    def grad_run_post(self, shift: str) -> list[str]:
+        """Statements after each run of the gradient sums (``shift``: the chunk's shift, "" for
+        the block's reference)."""
+        if self.norm == "rows_const" and not self._per_run:
+            return self.grad_every  # the lanes of T moved into A: the next run starts a new group of blocks
+        if self.norm != "rows_const":
+            return []
+        cl = self.local_channel_expr
+        return self._add_lanes() + [f"ca[{cl}] += a;", f"cb[{cl}] += b{self._move(shift, 'a', 'ref[0]')};"]
+
+    def grad_chunk_post(self, shift: str) -> list[str]:
+        """Statements after each chunk of the gradient sums."""
+        if self._per_run:
+            return []
+        if self.blocked:
+            return self._add_lanes() + ["ca[0] += a;", f"cb[0] += b{self._move(shift, 'a', 'ref[0]')};"]
+        return [f"for (size_t j = 0; j < {self.lanes}; ++j) {{", "    ca[j] += ga[j];",
+                f"    cb[j] += gb[j]{self._move(shift and shift + '[j]', 'ga[j]', 'ref[j]')};", "}"]
+
+    @property
+    def fold_grads(self) -> list[str]:
+        """Statements adding the gradient columns into s1, s2 (and gscale, goffset)."""
+        a = self.acc_type
+        if self.norm == "rows":
+            return ["s1[0] = ca[0];", "s2[0] = inv[0] * (cb[0] - (mean[0] - ref[0]) * ca[0]);"]
+        if self.norm == "columns":
+            return [f"for (size_t j = 0; j < {self.lanes}; ++j) {{", f"    const size_t k = {self.lane_acc_expr};",
+                    "    s1[k] += ca[j];", "    s2[k] += inv[k] * (cb[j] - (mean[k] - ref[j]) * ca[j]);", "}"]
+        if self.norm == "rows_const":
+            head = [f"for (size_t cl = 0; cl < {self.local_channels}; ++cl) {{", "    const size_t k = 0;",
+                    f"    const size_t c = {self.stat_channel_expr}cl;", "    const size_t j = cl;",
+                    f"    const {a} dref = mean[0] - ref[0];"]
+        else:
+            head = [f"for (size_t j = 0; j < {self.lanes}; ++j) {{", f"    const size_t k = {self.lane_acc_expr};",
+                    f"    const size_t c = {self.channel_expr};", f"    const {a} dref = mean[k] - ref[j];"]
+        return head + [f"    const {a} bx = inv[k] * (cb[j] - dref * ca[j]);", "    gscale[c] += bx;",
+                       "    goffset[c] += ca[j];", f"    s1[k] += ({a})scale[c] * ca[j];",
+                       f"    s2[k] += ({a})scale[c] * bx;", "}"]
+
+    # ---- pass D
+
+    @property
+    def dx_lane_fill(self) -> list[str]:
+        """Statements filling the per-column copies pass D reads (column j of statistic k)."""
+        if self.norm == "columns_fold":
+            return [f"lp[j] = scale[{self.channel_expr}] * pw[k];", "lhi[j] = mhi[k];", "lq[j] = q[k];",
+                    "lr[j] = r[k];"]
+        if self.norm == "columns":
+            return ["lpw[j] = pw[k];", "lhi[j] = mhi[k];", "lq[j] = q[k];", "lr[j] = r[k];"] + (
+                ["llo[j] = mlo[k];"] if self.split_mean else []) + ["lrs[j] = rs[k];"]
+        return []
+
+    @property
+    def dx_lane_arrays(self) -> list[str]:
+        return [line.split("[", 1)[0] for line in self.dx_lane_fill]
+
+    @property
+    def backward_stat_arrays(self) -> list[str]:
+        """Per-statistic arrays (T) of pass D."""
+        xhat = (["mlo"] if self.split_mean else []) + ["rs"] if self.channel_sums else []
+        return ["mhi", *xhat, "pw", "q", "r"]
+
+    @property
+    def channel_sums(self) -> str:
+        """Where pass D sums dy and dy * xhat per channel: "partials" (rows), "run" (columns), ""."""
+        return {"rows": "partials", "columns": "run"}.get(self.norm, "")
+
+    def _xhat(self, lo: str, rs: str) -> str:
+        return f"(dev - {lo}) * {rs}" if self.split_mean else f"dev * {rs}"
+
+    @property
+    def dx_pre(self) -> list[str]:
+        """Statements before each run of pass D."""
+        t, a = self.ctype, self.acc_type
+        if self.norm == "rows_const":
+            return [f"const {t} p = scale[{self.channel_expr}] * pw[0];"]
+        if self.norm == "columns":
+            return [f"const size_t c = {self.channel_expr};", f"const {t} sc = scale[c];", f"{a} ra = 0, rb = 0;"]
+        return []
+
+    def dx_body(self, i: str) -> list[str]:
+        """Pass D's statements for run element ``i`` (xr[i], dyr[i] read before dxr[i] is written)."""
+        t, a = self.ctype, self.acc_type
+        x, dy, dx = f"xr[{i}]", f"dyr[{i}]", f"dxr[{i}]"
+        if self.norm == "rows_const":
+            return [f"{dx} = {dy} * p + (({x} - mhi[0]) * q[0] + r[0]);"]
+        if self.norm == "columns_fold":
+            return [f"{dx} = {dy} * lp[j] + (({x} - lhi[j]) * lq[j] + lr[j]);"]
+        if self.norm == "rows":
+            return [f"const size_t c = {self.channel_expr};", f"const {t} d = {dy};", f"const {t} dev = {x} - mhi[0];",
+                    f"{dx} = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);", "fa[c] += d;",
+                    f"fb[c] += d * ({self._xhat('mlo[0]', 'rs[0]')});"]
+        return [f"const {t} d = {dy};", f"const {t} dev = {x} - lhi[j];",
+                f"{dx} = d * (sc * lpw[j]) + (dev * lq[j] + lr[j]);", f"ra += ({a})d;",
+                f"rb += ({a})(d * ({self._xhat('llo[j]', 'lrs[j]')}));"]
+
+    @property
+    def dx_post(self) -> list[str]:
+        """Statements after each run of pass D."""
+        if self.norm == "rows":
+            return [f"if (++fill == {CHANNEL_RUNS}) {{", *("    " + s for s in self.flush_partials), "    fill = 0;", "}"]
+        if self.norm == "columns":
+            return ["gscale[c] += rb;", "goffset[c] += ra;"]
+        return []
+
+    @property
+    def dx_block_post(self) -> list[str]:
+        """Statements after pass D of a block: rows, where a run holds some of the channels only,
+        the partial sums of the block's channels are added in (the next block has others)."""
+        if self.norm != "rows" or self.partials_global:
+            return []
+        return [*self.flush_partials, "fill = 0;"]
+
+    @property
+    def channel_runs(self) -> int:
+        return CHANNEL_RUNS
+
+    @property
+    def backward_stack_bytes(self) -> int:
+        """Bytes of the arrays `backward` keeps on the stack (backward_saved keeps fewer)."""
+        t, a = LANE_SIZES[self.ctype], LANE_SIZES[self.acc_type]
+        lanes, n = self.lanes, self.nacc
+        total = 2 * self.channels * a + (2 * self.channels * t if self.channel_sums == "partials" else 0)
+        total += 2 * lanes * LANE_SIZES[self.grad_lane_type] + (2 * lanes * a if self.grad_every else 0)
+        total += (2 * self.grad_cols + self.grad_ref) * a
+        total += 2 * n * a + 2 * lanes * t + (0 if self.blocked else 2 * lanes * a + lanes * t)
+        total += 4 * n * a + len(self.backward_stat_arrays) * n * t + len(self.dx_lane_arrays) * lanes * t
+        return total
+
+    @property
+    def partials_global(self) -> bool:
+        """rows: every run holds every channel, so the count of runs holds for all partial sums."""
+        return self.partials_len == self.channels
+
+    @property
+    def flush_partials(self) -> list[str]:
+        """rows: the partial sums of the current run's channels added into gscale, goffset and emptied."""
+        start = "0" if self.partials_global else self.partials_from
+        stop = f"{start} + {self.partials_len}" if start != "0" else str(self.partials_len)
+        return [f"for (size_t c = {start}; c < {stop}; ++c) {{", "    gscale[c] += fb[c];", "    goffset[c] += fa[c];",
+                "    fa[c] = 0;", "    fb[c] = 0;", "}"]
 
 def _digit(var: str, stride: int, extent: int, total: int) -> str:
     """The index of an axis of (stride, extent) inside a flattened index ``var`` < total."""
@@ -166,6 +428,10 @@ def _flat_terms(axes: list[Axis], var: str, total: int, weight) -> list[str]:
         w = weight(a)
         terms.append(d if w == 1 else f"({d}) * {w}")
     return terms
+
+
+def _mul(index: str, mul: int) -> str:
+    return index if mul == 1 else f"{index} * {mul}"
 
 
 def _sum(terms: list[str]) -> str:
@@ -216,6 +482,12 @@ def sweep_of(plan: Plan) -> Sweep:
             run = Loop(run_axis.var, "0", run_axis.count)
         run_full = Loop(run_axis.var, "0", run_axis.count)
         base = _offset([a for a in plan.axes if a.var != run_axis.var])
+        run_len = min(plan.chunk_iters, run_axis.extent.static) if len(domain) == 1 else run_axis.extent.static
+        local = [a for a in domain if a.channel_mul and a.var != run_axis.var]
+        assert len(local) <= 1 and all(a.channel_mul == 1 for a in local), "one reduced channel axis"
+        stat_ch = [_mul(a.var, a.channel_mul) for a in stat if a.channel_mul]
+        lane_index = {run_axis.var: f"({run_axis.var} + l)"}
+        channel_lane = _sum([_mul(lane_index.get(a.var, a.var), a.channel_mul) for a in plan.axes if a.channel_mul])
         return Sweep(
             blocked=True, lanes=lanes, outer=outer, outer_full=outer_full, run=run, run_full=run_full,
             base_expr=base, stride=run_axis.step, lane_acc_expr="0", norm_lanes=0,
@@ -228,6 +500,14 @@ def sweep_of(plan: Plan) -> Sweep:
             ctype=plan.ctype, split_mean=plan.split_mean,
             norm="rows" if run_axis.channel_mul else "rows_const",
             prefetch_shift=shift if run_axis.step == "1" else "", prefetch_if=more, line=line,
+            acc_type=plan.acc_type, channel_lane=channel_lane,
+            run_blocks=run_axis.extent.batched or run_len >= lanes,
+            channels=plan.channels,
+            local_channels=local[0].extent.static if local else 1,
+            local_channel_expr=local[0].var if local else "0",
+            stat_channel_expr="".join(f"{t} + " for t in stat_ch),
+            partials_from=_sum(stat_ch),
+            partials_len=run_axis.extent.static if run_axis.channel_mul else 1, nacc=plan.nacc,
         )
     first, inner = domain[0], domain[1:]
     width = 1
@@ -253,4 +533,5 @@ def sweep_of(plan: Plan) -> Sweep:
         ctype=plan.ctype, split_mean=plan.split_mean,
         norm="columns" if first.channel_mul else "columns_fold",
         prefetch_shift=shift, prefetch_if=more, line=line,
+        acc_type=plan.acc_type, channel_lane=_sum(channel), channels=plan.channels, nacc=plan.nacc,
     )

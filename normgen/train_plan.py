@@ -35,6 +35,10 @@ class TrainPlan:
     update: bool  # run-time parameters: the SGD-with-momentum step
     min_population: int  # values per channel finalize needs (2 for an unbiased variance)
     cuda: TrainCuda  # the CUDA training kernels (used when the plan was lowered for cuda)
+    #: C: the lanes train_forward_save and accumulate sum a chunk in. The statistics they hand out
+    #: (saved, population) are the accumulator type's, so their partial sums are too; backward
+    #: recomputes its statistics as the forward does, in lanes of the element type.
+    save_lane_type: str = "double"
 
     def function(self, role: str) -> Function:
         return next(f for f in self.functions if f.role == role)
@@ -202,6 +206,7 @@ def lower_train(plan: Plan) -> TrainPlan:
         update=plan.runtime_params,
         min_population=2 if plan.running_unbiased else 1,
         cuda=lower_train_cuda(plan, plan.ctype, plan.acc_type),
+        save_lane_type=plan.acc_type,
     )
 
 

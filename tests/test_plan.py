@@ -111,3 +111,29 @@ def test_groupnorm_split_and_layernorm_auto():
 def test_c_target_rejects_half_types():
     with pytest.raises(NormgenError, match="float16"):
         lower(BatchNorm(name="h", format="BC", shape=[4], dtype="float16"), "c")
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda l: l.name)
+def test_backward_channel_indices(layer):
+    """The training backward's per-channel bookkeeping (normgen/sweep.py): rows with one channel
+    per run index the block's channels as stat_channel + local; rows with the channel along the
+    run keep partial sums for channels partials_from .. + partials_len, which hold the run's."""
+    plan = lower(layer)
+    W = plan.sweep
+    if W.norm not in ("rows_const", "rows"):
+        pytest.skip("columns: the forward's channel_expr per column")
+    env = {"nb": 2}
+    stat_ranges = [range(_eval(a.count, env)) for a in plan.stat_axes]
+    for stat_idx in itertools.product(*stat_ranges):
+        env.update({a.var: i for a, i in zip(plan.stat_axes, stat_idx, strict=True)})
+        dom_ranges = [range(_eval(a.count, env)) for a in plan.domain_axes]
+        for dom_idx in itertools.product(*dom_ranges):
+            env.update({a.var: i for a, i in zip(plan.domain_axes, dom_idx, strict=True)})
+            ch = _eval(plan.channel_expr, env)
+            if W.norm == "rows_const":
+                local = _eval(W.local_channel_expr, env)
+                assert 0 <= local < W.local_channels
+                assert _eval(W.stat_channel_expr + str(local), env) == ch
+            else:
+                start = 0 if W.partials_global else _eval(W.partials_from, env)
+                assert start <= ch < start + W.partials_len <= plan.channels

@@ -1,5 +1,6 @@
 """Generated C under AddressSanitizer and UBSan: a standalone driver per layer reads x from a
-file, runs every entry point out of place and in place, and writes the results back."""
+file, runs every entry point out of place and in place, and writes the results back (the
+training backward too: recomputed and from saved statistics, with dx = x and dx = dy)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ int main(void)
     fwrite(y, sizeof y[0], N, f);
     {train}
     fclose(f);
+    {backward}
     return 0;
 }}
 """
@@ -56,6 +58,33 @@ TRAIN = r"""
     fwrite(y, sizeof y[0], N, f);
     fwrite(rm, sizeof rm[0], {C}, f);
     fwrite(rv, sizeof rv[0], {C}, f);
+"""
+
+BACKWARD = r"""
+    static {T} dy[N], dx[N], dx2[N];
+    static double sm[N], si[N];
+    {T} ds[{C}], dof[{C}], ds2[{C}], dof2[{C}], rm2[{C}], rv2[{C}];
+    for (int i = 0; i < N; ++i) dy[i] = ({T})((i * 37 % 101) / 50.0 - 1.0);
+    for (int c = 0; c < {C}; ++c) {{ rm2[c] = 0; rv2[c] = 1; }}
+    (void)rm2; (void)rv2;
+    if ({name}_backward({params_arg}x, dy, dx, ds, dof, {batch}) != 0) return 20;
+    memcpy(z, x, sizeof x);  /* dx = x */
+    if ({name}_backward({params_arg}z, dy, z, ds2, dof2, {batch}) != 0) return 21;
+    if (memcmp(z, dx, sizeof dx) || memcmp(ds, ds2, sizeof ds) || memcmp(dof, dof2, sizeof dof)) return 22;
+    memcpy(z, dy, sizeof dy);  /* dx = dy */
+    if ({name}_backward({params_arg}x, z, z, ds2, dof2, {batch}) != 0) return 23;
+    if (memcmp(z, dx, sizeof dx) || memcmp(ds, ds2, sizeof ds) || memcmp(dof, dof2, sizeof dof)) return 24;
+    if ({name}_train_forward_save({params_arg}x, y, {batch}, {running}sm, si) != 0) return 25;
+    if ({name}_backward_saved({params_arg}x, dy, sm, si, dx2, ds2, dof2, {batch}) != 0) return 26;
+    memcpy(z, dy, sizeof dy);
+    if ({name}_backward_saved({params_arg}x, z, sm, si, z, ds, dof, {batch}) != 0) return 27;
+    if (memcmp(z, dx2, sizeof dx2) || memcmp(ds, ds2, sizeof ds) || memcmp(dof, dof2, sizeof dof)) return 28;
+    f = fopen("g.bin", "wb");
+    fwrite(dx, sizeof dx[0], N, f);
+    fwrite(dx2, sizeof dx2[0], N, f);
+    fwrite(ds, sizeof ds[0], {C}, f);
+    fwrite(dof, sizeof dof[0], {C}, f);
+    fclose(f);
 """
 
 
@@ -70,6 +99,8 @@ def test_asan_ubsan(layer, tmp_path):
                   params_decl=f"{layer.name}_params p; if ({layer.name}_params_init(&p)) return 9;" if runtime else "",
                   params_arg="&p, " if runtime else "")
     fields["train"] = TRAIN.format(**fields) if layer.kind == "batchnorm" else ""
+    fields["running"] = "rm2, rv2, " if layer.kind == "batchnorm" else ""
+    fields["backward"] = BACKWARD.format(**fields)
     (tmp_path / "driver.c").write_text(DRIVER.format(**fields))
     flags = ["-std=c99", "-Wall", "-Wextra", "-pedantic", "-Werror", "-O1", "-g",
              "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
@@ -90,3 +121,10 @@ def test_asan_ubsan(layer, tmp_path):
         assert compare(layer.name, "train", layer.dtype, batch, out[n:2 * n].reshape(x.shape), y).ok
         assert compare(layer.name, "rm", layer.dtype, batch, out[2 * n:2 * n + c], rm).ok
         assert compare(layer.name, "rv", layer.dtype, batch, out[2 * n + c:], rv).ok
+    g = np.fromfile(tmp_path / "g.bin", dtype=dt)
+    dy = ((np.arange(n) * 37 % 101) / 50.0 - 1.0).astype(dt).reshape(x.shape)
+    want = reference.backward(layer, x, dy)
+    c = layer.channels
+    for name, got, w in (("dx", g[:n], want[0]), ("dx saved", g[n:2 * n], want[0]), ("dscale", g[2 * n:2 * n + c], want[1]),
+                         ("doffset", g[2 * n + c:], want[2])):  # fmt: skip
+        assert compare(layer.name, name, layer.dtype, batch, got.reshape(w.shape), w).ok, name

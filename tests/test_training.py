@@ -217,6 +217,99 @@ def test_backward_random_shapes(layer, batch):
         close(g, w, layer.dtype, f"{layer.name} saved {name}")
 
 
+# ---- long runs and several chunks: the blocked lanes, chunk merges and partial-sum flushes ----
+
+
+def long_layers():
+    """Layers whose sweeps the small grid does not reach (normgen/sweep.py): runs of whole blocks
+    of lanes with a short block at the end, several chunks per statistic, the per-channel partial
+    sums of the rows strategy flushed more than once, and each of the four ways the channel runs."""
+    return [
+        # rows, one channel per run (runs of 4550: 142 blocks of 32 lanes and a short block), one channel
+        # of the group per chunk
+        GroupNorm(name="tlong_gn_nchw", format="BCSS", shape=[6, 70, 65], num_groups=3, **_params(21)),
+        # rows, one channel per run, one batch per chunk (runs of 4095), float64
+        BatchNorm(name="tlong_bn_nchw", format="BCSS", shape=[4, 63, 65], dtype="float64", running_variance="biased",
+                  **_params(22, 4)),  # fmt: skip
+        # rows, the channel along the run: 3 * 300 runs, the per-channel partial sums flushed every 16
+        LayerNorm(name="tlong_ln_btc", format="BTC", shape=[300, 70], **_params(23, 70)),
+        # rows, the channel along the run, two chunks per run
+        LayerNorm(name="tlong_ln_wide", format="BTC", shape=[2, 9000], **_params(24, 9000)),
+        # rows, the run is the 64 channels of a group: 20 runs a block, partial sums flushed within it
+        GroupNorm(name="tlong_gn_rows", format="BSSC", shape=[4, 5, 128], num_groups=2, **_params(25, 128)),
+        # columns, channel fixed per column, 600 rows: three chunks
+        GroupNorm(name="tlong_gn_nhwc", format="BSSC", shape=[30, 20, 6], num_groups=3, **_params(26)),
+        # columns, the channel varies with the chunk axis (one per row): 30 rows of 600, three chunks
+        LayerNorm(name="tlong_ln_cf", format="BCSS", shape=[30, 20, 30], operation_dimension="channel-only",
+                  dtype="float64", **_params(27, 30)),  # fmt: skip
+    ]
+
+
+LONG = long_layers()
+
+
+@pytest.mark.parametrize("layer", LONG, ids=lambda la: la.name)
+def test_backward_long_runs_and_chunks(layer):
+    c = build(layer)
+    rng = np.random.default_rng(12)
+    for batch in (1, 3):
+        x = random_input(layer, batch, rng).astype(c.dtype)
+        dy = rng.standard_normal(x.shape).astype(c.dtype)
+        want = reference.backward(layer, x, dy)
+        got = c.backward(x, dy)
+        for name, g, w in zip(("dx", "dscale", "doffset"), got, want, strict=True):
+            close(g, w, layer.dtype, f"{layer.name} batch {batch} {name}")
+        _, mean, inv = c.train_forward_save(x)
+        want_mean, want_inv = reference.saved_statistics(layer, x)
+        close(mean, want_mean, "float64", f"{layer.name} saved mean", scale=1e2)
+        close(inv, want_inv, "float64", f"{layer.name} saved invstd", scale=1e2)
+        for name, g, w in zip(("dx", "dscale", "doffset"), c.backward_saved(x, dy, mean, inv), want, strict=True):
+            close(g, w, layer.dtype, f"{layer.name} batch {batch} backward_saved {name}")
+        # in place: dx = x and dx = dy give the out-of-place result bit for bit
+        for alias in ("x", "dy"):
+            xx, dd = x.copy(), dy.copy()
+            ds, do = np.empty(layer.channels, c.dtype), np.empty(layer.channels, c.dtype)
+            out = xx if alias == "x" else dd
+            p = c._ptr
+            assert _raw(c, "backward")(p(xx), p(dd), p(out), p(ds), p(do), batch) == 0
+            np.testing.assert_array_equal(out, got[0])
+            np.testing.assert_array_equal(ds, got[1])
+            np.testing.assert_array_equal(do, got[2])
+
+
+@pytest.mark.parametrize("name", ["tlong_gn_nchw", "tlong_ln_btc", "tlong_ln_wide", "tlong_gn_nhwc"])
+def test_backward_large_mean_long(name):
+    """x = 1e4 + N(0, 1e-2) in float32 over long runs and several chunks."""
+    layer = next(la for la in LONG if la.name == name)
+    c = build(layer)
+    rng = np.random.default_rng(7)
+    x = (1e4 + rng.normal(0.0, 1e-2, reference.full_shape(layer, 2))).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    _, mean, inv = c.train_forward_save(x)
+    want = reference.backward(layer, x, dy)
+    for got in (c.backward(x, dy), c.backward_saved(x, dy, mean, inv)):
+        for what, g, w in zip(("dx", "dscale", "doffset"), got, want, strict=True):
+            err = np.abs(g - w).max() / np.abs(w).max()
+            assert err < 1e-5, (name, what, err)
+
+
+@pytest.mark.parametrize("name", ["tlong_gn_nchw", "tlong_ln_btc", "tlong_gn_rows", "tlong_gn_nhwc", "tlong_ln_cf"])
+def test_backward_same_bits_at_every_optimization_level(name):
+    """No reassociation: -O2 (SSE2) and -O3 -march=native (AVX2) give the same bits."""
+    layer = next(la for la in LONG if la.name == name)
+    rng = np.random.default_rng(3)
+    x = random_input(layer, 3, rng)
+    dy = rng.standard_normal(x.shape)
+    results = []
+    for flags in (["-O2"], ["-O3", "-march=native"]):
+        c = build(layer, flags=flags)
+        xx, dd = x.astype(c.dtype), dy.astype(c.dtype)
+        y, mean, inv = c.train_forward_save(xx)
+        results.append([*c.backward(xx, dd), *c.backward_saved(xx, dd, mean, inv), y, mean, inv])
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 # ---- batch 1, single-element statistics, errors, aliasing ----------------------------------
 
 

@@ -151,7 +151,6 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
         {
             double mean[1], m2[1];
             float lane[32], lane2[32];
-            float mhi[1], mlo[1], rs[1];
             double n = 0;
             mean[0] = 0;
             m2[0] = 0;
@@ -224,7 +223,8 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
             }
-            /* per statistic: 1/sqrt(var + epsilon) and the mean as hi + lo */
+            float mhi[1], mlo[1], rs[1];
+            /* per statistic: 1/sqrt(var + epsilon) and the mean as hi + lo; the running statistics updated */
             for (size_t k = 0; k < 1; ++k) {
                 const double var = m2[k] > 0 ? m2[k] / n : 0;
                 const size_t ch = i1;
@@ -282,66 +282,111 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
     if (nb * 784 < 2) {
         return STEM_BN_ERR_COUNT;
     }
-    const double n = (double)(nb * 784);
     for (size_t i1 = 0; i1 < 32; ++i1) {
         {
-            double mean[1], m2[1], s1[1];
+            double mean[1], m2[1];
+            double lane[32], lane2[32];
+            double n = 0;
+            mean[0] = 0;
+            m2[0] = 0;
+            /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
+             * two passes over a cache-sized chunk (the second corrects the first's mean m:
+             * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
+             * Chan's merge of the chunks in double */
+            for (size_t c0 = 0; c0 < nb; c0 += 10) {
+                const size_t c1 = c0 + 10 < nb ? c0 + 10 : nb;
+                const double nc = (double)((c1 - c0) * 784);
+                /* the chunk's sum in 32 independent lanes */
+                for (size_t l = 0; l < 32; ++l) {
+                    lane[l] = 0;
+                }
+                for (size_t i0 = c0; i0 < c1; ++i0) {
+                    const float *xr = x + i0 * 25088 + i1 * 784;
+                    const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                    for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                        for (size_t l = 0; l < 32; ++l) {
+                            lane[l] += xr[i2 + l];
+                        }
+                    }
+                    {
+                        const size_t i2 = blocks_end;
+                        for (size_t l = 0; l < 784 - i2; ++l) {
+                            lane[l] += xr[i2 + l];
+                        }
+                    }
+                }
+                double sum = 0;
+                for (size_t l = 0; l < 32; ++l) {
+                    sum += lane[l];
+                    lane[l] = 0;
+                    lane2[l] = 0;
+                }
+                const double m = (double)(sum / nc);
+                /* deviations from that mean and their squares; meanwhile the next chunk is fetched */
+                for (size_t i0 = c0; i0 < c1; ++i0) {
+                    const float *xr = x + i0 * 25088 + i1 * 784;
+                    const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                    for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                        if (i0 + 10 < nb) {
+                            STEM_BN_PREFETCH(xr + i2 + 250880);
+                            STEM_BN_PREFETCH(xr + i2 + 250880 + 16);
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            const double dev = xr[i2 + l] - m;
+                            lane[l] += dev;
+                            lane2[l] += dev * dev;
+                        }
+                    }
+                    {
+                        const size_t i2 = blocks_end;
+                        for (size_t l = 0; l < 784 - i2; ++l) {
+                            const double dev = xr[i2 + l] - m;
+                            lane[l] += dev;
+                            lane2[l] += dev * dev;
+                        }
+                    }
+                }
+                const double total = n + nc;
+                double s1 = 0, s2 = 0;
+                for (size_t l = 0; l < 32; ++l) {
+                    s1 += lane[l];
+                    s2 += lane2[l];
+                }
+                const double cm2 = s2 - s1 * s1 / nc;
+                const double delta = ((double)m + s1 / nc) - mean[0];
+                mean[0] += delta * (nc / total);
+                m2[0] += cm2 + delta * delta * (n * nc / total);
+                n = total;
+            }
             float mhi[1], mlo[1], rs[1];
+            /* per statistic: 1/sqrt(var + epsilon) and the mean as hi + lo; both saved; the running statistics updated */
             for (size_t k = 0; k < 1; ++k) {
-                mean[k] = 0;
-                m2[k] = 0;
-                s1[k] = 0;
-            }
-            /* pass 1: mean of each statistic (C) over B, S */
-            for (size_t i0 = 0; i0 < nb; ++i0) {
-                for (size_t i2 = 0; i2 < 784; ++i2) {
-                    mean[0] += (double)x[i0 * 25088 + i1 * 784 + i2];
-                }
-            }
-            for (size_t k = 0; k < 1; ++k) {
-                mean[k] /= n;
-            }
-            /* pass 2: squared deviations; their plain sum corrects the rounding of the mean */
-            for (size_t i0 = 0; i0 < nb; ++i0) {
-                for (size_t i2 = 0; i2 < 784; ++i2) {
-                    const double dev = (double)x[i0 * 25088 + i1 * 784 + i2] - mean[0];
-                    m2[0] += dev * dev;
-                    s1[0] += dev;
-                }
-            }
-            for (size_t k = 0; k < 1; ++k) {
-                m2[k] -= s1[k] * s1[k] / n;
-                mean[k] += s1[k] / n;
-                if (m2[k] < 0) {
-                    m2[k] = 0;
-                }
-            }
-            /* per statistic: save mean and 1/sqrt(var + epsilon), update the running statistics */
-            for (size_t k = 0; k < 1; ++k) {
-                const double var = m2[k] / n;
-                const double inv = 1 / sqrt(var + 1e-05);
-                const size_t s = i1;
-                saved_mean[s] = mean[k];
-                saved_invstd[s] = inv;
+                const double var = m2[k] > 0 ? m2[k] / n : 0;
                 const size_t ch = i1;
                 const double batch_var = n > 1 ? m2[k] / (n - 1) : var;
                 running_mean[ch] = (float)(0.1 * mean[k] + (1 - 0.1) * (double)running_mean[ch]);
                 running_var[ch] = (float)(0.1 * batch_var + (1 - 0.1) * (double)running_var[ch]);
+                const double inv = 1 / sqrt(var + 1e-05);
+                const size_t s = i1;
+                saved_mean[s] = mean[k];
+                saved_invstd[s] = inv;
                 rs[k] = (float)inv;
                 mhi[k] = (float)mean[k];
                 mlo[k] = (float)(mean[k] - (double)mhi[k]);
             }
-            /* pass 3: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
+            /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
             for (size_t i0 = 0; i0 < nb; ++i0) {
+                const float *xr = x + i0 * 25088 + i1 * 784;
+                float *yr = y + i0 * 25088 + i1 * 784;
+                const float g = rs[0] * scale[i1];
+                const float b = offset[i1] - mlo[0] * g;
                 for (size_t i2 = 0; i2 < 784; ++i2) {
-                    const size_t o = i0 * 25088 + i1 * 784 + i2;
-                    const size_t ch = i1;
-                    const size_t k = 0;
-                    y[o] = ((x[o] - mhi[k]) - mlo[k]) * (rs[k] * scale[ch]) + offset[ch];
+                    yr[i2] = (xr[i2] - mhi[0]) * g + b;
                 }
             }
         }
     }
+
     return STEM_BN_OK;
 }
 
@@ -369,7 +414,6 @@ int stem_bn_backward(const float *x, const float *dy, float *dx, float *dscale, 
     }
     const size_t nb = (size_t)batch;
     const float *scale = stem_bn_scale;
-    const double n = (double)(nb * 784);
     double gscale[32], goffset[32];
     for (size_t c = 0; c < 32; ++c) {
         gscale[c] = 0;
@@ -377,70 +421,171 @@ int stem_bn_backward(const float *x, const float *dy, float *dx, float *dscale, 
     }
     for (size_t i1 = 0; i1 < 32; ++i1) {
         {
-            double mean[1], m2[1], inv[1], s1[1], s2[1];
-            for (size_t k = 0; k < 1; ++k) {
-                mean[k] = 0;
-                m2[k] = 0;
-                s1[k] = 0;
+            float ga[32], gb[32];
+            double da[32], db[32];
+            double ca[1], cb[1], ref[1];
+            for (size_t j = 0; j < 1; ++j) {
+                ca[j] = 0;
+                cb[j] = 0;
             }
-            /* pass 1: mean of each statistic (C) over B, S */
-            for (size_t i0 = 0; i0 < nb; ++i0) {
-                for (size_t i2 = 0; i2 < 784; ++i2) {
-                    mean[0] += (double)x[i0 * 25088 + i1 * 784 + i2];
+            for (size_t j = 0; j < 1; ++j) {
+                ref[j] = 0;
+            }
+            double mean[1], m2[1];
+            float lane[32], lane2[32];
+            double n = 0;
+            mean[0] = 0;
+            m2[0] = 0;
+            /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
+             * two passes over a cache-sized chunk (the second corrects the first's mean m:
+             * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
+             * Chan's merge of the chunks in double */
+            for (size_t c0 = 0; c0 < nb; c0 += 10) {
+                const size_t c1 = c0 + 10 < nb ? c0 + 10 : nb;
+                const double nc = (double)((c1 - c0) * 784);
+                /* the chunk's sum in 32 independent lanes */
+                for (size_t l = 0; l < 32; ++l) {
+                    lane[l] = 0;
                 }
-            }
-            for (size_t k = 0; k < 1; ++k) {
-                mean[k] /= n;
-            }
-            /* pass 2: squared deviations; their plain sum corrects the rounding of the mean */
-            for (size_t i0 = 0; i0 < nb; ++i0) {
-                for (size_t i2 = 0; i2 < 784; ++i2) {
-                    const double dev = (double)x[i0 * 25088 + i1 * 784 + i2] - mean[0];
-                    m2[0] += dev * dev;
-                    s1[0] += dev;
+                for (size_t i0 = c0; i0 < c1; ++i0) {
+                    const float *xr = x + i0 * 25088 + i1 * 784;
+                    const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                    for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                        for (size_t l = 0; l < 32; ++l) {
+                            lane[l] += xr[i2 + l];
+                        }
+                    }
+                    {
+                        const size_t i2 = blocks_end;
+                        for (size_t l = 0; l < 784 - i2; ++l) {
+                            lane[l] += xr[i2 + l];
+                        }
+                    }
                 }
-            }
-            for (size_t k = 0; k < 1; ++k) {
-                m2[k] -= s1[k] * s1[k] / n;
-                mean[k] += s1[k] / n;
-                if (m2[k] < 0) {
-                    m2[k] = 0;
+                double sum = 0;
+                for (size_t l = 0; l < 32; ++l) {
+                    sum += lane[l];
+                    lane[l] = 0;
+                    lane2[l] = 0;
                 }
+                const float m = (float)(sum / nc);
+                if (c0 == 0) {
+                    /* the block's reference: the first chunk's mean */
+                    for (size_t j = 0; j < 1; ++j) {
+                        ref[j] = m;
+                    }
+                }
+                for (size_t l = 0; l < 32; ++l) {
+                    ga[l] = 0;
+                    gb[l] = 0;
+                    da[l] = 0;
+                    db[l] = 0;
+                }
+                /* deviations from that mean and their squares; dy and dy times the deviations (lanes ga, gb); meanwhile the next chunk is fetched */
+                for (size_t i0 = c0; i0 < c1; ++i0) {
+                    const float *xr = x + i0 * 25088 + i1 * 784;
+                    const float *dyr = dy + i0 * 25088 + i1 * 784;
+                    const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                    for (size_t g0 = 0; g0 < blocks_end; g0 += 256) {
+                        const size_t g1 = g0 + 256 < blocks_end ? g0 + 256 : blocks_end;
+                        for (size_t i2 = g0; i2 < g1; i2 += 32) {
+                            if (i0 + 10 < nb) {
+                                STEM_BN_PREFETCH(xr + i2 + 250880);
+                                STEM_BN_PREFETCH(xr + i2 + 250880 + 16);
+                            }
+                            for (size_t l = 0; l < 32; ++l) {
+                                const float dev = xr[i2 + l] - m;
+                                lane[l] += dev;
+                                lane2[l] += dev * dev;
+                                const float d = dyr[i2 + l];
+                                ga[l] += d;
+                                gb[l] += d * dev;
+                            }
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            da[l] += ga[l];
+                            db[l] += gb[l];
+                            ga[l] = 0;
+                            gb[l] = 0;
+                        }
+                    }
+                    {
+                        const size_t i2 = blocks_end;
+                        for (size_t l = 0; l < 784 - i2; ++l) {
+                            const float dev = xr[i2 + l] - m;
+                            lane[l] += dev;
+                            lane2[l] += dev * dev;
+                            const float d = dyr[i2 + l];
+                            ga[l] += d;
+                            gb[l] += d * dev;
+                        }
+                    }
+                    for (size_t l = 0; l < 32; ++l) {
+                        da[l] += ga[l];
+                        db[l] += gb[l];
+                        ga[l] = 0;
+                        gb[l] = 0;
+                    }
+                }
+                double a = 0, b = 0;
+                for (size_t l = 0; l < 32; ++l) {
+                    a += da[l] + ga[l];
+                    b += db[l] + gb[l];
+                }
+                ca[0] += a;
+                cb[0] += b + ((double)m - ref[0]) * a;
+                const double total = n + nc;
+                double s1 = 0, s2 = 0;
+                for (size_t l = 0; l < 32; ++l) {
+                    s1 += lane[l];
+                    s2 += lane2[l];
+                }
+                const double cm2 = s2 - s1 * s1 / nc;
+                const double delta = ((double)m + s1 / nc) - mean[0];
+                mean[0] += delta * (nc / total);
+                m2[0] += cm2 + delta * delta * (n * nc / total);
+                n = total;
             }
+            double inv[1], corr[1], s1[1], s2[1];
+            float mhi[1], pw[1], q[1], r[1];
+            /* per statistic: 1/sqrt(var + epsilon), the mean in float (mhi) and what that rounded off (corr) */
             for (size_t k = 0; k < 1; ++k) {
-                inv[k] = 1 / sqrt(m2[k] / n + 1e-05);
-            }
-            for (size_t k = 0; k < 1; ++k) {
+                inv[k] = 1 / sqrt((m2[k] > 0 ? m2[k] / n : 0) + 1e-05);
+                mhi[k] = (float)mean[k];
+                corr[k] = mean[k] - (double)mhi[k];
                 s1[k] = 0;
                 s2[k] = 0;
             }
-            /* sums per statistic of g = scale * dy and g * xhat; per channel of dy * xhat and dy */
-            for (size_t i0 = 0; i0 < nb; ++i0) {
-                for (size_t i2 = 0; i2 < 784; ++i2) {
-                    const size_t o = i0 * 25088 + i1 * 784 + i2;
-                    const size_t ch = i1;
-                    const size_t k = 0;
-                    const double xhat = ((double)x[o] - mean[k]) * inv[k];
-                    const double d = (double)dy[o];
-                    const double g = (double)scale[ch] * d;
-                    s1[k] += g;
-                    s2[k] += g * xhat;
-                    gscale[ch] += d * xhat;
-                    goffset[ch] += d;
-                }
+            /* per statistic s1 = sum(g), s2 = sum(g * xhat) with g = scale * dy; per channel sum(dy * xhat), sum(dy):
+             * sum(dy * xhat) = inv * (cb - (mean - ref) * ca) */
+            for (size_t cl = 0; cl < 1; ++cl) {
+                const size_t k = 0;
+                const size_t c = i1 + cl;
+                const size_t j = cl;
+                const double dref = mean[0] - ref[0];
+                const double bx = inv[k] * (cb[j] - dref * ca[j]);
+                gscale[c] += bx;
+                goffset[c] += ca[j];
+                s1[k] += (double)scale[c] * ca[j];
+                s2[k] += (double)scale[c] * bx;
             }
+            /* per statistic: dx = dy * scale * pw + ((x - mhi) * q + r), with pw = inv, q = -inv^2 * mean(g * xhat),
+             * r = inv * (inv * mean(g * xhat) * corr - mean(g)); 0 for a statistic of one element (xhat = 0) */
             for (size_t k = 0; k < 1; ++k) {
-                s1[k] /= n;
-                s2[k] /= n;
+                const double w = n > 1 ? inv[k] : 0;
+                const double mgx = s2[k] / n;
+                pw[k] = (float)w;
+                q[k] = (float)(-(w * inv[k]) * mgx);
+                r[k] = (float)(w * (inv[k] * mgx * corr[k] - s1[k] / n));
             }
-            /* dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + epsilon) */
+            /* pass D: dx, after the last reads of x and dy of each element (dx may be x or dy) */
             for (size_t i0 = 0; i0 < nb; ++i0) {
+                const float *xr = x + i0 * 25088 + i1 * 784;
+                const float *dyr = dy + i0 * 25088 + i1 * 784;
+                float *dxr = dx + i0 * 25088 + i1 * 784;
+                const float p = scale[i1] * pw[0];
                 for (size_t i2 = 0; i2 < 784; ++i2) {
-                    const size_t o = i0 * 25088 + i1 * 784 + i2;
-                    const size_t ch = i1;
-                    const size_t k = 0;
-                    const double xhat = ((double)x[o] - mean[k]) * inv[k];
-                    dx[o] = (float)(inv[k] * ((double)scale[ch] * (double)dy[o] - s1[k] - xhat * s2[k]));
+                    dxr[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
                 }
             }
         }
@@ -482,7 +627,6 @@ int stem_bn_backward_saved(const float *x, const float *dy, const double *saved_
     }
     const size_t nb = (size_t)batch;
     const float *scale = stem_bn_scale;
-    const double n = (double)(nb * 784);
     double gscale[32], goffset[32];
     for (size_t c = 0; c < 32; ++c) {
         gscale[c] = 0;
@@ -490,43 +634,116 @@ int stem_bn_backward_saved(const float *x, const float *dy, const double *saved_
     }
     for (size_t i1 = 0; i1 < 32; ++i1) {
         {
-            double mean[1], inv[1], s1[1], s2[1];
+            const double n = (double)(nb * 784);
+            double mean[1];
+            double inv[1], corr[1], s1[1], s2[1];
+            float mhi[1], pw[1], q[1], r[1];
+            /* per statistic: 1/sqrt(var + epsilon), the mean in float (mhi) and what that rounded off (corr) */
             for (size_t k = 0; k < 1; ++k) {
                 const size_t s = i1;
                 mean[k] = saved_mean[s];
                 inv[k] = saved_invstd[s];
-            }
-            for (size_t k = 0; k < 1; ++k) {
+                mhi[k] = (float)mean[k];
+                corr[k] = mean[k] - (double)mhi[k];
                 s1[k] = 0;
                 s2[k] = 0;
             }
-            /* sums per statistic of g = scale * dy and g * xhat; per channel of dy * xhat and dy */
-            for (size_t i0 = 0; i0 < nb; ++i0) {
-                for (size_t i2 = 0; i2 < 784; ++i2) {
-                    const size_t o = i0 * 25088 + i1 * 784 + i2;
-                    const size_t ch = i1;
-                    const size_t k = 0;
-                    const double xhat = ((double)x[o] - mean[k]) * inv[k];
-                    const double d = (double)dy[o];
-                    const double g = (double)scale[ch] * d;
-                    s1[k] += g;
-                    s2[k] += g * xhat;
-                    gscale[ch] += d * xhat;
-                    goffset[ch] += d;
+            float ga[32], gb[32];
+            double da[32], db[32];
+            double ca[1], cb[1], ref[1];
+            for (size_t j = 0; j < 1; ++j) {
+                ca[j] = 0;
+                cb[j] = 0;
+            }
+            for (size_t j = 0; j < 1; ++j) {
+                ref[j] = 0;
+            }
+            /* the reference: the saved mean */
+            ref[0] = mhi[0];
+            /* the gradient columns, chunk by chunk: dy (or g = scale * dy) and times x - mean, in lanes */
+            for (size_t c0 = 0; c0 < nb; c0 += 10) {
+                const size_t c1 = c0 + 10 < nb ? c0 + 10 : nb;
+                for (size_t l = 0; l < 32; ++l) {
+                    ga[l] = 0;
+                    gb[l] = 0;
+                    da[l] = 0;
+                    db[l] = 0;
                 }
+                for (size_t i0 = c0; i0 < c1; ++i0) {
+                    const float *xr = x + i0 * 25088 + i1 * 784;
+                    const float *dyr = dy + i0 * 25088 + i1 * 784;
+                    const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                    for (size_t g0 = 0; g0 < blocks_end; g0 += 256) {
+                        const size_t g1 = g0 + 256 < blocks_end ? g0 + 256 : blocks_end;
+                        for (size_t i2 = g0; i2 < g1; i2 += 32) {
+                            for (size_t l = 0; l < 32; ++l) {
+                                const float dev = xr[i2 + l] - mhi[0];
+                                const float d = dyr[i2 + l];
+                                ga[l] += d;
+                                gb[l] += d * dev;
+                            }
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            da[l] += ga[l];
+                            db[l] += gb[l];
+                            ga[l] = 0;
+                            gb[l] = 0;
+                        }
+                    }
+                    {
+                        const size_t i2 = blocks_end;
+                        for (size_t l = 0; l < 784 - i2; ++l) {
+                            const float dev = xr[i2 + l] - mhi[0];
+                            const float d = dyr[i2 + l];
+                            ga[l] += d;
+                            gb[l] += d * dev;
+                        }
+                    }
+                    for (size_t l = 0; l < 32; ++l) {
+                        da[l] += ga[l];
+                        db[l] += gb[l];
+                        ga[l] = 0;
+                        gb[l] = 0;
+                    }
+                }
+                double a = 0, b = 0;
+                for (size_t l = 0; l < 32; ++l) {
+                    a += da[l] + ga[l];
+                    b += db[l] + gb[l];
+                }
+                ca[0] += a;
+                cb[0] += b;
             }
+            /* per statistic s1 = sum(g), s2 = sum(g * xhat) with g = scale * dy; per channel sum(dy * xhat), sum(dy):
+             * sum(dy * xhat) = inv * (cb - (mean - ref) * ca) */
+            for (size_t cl = 0; cl < 1; ++cl) {
+                const size_t k = 0;
+                const size_t c = i1 + cl;
+                const size_t j = cl;
+                const double dref = mean[0] - ref[0];
+                const double bx = inv[k] * (cb[j] - dref * ca[j]);
+                gscale[c] += bx;
+                goffset[c] += ca[j];
+                s1[k] += (double)scale[c] * ca[j];
+                s2[k] += (double)scale[c] * bx;
+            }
+            /* per statistic: dx = dy * scale * pw + ((x - mhi) * q + r), with pw = inv, q = -inv^2 * mean(g * xhat),
+             * r = inv * (inv * mean(g * xhat) * corr - mean(g)); 0 for a statistic of one element (xhat = 0) */
             for (size_t k = 0; k < 1; ++k) {
-                s1[k] /= n;
-                s2[k] /= n;
+                const double w = n > 1 ? inv[k] : 0;
+                const double mgx = s2[k] / n;
+                pw[k] = (float)w;
+                q[k] = (float)(-(w * inv[k]) * mgx);
+                r[k] = (float)(w * (inv[k] * mgx * corr[k] - s1[k] / n));
             }
-            /* dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + epsilon) */
+            /* pass D: dx, after the last reads of x and dy of each element (dx may be x or dy) */
             for (size_t i0 = 0; i0 < nb; ++i0) {
+                const float *xr = x + i0 * 25088 + i1 * 784;
+                const float *dyr = dy + i0 * 25088 + i1 * 784;
+                float *dxr = dx + i0 * 25088 + i1 * 784;
+                const float p = scale[i1] * pw[0];
                 for (size_t i2 = 0; i2 < 784; ++i2) {
-                    const size_t o = i0 * 25088 + i1 * 784 + i2;
-                    const size_t ch = i1;
-                    const size_t k = 0;
-                    const double xhat = ((double)x[o] - mean[k]) * inv[k];
-                    dx[o] = (float)(inv[k] * ((double)scale[ch] * (double)dy[o] - s1[k] - xhat * s2[k]));
+                    dxr[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
                 }
             }
         }
@@ -617,40 +834,83 @@ int stem_bn_accumulate(stem_bn_stats *acc, const float *x, int32_t batch)
         return STEM_BN_ERR_BATCH;
     }
     const size_t nb = (size_t)batch;
-    const double n = (double)(nb * 784);
     const double n0 = acc->count;
-    const double total = n0 + n;
+    const double total = n0 + (double)(nb * 784);
     for (size_t i1 = 0; i1 < 32; ++i1) {
         {
-            double mean[1], m2[1], s1[1];
-            for (size_t k = 0; k < 1; ++k) {
-                mean[k] = 0;
-                m2[k] = 0;
-                s1[k] = 0;
-            }
-            /* pass 1: mean of each statistic (C) over B, S */
-            for (size_t i0 = 0; i0 < nb; ++i0) {
-                for (size_t i2 = 0; i2 < 784; ++i2) {
-                    mean[0] += (double)x[i0 * 25088 + i1 * 784 + i2];
+            double mean[1], m2[1];
+            double lane[32], lane2[32];
+            double n = 0;
+            mean[0] = 0;
+            m2[0] = 0;
+            /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
+             * two passes over a cache-sized chunk (the second corrects the first's mean m:
+             * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
+             * Chan's merge of the chunks in double */
+            for (size_t c0 = 0; c0 < nb; c0 += 10) {
+                const size_t c1 = c0 + 10 < nb ? c0 + 10 : nb;
+                const double nc = (double)((c1 - c0) * 784);
+                /* the chunk's sum in 32 independent lanes */
+                for (size_t l = 0; l < 32; ++l) {
+                    lane[l] = 0;
                 }
-            }
-            for (size_t k = 0; k < 1; ++k) {
-                mean[k] /= n;
-            }
-            /* pass 2: squared deviations; their plain sum corrects the rounding of the mean */
-            for (size_t i0 = 0; i0 < nb; ++i0) {
-                for (size_t i2 = 0; i2 < 784; ++i2) {
-                    const double dev = (double)x[i0 * 25088 + i1 * 784 + i2] - mean[0];
-                    m2[0] += dev * dev;
-                    s1[0] += dev;
+                for (size_t i0 = c0; i0 < c1; ++i0) {
+                    const float *xr = x + i0 * 25088 + i1 * 784;
+                    const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                    for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                        for (size_t l = 0; l < 32; ++l) {
+                            lane[l] += xr[i2 + l];
+                        }
+                    }
+                    {
+                        const size_t i2 = blocks_end;
+                        for (size_t l = 0; l < 784 - i2; ++l) {
+                            lane[l] += xr[i2 + l];
+                        }
+                    }
                 }
-            }
-            for (size_t k = 0; k < 1; ++k) {
-                m2[k] -= s1[k] * s1[k] / n;
-                mean[k] += s1[k] / n;
-                if (m2[k] < 0) {
-                    m2[k] = 0;
+                double sum = 0;
+                for (size_t l = 0; l < 32; ++l) {
+                    sum += lane[l];
+                    lane[l] = 0;
+                    lane2[l] = 0;
                 }
+                const double m = (double)(sum / nc);
+                /* deviations from that mean and their squares; meanwhile the next chunk is fetched */
+                for (size_t i0 = c0; i0 < c1; ++i0) {
+                    const float *xr = x + i0 * 25088 + i1 * 784;
+                    const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                    for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                        if (i0 + 10 < nb) {
+                            STEM_BN_PREFETCH(xr + i2 + 250880);
+                            STEM_BN_PREFETCH(xr + i2 + 250880 + 16);
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            const double dev = xr[i2 + l] - m;
+                            lane[l] += dev;
+                            lane2[l] += dev * dev;
+                        }
+                    }
+                    {
+                        const size_t i2 = blocks_end;
+                        for (size_t l = 0; l < 784 - i2; ++l) {
+                            const double dev = xr[i2 + l] - m;
+                            lane[l] += dev;
+                            lane2[l] += dev * dev;
+                        }
+                    }
+                }
+                const double total = n + nc;
+                double s1 = 0, s2 = 0;
+                for (size_t l = 0; l < 32; ++l) {
+                    s1 += lane[l];
+                    s2 += lane2[l];
+                }
+                const double cm2 = s2 - s1 * s1 / nc;
+                const double delta = ((double)m + s1 / nc) - mean[0];
+                mean[0] += delta * (nc / total);
+                m2[0] += cm2 + delta * delta * (n * nc / total);
+                n = total;
             }
             /* Chan's merge of this batch's (n, mean, M2) into the totals */
             for (size_t k = 0; k < 1; ++k) {

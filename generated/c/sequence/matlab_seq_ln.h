@@ -48,7 +48,8 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch);
  * Saved statistics (train_forward_save -> backward_saved) are double: the mean and
  * 1/sqrt(var + epsilon) of each statistic (every non-C position), row-major over the kept
  * dimensions in format order; MATLAB_SEQ_LN_SAVED_STATISTICS(batch) of each.
- * Gradients are summed in double; backward keeps 2 * 96 double on the stack.
+ * Gradients are summed in double; backward keeps 3424 bytes of arrays on the stack
+ * (backward_saved fewer), among them 192 double for the per-channel sums.
  * Aliasing: dx may be x or dy (element for element); dscale, doffset, the saved statistics and
  * the running statistics must not overlap any other argument.
  */

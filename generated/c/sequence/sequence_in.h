@@ -45,7 +45,8 @@ int sequence_in_predict(const float *x, float *y, int32_t batch);
  * Saved statistics (train_forward_save -> backward_saved) are double: the mean and
  * 1/sqrt(var + epsilon) of each statistic (B, C), row-major over the kept
  * dimensions in format order; SEQUENCE_IN_SAVED_STATISTICS(batch) of each.
- * Gradients are summed in double; backward keeps 2 * 48 double on the stack.
+ * Gradients are summed in double; backward keeps 1880 bytes of arrays on the stack
+ * (backward_saved fewer), among them 96 double for the per-channel sums.
  * Aliasing: dx may be x or dy (element for element); dscale, doffset, the saved statistics and
  * the running statistics must not overlap any other argument.
  */

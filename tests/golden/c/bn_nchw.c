@@ -120,9 +120,8 @@ int bn_nchw_train_forward(const float *x, float *y, int32_t batch, float *runnin
     {
         double mean[3], m2[3];
         float lane[48], lane2[48];
-        float mhi[3], mlo[3], rs[3];
         double colmean[48], colm2[48];
-        float lmean[48], lhi[48], lg[48], lb[48];
+        float lmean[48];
         double n = 0; /* rows of the block seen so far */
         for (size_t j = 0; j < 48; ++j) {
             colmean[j] = 0;
@@ -191,7 +190,9 @@ int bn_nchw_train_forward(const float *x, float *y, int32_t batch, float *runnin
             m2[j / 16] += colm2[j] + n * dm * dm;
         }
         n *= 16;
-        /* per statistic: 1/sqrt(var + epsilon) and the mean as hi + lo */
+        float mhi[3], mlo[3], rs[3];
+        float lhi[48], lg[48], lb[48];
+        /* per statistic: 1/sqrt(var + epsilon) and the mean as hi + lo; the running statistics updated */
         for (size_t k = 0; k < 3; ++k) {
             const double var = m2[k] > 0 ? m2[k] / n : 0;
             const size_t ch = k;
@@ -254,70 +255,114 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
     if (nb * 16 < 2) {
         return BN_NCHW_ERR_COUNT;
     }
-    const double n = (double)(nb * 16);
     {
-        double mean[3], m2[3], s1[3];
-        float mhi[3], mlo[3], rs[3];
+        double mean[3], m2[3];
+        double lane[48], lane2[48];
+        double colmean[48], colm2[48];
+        double lmean[48];
+        double n = 0; /* rows of the block seen so far */
+        for (size_t j = 0; j < 48; ++j) {
+            colmean[j] = 0;
+            colm2[j] = 0;
+        }
+        /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
+         * two passes over a cache-sized chunk (the second corrects the first's mean m:
+         * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
+         * Chan's merge of the chunks in double */
+        for (size_t c0 = 0; c0 < nb; c0 += 170) {
+            const size_t c1 = c0 + 170 < nb ? c0 + 170 : nb;
+            const double nc = (double)(c1 - c0);
+            /* the chunk's sum of each of the 48 columns */
+            for (size_t l = 0; l < 48; ++l) {
+                lane[l] = 0;
+            }
+            for (size_t i0 = c0; i0 < c1; ++i0) {
+                const float *xr = x + i0 * 48;
+                for (size_t j = 0; j < 48; ++j) {
+                    lane[j] += xr[j];
+                }
+            }
+            const double inv_nc = 1 / nc;
+            for (size_t j = 0; j < 48; ++j) {
+                lmean[j] = (double)(lane[j] * inv_nc);
+                lane[j] = 0;
+                lane2[j] = 0;
+            }
+            /* deviations from that mean and their squares; meanwhile the next chunk is fetched */
+            for (size_t i0 = c0; i0 < c1; ++i0) {
+                const float *xr = x + i0 * 48;
+                for (size_t j = 0; j < 48; ++j) {
+                    const double dev = xr[j] - lmean[j];
+                    lane[j] += dev;
+                    lane2[j] += dev * dev;
+                }
+                if (i0 + 170 < nb) {
+                    for (size_t p = 0; p < 48; p += 16) {
+                        BN_NCHW_PREFETCH(xr + 8160 + p);
+                    }
+                }
+            }
+            const double total = n + nc;
+            const double wmean = nc / total, wm2 = n * nc / total;
+            for (size_t j = 0; j < 48; ++j) {
+                const double s1 = lane[j];
+                const double delta = ((double)lmean[j] + s1 * inv_nc) - colmean[j];
+                colmean[j] += delta * wmean;
+                colm2[j] += ((double)lane2[j] - s1 * s1 * inv_nc) + delta * delta * wm2;
+            }
+            n = total;
+        }
+        /* the columns of each statistic merged: 16 column(s) of n values each */
         for (size_t k = 0; k < 3; ++k) {
             mean[k] = 0;
             m2[k] = 0;
-            s1[k] = 0;
         }
-        /* pass 1: mean of each statistic (C) over B, S */
-        for (size_t i0 = 0; i0 < nb; ++i0) {
-            for (size_t i1 = 0; i1 < 3; ++i1) {
-                for (size_t i2 = 0; i2 < 16; ++i2) {
-                    mean[i1] += (double)x[i0 * 48 + i1 * 16 + i2];
-                }
-            }
+        for (size_t j = 0; j < 48; ++j) {
+            mean[j / 16] += colmean[j];
         }
         for (size_t k = 0; k < 3; ++k) {
-            mean[k] /= n;
+            mean[k] /= 16;
         }
-        /* pass 2: squared deviations; their plain sum corrects the rounding of the mean */
-        for (size_t i0 = 0; i0 < nb; ++i0) {
-            for (size_t i1 = 0; i1 < 3; ++i1) {
-                for (size_t i2 = 0; i2 < 16; ++i2) {
-                    const double dev = (double)x[i0 * 48 + i1 * 16 + i2] - mean[i1];
-                    m2[i1] += dev * dev;
-                    s1[i1] += dev;
-                }
-            }
+        for (size_t j = 0; j < 48; ++j) {
+            const double dm = colmean[j] - mean[j / 16];
+            m2[j / 16] += colm2[j] + n * dm * dm;
         }
+        n *= 16;
+        float mhi[3], mlo[3], rs[3];
+        float lhi[48], lg[48], lb[48];
+        /* per statistic: 1/sqrt(var + epsilon) and the mean as hi + lo; both saved; the running statistics updated */
         for (size_t k = 0; k < 3; ++k) {
-            m2[k] -= s1[k] * s1[k] / n;
-            mean[k] += s1[k] / n;
-            if (m2[k] < 0) {
-                m2[k] = 0;
-            }
-        }
-        /* per statistic: save mean and 1/sqrt(var + epsilon), update the running statistics */
-        for (size_t k = 0; k < 3; ++k) {
-            const double var = m2[k] / n;
-            const double inv = 1 / sqrt(var + 1e-05);
-            const size_t s = k;
-            saved_mean[s] = mean[k];
-            saved_invstd[s] = inv;
+            const double var = m2[k] > 0 ? m2[k] / n : 0;
             const size_t ch = k;
             const double batch_var = n > 1 ? m2[k] / (n - 1) : var;
             running_mean[ch] = (float)(0.1 * mean[k] + (1 - 0.1) * (double)running_mean[ch]);
             running_var[ch] = (float)(0.1 * batch_var + (1 - 0.1) * (double)running_var[ch]);
+            const double inv = 1 / sqrt(var + 1e-05);
+            const size_t s = k;
+            saved_mean[s] = mean[k];
+            saved_invstd[s] = inv;
             rs[k] = (float)inv;
             mhi[k] = (float)mean[k];
             mlo[k] = (float)(mean[k] - (double)mhi[k]);
         }
-        /* pass 3: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
+        /* the statistics of each column */
+        for (size_t j = 0; j < 48; ++j) {
+            const size_t k = j / 16;
+            lhi[j] = mhi[k];
+            const float g = rs[k] * scale[j / 16];
+            lg[j] = g;
+            lb[j] = offset[j / 16] - mlo[k] * g;
+        }
+        /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
         for (size_t i0 = 0; i0 < nb; ++i0) {
-            for (size_t i1 = 0; i1 < 3; ++i1) {
-                for (size_t i2 = 0; i2 < 16; ++i2) {
-                    const size_t o = i0 * 48 + i1 * 16 + i2;
-                    const size_t ch = i1;
-                    const size_t k = i1;
-                    y[o] = ((x[o] - mhi[k]) - mlo[k]) * (rs[k] * scale[ch]) + offset[ch];
-                }
+            const float *xr = x + i0 * 48;
+            float *yr = y + i0 * 48;
+            for (size_t j = 0; j < 48; ++j) {
+                yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
             }
         }
     }
+
     return BN_NCHW_OK;
 }
 
@@ -345,85 +390,157 @@ int bn_nchw_backward(const float *x, const float *dy, float *dx, float *dscale, 
     }
     const size_t nb = (size_t)batch;
     const float *scale = bn_nchw_scale;
-    const double n = (double)(nb * 16);
     double gscale[3], goffset[3];
     for (size_t c = 0; c < 3; ++c) {
         gscale[c] = 0;
         goffset[c] = 0;
     }
     {
-        double mean[3], m2[3], inv[3], s1[3], s2[3];
+        double ga[48], gb[48];
+        double ca[48], cb[48], ref[48];
+        for (size_t j = 0; j < 48; ++j) {
+            ca[j] = 0;
+            cb[j] = 0;
+        }
+        for (size_t j = 0; j < 48; ++j) {
+            ref[j] = 0;
+        }
+        double mean[3], m2[3];
+        float lane[48], lane2[48];
+        double colmean[48], colm2[48];
+        float lmean[48];
+        double n = 0; /* rows of the block seen so far */
+        for (size_t j = 0; j < 48; ++j) {
+            colmean[j] = 0;
+            colm2[j] = 0;
+        }
+        /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
+         * two passes over a cache-sized chunk (the second corrects the first's mean m:
+         * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
+         * Chan's merge of the chunks in double */
+        for (size_t c0 = 0; c0 < nb; c0 += 170) {
+            const size_t c1 = c0 + 170 < nb ? c0 + 170 : nb;
+            const double nc = (double)(c1 - c0);
+            /* the chunk's sum of each of the 48 columns */
+            for (size_t l = 0; l < 48; ++l) {
+                lane[l] = 0;
+            }
+            for (size_t i0 = c0; i0 < c1; ++i0) {
+                const float *xr = x + i0 * 48;
+                for (size_t j = 0; j < 48; ++j) {
+                    lane[j] += xr[j];
+                }
+            }
+            const double inv_nc = 1 / nc;
+            for (size_t j = 0; j < 48; ++j) {
+                lmean[j] = (float)(lane[j] * inv_nc);
+                lane[j] = 0;
+                lane2[j] = 0;
+            }
+            if (c0 == 0) {
+                /* the block's reference: the first chunk's mean */
+                for (size_t j = 0; j < 48; ++j) {
+                    ref[j] = lmean[j];
+                }
+            }
+            for (size_t j = 0; j < 48; ++j) {
+                ga[j] = 0;
+                gb[j] = 0;
+            }
+            /* deviations from that mean and their squares; dy and dy times the deviations (lanes ga, gb); meanwhile the next chunk is fetched */
+            for (size_t i0 = c0; i0 < c1; ++i0) {
+                const float *xr = x + i0 * 48;
+                const float *dyr = dy + i0 * 48;
+                for (size_t j = 0; j < 48; ++j) {
+                    const float dev = xr[j] - lmean[j];
+                    lane[j] += dev;
+                    lane2[j] += dev * dev;
+                    const float d = dyr[j];
+                    ga[j] += d;
+                    gb[j] += d * dev;
+                }
+                if (i0 + 170 < nb) {
+                    for (size_t p = 0; p < 48; p += 16) {
+                        BN_NCHW_PREFETCH(xr + 8160 + p);
+                    }
+                }
+            }
+            for (size_t j = 0; j < 48; ++j) {
+                ca[j] += ga[j];
+                cb[j] += gb[j] + ((double)lmean[j] - ref[j]) * ga[j];
+            }
+            const double total = n + nc;
+            const double wmean = nc / total, wm2 = n * nc / total;
+            for (size_t j = 0; j < 48; ++j) {
+                const double s1 = lane[j];
+                const double delta = ((double)lmean[j] + s1 * inv_nc) - colmean[j];
+                colmean[j] += delta * wmean;
+                colm2[j] += ((double)lane2[j] - s1 * s1 * inv_nc) + delta * delta * wm2;
+            }
+            n = total;
+        }
+        /* the columns of each statistic merged: 16 column(s) of n values each */
         for (size_t k = 0; k < 3; ++k) {
             mean[k] = 0;
             m2[k] = 0;
-            s1[k] = 0;
         }
-        /* pass 1: mean of each statistic (C) over B, S */
-        for (size_t i0 = 0; i0 < nb; ++i0) {
-            for (size_t i1 = 0; i1 < 3; ++i1) {
-                for (size_t i2 = 0; i2 < 16; ++i2) {
-                    mean[i1] += (double)x[i0 * 48 + i1 * 16 + i2];
-                }
-            }
+        for (size_t j = 0; j < 48; ++j) {
+            mean[j / 16] += colmean[j];
         }
         for (size_t k = 0; k < 3; ++k) {
-            mean[k] /= n;
+            mean[k] /= 16;
         }
-        /* pass 2: squared deviations; their plain sum corrects the rounding of the mean */
-        for (size_t i0 = 0; i0 < nb; ++i0) {
-            for (size_t i1 = 0; i1 < 3; ++i1) {
-                for (size_t i2 = 0; i2 < 16; ++i2) {
-                    const double dev = (double)x[i0 * 48 + i1 * 16 + i2] - mean[i1];
-                    m2[i1] += dev * dev;
-                    s1[i1] += dev;
-                }
-            }
+        for (size_t j = 0; j < 48; ++j) {
+            const double dm = colmean[j] - mean[j / 16];
+            m2[j / 16] += colm2[j] + n * dm * dm;
         }
+        n *= 16;
+        double inv[3], corr[3], s1[3], s2[3];
+        float mhi[3], pw[3], q[3], r[3];
+        float lp[48], lhi[48], lq[48], lr[48];
+        /* per statistic: 1/sqrt(var + epsilon), the mean in float (mhi) and what that rounded off (corr) */
         for (size_t k = 0; k < 3; ++k) {
-            m2[k] -= s1[k] * s1[k] / n;
-            mean[k] += s1[k] / n;
-            if (m2[k] < 0) {
-                m2[k] = 0;
-            }
-        }
-        for (size_t k = 0; k < 3; ++k) {
-            inv[k] = 1 / sqrt(m2[k] / n + 1e-05);
-        }
-        for (size_t k = 0; k < 3; ++k) {
+            inv[k] = 1 / sqrt((m2[k] > 0 ? m2[k] / n : 0) + 1e-05);
+            mhi[k] = (float)mean[k];
+            corr[k] = mean[k] - (double)mhi[k];
             s1[k] = 0;
             s2[k] = 0;
         }
-        /* sums per statistic of g = scale * dy and g * xhat; per channel of dy * xhat and dy */
-        for (size_t i0 = 0; i0 < nb; ++i0) {
-            for (size_t i1 = 0; i1 < 3; ++i1) {
-                for (size_t i2 = 0; i2 < 16; ++i2) {
-                    const size_t o = i0 * 48 + i1 * 16 + i2;
-                    const size_t ch = i1;
-                    const size_t k = i1;
-                    const double xhat = ((double)x[o] - mean[k]) * inv[k];
-                    const double d = (double)dy[o];
-                    const double g = (double)scale[ch] * d;
-                    s1[k] += g;
-                    s2[k] += g * xhat;
-                    gscale[ch] += d * xhat;
-                    goffset[ch] += d;
-                }
-            }
+        /* per statistic s1 = sum(g), s2 = sum(g * xhat) with g = scale * dy; per channel sum(dy * xhat), sum(dy):
+         * sum(dy * xhat) = inv * (cb - (mean - ref) * ca) */
+        for (size_t j = 0; j < 48; ++j) {
+            const size_t k = j / 16;
+            const size_t c = j / 16;
+            const double dref = mean[k] - ref[j];
+            const double bx = inv[k] * (cb[j] - dref * ca[j]);
+            gscale[c] += bx;
+            goffset[c] += ca[j];
+            s1[k] += (double)scale[c] * ca[j];
+            s2[k] += (double)scale[c] * bx;
         }
+        /* per statistic: dx = dy * scale * pw + ((x - mhi) * q + r), with pw = inv, q = -inv^2 * mean(g * xhat),
+         * r = inv * (inv * mean(g * xhat) * corr - mean(g)); 0 for a statistic of one element (xhat = 0) */
         for (size_t k = 0; k < 3; ++k) {
-            s1[k] /= n;
-            s2[k] /= n;
+            const double w = n > 1 ? inv[k] : 0;
+            const double mgx = s2[k] / n;
+            pw[k] = (float)w;
+            q[k] = (float)(-(w * inv[k]) * mgx);
+            r[k] = (float)(w * (inv[k] * mgx * corr[k] - s1[k] / n));
         }
-        /* dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + epsilon) */
+        for (size_t j = 0; j < 48; ++j) {
+            const size_t k = j / 16;
+            lp[j] = scale[j / 16] * pw[k];
+            lhi[j] = mhi[k];
+            lq[j] = q[k];
+            lr[j] = r[k];
+        }
+        /* pass D: dx, after the last reads of x and dy of each element (dx may be x or dy) */
         for (size_t i0 = 0; i0 < nb; ++i0) {
-            for (size_t i1 = 0; i1 < 3; ++i1) {
-                for (size_t i2 = 0; i2 < 16; ++i2) {
-                    const size_t o = i0 * 48 + i1 * 16 + i2;
-                    const size_t ch = i1;
-                    const size_t k = i1;
-                    const double xhat = ((double)x[o] - mean[k]) * inv[k];
-                    dx[o] = (float)(inv[k] * ((double)scale[ch] * (double)dy[o] - s1[k] - xhat * s2[k]));
-                }
+            const float *xr = x + i0 * 48;
+            const float *dyr = dy + i0 * 48;
+            float *dxr = dx + i0 * 48;
+            for (size_t j = 0; j < 48; ++j) {
+                dxr[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
             }
         }
     }
@@ -464,54 +581,99 @@ int bn_nchw_backward_saved(const float *x, const float *dy, const double *saved_
     }
     const size_t nb = (size_t)batch;
     const float *scale = bn_nchw_scale;
-    const double n = (double)(nb * 16);
     double gscale[3], goffset[3];
     for (size_t c = 0; c < 3; ++c) {
         gscale[c] = 0;
         goffset[c] = 0;
     }
     {
-        double mean[3], inv[3], s1[3], s2[3];
+        const double n = (double)(nb * 16);
+        double mean[3];
+        double inv[3], corr[3], s1[3], s2[3];
+        float mhi[3], pw[3], q[3], r[3];
+        float lp[48], lhi[48], lq[48], lr[48];
+        /* per statistic: 1/sqrt(var + epsilon), the mean in float (mhi) and what that rounded off (corr) */
         for (size_t k = 0; k < 3; ++k) {
             const size_t s = k;
             mean[k] = saved_mean[s];
             inv[k] = saved_invstd[s];
-        }
-        for (size_t k = 0; k < 3; ++k) {
+            mhi[k] = (float)mean[k];
+            corr[k] = mean[k] - (double)mhi[k];
             s1[k] = 0;
             s2[k] = 0;
         }
-        /* sums per statistic of g = scale * dy and g * xhat; per channel of dy * xhat and dy */
-        for (size_t i0 = 0; i0 < nb; ++i0) {
-            for (size_t i1 = 0; i1 < 3; ++i1) {
-                for (size_t i2 = 0; i2 < 16; ++i2) {
-                    const size_t o = i0 * 48 + i1 * 16 + i2;
-                    const size_t ch = i1;
-                    const size_t k = i1;
-                    const double xhat = ((double)x[o] - mean[k]) * inv[k];
-                    const double d = (double)dy[o];
-                    const double g = (double)scale[ch] * d;
-                    s1[k] += g;
-                    s2[k] += g * xhat;
-                    gscale[ch] += d * xhat;
-                    goffset[ch] += d;
+        double ga[48], gb[48];
+        double ca[48], cb[48], ref[48];
+        for (size_t j = 0; j < 48; ++j) {
+            ca[j] = 0;
+            cb[j] = 0;
+        }
+        for (size_t j = 0; j < 48; ++j) {
+            ref[j] = 0;
+        }
+        /* the reference: the saved mean */
+        for (size_t j = 0; j < 48; ++j) {
+            const size_t k = j / 16;
+            lhi[j] = mhi[k];
+            ref[j] = mhi[k];
+        }
+        /* the gradient columns, chunk by chunk: dy (or g = scale * dy) and times x - mean, in lanes */
+        for (size_t c0 = 0; c0 < nb; c0 += 170) {
+            const size_t c1 = c0 + 170 < nb ? c0 + 170 : nb;
+            for (size_t j = 0; j < 48; ++j) {
+                ga[j] = 0;
+                gb[j] = 0;
+            }
+            for (size_t i0 = c0; i0 < c1; ++i0) {
+                const float *xr = x + i0 * 48;
+                const float *dyr = dy + i0 * 48;
+                for (size_t j = 0; j < 48; ++j) {
+                    const float dev = xr[j] - lhi[j];
+                    const float d = dyr[j];
+                    ga[j] += d;
+                    gb[j] += d * dev;
                 }
             }
+            for (size_t j = 0; j < 48; ++j) {
+                ca[j] += ga[j];
+                cb[j] += gb[j];
+            }
         }
+        /* per statistic s1 = sum(g), s2 = sum(g * xhat) with g = scale * dy; per channel sum(dy * xhat), sum(dy):
+         * sum(dy * xhat) = inv * (cb - (mean - ref) * ca) */
+        for (size_t j = 0; j < 48; ++j) {
+            const size_t k = j / 16;
+            const size_t c = j / 16;
+            const double dref = mean[k] - ref[j];
+            const double bx = inv[k] * (cb[j] - dref * ca[j]);
+            gscale[c] += bx;
+            goffset[c] += ca[j];
+            s1[k] += (double)scale[c] * ca[j];
+            s2[k] += (double)scale[c] * bx;
+        }
+        /* per statistic: dx = dy * scale * pw + ((x - mhi) * q + r), with pw = inv, q = -inv^2 * mean(g * xhat),
+         * r = inv * (inv * mean(g * xhat) * corr - mean(g)); 0 for a statistic of one element (xhat = 0) */
         for (size_t k = 0; k < 3; ++k) {
-            s1[k] /= n;
-            s2[k] /= n;
+            const double w = n > 1 ? inv[k] : 0;
+            const double mgx = s2[k] / n;
+            pw[k] = (float)w;
+            q[k] = (float)(-(w * inv[k]) * mgx);
+            r[k] = (float)(w * (inv[k] * mgx * corr[k] - s1[k] / n));
         }
-        /* dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + epsilon) */
+        for (size_t j = 0; j < 48; ++j) {
+            const size_t k = j / 16;
+            lp[j] = scale[j / 16] * pw[k];
+            lhi[j] = mhi[k];
+            lq[j] = q[k];
+            lr[j] = r[k];
+        }
+        /* pass D: dx, after the last reads of x and dy of each element (dx may be x or dy) */
         for (size_t i0 = 0; i0 < nb; ++i0) {
-            for (size_t i1 = 0; i1 < 3; ++i1) {
-                for (size_t i2 = 0; i2 < 16; ++i2) {
-                    const size_t o = i0 * 48 + i1 * 16 + i2;
-                    const size_t ch = i1;
-                    const size_t k = i1;
-                    const double xhat = ((double)x[o] - mean[k]) * inv[k];
-                    dx[o] = (float)(inv[k] * ((double)scale[ch] * (double)dy[o] - s1[k] - xhat * s2[k]));
-                }
+            const float *xr = x + i0 * 48;
+            const float *dyr = dy + i0 * 48;
+            float *dxr = dx + i0 * 48;
+            for (size_t j = 0; j < 48; ++j) {
+                dxr[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
             }
         }
     }
@@ -601,44 +763,81 @@ int bn_nchw_accumulate(bn_nchw_stats *acc, const float *x, int32_t batch)
         return BN_NCHW_ERR_BATCH;
     }
     const size_t nb = (size_t)batch;
-    const double n = (double)(nb * 16);
     const double n0 = acc->count;
-    const double total = n0 + n;
+    const double total = n0 + (double)(nb * 16);
     {
-        double mean[3], m2[3], s1[3];
+        double mean[3], m2[3];
+        double lane[48], lane2[48];
+        double colmean[48], colm2[48];
+        double lmean[48];
+        double n = 0; /* rows of the block seen so far */
+        for (size_t j = 0; j < 48; ++j) {
+            colmean[j] = 0;
+            colm2[j] = 0;
+        }
+        /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
+         * two passes over a cache-sized chunk (the second corrects the first's mean m:
+         * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
+         * Chan's merge of the chunks in double */
+        for (size_t c0 = 0; c0 < nb; c0 += 170) {
+            const size_t c1 = c0 + 170 < nb ? c0 + 170 : nb;
+            const double nc = (double)(c1 - c0);
+            /* the chunk's sum of each of the 48 columns */
+            for (size_t l = 0; l < 48; ++l) {
+                lane[l] = 0;
+            }
+            for (size_t i0 = c0; i0 < c1; ++i0) {
+                const float *xr = x + i0 * 48;
+                for (size_t j = 0; j < 48; ++j) {
+                    lane[j] += xr[j];
+                }
+            }
+            const double inv_nc = 1 / nc;
+            for (size_t j = 0; j < 48; ++j) {
+                lmean[j] = (double)(lane[j] * inv_nc);
+                lane[j] = 0;
+                lane2[j] = 0;
+            }
+            /* deviations from that mean and their squares; meanwhile the next chunk is fetched */
+            for (size_t i0 = c0; i0 < c1; ++i0) {
+                const float *xr = x + i0 * 48;
+                for (size_t j = 0; j < 48; ++j) {
+                    const double dev = xr[j] - lmean[j];
+                    lane[j] += dev;
+                    lane2[j] += dev * dev;
+                }
+                if (i0 + 170 < nb) {
+                    for (size_t p = 0; p < 48; p += 16) {
+                        BN_NCHW_PREFETCH(xr + 8160 + p);
+                    }
+                }
+            }
+            const double total = n + nc;
+            const double wmean = nc / total, wm2 = n * nc / total;
+            for (size_t j = 0; j < 48; ++j) {
+                const double s1 = lane[j];
+                const double delta = ((double)lmean[j] + s1 * inv_nc) - colmean[j];
+                colmean[j] += delta * wmean;
+                colm2[j] += ((double)lane2[j] - s1 * s1 * inv_nc) + delta * delta * wm2;
+            }
+            n = total;
+        }
+        /* the columns of each statistic merged: 16 column(s) of n values each */
         for (size_t k = 0; k < 3; ++k) {
             mean[k] = 0;
             m2[k] = 0;
-            s1[k] = 0;
         }
-        /* pass 1: mean of each statistic (C) over B, S */
-        for (size_t i0 = 0; i0 < nb; ++i0) {
-            for (size_t i1 = 0; i1 < 3; ++i1) {
-                for (size_t i2 = 0; i2 < 16; ++i2) {
-                    mean[i1] += (double)x[i0 * 48 + i1 * 16 + i2];
-                }
-            }
+        for (size_t j = 0; j < 48; ++j) {
+            mean[j / 16] += colmean[j];
         }
         for (size_t k = 0; k < 3; ++k) {
-            mean[k] /= n;
+            mean[k] /= 16;
         }
-        /* pass 2: squared deviations; their plain sum corrects the rounding of the mean */
-        for (size_t i0 = 0; i0 < nb; ++i0) {
-            for (size_t i1 = 0; i1 < 3; ++i1) {
-                for (size_t i2 = 0; i2 < 16; ++i2) {
-                    const double dev = (double)x[i0 * 48 + i1 * 16 + i2] - mean[i1];
-                    m2[i1] += dev * dev;
-                    s1[i1] += dev;
-                }
-            }
+        for (size_t j = 0; j < 48; ++j) {
+            const double dm = colmean[j] - mean[j / 16];
+            m2[j / 16] += colm2[j] + n * dm * dm;
         }
-        for (size_t k = 0; k < 3; ++k) {
-            m2[k] -= s1[k] * s1[k] / n;
-            mean[k] += s1[k] / n;
-            if (m2[k] < 0) {
-                m2[k] = 0;
-            }
-        }
+        n *= 16;
         /* Chan's merge of this batch's (n, mean, M2) into the totals */
         for (size_t k = 0; k < 3; ++k) {
             const size_t ch = k;

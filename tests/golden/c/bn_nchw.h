@@ -55,7 +55,8 @@ int bn_nchw_train_forward(const float *x, float *y, int32_t batch, float *runnin
  * Saved statistics (train_forward_save -> backward_saved) are double: the mean and
  * 1/sqrt(var + epsilon) of each statistic (C), row-major over the kept
  * dimensions in format order; BN_NCHW_SAVED_STATISTICS(batch) of each.
- * Gradients are summed in double; backward keeps 2 * 3 double on the stack.
+ * Gradients are summed in double; backward keeps 4272 bytes of arrays on the stack
+ * (backward_saved fewer), among them 6 double for the per-channel sums.
  * Aliasing: dx may be x or dy (element for element); dscale, doffset, the saved statistics and
  * the running statistics must not overlap any other argument.
  */

@@ -63,9 +63,8 @@ int gn_nhwc_predict(const float *x, float *y, int32_t batch)
         {
             double mean[3], m2[3];
             float lane[6], lane2[6];
-            float mhi[3], mlo[3], rs[3];
             double colmean[6], colm2[6];
-            float lmean[6], lhi[6], lg[6], lb[6];
+            float lmean[6];
             double n = 0; /* rows of the block seen so far */
             for (size_t j = 0; j < 6; ++j) {
                 colmean[j] = 0;
@@ -134,6 +133,8 @@ int gn_nhwc_predict(const float *x, float *y, int32_t batch)
                 m2[j / 2] += colm2[j] + n * dm * dm;
             }
             n *= 2;
+            float mhi[3], mlo[3], rs[3];
+            float lhi[6], lg[6], lb[6];
             /* per statistic: 1/sqrt(var + epsilon) and the mean as hi + lo */
             for (size_t k = 0; k < 3; ++k) {
                 const double var = m2[k] > 0 ? m2[k] / n : 0;
@@ -185,47 +186,85 @@ int gn_nhwc_train_forward_save(const float *x, float *y, int32_t batch, double *
     const size_t nb = (size_t)batch;
     const float *scale = gn_nhwc_scale;
     const float *offset = gn_nhwc_offset;
-    const double n = (double)(32);
     for (size_t i0 = 0; i0 < nb; ++i0) {
         {
-            double mean[3], m2[3], s1[3];
-            float mhi[3], mlo[3], rs[3];
+            double mean[3], m2[3];
+            double lane[6], lane2[6];
+            double colmean[6], colm2[6];
+            double lmean[6];
+            double n = 0; /* rows of the block seen so far */
+            for (size_t j = 0; j < 6; ++j) {
+                colmean[j] = 0;
+                colm2[j] = 0;
+            }
+            /* pass 1: mean and variance of each statistic (B, group) over S, the 2 channels of each of 3 groups, chunk by chunk:
+             * two passes over a cache-sized chunk (the second corrects the first's mean m:
+             * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
+             * Chan's merge of the chunks in double */
+            for (size_t c0 = 0; c0 < 16; c0 += 256) {
+                const size_t c1 = c0 + 256 < 16 ? c0 + 256 : 16;
+                const double nc = (double)(c1 - c0);
+                /* the chunk's sum of each of the 6 columns */
+                for (size_t l = 0; l < 6; ++l) {
+                    lane[l] = 0;
+                }
+                for (size_t i1 = c0; i1 < c1; ++i1) {
+                    const float *xr = x + i0 * 96 + i1 * 6;
+                    for (size_t j = 0; j < 6; ++j) {
+                        lane[j] += xr[j];
+                    }
+                }
+                const double inv_nc = 1 / nc;
+                for (size_t j = 0; j < 6; ++j) {
+                    lmean[j] = (double)(lane[j] * inv_nc);
+                    lane[j] = 0;
+                    lane2[j] = 0;
+                }
+                /* deviations from that mean and their squares; meanwhile the next chunk is fetched */
+                for (size_t i1 = c0; i1 < c1; ++i1) {
+                    const float *xr = x + i0 * 96 + i1 * 6;
+                    for (size_t j = 0; j < 6; ++j) {
+                        const double dev = xr[j] - lmean[j];
+                        lane[j] += dev;
+                        lane2[j] += dev * dev;
+                    }
+                    if (i1 + 256 < 16) {
+                        for (size_t p = 0; p < 6; p += 16) {
+                            GN_NHWC_PREFETCH(xr + 1536 + p);
+                        }
+                    }
+                }
+                const double total = n + nc;
+                const double wmean = nc / total, wm2 = n * nc / total;
+                for (size_t j = 0; j < 6; ++j) {
+                    const double s1 = lane[j];
+                    const double delta = ((double)lmean[j] + s1 * inv_nc) - colmean[j];
+                    colmean[j] += delta * wmean;
+                    colm2[j] += ((double)lane2[j] - s1 * s1 * inv_nc) + delta * delta * wm2;
+                }
+                n = total;
+            }
+            /* the columns of each statistic merged: 2 column(s) of n values each */
             for (size_t k = 0; k < 3; ++k) {
                 mean[k] = 0;
                 m2[k] = 0;
-                s1[k] = 0;
             }
-            /* pass 1: mean of each statistic (B, group) over S, the 2 channels of each of 3 groups */
-            for (size_t i1 = 0; i1 < 16; ++i1) {
-                for (size_t i2 = 0; i2 < 3; ++i2) {
-                    for (size_t i3 = 0; i3 < 2; ++i3) {
-                        mean[i2] += (double)x[i0 * 96 + i1 * 6 + i2 * 2 + i3];
-                    }
-                }
+            for (size_t j = 0; j < 6; ++j) {
+                mean[j / 2] += colmean[j];
             }
             for (size_t k = 0; k < 3; ++k) {
-                mean[k] /= n;
+                mean[k] /= 2;
             }
-            /* pass 2: squared deviations; their plain sum corrects the rounding of the mean */
-            for (size_t i1 = 0; i1 < 16; ++i1) {
-                for (size_t i2 = 0; i2 < 3; ++i2) {
-                    for (size_t i3 = 0; i3 < 2; ++i3) {
-                        const double dev = (double)x[i0 * 96 + i1 * 6 + i2 * 2 + i3] - mean[i2];
-                        m2[i2] += dev * dev;
-                        s1[i2] += dev;
-                    }
-                }
+            for (size_t j = 0; j < 6; ++j) {
+                const double dm = colmean[j] - mean[j / 2];
+                m2[j / 2] += colm2[j] + n * dm * dm;
             }
+            n *= 2;
+            float mhi[3], mlo[3], rs[3];
+            float lhi[6], lg[6], lb[6];
+            /* per statistic: 1/sqrt(var + epsilon) and the mean as hi + lo; both saved */
             for (size_t k = 0; k < 3; ++k) {
-                m2[k] -= s1[k] * s1[k] / n;
-                mean[k] += s1[k] / n;
-                if (m2[k] < 0) {
-                    m2[k] = 0;
-                }
-            }
-            /* per statistic: save mean and 1/sqrt(var + epsilon) */
-            for (size_t k = 0; k < 3; ++k) {
-                const double var = m2[k] / n;
+                const double var = m2[k] > 0 ? m2[k] / n : 0;
                 const double inv = 1 / sqrt(var + 1e-05);
                 const size_t s = i0 * 3 + k;
                 saved_mean[s] = mean[k];
@@ -234,19 +273,25 @@ int gn_nhwc_train_forward_save(const float *x, float *y, int32_t batch, double *
                 mhi[k] = (float)mean[k];
                 mlo[k] = (float)(mean[k] - (double)mhi[k]);
             }
-            /* pass 3: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
+            /* the statistics of each column */
+            for (size_t j = 0; j < 6; ++j) {
+                const size_t k = j / 2;
+                lhi[j] = mhi[k];
+                const float g = rs[k] * scale[j];
+                lg[j] = g;
+                lb[j] = offset[j] - mlo[k] * g;
+            }
+            /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
             for (size_t i1 = 0; i1 < 16; ++i1) {
-                for (size_t i2 = 0; i2 < 3; ++i2) {
-                    for (size_t i3 = 0; i3 < 2; ++i3) {
-                        const size_t o = i0 * 96 + i1 * 6 + i2 * 2 + i3;
-                        const size_t ch = i2 * 2 + i3;
-                        const size_t k = i2;
-                        y[o] = ((x[o] - mhi[k]) - mlo[k]) * (rs[k] * scale[ch]) + offset[ch];
-                    }
+                const float *xr = x + i0 * 96 + i1 * 6;
+                float *yr = y + i0 * 96 + i1 * 6;
+                for (size_t j = 0; j < 6; ++j) {
+                    yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
                 }
             }
         }
     }
+
     return GN_NHWC_OK;
 }
 
@@ -274,7 +319,6 @@ int gn_nhwc_backward(const float *x, const float *dy, float *dx, float *dscale, 
     }
     const size_t nb = (size_t)batch;
     const float *scale = gn_nhwc_scale;
-    const double n = (double)(32);
     double gscale[6], goffset[6];
     for (size_t c = 0; c < 6; ++c) {
         gscale[c] = 0;
@@ -282,78 +326,151 @@ int gn_nhwc_backward(const float *x, const float *dy, float *dx, float *dscale, 
     }
     for (size_t i0 = 0; i0 < nb; ++i0) {
         {
-            double mean[3], m2[3], inv[3], s1[3], s2[3];
+            double ga[6], gb[6];
+            double ca[6], cb[6], ref[6];
+            for (size_t j = 0; j < 6; ++j) {
+                ca[j] = 0;
+                cb[j] = 0;
+            }
+            for (size_t j = 0; j < 6; ++j) {
+                ref[j] = 0;
+            }
+            double mean[3], m2[3];
+            float lane[6], lane2[6];
+            double colmean[6], colm2[6];
+            float lmean[6];
+            double n = 0; /* rows of the block seen so far */
+            for (size_t j = 0; j < 6; ++j) {
+                colmean[j] = 0;
+                colm2[j] = 0;
+            }
+            /* pass 1: mean and variance of each statistic (B, group) over S, the 2 channels of each of 3 groups, chunk by chunk:
+             * two passes over a cache-sized chunk (the second corrects the first's mean m:
+             * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
+             * Chan's merge of the chunks in double */
+            for (size_t c0 = 0; c0 < 16; c0 += 256) {
+                const size_t c1 = c0 + 256 < 16 ? c0 + 256 : 16;
+                const double nc = (double)(c1 - c0);
+                /* the chunk's sum of each of the 6 columns */
+                for (size_t l = 0; l < 6; ++l) {
+                    lane[l] = 0;
+                }
+                for (size_t i1 = c0; i1 < c1; ++i1) {
+                    const float *xr = x + i0 * 96 + i1 * 6;
+                    for (size_t j = 0; j < 6; ++j) {
+                        lane[j] += xr[j];
+                    }
+                }
+                const double inv_nc = 1 / nc;
+                for (size_t j = 0; j < 6; ++j) {
+                    lmean[j] = (float)(lane[j] * inv_nc);
+                    lane[j] = 0;
+                    lane2[j] = 0;
+                }
+                if (c0 == 0) {
+                    /* the block's reference: the first chunk's mean */
+                    for (size_t j = 0; j < 6; ++j) {
+                        ref[j] = lmean[j];
+                    }
+                }
+                for (size_t j = 0; j < 6; ++j) {
+                    ga[j] = 0;
+                    gb[j] = 0;
+                }
+                /* deviations from that mean and their squares; dy and dy times the deviations (lanes ga, gb); meanwhile the next chunk is fetched */
+                for (size_t i1 = c0; i1 < c1; ++i1) {
+                    const float *xr = x + i0 * 96 + i1 * 6;
+                    const float *dyr = dy + i0 * 96 + i1 * 6;
+                    for (size_t j = 0; j < 6; ++j) {
+                        const float dev = xr[j] - lmean[j];
+                        lane[j] += dev;
+                        lane2[j] += dev * dev;
+                        const float d = dyr[j];
+                        ga[j] += d;
+                        gb[j] += d * dev;
+                    }
+                    if (i1 + 256 < 16) {
+                        for (size_t p = 0; p < 6; p += 16) {
+                            GN_NHWC_PREFETCH(xr + 1536 + p);
+                        }
+                    }
+                }
+                for (size_t j = 0; j < 6; ++j) {
+                    ca[j] += ga[j];
+                    cb[j] += gb[j] + ((double)lmean[j] - ref[j]) * ga[j];
+                }
+                const double total = n + nc;
+                const double wmean = nc / total, wm2 = n * nc / total;
+                for (size_t j = 0; j < 6; ++j) {
+                    const double s1 = lane[j];
+                    const double delta = ((double)lmean[j] + s1 * inv_nc) - colmean[j];
+                    colmean[j] += delta * wmean;
+                    colm2[j] += ((double)lane2[j] - s1 * s1 * inv_nc) + delta * delta * wm2;
+                }
+                n = total;
+            }
+            /* the columns of each statistic merged: 2 column(s) of n values each */
             for (size_t k = 0; k < 3; ++k) {
                 mean[k] = 0;
                 m2[k] = 0;
-                s1[k] = 0;
             }
-            /* pass 1: mean of each statistic (B, group) over S, the 2 channels of each of 3 groups */
-            for (size_t i1 = 0; i1 < 16; ++i1) {
-                for (size_t i2 = 0; i2 < 3; ++i2) {
-                    for (size_t i3 = 0; i3 < 2; ++i3) {
-                        mean[i2] += (double)x[i0 * 96 + i1 * 6 + i2 * 2 + i3];
-                    }
-                }
+            for (size_t j = 0; j < 6; ++j) {
+                mean[j / 2] += colmean[j];
             }
             for (size_t k = 0; k < 3; ++k) {
-                mean[k] /= n;
+                mean[k] /= 2;
             }
-            /* pass 2: squared deviations; their plain sum corrects the rounding of the mean */
-            for (size_t i1 = 0; i1 < 16; ++i1) {
-                for (size_t i2 = 0; i2 < 3; ++i2) {
-                    for (size_t i3 = 0; i3 < 2; ++i3) {
-                        const double dev = (double)x[i0 * 96 + i1 * 6 + i2 * 2 + i3] - mean[i2];
-                        m2[i2] += dev * dev;
-                        s1[i2] += dev;
-                    }
-                }
+            for (size_t j = 0; j < 6; ++j) {
+                const double dm = colmean[j] - mean[j / 2];
+                m2[j / 2] += colm2[j] + n * dm * dm;
             }
+            n *= 2;
+            double inv[3], corr[3], s1[3], s2[3];
+            float mhi[3], pw[3], q[3], r[3];
+            float lp[6], lhi[6], lq[6], lr[6];
+            /* per statistic: 1/sqrt(var + epsilon), the mean in float (mhi) and what that rounded off (corr) */
             for (size_t k = 0; k < 3; ++k) {
-                m2[k] -= s1[k] * s1[k] / n;
-                mean[k] += s1[k] / n;
-                if (m2[k] < 0) {
-                    m2[k] = 0;
-                }
-            }
-            for (size_t k = 0; k < 3; ++k) {
-                inv[k] = 1 / sqrt(m2[k] / n + 1e-05);
-            }
-            for (size_t k = 0; k < 3; ++k) {
+                inv[k] = 1 / sqrt((m2[k] > 0 ? m2[k] / n : 0) + 1e-05);
+                mhi[k] = (float)mean[k];
+                corr[k] = mean[k] - (double)mhi[k];
                 s1[k] = 0;
                 s2[k] = 0;
             }
-            /* sums per statistic of g = scale * dy and g * xhat; per channel of dy * xhat and dy */
-            for (size_t i1 = 0; i1 < 16; ++i1) {
-                for (size_t i2 = 0; i2 < 3; ++i2) {
-                    for (size_t i3 = 0; i3 < 2; ++i3) {
-                        const size_t o = i0 * 96 + i1 * 6 + i2 * 2 + i3;
-                        const size_t ch = i2 * 2 + i3;
-                        const size_t k = i2;
-                        const double xhat = ((double)x[o] - mean[k]) * inv[k];
-                        const double d = (double)dy[o];
-                        const double g = (double)scale[ch] * d;
-                        s1[k] += g;
-                        s2[k] += g * xhat;
-                        gscale[ch] += d * xhat;
-                        goffset[ch] += d;
-                    }
-                }
+            /* per statistic s1 = sum(g), s2 = sum(g * xhat) with g = scale * dy; per channel sum(dy * xhat), sum(dy):
+             * sum(dy * xhat) = inv * (cb - (mean - ref) * ca) */
+            for (size_t j = 0; j < 6; ++j) {
+                const size_t k = j / 2;
+                const size_t c = j;
+                const double dref = mean[k] - ref[j];
+                const double bx = inv[k] * (cb[j] - dref * ca[j]);
+                gscale[c] += bx;
+                goffset[c] += ca[j];
+                s1[k] += (double)scale[c] * ca[j];
+                s2[k] += (double)scale[c] * bx;
             }
+            /* per statistic: dx = dy * scale * pw + ((x - mhi) * q + r), with pw = inv, q = -inv^2 * mean(g * xhat),
+             * r = inv * (inv * mean(g * xhat) * corr - mean(g)); 0 for a statistic of one element (xhat = 0) */
             for (size_t k = 0; k < 3; ++k) {
-                s1[k] /= n;
-                s2[k] /= n;
+                const double w = n > 1 ? inv[k] : 0;
+                const double mgx = s2[k] / n;
+                pw[k] = (float)w;
+                q[k] = (float)(-(w * inv[k]) * mgx);
+                r[k] = (float)(w * (inv[k] * mgx * corr[k] - s1[k] / n));
             }
-            /* dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + epsilon) */
+            for (size_t j = 0; j < 6; ++j) {
+                const size_t k = j / 2;
+                lp[j] = scale[j] * pw[k];
+                lhi[j] = mhi[k];
+                lq[j] = q[k];
+                lr[j] = r[k];
+            }
+            /* pass D: dx, after the last reads of x and dy of each element (dx may be x or dy) */
             for (size_t i1 = 0; i1 < 16; ++i1) {
-                for (size_t i2 = 0; i2 < 3; ++i2) {
-                    for (size_t i3 = 0; i3 < 2; ++i3) {
-                        const size_t o = i0 * 96 + i1 * 6 + i2 * 2 + i3;
-                        const size_t ch = i2 * 2 + i3;
-                        const size_t k = i2;
-                        const double xhat = ((double)x[o] - mean[k]) * inv[k];
-                        dx[o] = (float)(inv[k] * ((double)scale[ch] * (double)dy[o] - s1[k] - xhat * s2[k]));
-                    }
+                const float *xr = x + i0 * 96 + i1 * 6;
+                const float *dyr = dy + i0 * 96 + i1 * 6;
+                float *dxr = dx + i0 * 96 + i1 * 6;
+                for (size_t j = 0; j < 6; ++j) {
+                    dxr[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
                 }
             }
         }
@@ -395,7 +512,6 @@ int gn_nhwc_backward_saved(const float *x, const float *dy, const double *saved_
     }
     const size_t nb = (size_t)batch;
     const float *scale = gn_nhwc_scale;
-    const double n = (double)(32);
     double gscale[6], goffset[6];
     for (size_t c = 0; c < 6; ++c) {
         gscale[c] = 0;
@@ -403,47 +519,93 @@ int gn_nhwc_backward_saved(const float *x, const float *dy, const double *saved_
     }
     for (size_t i0 = 0; i0 < nb; ++i0) {
         {
-            double mean[3], inv[3], s1[3], s2[3];
+            const double n = (double)(32);
+            double mean[3];
+            double inv[3], corr[3], s1[3], s2[3];
+            float mhi[3], pw[3], q[3], r[3];
+            float lp[6], lhi[6], lq[6], lr[6];
+            /* per statistic: 1/sqrt(var + epsilon), the mean in float (mhi) and what that rounded off (corr) */
             for (size_t k = 0; k < 3; ++k) {
                 const size_t s = i0 * 3 + k;
                 mean[k] = saved_mean[s];
                 inv[k] = saved_invstd[s];
-            }
-            for (size_t k = 0; k < 3; ++k) {
+                mhi[k] = (float)mean[k];
+                corr[k] = mean[k] - (double)mhi[k];
                 s1[k] = 0;
                 s2[k] = 0;
             }
-            /* sums per statistic of g = scale * dy and g * xhat; per channel of dy * xhat and dy */
-            for (size_t i1 = 0; i1 < 16; ++i1) {
-                for (size_t i2 = 0; i2 < 3; ++i2) {
-                    for (size_t i3 = 0; i3 < 2; ++i3) {
-                        const size_t o = i0 * 96 + i1 * 6 + i2 * 2 + i3;
-                        const size_t ch = i2 * 2 + i3;
-                        const size_t k = i2;
-                        const double xhat = ((double)x[o] - mean[k]) * inv[k];
-                        const double d = (double)dy[o];
-                        const double g = (double)scale[ch] * d;
-                        s1[k] += g;
-                        s2[k] += g * xhat;
-                        gscale[ch] += d * xhat;
-                        goffset[ch] += d;
+            double ga[6], gb[6];
+            double ca[6], cb[6], ref[6];
+            for (size_t j = 0; j < 6; ++j) {
+                ca[j] = 0;
+                cb[j] = 0;
+            }
+            for (size_t j = 0; j < 6; ++j) {
+                ref[j] = 0;
+            }
+            /* the reference: the saved mean */
+            for (size_t j = 0; j < 6; ++j) {
+                const size_t k = j / 2;
+                lhi[j] = mhi[k];
+                ref[j] = mhi[k];
+            }
+            /* the gradient columns, chunk by chunk: dy (or g = scale * dy) and times x - mean, in lanes */
+            for (size_t c0 = 0; c0 < 16; c0 += 256) {
+                const size_t c1 = c0 + 256 < 16 ? c0 + 256 : 16;
+                for (size_t j = 0; j < 6; ++j) {
+                    ga[j] = 0;
+                    gb[j] = 0;
+                }
+                for (size_t i1 = c0; i1 < c1; ++i1) {
+                    const float *xr = x + i0 * 96 + i1 * 6;
+                    const float *dyr = dy + i0 * 96 + i1 * 6;
+                    for (size_t j = 0; j < 6; ++j) {
+                        const float dev = xr[j] - lhi[j];
+                        const float d = dyr[j];
+                        ga[j] += d;
+                        gb[j] += d * dev;
                     }
                 }
+                for (size_t j = 0; j < 6; ++j) {
+                    ca[j] += ga[j];
+                    cb[j] += gb[j];
+                }
             }
+            /* per statistic s1 = sum(g), s2 = sum(g * xhat) with g = scale * dy; per channel sum(dy * xhat), sum(dy):
+             * sum(dy * xhat) = inv * (cb - (mean - ref) * ca) */
+            for (size_t j = 0; j < 6; ++j) {
+                const size_t k = j / 2;
+                const size_t c = j;
+                const double dref = mean[k] - ref[j];
+                const double bx = inv[k] * (cb[j] - dref * ca[j]);
+                gscale[c] += bx;
+                goffset[c] += ca[j];
+                s1[k] += (double)scale[c] * ca[j];
+                s2[k] += (double)scale[c] * bx;
+            }
+            /* per statistic: dx = dy * scale * pw + ((x - mhi) * q + r), with pw = inv, q = -inv^2 * mean(g * xhat),
+             * r = inv * (inv * mean(g * xhat) * corr - mean(g)); 0 for a statistic of one element (xhat = 0) */
             for (size_t k = 0; k < 3; ++k) {
-                s1[k] /= n;
-                s2[k] /= n;
+                const double w = n > 1 ? inv[k] : 0;
+                const double mgx = s2[k] / n;
+                pw[k] = (float)w;
+                q[k] = (float)(-(w * inv[k]) * mgx);
+                r[k] = (float)(w * (inv[k] * mgx * corr[k] - s1[k] / n));
             }
-            /* dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + epsilon) */
+            for (size_t j = 0; j < 6; ++j) {
+                const size_t k = j / 2;
+                lp[j] = scale[j] * pw[k];
+                lhi[j] = mhi[k];
+                lq[j] = q[k];
+                lr[j] = r[k];
+            }
+            /* pass D: dx, after the last reads of x and dy of each element (dx may be x or dy) */
             for (size_t i1 = 0; i1 < 16; ++i1) {
-                for (size_t i2 = 0; i2 < 3; ++i2) {
-                    for (size_t i3 = 0; i3 < 2; ++i3) {
-                        const size_t o = i0 * 96 + i1 * 6 + i2 * 2 + i3;
-                        const size_t ch = i2 * 2 + i3;
-                        const size_t k = i2;
-                        const double xhat = ((double)x[o] - mean[k]) * inv[k];
-                        dx[o] = (float)(inv[k] * ((double)scale[ch] * (double)dy[o] - s1[k] - xhat * s2[k]));
-                    }
+                const float *xr = x + i0 * 96 + i1 * 6;
+                const float *dyr = dy + i0 * 96 + i1 * 6;
+                float *dxr = dx + i0 * 96 + i1 * 6;
+                for (size_t j = 0; j < 6; ++j) {
+                    dxr[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
                 }
             }
         }

@@ -47,7 +47,8 @@ int gn_nhwc_predict(const float *x, float *y, int32_t batch);
  * Saved statistics (train_forward_save -> backward_saved) are double: the mean and
  * 1/sqrt(var + epsilon) of each statistic (B, group), row-major over the kept
  * dimensions in format order; GN_NHWC_SAVED_STATISTICS(batch) of each.
- * Gradients are summed in double; backward keeps 2 * 6 double on the stack.
+ * Gradients are summed in double; backward keeps 792 bytes of arrays on the stack
+ * (backward_saved fewer), among them 12 double for the per-channel sums.
  * Aliasing: dx may be x or dy (element for element); dscale, doffset, the saved statistics and
  * the running statistics must not overlap any other argument.
  */

@@ -56,7 +56,8 @@ int ln_runtime_predict(const ln_runtime_params *params, const float *x, float *y
  * Saved statistics (train_forward_save -> backward_saved) are double: the mean and
  * 1/sqrt(var + epsilon) of each statistic (every non-C position), row-major over the kept
  * dimensions in format order; LN_RUNTIME_SAVED_STATISTICS(batch) of each.
- * Gradients are summed in double; backward keeps 2 * 8 double on the stack.
+ * Gradients are summed in double; backward keeps 1312 bytes of arrays on the stack
+ * (backward_saved fewer), among them 16 double for the per-channel sums.
  * Aliasing: dx may be x or dy (element for element); dscale, doffset, the saved statistics and
  * the running statistics must not overlap any other argument.
  */
