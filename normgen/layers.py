@@ -125,7 +125,7 @@ def _resolve_param(value: Initializer, default: str, size: int, what: str, layer
         )
     bad = np.flatnonzero(~np.isfinite(arr))
     if bad.size:
-        raise NormgenError(f"{what} of layer {layer_name!r} has a non-finite value {arr[bad[0]]!r} at index {bad[0]}")
+        raise NormgenError(f"{what} of layer {layer_name!r} has a non-finite value {float(arr[bad[0]])} at index {bad[0]}")
     arr.setflags(write=False)
     return arr, source
 
@@ -305,7 +305,7 @@ class BatchNorm(Layer):
         if neg.size:
             raise NormgenError(
                 f"trained_variance of layer {self.name!r} has a negative value "
-                f"{self.trained_variance_values[neg[0]]!r} at index {neg[0]}"
+                f"{float(self.trained_variance_values[neg[0]])} at index {neg[0]}"
             )
 
     def parameter_arrays(self) -> dict[str, np.ndarray]:

@@ -56,6 +56,8 @@ def _load_params(path: Path, kind: str, where: str) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: np.array(data[k]) for k in data.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        if not zipfile.is_zipfile(path):
+            exc = "not a NumPy .npz archive"  # np.load's guess (a pickle) only confuses here
         raise NormgenError(f"{where}: params file {str(path)!r} is not a readable .npz file ({exc})") from None
     allowed = PARAM_ARRAYS[kind]
     for name in arrays:

@@ -104,12 +104,23 @@ def test_bad_params_file(case, tmp_path, capsys):
     err = run_bad(tmp_path, capsys, text, files={"p.npz": arrays})
     for needle in needles:
         assert needle in err, (needle, err)
+    assert "np.float" not in err, err  # the value as a user writes it, not NumPy's repr
 
 
 def test_malformed_params_file(tmp_path, capsys):
     (tmp_path / "p.npz").write_bytes(b"not a zip file")
     err = run_bad(tmp_path, capsys, layer_spec(params='"p.npz"'))
-    assert "p.npz" in err and "not a readable .npz" in err
+    assert "p.npz" in err and "not a readable .npz" in err and "not a NumPy .npz archive" in err
+    assert "pickle" not in err, err
+
+
+def test_output_into_a_closed_pipe_is_quiet(tmp_path):
+    spec = tmp_path / "s.toml"
+    spec.write_text("".join(layer_spec(name=f'"l{i}"') for i in range(40)))
+    proc = subprocess.run(
+        f"{sys.executable} -m normgen show {spec} | head -1", shell=True, capture_output=True, text=True
+    )
+    assert proc.stdout.startswith("layer l0") and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_missing_spec_file(tmp_path, capsys):
