@@ -9,7 +9,7 @@ The plan resolves everything a template needs, so templates only substitute and 
 * which axes index a statistic (*kept*) and which are reduced over;
 * the loop structure of the one normalization core: *statistic loops* (kept axes outside every
   reduced axis) around a *domain* (the rest, in memory order) whose statistics are accumulated
-  chunk by chunk (two-pass inside a cache-sized chunk, Chan's merge between chunks) into
+  chunk by chunk (cache-sized chunks, Chan's merge between them: normgen/sweep.py) into
   ``nacc`` accumulators, one per kept position inside the domain;
 * folded constants and parameter arrays as literals of the element type.
 
@@ -31,6 +31,9 @@ from .reference import reduced_letters
 
 #: Elements of one statistics chunk: two passes over it stay in L1/L2.
 CHUNK_ELEMS = 8192
+#: The same for the columns strategy, whose every chunk ends in a merge of each column's sums
+#: (a dozen double operations a column): longer chunks, from L2, take fewer of them.
+COLUMN_CHUNK_ELEMS = 16384
 #: Most rows of one columns chunk: each column's partial sums add at most this many values.
 CHUNK_ROWS = 256
 #: Most accumulators a domain may keep on the stack (columns strategy); beyond it rows are used.
@@ -440,7 +443,7 @@ def lower(layer: Layer, target: str = "c") -> Plan:
         inner = inner * a.extent
     chunk_iters = max(1, CHUNK_ELEMS // inner.static)
     if strategy == "columns":
-        chunk_iters = min(chunk_iters, CHUNK_ROWS)
+        chunk_iters = min(max(1, COLUMN_CHUNK_ELEMS // inner.static), CHUNK_ROWS)
     per_acc_tail = ONE
     for a in domain_axes[1:]:
         if not a.keep:

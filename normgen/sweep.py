@@ -2,8 +2,8 @@
 
 Derived from a :class:`normgen.plan.Plan` (``plan.sweep``); the templates only substitute it.
 
-The core computes each statistic block's statistics chunk by chunk (two passes over a
-cache-sized chunk, Chan's merge between chunks), then normalizes the block. Both passes walk
+The core computes each statistic block's statistics chunk by chunk (cache-sized chunks,
+Chan's merge between chunks), then normalizes the block. Both passes walk
 the block as *outer loops* around an innermost *run* over consecutive elements:
 
 * **rows** (one statistic per block): the run is the innermost reduced axis. Its elements are
@@ -18,15 +18,29 @@ the block as *outer loops* around an innermost *run* over consecutive elements:
   then added into the statistics they belong to (``lane_acc_expr``).
 
 Partial sums are kept in the element type (eight float lanes per AVX register): a chunk is
-short (at most ``CHUNK_ELEMS`` elements, at most ``CHUNK_ROWS`` per column), so each lane adds
-a few hundred values at most, and the chunk's statistics use the *corrected* two-pass formula
-(Chan, Golub & LeVeque): with m the chunk's first-pass mean rounded to the element type and
-d = x - m, mean = m + sum(d)/n and M2 = sum(d^2) - sum(d)^2/n, which removes the error of m.
-Chunks are merged in double (Chan's formula).
+short (at most ``CHUNK_ELEMS`` elements, ``COLUMN_CHUNK_ELEMS`` for columns, at most
+``CHUNK_ROWS`` per column), so each lane adds
+a few hundred values at most. Chunks are merged in double (Chan's formula).
 
-While the deviations of a chunk are summed from cache, the next chunk of the block is
-prefetched (``NAME_PREFETCH``: ``__builtin_prefetch`` where the compiler has it, nothing
-elsewhere), so that memory keeps streaming while the core computes.
+*Rows* take a chunk's statistics in one sweep: the sums of d = x - K and d^2 about a shift K
+(the mean of the block's first ``shift_probe`` elements for its first chunk, the block's mean
+so far after that), mean = K + sum(d)/n and M2 = sum(d^2) - sum(d)^2/n. That is exact as long
+as K is near the chunk's mean; where it is more than one standard deviation off (sum(d)^2 >
+n * sum(d^2) / 2: M2 would lose more than one bit to the cancellation), the chunk is redone,
+from cache, as the corrected two-pass below. *Columns*, and the training backward, always use
+the corrected two-pass (Chan, Golub & LeVeque): with m the chunk's first-pass mean rounded to
+the element type and d = x - m, mean = m + sum(d)/n and M2 = sum(d^2) - sum(d)^2/n, which
+removes the error of m.
+
+While the deviations of a chunk are summed, the next chunk of the block is prefetched
+(``NAME_PREFETCH``: ``__builtin_prefetch`` where the compiler has it, nothing elsewhere), so
+that memory keeps streaming while the core computes.
+
+*Pipelined* rows (one thread): the statistic loops are flattened into one index sb, and the
+statistics sweep of block sb + 1 runs in the same loop as the normalize pass of block sb (its
+own lane loop over the same elements), so that x streams in from memory while y is written.
+A block's statistics are the same bits either way: the OpenMP variant computes each block on
+its own and agrees exactly.
 
 The normalize pass is one subtract-subtract-multiply-add per element on the same runs,
 ``y = ((x - mean_hi) - mean_lo) * (rstd * scale[c]) + offset[c]``, reading per-column copies of
@@ -47,6 +61,9 @@ from .plan import Axis, Extent, Loop, Plan, _offset
 #: SSE2 ones), enough to hide the latency of the adds: 32 float lanes or 16 double lanes.
 LANE_BYTES = 128
 LANE_SIZES = {"float": 4, "double": 8}
+#: Rows: elements whose mean is the first chunk's shift (within about a third of a standard
+#: deviation of the block's mean for most data, so the one-sweep statistics rarely need redoing).
+SHIFT_PROBE = 8
 #: Elements an OpenMP thread takes at a time (schedule(dynamic, n)).
 OMP_GRAIN = 16384
 #: Backward, rows strategy with the channel along the run: runs whose dy and dy * xhat the per-channel
@@ -100,6 +117,16 @@ class Sweep:
     partials_from: str = "0"  # rows, channel along the run: the channel of run element 0
     partials_len: int = 1  # ... and the channels of a run
     nacc: int = 1  # statistics of a block
+    #: rows, one thread: block sb + 1's statistics sweep is fused with block sb's normalize pass
+    #: (the statistic loops flattened into one index sb, ``stat_blocks`` of them)
+    pipelined: bool = False
+    stat_blocks: str = "1"
+    stat_index: tuple[str, ...] = ()  # statements giving the statistic loops' variables from sb
+    stat_first: tuple[str, ...] = ()  # ... their values for block 0
+    next_shift: str = "0"  # elements from a block's first element to the next block's
+    block_first: str = "0"  # offset of a block's first element, from the statistic loops' variables
+    #: rows: leading elements of a block's first run whose mean is the first chunk's shift K
+    shift_probe: int = 1
 
     @property
     def prefetch(self) -> bool:
@@ -108,6 +135,14 @@ class Sweep:
     def at(self, index: str) -> str:
         """The offset from the run's base of run element ``index``."""
         return index if self.stride == "1" else f"({index}) * {self.stride}"
+
+    def norm_lane(self, x: str) -> str:
+        """Pass 2's expression for blocked run element ``run.var + l`` (the fused sweep)."""
+        if self.norm != "rows":
+            return self.norm_stmt(x)
+        c = self.channel_lane
+        centered = f"({x} - mhi[0]) - mlo[0]" if self.split_mean else f"{x} - mhi[0]"
+        return f"({centered}) * (rs[0] * scale[{c}]) + offset[{c}]"
 
     # ---- pass 2, y = (x - mean) * rstd * scale[c] + offset[c], four ways:
     # "rows": one statistic, the channel varies along the run:
@@ -449,6 +484,42 @@ def _acc_muls(domain: list[Axis]) -> dict[str, int]:
     return muls
 
 
+def _paren(expr: str) -> str:
+    wrapped = expr.startswith("(") and expr.endswith(")") and expr.count("(") == 1
+    return f"({expr})" if " " in expr and not wrapped else expr
+
+
+def _digits(stat: list[Axis], index: str) -> list[str]:
+    """The statistic loops' indices of flattened statistic block ``index`` (row-major)."""
+    digits, inner = [], []
+    for k in range(len(stat) - 1, -1, -1):
+        a = stat[k]
+        q = f"{index} / {_paren(' * '.join(inner))}" if inner else index
+        digits.append(f"{_paren(q)} % {_paren(a.count)}" if k else q)
+        inner.append(a.count)
+    return list(reversed(digits))
+
+
+def _pipeline(plan: Plan, openmp: bool) -> dict:
+    """The statistic loops flattened for the pipelined rows core (see Sweep.pipelined)."""
+    stat = plan.stat_axes
+    if openmp or not stat:
+        return {}
+    count = Extent(1)
+    for a in stat:
+        count = count * a.extent
+    index = [f"const size_t {a.var} = {d};" for a, d in zip(stat, _digits(stat, "sb"), strict=True)]
+    if len(stat) == 1:
+        shift = stat[0].step
+    else:
+        nxt = " + ".join(f"{_paren(d)} * {a.step}" for a, d in zip(stat, _digits(stat, "(sb + 1)"), strict=True))
+        shift = f"({nxt}) - ({plan.stat_offset_expr})"
+    return dict(
+        pipelined=True, stat_blocks=count.expr(), stat_index=tuple(index),
+        stat_first=tuple(f"const size_t {a.var} = 0;" for a in stat), next_shift=shift,
+    )
+
+
 def sweep_of(plan: Plan) -> Sweep:
     openmp = plan.parallel == "openmp"
     domain = plan.domain_axes
@@ -508,6 +579,9 @@ def sweep_of(plan: Plan) -> Sweep:
             stat_channel_expr="".join(f"{t} + " for t in stat_ch),
             partials_from=_sum(stat_ch),
             partials_len=run_axis.extent.static if run_axis.channel_mul else 1, nacc=plan.nacc,
+            shift_probe=1 if run_axis.extent.batched else min(SHIFT_PROBE, run_len),
+            block_first=plan.stat_offset_expr,
+            **_pipeline(plan, openmp),
         )
     first, inner = domain[0], domain[1:]
     width = 1

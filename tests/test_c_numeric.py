@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from helpers import grid, params
 from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, NormgenError, build, reference
 from normgen.check import check_layer, compare
+from normgen.plan import lower
 
 GRID = list(grid())
 
@@ -64,7 +65,7 @@ def test_hypothesis_shapes(layer, batch, seed):
     BatchNorm(name="bn_big", format="BSSC", shape=[16, 16, 8]),
 ], ids=lambda l: l.name)
 def test_large_mean_float32(layer):
-    """x = 1e4 + N(0, 1e-2) in float32: the statistics (corrected two-pass per chunk, Chan's
+    """x = 1e4 + N(0, 1e-2) in float32: the statistics (shifted sums or a corrected two-pass per chunk, Chan's
     merge in double) and x - mean (kept as hi + lo) stay accurate (about 3e-7 here);
     E[x²] - E[x]² would lose every digit."""
     rng = np.random.default_rng(1)
@@ -149,3 +150,79 @@ def test_mismatched_input_shape_is_an_error():
     compiled = build(InstanceNorm(name="in_shape", format="BCSS", shape=[3, 4, 4]))
     with pytest.raises(NormgenError, match=r"input of shape \(2, 4, 4, 4\)"):
         compiled.predict(np.zeros((2, 4, 4, 4), np.float32))
+
+
+#: Rows layouts (the pipelined core, normgen/sweep.py), each with where a statistic block's
+#: first elements are: the first chunk's shift K is their mean.
+ONE_SWEEP = [
+    (GroupNorm(name="os_gn", format="BCSS", shape=[8, 64, 64], num_groups=2),  # two chunks a block
+     lambda x: x[:, ::4, 0, :8]),
+    (LayerNorm(name="os_ln", format="BTC", shape=[5, 2041]), lambda x: x[:, :, :8]),
+    (LayerNorm(name="os_ln_long", format="BTC", shape=[2, 20000]), lambda x: x[:, :, :8]),  # chunks along the run
+    (InstanceNorm(name="os_in", format="BCSS", shape=[3, 100, 100]), lambda x: x[:, :, 0, :8]),
+    (BatchNorm(name="os_bn", format="BCSS", shape=[4, 30, 30]), lambda x: x[0, :, 0, :8]),  # train_forward
+]
+
+
+def _one_sweep_cases(layer, first, batch, dtype):
+    """Inputs for the one-sweep statistics: plain data, a large mean, and a large mean whose
+    blocks start with eight outliers (K lands 1e4 from the chunk's mean: the sums of (x - K)^2
+    in float would lose the variance, so the chunk must be redone as a two-pass)."""
+    rng = np.random.default_rng(11)
+    shape = reference.full_shape(layer, batch)
+    plain = rng.normal(0.5, 2.0, shape)
+    large = 1e4 + rng.normal(0, 1e-2, shape)
+    outliers = large.copy()
+    first(outliers)[...] = 0.0
+    return {"plain": plain.astype(dtype), "large_mean": large.astype(dtype), "outliers": outliers.astype(dtype)}
+
+
+def _run(compiled, layer, x):
+    if layer.kind == "batchnorm":
+        return compiled.train_forward(x), compiled.running_mean.copy(), compiled.running_var.copy()
+    return (compiled.predict(x),)
+
+
+@pytest.mark.parametrize("layer,first", ONE_SWEEP, ids=lambda v: getattr(v, "name", ""))
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_one_sweep_statistics_and_their_fallback(layer, first, dtype):
+    """The rows core's statistics (one sweep about a shift K, redone as a corrected two-pass
+    from cache where K is more than a standard deviation off) match the reference on data
+    that takes either path."""
+    layer = layer.replace(dtype=dtype)
+    assert lower(layer).sweep.pipelined
+    compiled = build(layer)
+    for case, x in _one_sweep_cases(layer, first, 2, np.dtype(dtype)).items():
+        # float32 keeps the mean as hi + lo, so x - mean is exact; in float64 the mean's own
+        # rounding (half an ulp of |mean|) shows in (x - mean) / std, here and in the reference
+        tol = 2e-5 if dtype == "float32" else 1e-12 + 4 * np.finfo(np.float64).eps * np.abs(x).max() / x.std()
+        if layer.kind == "batchnorm":
+            compiled.running_mean[:] = layer.trained_mean_values
+            compiled.running_var[:] = layer.trained_variance_values
+            got, want = _run(compiled, layer, x), reference.train_forward(layer, x)
+        else:
+            got, want = _run(compiled, layer, x), (reference.predict(layer, x),)
+        for g, w in zip(got, want, strict=True):
+            err = np.abs(g - w) / (1 + np.abs(w))
+            assert err.max() <= tol, (case, float(err.max()))
+
+
+@pytest.mark.parametrize("layer,first", ONE_SWEEP, ids=lambda v: getattr(v, "name", ""))
+def test_pipelined_core_gives_the_bits_of_the_plain_one(layer, first):
+    """Fusing block sb + 1's statistics into block sb's normalize pass changes no bit: the
+    pipelined core (parallel = "none") and the block-at-a-time core (parallel = "openmp", here
+    on whatever threads OpenMP takes) agree exactly, in place too."""
+    piped, plain = build(layer), build(layer.replace(parallel="openmp"))
+    assert lower(layer).sweep.pipelined and not lower(layer.replace(parallel="openmp")).sweep.pipelined
+    for case, x in _one_sweep_cases(layer, first, 3, np.dtype(np.float32)).items():
+        for c in (piped, plain):
+            if layer.kind == "batchnorm":
+                c.running_mean[:] = layer.trained_mean_values
+                c.running_var[:] = layer.trained_variance_values
+        a, b = _run(piped, layer, x), _run(plain, layer, x)
+        for u, v in zip(a, b, strict=True):
+            assert np.array_equal(u, v), case
+        if layer.kind != "batchnorm":
+            inplace = x.copy()
+            piped.predict(inplace, out=inplace)
+            assert np.array_equal(inplace, a[0]), case

@@ -21,7 +21,8 @@ LAYERS = list(grid(dtypes=("float32",)))
 
 
 def _eval(expr: str, env: dict) -> int:
-    return int(eval(expr, {}, env))  # noqa: S307 - expressions come from the plan
+    """A plan's C expression over size_t values (C's / on them is Python's //)."""
+    return int(eval(expr.replace(" / ", " // "), {}, env))  # noqa: S307 - expressions come from the plan
 
 
 def walk(plan, batch: int):
@@ -137,3 +138,46 @@ def test_backward_channel_indices(layer):
             else:
                 start = 0 if W.partials_global else _eval(W.partials_from, env)
                 assert start <= ch < start + W.partials_len <= plan.channels
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda l: l.name)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_pipeline_visits_the_blocks_in_loop_order(layer, batch):
+    """The pipelined rows core (normgen/sweep.py) flattens the statistic loops into one index sb:
+    its statements give the loops' variables in the same order as the nested loops, the block's
+    first element is at block_first, and next_shift moves block sb's offsets onto block sb + 1's."""
+    if not layer.fmt.has_batch and batch != 1:
+        pytest.skip("format has no B")
+    plan = lower(layer)
+    W = plan.sweep
+    if W.blocked:  # every rows core, pipelined or not: K's elements start at the block's first
+        assert W.block_first == plan.stat_offset_expr == lower(layer.replace(parallel="openmp")).sweep.block_first
+    if not W.pipelined:
+        assert plan.strategy == "columns" or not plan.stat_axes or plan.parallel == "openmp"
+        return
+    env = {"nb": batch}
+    nested = list(itertools.product(*[range(_eval(a.count, env)) for a in plan.stat_axes]))
+    assert _eval(W.stat_blocks, env) == len(nested)
+
+    def variables(sb: int) -> dict:
+        local = dict(env, sb=sb)
+        for line in W.stat_index:  # "const size_t i0 = sb / 32;"
+            name, expr = line.removeprefix("const size_t ").rstrip(";").split(" = ", 1)
+            local[name] = _eval(expr, local)
+        return local
+
+    zero = dict(env)
+    for line in W.stat_first:
+        name, expr = line.removeprefix("const size_t ").rstrip(";").split(" = ", 1)
+        zero[name] = _eval(expr, zero)
+    firsts = []
+    for sb, idx in enumerate(nested):
+        local = variables(sb)
+        assert tuple(local[a.var] for a in plan.stat_axes) == idx
+        firsts.append(_eval(W.block_first, local))
+        if sb + 1 < len(nested):
+            assert firsts[-1] + _eval(W.next_shift, local) == _eval(W.block_first, variables(sb + 1))
+    assert firsts[0] == _eval(W.block_first, zero) == 0
+    assert firsts == sorted(firsts)  # blocks in memory order: the shift is never negative
+    # the first chunk's shift reads the leading elements of the block's first run
+    assert 1 <= W.shift_probe <= 8

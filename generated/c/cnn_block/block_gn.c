@@ -94,8 +94,8 @@ int block_gn_predict(const float *x, float *y, int32_t batch)
              * two passes over a cache-sized chunk (the second corrects the first's mean m:
              * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
              * Chan's merge of the chunks in double */
-            for (size_t c0 = 0; c0 < 196; c0 += 128) {
-                const size_t c1 = c0 + 128 < 196 ? c0 + 128 : 196;
+            for (size_t c0 = 0; c0 < 196; c0 += 256) {
+                const size_t c1 = c0 + 256 < 196 ? c0 + 256 : 196;
                 const double nc = (double)(c1 - c0);
                 /* the chunk's sum of each of the 64 columns */
                 for (size_t l = 0; l < 64; ++l) {
@@ -121,9 +121,9 @@ int block_gn_predict(const float *x, float *y, int32_t batch)
                         lane[j] += dev;
                         lane2[j] += dev * dev;
                     }
-                    if (i1 + 128 < 196) {
+                    if (i1 + 256 < 196) {
                         for (size_t p = 0; p < 64; p += 16) {
-                            BLOCK_GN_PREFETCH(xr + 8192 + p);
+                            BLOCK_GN_PREFETCH(xr + 16384 + p);
                         }
                     }
                 }
@@ -221,8 +221,8 @@ int block_gn_train_forward_save(const float *x, float *y, int32_t batch, double 
              * two passes over a cache-sized chunk (the second corrects the first's mean m:
              * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
              * Chan's merge of the chunks in double */
-            for (size_t c0 = 0; c0 < 196; c0 += 128) {
-                const size_t c1 = c0 + 128 < 196 ? c0 + 128 : 196;
+            for (size_t c0 = 0; c0 < 196; c0 += 256) {
+                const size_t c1 = c0 + 256 < 196 ? c0 + 256 : 196;
                 const double nc = (double)(c1 - c0);
                 /* the chunk's sum of each of the 64 columns */
                 for (size_t l = 0; l < 64; ++l) {
@@ -248,9 +248,9 @@ int block_gn_train_forward_save(const float *x, float *y, int32_t batch, double 
                         lane[j] += dev;
                         lane2[j] += dev * dev;
                     }
-                    if (i1 + 128 < 196) {
+                    if (i1 + 256 < 196) {
                         for (size_t p = 0; p < 64; p += 16) {
-                            BLOCK_GN_PREFETCH(xr + 8192 + p);
+                            BLOCK_GN_PREFETCH(xr + 16384 + p);
                         }
                     }
                 }
@@ -368,8 +368,8 @@ int block_gn_backward(const float *x, const float *dy, float *dx, float *dscale,
              * two passes over a cache-sized chunk (the second corrects the first's mean m:
              * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
              * Chan's merge of the chunks in double */
-            for (size_t c0 = 0; c0 < 196; c0 += 128) {
-                const size_t c1 = c0 + 128 < 196 ? c0 + 128 : 196;
+            for (size_t c0 = 0; c0 < 196; c0 += 256) {
+                const size_t c1 = c0 + 256 < 196 ? c0 + 256 : 196;
                 const double nc = (double)(c1 - c0);
                 /* the chunk's sum of each of the 64 columns */
                 for (size_t l = 0; l < 64; ++l) {
@@ -409,9 +409,9 @@ int block_gn_backward(const float *x, const float *dy, float *dx, float *dscale,
                         ga[j] += d;
                         gb[j] += d * dev;
                     }
-                    if (i1 + 128 < 196) {
+                    if (i1 + 256 < 196) {
                         for (size_t p = 0; p < 64; p += 16) {
-                            BLOCK_GN_PREFETCH(xr + 8192 + p);
+                            BLOCK_GN_PREFETCH(xr + 16384 + p);
                         }
                     }
                 }
@@ -570,8 +570,8 @@ int block_gn_backward_saved(const float *x, const float *dy, const double *saved
                 ref[j] = mhi[k];
             }
             /* the gradient columns, chunk by chunk: dy (or g = scale * dy) and times x - mean, in lanes */
-            for (size_t c0 = 0; c0 < 196; c0 += 128) {
-                const size_t c1 = c0 + 128 < 196 ? c0 + 128 : 196;
+            for (size_t c0 = 0; c0 < 196; c0 += 256) {
+                const size_t c1 = c0 + 256 < 196 ? c0 + 256 : 196;
                 for (size_t j = 0; j < 64; ++j) {
                     ga[j] = 0;
                     gb[j] = 0;

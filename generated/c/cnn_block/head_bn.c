@@ -178,47 +178,40 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
     const size_t nb = (size_t)batch;
     const double *scale = head_bn_scale;
     const double *offset = head_bn_offset;
-    for (size_t i1 = 0; i1 < 64; ++i1) {
+    {
+        /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
+         * normalized: x streams in from memory while y is written, and is read from memory once
+         * wherever a block fits in cache */
+        double mean[1], m2[1], n;
+        double lane[16], lane2[16];
+        double mhi[1], rs[1];
         {
-            double mean[1], m2[1];
-            double lane[16], lane2[16];
-            double n = 0;
+            /* block 0 */
+            const size_t i1 = 0;
+            n = 0;
             mean[0] = 0;
             m2[0] = 0;
             /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
-             * two passes over a cache-sized chunk (the second corrects the first's mean m:
-             * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
-             * Chan's merge of the chunks in double */
+             * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+             * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+             * from the chunk's mean; then Chan's merge of the chunks in double */
             for (size_t c0 = 0; c0 < nb; c0 += 167) {
                 const size_t c1 = c0 + 167 < nb ? c0 + 167 : nb;
                 const double nc = (double)((c1 - c0) * 49);
-                /* the chunk's sum in 16 independent lanes */
-                for (size_t l = 0; l < 16; ++l) {
-                    lane[l] = 0;
-                }
-                for (size_t i0 = c0; i0 < c1; ++i0) {
-                    const double *xr = x + i0 * 3136 + i1 * 49;
-                    const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
-                    for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
-                        for (size_t l = 0; l < 16; ++l) {
-                            lane[l] += xr[i2 + l];
-                        }
+                double K = (double)mean[0];
+                if (c0 == 0) {
+                    /* the block's first chunk: K is the mean of its first 8 elements */
+                    K = 0;
+                    for (size_t q = 0; q < 8; ++q) {
+                        K += x[i1 * 49 + q];
                     }
-                    {
-                        const size_t i2 = blocks_end;
-                        for (size_t l = 0; l < 49 - i2; ++l) {
-                            lane[l] += xr[i2 + l];
-                        }
-                    }
+                    K /= 8;
                 }
-                double sum = 0;
                 for (size_t l = 0; l < 16; ++l) {
-                    sum += lane[l];
                     lane[l] = 0;
                     lane2[l] = 0;
                 }
-                const double m = (double)(sum / nc);
-                /* deviations from that mean and their squares; meanwhile the next chunk is fetched */
+                /* one sweep: d = x - K and d^2 in 16 independent lanes; meanwhile the next chunk is fetched */
                 for (size_t i0 = c0; i0 < c1; ++i0) {
                     const double *xr = x + i0 * 3136 + i1 * 49;
                     const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
@@ -228,7 +221,7 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                             HEAD_BN_PREFETCH(xr + i2 + 523712 + 8);
                         }
                         for (size_t l = 0; l < 16; ++l) {
-                            const double dev = xr[i2 + l] - m;
+                            const double dev = xr[i2 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
@@ -236,25 +229,83 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                     {
                         const size_t i2 = blocks_end;
                         for (size_t l = 0; l < 49 - i2; ++l) {
-                            const double dev = xr[i2 + l] - m;
+                            const double dev = xr[i2 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
                     }
                 }
-                const double total = n + nc;
                 double s1 = 0, s2 = 0;
                 for (size_t l = 0; l < 16; ++l) {
                     s1 += lane[l];
                     s2 += lane2[l];
                 }
+                double shift = (double)K;
+                if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                    /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                     * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                    for (size_t l = 0; l < 16; ++l) {
+                        lane[l] = 0;
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const double *xr = x + i0 * 3136 + i1 * 49;
+                        const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
+                        for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                            for (size_t l = 0; l < 16; ++l) {
+                                lane[l] += xr[i2 + l];
+                            }
+                        }
+                        {
+                            const size_t i2 = blocks_end;
+                            for (size_t l = 0; l < 49 - i2; ++l) {
+                                lane[l] += xr[i2 + l];
+                            }
+                        }
+                    }
+                    double sum = 0;
+                    for (size_t l = 0; l < 16; ++l) {
+                        sum += lane[l];
+                        lane[l] = 0;
+                        lane2[l] = 0;
+                    }
+                    const double m = (double)(sum / nc);
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const double *xr = x + i0 * 3136 + i1 * 49;
+                        const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
+                        for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                            for (size_t l = 0; l < 16; ++l) {
+                                const double dev = xr[i2 + l] - m;
+                                lane[l] += dev;
+                                lane2[l] += dev * dev;
+                            }
+                        }
+                        {
+                            const size_t i2 = blocks_end;
+                            for (size_t l = 0; l < 49 - i2; ++l) {
+                                const double dev = xr[i2 + l] - m;
+                                lane[l] += dev;
+                                lane2[l] += dev * dev;
+                            }
+                        }
+                    }
+                    s1 = 0;
+                    s2 = 0;
+                    for (size_t l = 0; l < 16; ++l) {
+                        s1 += lane[l];
+                        s2 += lane2[l];
+                    }
+                    shift = (double)m;
+                }
+                const double total = n + nc;
                 const double cm2 = s2 - s1 * s1 / nc;
-                const double delta = ((double)m + s1 / nc) - mean[0];
+                const double delta = (shift + s1 / nc) - mean[0];
                 mean[0] += delta * (nc / total);
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
             }
-            double mhi[1], rs[1];
+        }
+        for (size_t sb = 0; sb < 64; ++sb) {
+            const size_t i1 = sb;
             /* per statistic: 1/sqrt(var + epsilon) and the mean as the element type; the running statistics updated */
             for (size_t k = 0; k < 1; ++k) {
                 const double var = m2[k] > 0 ? m2[k] / n : 0;
@@ -265,14 +316,140 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                 rs[k] = (double)(1 / sqrt(var + 0.001));
                 mhi[k] = (double)mean[k];
             }
-            /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
-            for (size_t i0 = 0; i0 < nb; ++i0) {
-                const double *xr = x + i0 * 3136 + i1 * 49;
-                double *yr = y + i0 * 3136 + i1 * 49;
-                const double g = rs[0] * scale[i1];
-                const double b = offset[i1];
-                for (size_t i2 = 0; i2 < 49; ++i2) {
-                    yr[i2] = (xr[i2] - mhi[0]) * g + b;
+            if (sb + 1 < 64) {
+                /* block sb + 1, shifted to block sb's offsets */
+                const double *xn = x + (49);
+                n = 0;
+                mean[0] = 0;
+                m2[0] = 0;
+                /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
+                 * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+                 * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+                 * from the chunk's mean; then Chan's merge of the chunks in double */
+                for (size_t c0 = 0; c0 < nb; c0 += 167) {
+                    const size_t c1 = c0 + 167 < nb ? c0 + 167 : nb;
+                    const double nc = (double)((c1 - c0) * 49);
+                    double K = (double)mean[0];
+                    if (c0 == 0) {
+                        /* the block's first chunk: K is the mean of its first 8 elements */
+                        K = 0;
+                        for (size_t q = 0; q < 8; ++q) {
+                            K += xn[i1 * 49 + q];
+                        }
+                        K /= 8;
+                    }
+                    for (size_t l = 0; l < 16; ++l) {
+                        lane[l] = 0;
+                        lane2[l] = 0;
+                    }
+                    /* one sweep: d = x - K and d^2 in 16 independent lanes; meanwhile the same elements of the previous block are normalized */
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const double *xr = x + i0 * 3136 + i1 * 49;
+                        const double *xq = xn + i0 * 3136 + i1 * 49;
+                        double *yr = y + i0 * 3136 + i1 * 49;
+                        const double g = rs[0] * scale[i1];
+                        const double b = offset[i1];
+                        const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
+                        for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                            for (size_t l = 0; l < 16; ++l) {
+                                yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
+                            }
+                            for (size_t l = 0; l < 16; ++l) {
+                                const double dev = xq[i2 + l] - K;
+                                lane[l] += dev;
+                                lane2[l] += dev * dev;
+                            }
+                        }
+                        {
+                            const size_t i2 = blocks_end;
+                            for (size_t l = 0; l < 49 - i2; ++l) {
+                                yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
+                            }
+                            for (size_t l = 0; l < 49 - i2; ++l) {
+                                const double dev = xq[i2 + l] - K;
+                                lane[l] += dev;
+                                lane2[l] += dev * dev;
+                            }
+                        }
+                    }
+                    double s1 = 0, s2 = 0;
+                    for (size_t l = 0; l < 16; ++l) {
+                        s1 += lane[l];
+                        s2 += lane2[l];
+                    }
+                    double shift = (double)K;
+                    if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                        /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                         * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                        for (size_t l = 0; l < 16; ++l) {
+                            lane[l] = 0;
+                        }
+                        for (size_t i0 = c0; i0 < c1; ++i0) {
+                            const double *xr = xn + i0 * 3136 + i1 * 49;
+                            const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
+                            for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                                for (size_t l = 0; l < 16; ++l) {
+                                    lane[l] += xr[i2 + l];
+                                }
+                            }
+                            {
+                                const size_t i2 = blocks_end;
+                                for (size_t l = 0; l < 49 - i2; ++l) {
+                                    lane[l] += xr[i2 + l];
+                                }
+                            }
+                        }
+                        double sum = 0;
+                        for (size_t l = 0; l < 16; ++l) {
+                            sum += lane[l];
+                            lane[l] = 0;
+                            lane2[l] = 0;
+                        }
+                        const double m = (double)(sum / nc);
+                        for (size_t i0 = c0; i0 < c1; ++i0) {
+                            const double *xr = xn + i0 * 3136 + i1 * 49;
+                            const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
+                            for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                                for (size_t l = 0; l < 16; ++l) {
+                                    const double dev = xr[i2 + l] - m;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                            {
+                                const size_t i2 = blocks_end;
+                                for (size_t l = 0; l < 49 - i2; ++l) {
+                                    const double dev = xr[i2 + l] - m;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                        }
+                        s1 = 0;
+                        s2 = 0;
+                        for (size_t l = 0; l < 16; ++l) {
+                            s1 += lane[l];
+                            s2 += lane2[l];
+                        }
+                        shift = (double)m;
+                    }
+                    const double total = n + nc;
+                    const double cm2 = s2 - s1 * s1 / nc;
+                    const double delta = (shift + s1 / nc) - mean[0];
+                    mean[0] += delta * (nc / total);
+                    m2[0] += cm2 + delta * delta * (n * nc / total);
+                    n = total;
+                }
+            } else {
+                /* pass 2 of the last block: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
+                for (size_t i0 = 0; i0 < nb; ++i0) {
+                    const double *xr = x + i0 * 3136 + i1 * 49;
+                    double *yr = y + i0 * 3136 + i1 * 49;
+                    const double g = rs[0] * scale[i1];
+                    const double b = offset[i1];
+                    for (size_t i2 = 0; i2 < 49; ++i2) {
+                        yr[i2] = (xr[i2] - mhi[0]) * g + b;
+                    }
                 }
             }
         }
@@ -312,47 +489,40 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
     if (nb * 49 < 2) {
         return HEAD_BN_ERR_COUNT;
     }
-    for (size_t i1 = 0; i1 < 64; ++i1) {
+    {
+        /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
+         * normalized: x streams in from memory while y is written, and is read from memory once
+         * wherever a block fits in cache */
+        double mean[1], m2[1], n;
+        double lane[16], lane2[16];
+        double mhi[1], rs[1];
         {
-            double mean[1], m2[1];
-            double lane[16], lane2[16];
-            double n = 0;
+            /* block 0 */
+            const size_t i1 = 0;
+            n = 0;
             mean[0] = 0;
             m2[0] = 0;
             /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
-             * two passes over a cache-sized chunk (the second corrects the first's mean m:
-             * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
-             * Chan's merge of the chunks in double */
+             * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+             * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+             * from the chunk's mean; then Chan's merge of the chunks in double */
             for (size_t c0 = 0; c0 < nb; c0 += 167) {
                 const size_t c1 = c0 + 167 < nb ? c0 + 167 : nb;
                 const double nc = (double)((c1 - c0) * 49);
-                /* the chunk's sum in 16 independent lanes */
-                for (size_t l = 0; l < 16; ++l) {
-                    lane[l] = 0;
-                }
-                for (size_t i0 = c0; i0 < c1; ++i0) {
-                    const double *xr = x + i0 * 3136 + i1 * 49;
-                    const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
-                    for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
-                        for (size_t l = 0; l < 16; ++l) {
-                            lane[l] += xr[i2 + l];
-                        }
+                double K = (double)mean[0];
+                if (c0 == 0) {
+                    /* the block's first chunk: K is the mean of its first 8 elements */
+                    K = 0;
+                    for (size_t q = 0; q < 8; ++q) {
+                        K += x[i1 * 49 + q];
                     }
-                    {
-                        const size_t i2 = blocks_end;
-                        for (size_t l = 0; l < 49 - i2; ++l) {
-                            lane[l] += xr[i2 + l];
-                        }
-                    }
+                    K /= 8;
                 }
-                double sum = 0;
                 for (size_t l = 0; l < 16; ++l) {
-                    sum += lane[l];
                     lane[l] = 0;
                     lane2[l] = 0;
                 }
-                const double m = (double)(sum / nc);
-                /* deviations from that mean and their squares; meanwhile the next chunk is fetched */
+                /* one sweep: d = x - K and d^2 in 16 independent lanes; meanwhile the next chunk is fetched */
                 for (size_t i0 = c0; i0 < c1; ++i0) {
                     const double *xr = x + i0 * 3136 + i1 * 49;
                     const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
@@ -362,7 +532,7 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                             HEAD_BN_PREFETCH(xr + i2 + 523712 + 8);
                         }
                         for (size_t l = 0; l < 16; ++l) {
-                            const double dev = xr[i2 + l] - m;
+                            const double dev = xr[i2 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
@@ -370,25 +540,83 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                     {
                         const size_t i2 = blocks_end;
                         for (size_t l = 0; l < 49 - i2; ++l) {
-                            const double dev = xr[i2 + l] - m;
+                            const double dev = xr[i2 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
                     }
                 }
-                const double total = n + nc;
                 double s1 = 0, s2 = 0;
                 for (size_t l = 0; l < 16; ++l) {
                     s1 += lane[l];
                     s2 += lane2[l];
                 }
+                double shift = (double)K;
+                if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                    /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                     * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                    for (size_t l = 0; l < 16; ++l) {
+                        lane[l] = 0;
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const double *xr = x + i0 * 3136 + i1 * 49;
+                        const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
+                        for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                            for (size_t l = 0; l < 16; ++l) {
+                                lane[l] += xr[i2 + l];
+                            }
+                        }
+                        {
+                            const size_t i2 = blocks_end;
+                            for (size_t l = 0; l < 49 - i2; ++l) {
+                                lane[l] += xr[i2 + l];
+                            }
+                        }
+                    }
+                    double sum = 0;
+                    for (size_t l = 0; l < 16; ++l) {
+                        sum += lane[l];
+                        lane[l] = 0;
+                        lane2[l] = 0;
+                    }
+                    const double m = (double)(sum / nc);
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const double *xr = x + i0 * 3136 + i1 * 49;
+                        const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
+                        for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                            for (size_t l = 0; l < 16; ++l) {
+                                const double dev = xr[i2 + l] - m;
+                                lane[l] += dev;
+                                lane2[l] += dev * dev;
+                            }
+                        }
+                        {
+                            const size_t i2 = blocks_end;
+                            for (size_t l = 0; l < 49 - i2; ++l) {
+                                const double dev = xr[i2 + l] - m;
+                                lane[l] += dev;
+                                lane2[l] += dev * dev;
+                            }
+                        }
+                    }
+                    s1 = 0;
+                    s2 = 0;
+                    for (size_t l = 0; l < 16; ++l) {
+                        s1 += lane[l];
+                        s2 += lane2[l];
+                    }
+                    shift = (double)m;
+                }
+                const double total = n + nc;
                 const double cm2 = s2 - s1 * s1 / nc;
-                const double delta = ((double)m + s1 / nc) - mean[0];
+                const double delta = (shift + s1 / nc) - mean[0];
                 mean[0] += delta * (nc / total);
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
             }
-            double mhi[1], rs[1];
+        }
+        for (size_t sb = 0; sb < 64; ++sb) {
+            const size_t i1 = sb;
             /* per statistic: 1/sqrt(var + epsilon) and the mean as the element type; both saved; the running statistics updated */
             for (size_t k = 0; k < 1; ++k) {
                 const double var = m2[k] > 0 ? m2[k] / n : 0;
@@ -403,14 +631,140 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                 rs[k] = (double)inv;
                 mhi[k] = (double)mean[k];
             }
-            /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
-            for (size_t i0 = 0; i0 < nb; ++i0) {
-                const double *xr = x + i0 * 3136 + i1 * 49;
-                double *yr = y + i0 * 3136 + i1 * 49;
-                const double g = rs[0] * scale[i1];
-                const double b = offset[i1];
-                for (size_t i2 = 0; i2 < 49; ++i2) {
-                    yr[i2] = (xr[i2] - mhi[0]) * g + b;
+            if (sb + 1 < 64) {
+                /* block sb + 1, shifted to block sb's offsets */
+                const double *xn = x + (49);
+                n = 0;
+                mean[0] = 0;
+                m2[0] = 0;
+                /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
+                 * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+                 * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+                 * from the chunk's mean; then Chan's merge of the chunks in double */
+                for (size_t c0 = 0; c0 < nb; c0 += 167) {
+                    const size_t c1 = c0 + 167 < nb ? c0 + 167 : nb;
+                    const double nc = (double)((c1 - c0) * 49);
+                    double K = (double)mean[0];
+                    if (c0 == 0) {
+                        /* the block's first chunk: K is the mean of its first 8 elements */
+                        K = 0;
+                        for (size_t q = 0; q < 8; ++q) {
+                            K += xn[i1 * 49 + q];
+                        }
+                        K /= 8;
+                    }
+                    for (size_t l = 0; l < 16; ++l) {
+                        lane[l] = 0;
+                        lane2[l] = 0;
+                    }
+                    /* one sweep: d = x - K and d^2 in 16 independent lanes; meanwhile the same elements of the previous block are normalized */
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const double *xr = x + i0 * 3136 + i1 * 49;
+                        const double *xq = xn + i0 * 3136 + i1 * 49;
+                        double *yr = y + i0 * 3136 + i1 * 49;
+                        const double g = rs[0] * scale[i1];
+                        const double b = offset[i1];
+                        const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
+                        for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                            for (size_t l = 0; l < 16; ++l) {
+                                yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
+                            }
+                            for (size_t l = 0; l < 16; ++l) {
+                                const double dev = xq[i2 + l] - K;
+                                lane[l] += dev;
+                                lane2[l] += dev * dev;
+                            }
+                        }
+                        {
+                            const size_t i2 = blocks_end;
+                            for (size_t l = 0; l < 49 - i2; ++l) {
+                                yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
+                            }
+                            for (size_t l = 0; l < 49 - i2; ++l) {
+                                const double dev = xq[i2 + l] - K;
+                                lane[l] += dev;
+                                lane2[l] += dev * dev;
+                            }
+                        }
+                    }
+                    double s1 = 0, s2 = 0;
+                    for (size_t l = 0; l < 16; ++l) {
+                        s1 += lane[l];
+                        s2 += lane2[l];
+                    }
+                    double shift = (double)K;
+                    if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                        /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                         * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                        for (size_t l = 0; l < 16; ++l) {
+                            lane[l] = 0;
+                        }
+                        for (size_t i0 = c0; i0 < c1; ++i0) {
+                            const double *xr = xn + i0 * 3136 + i1 * 49;
+                            const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
+                            for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                                for (size_t l = 0; l < 16; ++l) {
+                                    lane[l] += xr[i2 + l];
+                                }
+                            }
+                            {
+                                const size_t i2 = blocks_end;
+                                for (size_t l = 0; l < 49 - i2; ++l) {
+                                    lane[l] += xr[i2 + l];
+                                }
+                            }
+                        }
+                        double sum = 0;
+                        for (size_t l = 0; l < 16; ++l) {
+                            sum += lane[l];
+                            lane[l] = 0;
+                            lane2[l] = 0;
+                        }
+                        const double m = (double)(sum / nc);
+                        for (size_t i0 = c0; i0 < c1; ++i0) {
+                            const double *xr = xn + i0 * 3136 + i1 * 49;
+                            const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
+                            for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                                for (size_t l = 0; l < 16; ++l) {
+                                    const double dev = xr[i2 + l] - m;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                            {
+                                const size_t i2 = blocks_end;
+                                for (size_t l = 0; l < 49 - i2; ++l) {
+                                    const double dev = xr[i2 + l] - m;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                        }
+                        s1 = 0;
+                        s2 = 0;
+                        for (size_t l = 0; l < 16; ++l) {
+                            s1 += lane[l];
+                            s2 += lane2[l];
+                        }
+                        shift = (double)m;
+                    }
+                    const double total = n + nc;
+                    const double cm2 = s2 - s1 * s1 / nc;
+                    const double delta = (shift + s1 / nc) - mean[0];
+                    mean[0] += delta * (nc / total);
+                    m2[0] += cm2 + delta * delta * (n * nc / total);
+                    n = total;
+                }
+            } else {
+                /* pass 2 of the last block: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
+                for (size_t i0 = 0; i0 < nb; ++i0) {
+                    const double *xr = x + i0 * 3136 + i1 * 49;
+                    double *yr = y + i0 * 3136 + i1 * 49;
+                    const double g = rs[0] * scale[i1];
+                    const double b = offset[i1];
+                    for (size_t i2 = 0; i2 < 49; ++i2) {
+                        yr[i2] = (xr[i2] - mhi[0]) * g + b;
+                    }
                 }
             }
         }
@@ -873,39 +1227,26 @@ int head_bn_accumulate(head_bn_stats *acc, const double *x, int32_t batch)
             mean[0] = 0;
             m2[0] = 0;
             /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
-             * two passes over a cache-sized chunk (the second corrects the first's mean m:
-             * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
-             * Chan's merge of the chunks in double */
+             * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+             * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+             * from the chunk's mean; then Chan's merge of the chunks in double */
             for (size_t c0 = 0; c0 < nb; c0 += 167) {
                 const size_t c1 = c0 + 167 < nb ? c0 + 167 : nb;
                 const double nc = (double)((c1 - c0) * 49);
-                /* the chunk's sum in 16 independent lanes */
-                for (size_t l = 0; l < 16; ++l) {
-                    lane[l] = 0;
-                }
-                for (size_t i0 = c0; i0 < c1; ++i0) {
-                    const double *xr = x + i0 * 3136 + i1 * 49;
-                    const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
-                    for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
-                        for (size_t l = 0; l < 16; ++l) {
-                            lane[l] += xr[i2 + l];
-                        }
+                double K = (double)mean[0];
+                if (c0 == 0) {
+                    /* the block's first chunk: K is the mean of its first 8 elements */
+                    K = 0;
+                    for (size_t q = 0; q < 8; ++q) {
+                        K += x[i1 * 49 + q];
                     }
-                    {
-                        const size_t i2 = blocks_end;
-                        for (size_t l = 0; l < 49 - i2; ++l) {
-                            lane[l] += xr[i2 + l];
-                        }
-                    }
+                    K /= 8;
                 }
-                double sum = 0;
                 for (size_t l = 0; l < 16; ++l) {
-                    sum += lane[l];
                     lane[l] = 0;
                     lane2[l] = 0;
                 }
-                const double m = (double)(sum / nc);
-                /* deviations from that mean and their squares; meanwhile the next chunk is fetched */
+                /* one sweep: d = x - K and d^2 in 16 independent lanes; meanwhile the next chunk is fetched */
                 for (size_t i0 = c0; i0 < c1; ++i0) {
                     const double *xr = x + i0 * 3136 + i1 * 49;
                     const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
@@ -915,7 +1256,7 @@ int head_bn_accumulate(head_bn_stats *acc, const double *x, int32_t batch)
                             HEAD_BN_PREFETCH(xr + i2 + 523712 + 8);
                         }
                         for (size_t l = 0; l < 16; ++l) {
-                            const double dev = xr[i2 + l] - m;
+                            const double dev = xr[i2 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
@@ -923,20 +1264,76 @@ int head_bn_accumulate(head_bn_stats *acc, const double *x, int32_t batch)
                     {
                         const size_t i2 = blocks_end;
                         for (size_t l = 0; l < 49 - i2; ++l) {
-                            const double dev = xr[i2 + l] - m;
+                            const double dev = xr[i2 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
                     }
                 }
-                const double total = n + nc;
                 double s1 = 0, s2 = 0;
                 for (size_t l = 0; l < 16; ++l) {
                     s1 += lane[l];
                     s2 += lane2[l];
                 }
+                double shift = (double)K;
+                if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                    /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                     * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                    for (size_t l = 0; l < 16; ++l) {
+                        lane[l] = 0;
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const double *xr = x + i0 * 3136 + i1 * 49;
+                        const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
+                        for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                            for (size_t l = 0; l < 16; ++l) {
+                                lane[l] += xr[i2 + l];
+                            }
+                        }
+                        {
+                            const size_t i2 = blocks_end;
+                            for (size_t l = 0; l < 49 - i2; ++l) {
+                                lane[l] += xr[i2 + l];
+                            }
+                        }
+                    }
+                    double sum = 0;
+                    for (size_t l = 0; l < 16; ++l) {
+                        sum += lane[l];
+                        lane[l] = 0;
+                        lane2[l] = 0;
+                    }
+                    const double m = (double)(sum / nc);
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const double *xr = x + i0 * 3136 + i1 * 49;
+                        const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
+                        for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                            for (size_t l = 0; l < 16; ++l) {
+                                const double dev = xr[i2 + l] - m;
+                                lane[l] += dev;
+                                lane2[l] += dev * dev;
+                            }
+                        }
+                        {
+                            const size_t i2 = blocks_end;
+                            for (size_t l = 0; l < 49 - i2; ++l) {
+                                const double dev = xr[i2 + l] - m;
+                                lane[l] += dev;
+                                lane2[l] += dev * dev;
+                            }
+                        }
+                    }
+                    s1 = 0;
+                    s2 = 0;
+                    for (size_t l = 0; l < 16; ++l) {
+                        s1 += lane[l];
+                        s2 += lane2[l];
+                    }
+                    shift = (double)m;
+                }
+                const double total = n + nc;
                 const double cm2 = s2 - s1 * s1 / nc;
-                const double delta = ((double)m + s1 / nc) - mean[0];
+                const double delta = (shift + s1 / nc) - mean[0];
                 mean[0] += delta * (nc / total);
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;

@@ -147,47 +147,40 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
     const size_t nb = (size_t)batch;
     const float *scale = stem_bn_scale;
     const float *offset = stem_bn_offset;
-    for (size_t i1 = 0; i1 < 32; ++i1) {
+    {
+        /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
+         * normalized: x streams in from memory while y is written, and is read from memory once
+         * wherever a block fits in cache */
+        double mean[1], m2[1], n;
+        float lane[32], lane2[32];
+        float mhi[1], mlo[1], rs[1];
         {
-            double mean[1], m2[1];
-            float lane[32], lane2[32];
-            double n = 0;
+            /* block 0 */
+            const size_t i1 = 0;
+            n = 0;
             mean[0] = 0;
             m2[0] = 0;
             /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
-             * two passes over a cache-sized chunk (the second corrects the first's mean m:
-             * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
-             * Chan's merge of the chunks in double */
+             * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+             * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+             * from the chunk's mean; then Chan's merge of the chunks in double */
             for (size_t c0 = 0; c0 < nb; c0 += 10) {
                 const size_t c1 = c0 + 10 < nb ? c0 + 10 : nb;
                 const double nc = (double)((c1 - c0) * 784);
-                /* the chunk's sum in 32 independent lanes */
-                for (size_t l = 0; l < 32; ++l) {
-                    lane[l] = 0;
-                }
-                for (size_t i0 = c0; i0 < c1; ++i0) {
-                    const float *xr = x + i0 * 25088 + i1 * 784;
-                    const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
-                    for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
-                        for (size_t l = 0; l < 32; ++l) {
-                            lane[l] += xr[i2 + l];
-                        }
+                float K = (float)mean[0];
+                if (c0 == 0) {
+                    /* the block's first chunk: K is the mean of its first 8 elements */
+                    K = 0;
+                    for (size_t q = 0; q < 8; ++q) {
+                        K += x[i1 * 784 + q];
                     }
-                    {
-                        const size_t i2 = blocks_end;
-                        for (size_t l = 0; l < 784 - i2; ++l) {
-                            lane[l] += xr[i2 + l];
-                        }
-                    }
+                    K /= 8;
                 }
-                double sum = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    sum += lane[l];
                     lane[l] = 0;
                     lane2[l] = 0;
                 }
-                const float m = (float)(sum / nc);
-                /* deviations from that mean and their squares; meanwhile the next chunk is fetched */
+                /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the next chunk is fetched */
                 for (size_t i0 = c0; i0 < c1; ++i0) {
                     const float *xr = x + i0 * 25088 + i1 * 784;
                     const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
@@ -197,7 +190,7 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                             STEM_BN_PREFETCH(xr + i2 + 250880 + 16);
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            const float dev = xr[i2 + l] - m;
+                            const float dev = xr[i2 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
@@ -205,25 +198,83 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                     {
                         const size_t i2 = blocks_end;
                         for (size_t l = 0; l < 784 - i2; ++l) {
-                            const float dev = xr[i2 + l] - m;
+                            const float dev = xr[i2 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
                     }
                 }
-                const double total = n + nc;
                 double s1 = 0, s2 = 0;
                 for (size_t l = 0; l < 32; ++l) {
                     s1 += lane[l];
                     s2 += lane2[l];
                 }
+                double shift = (double)K;
+                if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                    /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                     * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                    for (size_t l = 0; l < 32; ++l) {
+                        lane[l] = 0;
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 25088 + i1 * 784;
+                        const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                        for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                            for (size_t l = 0; l < 32; ++l) {
+                                lane[l] += xr[i2 + l];
+                            }
+                        }
+                        {
+                            const size_t i2 = blocks_end;
+                            for (size_t l = 0; l < 784 - i2; ++l) {
+                                lane[l] += xr[i2 + l];
+                            }
+                        }
+                    }
+                    double sum = 0;
+                    for (size_t l = 0; l < 32; ++l) {
+                        sum += lane[l];
+                        lane[l] = 0;
+                        lane2[l] = 0;
+                    }
+                    const float m = (float)(sum / nc);
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 25088 + i1 * 784;
+                        const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                        for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                            for (size_t l = 0; l < 32; ++l) {
+                                const float dev = xr[i2 + l] - m;
+                                lane[l] += dev;
+                                lane2[l] += dev * dev;
+                            }
+                        }
+                        {
+                            const size_t i2 = blocks_end;
+                            for (size_t l = 0; l < 784 - i2; ++l) {
+                                const float dev = xr[i2 + l] - m;
+                                lane[l] += dev;
+                                lane2[l] += dev * dev;
+                            }
+                        }
+                    }
+                    s1 = 0;
+                    s2 = 0;
+                    for (size_t l = 0; l < 32; ++l) {
+                        s1 += lane[l];
+                        s2 += lane2[l];
+                    }
+                    shift = (double)m;
+                }
+                const double total = n + nc;
                 const double cm2 = s2 - s1 * s1 / nc;
-                const double delta = ((double)m + s1 / nc) - mean[0];
+                const double delta = (shift + s1 / nc) - mean[0];
                 mean[0] += delta * (nc / total);
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
             }
-            float mhi[1], mlo[1], rs[1];
+        }
+        for (size_t sb = 0; sb < 32; ++sb) {
+            const size_t i1 = sb;
             /* per statistic: 1/sqrt(var + epsilon) and the mean as hi + lo; the running statistics updated */
             for (size_t k = 0; k < 1; ++k) {
                 const double var = m2[k] > 0 ? m2[k] / n : 0;
@@ -235,14 +286,140 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                 mhi[k] = (float)mean[k];
                 mlo[k] = (float)(mean[k] - (double)mhi[k]);
             }
-            /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
-            for (size_t i0 = 0; i0 < nb; ++i0) {
-                const float *xr = x + i0 * 25088 + i1 * 784;
-                float *yr = y + i0 * 25088 + i1 * 784;
-                const float g = rs[0] * scale[i1];
-                const float b = offset[i1] - mlo[0] * g;
-                for (size_t i2 = 0; i2 < 784; ++i2) {
-                    yr[i2] = (xr[i2] - mhi[0]) * g + b;
+            if (sb + 1 < 32) {
+                /* block sb + 1, shifted to block sb's offsets */
+                const float *xn = x + (784);
+                n = 0;
+                mean[0] = 0;
+                m2[0] = 0;
+                /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
+                 * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+                 * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+                 * from the chunk's mean; then Chan's merge of the chunks in double */
+                for (size_t c0 = 0; c0 < nb; c0 += 10) {
+                    const size_t c1 = c0 + 10 < nb ? c0 + 10 : nb;
+                    const double nc = (double)((c1 - c0) * 784);
+                    float K = (float)mean[0];
+                    if (c0 == 0) {
+                        /* the block's first chunk: K is the mean of its first 8 elements */
+                        K = 0;
+                        for (size_t q = 0; q < 8; ++q) {
+                            K += xn[i1 * 784 + q];
+                        }
+                        K /= 8;
+                    }
+                    for (size_t l = 0; l < 32; ++l) {
+                        lane[l] = 0;
+                        lane2[l] = 0;
+                    }
+                    /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the same elements of the previous block are normalized */
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 25088 + i1 * 784;
+                        const float *xq = xn + i0 * 25088 + i1 * 784;
+                        float *yr = y + i0 * 25088 + i1 * 784;
+                        const float g = rs[0] * scale[i1];
+                        const float b = offset[i1] - mlo[0] * g;
+                        const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                        for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                            for (size_t l = 0; l < 32; ++l) {
+                                yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
+                            }
+                            for (size_t l = 0; l < 32; ++l) {
+                                const float dev = xq[i2 + l] - K;
+                                lane[l] += dev;
+                                lane2[l] += dev * dev;
+                            }
+                        }
+                        {
+                            const size_t i2 = blocks_end;
+                            for (size_t l = 0; l < 784 - i2; ++l) {
+                                yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
+                            }
+                            for (size_t l = 0; l < 784 - i2; ++l) {
+                                const float dev = xq[i2 + l] - K;
+                                lane[l] += dev;
+                                lane2[l] += dev * dev;
+                            }
+                        }
+                    }
+                    double s1 = 0, s2 = 0;
+                    for (size_t l = 0; l < 32; ++l) {
+                        s1 += lane[l];
+                        s2 += lane2[l];
+                    }
+                    double shift = (double)K;
+                    if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                        /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                         * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                        for (size_t l = 0; l < 32; ++l) {
+                            lane[l] = 0;
+                        }
+                        for (size_t i0 = c0; i0 < c1; ++i0) {
+                            const float *xr = xn + i0 * 25088 + i1 * 784;
+                            const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                            for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                                for (size_t l = 0; l < 32; ++l) {
+                                    lane[l] += xr[i2 + l];
+                                }
+                            }
+                            {
+                                const size_t i2 = blocks_end;
+                                for (size_t l = 0; l < 784 - i2; ++l) {
+                                    lane[l] += xr[i2 + l];
+                                }
+                            }
+                        }
+                        double sum = 0;
+                        for (size_t l = 0; l < 32; ++l) {
+                            sum += lane[l];
+                            lane[l] = 0;
+                            lane2[l] = 0;
+                        }
+                        const float m = (float)(sum / nc);
+                        for (size_t i0 = c0; i0 < c1; ++i0) {
+                            const float *xr = xn + i0 * 25088 + i1 * 784;
+                            const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                            for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                                for (size_t l = 0; l < 32; ++l) {
+                                    const float dev = xr[i2 + l] - m;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                            {
+                                const size_t i2 = blocks_end;
+                                for (size_t l = 0; l < 784 - i2; ++l) {
+                                    const float dev = xr[i2 + l] - m;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                        }
+                        s1 = 0;
+                        s2 = 0;
+                        for (size_t l = 0; l < 32; ++l) {
+                            s1 += lane[l];
+                            s2 += lane2[l];
+                        }
+                        shift = (double)m;
+                    }
+                    const double total = n + nc;
+                    const double cm2 = s2 - s1 * s1 / nc;
+                    const double delta = (shift + s1 / nc) - mean[0];
+                    mean[0] += delta * (nc / total);
+                    m2[0] += cm2 + delta * delta * (n * nc / total);
+                    n = total;
+                }
+            } else {
+                /* pass 2 of the last block: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
+                for (size_t i0 = 0; i0 < nb; ++i0) {
+                    const float *xr = x + i0 * 25088 + i1 * 784;
+                    float *yr = y + i0 * 25088 + i1 * 784;
+                    const float g = rs[0] * scale[i1];
+                    const float b = offset[i1] - mlo[0] * g;
+                    for (size_t i2 = 0; i2 < 784; ++i2) {
+                        yr[i2] = (xr[i2] - mhi[0]) * g + b;
+                    }
                 }
             }
         }
@@ -282,47 +459,40 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
     if (nb * 784 < 2) {
         return STEM_BN_ERR_COUNT;
     }
-    for (size_t i1 = 0; i1 < 32; ++i1) {
+    {
+        /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
+         * normalized: x streams in from memory while y is written, and is read from memory once
+         * wherever a block fits in cache */
+        double mean[1], m2[1], n;
+        double lane[32], lane2[32];
+        float mhi[1], mlo[1], rs[1];
         {
-            double mean[1], m2[1];
-            double lane[32], lane2[32];
-            double n = 0;
+            /* block 0 */
+            const size_t i1 = 0;
+            n = 0;
             mean[0] = 0;
             m2[0] = 0;
             /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
-             * two passes over a cache-sized chunk (the second corrects the first's mean m:
-             * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
-             * Chan's merge of the chunks in double */
+             * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+             * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+             * from the chunk's mean; then Chan's merge of the chunks in double */
             for (size_t c0 = 0; c0 < nb; c0 += 10) {
                 const size_t c1 = c0 + 10 < nb ? c0 + 10 : nb;
                 const double nc = (double)((c1 - c0) * 784);
-                /* the chunk's sum in 32 independent lanes */
-                for (size_t l = 0; l < 32; ++l) {
-                    lane[l] = 0;
-                }
-                for (size_t i0 = c0; i0 < c1; ++i0) {
-                    const float *xr = x + i0 * 25088 + i1 * 784;
-                    const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
-                    for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
-                        for (size_t l = 0; l < 32; ++l) {
-                            lane[l] += xr[i2 + l];
-                        }
+                double K = (double)mean[0];
+                if (c0 == 0) {
+                    /* the block's first chunk: K is the mean of its first 8 elements */
+                    K = 0;
+                    for (size_t q = 0; q < 8; ++q) {
+                        K += x[i1 * 784 + q];
                     }
-                    {
-                        const size_t i2 = blocks_end;
-                        for (size_t l = 0; l < 784 - i2; ++l) {
-                            lane[l] += xr[i2 + l];
-                        }
-                    }
+                    K /= 8;
                 }
-                double sum = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    sum += lane[l];
                     lane[l] = 0;
                     lane2[l] = 0;
                 }
-                const double m = (double)(sum / nc);
-                /* deviations from that mean and their squares; meanwhile the next chunk is fetched */
+                /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the next chunk is fetched */
                 for (size_t i0 = c0; i0 < c1; ++i0) {
                     const float *xr = x + i0 * 25088 + i1 * 784;
                     const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
@@ -332,7 +502,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                             STEM_BN_PREFETCH(xr + i2 + 250880 + 16);
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            const double dev = xr[i2 + l] - m;
+                            const double dev = xr[i2 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
@@ -340,25 +510,83 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                     {
                         const size_t i2 = blocks_end;
                         for (size_t l = 0; l < 784 - i2; ++l) {
-                            const double dev = xr[i2 + l] - m;
+                            const double dev = xr[i2 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
                     }
                 }
-                const double total = n + nc;
                 double s1 = 0, s2 = 0;
                 for (size_t l = 0; l < 32; ++l) {
                     s1 += lane[l];
                     s2 += lane2[l];
                 }
+                double shift = (double)K;
+                if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                    /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                     * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                    for (size_t l = 0; l < 32; ++l) {
+                        lane[l] = 0;
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 25088 + i1 * 784;
+                        const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                        for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                            for (size_t l = 0; l < 32; ++l) {
+                                lane[l] += xr[i2 + l];
+                            }
+                        }
+                        {
+                            const size_t i2 = blocks_end;
+                            for (size_t l = 0; l < 784 - i2; ++l) {
+                                lane[l] += xr[i2 + l];
+                            }
+                        }
+                    }
+                    double sum = 0;
+                    for (size_t l = 0; l < 32; ++l) {
+                        sum += lane[l];
+                        lane[l] = 0;
+                        lane2[l] = 0;
+                    }
+                    const double m = (double)(sum / nc);
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 25088 + i1 * 784;
+                        const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                        for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                            for (size_t l = 0; l < 32; ++l) {
+                                const double dev = xr[i2 + l] - m;
+                                lane[l] += dev;
+                                lane2[l] += dev * dev;
+                            }
+                        }
+                        {
+                            const size_t i2 = blocks_end;
+                            for (size_t l = 0; l < 784 - i2; ++l) {
+                                const double dev = xr[i2 + l] - m;
+                                lane[l] += dev;
+                                lane2[l] += dev * dev;
+                            }
+                        }
+                    }
+                    s1 = 0;
+                    s2 = 0;
+                    for (size_t l = 0; l < 32; ++l) {
+                        s1 += lane[l];
+                        s2 += lane2[l];
+                    }
+                    shift = (double)m;
+                }
+                const double total = n + nc;
                 const double cm2 = s2 - s1 * s1 / nc;
-                const double delta = ((double)m + s1 / nc) - mean[0];
+                const double delta = (shift + s1 / nc) - mean[0];
                 mean[0] += delta * (nc / total);
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
             }
-            float mhi[1], mlo[1], rs[1];
+        }
+        for (size_t sb = 0; sb < 32; ++sb) {
+            const size_t i1 = sb;
             /* per statistic: 1/sqrt(var + epsilon) and the mean as hi + lo; both saved; the running statistics updated */
             for (size_t k = 0; k < 1; ++k) {
                 const double var = m2[k] > 0 ? m2[k] / n : 0;
@@ -374,14 +602,140 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                 mhi[k] = (float)mean[k];
                 mlo[k] = (float)(mean[k] - (double)mhi[k]);
             }
-            /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
-            for (size_t i0 = 0; i0 < nb; ++i0) {
-                const float *xr = x + i0 * 25088 + i1 * 784;
-                float *yr = y + i0 * 25088 + i1 * 784;
-                const float g = rs[0] * scale[i1];
-                const float b = offset[i1] - mlo[0] * g;
-                for (size_t i2 = 0; i2 < 784; ++i2) {
-                    yr[i2] = (xr[i2] - mhi[0]) * g + b;
+            if (sb + 1 < 32) {
+                /* block sb + 1, shifted to block sb's offsets */
+                const float *xn = x + (784);
+                n = 0;
+                mean[0] = 0;
+                m2[0] = 0;
+                /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
+                 * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+                 * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+                 * from the chunk's mean; then Chan's merge of the chunks in double */
+                for (size_t c0 = 0; c0 < nb; c0 += 10) {
+                    const size_t c1 = c0 + 10 < nb ? c0 + 10 : nb;
+                    const double nc = (double)((c1 - c0) * 784);
+                    double K = (double)mean[0];
+                    if (c0 == 0) {
+                        /* the block's first chunk: K is the mean of its first 8 elements */
+                        K = 0;
+                        for (size_t q = 0; q < 8; ++q) {
+                            K += xn[i1 * 784 + q];
+                        }
+                        K /= 8;
+                    }
+                    for (size_t l = 0; l < 32; ++l) {
+                        lane[l] = 0;
+                        lane2[l] = 0;
+                    }
+                    /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the same elements of the previous block are normalized */
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 25088 + i1 * 784;
+                        const float *xq = xn + i0 * 25088 + i1 * 784;
+                        float *yr = y + i0 * 25088 + i1 * 784;
+                        const float g = rs[0] * scale[i1];
+                        const float b = offset[i1] - mlo[0] * g;
+                        const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                        for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                            for (size_t l = 0; l < 32; ++l) {
+                                yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
+                            }
+                            for (size_t l = 0; l < 32; ++l) {
+                                const double dev = xq[i2 + l] - K;
+                                lane[l] += dev;
+                                lane2[l] += dev * dev;
+                            }
+                        }
+                        {
+                            const size_t i2 = blocks_end;
+                            for (size_t l = 0; l < 784 - i2; ++l) {
+                                yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
+                            }
+                            for (size_t l = 0; l < 784 - i2; ++l) {
+                                const double dev = xq[i2 + l] - K;
+                                lane[l] += dev;
+                                lane2[l] += dev * dev;
+                            }
+                        }
+                    }
+                    double s1 = 0, s2 = 0;
+                    for (size_t l = 0; l < 32; ++l) {
+                        s1 += lane[l];
+                        s2 += lane2[l];
+                    }
+                    double shift = (double)K;
+                    if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                        /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                         * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                        for (size_t l = 0; l < 32; ++l) {
+                            lane[l] = 0;
+                        }
+                        for (size_t i0 = c0; i0 < c1; ++i0) {
+                            const float *xr = xn + i0 * 25088 + i1 * 784;
+                            const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                            for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                                for (size_t l = 0; l < 32; ++l) {
+                                    lane[l] += xr[i2 + l];
+                                }
+                            }
+                            {
+                                const size_t i2 = blocks_end;
+                                for (size_t l = 0; l < 784 - i2; ++l) {
+                                    lane[l] += xr[i2 + l];
+                                }
+                            }
+                        }
+                        double sum = 0;
+                        for (size_t l = 0; l < 32; ++l) {
+                            sum += lane[l];
+                            lane[l] = 0;
+                            lane2[l] = 0;
+                        }
+                        const double m = (double)(sum / nc);
+                        for (size_t i0 = c0; i0 < c1; ++i0) {
+                            const float *xr = xn + i0 * 25088 + i1 * 784;
+                            const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                            for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                                for (size_t l = 0; l < 32; ++l) {
+                                    const double dev = xr[i2 + l] - m;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                            {
+                                const size_t i2 = blocks_end;
+                                for (size_t l = 0; l < 784 - i2; ++l) {
+                                    const double dev = xr[i2 + l] - m;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                        }
+                        s1 = 0;
+                        s2 = 0;
+                        for (size_t l = 0; l < 32; ++l) {
+                            s1 += lane[l];
+                            s2 += lane2[l];
+                        }
+                        shift = (double)m;
+                    }
+                    const double total = n + nc;
+                    const double cm2 = s2 - s1 * s1 / nc;
+                    const double delta = (shift + s1 / nc) - mean[0];
+                    mean[0] += delta * (nc / total);
+                    m2[0] += cm2 + delta * delta * (n * nc / total);
+                    n = total;
+                }
+            } else {
+                /* pass 2 of the last block: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
+                for (size_t i0 = 0; i0 < nb; ++i0) {
+                    const float *xr = x + i0 * 25088 + i1 * 784;
+                    float *yr = y + i0 * 25088 + i1 * 784;
+                    const float g = rs[0] * scale[i1];
+                    const float b = offset[i1] - mlo[0] * g;
+                    for (size_t i2 = 0; i2 < 784; ++i2) {
+                        yr[i2] = (xr[i2] - mhi[0]) * g + b;
+                    }
                 }
             }
         }
@@ -844,39 +1198,26 @@ int stem_bn_accumulate(stem_bn_stats *acc, const float *x, int32_t batch)
             mean[0] = 0;
             m2[0] = 0;
             /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
-             * two passes over a cache-sized chunk (the second corrects the first's mean m:
-             * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
-             * Chan's merge of the chunks in double */
+             * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+             * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+             * from the chunk's mean; then Chan's merge of the chunks in double */
             for (size_t c0 = 0; c0 < nb; c0 += 10) {
                 const size_t c1 = c0 + 10 < nb ? c0 + 10 : nb;
                 const double nc = (double)((c1 - c0) * 784);
-                /* the chunk's sum in 32 independent lanes */
-                for (size_t l = 0; l < 32; ++l) {
-                    lane[l] = 0;
-                }
-                for (size_t i0 = c0; i0 < c1; ++i0) {
-                    const float *xr = x + i0 * 25088 + i1 * 784;
-                    const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
-                    for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
-                        for (size_t l = 0; l < 32; ++l) {
-                            lane[l] += xr[i2 + l];
-                        }
+                double K = (double)mean[0];
+                if (c0 == 0) {
+                    /* the block's first chunk: K is the mean of its first 8 elements */
+                    K = 0;
+                    for (size_t q = 0; q < 8; ++q) {
+                        K += x[i1 * 784 + q];
                     }
-                    {
-                        const size_t i2 = blocks_end;
-                        for (size_t l = 0; l < 784 - i2; ++l) {
-                            lane[l] += xr[i2 + l];
-                        }
-                    }
+                    K /= 8;
                 }
-                double sum = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    sum += lane[l];
                     lane[l] = 0;
                     lane2[l] = 0;
                 }
-                const double m = (double)(sum / nc);
-                /* deviations from that mean and their squares; meanwhile the next chunk is fetched */
+                /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the next chunk is fetched */
                 for (size_t i0 = c0; i0 < c1; ++i0) {
                     const float *xr = x + i0 * 25088 + i1 * 784;
                     const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
@@ -886,7 +1227,7 @@ int stem_bn_accumulate(stem_bn_stats *acc, const float *x, int32_t batch)
                             STEM_BN_PREFETCH(xr + i2 + 250880 + 16);
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            const double dev = xr[i2 + l] - m;
+                            const double dev = xr[i2 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
@@ -894,20 +1235,76 @@ int stem_bn_accumulate(stem_bn_stats *acc, const float *x, int32_t batch)
                     {
                         const size_t i2 = blocks_end;
                         for (size_t l = 0; l < 784 - i2; ++l) {
-                            const double dev = xr[i2 + l] - m;
+                            const double dev = xr[i2 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
                     }
                 }
-                const double total = n + nc;
                 double s1 = 0, s2 = 0;
                 for (size_t l = 0; l < 32; ++l) {
                     s1 += lane[l];
                     s2 += lane2[l];
                 }
+                double shift = (double)K;
+                if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                    /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                     * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                    for (size_t l = 0; l < 32; ++l) {
+                        lane[l] = 0;
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 25088 + i1 * 784;
+                        const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                        for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                            for (size_t l = 0; l < 32; ++l) {
+                                lane[l] += xr[i2 + l];
+                            }
+                        }
+                        {
+                            const size_t i2 = blocks_end;
+                            for (size_t l = 0; l < 784 - i2; ++l) {
+                                lane[l] += xr[i2 + l];
+                            }
+                        }
+                    }
+                    double sum = 0;
+                    for (size_t l = 0; l < 32; ++l) {
+                        sum += lane[l];
+                        lane[l] = 0;
+                        lane2[l] = 0;
+                    }
+                    const double m = (double)(sum / nc);
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 25088 + i1 * 784;
+                        const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                        for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                            for (size_t l = 0; l < 32; ++l) {
+                                const double dev = xr[i2 + l] - m;
+                                lane[l] += dev;
+                                lane2[l] += dev * dev;
+                            }
+                        }
+                        {
+                            const size_t i2 = blocks_end;
+                            for (size_t l = 0; l < 784 - i2; ++l) {
+                                const double dev = xr[i2 + l] - m;
+                                lane[l] += dev;
+                                lane2[l] += dev * dev;
+                            }
+                        }
+                    }
+                    s1 = 0;
+                    s2 = 0;
+                    for (size_t l = 0; l < 32; ++l) {
+                        s1 += lane[l];
+                        s2 += lane2[l];
+                    }
+                    shift = (double)m;
+                }
+                const double total = n + nc;
                 const double cm2 = s2 - s1 * s1 / nc;
-                const double delta = ((double)m + s1 / nc) - mean[0];
+                const double delta = (shift + s1 / nc) - mean[0];
                 mean[0] += delta * (nc / total);
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;

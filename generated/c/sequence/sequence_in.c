@@ -71,22 +71,73 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
     const size_t nb = (size_t)batch;
     const float *scale = sequence_in_scale;
     const float *offset = sequence_in_offset;
-    for (size_t i0 = 0; i0 < nb; ++i0) {
-        for (size_t i1 = 0; i1 < 48; ++i1) {
-            {
-                double mean[1], m2[1];
-                float lane[32], lane2[32];
-                double n = 0;
-                mean[0] = 0;
-                m2[0] = 0;
-                /* pass 1: mean and variance of each statistic (B, C) over T, chunk by chunk:
-                 * two passes over a cache-sized chunk (the second corrects the first's mean m:
-                 * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
-                 * Chan's merge of the chunks in double */
-                for (size_t c0 = 0; c0 < 100; c0 += 8192) {
-                    const size_t c1 = c0 + 8192 < 100 ? c0 + 8192 : 100;
-                    const double nc = (double)((c1 - c0) * 1);
-                    /* the chunk's sum in 32 independent lanes */
+    {
+        /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
+         * normalized: x streams in from memory while y is written, and is read from memory once
+         * wherever a block fits in cache */
+        double mean[1], m2[1], n;
+        float lane[32], lane2[32];
+        float mhi[1], mlo[1], rs[1];
+        {
+            /* block 0 */
+            const size_t i0 = 0;
+            const size_t i1 = 0;
+            n = 0;
+            mean[0] = 0;
+            m2[0] = 0;
+            /* pass 1: mean and variance of each statistic (B, C) over T, chunk by chunk:
+             * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+             * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+             * from the chunk's mean; then Chan's merge of the chunks in double */
+            for (size_t c0 = 0; c0 < 100; c0 += 8192) {
+                const size_t c1 = c0 + 8192 < 100 ? c0 + 8192 : 100;
+                const double nc = (double)((c1 - c0) * 1);
+                float K = (float)mean[0];
+                if (c0 == 0) {
+                    /* the block's first chunk: K is the mean of its first 8 elements */
+                    K = 0;
+                    for (size_t q = 0; q < 8; ++q) {
+                        K += x[i0 * 4800 + i1 * 100 + q];
+                    }
+                    K /= 8;
+                }
+                for (size_t l = 0; l < 32; ++l) {
+                    lane[l] = 0;
+                    lane2[l] = 0;
+                }
+                /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the next chunk is fetched */
+                {
+                    const float *xr = x + i0 * 4800 + i1 * 100;
+                    const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                    for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
+                        if (i2 + 8224 <= 100) {
+                            SEQUENCE_IN_PREFETCH(xr + i2 + 8192);
+                            SEQUENCE_IN_PREFETCH(xr + i2 + 8192 + 16);
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            const float dev = xr[i2 + l] - K;
+                            lane[l] += dev;
+                            lane2[l] += dev * dev;
+                        }
+                    }
+                    {
+                        const size_t i2 = blocks_end;
+                        for (size_t l = 0; l < c1 - i2; ++l) {
+                            const float dev = xr[i2 + l] - K;
+                            lane[l] += dev;
+                            lane2[l] += dev * dev;
+                        }
+                    }
+                }
+                double s1 = 0, s2 = 0;
+                for (size_t l = 0; l < 32; ++l) {
+                    s1 += lane[l];
+                    s2 += lane2[l];
+                }
+                double shift = (double)K;
+                if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                    /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                     * cache, as a corrected two-pass (its mean m, then d = x - m) */
                     for (size_t l = 0; l < 32; ++l) {
                         lane[l] = 0;
                     }
@@ -112,15 +163,10 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
                         lane2[l] = 0;
                     }
                     const float m = (float)(sum / nc);
-                    /* deviations from that mean and their squares; meanwhile the next chunk is fetched */
                     {
                         const float *xr = x + i0 * 4800 + i1 * 100;
                         const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                         for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
-                            if (i2 + 8224 <= 100) {
-                                SEQUENCE_IN_PREFETCH(xr + i2 + 8192);
-                                SEQUENCE_IN_PREFETCH(xr + i2 + 8192 + 16);
-                            }
                             for (size_t l = 0; l < 32; ++l) {
                                 const float dev = xr[i2 + l] - m;
                                 lane[l] += dev;
@@ -136,27 +182,158 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
                             }
                         }
                     }
-                    const double total = n + nc;
+                    s1 = 0;
+                    s2 = 0;
+                    for (size_t l = 0; l < 32; ++l) {
+                        s1 += lane[l];
+                        s2 += lane2[l];
+                    }
+                    shift = (double)m;
+                }
+                const double total = n + nc;
+                const double cm2 = s2 - s1 * s1 / nc;
+                const double delta = (shift + s1 / nc) - mean[0];
+                mean[0] += delta * (nc / total);
+                m2[0] += cm2 + delta * delta * (n * nc / total);
+                n = total;
+            }
+        }
+        for (size_t sb = 0; sb < nb * 48; ++sb) {
+            const size_t i0 = sb / 48;
+            const size_t i1 = sb % 48;
+            /* per statistic: 1/sqrt(var + epsilon) and the mean as hi + lo */
+            for (size_t k = 0; k < 1; ++k) {
+                const double var = m2[k] > 0 ? m2[k] / n : 0;
+                rs[k] = (float)(1 / sqrt(var + 1e-05));
+                mhi[k] = (float)mean[k];
+                mlo[k] = (float)(mean[k] - (double)mhi[k]);
+            }
+            if (sb + 1 < nb * 48) {
+                /* block sb + 1, shifted to block sb's offsets */
+                const float *xn = x + ((((sb + 1) / 48) * 4800 + ((sb + 1) % 48) * 100) - (i0 * 4800 + i1 * 100));
+                n = 0;
+                mean[0] = 0;
+                m2[0] = 0;
+                /* pass 1: mean and variance of each statistic (B, C) over T, chunk by chunk:
+                 * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+                 * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+                 * from the chunk's mean; then Chan's merge of the chunks in double */
+                for (size_t c0 = 0; c0 < 100; c0 += 8192) {
+                    const size_t c1 = c0 + 8192 < 100 ? c0 + 8192 : 100;
+                    const double nc = (double)((c1 - c0) * 1);
+                    float K = (float)mean[0];
+                    if (c0 == 0) {
+                        /* the block's first chunk: K is the mean of its first 8 elements */
+                        K = 0;
+                        for (size_t q = 0; q < 8; ++q) {
+                            K += xn[i0 * 4800 + i1 * 100 + q];
+                        }
+                        K /= 8;
+                    }
+                    for (size_t l = 0; l < 32; ++l) {
+                        lane[l] = 0;
+                        lane2[l] = 0;
+                    }
+                    /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the same elements of the previous block are normalized */
+                    {
+                        const float *xr = x + i0 * 4800 + i1 * 100;
+                        const float *xq = xn + i0 * 4800 + i1 * 100;
+                        float *yr = y + i0 * 4800 + i1 * 100;
+                        const float g = rs[0] * scale[i1];
+                        const float b = offset[i1] - mlo[0] * g;
+                        const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                        for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
+                            for (size_t l = 0; l < 32; ++l) {
+                                yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
+                            }
+                            for (size_t l = 0; l < 32; ++l) {
+                                const float dev = xq[i2 + l] - K;
+                                lane[l] += dev;
+                                lane2[l] += dev * dev;
+                            }
+                        }
+                        {
+                            const size_t i2 = blocks_end;
+                            for (size_t l = 0; l < c1 - i2; ++l) {
+                                yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
+                            }
+                            for (size_t l = 0; l < c1 - i2; ++l) {
+                                const float dev = xq[i2 + l] - K;
+                                lane[l] += dev;
+                                lane2[l] += dev * dev;
+                            }
+                        }
+                    }
                     double s1 = 0, s2 = 0;
                     for (size_t l = 0; l < 32; ++l) {
                         s1 += lane[l];
                         s2 += lane2[l];
                     }
+                    double shift = (double)K;
+                    if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                        /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                         * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                        for (size_t l = 0; l < 32; ++l) {
+                            lane[l] = 0;
+                        }
+                        {
+                            const float *xr = xn + i0 * 4800 + i1 * 100;
+                            const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                            for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
+                                for (size_t l = 0; l < 32; ++l) {
+                                    lane[l] += xr[i2 + l];
+                                }
+                            }
+                            {
+                                const size_t i2 = blocks_end;
+                                for (size_t l = 0; l < c1 - i2; ++l) {
+                                    lane[l] += xr[i2 + l];
+                                }
+                            }
+                        }
+                        double sum = 0;
+                        for (size_t l = 0; l < 32; ++l) {
+                            sum += lane[l];
+                            lane[l] = 0;
+                            lane2[l] = 0;
+                        }
+                        const float m = (float)(sum / nc);
+                        {
+                            const float *xr = xn + i0 * 4800 + i1 * 100;
+                            const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                            for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
+                                for (size_t l = 0; l < 32; ++l) {
+                                    const float dev = xr[i2 + l] - m;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                            {
+                                const size_t i2 = blocks_end;
+                                for (size_t l = 0; l < c1 - i2; ++l) {
+                                    const float dev = xr[i2 + l] - m;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                        }
+                        s1 = 0;
+                        s2 = 0;
+                        for (size_t l = 0; l < 32; ++l) {
+                            s1 += lane[l];
+                            s2 += lane2[l];
+                        }
+                        shift = (double)m;
+                    }
+                    const double total = n + nc;
                     const double cm2 = s2 - s1 * s1 / nc;
-                    const double delta = ((double)m + s1 / nc) - mean[0];
+                    const double delta = (shift + s1 / nc) - mean[0];
                     mean[0] += delta * (nc / total);
                     m2[0] += cm2 + delta * delta * (n * nc / total);
                     n = total;
                 }
-                float mhi[1], mlo[1], rs[1];
-                /* per statistic: 1/sqrt(var + epsilon) and the mean as hi + lo */
-                for (size_t k = 0; k < 1; ++k) {
-                    const double var = m2[k] > 0 ? m2[k] / n : 0;
-                    rs[k] = (float)(1 / sqrt(var + 1e-05));
-                    mhi[k] = (float)mean[k];
-                    mlo[k] = (float)(mean[k] - (double)mhi[k]);
-                }
-                /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
+            } else {
+                /* pass 2 of the last block: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
                 {
                     const float *xr = x + i0 * 4800 + i1 * 100;
                     float *yr = y + i0 * 4800 + i1 * 100;
@@ -195,22 +372,73 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
     const size_t nb = (size_t)batch;
     const float *scale = sequence_in_scale;
     const float *offset = sequence_in_offset;
-    for (size_t i0 = 0; i0 < nb; ++i0) {
-        for (size_t i1 = 0; i1 < 48; ++i1) {
-            {
-                double mean[1], m2[1];
-                double lane[32], lane2[32];
-                double n = 0;
-                mean[0] = 0;
-                m2[0] = 0;
-                /* pass 1: mean and variance of each statistic (B, C) over T, chunk by chunk:
-                 * two passes over a cache-sized chunk (the second corrects the first's mean m:
-                 * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
-                 * Chan's merge of the chunks in double */
-                for (size_t c0 = 0; c0 < 100; c0 += 8192) {
-                    const size_t c1 = c0 + 8192 < 100 ? c0 + 8192 : 100;
-                    const double nc = (double)((c1 - c0) * 1);
-                    /* the chunk's sum in 32 independent lanes */
+    {
+        /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
+         * normalized: x streams in from memory while y is written, and is read from memory once
+         * wherever a block fits in cache */
+        double mean[1], m2[1], n;
+        double lane[32], lane2[32];
+        float mhi[1], mlo[1], rs[1];
+        {
+            /* block 0 */
+            const size_t i0 = 0;
+            const size_t i1 = 0;
+            n = 0;
+            mean[0] = 0;
+            m2[0] = 0;
+            /* pass 1: mean and variance of each statistic (B, C) over T, chunk by chunk:
+             * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+             * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+             * from the chunk's mean; then Chan's merge of the chunks in double */
+            for (size_t c0 = 0; c0 < 100; c0 += 8192) {
+                const size_t c1 = c0 + 8192 < 100 ? c0 + 8192 : 100;
+                const double nc = (double)((c1 - c0) * 1);
+                double K = (double)mean[0];
+                if (c0 == 0) {
+                    /* the block's first chunk: K is the mean of its first 8 elements */
+                    K = 0;
+                    for (size_t q = 0; q < 8; ++q) {
+                        K += x[i0 * 4800 + i1 * 100 + q];
+                    }
+                    K /= 8;
+                }
+                for (size_t l = 0; l < 32; ++l) {
+                    lane[l] = 0;
+                    lane2[l] = 0;
+                }
+                /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the next chunk is fetched */
+                {
+                    const float *xr = x + i0 * 4800 + i1 * 100;
+                    const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                    for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
+                        if (i2 + 8224 <= 100) {
+                            SEQUENCE_IN_PREFETCH(xr + i2 + 8192);
+                            SEQUENCE_IN_PREFETCH(xr + i2 + 8192 + 16);
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            const double dev = xr[i2 + l] - K;
+                            lane[l] += dev;
+                            lane2[l] += dev * dev;
+                        }
+                    }
+                    {
+                        const size_t i2 = blocks_end;
+                        for (size_t l = 0; l < c1 - i2; ++l) {
+                            const double dev = xr[i2 + l] - K;
+                            lane[l] += dev;
+                            lane2[l] += dev * dev;
+                        }
+                    }
+                }
+                double s1 = 0, s2 = 0;
+                for (size_t l = 0; l < 32; ++l) {
+                    s1 += lane[l];
+                    s2 += lane2[l];
+                }
+                double shift = (double)K;
+                if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                    /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                     * cache, as a corrected two-pass (its mean m, then d = x - m) */
                     for (size_t l = 0; l < 32; ++l) {
                         lane[l] = 0;
                     }
@@ -236,15 +464,10 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                         lane2[l] = 0;
                     }
                     const double m = (double)(sum / nc);
-                    /* deviations from that mean and their squares; meanwhile the next chunk is fetched */
                     {
                         const float *xr = x + i0 * 4800 + i1 * 100;
                         const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                         for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
-                            if (i2 + 8224 <= 100) {
-                                SEQUENCE_IN_PREFETCH(xr + i2 + 8192);
-                                SEQUENCE_IN_PREFETCH(xr + i2 + 8192 + 16);
-                            }
                             for (size_t l = 0; l < 32; ++l) {
                                 const double dev = xr[i2 + l] - m;
                                 lane[l] += dev;
@@ -260,31 +483,162 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                             }
                         }
                     }
-                    const double total = n + nc;
+                    s1 = 0;
+                    s2 = 0;
+                    for (size_t l = 0; l < 32; ++l) {
+                        s1 += lane[l];
+                        s2 += lane2[l];
+                    }
+                    shift = (double)m;
+                }
+                const double total = n + nc;
+                const double cm2 = s2 - s1 * s1 / nc;
+                const double delta = (shift + s1 / nc) - mean[0];
+                mean[0] += delta * (nc / total);
+                m2[0] += cm2 + delta * delta * (n * nc / total);
+                n = total;
+            }
+        }
+        for (size_t sb = 0; sb < nb * 48; ++sb) {
+            const size_t i0 = sb / 48;
+            const size_t i1 = sb % 48;
+            /* per statistic: 1/sqrt(var + epsilon) and the mean as hi + lo; both saved */
+            for (size_t k = 0; k < 1; ++k) {
+                const double var = m2[k] > 0 ? m2[k] / n : 0;
+                const double inv = 1 / sqrt(var + 1e-05);
+                const size_t s = i0 * 48 + i1;
+                saved_mean[s] = mean[k];
+                saved_invstd[s] = inv;
+                rs[k] = (float)inv;
+                mhi[k] = (float)mean[k];
+                mlo[k] = (float)(mean[k] - (double)mhi[k]);
+            }
+            if (sb + 1 < nb * 48) {
+                /* block sb + 1, shifted to block sb's offsets */
+                const float *xn = x + ((((sb + 1) / 48) * 4800 + ((sb + 1) % 48) * 100) - (i0 * 4800 + i1 * 100));
+                n = 0;
+                mean[0] = 0;
+                m2[0] = 0;
+                /* pass 1: mean and variance of each statistic (B, C) over T, chunk by chunk:
+                 * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+                 * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+                 * from the chunk's mean; then Chan's merge of the chunks in double */
+                for (size_t c0 = 0; c0 < 100; c0 += 8192) {
+                    const size_t c1 = c0 + 8192 < 100 ? c0 + 8192 : 100;
+                    const double nc = (double)((c1 - c0) * 1);
+                    double K = (double)mean[0];
+                    if (c0 == 0) {
+                        /* the block's first chunk: K is the mean of its first 8 elements */
+                        K = 0;
+                        for (size_t q = 0; q < 8; ++q) {
+                            K += xn[i0 * 4800 + i1 * 100 + q];
+                        }
+                        K /= 8;
+                    }
+                    for (size_t l = 0; l < 32; ++l) {
+                        lane[l] = 0;
+                        lane2[l] = 0;
+                    }
+                    /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the same elements of the previous block are normalized */
+                    {
+                        const float *xr = x + i0 * 4800 + i1 * 100;
+                        const float *xq = xn + i0 * 4800 + i1 * 100;
+                        float *yr = y + i0 * 4800 + i1 * 100;
+                        const float g = rs[0] * scale[i1];
+                        const float b = offset[i1] - mlo[0] * g;
+                        const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                        for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
+                            for (size_t l = 0; l < 32; ++l) {
+                                yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
+                            }
+                            for (size_t l = 0; l < 32; ++l) {
+                                const double dev = xq[i2 + l] - K;
+                                lane[l] += dev;
+                                lane2[l] += dev * dev;
+                            }
+                        }
+                        {
+                            const size_t i2 = blocks_end;
+                            for (size_t l = 0; l < c1 - i2; ++l) {
+                                yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
+                            }
+                            for (size_t l = 0; l < c1 - i2; ++l) {
+                                const double dev = xq[i2 + l] - K;
+                                lane[l] += dev;
+                                lane2[l] += dev * dev;
+                            }
+                        }
+                    }
                     double s1 = 0, s2 = 0;
                     for (size_t l = 0; l < 32; ++l) {
                         s1 += lane[l];
                         s2 += lane2[l];
                     }
+                    double shift = (double)K;
+                    if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                        /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                         * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                        for (size_t l = 0; l < 32; ++l) {
+                            lane[l] = 0;
+                        }
+                        {
+                            const float *xr = xn + i0 * 4800 + i1 * 100;
+                            const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                            for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
+                                for (size_t l = 0; l < 32; ++l) {
+                                    lane[l] += xr[i2 + l];
+                                }
+                            }
+                            {
+                                const size_t i2 = blocks_end;
+                                for (size_t l = 0; l < c1 - i2; ++l) {
+                                    lane[l] += xr[i2 + l];
+                                }
+                            }
+                        }
+                        double sum = 0;
+                        for (size_t l = 0; l < 32; ++l) {
+                            sum += lane[l];
+                            lane[l] = 0;
+                            lane2[l] = 0;
+                        }
+                        const double m = (double)(sum / nc);
+                        {
+                            const float *xr = xn + i0 * 4800 + i1 * 100;
+                            const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                            for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
+                                for (size_t l = 0; l < 32; ++l) {
+                                    const double dev = xr[i2 + l] - m;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                            {
+                                const size_t i2 = blocks_end;
+                                for (size_t l = 0; l < c1 - i2; ++l) {
+                                    const double dev = xr[i2 + l] - m;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                        }
+                        s1 = 0;
+                        s2 = 0;
+                        for (size_t l = 0; l < 32; ++l) {
+                            s1 += lane[l];
+                            s2 += lane2[l];
+                        }
+                        shift = (double)m;
+                    }
+                    const double total = n + nc;
                     const double cm2 = s2 - s1 * s1 / nc;
-                    const double delta = ((double)m + s1 / nc) - mean[0];
+                    const double delta = (shift + s1 / nc) - mean[0];
                     mean[0] += delta * (nc / total);
                     m2[0] += cm2 + delta * delta * (n * nc / total);
                     n = total;
                 }
-                float mhi[1], mlo[1], rs[1];
-                /* per statistic: 1/sqrt(var + epsilon) and the mean as hi + lo; both saved */
-                for (size_t k = 0; k < 1; ++k) {
-                    const double var = m2[k] > 0 ? m2[k] / n : 0;
-                    const double inv = 1 / sqrt(var + 1e-05);
-                    const size_t s = i0 * 48 + i1;
-                    saved_mean[s] = mean[k];
-                    saved_invstd[s] = inv;
-                    rs[k] = (float)inv;
-                    mhi[k] = (float)mean[k];
-                    mlo[k] = (float)(mean[k] - (double)mhi[k]);
-                }
-                /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
+            } else {
+                /* pass 2 of the last block: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
                 {
                     const float *xr = x + i0 * 4800 + i1 * 100;
                     float *yr = y + i0 * 4800 + i1 * 100;

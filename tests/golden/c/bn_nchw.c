@@ -131,8 +131,8 @@ int bn_nchw_train_forward(const float *x, float *y, int32_t batch, float *runnin
          * two passes over a cache-sized chunk (the second corrects the first's mean m:
          * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
          * Chan's merge of the chunks in double */
-        for (size_t c0 = 0; c0 < nb; c0 += 170) {
-            const size_t c1 = c0 + 170 < nb ? c0 + 170 : nb;
+        for (size_t c0 = 0; c0 < nb; c0 += 256) {
+            const size_t c1 = c0 + 256 < nb ? c0 + 256 : nb;
             const double nc = (double)(c1 - c0);
             /* the chunk's sum of each of the 48 columns */
             for (size_t l = 0; l < 48; ++l) {
@@ -158,9 +158,9 @@ int bn_nchw_train_forward(const float *x, float *y, int32_t batch, float *runnin
                     lane[j] += dev;
                     lane2[j] += dev * dev;
                 }
-                if (i0 + 170 < nb) {
+                if (i0 + 256 < nb) {
                     for (size_t p = 0; p < 48; p += 16) {
-                        BN_NCHW_PREFETCH(xr + 8160 + p);
+                        BN_NCHW_PREFETCH(xr + 12288 + p);
                     }
                 }
             }
@@ -269,8 +269,8 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
          * two passes over a cache-sized chunk (the second corrects the first's mean m:
          * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
          * Chan's merge of the chunks in double */
-        for (size_t c0 = 0; c0 < nb; c0 += 170) {
-            const size_t c1 = c0 + 170 < nb ? c0 + 170 : nb;
+        for (size_t c0 = 0; c0 < nb; c0 += 256) {
+            const size_t c1 = c0 + 256 < nb ? c0 + 256 : nb;
             const double nc = (double)(c1 - c0);
             /* the chunk's sum of each of the 48 columns */
             for (size_t l = 0; l < 48; ++l) {
@@ -296,9 +296,9 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
                     lane[j] += dev;
                     lane2[j] += dev * dev;
                 }
-                if (i0 + 170 < nb) {
+                if (i0 + 256 < nb) {
                     for (size_t p = 0; p < 48; p += 16) {
-                        BN_NCHW_PREFETCH(xr + 8160 + p);
+                        BN_NCHW_PREFETCH(xr + 12288 + p);
                     }
                 }
             }
@@ -418,8 +418,8 @@ int bn_nchw_backward(const float *x, const float *dy, float *dx, float *dscale, 
          * two passes over a cache-sized chunk (the second corrects the first's mean m:
          * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
          * Chan's merge of the chunks in double */
-        for (size_t c0 = 0; c0 < nb; c0 += 170) {
-            const size_t c1 = c0 + 170 < nb ? c0 + 170 : nb;
+        for (size_t c0 = 0; c0 < nb; c0 += 256) {
+            const size_t c1 = c0 + 256 < nb ? c0 + 256 : nb;
             const double nc = (double)(c1 - c0);
             /* the chunk's sum of each of the 48 columns */
             for (size_t l = 0; l < 48; ++l) {
@@ -459,9 +459,9 @@ int bn_nchw_backward(const float *x, const float *dy, float *dx, float *dscale, 
                     ga[j] += d;
                     gb[j] += d * dev;
                 }
-                if (i0 + 170 < nb) {
+                if (i0 + 256 < nb) {
                     for (size_t p = 0; p < 48; p += 16) {
-                        BN_NCHW_PREFETCH(xr + 8160 + p);
+                        BN_NCHW_PREFETCH(xr + 12288 + p);
                     }
                 }
             }
@@ -618,8 +618,8 @@ int bn_nchw_backward_saved(const float *x, const float *dy, const double *saved_
             ref[j] = mhi[k];
         }
         /* the gradient columns, chunk by chunk: dy (or g = scale * dy) and times x - mean, in lanes */
-        for (size_t c0 = 0; c0 < nb; c0 += 170) {
-            const size_t c1 = c0 + 170 < nb ? c0 + 170 : nb;
+        for (size_t c0 = 0; c0 < nb; c0 += 256) {
+            const size_t c1 = c0 + 256 < nb ? c0 + 256 : nb;
             for (size_t j = 0; j < 48; ++j) {
                 ga[j] = 0;
                 gb[j] = 0;
@@ -779,8 +779,8 @@ int bn_nchw_accumulate(bn_nchw_stats *acc, const float *x, int32_t batch)
          * two passes over a cache-sized chunk (the second corrects the first's mean m:
          * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
          * Chan's merge of the chunks in double */
-        for (size_t c0 = 0; c0 < nb; c0 += 170) {
-            const size_t c1 = c0 + 170 < nb ? c0 + 170 : nb;
+        for (size_t c0 = 0; c0 < nb; c0 += 256) {
+            const size_t c1 = c0 + 256 < nb ? c0 + 256 : nb;
             const double nc = (double)(c1 - c0);
             /* the chunk's sum of each of the 48 columns */
             for (size_t l = 0; l < 48; ++l) {
@@ -806,9 +806,9 @@ int bn_nchw_accumulate(bn_nchw_stats *acc, const float *x, int32_t batch)
                     lane[j] += dev;
                     lane2[j] += dev * dev;
                 }
-                if (i0 + 170 < nb) {
+                if (i0 + 256 < nb) {
                     for (size_t p = 0; p < 48; p += 16) {
-                        BN_NCHW_PREFETCH(xr + 8160 + p);
+                        BN_NCHW_PREFETCH(xr + 12288 + p);
                     }
                 }
             }
