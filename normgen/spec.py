@@ -56,9 +56,9 @@ def _load_params(path: Path, kind: str, where: str) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: np.array(data[k]) for k in data.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        if not zipfile.is_zipfile(path):
-            exc = "not a NumPy .npz archive"  # np.load's guess (a pickle) only confuses here
-        raise NormgenError(f"{where}: params file {str(path)!r} is not a readable .npz file ({exc})") from None
+        # np.load's guess about a file that is no zip archive (a pickle) only confuses here
+        why = exc if zipfile.is_zipfile(path) else "not a NumPy .npz archive"
+        raise NormgenError(f"{where}: params file {str(path)!r} is not a readable .npz file ({why})") from None
     allowed = PARAM_ARRAYS[kind]
     for name in arrays:
         if name not in allowed:
