@@ -182,6 +182,10 @@ class Progress:
     def advance(self) -> None:
         self.done += 1
 
+    def extend(self, steps: int) -> None:
+        """More steps than counted at the start (a phase whose size is known only later)."""
+        self.total += steps
+
     def close(self) -> None:
         if self.tty and self._width:
             self.stream.write("\r" + " " * self._width + "\r")
@@ -683,6 +687,7 @@ def _torch_reused(layers: list[Layer], cfg: BenchConfig, report: Report, args: a
     by_name = {layer.name: layer for layer in layers}
     rng = np.random.default_rng(0)
     inputs: dict[str, np.ndarray] = {}
+    progress.extend(sum(res.torch_time_s is not None for res in report.results))
     for res in report.results:
         if res.torch_time_s is None:
             continue
@@ -695,6 +700,7 @@ def _torch_reused(layers: list[Layer], cfg: BenchConfig, report: Report, args: a
         if fn is not None:
             res.torch_reuse_time_s = time_one(fn, args.repeat, args.warmup)
             res.torch_reuse_speedup = res.torch_reuse_time_s / res.time_s
+        progress.advance()
 
 
 def _importable(name: str) -> bool:

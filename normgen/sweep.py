@@ -64,6 +64,8 @@ LANE_SIZES = {"float": 4, "double": 8}
 #: Rows: elements whose mean is the first chunk's shift (within about a third of a standard
 #: deviation of the block's mean for most data, so the one-sweep statistics rarely need redoing).
 SHIFT_PROBE = 8
+#: Columns: rows a tile of columns is summed over in registers before its sums go back to memory.
+TILE_ROWS = 16
 #: Elements an OpenMP thread takes at a time (schedule(dynamic, n)).
 OMP_GRAIN = 16384
 #: Backward, rows strategy with the channel along the run: runs whose dy and dy * xhat the per-channel
@@ -127,6 +129,21 @@ class Sweep:
     block_first: str = "0"  # offset of a block's first element, from the statistic loops' variables
     #: rows: leading elements of a block's first run whose mean is the first chunk's shift K
     shift_probe: int = 1
+    #: columns: the one-sweep statistics sum ``tile`` columns at a time in registers over
+    #: ``tile_rows`` rows, fetching the same columns ``tile_rows`` rows on (``tile_shift``)
+    tile: int = 1
+    tile_rows: int = 1
+    tile_shift: str = "0"
+
+    @property
+    def tiles(self) -> list[tuple[str, int]]:
+        """columns: (first column, columns) of the tile loops: the full tiles (a loop over j0),
+        then the short one at the end."""
+        full, tail = divmod(self.lanes, self.tile)
+        out = [("j0", self.tile)] if full else []
+        if tail:
+            out.append((str(full * self.tile), tail))
+        return out
 
     @property
     def prefetch(self) -> bool:
@@ -608,4 +625,5 @@ def sweep_of(plan: Plan) -> Sweep:
         norm="columns" if first.channel_mul else "columns_fold",
         prefetch_shift=shift, prefetch_if=more, line=line,
         acc_type=plan.acc_type, channel_lane=_sum(channel), channels=plan.channels, nacc=plan.nacc,
+        tile=lanes, tile_rows=TILE_ROWS, tile_shift=Extent(first.stride.static * TILE_ROWS, first.stride.batched).expr(),
     )

@@ -232,3 +232,14 @@ def test_core_in_place_and_long_runs():
         got = compiled.predict(x, out=x)
         assert got is x
         np.testing.assert_allclose(x, want, rtol=2e-5, atol=2e-5)
+
+
+def test_progress_never_counts_past_its_total(tiny_spec, capsys):
+    """The progress lines ("[k/n ...]" on stderr) end at n/n, the PyTorch re-run phase included."""
+    assert main(["bench", str(tiny_spec), "--repeat", "3", "--warmup", "1", "--no-ort"]) == 0
+    err = capsys.readouterr().err
+    steps = [line[1:].split()[0] for line in err.replace("\r", "\n").splitlines() if line.startswith("[")]
+    assert steps, err
+    for step in steps:
+        done, total = map(int, step.split("/"))
+        assert 1 <= done <= total, step

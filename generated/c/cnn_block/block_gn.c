@@ -91,39 +91,79 @@ int block_gn_predict(const float *x, float *y, int32_t batch)
                 colm2[j] = 0;
             }
             /* pass 1: mean and variance of each statistic (B, group) over S, the 8 channels of each of 8 groups, chunk by chunk:
-             * two passes over a cache-sized chunk (the second corrects the first's mean m:
-             * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
-             * Chan's merge of the chunks in double */
+             * the sums of d = x - K and d^2 in one sweep about K, each column's mean so far (mean = K + sum(d) / n,
+             * M2 = sum(d^2) - sum(d)^2 / n); in the first chunk, and where K is too far from a column's chunk
+             * mean, two passes over the chunk from cache instead (the second corrects the first's mean m:
+             * d = x - m); then Chan's merge of each column's chunks in double */
             for (size_t c0 = 0; c0 < 196; c0 += 256) {
                 const size_t c1 = c0 + 256 < 196 ? c0 + 256 : 196;
                 const double nc = (double)(c1 - c0);
-                /* the chunk's sum of each of the 64 columns */
-                for (size_t l = 0; l < 64; ++l) {
-                    lane[l] = 0;
-                }
-                for (size_t i1 = c0; i1 < c1; ++i1) {
-                    const float *xr = x + i0 * 12544 + i1 * 64;
-                    for (size_t j = 0; j < 64; ++j) {
-                        lane[j] += xr[j];
-                    }
-                }
                 const double inv_nc = 1 / nc;
-                for (size_t j = 0; j < 64; ++j) {
-                    lmean[j] = (float)(lane[j] * inv_nc);
-                    lane[j] = 0;
-                    lane2[j] = 0;
-                }
-                /* deviations from that mean and their squares; meanwhile the next chunk is fetched */
-                for (size_t i1 = c0; i1 < c1; ++i1) {
-                    const float *xr = x + i0 * 12544 + i1 * 64;
+                int redo = c0 == 0;
+                if (!redo) {
+                    /* one sweep about K = each column's mean so far (lmean), 32 columns at a time
+                     * summed in registers over 16 rows, the same columns 16 rows on fetched meanwhile */
                     for (size_t j = 0; j < 64; ++j) {
-                        const float dev = xr[j] - lmean[j];
-                        lane[j] += dev;
-                        lane2[j] += dev * dev;
+                        lmean[j] = (float)colmean[j];
+                        lane[j] = 0;
+                        lane2[j] = 0;
                     }
-                    if (i1 + 256 < 196) {
-                        for (size_t p = 0; p < 64; p += 16) {
-                            BLOCK_GN_PREFETCH(xr + 16384 + p);
+                    for (size_t t0 = c0; t0 < c1; t0 += 16) {
+                        const size_t t1 = t0 + 16 < c1 ? t0 + 16 : c1;
+                        for (size_t j0 = 0; j0 < 64; j0 += 32) {
+                            float a[32], q[32], k[32];
+                            for (size_t l = 0; l < 32; ++l) {
+                                a[l] = lane[j0 + l];
+                                q[l] = lane2[j0 + l];
+                                k[l] = lmean[j0 + l];
+                            }
+                            for (size_t i1 = t0; i1 < t1; ++i1) {
+                                const float *xr = x + i0 * 12544 + i1 * 64 + j0;
+                                if (i1 + 16 < 196) {
+                                    BLOCK_GN_PREFETCH(xr + 1024);
+                                    BLOCK_GN_PREFETCH(xr + 1024 + 16);
+                                }
+                                for (size_t l = 0; l < 32; ++l) {
+                                    const float dev = xr[l] - k[l];
+                                    a[l] += dev;
+                                    q[l] += dev * dev;
+                                }
+                            }
+                            for (size_t l = 0; l < 32; ++l) {
+                                lane[j0 + l] = a[l];
+                                lane2[j0 + l] = q[l];
+                            }
+                        }
+                    }
+                    for (size_t j = 0; j < 64; ++j) {
+                        redo |= !((double)lane[j] * (double)lane[j] <= 0.5 * nc * (double)lane2[j]);
+                    }
+                }
+                if (redo) {
+                    /* the first chunk, or a K more than one standard deviation from a column's chunk mean:
+                     * the corrected two-pass, from cache */
+                    /* the chunk's sum of each of the 64 columns */
+                    for (size_t l = 0; l < 64; ++l) {
+                        lane[l] = 0;
+                    }
+                    for (size_t i1 = c0; i1 < c1; ++i1) {
+                        const float *xr = x + i0 * 12544 + i1 * 64;
+                        for (size_t j = 0; j < 64; ++j) {
+                            lane[j] += xr[j];
+                        }
+                    }
+                    for (size_t j = 0; j < 64; ++j) {
+                        lmean[j] = (float)(lane[j] * inv_nc);
+                        lane[j] = 0;
+                        lane2[j] = 0;
+                    }
+                    /* deviations from that mean and their squares */
+                    for (size_t i1 = c0; i1 < c1; ++i1) {
+                        const float *xr = x + i0 * 12544 + i1 * 64;
+                        for (size_t j = 0; j < 64; ++j) {
+                            const float dev = xr[j] - lmean[j];
+                            lane[j] += dev;
+                            lane2[j] += dev * dev;
                         }
                     }
                 }
@@ -218,39 +258,79 @@ int block_gn_train_forward_save(const float *x, float *y, int32_t batch, double 
                 colm2[j] = 0;
             }
             /* pass 1: mean and variance of each statistic (B, group) over S, the 8 channels of each of 8 groups, chunk by chunk:
-             * two passes over a cache-sized chunk (the second corrects the first's mean m:
-             * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
-             * Chan's merge of the chunks in double */
+             * the sums of d = x - K and d^2 in one sweep about K, each column's mean so far (mean = K + sum(d) / n,
+             * M2 = sum(d^2) - sum(d)^2 / n); in the first chunk, and where K is too far from a column's chunk
+             * mean, two passes over the chunk from cache instead (the second corrects the first's mean m:
+             * d = x - m); then Chan's merge of each column's chunks in double */
             for (size_t c0 = 0; c0 < 196; c0 += 256) {
                 const size_t c1 = c0 + 256 < 196 ? c0 + 256 : 196;
                 const double nc = (double)(c1 - c0);
-                /* the chunk's sum of each of the 64 columns */
-                for (size_t l = 0; l < 64; ++l) {
-                    lane[l] = 0;
-                }
-                for (size_t i1 = c0; i1 < c1; ++i1) {
-                    const float *xr = x + i0 * 12544 + i1 * 64;
-                    for (size_t j = 0; j < 64; ++j) {
-                        lane[j] += xr[j];
-                    }
-                }
                 const double inv_nc = 1 / nc;
-                for (size_t j = 0; j < 64; ++j) {
-                    lmean[j] = (double)(lane[j] * inv_nc);
-                    lane[j] = 0;
-                    lane2[j] = 0;
-                }
-                /* deviations from that mean and their squares; meanwhile the next chunk is fetched */
-                for (size_t i1 = c0; i1 < c1; ++i1) {
-                    const float *xr = x + i0 * 12544 + i1 * 64;
+                int redo = c0 == 0;
+                if (!redo) {
+                    /* one sweep about K = each column's mean so far (lmean), 32 columns at a time
+                     * summed in registers over 16 rows, the same columns 16 rows on fetched meanwhile */
                     for (size_t j = 0; j < 64; ++j) {
-                        const double dev = xr[j] - lmean[j];
-                        lane[j] += dev;
-                        lane2[j] += dev * dev;
+                        lmean[j] = (double)colmean[j];
+                        lane[j] = 0;
+                        lane2[j] = 0;
                     }
-                    if (i1 + 256 < 196) {
-                        for (size_t p = 0; p < 64; p += 16) {
-                            BLOCK_GN_PREFETCH(xr + 16384 + p);
+                    for (size_t t0 = c0; t0 < c1; t0 += 16) {
+                        const size_t t1 = t0 + 16 < c1 ? t0 + 16 : c1;
+                        for (size_t j0 = 0; j0 < 64; j0 += 32) {
+                            double a[32], q[32], k[32];
+                            for (size_t l = 0; l < 32; ++l) {
+                                a[l] = lane[j0 + l];
+                                q[l] = lane2[j0 + l];
+                                k[l] = lmean[j0 + l];
+                            }
+                            for (size_t i1 = t0; i1 < t1; ++i1) {
+                                const float *xr = x + i0 * 12544 + i1 * 64 + j0;
+                                if (i1 + 16 < 196) {
+                                    BLOCK_GN_PREFETCH(xr + 1024);
+                                    BLOCK_GN_PREFETCH(xr + 1024 + 16);
+                                }
+                                for (size_t l = 0; l < 32; ++l) {
+                                    const double dev = xr[l] - k[l];
+                                    a[l] += dev;
+                                    q[l] += dev * dev;
+                                }
+                            }
+                            for (size_t l = 0; l < 32; ++l) {
+                                lane[j0 + l] = a[l];
+                                lane2[j0 + l] = q[l];
+                            }
+                        }
+                    }
+                    for (size_t j = 0; j < 64; ++j) {
+                        redo |= !((double)lane[j] * (double)lane[j] <= 0.5 * nc * (double)lane2[j]);
+                    }
+                }
+                if (redo) {
+                    /* the first chunk, or a K more than one standard deviation from a column's chunk mean:
+                     * the corrected two-pass, from cache */
+                    /* the chunk's sum of each of the 64 columns */
+                    for (size_t l = 0; l < 64; ++l) {
+                        lane[l] = 0;
+                    }
+                    for (size_t i1 = c0; i1 < c1; ++i1) {
+                        const float *xr = x + i0 * 12544 + i1 * 64;
+                        for (size_t j = 0; j < 64; ++j) {
+                            lane[j] += xr[j];
+                        }
+                    }
+                    for (size_t j = 0; j < 64; ++j) {
+                        lmean[j] = (double)(lane[j] * inv_nc);
+                        lane[j] = 0;
+                        lane2[j] = 0;
+                    }
+                    /* deviations from that mean and their squares */
+                    for (size_t i1 = c0; i1 < c1; ++i1) {
+                        const float *xr = x + i0 * 12544 + i1 * 64;
+                        for (size_t j = 0; j < 64; ++j) {
+                            const double dev = xr[j] - lmean[j];
+                            lane[j] += dev;
+                            lane2[j] += dev * dev;
                         }
                     }
                 }

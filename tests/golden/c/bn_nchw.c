@@ -128,39 +128,103 @@ int bn_nchw_train_forward(const float *x, float *y, int32_t batch, float *runnin
             colm2[j] = 0;
         }
         /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
-         * two passes over a cache-sized chunk (the second corrects the first's mean m:
-         * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
-         * Chan's merge of the chunks in double */
+         * the sums of d = x - K and d^2 in one sweep about K, each column's mean so far (mean = K + sum(d) / n,
+         * M2 = sum(d^2) - sum(d)^2 / n); in the first chunk, and where K is too far from a column's chunk
+         * mean, two passes over the chunk from cache instead (the second corrects the first's mean m:
+         * d = x - m); then Chan's merge of each column's chunks in double */
         for (size_t c0 = 0; c0 < nb; c0 += 256) {
             const size_t c1 = c0 + 256 < nb ? c0 + 256 : nb;
             const double nc = (double)(c1 - c0);
-            /* the chunk's sum of each of the 48 columns */
-            for (size_t l = 0; l < 48; ++l) {
-                lane[l] = 0;
-            }
-            for (size_t i0 = c0; i0 < c1; ++i0) {
-                const float *xr = x + i0 * 48;
-                for (size_t j = 0; j < 48; ++j) {
-                    lane[j] += xr[j];
-                }
-            }
             const double inv_nc = 1 / nc;
-            for (size_t j = 0; j < 48; ++j) {
-                lmean[j] = (float)(lane[j] * inv_nc);
-                lane[j] = 0;
-                lane2[j] = 0;
-            }
-            /* deviations from that mean and their squares; meanwhile the next chunk is fetched */
-            for (size_t i0 = c0; i0 < c1; ++i0) {
-                const float *xr = x + i0 * 48;
+            int redo = c0 == 0;
+            if (!redo) {
+                /* one sweep about K = each column's mean so far (lmean), 32 columns at a time
+                 * summed in registers over 16 rows, the same columns 16 rows on fetched meanwhile */
                 for (size_t j = 0; j < 48; ++j) {
-                    const float dev = xr[j] - lmean[j];
-                    lane[j] += dev;
-                    lane2[j] += dev * dev;
+                    lmean[j] = (float)colmean[j];
+                    lane[j] = 0;
+                    lane2[j] = 0;
                 }
-                if (i0 + 256 < nb) {
-                    for (size_t p = 0; p < 48; p += 16) {
-                        BN_NCHW_PREFETCH(xr + 12288 + p);
+                for (size_t t0 = c0; t0 < c1; t0 += 16) {
+                    const size_t t1 = t0 + 16 < c1 ? t0 + 16 : c1;
+                    for (size_t j0 = 0; j0 < 32; j0 += 32) {
+                        float a[32], q[32], k[32];
+                        for (size_t l = 0; l < 32; ++l) {
+                            a[l] = lane[j0 + l];
+                            q[l] = lane2[j0 + l];
+                            k[l] = lmean[j0 + l];
+                        }
+                        for (size_t i0 = t0; i0 < t1; ++i0) {
+                            const float *xr = x + i0 * 48 + j0;
+                            if (i0 + 16 < nb) {
+                                BN_NCHW_PREFETCH(xr + 768);
+                                BN_NCHW_PREFETCH(xr + 768 + 16);
+                            }
+                            for (size_t l = 0; l < 32; ++l) {
+                                const float dev = xr[l] - k[l];
+                                a[l] += dev;
+                                q[l] += dev * dev;
+                            }
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            lane[j0 + l] = a[l];
+                            lane2[j0 + l] = q[l];
+                        }
+                    }
+                    {
+                        const size_t j0 = 32; /* the last 16 columns */
+                        float a[16], q[16], k[16];
+                        for (size_t l = 0; l < 16; ++l) {
+                            a[l] = lane[j0 + l];
+                            q[l] = lane2[j0 + l];
+                            k[l] = lmean[j0 + l];
+                        }
+                        for (size_t i0 = t0; i0 < t1; ++i0) {
+                            const float *xr = x + i0 * 48 + j0;
+                            if (i0 + 16 < nb) {
+                                BN_NCHW_PREFETCH(xr + 768);
+                            }
+                            for (size_t l = 0; l < 16; ++l) {
+                                const float dev = xr[l] - k[l];
+                                a[l] += dev;
+                                q[l] += dev * dev;
+                            }
+                        }
+                        for (size_t l = 0; l < 16; ++l) {
+                            lane[j0 + l] = a[l];
+                            lane2[j0 + l] = q[l];
+                        }
+                    }
+                }
+                for (size_t j = 0; j < 48; ++j) {
+                    redo |= !((double)lane[j] * (double)lane[j] <= 0.5 * nc * (double)lane2[j]);
+                }
+            }
+            if (redo) {
+                /* the first chunk, or a K more than one standard deviation from a column's chunk mean:
+                 * the corrected two-pass, from cache */
+                /* the chunk's sum of each of the 48 columns */
+                for (size_t l = 0; l < 48; ++l) {
+                    lane[l] = 0;
+                }
+                for (size_t i0 = c0; i0 < c1; ++i0) {
+                    const float *xr = x + i0 * 48;
+                    for (size_t j = 0; j < 48; ++j) {
+                        lane[j] += xr[j];
+                    }
+                }
+                for (size_t j = 0; j < 48; ++j) {
+                    lmean[j] = (float)(lane[j] * inv_nc);
+                    lane[j] = 0;
+                    lane2[j] = 0;
+                }
+                /* deviations from that mean and their squares */
+                for (size_t i0 = c0; i0 < c1; ++i0) {
+                    const float *xr = x + i0 * 48;
+                    for (size_t j = 0; j < 48; ++j) {
+                        const float dev = xr[j] - lmean[j];
+                        lane[j] += dev;
+                        lane2[j] += dev * dev;
                     }
                 }
             }
@@ -266,39 +330,103 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
             colm2[j] = 0;
         }
         /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
-         * two passes over a cache-sized chunk (the second corrects the first's mean m:
-         * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
-         * Chan's merge of the chunks in double */
+         * the sums of d = x - K and d^2 in one sweep about K, each column's mean so far (mean = K + sum(d) / n,
+         * M2 = sum(d^2) - sum(d)^2 / n); in the first chunk, and where K is too far from a column's chunk
+         * mean, two passes over the chunk from cache instead (the second corrects the first's mean m:
+         * d = x - m); then Chan's merge of each column's chunks in double */
         for (size_t c0 = 0; c0 < nb; c0 += 256) {
             const size_t c1 = c0 + 256 < nb ? c0 + 256 : nb;
             const double nc = (double)(c1 - c0);
-            /* the chunk's sum of each of the 48 columns */
-            for (size_t l = 0; l < 48; ++l) {
-                lane[l] = 0;
-            }
-            for (size_t i0 = c0; i0 < c1; ++i0) {
-                const float *xr = x + i0 * 48;
-                for (size_t j = 0; j < 48; ++j) {
-                    lane[j] += xr[j];
-                }
-            }
             const double inv_nc = 1 / nc;
-            for (size_t j = 0; j < 48; ++j) {
-                lmean[j] = (double)(lane[j] * inv_nc);
-                lane[j] = 0;
-                lane2[j] = 0;
-            }
-            /* deviations from that mean and their squares; meanwhile the next chunk is fetched */
-            for (size_t i0 = c0; i0 < c1; ++i0) {
-                const float *xr = x + i0 * 48;
+            int redo = c0 == 0;
+            if (!redo) {
+                /* one sweep about K = each column's mean so far (lmean), 32 columns at a time
+                 * summed in registers over 16 rows, the same columns 16 rows on fetched meanwhile */
                 for (size_t j = 0; j < 48; ++j) {
-                    const double dev = xr[j] - lmean[j];
-                    lane[j] += dev;
-                    lane2[j] += dev * dev;
+                    lmean[j] = (double)colmean[j];
+                    lane[j] = 0;
+                    lane2[j] = 0;
                 }
-                if (i0 + 256 < nb) {
-                    for (size_t p = 0; p < 48; p += 16) {
-                        BN_NCHW_PREFETCH(xr + 12288 + p);
+                for (size_t t0 = c0; t0 < c1; t0 += 16) {
+                    const size_t t1 = t0 + 16 < c1 ? t0 + 16 : c1;
+                    for (size_t j0 = 0; j0 < 32; j0 += 32) {
+                        double a[32], q[32], k[32];
+                        for (size_t l = 0; l < 32; ++l) {
+                            a[l] = lane[j0 + l];
+                            q[l] = lane2[j0 + l];
+                            k[l] = lmean[j0 + l];
+                        }
+                        for (size_t i0 = t0; i0 < t1; ++i0) {
+                            const float *xr = x + i0 * 48 + j0;
+                            if (i0 + 16 < nb) {
+                                BN_NCHW_PREFETCH(xr + 768);
+                                BN_NCHW_PREFETCH(xr + 768 + 16);
+                            }
+                            for (size_t l = 0; l < 32; ++l) {
+                                const double dev = xr[l] - k[l];
+                                a[l] += dev;
+                                q[l] += dev * dev;
+                            }
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            lane[j0 + l] = a[l];
+                            lane2[j0 + l] = q[l];
+                        }
+                    }
+                    {
+                        const size_t j0 = 32; /* the last 16 columns */
+                        double a[16], q[16], k[16];
+                        for (size_t l = 0; l < 16; ++l) {
+                            a[l] = lane[j0 + l];
+                            q[l] = lane2[j0 + l];
+                            k[l] = lmean[j0 + l];
+                        }
+                        for (size_t i0 = t0; i0 < t1; ++i0) {
+                            const float *xr = x + i0 * 48 + j0;
+                            if (i0 + 16 < nb) {
+                                BN_NCHW_PREFETCH(xr + 768);
+                            }
+                            for (size_t l = 0; l < 16; ++l) {
+                                const double dev = xr[l] - k[l];
+                                a[l] += dev;
+                                q[l] += dev * dev;
+                            }
+                        }
+                        for (size_t l = 0; l < 16; ++l) {
+                            lane[j0 + l] = a[l];
+                            lane2[j0 + l] = q[l];
+                        }
+                    }
+                }
+                for (size_t j = 0; j < 48; ++j) {
+                    redo |= !((double)lane[j] * (double)lane[j] <= 0.5 * nc * (double)lane2[j]);
+                }
+            }
+            if (redo) {
+                /* the first chunk, or a K more than one standard deviation from a column's chunk mean:
+                 * the corrected two-pass, from cache */
+                /* the chunk's sum of each of the 48 columns */
+                for (size_t l = 0; l < 48; ++l) {
+                    lane[l] = 0;
+                }
+                for (size_t i0 = c0; i0 < c1; ++i0) {
+                    const float *xr = x + i0 * 48;
+                    for (size_t j = 0; j < 48; ++j) {
+                        lane[j] += xr[j];
+                    }
+                }
+                for (size_t j = 0; j < 48; ++j) {
+                    lmean[j] = (double)(lane[j] * inv_nc);
+                    lane[j] = 0;
+                    lane2[j] = 0;
+                }
+                /* deviations from that mean and their squares */
+                for (size_t i0 = c0; i0 < c1; ++i0) {
+                    const float *xr = x + i0 * 48;
+                    for (size_t j = 0; j < 48; ++j) {
+                        const double dev = xr[j] - lmean[j];
+                        lane[j] += dev;
+                        lane2[j] += dev * dev;
                     }
                 }
             }
@@ -776,39 +904,103 @@ int bn_nchw_accumulate(bn_nchw_stats *acc, const float *x, int32_t batch)
             colm2[j] = 0;
         }
         /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
-         * two passes over a cache-sized chunk (the second corrects the first's mean m:
-         * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
-         * Chan's merge of the chunks in double */
+         * the sums of d = x - K and d^2 in one sweep about K, each column's mean so far (mean = K + sum(d) / n,
+         * M2 = sum(d^2) - sum(d)^2 / n); in the first chunk, and where K is too far from a column's chunk
+         * mean, two passes over the chunk from cache instead (the second corrects the first's mean m:
+         * d = x - m); then Chan's merge of each column's chunks in double */
         for (size_t c0 = 0; c0 < nb; c0 += 256) {
             const size_t c1 = c0 + 256 < nb ? c0 + 256 : nb;
             const double nc = (double)(c1 - c0);
-            /* the chunk's sum of each of the 48 columns */
-            for (size_t l = 0; l < 48; ++l) {
-                lane[l] = 0;
-            }
-            for (size_t i0 = c0; i0 < c1; ++i0) {
-                const float *xr = x + i0 * 48;
-                for (size_t j = 0; j < 48; ++j) {
-                    lane[j] += xr[j];
-                }
-            }
             const double inv_nc = 1 / nc;
-            for (size_t j = 0; j < 48; ++j) {
-                lmean[j] = (double)(lane[j] * inv_nc);
-                lane[j] = 0;
-                lane2[j] = 0;
-            }
-            /* deviations from that mean and their squares; meanwhile the next chunk is fetched */
-            for (size_t i0 = c0; i0 < c1; ++i0) {
-                const float *xr = x + i0 * 48;
+            int redo = c0 == 0;
+            if (!redo) {
+                /* one sweep about K = each column's mean so far (lmean), 32 columns at a time
+                 * summed in registers over 16 rows, the same columns 16 rows on fetched meanwhile */
                 for (size_t j = 0; j < 48; ++j) {
-                    const double dev = xr[j] - lmean[j];
-                    lane[j] += dev;
-                    lane2[j] += dev * dev;
+                    lmean[j] = (double)colmean[j];
+                    lane[j] = 0;
+                    lane2[j] = 0;
                 }
-                if (i0 + 256 < nb) {
-                    for (size_t p = 0; p < 48; p += 16) {
-                        BN_NCHW_PREFETCH(xr + 12288 + p);
+                for (size_t t0 = c0; t0 < c1; t0 += 16) {
+                    const size_t t1 = t0 + 16 < c1 ? t0 + 16 : c1;
+                    for (size_t j0 = 0; j0 < 32; j0 += 32) {
+                        double a[32], q[32], k[32];
+                        for (size_t l = 0; l < 32; ++l) {
+                            a[l] = lane[j0 + l];
+                            q[l] = lane2[j0 + l];
+                            k[l] = lmean[j0 + l];
+                        }
+                        for (size_t i0 = t0; i0 < t1; ++i0) {
+                            const float *xr = x + i0 * 48 + j0;
+                            if (i0 + 16 < nb) {
+                                BN_NCHW_PREFETCH(xr + 768);
+                                BN_NCHW_PREFETCH(xr + 768 + 16);
+                            }
+                            for (size_t l = 0; l < 32; ++l) {
+                                const double dev = xr[l] - k[l];
+                                a[l] += dev;
+                                q[l] += dev * dev;
+                            }
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            lane[j0 + l] = a[l];
+                            lane2[j0 + l] = q[l];
+                        }
+                    }
+                    {
+                        const size_t j0 = 32; /* the last 16 columns */
+                        double a[16], q[16], k[16];
+                        for (size_t l = 0; l < 16; ++l) {
+                            a[l] = lane[j0 + l];
+                            q[l] = lane2[j0 + l];
+                            k[l] = lmean[j0 + l];
+                        }
+                        for (size_t i0 = t0; i0 < t1; ++i0) {
+                            const float *xr = x + i0 * 48 + j0;
+                            if (i0 + 16 < nb) {
+                                BN_NCHW_PREFETCH(xr + 768);
+                            }
+                            for (size_t l = 0; l < 16; ++l) {
+                                const double dev = xr[l] - k[l];
+                                a[l] += dev;
+                                q[l] += dev * dev;
+                            }
+                        }
+                        for (size_t l = 0; l < 16; ++l) {
+                            lane[j0 + l] = a[l];
+                            lane2[j0 + l] = q[l];
+                        }
+                    }
+                }
+                for (size_t j = 0; j < 48; ++j) {
+                    redo |= !((double)lane[j] * (double)lane[j] <= 0.5 * nc * (double)lane2[j]);
+                }
+            }
+            if (redo) {
+                /* the first chunk, or a K more than one standard deviation from a column's chunk mean:
+                 * the corrected two-pass, from cache */
+                /* the chunk's sum of each of the 48 columns */
+                for (size_t l = 0; l < 48; ++l) {
+                    lane[l] = 0;
+                }
+                for (size_t i0 = c0; i0 < c1; ++i0) {
+                    const float *xr = x + i0 * 48;
+                    for (size_t j = 0; j < 48; ++j) {
+                        lane[j] += xr[j];
+                    }
+                }
+                for (size_t j = 0; j < 48; ++j) {
+                    lmean[j] = (double)(lane[j] * inv_nc);
+                    lane[j] = 0;
+                    lane2[j] = 0;
+                }
+                /* deviations from that mean and their squares */
+                for (size_t i0 = c0; i0 < c1; ++i0) {
+                    const float *xr = x + i0 * 48;
+                    for (size_t j = 0; j < 48; ++j) {
+                        const double dev = xr[j] - lmean[j];
+                        lane[j] += dev;
+                        lane2[j] += dev * dev;
                     }
                 }
             }

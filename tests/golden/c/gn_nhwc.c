@@ -71,39 +71,79 @@ int gn_nhwc_predict(const float *x, float *y, int32_t batch)
                 colm2[j] = 0;
             }
             /* pass 1: mean and variance of each statistic (B, group) over S, the 2 channels of each of 3 groups, chunk by chunk:
-             * two passes over a cache-sized chunk (the second corrects the first's mean m:
-             * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
-             * Chan's merge of the chunks in double */
+             * the sums of d = x - K and d^2 in one sweep about K, each column's mean so far (mean = K + sum(d) / n,
+             * M2 = sum(d^2) - sum(d)^2 / n); in the first chunk, and where K is too far from a column's chunk
+             * mean, two passes over the chunk from cache instead (the second corrects the first's mean m:
+             * d = x - m); then Chan's merge of each column's chunks in double */
             for (size_t c0 = 0; c0 < 16; c0 += 256) {
                 const size_t c1 = c0 + 256 < 16 ? c0 + 256 : 16;
                 const double nc = (double)(c1 - c0);
-                /* the chunk's sum of each of the 6 columns */
-                for (size_t l = 0; l < 6; ++l) {
-                    lane[l] = 0;
-                }
-                for (size_t i1 = c0; i1 < c1; ++i1) {
-                    const float *xr = x + i0 * 96 + i1 * 6;
-                    for (size_t j = 0; j < 6; ++j) {
-                        lane[j] += xr[j];
-                    }
-                }
                 const double inv_nc = 1 / nc;
-                for (size_t j = 0; j < 6; ++j) {
-                    lmean[j] = (float)(lane[j] * inv_nc);
-                    lane[j] = 0;
-                    lane2[j] = 0;
-                }
-                /* deviations from that mean and their squares; meanwhile the next chunk is fetched */
-                for (size_t i1 = c0; i1 < c1; ++i1) {
-                    const float *xr = x + i0 * 96 + i1 * 6;
+                int redo = c0 == 0;
+                if (!redo) {
+                    /* one sweep about K = each column's mean so far (lmean), 32 columns at a time
+                     * summed in registers over 16 rows, the same columns 16 rows on fetched meanwhile */
                     for (size_t j = 0; j < 6; ++j) {
-                        const float dev = xr[j] - lmean[j];
-                        lane[j] += dev;
-                        lane2[j] += dev * dev;
+                        lmean[j] = (float)colmean[j];
+                        lane[j] = 0;
+                        lane2[j] = 0;
                     }
-                    if (i1 + 256 < 16) {
-                        for (size_t p = 0; p < 6; p += 16) {
-                            GN_NHWC_PREFETCH(xr + 1536 + p);
+                    for (size_t t0 = c0; t0 < c1; t0 += 16) {
+                        const size_t t1 = t0 + 16 < c1 ? t0 + 16 : c1;
+                        {
+                            const size_t j0 = 0; /* the last 6 columns */
+                            float a[6], q[6], k[6];
+                            for (size_t l = 0; l < 6; ++l) {
+                                a[l] = lane[j0 + l];
+                                q[l] = lane2[j0 + l];
+                                k[l] = lmean[j0 + l];
+                            }
+                            for (size_t i1 = t0; i1 < t1; ++i1) {
+                                const float *xr = x + i0 * 96 + i1 * 6 + j0;
+                                if (i1 + 16 < 16) {
+                                    GN_NHWC_PREFETCH(xr + 96);
+                                }
+                                for (size_t l = 0; l < 6; ++l) {
+                                    const float dev = xr[l] - k[l];
+                                    a[l] += dev;
+                                    q[l] += dev * dev;
+                                }
+                            }
+                            for (size_t l = 0; l < 6; ++l) {
+                                lane[j0 + l] = a[l];
+                                lane2[j0 + l] = q[l];
+                            }
+                        }
+                    }
+                    for (size_t j = 0; j < 6; ++j) {
+                        redo |= !((double)lane[j] * (double)lane[j] <= 0.5 * nc * (double)lane2[j]);
+                    }
+                }
+                if (redo) {
+                    /* the first chunk, or a K more than one standard deviation from a column's chunk mean:
+                     * the corrected two-pass, from cache */
+                    /* the chunk's sum of each of the 6 columns */
+                    for (size_t l = 0; l < 6; ++l) {
+                        lane[l] = 0;
+                    }
+                    for (size_t i1 = c0; i1 < c1; ++i1) {
+                        const float *xr = x + i0 * 96 + i1 * 6;
+                        for (size_t j = 0; j < 6; ++j) {
+                            lane[j] += xr[j];
+                        }
+                    }
+                    for (size_t j = 0; j < 6; ++j) {
+                        lmean[j] = (float)(lane[j] * inv_nc);
+                        lane[j] = 0;
+                        lane2[j] = 0;
+                    }
+                    /* deviations from that mean and their squares */
+                    for (size_t i1 = c0; i1 < c1; ++i1) {
+                        const float *xr = x + i0 * 96 + i1 * 6;
+                        for (size_t j = 0; j < 6; ++j) {
+                            const float dev = xr[j] - lmean[j];
+                            lane[j] += dev;
+                            lane2[j] += dev * dev;
                         }
                     }
                 }
@@ -198,39 +238,79 @@ int gn_nhwc_train_forward_save(const float *x, float *y, int32_t batch, double *
                 colm2[j] = 0;
             }
             /* pass 1: mean and variance of each statistic (B, group) over S, the 2 channels of each of 3 groups, chunk by chunk:
-             * two passes over a cache-sized chunk (the second corrects the first's mean m:
-             * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
-             * Chan's merge of the chunks in double */
+             * the sums of d = x - K and d^2 in one sweep about K, each column's mean so far (mean = K + sum(d) / n,
+             * M2 = sum(d^2) - sum(d)^2 / n); in the first chunk, and where K is too far from a column's chunk
+             * mean, two passes over the chunk from cache instead (the second corrects the first's mean m:
+             * d = x - m); then Chan's merge of each column's chunks in double */
             for (size_t c0 = 0; c0 < 16; c0 += 256) {
                 const size_t c1 = c0 + 256 < 16 ? c0 + 256 : 16;
                 const double nc = (double)(c1 - c0);
-                /* the chunk's sum of each of the 6 columns */
-                for (size_t l = 0; l < 6; ++l) {
-                    lane[l] = 0;
-                }
-                for (size_t i1 = c0; i1 < c1; ++i1) {
-                    const float *xr = x + i0 * 96 + i1 * 6;
-                    for (size_t j = 0; j < 6; ++j) {
-                        lane[j] += xr[j];
-                    }
-                }
                 const double inv_nc = 1 / nc;
-                for (size_t j = 0; j < 6; ++j) {
-                    lmean[j] = (double)(lane[j] * inv_nc);
-                    lane[j] = 0;
-                    lane2[j] = 0;
-                }
-                /* deviations from that mean and their squares; meanwhile the next chunk is fetched */
-                for (size_t i1 = c0; i1 < c1; ++i1) {
-                    const float *xr = x + i0 * 96 + i1 * 6;
+                int redo = c0 == 0;
+                if (!redo) {
+                    /* one sweep about K = each column's mean so far (lmean), 32 columns at a time
+                     * summed in registers over 16 rows, the same columns 16 rows on fetched meanwhile */
                     for (size_t j = 0; j < 6; ++j) {
-                        const double dev = xr[j] - lmean[j];
-                        lane[j] += dev;
-                        lane2[j] += dev * dev;
+                        lmean[j] = (double)colmean[j];
+                        lane[j] = 0;
+                        lane2[j] = 0;
                     }
-                    if (i1 + 256 < 16) {
-                        for (size_t p = 0; p < 6; p += 16) {
-                            GN_NHWC_PREFETCH(xr + 1536 + p);
+                    for (size_t t0 = c0; t0 < c1; t0 += 16) {
+                        const size_t t1 = t0 + 16 < c1 ? t0 + 16 : c1;
+                        {
+                            const size_t j0 = 0; /* the last 6 columns */
+                            double a[6], q[6], k[6];
+                            for (size_t l = 0; l < 6; ++l) {
+                                a[l] = lane[j0 + l];
+                                q[l] = lane2[j0 + l];
+                                k[l] = lmean[j0 + l];
+                            }
+                            for (size_t i1 = t0; i1 < t1; ++i1) {
+                                const float *xr = x + i0 * 96 + i1 * 6 + j0;
+                                if (i1 + 16 < 16) {
+                                    GN_NHWC_PREFETCH(xr + 96);
+                                }
+                                for (size_t l = 0; l < 6; ++l) {
+                                    const double dev = xr[l] - k[l];
+                                    a[l] += dev;
+                                    q[l] += dev * dev;
+                                }
+                            }
+                            for (size_t l = 0; l < 6; ++l) {
+                                lane[j0 + l] = a[l];
+                                lane2[j0 + l] = q[l];
+                            }
+                        }
+                    }
+                    for (size_t j = 0; j < 6; ++j) {
+                        redo |= !((double)lane[j] * (double)lane[j] <= 0.5 * nc * (double)lane2[j]);
+                    }
+                }
+                if (redo) {
+                    /* the first chunk, or a K more than one standard deviation from a column's chunk mean:
+                     * the corrected two-pass, from cache */
+                    /* the chunk's sum of each of the 6 columns */
+                    for (size_t l = 0; l < 6; ++l) {
+                        lane[l] = 0;
+                    }
+                    for (size_t i1 = c0; i1 < c1; ++i1) {
+                        const float *xr = x + i0 * 96 + i1 * 6;
+                        for (size_t j = 0; j < 6; ++j) {
+                            lane[j] += xr[j];
+                        }
+                    }
+                    for (size_t j = 0; j < 6; ++j) {
+                        lmean[j] = (double)(lane[j] * inv_nc);
+                        lane[j] = 0;
+                        lane2[j] = 0;
+                    }
+                    /* deviations from that mean and their squares */
+                    for (size_t i1 = c0; i1 < c1; ++i1) {
+                        const float *xr = x + i0 * 96 + i1 * 6;
+                        for (size_t j = 0; j < 6; ++j) {
+                            const double dev = xr[j] - lmean[j];
+                            lane[j] += dev;
+                            lane2[j] += dev * dev;
                         }
                     }
                 }
