@@ -206,6 +206,10 @@ def _calibrate(fn: Callable[[], object], warmup: int) -> int:
 
 
 def _sample(fn: Callable[[], object], calls: int) -> float:
+    """Seconds per call over ``calls`` calls, after one untimed call: each function is timed in
+    its own steady state (its data where its previous call left it), not in the caches the
+    function sampled before it left behind."""
+    fn()
     t0 = time.perf_counter()
     for _ in range(calls):
         fn()
