@@ -620,30 +620,25 @@ def bench_c(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) -> 
                     continue
                 where = f"{layer.name}.{role} (batch {fns.batch})"
                 nbytes = traffic(layer, role, fns.batch)
-                # normgen, the copy, PyTorch and ONNX Runtime sampled in turn, round by round:
-                # every ratio in a row comes from the same stretch of the machine's time
-                fn_torch, torch_note = torch_case(layer, role, fns.x) if have_torch else (None, None)
-                fn_ort, ort_note = ort_case(layer, role, fns.x, args.threads) if have_ort else (None, None)
-                others = [f for f in (fn_torch, fn_ort) if f is not None]
-                progress.step(f"{where}: normgen vs copy" + "".join(
-                    f" vs {name}" for name, f in (("PyTorch", fn_torch), ("ONNX Runtime", fn_ort)) if f is not None))
-                times = time_interleaved([fns.call(role), _copy_pair(nbytes, fns.x, fns.y), *others],
-                                         args.repeat, args.warmup)
-                t_ours, t_copy, rest = times[0], times[1], iter(times[2:])
+                progress.step(f"{where}: normgen vs copy")
+                ours = fns.call(role)
+                t_ours, t_copy = time_interleaved([ours, _copy_pair(nbytes, fns.x, fns.y)], args.repeat, args.warmup)
                 res = Result(layer.name, role, layer.kind, layer.fmt.letters, list(fns.x.shape), layer.dtype,
                              fns.batch, layer.parallel, threads, nbytes, t_ours, nbytes / t_ours / 1e9,
                              t_copy, nbytes / t_copy / 1e9, t_copy / t_ours, samples=args.repeat)
                 if have_torch:
-                    res.torch_note = torch_note
-                    if fn_torch is not None:
-                        res.torch_time_s = next(rest)
+                    progress.step(f"{where}: PyTorch")
+                    fn, res.torch_note = torch_case(layer, role, fns.x)
+                    if fn is not None:
+                        res.torch_time_s = time_one(fn, args.repeat, args.warmup)
                         res.torch_speedup = res.torch_time_s / t_ours
                 else:
                     res.torch_note = "skipped" if args.no_torch else "torch not importable"
                 if have_ort:
-                    res.ort_note = ort_note
-                    if fn_ort is not None:
-                        res.ort_time_s = next(rest)
+                    progress.step(f"{where}: ONNX Runtime")
+                    fn, res.ort_note = ort_case(layer, role, fns.x, args.threads)
+                    if fn is not None:
+                        res.ort_time_s = time_one(fn, args.repeat, args.warmup)
                         res.ort_speedup = res.ort_time_s / t_ours
                 else:
                     res.ort_note = "skipped" if args.no_ort else "onnxruntime not importable"
@@ -651,7 +646,7 @@ def bench_c(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) -> 
                 progress.advance()
             del fns
         if have_torch:
-            _torch_reused(plans, cfg, report, args, progress, flags)
+            _torch_reused(plans, cfg, report, args, progress)
     finally:
         progress.close()
     if not omp_ok:
@@ -686,27 +681,29 @@ def _total(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) -> i
 
 
 def _torch_reused(layers: list[Layer], cfg: BenchConfig, report: Report, args: argparse.Namespace,
-                  progress: Progress, flags: list[str]) -> None:
+                  progress: Progress) -> None:
     """PyTorch again, once glibc keeps freed memory (see _keep_freed_memory): its kernel's time
-    without the page faults of a fresh output, sampled in turn with normgen's function again.
-    Run after everything else because glibc's settings cannot be put back."""
+    without the page faults of a fresh output. Run after everything else because glibc's
+    settings cannot be put back."""
+    from .check import random_input
+
     _keep_freed_memory()
     by_name = {layer.name: layer for layer in layers}
     rng = np.random.default_rng(0)
-    fns: CFunctions | None = None
+    inputs: dict[str, np.ndarray] = {}
     progress.extend(sum(res.torch_time_s is not None for res in report.results))
     for res in report.results:
         if res.torch_time_s is None:
             continue
         layer = by_name[res.layer]
-        progress.step(f"{res.layer}.{res.function}: normgen vs PyTorch, freed memory reused")
-        if fns is None or fns.layer.name != layer.name:
-            fns = None
-            fns = CFunctions(layer, flags, res.batch, rng)
-        fn, _ = torch_case(layer, res.function, fns.x)
+        progress.step(f"{res.layer}.{res.function}: PyTorch, freed memory reused")
+        if res.layer not in inputs:
+            inputs.clear()
+            inputs[res.layer] = random_input(layer, res.batch, rng).astype(res.dtype)
+        fn, _ = torch_case(layer, res.function, inputs[res.layer])
         if fn is not None:
-            t_ours, res.torch_reuse_time_s = time_interleaved([fns.call(res.function), fn], args.repeat, args.warmup)
-            res.torch_reuse_speedup = res.torch_reuse_time_s / t_ours
+            res.torch_reuse_time_s = time_one(fn, args.repeat, args.warmup)
+            res.torch_reuse_speedup = res.torch_reuse_time_s / res.time_s
         progress.advance()
 
 
