@@ -183,6 +183,24 @@ def _run(compiled, layer, x):
     return (compiled.predict(x),)
 
 
+def _assert_matches_reference(compiled, layer, case, x):
+    """predict (train_forward and the running statistics for batch norm) against the reference.
+    float32 keeps the mean as hi + lo, so x - mean is exact; in float64 each rounding of the mean
+    (half an ulp of |mean|, a few of them with the chunks' Chan merges) shows in (x - mean) / std
+    as eps * |mean| / std, here and in the reference."""
+    eps = np.finfo(np.float64).eps
+    tol = 2e-5 if x.dtype == np.float32 else 1e-12 + 16 * eps * np.abs(x).max() / x.std()
+    if layer.kind == "batchnorm":
+        compiled.running_mean[:] = layer.trained_mean_values
+        compiled.running_var[:] = layer.trained_variance_values
+        want = reference.train_forward(layer, x)
+    else:
+        want = (reference.predict(layer, x),)
+    for g, w in zip(_run(compiled, layer, x), want, strict=True):
+        err = np.abs(g - w) / (1 + np.abs(w))
+        assert err.max() <= tol, (case, float(err.max()))
+
+
 @pytest.mark.parametrize("layer,first", ONE_SWEEP, ids=lambda v: getattr(v, "name", ""))
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_one_sweep_statistics_and_their_fallback(layer, first, dtype):
@@ -193,20 +211,7 @@ def test_one_sweep_statistics_and_their_fallback(layer, first, dtype):
     assert lower(layer).sweep.pipelined
     compiled = build(layer)
     for case, x in _one_sweep_cases(layer, first, 2, np.dtype(dtype)).items():
-        # float32 keeps the mean as hi + lo, so x - mean is exact; in float64 the mean's own
-        # rounding (half an ulp of |mean|) shows in (x - mean) / std, here and in the reference
-        # float64: a few roundings of the mean, each eps * |mean| / std in y (see above); the
-        # chunks' Chan merges add one apiece
-        tol = 2e-5 if dtype == "float32" else 1e-12 + 16 * np.finfo(np.float64).eps * np.abs(x).max() / x.std()
-        if layer.kind == "batchnorm":
-            compiled.running_mean[:] = layer.trained_mean_values
-            compiled.running_var[:] = layer.trained_variance_values
-            got, want = _run(compiled, layer, x), reference.train_forward(layer, x)
-        else:
-            got, want = _run(compiled, layer, x), (reference.predict(layer, x),)
-        for g, w in zip(got, want, strict=True):
-            err = np.abs(g - w) / (1 + np.abs(w))
-            assert err.max() <= tol, (case, float(err.max()))
+        _assert_matches_reference(compiled, layer, case, x)
 
 
 @pytest.mark.parametrize("layer,first", ONE_SWEEP, ids=lambda v: getattr(v, "name", ""))
@@ -253,15 +258,4 @@ def test_columns_one_sweep_statistics(layer, dtype):
              "step": step + rng.normal(0, 1.0, shape)}
     for case, x in cases.items():
         x = x.astype(dtype)
-        # float64: a few roundings of the mean, each eps * |mean| / std in y (see above); the
-        # chunks' Chan merges add one apiece
-        tol = 2e-5 if dtype == "float32" else 1e-12 + 16 * np.finfo(np.float64).eps * np.abs(x).max() / x.std()
-        if layer.kind == "batchnorm":
-            compiled.running_mean[:] = layer.trained_mean_values
-            compiled.running_var[:] = layer.trained_variance_values
-            got, want = _run(compiled, layer, x), reference.train_forward(layer, x)
-        else:
-            got, want = _run(compiled, layer, x), (reference.predict(layer, x),)
-        for g, w in zip(got, want, strict=True):
-            err = np.abs(g - w) / (1 + np.abs(w))
-            assert err.max() <= tol, (case, float(err.max()))
+        _assert_matches_reference(compiled, layer, case, x)
