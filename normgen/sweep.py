@@ -27,10 +27,12 @@ a few hundred values at most. Chunks are merged in double (Chan's formula).
 so far after that), mean = K + sum(d)/n and M2 = sum(d^2) - sum(d)^2/n. That is exact as long
 as K is near the chunk's mean; where it is more than one standard deviation off (sum(d)^2 >
 n * sum(d^2) / 2: M2 would lose more than one bit to the cancellation), the chunk is redone,
-from cache, as the corrected two-pass below. *Columns*, and the training backward, always use
-the corrected two-pass (Chan, Golub & LeVeque): with m the chunk's first-pass mean rounded to
-the element type and d = x - m, mean = m + sum(d)/n and M2 = sum(d^2) - sum(d)^2/n, which
-removes the error of m.
+from cache, as the corrected two-pass below. *Columns* do the same with each column's mean so
+far as its K (the first chunk always a two-pass), summing ``tile`` columns at a time in
+registers over ``tile_rows`` rows while the same columns further on are fetched. The training
+backward always uses the corrected two-pass (Chan, Golub & LeVeque): with m the chunk's
+first-pass mean rounded to the element type and d = x - m, mean = m + sum(d)/n and
+M2 = sum(d^2) - sum(d)^2/n, which removes the error of m.
 
 While the deviations of a chunk are summed, the next chunk of the block is prefetched
 (``NAME_PREFETCH``: ``__builtin_prefetch`` where the compiler has it, nothing elsewhere), so
@@ -155,11 +157,7 @@ class Sweep:
 
     def norm_lane(self, x: str) -> str:
         """Pass 2's expression for blocked run element ``run.var + l`` (the fused sweep)."""
-        if self.norm != "rows":
-            return self.norm_stmt(x)
-        c = self.channel_lane
-        centered = f"({x} - mhi[0]) - mlo[0]" if self.split_mean else f"{x} - mhi[0]"
-        return f"({centered}) * (rs[0] * scale[{c}]) + offset[{c}]"
+        return self.norm_stmt(x, self.channel_lane)
 
     # ---- pass 2, y = (x - mean) * rstd * scale[c] + offset[c], four ways:
     # "rows": one statistic, the channel varies along the run:
@@ -203,9 +201,9 @@ class Sweep:
         """Pass 2's statement for run element ``i``."""
         return [f"yr[{i}] = {self.norm_stmt(f'xr[{i}]')};"]
 
-    def norm_stmt(self, x: str) -> str:
-        """Pass 2's expression for the element x."""
-        c = self.channel_expr
+    def norm_stmt(self, x: str, channel: str = "") -> str:
+        """Pass 2's expression for the element x (of channel ``channel``: channel_expr by default)."""
+        c = channel or self.channel_expr
         if self.norm == "rows_const":
             return f"({x} - mhi[0]) * g + b"
         if self.norm == "columns_fold":
