@@ -198,12 +198,13 @@ class CompiledLayer(CTraining):
         self._check(fn(*self._lead, self._ptr(x), self._ptr(y), batch), "predict")
         return y
 
-    def train_forward(self, x: np.ndarray) -> np.ndarray:
-        """Batch norm's training forward; updates ``running_mean`` and ``running_var``."""
+    def train_forward(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Batch norm's training forward; updates ``running_mean`` and ``running_var``. ``out``
+        may be x itself (in place)."""
         if self.layer.kind != "batchnorm":
             raise NormgenError(f"train_forward is for batch norm; layer {self.layer.name!r} is {self.layer.kind}")
         x, batch = self._input(x)
-        y = np.empty_like(x)
+        y = np.empty_like(x) if out is None else out
         fn = getattr(self._lib, f"{self.layer.name}_train_forward")
         rc = fn(*self._lead, self._ptr(x), self._ptr(y), batch, self._ptr(self.running_mean), self._ptr(self.running_var))
         self._check(rc, "train_forward")

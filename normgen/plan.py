@@ -42,6 +42,11 @@ MAX_ACCUMULATORS = 1024
 MAX_COLUMNS = 1024
 #: Shortest contiguous reduced run for which the rows strategy is used when columns are possible.
 MIN_ROW_RUN = 64
+#: Default NAME_STREAM_BYTES: calls that write at least this many bytes of y store it with
+#: streaming (non-temporal) stores.
+STREAM_BYTES = 4 << 20
+#: Most elements of y computed into a stack buffer before they are streamed out.
+STREAM_CHUNK = 1024
 
 #: How each target spells an element type, and the type statistics accumulate in.
 CTYPES = {
@@ -204,6 +209,25 @@ class Plan:
     @property
     def upper(self) -> str:
         return self.name.upper()
+
+    @property
+    def itemsize(self) -> int:
+        return 4 if self.ctype == "float" else 8
+
+    #: Calls that write at least this many bytes of y stream it past the caches (NAME_STREAM_BYTES
+    #: in the generated C, which a build can redefine): four times a core's L2 on the machines this
+    #: is tuned for, where y would evict x before it is read again.
+    stream_bytes = STREAM_BYTES
+    stream_chunk = STREAM_CHUNK
+
+    @property
+    def apply_run(self) -> tuple[str, str, str] | None:
+        """Batch-norm predict: (variable, length, offset of its start) of the innermost loop when it
+        is contiguous, the run streamed as one; None otherwise."""
+        inner = self.apply_axes[-1]
+        if inner.stride != ONE or len(self.apply_axes) < 2:
+            return None
+        return inner.var, inner.count, _offset(self.apply_axes[:-1]) or "0"
 
     @property
     def guard(self) -> str:

@@ -201,6 +201,10 @@ class Sweep:
         """Pass 2's statement for run element ``i``."""
         return [f"yr[{i}] = {self.norm_stmt(f'xr[{i}]')};"]
 
+    def norm_value(self, i: str) -> str:
+        """Pass 2's value of run element ``i`` of a contiguous run (streamed out)."""
+        return self.norm_stmt(f"xr[{i}]")
+
     def norm_stmt(self, x: str, channel: str = "") -> str:
         """Pass 2's expression for the element x (of channel ``channel``: channel_expr by default)."""
         c = channel or self.channel_expr

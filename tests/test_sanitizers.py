@@ -89,8 +89,10 @@ BACKWARD = r"""
 """
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["cached", "streamed"])
 @pytest.mark.parametrize("layer", LAYERS, ids=lambda l: l.name)
-def test_asan_ubsan(layer, tmp_path):
+def test_asan_ubsan(layer, stream, tmp_path):
+    """Streamed: NAME_STREAM_BYTES=0, every call writes y with streaming stores."""
     for fname, text in emit(layer, "c").items():
         (tmp_path / fname).write_text(text)
     batch = 3
@@ -104,7 +106,8 @@ def test_asan_ubsan(layer, tmp_path):
     fields["backward"] = BACKWARD.format(**fields)
     (tmp_path / "driver.c").write_text(DRIVER.format(**fields))
     flags = ["-std=c99", "-Wall", "-Wextra", "-pedantic", "-Werror", "-O1", "-g",
-             "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+             "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer",
+             *([f"-D{layer.name.upper()}_STREAM_BYTES=0"] if stream else [])]
     subprocess.run(["gcc", *flags, "-o", "driver", "driver.c", f"{layer.name}.c", "-lm"],
                    cwd=tmp_path, check=True, capture_output=True, text=True)
     dt = np.dtype(np.float32 if T == "float" else np.float64)

@@ -34,6 +34,116 @@
 #define BLOCK_GN_PREFETCH(p) ((void)(p))
 #endif
 
+/* Streaming stores: a call that writes at least BLOCK_GN_STREAM_BYTES bytes of y (define it
+ * to change that: 0 streams always, SIZE_MAX never) stores y with non-temporal stores, past the
+ * caches, the way memcpy copies what is larger than its cache: y then takes no cache room from x,
+ * still to be read, and its old contents are not read in first. x86 (SSE2) only; elsewhere y is
+ * stored as usual. */
+#ifndef BLOCK_GN_STREAM_BYTES
+#define BLOCK_GN_STREAM_BYTES 4194304u
+#endif
+#ifndef BLOCK_GN_STREAMS
+#if defined(__SSE2__)
+#define BLOCK_GN_STREAMS 1
+#else
+#define BLOCK_GN_STREAMS 0
+#endif
+#endif
+#if BLOCK_GN_STREAMS
+#include <immintrin.h>
+#endif
+
+/* Streaming stores write y in whole 64-byte lines (16 elements). The part of a line that one
+ * block_gn_stream writes last waits here for the next, which completes it where it continues y;
+ * block_gn_stream_end stores what still waits as usual. */
+typedef struct {
+    float *at; /* where the waiting part ends */
+    size_t fill; /* its elements, the first of a line */
+    float line[16];
+} block_gn_streamer;
+
+/* The streaming helpers are called in the hottest loops: inlined there, the partial sums kept in
+ * registers around them are not spilled for a call (and, inline, a layer whose loops never
+ * stream leaves them unused without a warning). */
+#if defined(__GNUC__)
+#define BLOCK_GN_INLINE __attribute__((always_inline)) inline
+#else
+#define BLOCK_GN_INLINE inline
+#endif
+
+#if BLOCK_GN_STREAMS
+/* the line y (64-byte aligned) = v, with streaming stores */
+static BLOCK_GN_INLINE void block_gn_stream_line(float *y, const float *v)
+{
+#if defined(__AVX__)
+    _mm256_stream_ps(y, _mm256_loadu_ps(v));
+    _mm256_stream_ps(y + 8, _mm256_loadu_ps(v + 8));
+#else
+    _mm_stream_ps(y, _mm_loadu_ps(v));
+    _mm_stream_ps(y + 4, _mm_loadu_ps(v + 4));
+    _mm_stream_ps(y + 8, _mm_loadu_ps(v + 8));
+    _mm_stream_ps(y + 12, _mm_loadu_ps(v + 12));
+#endif
+}
+#endif
+
+static inline void block_gn_stream_end(block_gn_streamer *s)
+{
+    float *y = s->at - s->fill;
+    for (size_t i = 0; i < s->fill; ++i) {
+        y[i] = s->line[i];
+    }
+    s->fill = 0;
+}
+
+/* y[0 .. n) = v[0 .. n): its whole lines with streaming stores, a line it only begins left to
+ * wait in s, one begun elsewhere (y not continuing s) stored as usual */
+static BLOCK_GN_INLINE void block_gn_stream(block_gn_streamer *s, float *y, const float *v, size_t n)
+{
+    size_t i = 0;
+#if BLOCK_GN_STREAMS
+    if (s->fill != 0) {
+        if (s->at != y) {
+            block_gn_stream_end(s);
+        } else {
+            for (; i < n && s->fill < 16; ++i) {
+                s->line[s->fill++] = v[i];
+            }
+            if (s->fill < 16) {
+                s->at = y + i;
+                return;
+            }
+            block_gn_stream_line(y + i - 16, s->line);
+            s->fill = 0;
+        }
+    }
+    for (; i < n && ((uintptr_t)(y + i) & 63u) != 0; ++i) {
+        y[i] = v[i];
+    }
+    for (; i + 16 <= n; i += 16) {
+        block_gn_stream_line(y + i, v + i);
+    }
+    for (; i < n; ++i) {
+        s->line[s->fill++] = v[i];
+    }
+    s->at = y + n;
+#else
+    (void)s;
+    for (; i < n; ++i) {
+        y[i] = v[i];
+    }
+#endif
+}
+
+/* Whether a call on nb samples streams y; after one that did, its streaming stores are ordered
+ * before the return (a fence). */
+#define BLOCK_GN_STREAMED(nb) (BLOCK_GN_STREAMS && (nb) * 12544u + 1 > BLOCK_GN_STREAM_BYTES / sizeof(float) + (BLOCK_GN_STREAM_BYTES % sizeof(float) != 0))
+#if BLOCK_GN_STREAMS
+#define BLOCK_GN_STREAM_FENCE() _mm_sfence()
+#else
+#define BLOCK_GN_STREAM_FENCE() ((void)0)
+#endif
+
 /* scale, one per channel */
 static const float block_gn_scale[64] = {
     0.971792f, 0.8939671f, 0.79629105f, 0.88985986f, 1.0818504f, 0.8535071f,
@@ -79,6 +189,7 @@ int block_gn_predict(const float *x, float *y, int32_t batch)
     const size_t nb = (size_t)batch;
     const float *scale = block_gn_scale;
     const float *offset = block_gn_offset;
+    const int stream = BLOCK_GN_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
     for (size_t i0 = 0; i0 < nb; ++i0) {
         {
             double mean[8], m2[8];
@@ -211,16 +322,30 @@ int block_gn_predict(const float *x, float *y, int32_t batch)
                 lb[j] = offset[j] - mlo[k] * g;
             }
             /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
+            block_gn_streamer ws = {NULL, 0, {0}};
             for (size_t i1 = 0; i1 < 196; ++i1) {
                 const float *xr = x + i0 * 12544 + i1 * 64;
                 float *yr = y + i0 * 12544 + i1 * 64;
-                for (size_t j = 0; j < 64; ++j) {
-                    yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                if (stream) {
+                    float sv[64];
+                    for (size_t j = 0; j < 64; ++j) {
+                        sv[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                    }
+                    block_gn_stream(&ws, yr, sv, 64);
+                } else {
+                    for (size_t j = 0; j < 64; ++j) {
+                        yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                    }
                 }
+            }
+            if (stream) {
+                block_gn_stream_end(&ws);
             }
         }
     }
-
+    if (stream) {
+        BLOCK_GN_STREAM_FENCE();
+    }
     return BLOCK_GN_OK;
 }
 
@@ -246,6 +371,7 @@ int block_gn_train_forward_save(const float *x, float *y, int32_t batch, double 
     const size_t nb = (size_t)batch;
     const float *scale = block_gn_scale;
     const float *offset = block_gn_offset;
+    const int stream = BLOCK_GN_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
     for (size_t i0 = 0; i0 < nb; ++i0) {
         {
             double mean[8], m2[8];
@@ -382,16 +508,30 @@ int block_gn_train_forward_save(const float *x, float *y, int32_t batch, double 
                 lb[j] = offset[j] - mlo[k] * g;
             }
             /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
+            block_gn_streamer ws = {NULL, 0, {0}};
             for (size_t i1 = 0; i1 < 196; ++i1) {
                 const float *xr = x + i0 * 12544 + i1 * 64;
                 float *yr = y + i0 * 12544 + i1 * 64;
-                for (size_t j = 0; j < 64; ++j) {
-                    yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                if (stream) {
+                    float sv[64];
+                    for (size_t j = 0; j < 64; ++j) {
+                        sv[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                    }
+                    block_gn_stream(&ws, yr, sv, 64);
+                } else {
+                    for (size_t j = 0; j < 64; ++j) {
+                        yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                    }
                 }
+            }
+            if (stream) {
+                block_gn_stream_end(&ws);
             }
         }
     }
-
+    if (stream) {
+        BLOCK_GN_STREAM_FENCE();
+    }
     return BLOCK_GN_OK;
 }
 

@@ -38,6 +38,116 @@
 #define HEAD_BN_PREFETCH(p) ((void)(p))
 #endif
 
+/* Streaming stores: a call that writes at least HEAD_BN_STREAM_BYTES bytes of y (define it
+ * to change that: 0 streams always, SIZE_MAX never) stores y with non-temporal stores, past the
+ * caches, the way memcpy copies what is larger than its cache: y then takes no cache room from x,
+ * still to be read, and its old contents are not read in first. x86 (SSE2) only; elsewhere y is
+ * stored as usual. */
+#ifndef HEAD_BN_STREAM_BYTES
+#define HEAD_BN_STREAM_BYTES 4194304u
+#endif
+#ifndef HEAD_BN_STREAMS
+#if defined(__SSE2__)
+#define HEAD_BN_STREAMS 1
+#else
+#define HEAD_BN_STREAMS 0
+#endif
+#endif
+#if HEAD_BN_STREAMS
+#include <immintrin.h>
+#endif
+
+/* Streaming stores write y in whole 64-byte lines (8 elements). The part of a line that one
+ * head_bn_stream writes last waits here for the next, which completes it where it continues y;
+ * head_bn_stream_end stores what still waits as usual. */
+typedef struct {
+    double *at; /* where the waiting part ends */
+    size_t fill; /* its elements, the first of a line */
+    double line[8];
+} head_bn_streamer;
+
+/* The streaming helpers are called in the hottest loops: inlined there, the partial sums kept in
+ * registers around them are not spilled for a call (and, inline, a layer whose loops never
+ * stream leaves them unused without a warning). */
+#if defined(__GNUC__)
+#define HEAD_BN_INLINE __attribute__((always_inline)) inline
+#else
+#define HEAD_BN_INLINE inline
+#endif
+
+#if HEAD_BN_STREAMS
+/* the line y (64-byte aligned) = v, with streaming stores */
+static HEAD_BN_INLINE void head_bn_stream_line(double *y, const double *v)
+{
+#if defined(__AVX__)
+    _mm256_stream_pd(y, _mm256_loadu_pd(v));
+    _mm256_stream_pd(y + 4, _mm256_loadu_pd(v + 4));
+#else
+    _mm_stream_pd(y, _mm_loadu_pd(v));
+    _mm_stream_pd(y + 2, _mm_loadu_pd(v + 2));
+    _mm_stream_pd(y + 4, _mm_loadu_pd(v + 4));
+    _mm_stream_pd(y + 6, _mm_loadu_pd(v + 6));
+#endif
+}
+#endif
+
+static inline void head_bn_stream_end(head_bn_streamer *s)
+{
+    double *y = s->at - s->fill;
+    for (size_t i = 0; i < s->fill; ++i) {
+        y[i] = s->line[i];
+    }
+    s->fill = 0;
+}
+
+/* y[0 .. n) = v[0 .. n): its whole lines with streaming stores, a line it only begins left to
+ * wait in s, one begun elsewhere (y not continuing s) stored as usual */
+static HEAD_BN_INLINE void head_bn_stream(head_bn_streamer *s, double *y, const double *v, size_t n)
+{
+    size_t i = 0;
+#if HEAD_BN_STREAMS
+    if (s->fill != 0) {
+        if (s->at != y) {
+            head_bn_stream_end(s);
+        } else {
+            for (; i < n && s->fill < 8; ++i) {
+                s->line[s->fill++] = v[i];
+            }
+            if (s->fill < 8) {
+                s->at = y + i;
+                return;
+            }
+            head_bn_stream_line(y + i - 8, s->line);
+            s->fill = 0;
+        }
+    }
+    for (; i < n && ((uintptr_t)(y + i) & 63u) != 0; ++i) {
+        y[i] = v[i];
+    }
+    for (; i + 8 <= n; i += 8) {
+        head_bn_stream_line(y + i, v + i);
+    }
+    for (; i < n; ++i) {
+        s->line[s->fill++] = v[i];
+    }
+    s->at = y + n;
+#else
+    (void)s;
+    for (; i < n; ++i) {
+        y[i] = v[i];
+    }
+#endif
+}
+
+/* Whether a call on nb samples streams y; after one that did, its streaming stores are ordered
+ * before the return (a fence). */
+#define HEAD_BN_STREAMED(nb) (HEAD_BN_STREAMS && (nb) * 3136u + 1 > HEAD_BN_STREAM_BYTES / sizeof(double) + (HEAD_BN_STREAM_BYTES % sizeof(double) != 0))
+#if HEAD_BN_STREAMS
+#define HEAD_BN_STREAM_FENCE() _mm_sfence()
+#else
+#define HEAD_BN_STREAM_FENCE() ((void)0)
+#endif
+
 /* scale, one per channel */
 static const double head_bn_scale[64] = {
     1.0, 1.0, 1.0, 1.0, 1.0, 1.0,
@@ -142,13 +252,27 @@ int head_bn_predict(const double *x, double *y, int32_t batch)
     }
     const size_t nb = (size_t)batch;
     /* y = x * a + b, one multiply-add per element */
+    const int stream = HEAD_BN_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
+    head_bn_streamer ws = {NULL, 0, {0}};
     for (size_t j0 = 0; j0 < nb; ++j0) {
         for (size_t j1 = 0; j1 < 64; ++j1) {
-            for (size_t j2 = 0; j2 < 49; ++j2) {
-                const size_t o = j0 * 3136 + j1 * 49 + j2;
-                y[o] = x[o] * head_bn_fold_a[j1] + head_bn_fold_b[j1];
+            const size_t o0 = j0 * 3136 + j1 * 49;
+            if (stream) {
+                double sv[49];
+                for (size_t j2 = 0; j2 < 49; ++j2) {
+                    sv[j2] = x[o0 + j2] * head_bn_fold_a[j1] + head_bn_fold_b[j1];
+                }
+                head_bn_stream(&ws, y + o0, sv, 49);
+            } else {
+                for (size_t j2 = 0; j2 < 49; ++j2) {
+                    y[o0 + j2] = x[o0 + j2] * head_bn_fold_a[j1] + head_bn_fold_b[j1];
+                }
             }
         }
+    }
+    if (stream) {
+        head_bn_stream_end(&ws);
+        HEAD_BN_STREAM_FENCE();
     }
     return HEAD_BN_OK;
 }
@@ -178,7 +302,9 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
     const size_t nb = (size_t)batch;
     const double *scale = head_bn_scale;
     const double *offset = head_bn_offset;
+    const int stream = HEAD_BN_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
     {
+        head_bn_streamer ws = {NULL, 0, {0}};
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
          * normalized: x streams in from memory while y is written, and is read from memory once
          * wherever a block fits in cache */
@@ -319,99 +445,42 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
             if (sb + 1 < 64) {
                 /* block sb + 1, shifted to block sb's offsets */
                 const double *xn = x + (49);
-                n = 0;
-                mean[0] = 0;
-                m2[0] = 0;
-                /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
-                 * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
-                 * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
-                 * from the chunk's mean; then Chan's merge of the chunks in double */
-                for (size_t c0 = 0; c0 < nb; c0 += 167) {
-                    const size_t c1 = c0 + 167 < nb ? c0 + 167 : nb;
-                    const double nc = (double)((c1 - c0) * 49);
-                    double K = (double)mean[0];
-                    if (c0 == 0) {
-                        /* the block's first chunk: K is the mean of its first 8 elements */
-                        K = 0;
-                        for (size_t q = 0; q < 8; ++q) {
-                            K += xn[i1 * 49 + q];
+                if (stream) {
+                    /* its statistics, then block sb streamed out from cache */
+                    n = 0;
+                    mean[0] = 0;
+                    m2[0] = 0;
+                    /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
+                     * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+                     * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+                     * from the chunk's mean; then Chan's merge of the chunks in double */
+                    for (size_t c0 = 0; c0 < nb; c0 += 167) {
+                        const size_t c1 = c0 + 167 < nb ? c0 + 167 : nb;
+                        const double nc = (double)((c1 - c0) * 49);
+                        double K = (double)mean[0];
+                        if (c0 == 0) {
+                            /* the block's first chunk: K is the mean of its first 8 elements */
+                            K = 0;
+                            for (size_t q = 0; q < 8; ++q) {
+                                K += xn[i1 * 49 + q];
+                            }
+                            K /= 8;
                         }
-                        K /= 8;
-                    }
-                    for (size_t l = 0; l < 16; ++l) {
-                        lane[l] = 0;
-                        lane2[l] = 0;
-                    }
-                    /* one sweep: d = x - K and d^2 in 16 independent lanes; meanwhile the same elements of the previous block are normalized */
-                    for (size_t i0 = c0; i0 < c1; ++i0) {
-                        const double *xr = x + i0 * 3136 + i1 * 49;
-                        const double *xq = xn + i0 * 3136 + i1 * 49;
-                        double *yr = y + i0 * 3136 + i1 * 49;
-                        const double g = rs[0] * scale[i1];
-                        const double b = offset[i1];
-                        const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
-                        for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
-                            for (size_t l = 0; l < 16; ++l) {
-                                yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
-                            }
-                            for (size_t l = 0; l < 16; ++l) {
-                                const double dev = xq[i2 + l] - K;
-                                lane[l] += dev;
-                                lane2[l] += dev * dev;
-                            }
-                        }
-                        {
-                            const size_t i2 = blocks_end;
-                            for (size_t l = 0; l < 49 - i2; ++l) {
-                                yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
-                            }
-                            for (size_t l = 0; l < 49 - i2; ++l) {
-                                const double dev = xq[i2 + l] - K;
-                                lane[l] += dev;
-                                lane2[l] += dev * dev;
-                            }
-                        }
-                    }
-                    double s1 = 0, s2 = 0;
-                    for (size_t l = 0; l < 16; ++l) {
-                        s1 += lane[l];
-                        s2 += lane2[l];
-                    }
-                    double shift = (double)K;
-                    if (!(s1 * s1 <= 0.5 * nc * s2)) {
-                        /* K is more than one standard deviation from the chunk's mean: the chunk again, from
-                         * cache, as a corrected two-pass (its mean m, then d = x - m) */
                         for (size_t l = 0; l < 16; ++l) {
-                            lane[l] = 0;
-                        }
-                        for (size_t i0 = c0; i0 < c1; ++i0) {
-                            const double *xr = xn + i0 * 3136 + i1 * 49;
-                            const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
-                            for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
-                                for (size_t l = 0; l < 16; ++l) {
-                                    lane[l] += xr[i2 + l];
-                                }
-                            }
-                            {
-                                const size_t i2 = blocks_end;
-                                for (size_t l = 0; l < 49 - i2; ++l) {
-                                    lane[l] += xr[i2 + l];
-                                }
-                            }
-                        }
-                        double sum = 0;
-                        for (size_t l = 0; l < 16; ++l) {
-                            sum += lane[l];
                             lane[l] = 0;
                             lane2[l] = 0;
                         }
-                        const double m = (double)(sum / nc);
+                        /* one sweep: d = x - K and d^2 in 16 independent lanes; meanwhile the next chunk is fetched */
                         for (size_t i0 = c0; i0 < c1; ++i0) {
                             const double *xr = xn + i0 * 3136 + i1 * 49;
                             const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
                             for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                                if (i0 + 167 < nb) {
+                                    HEAD_BN_PREFETCH(xr + i2 + 523712);
+                                    HEAD_BN_PREFETCH(xr + i2 + 523712 + 8);
+                                }
                                 for (size_t l = 0; l < 16; ++l) {
-                                    const double dev = xr[i2 + l] - m;
+                                    const double dev = xr[i2 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -419,27 +488,214 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                             {
                                 const size_t i2 = blocks_end;
                                 for (size_t l = 0; l < 49 - i2; ++l) {
-                                    const double dev = xr[i2 + l] - m;
+                                    const double dev = xr[i2 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
                             }
                         }
-                        s1 = 0;
-                        s2 = 0;
+                        double s1 = 0, s2 = 0;
                         for (size_t l = 0; l < 16; ++l) {
                             s1 += lane[l];
                             s2 += lane2[l];
                         }
-                        shift = (double)m;
+                        double shift = (double)K;
+                        if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                            /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                             * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                            for (size_t l = 0; l < 16; ++l) {
+                                lane[l] = 0;
+                            }
+                            for (size_t i0 = c0; i0 < c1; ++i0) {
+                                const double *xr = xn + i0 * 3136 + i1 * 49;
+                                const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
+                                for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                                    for (size_t l = 0; l < 16; ++l) {
+                                        lane[l] += xr[i2 + l];
+                                    }
+                                }
+                                {
+                                    const size_t i2 = blocks_end;
+                                    for (size_t l = 0; l < 49 - i2; ++l) {
+                                        lane[l] += xr[i2 + l];
+                                    }
+                                }
+                            }
+                            double sum = 0;
+                            for (size_t l = 0; l < 16; ++l) {
+                                sum += lane[l];
+                                lane[l] = 0;
+                                lane2[l] = 0;
+                            }
+                            const double m = (double)(sum / nc);
+                            for (size_t i0 = c0; i0 < c1; ++i0) {
+                                const double *xr = xn + i0 * 3136 + i1 * 49;
+                                const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
+                                for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                                    for (size_t l = 0; l < 16; ++l) {
+                                        const double dev = xr[i2 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                                {
+                                    const size_t i2 = blocks_end;
+                                    for (size_t l = 0; l < 49 - i2; ++l) {
+                                        const double dev = xr[i2 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                            }
+                            s1 = 0;
+                            s2 = 0;
+                            for (size_t l = 0; l < 16; ++l) {
+                                s1 += lane[l];
+                                s2 += lane2[l];
+                            }
+                            shift = (double)m;
+                        }
+                        const double total = n + nc;
+                        const double cm2 = s2 - s1 * s1 / nc;
+                        const double delta = (shift + s1 / nc) - mean[0];
+                        mean[0] += delta * (nc / total);
+                        m2[0] += cm2 + delta * delta * (n * nc / total);
+                        n = total;
                     }
-                    const double total = n + nc;
-                    const double cm2 = s2 - s1 * s1 / nc;
-                    const double delta = (shift + s1 / nc) - mean[0];
-                    mean[0] += delta * (nc / total);
-                    m2[0] += cm2 + delta * delta * (n * nc / total);
-                    n = total;
-                }
+                    for (size_t i0 = 0; i0 < nb; ++i0) {
+                        const double *xr = x + i0 * 3136 + i1 * 49;
+                        double *yr = y + i0 * 3136 + i1 * 49;
+                        const double g = rs[0] * scale[i1];
+                        const double b = offset[i1];
+                        double sv[49];
+                        for (size_t i2 = 0; i2 < 49; ++i2) {
+                            sv[i2] = (xr[i2] - mhi[0]) * g + b;
+                        }
+                        head_bn_stream(&ws, yr, sv, 49);
+                    }
+} else {
+                    n = 0;
+                    mean[0] = 0;
+                    m2[0] = 0;
+                    /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
+                     * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+                     * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+                     * from the chunk's mean; then Chan's merge of the chunks in double */
+                    for (size_t c0 = 0; c0 < nb; c0 += 167) {
+                        const size_t c1 = c0 + 167 < nb ? c0 + 167 : nb;
+                        const double nc = (double)((c1 - c0) * 49);
+                        double K = (double)mean[0];
+                        if (c0 == 0) {
+                            /* the block's first chunk: K is the mean of its first 8 elements */
+                            K = 0;
+                            for (size_t q = 0; q < 8; ++q) {
+                                K += xn[i1 * 49 + q];
+                            }
+                            K /= 8;
+                        }
+                        for (size_t l = 0; l < 16; ++l) {
+                            lane[l] = 0;
+                            lane2[l] = 0;
+                        }
+                        /* one sweep: d = x - K and d^2 in 16 independent lanes; meanwhile the same elements of the previous block are normalized */
+                        for (size_t i0 = c0; i0 < c1; ++i0) {
+                            const double *xr = x + i0 * 3136 + i1 * 49;
+                            const double *xq = xn + i0 * 3136 + i1 * 49;
+                            double *yr = y + i0 * 3136 + i1 * 49;
+                            const double g = rs[0] * scale[i1];
+                            const double b = offset[i1];
+                            const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
+                            for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                                for (size_t l = 0; l < 16; ++l) {
+                                    yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
+                                }
+                                for (size_t l = 0; l < 16; ++l) {
+                                    const double dev = xq[i2 + l] - K;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                            {
+                                const size_t i2 = blocks_end;
+                                for (size_t l = 0; l < 49 - i2; ++l) {
+                                    yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
+                                }
+                                for (size_t l = 0; l < 49 - i2; ++l) {
+                                    const double dev = xq[i2 + l] - K;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                        }
+                        double s1 = 0, s2 = 0;
+                        for (size_t l = 0; l < 16; ++l) {
+                            s1 += lane[l];
+                            s2 += lane2[l];
+                        }
+                        double shift = (double)K;
+                        if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                            /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                             * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                            for (size_t l = 0; l < 16; ++l) {
+                                lane[l] = 0;
+                            }
+                            for (size_t i0 = c0; i0 < c1; ++i0) {
+                                const double *xr = xn + i0 * 3136 + i1 * 49;
+                                const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
+                                for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                                    for (size_t l = 0; l < 16; ++l) {
+                                        lane[l] += xr[i2 + l];
+                                    }
+                                }
+                                {
+                                    const size_t i2 = blocks_end;
+                                    for (size_t l = 0; l < 49 - i2; ++l) {
+                                        lane[l] += xr[i2 + l];
+                                    }
+                                }
+                            }
+                            double sum = 0;
+                            for (size_t l = 0; l < 16; ++l) {
+                                sum += lane[l];
+                                lane[l] = 0;
+                                lane2[l] = 0;
+                            }
+                            const double m = (double)(sum / nc);
+                            for (size_t i0 = c0; i0 < c1; ++i0) {
+                                const double *xr = xn + i0 * 3136 + i1 * 49;
+                                const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
+                                for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                                    for (size_t l = 0; l < 16; ++l) {
+                                        const double dev = xr[i2 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                                {
+                                    const size_t i2 = blocks_end;
+                                    for (size_t l = 0; l < 49 - i2; ++l) {
+                                        const double dev = xr[i2 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                            }
+                            s1 = 0;
+                            s2 = 0;
+                            for (size_t l = 0; l < 16; ++l) {
+                                s1 += lane[l];
+                                s2 += lane2[l];
+                            }
+                            shift = (double)m;
+                        }
+                        const double total = n + nc;
+                        const double cm2 = s2 - s1 * s1 / nc;
+                        const double delta = (shift + s1 / nc) - mean[0];
+                        mean[0] += delta * (nc / total);
+                        m2[0] += cm2 + delta * delta * (n * nc / total);
+                        n = total;
+                    }
+}
             } else {
                 /* pass 2 of the last block: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
                 for (size_t i0 = 0; i0 < nb; ++i0) {
@@ -447,14 +703,27 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                     double *yr = y + i0 * 3136 + i1 * 49;
                     const double g = rs[0] * scale[i1];
                     const double b = offset[i1];
-                    for (size_t i2 = 0; i2 < 49; ++i2) {
-                        yr[i2] = (xr[i2] - mhi[0]) * g + b;
+                    if (stream) {
+                        double sv[49];
+                        for (size_t i2 = 0; i2 < 49; ++i2) {
+                            sv[i2] = (xr[i2] - mhi[0]) * g + b;
+                        }
+                        head_bn_stream(&ws, yr, sv, 49);
+                    } else {
+                        for (size_t i2 = 0; i2 < 49; ++i2) {
+                            yr[i2] = (xr[i2] - mhi[0]) * g + b;
+                        }
                     }
                 }
             }
         }
+        if (stream) {
+            head_bn_stream_end(&ws);
+        }
     }
-
+    if (stream) {
+        HEAD_BN_STREAM_FENCE();
+    }
     return HEAD_BN_OK;
 }
 
@@ -489,7 +758,9 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
     if (nb * 49 < 2) {
         return HEAD_BN_ERR_COUNT;
     }
+    const int stream = HEAD_BN_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
     {
+        head_bn_streamer ws = {NULL, 0, {0}};
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
          * normalized: x streams in from memory while y is written, and is read from memory once
          * wherever a block fits in cache */
@@ -634,99 +905,42 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
             if (sb + 1 < 64) {
                 /* block sb + 1, shifted to block sb's offsets */
                 const double *xn = x + (49);
-                n = 0;
-                mean[0] = 0;
-                m2[0] = 0;
-                /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
-                 * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
-                 * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
-                 * from the chunk's mean; then Chan's merge of the chunks in double */
-                for (size_t c0 = 0; c0 < nb; c0 += 167) {
-                    const size_t c1 = c0 + 167 < nb ? c0 + 167 : nb;
-                    const double nc = (double)((c1 - c0) * 49);
-                    double K = (double)mean[0];
-                    if (c0 == 0) {
-                        /* the block's first chunk: K is the mean of its first 8 elements */
-                        K = 0;
-                        for (size_t q = 0; q < 8; ++q) {
-                            K += xn[i1 * 49 + q];
+                if (stream) {
+                    /* its statistics, then block sb streamed out from cache */
+                    n = 0;
+                    mean[0] = 0;
+                    m2[0] = 0;
+                    /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
+                     * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+                     * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+                     * from the chunk's mean; then Chan's merge of the chunks in double */
+                    for (size_t c0 = 0; c0 < nb; c0 += 167) {
+                        const size_t c1 = c0 + 167 < nb ? c0 + 167 : nb;
+                        const double nc = (double)((c1 - c0) * 49);
+                        double K = (double)mean[0];
+                        if (c0 == 0) {
+                            /* the block's first chunk: K is the mean of its first 8 elements */
+                            K = 0;
+                            for (size_t q = 0; q < 8; ++q) {
+                                K += xn[i1 * 49 + q];
+                            }
+                            K /= 8;
                         }
-                        K /= 8;
-                    }
-                    for (size_t l = 0; l < 16; ++l) {
-                        lane[l] = 0;
-                        lane2[l] = 0;
-                    }
-                    /* one sweep: d = x - K and d^2 in 16 independent lanes; meanwhile the same elements of the previous block are normalized */
-                    for (size_t i0 = c0; i0 < c1; ++i0) {
-                        const double *xr = x + i0 * 3136 + i1 * 49;
-                        const double *xq = xn + i0 * 3136 + i1 * 49;
-                        double *yr = y + i0 * 3136 + i1 * 49;
-                        const double g = rs[0] * scale[i1];
-                        const double b = offset[i1];
-                        const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
-                        for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
-                            for (size_t l = 0; l < 16; ++l) {
-                                yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
-                            }
-                            for (size_t l = 0; l < 16; ++l) {
-                                const double dev = xq[i2 + l] - K;
-                                lane[l] += dev;
-                                lane2[l] += dev * dev;
-                            }
-                        }
-                        {
-                            const size_t i2 = blocks_end;
-                            for (size_t l = 0; l < 49 - i2; ++l) {
-                                yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
-                            }
-                            for (size_t l = 0; l < 49 - i2; ++l) {
-                                const double dev = xq[i2 + l] - K;
-                                lane[l] += dev;
-                                lane2[l] += dev * dev;
-                            }
-                        }
-                    }
-                    double s1 = 0, s2 = 0;
-                    for (size_t l = 0; l < 16; ++l) {
-                        s1 += lane[l];
-                        s2 += lane2[l];
-                    }
-                    double shift = (double)K;
-                    if (!(s1 * s1 <= 0.5 * nc * s2)) {
-                        /* K is more than one standard deviation from the chunk's mean: the chunk again, from
-                         * cache, as a corrected two-pass (its mean m, then d = x - m) */
                         for (size_t l = 0; l < 16; ++l) {
-                            lane[l] = 0;
-                        }
-                        for (size_t i0 = c0; i0 < c1; ++i0) {
-                            const double *xr = xn + i0 * 3136 + i1 * 49;
-                            const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
-                            for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
-                                for (size_t l = 0; l < 16; ++l) {
-                                    lane[l] += xr[i2 + l];
-                                }
-                            }
-                            {
-                                const size_t i2 = blocks_end;
-                                for (size_t l = 0; l < 49 - i2; ++l) {
-                                    lane[l] += xr[i2 + l];
-                                }
-                            }
-                        }
-                        double sum = 0;
-                        for (size_t l = 0; l < 16; ++l) {
-                            sum += lane[l];
                             lane[l] = 0;
                             lane2[l] = 0;
                         }
-                        const double m = (double)(sum / nc);
+                        /* one sweep: d = x - K and d^2 in 16 independent lanes; meanwhile the next chunk is fetched */
                         for (size_t i0 = c0; i0 < c1; ++i0) {
                             const double *xr = xn + i0 * 3136 + i1 * 49;
                             const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
                             for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                                if (i0 + 167 < nb) {
+                                    HEAD_BN_PREFETCH(xr + i2 + 523712);
+                                    HEAD_BN_PREFETCH(xr + i2 + 523712 + 8);
+                                }
                                 for (size_t l = 0; l < 16; ++l) {
-                                    const double dev = xr[i2 + l] - m;
+                                    const double dev = xr[i2 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -734,27 +948,214 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                             {
                                 const size_t i2 = blocks_end;
                                 for (size_t l = 0; l < 49 - i2; ++l) {
-                                    const double dev = xr[i2 + l] - m;
+                                    const double dev = xr[i2 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
                             }
                         }
-                        s1 = 0;
-                        s2 = 0;
+                        double s1 = 0, s2 = 0;
                         for (size_t l = 0; l < 16; ++l) {
                             s1 += lane[l];
                             s2 += lane2[l];
                         }
-                        shift = (double)m;
+                        double shift = (double)K;
+                        if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                            /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                             * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                            for (size_t l = 0; l < 16; ++l) {
+                                lane[l] = 0;
+                            }
+                            for (size_t i0 = c0; i0 < c1; ++i0) {
+                                const double *xr = xn + i0 * 3136 + i1 * 49;
+                                const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
+                                for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                                    for (size_t l = 0; l < 16; ++l) {
+                                        lane[l] += xr[i2 + l];
+                                    }
+                                }
+                                {
+                                    const size_t i2 = blocks_end;
+                                    for (size_t l = 0; l < 49 - i2; ++l) {
+                                        lane[l] += xr[i2 + l];
+                                    }
+                                }
+                            }
+                            double sum = 0;
+                            for (size_t l = 0; l < 16; ++l) {
+                                sum += lane[l];
+                                lane[l] = 0;
+                                lane2[l] = 0;
+                            }
+                            const double m = (double)(sum / nc);
+                            for (size_t i0 = c0; i0 < c1; ++i0) {
+                                const double *xr = xn + i0 * 3136 + i1 * 49;
+                                const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
+                                for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                                    for (size_t l = 0; l < 16; ++l) {
+                                        const double dev = xr[i2 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                                {
+                                    const size_t i2 = blocks_end;
+                                    for (size_t l = 0; l < 49 - i2; ++l) {
+                                        const double dev = xr[i2 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                            }
+                            s1 = 0;
+                            s2 = 0;
+                            for (size_t l = 0; l < 16; ++l) {
+                                s1 += lane[l];
+                                s2 += lane2[l];
+                            }
+                            shift = (double)m;
+                        }
+                        const double total = n + nc;
+                        const double cm2 = s2 - s1 * s1 / nc;
+                        const double delta = (shift + s1 / nc) - mean[0];
+                        mean[0] += delta * (nc / total);
+                        m2[0] += cm2 + delta * delta * (n * nc / total);
+                        n = total;
                     }
-                    const double total = n + nc;
-                    const double cm2 = s2 - s1 * s1 / nc;
-                    const double delta = (shift + s1 / nc) - mean[0];
-                    mean[0] += delta * (nc / total);
-                    m2[0] += cm2 + delta * delta * (n * nc / total);
-                    n = total;
-                }
+                    for (size_t i0 = 0; i0 < nb; ++i0) {
+                        const double *xr = x + i0 * 3136 + i1 * 49;
+                        double *yr = y + i0 * 3136 + i1 * 49;
+                        const double g = rs[0] * scale[i1];
+                        const double b = offset[i1];
+                        double sv[49];
+                        for (size_t i2 = 0; i2 < 49; ++i2) {
+                            sv[i2] = (xr[i2] - mhi[0]) * g + b;
+                        }
+                        head_bn_stream(&ws, yr, sv, 49);
+                    }
+} else {
+                    n = 0;
+                    mean[0] = 0;
+                    m2[0] = 0;
+                    /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
+                     * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+                     * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+                     * from the chunk's mean; then Chan's merge of the chunks in double */
+                    for (size_t c0 = 0; c0 < nb; c0 += 167) {
+                        const size_t c1 = c0 + 167 < nb ? c0 + 167 : nb;
+                        const double nc = (double)((c1 - c0) * 49);
+                        double K = (double)mean[0];
+                        if (c0 == 0) {
+                            /* the block's first chunk: K is the mean of its first 8 elements */
+                            K = 0;
+                            for (size_t q = 0; q < 8; ++q) {
+                                K += xn[i1 * 49 + q];
+                            }
+                            K /= 8;
+                        }
+                        for (size_t l = 0; l < 16; ++l) {
+                            lane[l] = 0;
+                            lane2[l] = 0;
+                        }
+                        /* one sweep: d = x - K and d^2 in 16 independent lanes; meanwhile the same elements of the previous block are normalized */
+                        for (size_t i0 = c0; i0 < c1; ++i0) {
+                            const double *xr = x + i0 * 3136 + i1 * 49;
+                            const double *xq = xn + i0 * 3136 + i1 * 49;
+                            double *yr = y + i0 * 3136 + i1 * 49;
+                            const double g = rs[0] * scale[i1];
+                            const double b = offset[i1];
+                            const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
+                            for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                                for (size_t l = 0; l < 16; ++l) {
+                                    yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
+                                }
+                                for (size_t l = 0; l < 16; ++l) {
+                                    const double dev = xq[i2 + l] - K;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                            {
+                                const size_t i2 = blocks_end;
+                                for (size_t l = 0; l < 49 - i2; ++l) {
+                                    yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
+                                }
+                                for (size_t l = 0; l < 49 - i2; ++l) {
+                                    const double dev = xq[i2 + l] - K;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                        }
+                        double s1 = 0, s2 = 0;
+                        for (size_t l = 0; l < 16; ++l) {
+                            s1 += lane[l];
+                            s2 += lane2[l];
+                        }
+                        double shift = (double)K;
+                        if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                            /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                             * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                            for (size_t l = 0; l < 16; ++l) {
+                                lane[l] = 0;
+                            }
+                            for (size_t i0 = c0; i0 < c1; ++i0) {
+                                const double *xr = xn + i0 * 3136 + i1 * 49;
+                                const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
+                                for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                                    for (size_t l = 0; l < 16; ++l) {
+                                        lane[l] += xr[i2 + l];
+                                    }
+                                }
+                                {
+                                    const size_t i2 = blocks_end;
+                                    for (size_t l = 0; l < 49 - i2; ++l) {
+                                        lane[l] += xr[i2 + l];
+                                    }
+                                }
+                            }
+                            double sum = 0;
+                            for (size_t l = 0; l < 16; ++l) {
+                                sum += lane[l];
+                                lane[l] = 0;
+                                lane2[l] = 0;
+                            }
+                            const double m = (double)(sum / nc);
+                            for (size_t i0 = c0; i0 < c1; ++i0) {
+                                const double *xr = xn + i0 * 3136 + i1 * 49;
+                                const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
+                                for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                                    for (size_t l = 0; l < 16; ++l) {
+                                        const double dev = xr[i2 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                                {
+                                    const size_t i2 = blocks_end;
+                                    for (size_t l = 0; l < 49 - i2; ++l) {
+                                        const double dev = xr[i2 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                            }
+                            s1 = 0;
+                            s2 = 0;
+                            for (size_t l = 0; l < 16; ++l) {
+                                s1 += lane[l];
+                                s2 += lane2[l];
+                            }
+                            shift = (double)m;
+                        }
+                        const double total = n + nc;
+                        const double cm2 = s2 - s1 * s1 / nc;
+                        const double delta = (shift + s1 / nc) - mean[0];
+                        mean[0] += delta * (nc / total);
+                        m2[0] += cm2 + delta * delta * (n * nc / total);
+                        n = total;
+                    }
+}
             } else {
                 /* pass 2 of the last block: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
                 for (size_t i0 = 0; i0 < nb; ++i0) {
@@ -762,14 +1163,27 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                     double *yr = y + i0 * 3136 + i1 * 49;
                     const double g = rs[0] * scale[i1];
                     const double b = offset[i1];
-                    for (size_t i2 = 0; i2 < 49; ++i2) {
-                        yr[i2] = (xr[i2] - mhi[0]) * g + b;
+                    if (stream) {
+                        double sv[49];
+                        for (size_t i2 = 0; i2 < 49; ++i2) {
+                            sv[i2] = (xr[i2] - mhi[0]) * g + b;
+                        }
+                        head_bn_stream(&ws, yr, sv, 49);
+                    } else {
+                        for (size_t i2 = 0; i2 < 49; ++i2) {
+                            yr[i2] = (xr[i2] - mhi[0]) * g + b;
+                        }
                     }
                 }
             }
         }
+        if (stream) {
+            head_bn_stream_end(&ws);
+        }
     }
-
+    if (stream) {
+        HEAD_BN_STREAM_FENCE();
+    }
     return HEAD_BN_OK;
 }
 

@@ -37,6 +37,116 @@
 #define STEM_BN_PREFETCH(p) ((void)(p))
 #endif
 
+/* Streaming stores: a call that writes at least STEM_BN_STREAM_BYTES bytes of y (define it
+ * to change that: 0 streams always, SIZE_MAX never) stores y with non-temporal stores, past the
+ * caches, the way memcpy copies what is larger than its cache: y then takes no cache room from x,
+ * still to be read, and its old contents are not read in first. x86 (SSE2) only; elsewhere y is
+ * stored as usual. */
+#ifndef STEM_BN_STREAM_BYTES
+#define STEM_BN_STREAM_BYTES 4194304u
+#endif
+#ifndef STEM_BN_STREAMS
+#if defined(__SSE2__)
+#define STEM_BN_STREAMS 1
+#else
+#define STEM_BN_STREAMS 0
+#endif
+#endif
+#if STEM_BN_STREAMS
+#include <immintrin.h>
+#endif
+
+/* Streaming stores write y in whole 64-byte lines (16 elements). The part of a line that one
+ * stem_bn_stream writes last waits here for the next, which completes it where it continues y;
+ * stem_bn_stream_end stores what still waits as usual. */
+typedef struct {
+    float *at; /* where the waiting part ends */
+    size_t fill; /* its elements, the first of a line */
+    float line[16];
+} stem_bn_streamer;
+
+/* The streaming helpers are called in the hottest loops: inlined there, the partial sums kept in
+ * registers around them are not spilled for a call (and, inline, a layer whose loops never
+ * stream leaves them unused without a warning). */
+#if defined(__GNUC__)
+#define STEM_BN_INLINE __attribute__((always_inline)) inline
+#else
+#define STEM_BN_INLINE inline
+#endif
+
+#if STEM_BN_STREAMS
+/* the line y (64-byte aligned) = v, with streaming stores */
+static STEM_BN_INLINE void stem_bn_stream_line(float *y, const float *v)
+{
+#if defined(__AVX__)
+    _mm256_stream_ps(y, _mm256_loadu_ps(v));
+    _mm256_stream_ps(y + 8, _mm256_loadu_ps(v + 8));
+#else
+    _mm_stream_ps(y, _mm_loadu_ps(v));
+    _mm_stream_ps(y + 4, _mm_loadu_ps(v + 4));
+    _mm_stream_ps(y + 8, _mm_loadu_ps(v + 8));
+    _mm_stream_ps(y + 12, _mm_loadu_ps(v + 12));
+#endif
+}
+#endif
+
+static inline void stem_bn_stream_end(stem_bn_streamer *s)
+{
+    float *y = s->at - s->fill;
+    for (size_t i = 0; i < s->fill; ++i) {
+        y[i] = s->line[i];
+    }
+    s->fill = 0;
+}
+
+/* y[0 .. n) = v[0 .. n): its whole lines with streaming stores, a line it only begins left to
+ * wait in s, one begun elsewhere (y not continuing s) stored as usual */
+static STEM_BN_INLINE void stem_bn_stream(stem_bn_streamer *s, float *y, const float *v, size_t n)
+{
+    size_t i = 0;
+#if STEM_BN_STREAMS
+    if (s->fill != 0) {
+        if (s->at != y) {
+            stem_bn_stream_end(s);
+        } else {
+            for (; i < n && s->fill < 16; ++i) {
+                s->line[s->fill++] = v[i];
+            }
+            if (s->fill < 16) {
+                s->at = y + i;
+                return;
+            }
+            stem_bn_stream_line(y + i - 16, s->line);
+            s->fill = 0;
+        }
+    }
+    for (; i < n && ((uintptr_t)(y + i) & 63u) != 0; ++i) {
+        y[i] = v[i];
+    }
+    for (; i + 16 <= n; i += 16) {
+        stem_bn_stream_line(y + i, v + i);
+    }
+    for (; i < n; ++i) {
+        s->line[s->fill++] = v[i];
+    }
+    s->at = y + n;
+#else
+    (void)s;
+    for (; i < n; ++i) {
+        y[i] = v[i];
+    }
+#endif
+}
+
+/* Whether a call on nb samples streams y; after one that did, its streaming stores are ordered
+ * before the return (a fence). */
+#define STEM_BN_STREAMED(nb) (STEM_BN_STREAMS && (nb) * 25088u + 1 > STEM_BN_STREAM_BYTES / sizeof(float) + (STEM_BN_STREAM_BYTES % sizeof(float) != 0))
+#if STEM_BN_STREAMS
+#define STEM_BN_STREAM_FENCE() _mm_sfence()
+#else
+#define STEM_BN_STREAM_FENCE() ((void)0)
+#endif
+
 /* scale, one per channel */
 static const float stem_bn_scale[32] = {
     0.92068774f, 1.0240571f, 0.81036735f, 1.1395772f, 1.0638294f, 0.9707953f,
@@ -111,13 +221,27 @@ int stem_bn_predict(const float *x, float *y, int32_t batch)
     }
     const size_t nb = (size_t)batch;
     /* y = x * a + b, one multiply-add per element */
+    const int stream = STEM_BN_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
+    stem_bn_streamer ws = {NULL, 0, {0}};
     for (size_t j0 = 0; j0 < nb; ++j0) {
         for (size_t j1 = 0; j1 < 32; ++j1) {
-            for (size_t j2 = 0; j2 < 784; ++j2) {
-                const size_t o = j0 * 25088 + j1 * 784 + j2;
-                y[o] = x[o] * stem_bn_fold_a[j1] + stem_bn_fold_b[j1];
+            const size_t o0 = j0 * 25088 + j1 * 784;
+            if (stream) {
+                float sv[784];
+                for (size_t j2 = 0; j2 < 784; ++j2) {
+                    sv[j2] = x[o0 + j2] * stem_bn_fold_a[j1] + stem_bn_fold_b[j1];
+                }
+                stem_bn_stream(&ws, y + o0, sv, 784);
+            } else {
+                for (size_t j2 = 0; j2 < 784; ++j2) {
+                    y[o0 + j2] = x[o0 + j2] * stem_bn_fold_a[j1] + stem_bn_fold_b[j1];
+                }
             }
         }
+    }
+    if (stream) {
+        stem_bn_stream_end(&ws);
+        STEM_BN_STREAM_FENCE();
     }
     return STEM_BN_OK;
 }
@@ -147,7 +271,9 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
     const size_t nb = (size_t)batch;
     const float *scale = stem_bn_scale;
     const float *offset = stem_bn_offset;
+    const int stream = STEM_BN_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
     {
+        stem_bn_streamer ws = {NULL, 0, {0}};
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
          * normalized: x streams in from memory while y is written, and is read from memory once
          * wherever a block fits in cache */
@@ -289,99 +415,42 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
             if (sb + 1 < 32) {
                 /* block sb + 1, shifted to block sb's offsets */
                 const float *xn = x + (784);
-                n = 0;
-                mean[0] = 0;
-                m2[0] = 0;
-                /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
-                 * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
-                 * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
-                 * from the chunk's mean; then Chan's merge of the chunks in double */
-                for (size_t c0 = 0; c0 < nb; c0 += 10) {
-                    const size_t c1 = c0 + 10 < nb ? c0 + 10 : nb;
-                    const double nc = (double)((c1 - c0) * 784);
-                    float K = (float)mean[0];
-                    if (c0 == 0) {
-                        /* the block's first chunk: K is the mean of its first 8 elements */
-                        K = 0;
-                        for (size_t q = 0; q < 8; ++q) {
-                            K += xn[i1 * 784 + q];
+                if (stream) {
+                    /* its statistics, then block sb streamed out from cache */
+                    n = 0;
+                    mean[0] = 0;
+                    m2[0] = 0;
+                    /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
+                     * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+                     * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+                     * from the chunk's mean; then Chan's merge of the chunks in double */
+                    for (size_t c0 = 0; c0 < nb; c0 += 10) {
+                        const size_t c1 = c0 + 10 < nb ? c0 + 10 : nb;
+                        const double nc = (double)((c1 - c0) * 784);
+                        float K = (float)mean[0];
+                        if (c0 == 0) {
+                            /* the block's first chunk: K is the mean of its first 8 elements */
+                            K = 0;
+                            for (size_t q = 0; q < 8; ++q) {
+                                K += xn[i1 * 784 + q];
+                            }
+                            K /= 8;
                         }
-                        K /= 8;
-                    }
-                    for (size_t l = 0; l < 32; ++l) {
-                        lane[l] = 0;
-                        lane2[l] = 0;
-                    }
-                    /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the same elements of the previous block are normalized */
-                    for (size_t i0 = c0; i0 < c1; ++i0) {
-                        const float *xr = x + i0 * 25088 + i1 * 784;
-                        const float *xq = xn + i0 * 25088 + i1 * 784;
-                        float *yr = y + i0 * 25088 + i1 * 784;
-                        const float g = rs[0] * scale[i1];
-                        const float b = offset[i1] - mlo[0] * g;
-                        const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
-                        for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
-                            for (size_t l = 0; l < 32; ++l) {
-                                yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
-                            }
-                            for (size_t l = 0; l < 32; ++l) {
-                                const float dev = xq[i2 + l] - K;
-                                lane[l] += dev;
-                                lane2[l] += dev * dev;
-                            }
-                        }
-                        {
-                            const size_t i2 = blocks_end;
-                            for (size_t l = 0; l < 784 - i2; ++l) {
-                                yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
-                            }
-                            for (size_t l = 0; l < 784 - i2; ++l) {
-                                const float dev = xq[i2 + l] - K;
-                                lane[l] += dev;
-                                lane2[l] += dev * dev;
-                            }
-                        }
-                    }
-                    double s1 = 0, s2 = 0;
-                    for (size_t l = 0; l < 32; ++l) {
-                        s1 += lane[l];
-                        s2 += lane2[l];
-                    }
-                    double shift = (double)K;
-                    if (!(s1 * s1 <= 0.5 * nc * s2)) {
-                        /* K is more than one standard deviation from the chunk's mean: the chunk again, from
-                         * cache, as a corrected two-pass (its mean m, then d = x - m) */
                         for (size_t l = 0; l < 32; ++l) {
-                            lane[l] = 0;
-                        }
-                        for (size_t i0 = c0; i0 < c1; ++i0) {
-                            const float *xr = xn + i0 * 25088 + i1 * 784;
-                            const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
-                            for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
-                                for (size_t l = 0; l < 32; ++l) {
-                                    lane[l] += xr[i2 + l];
-                                }
-                            }
-                            {
-                                const size_t i2 = blocks_end;
-                                for (size_t l = 0; l < 784 - i2; ++l) {
-                                    lane[l] += xr[i2 + l];
-                                }
-                            }
-                        }
-                        double sum = 0;
-                        for (size_t l = 0; l < 32; ++l) {
-                            sum += lane[l];
                             lane[l] = 0;
                             lane2[l] = 0;
                         }
-                        const float m = (float)(sum / nc);
+                        /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the next chunk is fetched */
                         for (size_t i0 = c0; i0 < c1; ++i0) {
                             const float *xr = xn + i0 * 25088 + i1 * 784;
                             const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
                             for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                                if (i0 + 10 < nb) {
+                                    STEM_BN_PREFETCH(xr + i2 + 250880);
+                                    STEM_BN_PREFETCH(xr + i2 + 250880 + 16);
+                                }
                                 for (size_t l = 0; l < 32; ++l) {
-                                    const float dev = xr[i2 + l] - m;
+                                    const float dev = xr[i2 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -389,27 +458,214 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                             {
                                 const size_t i2 = blocks_end;
                                 for (size_t l = 0; l < 784 - i2; ++l) {
-                                    const float dev = xr[i2 + l] - m;
+                                    const float dev = xr[i2 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
                             }
                         }
-                        s1 = 0;
-                        s2 = 0;
+                        double s1 = 0, s2 = 0;
                         for (size_t l = 0; l < 32; ++l) {
                             s1 += lane[l];
                             s2 += lane2[l];
                         }
-                        shift = (double)m;
+                        double shift = (double)K;
+                        if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                            /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                             * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                            for (size_t l = 0; l < 32; ++l) {
+                                lane[l] = 0;
+                            }
+                            for (size_t i0 = c0; i0 < c1; ++i0) {
+                                const float *xr = xn + i0 * 25088 + i1 * 784;
+                                const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                                for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        lane[l] += xr[i2 + l];
+                                    }
+                                }
+                                {
+                                    const size_t i2 = blocks_end;
+                                    for (size_t l = 0; l < 784 - i2; ++l) {
+                                        lane[l] += xr[i2 + l];
+                                    }
+                                }
+                            }
+                            double sum = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                sum += lane[l];
+                                lane[l] = 0;
+                                lane2[l] = 0;
+                            }
+                            const float m = (float)(sum / nc);
+                            for (size_t i0 = c0; i0 < c1; ++i0) {
+                                const float *xr = xn + i0 * 25088 + i1 * 784;
+                                const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                                for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        const float dev = xr[i2 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                                {
+                                    const size_t i2 = blocks_end;
+                                    for (size_t l = 0; l < 784 - i2; ++l) {
+                                        const float dev = xr[i2 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                            }
+                            s1 = 0;
+                            s2 = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                s1 += lane[l];
+                                s2 += lane2[l];
+                            }
+                            shift = (double)m;
+                        }
+                        const double total = n + nc;
+                        const double cm2 = s2 - s1 * s1 / nc;
+                        const double delta = (shift + s1 / nc) - mean[0];
+                        mean[0] += delta * (nc / total);
+                        m2[0] += cm2 + delta * delta * (n * nc / total);
+                        n = total;
                     }
-                    const double total = n + nc;
-                    const double cm2 = s2 - s1 * s1 / nc;
-                    const double delta = (shift + s1 / nc) - mean[0];
-                    mean[0] += delta * (nc / total);
-                    m2[0] += cm2 + delta * delta * (n * nc / total);
-                    n = total;
-                }
+                    for (size_t i0 = 0; i0 < nb; ++i0) {
+                        const float *xr = x + i0 * 25088 + i1 * 784;
+                        float *yr = y + i0 * 25088 + i1 * 784;
+                        const float g = rs[0] * scale[i1];
+                        const float b = offset[i1] - mlo[0] * g;
+                        float sv[784];
+                        for (size_t i2 = 0; i2 < 784; ++i2) {
+                            sv[i2] = (xr[i2] - mhi[0]) * g + b;
+                        }
+                        stem_bn_stream(&ws, yr, sv, 784);
+                    }
+} else {
+                    n = 0;
+                    mean[0] = 0;
+                    m2[0] = 0;
+                    /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
+                     * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+                     * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+                     * from the chunk's mean; then Chan's merge of the chunks in double */
+                    for (size_t c0 = 0; c0 < nb; c0 += 10) {
+                        const size_t c1 = c0 + 10 < nb ? c0 + 10 : nb;
+                        const double nc = (double)((c1 - c0) * 784);
+                        float K = (float)mean[0];
+                        if (c0 == 0) {
+                            /* the block's first chunk: K is the mean of its first 8 elements */
+                            K = 0;
+                            for (size_t q = 0; q < 8; ++q) {
+                                K += xn[i1 * 784 + q];
+                            }
+                            K /= 8;
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            lane[l] = 0;
+                            lane2[l] = 0;
+                        }
+                        /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the same elements of the previous block are normalized */
+                        for (size_t i0 = c0; i0 < c1; ++i0) {
+                            const float *xr = x + i0 * 25088 + i1 * 784;
+                            const float *xq = xn + i0 * 25088 + i1 * 784;
+                            float *yr = y + i0 * 25088 + i1 * 784;
+                            const float g = rs[0] * scale[i1];
+                            const float b = offset[i1] - mlo[0] * g;
+                            const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                            for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                                for (size_t l = 0; l < 32; ++l) {
+                                    yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
+                                }
+                                for (size_t l = 0; l < 32; ++l) {
+                                    const float dev = xq[i2 + l] - K;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                            {
+                                const size_t i2 = blocks_end;
+                                for (size_t l = 0; l < 784 - i2; ++l) {
+                                    yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
+                                }
+                                for (size_t l = 0; l < 784 - i2; ++l) {
+                                    const float dev = xq[i2 + l] - K;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                        }
+                        double s1 = 0, s2 = 0;
+                        for (size_t l = 0; l < 32; ++l) {
+                            s1 += lane[l];
+                            s2 += lane2[l];
+                        }
+                        double shift = (double)K;
+                        if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                            /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                             * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                            for (size_t l = 0; l < 32; ++l) {
+                                lane[l] = 0;
+                            }
+                            for (size_t i0 = c0; i0 < c1; ++i0) {
+                                const float *xr = xn + i0 * 25088 + i1 * 784;
+                                const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                                for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        lane[l] += xr[i2 + l];
+                                    }
+                                }
+                                {
+                                    const size_t i2 = blocks_end;
+                                    for (size_t l = 0; l < 784 - i2; ++l) {
+                                        lane[l] += xr[i2 + l];
+                                    }
+                                }
+                            }
+                            double sum = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                sum += lane[l];
+                                lane[l] = 0;
+                                lane2[l] = 0;
+                            }
+                            const float m = (float)(sum / nc);
+                            for (size_t i0 = c0; i0 < c1; ++i0) {
+                                const float *xr = xn + i0 * 25088 + i1 * 784;
+                                const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                                for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        const float dev = xr[i2 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                                {
+                                    const size_t i2 = blocks_end;
+                                    for (size_t l = 0; l < 784 - i2; ++l) {
+                                        const float dev = xr[i2 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                            }
+                            s1 = 0;
+                            s2 = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                s1 += lane[l];
+                                s2 += lane2[l];
+                            }
+                            shift = (double)m;
+                        }
+                        const double total = n + nc;
+                        const double cm2 = s2 - s1 * s1 / nc;
+                        const double delta = (shift + s1 / nc) - mean[0];
+                        mean[0] += delta * (nc / total);
+                        m2[0] += cm2 + delta * delta * (n * nc / total);
+                        n = total;
+                    }
+}
             } else {
                 /* pass 2 of the last block: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
                 for (size_t i0 = 0; i0 < nb; ++i0) {
@@ -417,14 +673,27 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                     float *yr = y + i0 * 25088 + i1 * 784;
                     const float g = rs[0] * scale[i1];
                     const float b = offset[i1] - mlo[0] * g;
-                    for (size_t i2 = 0; i2 < 784; ++i2) {
-                        yr[i2] = (xr[i2] - mhi[0]) * g + b;
+                    if (stream) {
+                        float sv[784];
+                        for (size_t i2 = 0; i2 < 784; ++i2) {
+                            sv[i2] = (xr[i2] - mhi[0]) * g + b;
+                        }
+                        stem_bn_stream(&ws, yr, sv, 784);
+                    } else {
+                        for (size_t i2 = 0; i2 < 784; ++i2) {
+                            yr[i2] = (xr[i2] - mhi[0]) * g + b;
+                        }
                     }
                 }
             }
         }
+        if (stream) {
+            stem_bn_stream_end(&ws);
+        }
     }
-
+    if (stream) {
+        STEM_BN_STREAM_FENCE();
+    }
     return STEM_BN_OK;
 }
 
@@ -459,7 +728,9 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
     if (nb * 784 < 2) {
         return STEM_BN_ERR_COUNT;
     }
+    const int stream = STEM_BN_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
     {
+        stem_bn_streamer ws = {NULL, 0, {0}};
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
          * normalized: x streams in from memory while y is written, and is read from memory once
          * wherever a block fits in cache */
@@ -605,99 +876,42 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
             if (sb + 1 < 32) {
                 /* block sb + 1, shifted to block sb's offsets */
                 const float *xn = x + (784);
-                n = 0;
-                mean[0] = 0;
-                m2[0] = 0;
-                /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
-                 * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
-                 * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
-                 * from the chunk's mean; then Chan's merge of the chunks in double */
-                for (size_t c0 = 0; c0 < nb; c0 += 10) {
-                    const size_t c1 = c0 + 10 < nb ? c0 + 10 : nb;
-                    const double nc = (double)((c1 - c0) * 784);
-                    double K = (double)mean[0];
-                    if (c0 == 0) {
-                        /* the block's first chunk: K is the mean of its first 8 elements */
-                        K = 0;
-                        for (size_t q = 0; q < 8; ++q) {
-                            K += xn[i1 * 784 + q];
+                if (stream) {
+                    /* its statistics, then block sb streamed out from cache */
+                    n = 0;
+                    mean[0] = 0;
+                    m2[0] = 0;
+                    /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
+                     * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+                     * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+                     * from the chunk's mean; then Chan's merge of the chunks in double */
+                    for (size_t c0 = 0; c0 < nb; c0 += 10) {
+                        const size_t c1 = c0 + 10 < nb ? c0 + 10 : nb;
+                        const double nc = (double)((c1 - c0) * 784);
+                        double K = (double)mean[0];
+                        if (c0 == 0) {
+                            /* the block's first chunk: K is the mean of its first 8 elements */
+                            K = 0;
+                            for (size_t q = 0; q < 8; ++q) {
+                                K += xn[i1 * 784 + q];
+                            }
+                            K /= 8;
                         }
-                        K /= 8;
-                    }
-                    for (size_t l = 0; l < 32; ++l) {
-                        lane[l] = 0;
-                        lane2[l] = 0;
-                    }
-                    /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the same elements of the previous block are normalized */
-                    for (size_t i0 = c0; i0 < c1; ++i0) {
-                        const float *xr = x + i0 * 25088 + i1 * 784;
-                        const float *xq = xn + i0 * 25088 + i1 * 784;
-                        float *yr = y + i0 * 25088 + i1 * 784;
-                        const float g = rs[0] * scale[i1];
-                        const float b = offset[i1] - mlo[0] * g;
-                        const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
-                        for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
-                            for (size_t l = 0; l < 32; ++l) {
-                                yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
-                            }
-                            for (size_t l = 0; l < 32; ++l) {
-                                const double dev = xq[i2 + l] - K;
-                                lane[l] += dev;
-                                lane2[l] += dev * dev;
-                            }
-                        }
-                        {
-                            const size_t i2 = blocks_end;
-                            for (size_t l = 0; l < 784 - i2; ++l) {
-                                yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
-                            }
-                            for (size_t l = 0; l < 784 - i2; ++l) {
-                                const double dev = xq[i2 + l] - K;
-                                lane[l] += dev;
-                                lane2[l] += dev * dev;
-                            }
-                        }
-                    }
-                    double s1 = 0, s2 = 0;
-                    for (size_t l = 0; l < 32; ++l) {
-                        s1 += lane[l];
-                        s2 += lane2[l];
-                    }
-                    double shift = (double)K;
-                    if (!(s1 * s1 <= 0.5 * nc * s2)) {
-                        /* K is more than one standard deviation from the chunk's mean: the chunk again, from
-                         * cache, as a corrected two-pass (its mean m, then d = x - m) */
                         for (size_t l = 0; l < 32; ++l) {
-                            lane[l] = 0;
-                        }
-                        for (size_t i0 = c0; i0 < c1; ++i0) {
-                            const float *xr = xn + i0 * 25088 + i1 * 784;
-                            const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
-                            for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
-                                for (size_t l = 0; l < 32; ++l) {
-                                    lane[l] += xr[i2 + l];
-                                }
-                            }
-                            {
-                                const size_t i2 = blocks_end;
-                                for (size_t l = 0; l < 784 - i2; ++l) {
-                                    lane[l] += xr[i2 + l];
-                                }
-                            }
-                        }
-                        double sum = 0;
-                        for (size_t l = 0; l < 32; ++l) {
-                            sum += lane[l];
                             lane[l] = 0;
                             lane2[l] = 0;
                         }
-                        const double m = (double)(sum / nc);
+                        /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the next chunk is fetched */
                         for (size_t i0 = c0; i0 < c1; ++i0) {
                             const float *xr = xn + i0 * 25088 + i1 * 784;
                             const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
                             for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                                if (i0 + 10 < nb) {
+                                    STEM_BN_PREFETCH(xr + i2 + 250880);
+                                    STEM_BN_PREFETCH(xr + i2 + 250880 + 16);
+                                }
                                 for (size_t l = 0; l < 32; ++l) {
-                                    const double dev = xr[i2 + l] - m;
+                                    const double dev = xr[i2 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -705,27 +919,214 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                             {
                                 const size_t i2 = blocks_end;
                                 for (size_t l = 0; l < 784 - i2; ++l) {
-                                    const double dev = xr[i2 + l] - m;
+                                    const double dev = xr[i2 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
                             }
                         }
-                        s1 = 0;
-                        s2 = 0;
+                        double s1 = 0, s2 = 0;
                         for (size_t l = 0; l < 32; ++l) {
                             s1 += lane[l];
                             s2 += lane2[l];
                         }
-                        shift = (double)m;
+                        double shift = (double)K;
+                        if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                            /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                             * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                            for (size_t l = 0; l < 32; ++l) {
+                                lane[l] = 0;
+                            }
+                            for (size_t i0 = c0; i0 < c1; ++i0) {
+                                const float *xr = xn + i0 * 25088 + i1 * 784;
+                                const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                                for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        lane[l] += xr[i2 + l];
+                                    }
+                                }
+                                {
+                                    const size_t i2 = blocks_end;
+                                    for (size_t l = 0; l < 784 - i2; ++l) {
+                                        lane[l] += xr[i2 + l];
+                                    }
+                                }
+                            }
+                            double sum = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                sum += lane[l];
+                                lane[l] = 0;
+                                lane2[l] = 0;
+                            }
+                            const double m = (double)(sum / nc);
+                            for (size_t i0 = c0; i0 < c1; ++i0) {
+                                const float *xr = xn + i0 * 25088 + i1 * 784;
+                                const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                                for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        const double dev = xr[i2 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                                {
+                                    const size_t i2 = blocks_end;
+                                    for (size_t l = 0; l < 784 - i2; ++l) {
+                                        const double dev = xr[i2 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                            }
+                            s1 = 0;
+                            s2 = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                s1 += lane[l];
+                                s2 += lane2[l];
+                            }
+                            shift = (double)m;
+                        }
+                        const double total = n + nc;
+                        const double cm2 = s2 - s1 * s1 / nc;
+                        const double delta = (shift + s1 / nc) - mean[0];
+                        mean[0] += delta * (nc / total);
+                        m2[0] += cm2 + delta * delta * (n * nc / total);
+                        n = total;
                     }
-                    const double total = n + nc;
-                    const double cm2 = s2 - s1 * s1 / nc;
-                    const double delta = (shift + s1 / nc) - mean[0];
-                    mean[0] += delta * (nc / total);
-                    m2[0] += cm2 + delta * delta * (n * nc / total);
-                    n = total;
-                }
+                    for (size_t i0 = 0; i0 < nb; ++i0) {
+                        const float *xr = x + i0 * 25088 + i1 * 784;
+                        float *yr = y + i0 * 25088 + i1 * 784;
+                        const float g = rs[0] * scale[i1];
+                        const float b = offset[i1] - mlo[0] * g;
+                        float sv[784];
+                        for (size_t i2 = 0; i2 < 784; ++i2) {
+                            sv[i2] = (xr[i2] - mhi[0]) * g + b;
+                        }
+                        stem_bn_stream(&ws, yr, sv, 784);
+                    }
+} else {
+                    n = 0;
+                    mean[0] = 0;
+                    m2[0] = 0;
+                    /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
+                     * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+                     * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+                     * from the chunk's mean; then Chan's merge of the chunks in double */
+                    for (size_t c0 = 0; c0 < nb; c0 += 10) {
+                        const size_t c1 = c0 + 10 < nb ? c0 + 10 : nb;
+                        const double nc = (double)((c1 - c0) * 784);
+                        double K = (double)mean[0];
+                        if (c0 == 0) {
+                            /* the block's first chunk: K is the mean of its first 8 elements */
+                            K = 0;
+                            for (size_t q = 0; q < 8; ++q) {
+                                K += xn[i1 * 784 + q];
+                            }
+                            K /= 8;
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            lane[l] = 0;
+                            lane2[l] = 0;
+                        }
+                        /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the same elements of the previous block are normalized */
+                        for (size_t i0 = c0; i0 < c1; ++i0) {
+                            const float *xr = x + i0 * 25088 + i1 * 784;
+                            const float *xq = xn + i0 * 25088 + i1 * 784;
+                            float *yr = y + i0 * 25088 + i1 * 784;
+                            const float g = rs[0] * scale[i1];
+                            const float b = offset[i1] - mlo[0] * g;
+                            const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                            for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                                for (size_t l = 0; l < 32; ++l) {
+                                    yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
+                                }
+                                for (size_t l = 0; l < 32; ++l) {
+                                    const double dev = xq[i2 + l] - K;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                            {
+                                const size_t i2 = blocks_end;
+                                for (size_t l = 0; l < 784 - i2; ++l) {
+                                    yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
+                                }
+                                for (size_t l = 0; l < 784 - i2; ++l) {
+                                    const double dev = xq[i2 + l] - K;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                        }
+                        double s1 = 0, s2 = 0;
+                        for (size_t l = 0; l < 32; ++l) {
+                            s1 += lane[l];
+                            s2 += lane2[l];
+                        }
+                        double shift = (double)K;
+                        if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                            /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                             * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                            for (size_t l = 0; l < 32; ++l) {
+                                lane[l] = 0;
+                            }
+                            for (size_t i0 = c0; i0 < c1; ++i0) {
+                                const float *xr = xn + i0 * 25088 + i1 * 784;
+                                const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                                for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        lane[l] += xr[i2 + l];
+                                    }
+                                }
+                                {
+                                    const size_t i2 = blocks_end;
+                                    for (size_t l = 0; l < 784 - i2; ++l) {
+                                        lane[l] += xr[i2 + l];
+                                    }
+                                }
+                            }
+                            double sum = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                sum += lane[l];
+                                lane[l] = 0;
+                                lane2[l] = 0;
+                            }
+                            const double m = (double)(sum / nc);
+                            for (size_t i0 = c0; i0 < c1; ++i0) {
+                                const float *xr = xn + i0 * 25088 + i1 * 784;
+                                const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
+                                for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        const double dev = xr[i2 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                                {
+                                    const size_t i2 = blocks_end;
+                                    for (size_t l = 0; l < 784 - i2; ++l) {
+                                        const double dev = xr[i2 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                            }
+                            s1 = 0;
+                            s2 = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                s1 += lane[l];
+                                s2 += lane2[l];
+                            }
+                            shift = (double)m;
+                        }
+                        const double total = n + nc;
+                        const double cm2 = s2 - s1 * s1 / nc;
+                        const double delta = (shift + s1 / nc) - mean[0];
+                        mean[0] += delta * (nc / total);
+                        m2[0] += cm2 + delta * delta * (n * nc / total);
+                        n = total;
+                    }
+}
             } else {
                 /* pass 2 of the last block: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
                 for (size_t i0 = 0; i0 < nb; ++i0) {
@@ -733,14 +1134,27 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                     float *yr = y + i0 * 25088 + i1 * 784;
                     const float g = rs[0] * scale[i1];
                     const float b = offset[i1] - mlo[0] * g;
-                    for (size_t i2 = 0; i2 < 784; ++i2) {
-                        yr[i2] = (xr[i2] - mhi[0]) * g + b;
+                    if (stream) {
+                        float sv[784];
+                        for (size_t i2 = 0; i2 < 784; ++i2) {
+                            sv[i2] = (xr[i2] - mhi[0]) * g + b;
+                        }
+                        stem_bn_stream(&ws, yr, sv, 784);
+                    } else {
+                        for (size_t i2 = 0; i2 < 784; ++i2) {
+                            yr[i2] = (xr[i2] - mhi[0]) * g + b;
+                        }
                     }
                 }
             }
         }
+        if (stream) {
+            stem_bn_stream_end(&ws);
+        }
     }
-
+    if (stream) {
+        STEM_BN_STREAM_FENCE();
+    }
     return STEM_BN_OK;
 }
 

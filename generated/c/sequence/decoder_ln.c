@@ -34,6 +34,116 @@
 #define DECODER_LN_PREFETCH(p) ((void)(p))
 #endif
 
+/* Streaming stores: a call that writes at least DECODER_LN_STREAM_BYTES bytes of y (define it
+ * to change that: 0 streams always, SIZE_MAX never) stores y with non-temporal stores, past the
+ * caches, the way memcpy copies what is larger than its cache: y then takes no cache room from x,
+ * still to be read, and its old contents are not read in first. x86 (SSE2) only; elsewhere y is
+ * stored as usual. */
+#ifndef DECODER_LN_STREAM_BYTES
+#define DECODER_LN_STREAM_BYTES 4194304u
+#endif
+#ifndef DECODER_LN_STREAMS
+#if defined(__SSE2__)
+#define DECODER_LN_STREAMS 1
+#else
+#define DECODER_LN_STREAMS 0
+#endif
+#endif
+#if DECODER_LN_STREAMS
+#include <immintrin.h>
+#endif
+
+/* Streaming stores write y in whole 64-byte lines (16 elements). The part of a line that one
+ * decoder_ln_stream writes last waits here for the next, which completes it where it continues y;
+ * decoder_ln_stream_end stores what still waits as usual. */
+typedef struct {
+    float *at; /* where the waiting part ends */
+    size_t fill; /* its elements, the first of a line */
+    float line[16];
+} decoder_ln_streamer;
+
+/* The streaming helpers are called in the hottest loops: inlined there, the partial sums kept in
+ * registers around them are not spilled for a call (and, inline, a layer whose loops never
+ * stream leaves them unused without a warning). */
+#if defined(__GNUC__)
+#define DECODER_LN_INLINE __attribute__((always_inline)) inline
+#else
+#define DECODER_LN_INLINE inline
+#endif
+
+#if DECODER_LN_STREAMS
+/* the line y (64-byte aligned) = v, with streaming stores */
+static DECODER_LN_INLINE void decoder_ln_stream_line(float *y, const float *v)
+{
+#if defined(__AVX__)
+    _mm256_stream_ps(y, _mm256_loadu_ps(v));
+    _mm256_stream_ps(y + 8, _mm256_loadu_ps(v + 8));
+#else
+    _mm_stream_ps(y, _mm_loadu_ps(v));
+    _mm_stream_ps(y + 4, _mm_loadu_ps(v + 4));
+    _mm_stream_ps(y + 8, _mm_loadu_ps(v + 8));
+    _mm_stream_ps(y + 12, _mm_loadu_ps(v + 12));
+#endif
+}
+#endif
+
+static inline void decoder_ln_stream_end(decoder_ln_streamer *s)
+{
+    float *y = s->at - s->fill;
+    for (size_t i = 0; i < s->fill; ++i) {
+        y[i] = s->line[i];
+    }
+    s->fill = 0;
+}
+
+/* y[0 .. n) = v[0 .. n): its whole lines with streaming stores, a line it only begins left to
+ * wait in s, one begun elsewhere (y not continuing s) stored as usual */
+static DECODER_LN_INLINE void decoder_ln_stream(decoder_ln_streamer *s, float *y, const float *v, size_t n)
+{
+    size_t i = 0;
+#if DECODER_LN_STREAMS
+    if (s->fill != 0) {
+        if (s->at != y) {
+            decoder_ln_stream_end(s);
+        } else {
+            for (; i < n && s->fill < 16; ++i) {
+                s->line[s->fill++] = v[i];
+            }
+            if (s->fill < 16) {
+                s->at = y + i;
+                return;
+            }
+            decoder_ln_stream_line(y + i - 16, s->line);
+            s->fill = 0;
+        }
+    }
+    for (; i < n && ((uintptr_t)(y + i) & 63u) != 0; ++i) {
+        y[i] = v[i];
+    }
+    for (; i + 16 <= n; i += 16) {
+        decoder_ln_stream_line(y + i, v + i);
+    }
+    for (; i < n; ++i) {
+        s->line[s->fill++] = v[i];
+    }
+    s->at = y + n;
+#else
+    (void)s;
+    for (; i < n; ++i) {
+        y[i] = v[i];
+    }
+#endif
+}
+
+/* Whether a call on nb samples streams y; after one that did, its streaming stores are ordered
+ * before the return (a fence). */
+#define DECODER_LN_STREAMED(nb) (DECODER_LN_STREAMS && (nb) * 4096u + 1 > DECODER_LN_STREAM_BYTES / sizeof(float) + (DECODER_LN_STREAM_BYTES % sizeof(float) != 0))
+#if DECODER_LN_STREAMS
+#define DECODER_LN_STREAM_FENCE() _mm_sfence()
+#else
+#define DECODER_LN_STREAM_FENCE() ((void)0)
+#endif
+
 /* scale, one per channel */
 static const float decoder_ln_scale[128] = {
     1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f,
@@ -101,7 +211,9 @@ int decoder_ln_predict(const float *x, float *y, int32_t batch)
     const size_t nb = (size_t)batch;
     const float *scale = decoder_ln_scale;
     const float *offset = decoder_ln_offset;
+    const int stream = DECODER_LN_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
     {
+        decoder_ln_streamer ws = {NULL, 0, {0}};
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
          * normalized: x streams in from memory while y is written, and is read from memory once
          * wherever a block fits in cache */
@@ -239,97 +351,42 @@ int decoder_ln_predict(const float *x, float *y, int32_t batch)
             if (sb + 1 < nb * 32) {
                 /* block sb + 1, shifted to block sb's offsets */
                 const float *xn = x + (128);
-                n = 0;
-                mean[0] = 0;
-                m2[0] = 0;
-                /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
-                 * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
-                 * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
-                 * from the chunk's mean; then Chan's merge of the chunks in double */
-                for (size_t c0 = 0; c0 < 128; c0 += 8192) {
-                    const size_t c1 = c0 + 8192 < 128 ? c0 + 8192 : 128;
-                    const double nc = (double)((c1 - c0) * 1);
-                    float K = (float)mean[0];
-                    if (c0 == 0) {
-                        /* the block's first chunk: K is the mean of its first 8 elements */
-                        K = 0;
-                        for (size_t q = 0; q < 8; ++q) {
-                            K += xn[i0 * 128 + q];
+                if (stream) {
+                    /* its statistics, then block sb streamed out from cache */
+                    n = 0;
+                    mean[0] = 0;
+                    m2[0] = 0;
+                    /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
+                     * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+                     * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+                     * from the chunk's mean; then Chan's merge of the chunks in double */
+                    for (size_t c0 = 0; c0 < 128; c0 += 8192) {
+                        const size_t c1 = c0 + 8192 < 128 ? c0 + 8192 : 128;
+                        const double nc = (double)((c1 - c0) * 1);
+                        float K = (float)mean[0];
+                        if (c0 == 0) {
+                            /* the block's first chunk: K is the mean of its first 8 elements */
+                            K = 0;
+                            for (size_t q = 0; q < 8; ++q) {
+                                K += xn[i0 * 128 + q];
+                            }
+                            K /= 8;
                         }
-                        K /= 8;
-                    }
-                    for (size_t l = 0; l < 32; ++l) {
-                        lane[l] = 0;
-                        lane2[l] = 0;
-                    }
-                    /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the same elements of the previous block are normalized */
-                    {
-                        const float *xr = x + i0 * 128;
-                        const float *xq = xn + i0 * 128;
-                        float *yr = y + i0 * 128;
-                        const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
-                        for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
-                            for (size_t l = 0; l < 32; ++l) {
-                                yr[i1 + l] = ((xr[i1 + l] - mhi[0]) - mlo[0]) * (rs[0] * scale[(i1 + l)]) + offset[(i1 + l)];
-                            }
-                            for (size_t l = 0; l < 32; ++l) {
-                                const float dev = xq[i1 + l] - K;
-                                lane[l] += dev;
-                                lane2[l] += dev * dev;
-                            }
-                        }
-                        {
-                            const size_t i1 = blocks_end;
-                            for (size_t l = 0; l < c1 - i1; ++l) {
-                                yr[i1 + l] = ((xr[i1 + l] - mhi[0]) - mlo[0]) * (rs[0] * scale[(i1 + l)]) + offset[(i1 + l)];
-                            }
-                            for (size_t l = 0; l < c1 - i1; ++l) {
-                                const float dev = xq[i1 + l] - K;
-                                lane[l] += dev;
-                                lane2[l] += dev * dev;
-                            }
-                        }
-                    }
-                    double s1 = 0, s2 = 0;
-                    for (size_t l = 0; l < 32; ++l) {
-                        s1 += lane[l];
-                        s2 += lane2[l];
-                    }
-                    double shift = (double)K;
-                    if (!(s1 * s1 <= 0.5 * nc * s2)) {
-                        /* K is more than one standard deviation from the chunk's mean: the chunk again, from
-                         * cache, as a corrected two-pass (its mean m, then d = x - m) */
                         for (size_t l = 0; l < 32; ++l) {
-                            lane[l] = 0;
-                        }
-                        {
-                            const float *xr = xn + i0 * 128;
-                            const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
-                            for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
-                                for (size_t l = 0; l < 32; ++l) {
-                                    lane[l] += xr[i1 + l];
-                                }
-                            }
-                            {
-                                const size_t i1 = blocks_end;
-                                for (size_t l = 0; l < c1 - i1; ++l) {
-                                    lane[l] += xr[i1 + l];
-                                }
-                            }
-                        }
-                        double sum = 0;
-                        for (size_t l = 0; l < 32; ++l) {
-                            sum += lane[l];
                             lane[l] = 0;
                             lane2[l] = 0;
                         }
-                        const float m = (float)(sum / nc);
+                        /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the next chunk is fetched */
                         {
                             const float *xr = xn + i0 * 128;
                             const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                             for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
+                                if (i1 + 8224 <= 128) {
+                                    DECODER_LN_PREFETCH(xr + i1 + 8192);
+                                    DECODER_LN_PREFETCH(xr + i1 + 8192 + 16);
+                                }
                                 for (size_t l = 0; l < 32; ++l) {
-                                    const float dev = xr[i1 + l] - m;
+                                    const float dev = xr[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -337,40 +394,236 @@ int decoder_ln_predict(const float *x, float *y, int32_t batch)
                             {
                                 const size_t i1 = blocks_end;
                                 for (size_t l = 0; l < c1 - i1; ++l) {
-                                    const float dev = xr[i1 + l] - m;
+                                    const float dev = xr[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
                             }
                         }
-                        s1 = 0;
-                        s2 = 0;
+                        double s1 = 0, s2 = 0;
                         for (size_t l = 0; l < 32; ++l) {
                             s1 += lane[l];
                             s2 += lane2[l];
                         }
-                        shift = (double)m;
+                        double shift = (double)K;
+                        if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                            /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                             * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                            for (size_t l = 0; l < 32; ++l) {
+                                lane[l] = 0;
+                            }
+                            {
+                                const float *xr = xn + i0 * 128;
+                                const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                                for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        lane[l] += xr[i1 + l];
+                                    }
+                                }
+                                {
+                                    const size_t i1 = blocks_end;
+                                    for (size_t l = 0; l < c1 - i1; ++l) {
+                                        lane[l] += xr[i1 + l];
+                                    }
+                                }
+                            }
+                            double sum = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                sum += lane[l];
+                                lane[l] = 0;
+                                lane2[l] = 0;
+                            }
+                            const float m = (float)(sum / nc);
+                            {
+                                const float *xr = xn + i0 * 128;
+                                const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                                for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        const float dev = xr[i1 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                                {
+                                    const size_t i1 = blocks_end;
+                                    for (size_t l = 0; l < c1 - i1; ++l) {
+                                        const float dev = xr[i1 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                            }
+                            s1 = 0;
+                            s2 = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                s1 += lane[l];
+                                s2 += lane2[l];
+                            }
+                            shift = (double)m;
+                        }
+                        const double total = n + nc;
+                        const double cm2 = s2 - s1 * s1 / nc;
+                        const double delta = (shift + s1 / nc) - mean[0];
+                        mean[0] += delta * (nc / total);
+                        m2[0] += cm2 + delta * delta * (n * nc / total);
+                        n = total;
                     }
-                    const double total = n + nc;
-                    const double cm2 = s2 - s1 * s1 / nc;
-                    const double delta = (shift + s1 / nc) - mean[0];
-                    mean[0] += delta * (nc / total);
-                    m2[0] += cm2 + delta * delta * (n * nc / total);
-                    n = total;
-                }
+                    {
+                        const float *xr = x + i0 * 128;
+                        float *yr = y + i0 * 128;
+                        float sv[128];
+                        for (size_t i1 = 0; i1 < 128; ++i1) {
+                            sv[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                        }
+                        decoder_ln_stream(&ws, yr, sv, 128);
+                    }
+} else {
+                    n = 0;
+                    mean[0] = 0;
+                    m2[0] = 0;
+                    /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
+                     * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+                     * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+                     * from the chunk's mean; then Chan's merge of the chunks in double */
+                    for (size_t c0 = 0; c0 < 128; c0 += 8192) {
+                        const size_t c1 = c0 + 8192 < 128 ? c0 + 8192 : 128;
+                        const double nc = (double)((c1 - c0) * 1);
+                        float K = (float)mean[0];
+                        if (c0 == 0) {
+                            /* the block's first chunk: K is the mean of its first 8 elements */
+                            K = 0;
+                            for (size_t q = 0; q < 8; ++q) {
+                                K += xn[i0 * 128 + q];
+                            }
+                            K /= 8;
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            lane[l] = 0;
+                            lane2[l] = 0;
+                        }
+                        /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the same elements of the previous block are normalized */
+                        {
+                            const float *xr = x + i0 * 128;
+                            const float *xq = xn + i0 * 128;
+                            float *yr = y + i0 * 128;
+                            const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                            for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
+                                for (size_t l = 0; l < 32; ++l) {
+                                    yr[i1 + l] = ((xr[i1 + l] - mhi[0]) - mlo[0]) * (rs[0] * scale[(i1 + l)]) + offset[(i1 + l)];
+                                }
+                                for (size_t l = 0; l < 32; ++l) {
+                                    const float dev = xq[i1 + l] - K;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                            {
+                                const size_t i1 = blocks_end;
+                                for (size_t l = 0; l < c1 - i1; ++l) {
+                                    yr[i1 + l] = ((xr[i1 + l] - mhi[0]) - mlo[0]) * (rs[0] * scale[(i1 + l)]) + offset[(i1 + l)];
+                                }
+                                for (size_t l = 0; l < c1 - i1; ++l) {
+                                    const float dev = xq[i1 + l] - K;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                        }
+                        double s1 = 0, s2 = 0;
+                        for (size_t l = 0; l < 32; ++l) {
+                            s1 += lane[l];
+                            s2 += lane2[l];
+                        }
+                        double shift = (double)K;
+                        if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                            /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                             * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                            for (size_t l = 0; l < 32; ++l) {
+                                lane[l] = 0;
+                            }
+                            {
+                                const float *xr = xn + i0 * 128;
+                                const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                                for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        lane[l] += xr[i1 + l];
+                                    }
+                                }
+                                {
+                                    const size_t i1 = blocks_end;
+                                    for (size_t l = 0; l < c1 - i1; ++l) {
+                                        lane[l] += xr[i1 + l];
+                                    }
+                                }
+                            }
+                            double sum = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                sum += lane[l];
+                                lane[l] = 0;
+                                lane2[l] = 0;
+                            }
+                            const float m = (float)(sum / nc);
+                            {
+                                const float *xr = xn + i0 * 128;
+                                const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                                for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        const float dev = xr[i1 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                                {
+                                    const size_t i1 = blocks_end;
+                                    for (size_t l = 0; l < c1 - i1; ++l) {
+                                        const float dev = xr[i1 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                            }
+                            s1 = 0;
+                            s2 = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                s1 += lane[l];
+                                s2 += lane2[l];
+                            }
+                            shift = (double)m;
+                        }
+                        const double total = n + nc;
+                        const double cm2 = s2 - s1 * s1 / nc;
+                        const double delta = (shift + s1 / nc) - mean[0];
+                        mean[0] += delta * (nc / total);
+                        m2[0] += cm2 + delta * delta * (n * nc / total);
+                        n = total;
+                    }
+}
             } else {
                 /* pass 2 of the last block: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
                 {
                     const float *xr = x + i0 * 128;
                     float *yr = y + i0 * 128;
-                    for (size_t i1 = 0; i1 < 128; ++i1) {
-                        yr[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                    if (stream) {
+                        float sv[128];
+                        for (size_t i1 = 0; i1 < 128; ++i1) {
+                            sv[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                        }
+                        decoder_ln_stream(&ws, yr, sv, 128);
+                    } else {
+                        for (size_t i1 = 0; i1 < 128; ++i1) {
+                            yr[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                        }
                     }
                 }
             }
         }
+        if (stream) {
+            decoder_ln_stream_end(&ws);
+        }
     }
-
+    if (stream) {
+        DECODER_LN_STREAM_FENCE();
+    }
     return DECODER_LN_OK;
 }
 
@@ -396,7 +649,9 @@ int decoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
     const size_t nb = (size_t)batch;
     const float *scale = decoder_ln_scale;
     const float *offset = decoder_ln_offset;
+    const int stream = DECODER_LN_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
     {
+        decoder_ln_streamer ws = {NULL, 0, {0}};
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
          * normalized: x streams in from memory while y is written, and is read from memory once
          * wherever a block fits in cache */
@@ -538,97 +793,42 @@ int decoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
             if (sb + 1 < nb * 32) {
                 /* block sb + 1, shifted to block sb's offsets */
                 const float *xn = x + (128);
-                n = 0;
-                mean[0] = 0;
-                m2[0] = 0;
-                /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
-                 * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
-                 * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
-                 * from the chunk's mean; then Chan's merge of the chunks in double */
-                for (size_t c0 = 0; c0 < 128; c0 += 8192) {
-                    const size_t c1 = c0 + 8192 < 128 ? c0 + 8192 : 128;
-                    const double nc = (double)((c1 - c0) * 1);
-                    double K = (double)mean[0];
-                    if (c0 == 0) {
-                        /* the block's first chunk: K is the mean of its first 8 elements */
-                        K = 0;
-                        for (size_t q = 0; q < 8; ++q) {
-                            K += xn[i0 * 128 + q];
+                if (stream) {
+                    /* its statistics, then block sb streamed out from cache */
+                    n = 0;
+                    mean[0] = 0;
+                    m2[0] = 0;
+                    /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
+                     * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+                     * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+                     * from the chunk's mean; then Chan's merge of the chunks in double */
+                    for (size_t c0 = 0; c0 < 128; c0 += 8192) {
+                        const size_t c1 = c0 + 8192 < 128 ? c0 + 8192 : 128;
+                        const double nc = (double)((c1 - c0) * 1);
+                        double K = (double)mean[0];
+                        if (c0 == 0) {
+                            /* the block's first chunk: K is the mean of its first 8 elements */
+                            K = 0;
+                            for (size_t q = 0; q < 8; ++q) {
+                                K += xn[i0 * 128 + q];
+                            }
+                            K /= 8;
                         }
-                        K /= 8;
-                    }
-                    for (size_t l = 0; l < 32; ++l) {
-                        lane[l] = 0;
-                        lane2[l] = 0;
-                    }
-                    /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the same elements of the previous block are normalized */
-                    {
-                        const float *xr = x + i0 * 128;
-                        const float *xq = xn + i0 * 128;
-                        float *yr = y + i0 * 128;
-                        const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
-                        for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
-                            for (size_t l = 0; l < 32; ++l) {
-                                yr[i1 + l] = ((xr[i1 + l] - mhi[0]) - mlo[0]) * (rs[0] * scale[(i1 + l)]) + offset[(i1 + l)];
-                            }
-                            for (size_t l = 0; l < 32; ++l) {
-                                const double dev = xq[i1 + l] - K;
-                                lane[l] += dev;
-                                lane2[l] += dev * dev;
-                            }
-                        }
-                        {
-                            const size_t i1 = blocks_end;
-                            for (size_t l = 0; l < c1 - i1; ++l) {
-                                yr[i1 + l] = ((xr[i1 + l] - mhi[0]) - mlo[0]) * (rs[0] * scale[(i1 + l)]) + offset[(i1 + l)];
-                            }
-                            for (size_t l = 0; l < c1 - i1; ++l) {
-                                const double dev = xq[i1 + l] - K;
-                                lane[l] += dev;
-                                lane2[l] += dev * dev;
-                            }
-                        }
-                    }
-                    double s1 = 0, s2 = 0;
-                    for (size_t l = 0; l < 32; ++l) {
-                        s1 += lane[l];
-                        s2 += lane2[l];
-                    }
-                    double shift = (double)K;
-                    if (!(s1 * s1 <= 0.5 * nc * s2)) {
-                        /* K is more than one standard deviation from the chunk's mean: the chunk again, from
-                         * cache, as a corrected two-pass (its mean m, then d = x - m) */
                         for (size_t l = 0; l < 32; ++l) {
-                            lane[l] = 0;
-                        }
-                        {
-                            const float *xr = xn + i0 * 128;
-                            const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
-                            for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
-                                for (size_t l = 0; l < 32; ++l) {
-                                    lane[l] += xr[i1 + l];
-                                }
-                            }
-                            {
-                                const size_t i1 = blocks_end;
-                                for (size_t l = 0; l < c1 - i1; ++l) {
-                                    lane[l] += xr[i1 + l];
-                                }
-                            }
-                        }
-                        double sum = 0;
-                        for (size_t l = 0; l < 32; ++l) {
-                            sum += lane[l];
                             lane[l] = 0;
                             lane2[l] = 0;
                         }
-                        const double m = (double)(sum / nc);
+                        /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the next chunk is fetched */
                         {
                             const float *xr = xn + i0 * 128;
                             const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                             for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
+                                if (i1 + 8224 <= 128) {
+                                    DECODER_LN_PREFETCH(xr + i1 + 8192);
+                                    DECODER_LN_PREFETCH(xr + i1 + 8192 + 16);
+                                }
                                 for (size_t l = 0; l < 32; ++l) {
-                                    const double dev = xr[i1 + l] - m;
+                                    const double dev = xr[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -636,40 +836,236 @@ int decoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                             {
                                 const size_t i1 = blocks_end;
                                 for (size_t l = 0; l < c1 - i1; ++l) {
-                                    const double dev = xr[i1 + l] - m;
+                                    const double dev = xr[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
                             }
                         }
-                        s1 = 0;
-                        s2 = 0;
+                        double s1 = 0, s2 = 0;
                         for (size_t l = 0; l < 32; ++l) {
                             s1 += lane[l];
                             s2 += lane2[l];
                         }
-                        shift = (double)m;
+                        double shift = (double)K;
+                        if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                            /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                             * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                            for (size_t l = 0; l < 32; ++l) {
+                                lane[l] = 0;
+                            }
+                            {
+                                const float *xr = xn + i0 * 128;
+                                const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                                for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        lane[l] += xr[i1 + l];
+                                    }
+                                }
+                                {
+                                    const size_t i1 = blocks_end;
+                                    for (size_t l = 0; l < c1 - i1; ++l) {
+                                        lane[l] += xr[i1 + l];
+                                    }
+                                }
+                            }
+                            double sum = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                sum += lane[l];
+                                lane[l] = 0;
+                                lane2[l] = 0;
+                            }
+                            const double m = (double)(sum / nc);
+                            {
+                                const float *xr = xn + i0 * 128;
+                                const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                                for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        const double dev = xr[i1 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                                {
+                                    const size_t i1 = blocks_end;
+                                    for (size_t l = 0; l < c1 - i1; ++l) {
+                                        const double dev = xr[i1 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                            }
+                            s1 = 0;
+                            s2 = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                s1 += lane[l];
+                                s2 += lane2[l];
+                            }
+                            shift = (double)m;
+                        }
+                        const double total = n + nc;
+                        const double cm2 = s2 - s1 * s1 / nc;
+                        const double delta = (shift + s1 / nc) - mean[0];
+                        mean[0] += delta * (nc / total);
+                        m2[0] += cm2 + delta * delta * (n * nc / total);
+                        n = total;
                     }
-                    const double total = n + nc;
-                    const double cm2 = s2 - s1 * s1 / nc;
-                    const double delta = (shift + s1 / nc) - mean[0];
-                    mean[0] += delta * (nc / total);
-                    m2[0] += cm2 + delta * delta * (n * nc / total);
-                    n = total;
-                }
+                    {
+                        const float *xr = x + i0 * 128;
+                        float *yr = y + i0 * 128;
+                        float sv[128];
+                        for (size_t i1 = 0; i1 < 128; ++i1) {
+                            sv[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                        }
+                        decoder_ln_stream(&ws, yr, sv, 128);
+                    }
+} else {
+                    n = 0;
+                    mean[0] = 0;
+                    m2[0] = 0;
+                    /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
+                     * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+                     * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+                     * from the chunk's mean; then Chan's merge of the chunks in double */
+                    for (size_t c0 = 0; c0 < 128; c0 += 8192) {
+                        const size_t c1 = c0 + 8192 < 128 ? c0 + 8192 : 128;
+                        const double nc = (double)((c1 - c0) * 1);
+                        double K = (double)mean[0];
+                        if (c0 == 0) {
+                            /* the block's first chunk: K is the mean of its first 8 elements */
+                            K = 0;
+                            for (size_t q = 0; q < 8; ++q) {
+                                K += xn[i0 * 128 + q];
+                            }
+                            K /= 8;
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            lane[l] = 0;
+                            lane2[l] = 0;
+                        }
+                        /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the same elements of the previous block are normalized */
+                        {
+                            const float *xr = x + i0 * 128;
+                            const float *xq = xn + i0 * 128;
+                            float *yr = y + i0 * 128;
+                            const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                            for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
+                                for (size_t l = 0; l < 32; ++l) {
+                                    yr[i1 + l] = ((xr[i1 + l] - mhi[0]) - mlo[0]) * (rs[0] * scale[(i1 + l)]) + offset[(i1 + l)];
+                                }
+                                for (size_t l = 0; l < 32; ++l) {
+                                    const double dev = xq[i1 + l] - K;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                            {
+                                const size_t i1 = blocks_end;
+                                for (size_t l = 0; l < c1 - i1; ++l) {
+                                    yr[i1 + l] = ((xr[i1 + l] - mhi[0]) - mlo[0]) * (rs[0] * scale[(i1 + l)]) + offset[(i1 + l)];
+                                }
+                                for (size_t l = 0; l < c1 - i1; ++l) {
+                                    const double dev = xq[i1 + l] - K;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                        }
+                        double s1 = 0, s2 = 0;
+                        for (size_t l = 0; l < 32; ++l) {
+                            s1 += lane[l];
+                            s2 += lane2[l];
+                        }
+                        double shift = (double)K;
+                        if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                            /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                             * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                            for (size_t l = 0; l < 32; ++l) {
+                                lane[l] = 0;
+                            }
+                            {
+                                const float *xr = xn + i0 * 128;
+                                const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                                for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        lane[l] += xr[i1 + l];
+                                    }
+                                }
+                                {
+                                    const size_t i1 = blocks_end;
+                                    for (size_t l = 0; l < c1 - i1; ++l) {
+                                        lane[l] += xr[i1 + l];
+                                    }
+                                }
+                            }
+                            double sum = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                sum += lane[l];
+                                lane[l] = 0;
+                                lane2[l] = 0;
+                            }
+                            const double m = (double)(sum / nc);
+                            {
+                                const float *xr = xn + i0 * 128;
+                                const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                                for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        const double dev = xr[i1 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                                {
+                                    const size_t i1 = blocks_end;
+                                    for (size_t l = 0; l < c1 - i1; ++l) {
+                                        const double dev = xr[i1 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                            }
+                            s1 = 0;
+                            s2 = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                s1 += lane[l];
+                                s2 += lane2[l];
+                            }
+                            shift = (double)m;
+                        }
+                        const double total = n + nc;
+                        const double cm2 = s2 - s1 * s1 / nc;
+                        const double delta = (shift + s1 / nc) - mean[0];
+                        mean[0] += delta * (nc / total);
+                        m2[0] += cm2 + delta * delta * (n * nc / total);
+                        n = total;
+                    }
+}
             } else {
                 /* pass 2 of the last block: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
                 {
                     const float *xr = x + i0 * 128;
                     float *yr = y + i0 * 128;
-                    for (size_t i1 = 0; i1 < 128; ++i1) {
-                        yr[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                    if (stream) {
+                        float sv[128];
+                        for (size_t i1 = 0; i1 < 128; ++i1) {
+                            sv[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                        }
+                        decoder_ln_stream(&ws, yr, sv, 128);
+                    } else {
+                        for (size_t i1 = 0; i1 < 128; ++i1) {
+                            yr[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                        }
                     }
                 }
             }
         }
+        if (stream) {
+            decoder_ln_stream_end(&ws);
+        }
     }
-
+    if (stream) {
+        DECODER_LN_STREAM_FENCE();
+    }
     return DECODER_LN_OK;
 }
 

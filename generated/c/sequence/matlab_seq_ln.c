@@ -35,6 +35,116 @@
 #define MATLAB_SEQ_LN_PREFETCH(p) ((void)(p))
 #endif
 
+/* Streaming stores: a call that writes at least MATLAB_SEQ_LN_STREAM_BYTES bytes of y (define it
+ * to change that: 0 streams always, SIZE_MAX never) stores y with non-temporal stores, past the
+ * caches, the way memcpy copies what is larger than its cache: y then takes no cache room from x,
+ * still to be read, and its old contents are not read in first. x86 (SSE2) only; elsewhere y is
+ * stored as usual. */
+#ifndef MATLAB_SEQ_LN_STREAM_BYTES
+#define MATLAB_SEQ_LN_STREAM_BYTES 4194304u
+#endif
+#ifndef MATLAB_SEQ_LN_STREAMS
+#if defined(__SSE2__)
+#define MATLAB_SEQ_LN_STREAMS 1
+#else
+#define MATLAB_SEQ_LN_STREAMS 0
+#endif
+#endif
+#if MATLAB_SEQ_LN_STREAMS
+#include <immintrin.h>
+#endif
+
+/* Streaming stores write y in whole 64-byte lines (16 elements). The part of a line that one
+ * matlab_seq_ln_stream writes last waits here for the next, which completes it where it continues y;
+ * matlab_seq_ln_stream_end stores what still waits as usual. */
+typedef struct {
+    float *at; /* where the waiting part ends */
+    size_t fill; /* its elements, the first of a line */
+    float line[16];
+} matlab_seq_ln_streamer;
+
+/* The streaming helpers are called in the hottest loops: inlined there, the partial sums kept in
+ * registers around them are not spilled for a call (and, inline, a layer whose loops never
+ * stream leaves them unused without a warning). */
+#if defined(__GNUC__)
+#define MATLAB_SEQ_LN_INLINE __attribute__((always_inline)) inline
+#else
+#define MATLAB_SEQ_LN_INLINE inline
+#endif
+
+#if MATLAB_SEQ_LN_STREAMS
+/* the line y (64-byte aligned) = v, with streaming stores */
+static MATLAB_SEQ_LN_INLINE void matlab_seq_ln_stream_line(float *y, const float *v)
+{
+#if defined(__AVX__)
+    _mm256_stream_ps(y, _mm256_loadu_ps(v));
+    _mm256_stream_ps(y + 8, _mm256_loadu_ps(v + 8));
+#else
+    _mm_stream_ps(y, _mm_loadu_ps(v));
+    _mm_stream_ps(y + 4, _mm_loadu_ps(v + 4));
+    _mm_stream_ps(y + 8, _mm_loadu_ps(v + 8));
+    _mm_stream_ps(y + 12, _mm_loadu_ps(v + 12));
+#endif
+}
+#endif
+
+static inline void matlab_seq_ln_stream_end(matlab_seq_ln_streamer *s)
+{
+    float *y = s->at - s->fill;
+    for (size_t i = 0; i < s->fill; ++i) {
+        y[i] = s->line[i];
+    }
+    s->fill = 0;
+}
+
+/* y[0 .. n) = v[0 .. n): its whole lines with streaming stores, a line it only begins left to
+ * wait in s, one begun elsewhere (y not continuing s) stored as usual */
+static MATLAB_SEQ_LN_INLINE void matlab_seq_ln_stream(matlab_seq_ln_streamer *s, float *y, const float *v, size_t n)
+{
+    size_t i = 0;
+#if MATLAB_SEQ_LN_STREAMS
+    if (s->fill != 0) {
+        if (s->at != y) {
+            matlab_seq_ln_stream_end(s);
+        } else {
+            for (; i < n && s->fill < 16; ++i) {
+                s->line[s->fill++] = v[i];
+            }
+            if (s->fill < 16) {
+                s->at = y + i;
+                return;
+            }
+            matlab_seq_ln_stream_line(y + i - 16, s->line);
+            s->fill = 0;
+        }
+    }
+    for (; i < n && ((uintptr_t)(y + i) & 63u) != 0; ++i) {
+        y[i] = v[i];
+    }
+    for (; i + 16 <= n; i += 16) {
+        matlab_seq_ln_stream_line(y + i, v + i);
+    }
+    for (; i < n; ++i) {
+        s->line[s->fill++] = v[i];
+    }
+    s->at = y + n;
+#else
+    (void)s;
+    for (; i < n; ++i) {
+        y[i] = v[i];
+    }
+#endif
+}
+
+/* Whether a call on nb samples streams y; after one that did, its streaming stores are ordered
+ * before the return (a fence). */
+#define MATLAB_SEQ_LN_STREAMED(nb) (MATLAB_SEQ_LN_STREAMS && (nb) * 3840u + 1 > MATLAB_SEQ_LN_STREAM_BYTES / sizeof(float) + (MATLAB_SEQ_LN_STREAM_BYTES % sizeof(float) != 0))
+#if MATLAB_SEQ_LN_STREAMS
+#define MATLAB_SEQ_LN_STREAM_FENCE() _mm_sfence()
+#else
+#define MATLAB_SEQ_LN_STREAM_FENCE() ((void)0)
+#endif
+
 /* scale, one per channel */
 static const float matlab_seq_ln_scale[96] = {
     1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f,
@@ -90,7 +200,9 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
     const size_t nb = (size_t)batch;
     const float *scale = matlab_seq_ln_scale;
     const float *offset = matlab_seq_ln_offset;
+    const int stream = MATLAB_SEQ_LN_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
     {
+        matlab_seq_ln_streamer ws = {NULL, 0, {0}};
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
          * normalized: x streams in from memory while y is written, and is read from memory once
          * wherever a block fits in cache */
@@ -228,97 +340,42 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
             if (sb + 1 < nb * 40) {
                 /* block sb + 1, shifted to block sb's offsets */
                 const float *xn = x + (96);
-                n = 0;
-                mean[0] = 0;
-                m2[0] = 0;
-                /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
-                 * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
-                 * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
-                 * from the chunk's mean; then Chan's merge of the chunks in double */
-                for (size_t c0 = 0; c0 < 96; c0 += 8192) {
-                    const size_t c1 = c0 + 8192 < 96 ? c0 + 8192 : 96;
-                    const double nc = (double)((c1 - c0) * 1);
-                    float K = (float)mean[0];
-                    if (c0 == 0) {
-                        /* the block's first chunk: K is the mean of its first 8 elements */
-                        K = 0;
-                        for (size_t q = 0; q < 8; ++q) {
-                            K += xn[i0 * 96 + q];
+                if (stream) {
+                    /* its statistics, then block sb streamed out from cache */
+                    n = 0;
+                    mean[0] = 0;
+                    m2[0] = 0;
+                    /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
+                     * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+                     * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+                     * from the chunk's mean; then Chan's merge of the chunks in double */
+                    for (size_t c0 = 0; c0 < 96; c0 += 8192) {
+                        const size_t c1 = c0 + 8192 < 96 ? c0 + 8192 : 96;
+                        const double nc = (double)((c1 - c0) * 1);
+                        float K = (float)mean[0];
+                        if (c0 == 0) {
+                            /* the block's first chunk: K is the mean of its first 8 elements */
+                            K = 0;
+                            for (size_t q = 0; q < 8; ++q) {
+                                K += xn[i0 * 96 + q];
+                            }
+                            K /= 8;
                         }
-                        K /= 8;
-                    }
-                    for (size_t l = 0; l < 32; ++l) {
-                        lane[l] = 0;
-                        lane2[l] = 0;
-                    }
-                    /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the same elements of the previous block are normalized */
-                    {
-                        const float *xr = x + i0 * 96;
-                        const float *xq = xn + i0 * 96;
-                        float *yr = y + i0 * 96;
-                        const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
-                        for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
-                            for (size_t l = 0; l < 32; ++l) {
-                                yr[i1 + l] = ((xr[i1 + l] - mhi[0]) - mlo[0]) * (rs[0] * scale[(i1 + l)]) + offset[(i1 + l)];
-                            }
-                            for (size_t l = 0; l < 32; ++l) {
-                                const float dev = xq[i1 + l] - K;
-                                lane[l] += dev;
-                                lane2[l] += dev * dev;
-                            }
-                        }
-                        {
-                            const size_t i1 = blocks_end;
-                            for (size_t l = 0; l < c1 - i1; ++l) {
-                                yr[i1 + l] = ((xr[i1 + l] - mhi[0]) - mlo[0]) * (rs[0] * scale[(i1 + l)]) + offset[(i1 + l)];
-                            }
-                            for (size_t l = 0; l < c1 - i1; ++l) {
-                                const float dev = xq[i1 + l] - K;
-                                lane[l] += dev;
-                                lane2[l] += dev * dev;
-                            }
-                        }
-                    }
-                    double s1 = 0, s2 = 0;
-                    for (size_t l = 0; l < 32; ++l) {
-                        s1 += lane[l];
-                        s2 += lane2[l];
-                    }
-                    double shift = (double)K;
-                    if (!(s1 * s1 <= 0.5 * nc * s2)) {
-                        /* K is more than one standard deviation from the chunk's mean: the chunk again, from
-                         * cache, as a corrected two-pass (its mean m, then d = x - m) */
                         for (size_t l = 0; l < 32; ++l) {
-                            lane[l] = 0;
-                        }
-                        {
-                            const float *xr = xn + i0 * 96;
-                            const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
-                            for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
-                                for (size_t l = 0; l < 32; ++l) {
-                                    lane[l] += xr[i1 + l];
-                                }
-                            }
-                            {
-                                const size_t i1 = blocks_end;
-                                for (size_t l = 0; l < c1 - i1; ++l) {
-                                    lane[l] += xr[i1 + l];
-                                }
-                            }
-                        }
-                        double sum = 0;
-                        for (size_t l = 0; l < 32; ++l) {
-                            sum += lane[l];
                             lane[l] = 0;
                             lane2[l] = 0;
                         }
-                        const float m = (float)(sum / nc);
+                        /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the next chunk is fetched */
                         {
                             const float *xr = xn + i0 * 96;
                             const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                             for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
+                                if (i1 + 8224 <= 96) {
+                                    MATLAB_SEQ_LN_PREFETCH(xr + i1 + 8192);
+                                    MATLAB_SEQ_LN_PREFETCH(xr + i1 + 8192 + 16);
+                                }
                                 for (size_t l = 0; l < 32; ++l) {
-                                    const float dev = xr[i1 + l] - m;
+                                    const float dev = xr[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -326,40 +383,236 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
                             {
                                 const size_t i1 = blocks_end;
                                 for (size_t l = 0; l < c1 - i1; ++l) {
-                                    const float dev = xr[i1 + l] - m;
+                                    const float dev = xr[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
                             }
                         }
-                        s1 = 0;
-                        s2 = 0;
+                        double s1 = 0, s2 = 0;
                         for (size_t l = 0; l < 32; ++l) {
                             s1 += lane[l];
                             s2 += lane2[l];
                         }
-                        shift = (double)m;
+                        double shift = (double)K;
+                        if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                            /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                             * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                            for (size_t l = 0; l < 32; ++l) {
+                                lane[l] = 0;
+                            }
+                            {
+                                const float *xr = xn + i0 * 96;
+                                const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                                for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        lane[l] += xr[i1 + l];
+                                    }
+                                }
+                                {
+                                    const size_t i1 = blocks_end;
+                                    for (size_t l = 0; l < c1 - i1; ++l) {
+                                        lane[l] += xr[i1 + l];
+                                    }
+                                }
+                            }
+                            double sum = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                sum += lane[l];
+                                lane[l] = 0;
+                                lane2[l] = 0;
+                            }
+                            const float m = (float)(sum / nc);
+                            {
+                                const float *xr = xn + i0 * 96;
+                                const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                                for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        const float dev = xr[i1 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                                {
+                                    const size_t i1 = blocks_end;
+                                    for (size_t l = 0; l < c1 - i1; ++l) {
+                                        const float dev = xr[i1 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                            }
+                            s1 = 0;
+                            s2 = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                s1 += lane[l];
+                                s2 += lane2[l];
+                            }
+                            shift = (double)m;
+                        }
+                        const double total = n + nc;
+                        const double cm2 = s2 - s1 * s1 / nc;
+                        const double delta = (shift + s1 / nc) - mean[0];
+                        mean[0] += delta * (nc / total);
+                        m2[0] += cm2 + delta * delta * (n * nc / total);
+                        n = total;
                     }
-                    const double total = n + nc;
-                    const double cm2 = s2 - s1 * s1 / nc;
-                    const double delta = (shift + s1 / nc) - mean[0];
-                    mean[0] += delta * (nc / total);
-                    m2[0] += cm2 + delta * delta * (n * nc / total);
-                    n = total;
-                }
+                    {
+                        const float *xr = x + i0 * 96;
+                        float *yr = y + i0 * 96;
+                        float sv[96];
+                        for (size_t i1 = 0; i1 < 96; ++i1) {
+                            sv[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                        }
+                        matlab_seq_ln_stream(&ws, yr, sv, 96);
+                    }
+} else {
+                    n = 0;
+                    mean[0] = 0;
+                    m2[0] = 0;
+                    /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
+                     * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+                     * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+                     * from the chunk's mean; then Chan's merge of the chunks in double */
+                    for (size_t c0 = 0; c0 < 96; c0 += 8192) {
+                        const size_t c1 = c0 + 8192 < 96 ? c0 + 8192 : 96;
+                        const double nc = (double)((c1 - c0) * 1);
+                        float K = (float)mean[0];
+                        if (c0 == 0) {
+                            /* the block's first chunk: K is the mean of its first 8 elements */
+                            K = 0;
+                            for (size_t q = 0; q < 8; ++q) {
+                                K += xn[i0 * 96 + q];
+                            }
+                            K /= 8;
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            lane[l] = 0;
+                            lane2[l] = 0;
+                        }
+                        /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the same elements of the previous block are normalized */
+                        {
+                            const float *xr = x + i0 * 96;
+                            const float *xq = xn + i0 * 96;
+                            float *yr = y + i0 * 96;
+                            const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                            for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
+                                for (size_t l = 0; l < 32; ++l) {
+                                    yr[i1 + l] = ((xr[i1 + l] - mhi[0]) - mlo[0]) * (rs[0] * scale[(i1 + l)]) + offset[(i1 + l)];
+                                }
+                                for (size_t l = 0; l < 32; ++l) {
+                                    const float dev = xq[i1 + l] - K;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                            {
+                                const size_t i1 = blocks_end;
+                                for (size_t l = 0; l < c1 - i1; ++l) {
+                                    yr[i1 + l] = ((xr[i1 + l] - mhi[0]) - mlo[0]) * (rs[0] * scale[(i1 + l)]) + offset[(i1 + l)];
+                                }
+                                for (size_t l = 0; l < c1 - i1; ++l) {
+                                    const float dev = xq[i1 + l] - K;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                        }
+                        double s1 = 0, s2 = 0;
+                        for (size_t l = 0; l < 32; ++l) {
+                            s1 += lane[l];
+                            s2 += lane2[l];
+                        }
+                        double shift = (double)K;
+                        if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                            /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                             * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                            for (size_t l = 0; l < 32; ++l) {
+                                lane[l] = 0;
+                            }
+                            {
+                                const float *xr = xn + i0 * 96;
+                                const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                                for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        lane[l] += xr[i1 + l];
+                                    }
+                                }
+                                {
+                                    const size_t i1 = blocks_end;
+                                    for (size_t l = 0; l < c1 - i1; ++l) {
+                                        lane[l] += xr[i1 + l];
+                                    }
+                                }
+                            }
+                            double sum = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                sum += lane[l];
+                                lane[l] = 0;
+                                lane2[l] = 0;
+                            }
+                            const float m = (float)(sum / nc);
+                            {
+                                const float *xr = xn + i0 * 96;
+                                const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                                for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        const float dev = xr[i1 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                                {
+                                    const size_t i1 = blocks_end;
+                                    for (size_t l = 0; l < c1 - i1; ++l) {
+                                        const float dev = xr[i1 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                            }
+                            s1 = 0;
+                            s2 = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                s1 += lane[l];
+                                s2 += lane2[l];
+                            }
+                            shift = (double)m;
+                        }
+                        const double total = n + nc;
+                        const double cm2 = s2 - s1 * s1 / nc;
+                        const double delta = (shift + s1 / nc) - mean[0];
+                        mean[0] += delta * (nc / total);
+                        m2[0] += cm2 + delta * delta * (n * nc / total);
+                        n = total;
+                    }
+}
             } else {
                 /* pass 2 of the last block: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
                 {
                     const float *xr = x + i0 * 96;
                     float *yr = y + i0 * 96;
-                    for (size_t i1 = 0; i1 < 96; ++i1) {
-                        yr[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                    if (stream) {
+                        float sv[96];
+                        for (size_t i1 = 0; i1 < 96; ++i1) {
+                            sv[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                        }
+                        matlab_seq_ln_stream(&ws, yr, sv, 96);
+                    } else {
+                        for (size_t i1 = 0; i1 < 96; ++i1) {
+                            yr[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                        }
                     }
                 }
             }
         }
+        if (stream) {
+            matlab_seq_ln_stream_end(&ws);
+        }
     }
-
+    if (stream) {
+        MATLAB_SEQ_LN_STREAM_FENCE();
+    }
     return MATLAB_SEQ_LN_OK;
 }
 
@@ -385,7 +638,9 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
     const size_t nb = (size_t)batch;
     const float *scale = matlab_seq_ln_scale;
     const float *offset = matlab_seq_ln_offset;
+    const int stream = MATLAB_SEQ_LN_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
     {
+        matlab_seq_ln_streamer ws = {NULL, 0, {0}};
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
          * normalized: x streams in from memory while y is written, and is read from memory once
          * wherever a block fits in cache */
@@ -527,97 +782,42 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
             if (sb + 1 < nb * 40) {
                 /* block sb + 1, shifted to block sb's offsets */
                 const float *xn = x + (96);
-                n = 0;
-                mean[0] = 0;
-                m2[0] = 0;
-                /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
-                 * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
-                 * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
-                 * from the chunk's mean; then Chan's merge of the chunks in double */
-                for (size_t c0 = 0; c0 < 96; c0 += 8192) {
-                    const size_t c1 = c0 + 8192 < 96 ? c0 + 8192 : 96;
-                    const double nc = (double)((c1 - c0) * 1);
-                    double K = (double)mean[0];
-                    if (c0 == 0) {
-                        /* the block's first chunk: K is the mean of its first 8 elements */
-                        K = 0;
-                        for (size_t q = 0; q < 8; ++q) {
-                            K += xn[i0 * 96 + q];
+                if (stream) {
+                    /* its statistics, then block sb streamed out from cache */
+                    n = 0;
+                    mean[0] = 0;
+                    m2[0] = 0;
+                    /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
+                     * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+                     * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+                     * from the chunk's mean; then Chan's merge of the chunks in double */
+                    for (size_t c0 = 0; c0 < 96; c0 += 8192) {
+                        const size_t c1 = c0 + 8192 < 96 ? c0 + 8192 : 96;
+                        const double nc = (double)((c1 - c0) * 1);
+                        double K = (double)mean[0];
+                        if (c0 == 0) {
+                            /* the block's first chunk: K is the mean of its first 8 elements */
+                            K = 0;
+                            for (size_t q = 0; q < 8; ++q) {
+                                K += xn[i0 * 96 + q];
+                            }
+                            K /= 8;
                         }
-                        K /= 8;
-                    }
-                    for (size_t l = 0; l < 32; ++l) {
-                        lane[l] = 0;
-                        lane2[l] = 0;
-                    }
-                    /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the same elements of the previous block are normalized */
-                    {
-                        const float *xr = x + i0 * 96;
-                        const float *xq = xn + i0 * 96;
-                        float *yr = y + i0 * 96;
-                        const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
-                        for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
-                            for (size_t l = 0; l < 32; ++l) {
-                                yr[i1 + l] = ((xr[i1 + l] - mhi[0]) - mlo[0]) * (rs[0] * scale[(i1 + l)]) + offset[(i1 + l)];
-                            }
-                            for (size_t l = 0; l < 32; ++l) {
-                                const double dev = xq[i1 + l] - K;
-                                lane[l] += dev;
-                                lane2[l] += dev * dev;
-                            }
-                        }
-                        {
-                            const size_t i1 = blocks_end;
-                            for (size_t l = 0; l < c1 - i1; ++l) {
-                                yr[i1 + l] = ((xr[i1 + l] - mhi[0]) - mlo[0]) * (rs[0] * scale[(i1 + l)]) + offset[(i1 + l)];
-                            }
-                            for (size_t l = 0; l < c1 - i1; ++l) {
-                                const double dev = xq[i1 + l] - K;
-                                lane[l] += dev;
-                                lane2[l] += dev * dev;
-                            }
-                        }
-                    }
-                    double s1 = 0, s2 = 0;
-                    for (size_t l = 0; l < 32; ++l) {
-                        s1 += lane[l];
-                        s2 += lane2[l];
-                    }
-                    double shift = (double)K;
-                    if (!(s1 * s1 <= 0.5 * nc * s2)) {
-                        /* K is more than one standard deviation from the chunk's mean: the chunk again, from
-                         * cache, as a corrected two-pass (its mean m, then d = x - m) */
                         for (size_t l = 0; l < 32; ++l) {
-                            lane[l] = 0;
-                        }
-                        {
-                            const float *xr = xn + i0 * 96;
-                            const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
-                            for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
-                                for (size_t l = 0; l < 32; ++l) {
-                                    lane[l] += xr[i1 + l];
-                                }
-                            }
-                            {
-                                const size_t i1 = blocks_end;
-                                for (size_t l = 0; l < c1 - i1; ++l) {
-                                    lane[l] += xr[i1 + l];
-                                }
-                            }
-                        }
-                        double sum = 0;
-                        for (size_t l = 0; l < 32; ++l) {
-                            sum += lane[l];
                             lane[l] = 0;
                             lane2[l] = 0;
                         }
-                        const double m = (double)(sum / nc);
+                        /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the next chunk is fetched */
                         {
                             const float *xr = xn + i0 * 96;
                             const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                             for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
+                                if (i1 + 8224 <= 96) {
+                                    MATLAB_SEQ_LN_PREFETCH(xr + i1 + 8192);
+                                    MATLAB_SEQ_LN_PREFETCH(xr + i1 + 8192 + 16);
+                                }
                                 for (size_t l = 0; l < 32; ++l) {
-                                    const double dev = xr[i1 + l] - m;
+                                    const double dev = xr[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -625,40 +825,236 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                             {
                                 const size_t i1 = blocks_end;
                                 for (size_t l = 0; l < c1 - i1; ++l) {
-                                    const double dev = xr[i1 + l] - m;
+                                    const double dev = xr[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
                             }
                         }
-                        s1 = 0;
-                        s2 = 0;
+                        double s1 = 0, s2 = 0;
                         for (size_t l = 0; l < 32; ++l) {
                             s1 += lane[l];
                             s2 += lane2[l];
                         }
-                        shift = (double)m;
+                        double shift = (double)K;
+                        if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                            /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                             * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                            for (size_t l = 0; l < 32; ++l) {
+                                lane[l] = 0;
+                            }
+                            {
+                                const float *xr = xn + i0 * 96;
+                                const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                                for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        lane[l] += xr[i1 + l];
+                                    }
+                                }
+                                {
+                                    const size_t i1 = blocks_end;
+                                    for (size_t l = 0; l < c1 - i1; ++l) {
+                                        lane[l] += xr[i1 + l];
+                                    }
+                                }
+                            }
+                            double sum = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                sum += lane[l];
+                                lane[l] = 0;
+                                lane2[l] = 0;
+                            }
+                            const double m = (double)(sum / nc);
+                            {
+                                const float *xr = xn + i0 * 96;
+                                const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                                for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        const double dev = xr[i1 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                                {
+                                    const size_t i1 = blocks_end;
+                                    for (size_t l = 0; l < c1 - i1; ++l) {
+                                        const double dev = xr[i1 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                            }
+                            s1 = 0;
+                            s2 = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                s1 += lane[l];
+                                s2 += lane2[l];
+                            }
+                            shift = (double)m;
+                        }
+                        const double total = n + nc;
+                        const double cm2 = s2 - s1 * s1 / nc;
+                        const double delta = (shift + s1 / nc) - mean[0];
+                        mean[0] += delta * (nc / total);
+                        m2[0] += cm2 + delta * delta * (n * nc / total);
+                        n = total;
                     }
-                    const double total = n + nc;
-                    const double cm2 = s2 - s1 * s1 / nc;
-                    const double delta = (shift + s1 / nc) - mean[0];
-                    mean[0] += delta * (nc / total);
-                    m2[0] += cm2 + delta * delta * (n * nc / total);
-                    n = total;
-                }
+                    {
+                        const float *xr = x + i0 * 96;
+                        float *yr = y + i0 * 96;
+                        float sv[96];
+                        for (size_t i1 = 0; i1 < 96; ++i1) {
+                            sv[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                        }
+                        matlab_seq_ln_stream(&ws, yr, sv, 96);
+                    }
+} else {
+                    n = 0;
+                    mean[0] = 0;
+                    m2[0] = 0;
+                    /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
+                     * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+                     * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+                     * from the chunk's mean; then Chan's merge of the chunks in double */
+                    for (size_t c0 = 0; c0 < 96; c0 += 8192) {
+                        const size_t c1 = c0 + 8192 < 96 ? c0 + 8192 : 96;
+                        const double nc = (double)((c1 - c0) * 1);
+                        double K = (double)mean[0];
+                        if (c0 == 0) {
+                            /* the block's first chunk: K is the mean of its first 8 elements */
+                            K = 0;
+                            for (size_t q = 0; q < 8; ++q) {
+                                K += xn[i0 * 96 + q];
+                            }
+                            K /= 8;
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            lane[l] = 0;
+                            lane2[l] = 0;
+                        }
+                        /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the same elements of the previous block are normalized */
+                        {
+                            const float *xr = x + i0 * 96;
+                            const float *xq = xn + i0 * 96;
+                            float *yr = y + i0 * 96;
+                            const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                            for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
+                                for (size_t l = 0; l < 32; ++l) {
+                                    yr[i1 + l] = ((xr[i1 + l] - mhi[0]) - mlo[0]) * (rs[0] * scale[(i1 + l)]) + offset[(i1 + l)];
+                                }
+                                for (size_t l = 0; l < 32; ++l) {
+                                    const double dev = xq[i1 + l] - K;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                            {
+                                const size_t i1 = blocks_end;
+                                for (size_t l = 0; l < c1 - i1; ++l) {
+                                    yr[i1 + l] = ((xr[i1 + l] - mhi[0]) - mlo[0]) * (rs[0] * scale[(i1 + l)]) + offset[(i1 + l)];
+                                }
+                                for (size_t l = 0; l < c1 - i1; ++l) {
+                                    const double dev = xq[i1 + l] - K;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                        }
+                        double s1 = 0, s2 = 0;
+                        for (size_t l = 0; l < 32; ++l) {
+                            s1 += lane[l];
+                            s2 += lane2[l];
+                        }
+                        double shift = (double)K;
+                        if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                            /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                             * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                            for (size_t l = 0; l < 32; ++l) {
+                                lane[l] = 0;
+                            }
+                            {
+                                const float *xr = xn + i0 * 96;
+                                const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                                for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        lane[l] += xr[i1 + l];
+                                    }
+                                }
+                                {
+                                    const size_t i1 = blocks_end;
+                                    for (size_t l = 0; l < c1 - i1; ++l) {
+                                        lane[l] += xr[i1 + l];
+                                    }
+                                }
+                            }
+                            double sum = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                sum += lane[l];
+                                lane[l] = 0;
+                                lane2[l] = 0;
+                            }
+                            const double m = (double)(sum / nc);
+                            {
+                                const float *xr = xn + i0 * 96;
+                                const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                                for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        const double dev = xr[i1 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                                {
+                                    const size_t i1 = blocks_end;
+                                    for (size_t l = 0; l < c1 - i1; ++l) {
+                                        const double dev = xr[i1 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                            }
+                            s1 = 0;
+                            s2 = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                s1 += lane[l];
+                                s2 += lane2[l];
+                            }
+                            shift = (double)m;
+                        }
+                        const double total = n + nc;
+                        const double cm2 = s2 - s1 * s1 / nc;
+                        const double delta = (shift + s1 / nc) - mean[0];
+                        mean[0] += delta * (nc / total);
+                        m2[0] += cm2 + delta * delta * (n * nc / total);
+                        n = total;
+                    }
+}
             } else {
                 /* pass 2 of the last block: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
                 {
                     const float *xr = x + i0 * 96;
                     float *yr = y + i0 * 96;
-                    for (size_t i1 = 0; i1 < 96; ++i1) {
-                        yr[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                    if (stream) {
+                        float sv[96];
+                        for (size_t i1 = 0; i1 < 96; ++i1) {
+                            sv[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                        }
+                        matlab_seq_ln_stream(&ws, yr, sv, 96);
+                    } else {
+                        for (size_t i1 = 0; i1 < 96; ++i1) {
+                            yr[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                        }
                     }
                 }
             }
         }
+        if (stream) {
+            matlab_seq_ln_stream_end(&ws);
+        }
     }
-
+    if (stream) {
+        MATLAB_SEQ_LN_STREAM_FENCE();
+    }
     return MATLAB_SEQ_LN_OK;
 }
 

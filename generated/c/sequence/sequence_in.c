@@ -32,6 +32,116 @@
 #define SEQUENCE_IN_PREFETCH(p) ((void)(p))
 #endif
 
+/* Streaming stores: a call that writes at least SEQUENCE_IN_STREAM_BYTES bytes of y (define it
+ * to change that: 0 streams always, SIZE_MAX never) stores y with non-temporal stores, past the
+ * caches, the way memcpy copies what is larger than its cache: y then takes no cache room from x,
+ * still to be read, and its old contents are not read in first. x86 (SSE2) only; elsewhere y is
+ * stored as usual. */
+#ifndef SEQUENCE_IN_STREAM_BYTES
+#define SEQUENCE_IN_STREAM_BYTES 4194304u
+#endif
+#ifndef SEQUENCE_IN_STREAMS
+#if defined(__SSE2__)
+#define SEQUENCE_IN_STREAMS 1
+#else
+#define SEQUENCE_IN_STREAMS 0
+#endif
+#endif
+#if SEQUENCE_IN_STREAMS
+#include <immintrin.h>
+#endif
+
+/* Streaming stores write y in whole 64-byte lines (16 elements). The part of a line that one
+ * sequence_in_stream writes last waits here for the next, which completes it where it continues y;
+ * sequence_in_stream_end stores what still waits as usual. */
+typedef struct {
+    float *at; /* where the waiting part ends */
+    size_t fill; /* its elements, the first of a line */
+    float line[16];
+} sequence_in_streamer;
+
+/* The streaming helpers are called in the hottest loops: inlined there, the partial sums kept in
+ * registers around them are not spilled for a call (and, inline, a layer whose loops never
+ * stream leaves them unused without a warning). */
+#if defined(__GNUC__)
+#define SEQUENCE_IN_INLINE __attribute__((always_inline)) inline
+#else
+#define SEQUENCE_IN_INLINE inline
+#endif
+
+#if SEQUENCE_IN_STREAMS
+/* the line y (64-byte aligned) = v, with streaming stores */
+static SEQUENCE_IN_INLINE void sequence_in_stream_line(float *y, const float *v)
+{
+#if defined(__AVX__)
+    _mm256_stream_ps(y, _mm256_loadu_ps(v));
+    _mm256_stream_ps(y + 8, _mm256_loadu_ps(v + 8));
+#else
+    _mm_stream_ps(y, _mm_loadu_ps(v));
+    _mm_stream_ps(y + 4, _mm_loadu_ps(v + 4));
+    _mm_stream_ps(y + 8, _mm_loadu_ps(v + 8));
+    _mm_stream_ps(y + 12, _mm_loadu_ps(v + 12));
+#endif
+}
+#endif
+
+static inline void sequence_in_stream_end(sequence_in_streamer *s)
+{
+    float *y = s->at - s->fill;
+    for (size_t i = 0; i < s->fill; ++i) {
+        y[i] = s->line[i];
+    }
+    s->fill = 0;
+}
+
+/* y[0 .. n) = v[0 .. n): its whole lines with streaming stores, a line it only begins left to
+ * wait in s, one begun elsewhere (y not continuing s) stored as usual */
+static SEQUENCE_IN_INLINE void sequence_in_stream(sequence_in_streamer *s, float *y, const float *v, size_t n)
+{
+    size_t i = 0;
+#if SEQUENCE_IN_STREAMS
+    if (s->fill != 0) {
+        if (s->at != y) {
+            sequence_in_stream_end(s);
+        } else {
+            for (; i < n && s->fill < 16; ++i) {
+                s->line[s->fill++] = v[i];
+            }
+            if (s->fill < 16) {
+                s->at = y + i;
+                return;
+            }
+            sequence_in_stream_line(y + i - 16, s->line);
+            s->fill = 0;
+        }
+    }
+    for (; i < n && ((uintptr_t)(y + i) & 63u) != 0; ++i) {
+        y[i] = v[i];
+    }
+    for (; i + 16 <= n; i += 16) {
+        sequence_in_stream_line(y + i, v + i);
+    }
+    for (; i < n; ++i) {
+        s->line[s->fill++] = v[i];
+    }
+    s->at = y + n;
+#else
+    (void)s;
+    for (; i < n; ++i) {
+        y[i] = v[i];
+    }
+#endif
+}
+
+/* Whether a call on nb samples streams y; after one that did, its streaming stores are ordered
+ * before the return (a fence). */
+#define SEQUENCE_IN_STREAMED(nb) (SEQUENCE_IN_STREAMS && (nb) * 4800u + 1 > SEQUENCE_IN_STREAM_BYTES / sizeof(float) + (SEQUENCE_IN_STREAM_BYTES % sizeof(float) != 0))
+#if SEQUENCE_IN_STREAMS
+#define SEQUENCE_IN_STREAM_FENCE() _mm_sfence()
+#else
+#define SEQUENCE_IN_STREAM_FENCE() ((void)0)
+#endif
+
 /* scale, one per channel */
 static const float sequence_in_scale[48] = {
     1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f,
@@ -71,7 +181,9 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
     const size_t nb = (size_t)batch;
     const float *scale = sequence_in_scale;
     const float *offset = sequence_in_offset;
+    const int stream = SEQUENCE_IN_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
     {
+        sequence_in_streamer ws = {NULL, 0, {0}};
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
          * normalized: x streams in from memory while y is written, and is read from memory once
          * wherever a block fits in cache */
@@ -211,99 +323,42 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
             if (sb + 1 < nb * 48) {
                 /* block sb + 1, shifted to block sb's offsets */
                 const float *xn = x + ((((sb + 1) / 48) * 4800 + ((sb + 1) % 48) * 100) - (i0 * 4800 + i1 * 100));
-                n = 0;
-                mean[0] = 0;
-                m2[0] = 0;
-                /* pass 1: mean and variance of each statistic (B, C) over T, chunk by chunk:
-                 * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
-                 * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
-                 * from the chunk's mean; then Chan's merge of the chunks in double */
-                for (size_t c0 = 0; c0 < 100; c0 += 8192) {
-                    const size_t c1 = c0 + 8192 < 100 ? c0 + 8192 : 100;
-                    const double nc = (double)((c1 - c0) * 1);
-                    float K = (float)mean[0];
-                    if (c0 == 0) {
-                        /* the block's first chunk: K is the mean of its first 8 elements */
-                        K = 0;
-                        for (size_t q = 0; q < 8; ++q) {
-                            K += xn[i0 * 4800 + i1 * 100 + q];
+                if (stream) {
+                    /* its statistics, then block sb streamed out from cache */
+                    n = 0;
+                    mean[0] = 0;
+                    m2[0] = 0;
+                    /* pass 1: mean and variance of each statistic (B, C) over T, chunk by chunk:
+                     * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+                     * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+                     * from the chunk's mean; then Chan's merge of the chunks in double */
+                    for (size_t c0 = 0; c0 < 100; c0 += 8192) {
+                        const size_t c1 = c0 + 8192 < 100 ? c0 + 8192 : 100;
+                        const double nc = (double)((c1 - c0) * 1);
+                        float K = (float)mean[0];
+                        if (c0 == 0) {
+                            /* the block's first chunk: K is the mean of its first 8 elements */
+                            K = 0;
+                            for (size_t q = 0; q < 8; ++q) {
+                                K += xn[i0 * 4800 + i1 * 100 + q];
+                            }
+                            K /= 8;
                         }
-                        K /= 8;
-                    }
-                    for (size_t l = 0; l < 32; ++l) {
-                        lane[l] = 0;
-                        lane2[l] = 0;
-                    }
-                    /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the same elements of the previous block are normalized */
-                    {
-                        const float *xr = x + i0 * 4800 + i1 * 100;
-                        const float *xq = xn + i0 * 4800 + i1 * 100;
-                        float *yr = y + i0 * 4800 + i1 * 100;
-                        const float g = rs[0] * scale[i1];
-                        const float b = offset[i1] - mlo[0] * g;
-                        const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
-                        for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
-                            for (size_t l = 0; l < 32; ++l) {
-                                yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
-                            }
-                            for (size_t l = 0; l < 32; ++l) {
-                                const float dev = xq[i2 + l] - K;
-                                lane[l] += dev;
-                                lane2[l] += dev * dev;
-                            }
-                        }
-                        {
-                            const size_t i2 = blocks_end;
-                            for (size_t l = 0; l < c1 - i2; ++l) {
-                                yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
-                            }
-                            for (size_t l = 0; l < c1 - i2; ++l) {
-                                const float dev = xq[i2 + l] - K;
-                                lane[l] += dev;
-                                lane2[l] += dev * dev;
-                            }
-                        }
-                    }
-                    double s1 = 0, s2 = 0;
-                    for (size_t l = 0; l < 32; ++l) {
-                        s1 += lane[l];
-                        s2 += lane2[l];
-                    }
-                    double shift = (double)K;
-                    if (!(s1 * s1 <= 0.5 * nc * s2)) {
-                        /* K is more than one standard deviation from the chunk's mean: the chunk again, from
-                         * cache, as a corrected two-pass (its mean m, then d = x - m) */
                         for (size_t l = 0; l < 32; ++l) {
-                            lane[l] = 0;
-                        }
-                        {
-                            const float *xr = xn + i0 * 4800 + i1 * 100;
-                            const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
-                            for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
-                                for (size_t l = 0; l < 32; ++l) {
-                                    lane[l] += xr[i2 + l];
-                                }
-                            }
-                            {
-                                const size_t i2 = blocks_end;
-                                for (size_t l = 0; l < c1 - i2; ++l) {
-                                    lane[l] += xr[i2 + l];
-                                }
-                            }
-                        }
-                        double sum = 0;
-                        for (size_t l = 0; l < 32; ++l) {
-                            sum += lane[l];
                             lane[l] = 0;
                             lane2[l] = 0;
                         }
-                        const float m = (float)(sum / nc);
+                        /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the next chunk is fetched */
                         {
                             const float *xr = xn + i0 * 4800 + i1 * 100;
                             const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                             for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
+                                if (i2 + 8224 <= 100) {
+                                    SEQUENCE_IN_PREFETCH(xr + i2 + 8192);
+                                    SEQUENCE_IN_PREFETCH(xr + i2 + 8192 + 16);
+                                }
                                 for (size_t l = 0; l < 32; ++l) {
-                                    const float dev = xr[i2 + l] - m;
+                                    const float dev = xr[i2 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -311,27 +366,214 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
                             {
                                 const size_t i2 = blocks_end;
                                 for (size_t l = 0; l < c1 - i2; ++l) {
-                                    const float dev = xr[i2 + l] - m;
+                                    const float dev = xr[i2 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
                             }
                         }
-                        s1 = 0;
-                        s2 = 0;
+                        double s1 = 0, s2 = 0;
                         for (size_t l = 0; l < 32; ++l) {
                             s1 += lane[l];
                             s2 += lane2[l];
                         }
-                        shift = (double)m;
+                        double shift = (double)K;
+                        if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                            /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                             * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                            for (size_t l = 0; l < 32; ++l) {
+                                lane[l] = 0;
+                            }
+                            {
+                                const float *xr = xn + i0 * 4800 + i1 * 100;
+                                const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                                for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        lane[l] += xr[i2 + l];
+                                    }
+                                }
+                                {
+                                    const size_t i2 = blocks_end;
+                                    for (size_t l = 0; l < c1 - i2; ++l) {
+                                        lane[l] += xr[i2 + l];
+                                    }
+                                }
+                            }
+                            double sum = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                sum += lane[l];
+                                lane[l] = 0;
+                                lane2[l] = 0;
+                            }
+                            const float m = (float)(sum / nc);
+                            {
+                                const float *xr = xn + i0 * 4800 + i1 * 100;
+                                const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                                for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        const float dev = xr[i2 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                                {
+                                    const size_t i2 = blocks_end;
+                                    for (size_t l = 0; l < c1 - i2; ++l) {
+                                        const float dev = xr[i2 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                            }
+                            s1 = 0;
+                            s2 = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                s1 += lane[l];
+                                s2 += lane2[l];
+                            }
+                            shift = (double)m;
+                        }
+                        const double total = n + nc;
+                        const double cm2 = s2 - s1 * s1 / nc;
+                        const double delta = (shift + s1 / nc) - mean[0];
+                        mean[0] += delta * (nc / total);
+                        m2[0] += cm2 + delta * delta * (n * nc / total);
+                        n = total;
                     }
-                    const double total = n + nc;
-                    const double cm2 = s2 - s1 * s1 / nc;
-                    const double delta = (shift + s1 / nc) - mean[0];
-                    mean[0] += delta * (nc / total);
-                    m2[0] += cm2 + delta * delta * (n * nc / total);
-                    n = total;
-                }
+                    {
+                        const float *xr = x + i0 * 4800 + i1 * 100;
+                        float *yr = y + i0 * 4800 + i1 * 100;
+                        const float g = rs[0] * scale[i1];
+                        const float b = offset[i1] - mlo[0] * g;
+                        float sv[100];
+                        for (size_t i2 = 0; i2 < 100; ++i2) {
+                            sv[i2] = (xr[i2] - mhi[0]) * g + b;
+                        }
+                        sequence_in_stream(&ws, yr, sv, 100);
+                    }
+} else {
+                    n = 0;
+                    mean[0] = 0;
+                    m2[0] = 0;
+                    /* pass 1: mean and variance of each statistic (B, C) over T, chunk by chunk:
+                     * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+                     * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+                     * from the chunk's mean; then Chan's merge of the chunks in double */
+                    for (size_t c0 = 0; c0 < 100; c0 += 8192) {
+                        const size_t c1 = c0 + 8192 < 100 ? c0 + 8192 : 100;
+                        const double nc = (double)((c1 - c0) * 1);
+                        float K = (float)mean[0];
+                        if (c0 == 0) {
+                            /* the block's first chunk: K is the mean of its first 8 elements */
+                            K = 0;
+                            for (size_t q = 0; q < 8; ++q) {
+                                K += xn[i0 * 4800 + i1 * 100 + q];
+                            }
+                            K /= 8;
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            lane[l] = 0;
+                            lane2[l] = 0;
+                        }
+                        /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the same elements of the previous block are normalized */
+                        {
+                            const float *xr = x + i0 * 4800 + i1 * 100;
+                            const float *xq = xn + i0 * 4800 + i1 * 100;
+                            float *yr = y + i0 * 4800 + i1 * 100;
+                            const float g = rs[0] * scale[i1];
+                            const float b = offset[i1] - mlo[0] * g;
+                            const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                            for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
+                                for (size_t l = 0; l < 32; ++l) {
+                                    yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
+                                }
+                                for (size_t l = 0; l < 32; ++l) {
+                                    const float dev = xq[i2 + l] - K;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                            {
+                                const size_t i2 = blocks_end;
+                                for (size_t l = 0; l < c1 - i2; ++l) {
+                                    yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
+                                }
+                                for (size_t l = 0; l < c1 - i2; ++l) {
+                                    const float dev = xq[i2 + l] - K;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                        }
+                        double s1 = 0, s2 = 0;
+                        for (size_t l = 0; l < 32; ++l) {
+                            s1 += lane[l];
+                            s2 += lane2[l];
+                        }
+                        double shift = (double)K;
+                        if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                            /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                             * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                            for (size_t l = 0; l < 32; ++l) {
+                                lane[l] = 0;
+                            }
+                            {
+                                const float *xr = xn + i0 * 4800 + i1 * 100;
+                                const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                                for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        lane[l] += xr[i2 + l];
+                                    }
+                                }
+                                {
+                                    const size_t i2 = blocks_end;
+                                    for (size_t l = 0; l < c1 - i2; ++l) {
+                                        lane[l] += xr[i2 + l];
+                                    }
+                                }
+                            }
+                            double sum = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                sum += lane[l];
+                                lane[l] = 0;
+                                lane2[l] = 0;
+                            }
+                            const float m = (float)(sum / nc);
+                            {
+                                const float *xr = xn + i0 * 4800 + i1 * 100;
+                                const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                                for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        const float dev = xr[i2 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                                {
+                                    const size_t i2 = blocks_end;
+                                    for (size_t l = 0; l < c1 - i2; ++l) {
+                                        const float dev = xr[i2 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                            }
+                            s1 = 0;
+                            s2 = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                s1 += lane[l];
+                                s2 += lane2[l];
+                            }
+                            shift = (double)m;
+                        }
+                        const double total = n + nc;
+                        const double cm2 = s2 - s1 * s1 / nc;
+                        const double delta = (shift + s1 / nc) - mean[0];
+                        mean[0] += delta * (nc / total);
+                        m2[0] += cm2 + delta * delta * (n * nc / total);
+                        n = total;
+                    }
+}
             } else {
                 /* pass 2 of the last block: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
                 {
@@ -339,14 +581,27 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
                     float *yr = y + i0 * 4800 + i1 * 100;
                     const float g = rs[0] * scale[i1];
                     const float b = offset[i1] - mlo[0] * g;
-                    for (size_t i2 = 0; i2 < 100; ++i2) {
-                        yr[i2] = (xr[i2] - mhi[0]) * g + b;
+                    if (stream) {
+                        float sv[100];
+                        for (size_t i2 = 0; i2 < 100; ++i2) {
+                            sv[i2] = (xr[i2] - mhi[0]) * g + b;
+                        }
+                        sequence_in_stream(&ws, yr, sv, 100);
+                    } else {
+                        for (size_t i2 = 0; i2 < 100; ++i2) {
+                            yr[i2] = (xr[i2] - mhi[0]) * g + b;
+                        }
                     }
                 }
             }
         }
+        if (stream) {
+            sequence_in_stream_end(&ws);
+        }
     }
-
+    if (stream) {
+        SEQUENCE_IN_STREAM_FENCE();
+    }
     return SEQUENCE_IN_OK;
 }
 
@@ -372,7 +627,9 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
     const size_t nb = (size_t)batch;
     const float *scale = sequence_in_scale;
     const float *offset = sequence_in_offset;
+    const int stream = SEQUENCE_IN_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
     {
+        sequence_in_streamer ws = {NULL, 0, {0}};
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
          * normalized: x streams in from memory while y is written, and is read from memory once
          * wherever a block fits in cache */
@@ -516,99 +773,42 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
             if (sb + 1 < nb * 48) {
                 /* block sb + 1, shifted to block sb's offsets */
                 const float *xn = x + ((((sb + 1) / 48) * 4800 + ((sb + 1) % 48) * 100) - (i0 * 4800 + i1 * 100));
-                n = 0;
-                mean[0] = 0;
-                m2[0] = 0;
-                /* pass 1: mean and variance of each statistic (B, C) over T, chunk by chunk:
-                 * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
-                 * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
-                 * from the chunk's mean; then Chan's merge of the chunks in double */
-                for (size_t c0 = 0; c0 < 100; c0 += 8192) {
-                    const size_t c1 = c0 + 8192 < 100 ? c0 + 8192 : 100;
-                    const double nc = (double)((c1 - c0) * 1);
-                    double K = (double)mean[0];
-                    if (c0 == 0) {
-                        /* the block's first chunk: K is the mean of its first 8 elements */
-                        K = 0;
-                        for (size_t q = 0; q < 8; ++q) {
-                            K += xn[i0 * 4800 + i1 * 100 + q];
+                if (stream) {
+                    /* its statistics, then block sb streamed out from cache */
+                    n = 0;
+                    mean[0] = 0;
+                    m2[0] = 0;
+                    /* pass 1: mean and variance of each statistic (B, C) over T, chunk by chunk:
+                     * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+                     * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+                     * from the chunk's mean; then Chan's merge of the chunks in double */
+                    for (size_t c0 = 0; c0 < 100; c0 += 8192) {
+                        const size_t c1 = c0 + 8192 < 100 ? c0 + 8192 : 100;
+                        const double nc = (double)((c1 - c0) * 1);
+                        double K = (double)mean[0];
+                        if (c0 == 0) {
+                            /* the block's first chunk: K is the mean of its first 8 elements */
+                            K = 0;
+                            for (size_t q = 0; q < 8; ++q) {
+                                K += xn[i0 * 4800 + i1 * 100 + q];
+                            }
+                            K /= 8;
                         }
-                        K /= 8;
-                    }
-                    for (size_t l = 0; l < 32; ++l) {
-                        lane[l] = 0;
-                        lane2[l] = 0;
-                    }
-                    /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the same elements of the previous block are normalized */
-                    {
-                        const float *xr = x + i0 * 4800 + i1 * 100;
-                        const float *xq = xn + i0 * 4800 + i1 * 100;
-                        float *yr = y + i0 * 4800 + i1 * 100;
-                        const float g = rs[0] * scale[i1];
-                        const float b = offset[i1] - mlo[0] * g;
-                        const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
-                        for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
-                            for (size_t l = 0; l < 32; ++l) {
-                                yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
-                            }
-                            for (size_t l = 0; l < 32; ++l) {
-                                const double dev = xq[i2 + l] - K;
-                                lane[l] += dev;
-                                lane2[l] += dev * dev;
-                            }
-                        }
-                        {
-                            const size_t i2 = blocks_end;
-                            for (size_t l = 0; l < c1 - i2; ++l) {
-                                yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
-                            }
-                            for (size_t l = 0; l < c1 - i2; ++l) {
-                                const double dev = xq[i2 + l] - K;
-                                lane[l] += dev;
-                                lane2[l] += dev * dev;
-                            }
-                        }
-                    }
-                    double s1 = 0, s2 = 0;
-                    for (size_t l = 0; l < 32; ++l) {
-                        s1 += lane[l];
-                        s2 += lane2[l];
-                    }
-                    double shift = (double)K;
-                    if (!(s1 * s1 <= 0.5 * nc * s2)) {
-                        /* K is more than one standard deviation from the chunk's mean: the chunk again, from
-                         * cache, as a corrected two-pass (its mean m, then d = x - m) */
                         for (size_t l = 0; l < 32; ++l) {
-                            lane[l] = 0;
-                        }
-                        {
-                            const float *xr = xn + i0 * 4800 + i1 * 100;
-                            const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
-                            for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
-                                for (size_t l = 0; l < 32; ++l) {
-                                    lane[l] += xr[i2 + l];
-                                }
-                            }
-                            {
-                                const size_t i2 = blocks_end;
-                                for (size_t l = 0; l < c1 - i2; ++l) {
-                                    lane[l] += xr[i2 + l];
-                                }
-                            }
-                        }
-                        double sum = 0;
-                        for (size_t l = 0; l < 32; ++l) {
-                            sum += lane[l];
                             lane[l] = 0;
                             lane2[l] = 0;
                         }
-                        const double m = (double)(sum / nc);
+                        /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the next chunk is fetched */
                         {
                             const float *xr = xn + i0 * 4800 + i1 * 100;
                             const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                             for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
+                                if (i2 + 8224 <= 100) {
+                                    SEQUENCE_IN_PREFETCH(xr + i2 + 8192);
+                                    SEQUENCE_IN_PREFETCH(xr + i2 + 8192 + 16);
+                                }
                                 for (size_t l = 0; l < 32; ++l) {
-                                    const double dev = xr[i2 + l] - m;
+                                    const double dev = xr[i2 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -616,27 +816,214 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                             {
                                 const size_t i2 = blocks_end;
                                 for (size_t l = 0; l < c1 - i2; ++l) {
-                                    const double dev = xr[i2 + l] - m;
+                                    const double dev = xr[i2 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
                             }
                         }
-                        s1 = 0;
-                        s2 = 0;
+                        double s1 = 0, s2 = 0;
                         for (size_t l = 0; l < 32; ++l) {
                             s1 += lane[l];
                             s2 += lane2[l];
                         }
-                        shift = (double)m;
+                        double shift = (double)K;
+                        if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                            /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                             * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                            for (size_t l = 0; l < 32; ++l) {
+                                lane[l] = 0;
+                            }
+                            {
+                                const float *xr = xn + i0 * 4800 + i1 * 100;
+                                const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                                for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        lane[l] += xr[i2 + l];
+                                    }
+                                }
+                                {
+                                    const size_t i2 = blocks_end;
+                                    for (size_t l = 0; l < c1 - i2; ++l) {
+                                        lane[l] += xr[i2 + l];
+                                    }
+                                }
+                            }
+                            double sum = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                sum += lane[l];
+                                lane[l] = 0;
+                                lane2[l] = 0;
+                            }
+                            const double m = (double)(sum / nc);
+                            {
+                                const float *xr = xn + i0 * 4800 + i1 * 100;
+                                const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                                for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        const double dev = xr[i2 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                                {
+                                    const size_t i2 = blocks_end;
+                                    for (size_t l = 0; l < c1 - i2; ++l) {
+                                        const double dev = xr[i2 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                            }
+                            s1 = 0;
+                            s2 = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                s1 += lane[l];
+                                s2 += lane2[l];
+                            }
+                            shift = (double)m;
+                        }
+                        const double total = n + nc;
+                        const double cm2 = s2 - s1 * s1 / nc;
+                        const double delta = (shift + s1 / nc) - mean[0];
+                        mean[0] += delta * (nc / total);
+                        m2[0] += cm2 + delta * delta * (n * nc / total);
+                        n = total;
                     }
-                    const double total = n + nc;
-                    const double cm2 = s2 - s1 * s1 / nc;
-                    const double delta = (shift + s1 / nc) - mean[0];
-                    mean[0] += delta * (nc / total);
-                    m2[0] += cm2 + delta * delta * (n * nc / total);
-                    n = total;
-                }
+                    {
+                        const float *xr = x + i0 * 4800 + i1 * 100;
+                        float *yr = y + i0 * 4800 + i1 * 100;
+                        const float g = rs[0] * scale[i1];
+                        const float b = offset[i1] - mlo[0] * g;
+                        float sv[100];
+                        for (size_t i2 = 0; i2 < 100; ++i2) {
+                            sv[i2] = (xr[i2] - mhi[0]) * g + b;
+                        }
+                        sequence_in_stream(&ws, yr, sv, 100);
+                    }
+} else {
+                    n = 0;
+                    mean[0] = 0;
+                    m2[0] = 0;
+                    /* pass 1: mean and variance of each statistic (B, C) over T, chunk by chunk:
+                     * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+                     * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+                     * from the chunk's mean; then Chan's merge of the chunks in double */
+                    for (size_t c0 = 0; c0 < 100; c0 += 8192) {
+                        const size_t c1 = c0 + 8192 < 100 ? c0 + 8192 : 100;
+                        const double nc = (double)((c1 - c0) * 1);
+                        double K = (double)mean[0];
+                        if (c0 == 0) {
+                            /* the block's first chunk: K is the mean of its first 8 elements */
+                            K = 0;
+                            for (size_t q = 0; q < 8; ++q) {
+                                K += xn[i0 * 4800 + i1 * 100 + q];
+                            }
+                            K /= 8;
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            lane[l] = 0;
+                            lane2[l] = 0;
+                        }
+                        /* one sweep: d = x - K and d^2 in 32 independent lanes; meanwhile the same elements of the previous block are normalized */
+                        {
+                            const float *xr = x + i0 * 4800 + i1 * 100;
+                            const float *xq = xn + i0 * 4800 + i1 * 100;
+                            float *yr = y + i0 * 4800 + i1 * 100;
+                            const float g = rs[0] * scale[i1];
+                            const float b = offset[i1] - mlo[0] * g;
+                            const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                            for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
+                                for (size_t l = 0; l < 32; ++l) {
+                                    yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
+                                }
+                                for (size_t l = 0; l < 32; ++l) {
+                                    const double dev = xq[i2 + l] - K;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                            {
+                                const size_t i2 = blocks_end;
+                                for (size_t l = 0; l < c1 - i2; ++l) {
+                                    yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
+                                }
+                                for (size_t l = 0; l < c1 - i2; ++l) {
+                                    const double dev = xq[i2 + l] - K;
+                                    lane[l] += dev;
+                                    lane2[l] += dev * dev;
+                                }
+                            }
+                        }
+                        double s1 = 0, s2 = 0;
+                        for (size_t l = 0; l < 32; ++l) {
+                            s1 += lane[l];
+                            s2 += lane2[l];
+                        }
+                        double shift = (double)K;
+                        if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                            /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                             * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                            for (size_t l = 0; l < 32; ++l) {
+                                lane[l] = 0;
+                            }
+                            {
+                                const float *xr = xn + i0 * 4800 + i1 * 100;
+                                const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                                for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        lane[l] += xr[i2 + l];
+                                    }
+                                }
+                                {
+                                    const size_t i2 = blocks_end;
+                                    for (size_t l = 0; l < c1 - i2; ++l) {
+                                        lane[l] += xr[i2 + l];
+                                    }
+                                }
+                            }
+                            double sum = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                sum += lane[l];
+                                lane[l] = 0;
+                                lane2[l] = 0;
+                            }
+                            const double m = (double)(sum / nc);
+                            {
+                                const float *xr = xn + i0 * 4800 + i1 * 100;
+                                const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
+                                for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
+                                    for (size_t l = 0; l < 32; ++l) {
+                                        const double dev = xr[i2 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                                {
+                                    const size_t i2 = blocks_end;
+                                    for (size_t l = 0; l < c1 - i2; ++l) {
+                                        const double dev = xr[i2 + l] - m;
+                                        lane[l] += dev;
+                                        lane2[l] += dev * dev;
+                                    }
+                                }
+                            }
+                            s1 = 0;
+                            s2 = 0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                s1 += lane[l];
+                                s2 += lane2[l];
+                            }
+                            shift = (double)m;
+                        }
+                        const double total = n + nc;
+                        const double cm2 = s2 - s1 * s1 / nc;
+                        const double delta = (shift + s1 / nc) - mean[0];
+                        mean[0] += delta * (nc / total);
+                        m2[0] += cm2 + delta * delta * (n * nc / total);
+                        n = total;
+                    }
+}
             } else {
                 /* pass 2 of the last block: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
                 {
@@ -644,14 +1031,27 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                     float *yr = y + i0 * 4800 + i1 * 100;
                     const float g = rs[0] * scale[i1];
                     const float b = offset[i1] - mlo[0] * g;
-                    for (size_t i2 = 0; i2 < 100; ++i2) {
-                        yr[i2] = (xr[i2] - mhi[0]) * g + b;
+                    if (stream) {
+                        float sv[100];
+                        for (size_t i2 = 0; i2 < 100; ++i2) {
+                            sv[i2] = (xr[i2] - mhi[0]) * g + b;
+                        }
+                        sequence_in_stream(&ws, yr, sv, 100);
+                    } else {
+                        for (size_t i2 = 0; i2 < 100; ++i2) {
+                            yr[i2] = (xr[i2] - mhi[0]) * g + b;
+                        }
                     }
                 }
             }
         }
+        if (stream) {
+            sequence_in_stream_end(&ws);
+        }
     }
-
+    if (stream) {
+        SEQUENCE_IN_STREAM_FENCE();
+    }
     return SEQUENCE_IN_OK;
 }
 

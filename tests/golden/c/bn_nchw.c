@@ -37,6 +37,116 @@
 #define BN_NCHW_PREFETCH(p) ((void)(p))
 #endif
 
+/* Streaming stores: a call that writes at least BN_NCHW_STREAM_BYTES bytes of y (define it
+ * to change that: 0 streams always, SIZE_MAX never) stores y with non-temporal stores, past the
+ * caches, the way memcpy copies what is larger than its cache: y then takes no cache room from x,
+ * still to be read, and its old contents are not read in first. x86 (SSE2) only; elsewhere y is
+ * stored as usual. */
+#ifndef BN_NCHW_STREAM_BYTES
+#define BN_NCHW_STREAM_BYTES 4194304u
+#endif
+#ifndef BN_NCHW_STREAMS
+#if defined(__SSE2__)
+#define BN_NCHW_STREAMS 1
+#else
+#define BN_NCHW_STREAMS 0
+#endif
+#endif
+#if BN_NCHW_STREAMS
+#include <immintrin.h>
+#endif
+
+/* Streaming stores write y in whole 64-byte lines (16 elements). The part of a line that one
+ * bn_nchw_stream writes last waits here for the next, which completes it where it continues y;
+ * bn_nchw_stream_end stores what still waits as usual. */
+typedef struct {
+    float *at; /* where the waiting part ends */
+    size_t fill; /* its elements, the first of a line */
+    float line[16];
+} bn_nchw_streamer;
+
+/* The streaming helpers are called in the hottest loops: inlined there, the partial sums kept in
+ * registers around them are not spilled for a call (and, inline, a layer whose loops never
+ * stream leaves them unused without a warning). */
+#if defined(__GNUC__)
+#define BN_NCHW_INLINE __attribute__((always_inline)) inline
+#else
+#define BN_NCHW_INLINE inline
+#endif
+
+#if BN_NCHW_STREAMS
+/* the line y (64-byte aligned) = v, with streaming stores */
+static BN_NCHW_INLINE void bn_nchw_stream_line(float *y, const float *v)
+{
+#if defined(__AVX__)
+    _mm256_stream_ps(y, _mm256_loadu_ps(v));
+    _mm256_stream_ps(y + 8, _mm256_loadu_ps(v + 8));
+#else
+    _mm_stream_ps(y, _mm_loadu_ps(v));
+    _mm_stream_ps(y + 4, _mm_loadu_ps(v + 4));
+    _mm_stream_ps(y + 8, _mm_loadu_ps(v + 8));
+    _mm_stream_ps(y + 12, _mm_loadu_ps(v + 12));
+#endif
+}
+#endif
+
+static inline void bn_nchw_stream_end(bn_nchw_streamer *s)
+{
+    float *y = s->at - s->fill;
+    for (size_t i = 0; i < s->fill; ++i) {
+        y[i] = s->line[i];
+    }
+    s->fill = 0;
+}
+
+/* y[0 .. n) = v[0 .. n): its whole lines with streaming stores, a line it only begins left to
+ * wait in s, one begun elsewhere (y not continuing s) stored as usual */
+static BN_NCHW_INLINE void bn_nchw_stream(bn_nchw_streamer *s, float *y, const float *v, size_t n)
+{
+    size_t i = 0;
+#if BN_NCHW_STREAMS
+    if (s->fill != 0) {
+        if (s->at != y) {
+            bn_nchw_stream_end(s);
+        } else {
+            for (; i < n && s->fill < 16; ++i) {
+                s->line[s->fill++] = v[i];
+            }
+            if (s->fill < 16) {
+                s->at = y + i;
+                return;
+            }
+            bn_nchw_stream_line(y + i - 16, s->line);
+            s->fill = 0;
+        }
+    }
+    for (; i < n && ((uintptr_t)(y + i) & 63u) != 0; ++i) {
+        y[i] = v[i];
+    }
+    for (; i + 16 <= n; i += 16) {
+        bn_nchw_stream_line(y + i, v + i);
+    }
+    for (; i < n; ++i) {
+        s->line[s->fill++] = v[i];
+    }
+    s->at = y + n;
+#else
+    (void)s;
+    for (; i < n; ++i) {
+        y[i] = v[i];
+    }
+#endif
+}
+
+/* Whether a call on nb samples streams y; after one that did, its streaming stores are ordered
+ * before the return (a fence). */
+#define BN_NCHW_STREAMED(nb) (BN_NCHW_STREAMS && (nb) * 48u + 1 > BN_NCHW_STREAM_BYTES / sizeof(float) + (BN_NCHW_STREAM_BYTES % sizeof(float) != 0))
+#if BN_NCHW_STREAMS
+#define BN_NCHW_STREAM_FENCE() _mm_sfence()
+#else
+#define BN_NCHW_STREAM_FENCE() ((void)0)
+#endif
+
 /* scale, one per channel */
 static const float bn_nchw_scale[3] = {
     1.0f, 0.5f, 2.0f
@@ -81,13 +191,27 @@ int bn_nchw_predict(const float *x, float *y, int32_t batch)
     }
     const size_t nb = (size_t)batch;
     /* y = x * a + b, one multiply-add per element */
+    const int stream = BN_NCHW_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
+    bn_nchw_streamer ws = {NULL, 0, {0}};
     for (size_t j0 = 0; j0 < nb; ++j0) {
         for (size_t j1 = 0; j1 < 3; ++j1) {
-            for (size_t j2 = 0; j2 < 16; ++j2) {
-                const size_t o = j0 * 48 + j1 * 16 + j2;
-                y[o] = x[o] * bn_nchw_fold_a[j1] + bn_nchw_fold_b[j1];
+            const size_t o0 = j0 * 48 + j1 * 16;
+            if (stream) {
+                float sv[16];
+                for (size_t j2 = 0; j2 < 16; ++j2) {
+                    sv[j2] = x[o0 + j2] * bn_nchw_fold_a[j1] + bn_nchw_fold_b[j1];
+                }
+                bn_nchw_stream(&ws, y + o0, sv, 16);
+            } else {
+                for (size_t j2 = 0; j2 < 16; ++j2) {
+                    y[o0 + j2] = x[o0 + j2] * bn_nchw_fold_a[j1] + bn_nchw_fold_b[j1];
+                }
             }
         }
+    }
+    if (stream) {
+        bn_nchw_stream_end(&ws);
+        BN_NCHW_STREAM_FENCE();
     }
     return BN_NCHW_OK;
 }
@@ -117,6 +241,7 @@ int bn_nchw_train_forward(const float *x, float *y, int32_t batch, float *runnin
     const size_t nb = (size_t)batch;
     const float *scale = bn_nchw_scale;
     const float *offset = bn_nchw_offset;
+    const int stream = BN_NCHW_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
     {
         double mean[3], m2[3];
         float lane[48], lane2[48];
@@ -276,15 +401,29 @@ int bn_nchw_train_forward(const float *x, float *y, int32_t batch, float *runnin
             lb[j] = offset[j / 16] - mlo[k] * g;
         }
         /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
+        bn_nchw_streamer ws = {NULL, 0, {0}};
         for (size_t i0 = 0; i0 < nb; ++i0) {
             const float *xr = x + i0 * 48;
             float *yr = y + i0 * 48;
-            for (size_t j = 0; j < 48; ++j) {
-                yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+            if (stream) {
+                float sv[48];
+                for (size_t j = 0; j < 48; ++j) {
+                    sv[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                }
+                bn_nchw_stream(&ws, yr, sv, 48);
+            } else {
+                for (size_t j = 0; j < 48; ++j) {
+                    yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                }
             }
         }
+        if (stream) {
+            bn_nchw_stream_end(&ws);
+        }
     }
-
+    if (stream) {
+        BN_NCHW_STREAM_FENCE();
+    }
     return BN_NCHW_OK;
 }
 
@@ -319,6 +458,7 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
     if (nb * 16 < 2) {
         return BN_NCHW_ERR_COUNT;
     }
+    const int stream = BN_NCHW_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
     {
         double mean[3], m2[3];
         double lane[48], lane2[48];
@@ -482,15 +622,29 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
             lb[j] = offset[j / 16] - mlo[k] * g;
         }
         /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
+        bn_nchw_streamer ws = {NULL, 0, {0}};
         for (size_t i0 = 0; i0 < nb; ++i0) {
             const float *xr = x + i0 * 48;
             float *yr = y + i0 * 48;
-            for (size_t j = 0; j < 48; ++j) {
-                yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+            if (stream) {
+                float sv[48];
+                for (size_t j = 0; j < 48; ++j) {
+                    sv[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                }
+                bn_nchw_stream(&ws, yr, sv, 48);
+            } else {
+                for (size_t j = 0; j < 48; ++j) {
+                    yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                }
             }
         }
+        if (stream) {
+            bn_nchw_stream_end(&ws);
+        }
     }
-
+    if (stream) {
+        BN_NCHW_STREAM_FENCE();
+    }
     return BN_NCHW_OK;
 }
 

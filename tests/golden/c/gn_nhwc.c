@@ -34,6 +34,116 @@
 #define GN_NHWC_PREFETCH(p) ((void)(p))
 #endif
 
+/* Streaming stores: a call that writes at least GN_NHWC_STREAM_BYTES bytes of y (define it
+ * to change that: 0 streams always, SIZE_MAX never) stores y with non-temporal stores, past the
+ * caches, the way memcpy copies what is larger than its cache: y then takes no cache room from x,
+ * still to be read, and its old contents are not read in first. x86 (SSE2) only; elsewhere y is
+ * stored as usual. */
+#ifndef GN_NHWC_STREAM_BYTES
+#define GN_NHWC_STREAM_BYTES 4194304u
+#endif
+#ifndef GN_NHWC_STREAMS
+#if defined(__SSE2__)
+#define GN_NHWC_STREAMS 1
+#else
+#define GN_NHWC_STREAMS 0
+#endif
+#endif
+#if GN_NHWC_STREAMS
+#include <immintrin.h>
+#endif
+
+/* Streaming stores write y in whole 64-byte lines (16 elements). The part of a line that one
+ * gn_nhwc_stream writes last waits here for the next, which completes it where it continues y;
+ * gn_nhwc_stream_end stores what still waits as usual. */
+typedef struct {
+    float *at; /* where the waiting part ends */
+    size_t fill; /* its elements, the first of a line */
+    float line[16];
+} gn_nhwc_streamer;
+
+/* The streaming helpers are called in the hottest loops: inlined there, the partial sums kept in
+ * registers around them are not spilled for a call (and, inline, a layer whose loops never
+ * stream leaves them unused without a warning). */
+#if defined(__GNUC__)
+#define GN_NHWC_INLINE __attribute__((always_inline)) inline
+#else
+#define GN_NHWC_INLINE inline
+#endif
+
+#if GN_NHWC_STREAMS
+/* the line y (64-byte aligned) = v, with streaming stores */
+static GN_NHWC_INLINE void gn_nhwc_stream_line(float *y, const float *v)
+{
+#if defined(__AVX__)
+    _mm256_stream_ps(y, _mm256_loadu_ps(v));
+    _mm256_stream_ps(y + 8, _mm256_loadu_ps(v + 8));
+#else
+    _mm_stream_ps(y, _mm_loadu_ps(v));
+    _mm_stream_ps(y + 4, _mm_loadu_ps(v + 4));
+    _mm_stream_ps(y + 8, _mm_loadu_ps(v + 8));
+    _mm_stream_ps(y + 12, _mm_loadu_ps(v + 12));
+#endif
+}
+#endif
+
+static inline void gn_nhwc_stream_end(gn_nhwc_streamer *s)
+{
+    float *y = s->at - s->fill;
+    for (size_t i = 0; i < s->fill; ++i) {
+        y[i] = s->line[i];
+    }
+    s->fill = 0;
+}
+
+/* y[0 .. n) = v[0 .. n): its whole lines with streaming stores, a line it only begins left to
+ * wait in s, one begun elsewhere (y not continuing s) stored as usual */
+static GN_NHWC_INLINE void gn_nhwc_stream(gn_nhwc_streamer *s, float *y, const float *v, size_t n)
+{
+    size_t i = 0;
+#if GN_NHWC_STREAMS
+    if (s->fill != 0) {
+        if (s->at != y) {
+            gn_nhwc_stream_end(s);
+        } else {
+            for (; i < n && s->fill < 16; ++i) {
+                s->line[s->fill++] = v[i];
+            }
+            if (s->fill < 16) {
+                s->at = y + i;
+                return;
+            }
+            gn_nhwc_stream_line(y + i - 16, s->line);
+            s->fill = 0;
+        }
+    }
+    for (; i < n && ((uintptr_t)(y + i) & 63u) != 0; ++i) {
+        y[i] = v[i];
+    }
+    for (; i + 16 <= n; i += 16) {
+        gn_nhwc_stream_line(y + i, v + i);
+    }
+    for (; i < n; ++i) {
+        s->line[s->fill++] = v[i];
+    }
+    s->at = y + n;
+#else
+    (void)s;
+    for (; i < n; ++i) {
+        y[i] = v[i];
+    }
+#endif
+}
+
+/* Whether a call on nb samples streams y; after one that did, its streaming stores are ordered
+ * before the return (a fence). */
+#define GN_NHWC_STREAMED(nb) (GN_NHWC_STREAMS && (nb) * 96u + 1 > GN_NHWC_STREAM_BYTES / sizeof(float) + (GN_NHWC_STREAM_BYTES % sizeof(float) != 0))
+#if GN_NHWC_STREAMS
+#define GN_NHWC_STREAM_FENCE() _mm_sfence()
+#else
+#define GN_NHWC_STREAM_FENCE() ((void)0)
+#endif
+
 /* scale, one per channel */
 static const float gn_nhwc_scale[6] = {
     0.5f, 0.7f, 0.9f, 1.1f, 1.3f, 1.5f
@@ -59,6 +169,7 @@ int gn_nhwc_predict(const float *x, float *y, int32_t batch)
     const size_t nb = (size_t)batch;
     const float *scale = gn_nhwc_scale;
     const float *offset = gn_nhwc_offset;
+    const int stream = GN_NHWC_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
     for (size_t i0 = 0; i0 < nb; ++i0) {
         {
             double mean[3], m2[3];
@@ -191,16 +302,30 @@ int gn_nhwc_predict(const float *x, float *y, int32_t batch)
                 lb[j] = offset[j] - mlo[k] * g;
             }
             /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
+            gn_nhwc_streamer ws = {NULL, 0, {0}};
             for (size_t i1 = 0; i1 < 16; ++i1) {
                 const float *xr = x + i0 * 96 + i1 * 6;
                 float *yr = y + i0 * 96 + i1 * 6;
-                for (size_t j = 0; j < 6; ++j) {
-                    yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                if (stream) {
+                    float sv[6];
+                    for (size_t j = 0; j < 6; ++j) {
+                        sv[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                    }
+                    gn_nhwc_stream(&ws, yr, sv, 6);
+                } else {
+                    for (size_t j = 0; j < 6; ++j) {
+                        yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                    }
                 }
+            }
+            if (stream) {
+                gn_nhwc_stream_end(&ws);
             }
         }
     }
-
+    if (stream) {
+        GN_NHWC_STREAM_FENCE();
+    }
     return GN_NHWC_OK;
 }
 
@@ -226,6 +351,7 @@ int gn_nhwc_train_forward_save(const float *x, float *y, int32_t batch, double *
     const size_t nb = (size_t)batch;
     const float *scale = gn_nhwc_scale;
     const float *offset = gn_nhwc_offset;
+    const int stream = GN_NHWC_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
     for (size_t i0 = 0; i0 < nb; ++i0) {
         {
             double mean[3], m2[3];
@@ -362,16 +488,30 @@ int gn_nhwc_train_forward_save(const float *x, float *y, int32_t batch, double *
                 lb[j] = offset[j] - mlo[k] * g;
             }
             /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
+            gn_nhwc_streamer ws = {NULL, 0, {0}};
             for (size_t i1 = 0; i1 < 16; ++i1) {
                 const float *xr = x + i0 * 96 + i1 * 6;
                 float *yr = y + i0 * 96 + i1 * 6;
-                for (size_t j = 0; j < 6; ++j) {
-                    yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                if (stream) {
+                    float sv[6];
+                    for (size_t j = 0; j < 6; ++j) {
+                        sv[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                    }
+                    gn_nhwc_stream(&ws, yr, sv, 6);
+                } else {
+                    for (size_t j = 0; j < 6; ++j) {
+                        yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                    }
                 }
+            }
+            if (stream) {
+                gn_nhwc_stream_end(&ws);
             }
         }
     }
-
+    if (stream) {
+        GN_NHWC_STREAM_FENCE();
+    }
     return GN_NHWC_OK;
 }
 

@@ -1,0 +1,104 @@
+"""Streaming stores (NAME_STREAM_BYTES in the generated C): a call that streams y writes the
+bits of one that does not, on every core, for any alignment of y, in place too."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+
+from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, build, reference
+from normgen.build import opt_flags
+from normgen.check import random_input
+from normgen.plan import lower
+from normgen.render import render
+
+LAYERS = [
+    BatchNorm(name="st_bn_nchw", format="BCSS", shape=[5, 9, 13]),  # predict: runs of 117; train: pipelined rows
+    BatchNorm(name="st_bn_nhwc", format="BSSC", shape=[6, 7, 21]),  # predict: runs of 21; train: columns
+    GroupNorm(name="st_gn_nchw", format="BCSS", shape=[6, 40, 41], num_groups=3),  # pipelined rows, runs > a chunk
+    GroupNorm(name="st_gn_nhwc", format="BSSC", shape=[9, 11, 40], num_groups=4),  # columns
+    LayerNorm(name="st_ln", format="BTC", shape=[4, 2500]),  # rows longer than a streamed chunk
+    InstanceNorm(name="st_in", format="BCSS", shape=[3, 17, 19]),
+    LayerNorm(name="st_ln_css", format="CSS", shape=[4, 30, 50], operation_dimension="spatial-channel"),  # one block
+    GroupNorm(name="st_gn_tbc", format="TBC", shape=[7, 12], num_groups=3),  # runs of 4 with a stride between
+]
+OPENMP = [layer.replace(name=layer.name + "_omp", parallel="openmp") for layer in LAYERS[:4] + LAYERS[6:7]]
+
+
+def _flags(layer, threshold: str) -> list[str]:
+    return [*opt_flags(), f"-D{layer.name.upper()}_STREAM_BYTES={threshold}"]
+
+
+def _outputs(compiled, layer, x, out):
+    if layer.kind == "batchnorm":
+        compiled.running_mean[:] = layer.trained_mean_values
+        compiled.running_var[:] = layer.trained_variance_values
+        return [compiled.predict(x, out=out).copy(), compiled.train_forward(x, out=out).copy(),
+                compiled.running_mean.copy(), compiled.running_var.copy()]
+    return [compiled.predict(x, out=out).copy()]
+
+
+def _aligned_view(n: int, dtype, offset: int) -> np.ndarray:
+    """n elements starting `offset` elements past a 64-byte boundary."""
+    itemsize = np.dtype(dtype).itemsize
+    raw = np.empty(n + offset + 64 // itemsize, dtype)
+    skip = (-raw.ctypes.data // itemsize) % (64 // itemsize)
+    return raw[skip + offset: skip + offset + n]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("layer", LAYERS + OPENMP, ids=lambda l: l.name)
+def test_streamed_y_is_the_cached_one(layer, dtype):
+    layer = layer.replace(name=f"{layer.name}_{dtype[-2:]}", dtype=dtype)
+    always, never = build(layer, flags=_flags(layer, "0")), build(layer, flags=_flags(layer, "SIZE_MAX"))
+    batch = 1 if not layer.fmt.has_batch else 3
+    x = random_input(layer, batch, np.random.default_rng(3)).astype(dtype)
+    want = _outputs(never, layer, x, None)
+    ref = reference.predict(layer, x)
+    tol = 2e-5 if dtype == "float32" else 1e-12
+    assert (np.abs(want[0] - ref) / (1 + np.abs(ref))).max() <= tol
+    for offset in (0, 1, 3, 64 // np.dtype(dtype).itemsize - 1):
+        out = _aligned_view(x.size, dtype, offset).reshape(x.shape)
+        got = _outputs(always, layer, x, out)
+        for g, w in zip(got, want, strict=True):
+            assert np.array_equal(g, w), offset
+    inplace = x.copy()
+    assert np.array_equal(always.predict(inplace, out=inplace), want[0])
+    if layer.kind == "batchnorm":
+        always.running_mean[:] = layer.trained_mean_values
+        always.running_var[:] = layer.trained_variance_values
+        inplace = x.copy()
+        assert np.array_equal(always.train_forward(inplace, out=inplace), want[1])
+
+
+@pytest.mark.parametrize("layer", LAYERS[:2] + LAYERS[4:5], ids=lambda l: l.name)
+def test_without_sse2_y_is_stored_as_usual(layer):
+    """NAME_STREAMS=0 (what a compiler without SSE2 gets): the portable stores, the same bits."""
+    plain = build(layer, flags=[*opt_flags(), f"-D{layer.name.upper()}_STREAMS=0", f"-D{layer.name.upper()}_STREAM_BYTES=0"])
+    never = build(layer, flags=_flags(layer, "SIZE_MAX"))
+    x = random_input(layer, 2, np.random.default_rng(4)).astype(np.float32)
+    for g, w in zip(_outputs(plain, layer, x, None), _outputs(never, layer, x, None), strict=True):
+        assert np.array_equal(g, w)
+
+
+def test_a_call_streams_from_the_threshold_on(tmp_path):
+    """NAME_STREAMED(nb): whether a call on nb samples writes at least NAME_STREAM_BYTES bytes."""
+    layer = LAYERS[0]
+    plan = lower(layer)
+    for name, text in render(plan, "c").items():
+        (tmp_path / name).write_text(text)
+    per_sample = plan.elements.static * plan.itemsize
+    upper = layer.name.upper()
+    (tmp_path / "probe.c").write_text(
+        f'#include <stdio.h>\n#include "{layer.name}.c"\n'
+        f'int main(void) {{ for (size_t nb = 1; nb <= 4; ++nb) printf("%d", {upper}_STREAMED(nb) ? 1 : 0); return 0; }}\n')
+    seen = {}
+    for threshold in (0, per_sample, per_sample + 1, 3 * per_sample, "SIZE_MAX"):
+        exe = tmp_path / "probe"
+        subprocess.run(["gcc", "-std=c99", "-Wall", "-Wextra", "-Werror", f"-D{upper}_STREAM_BYTES={threshold}",
+                        f"-I{tmp_path}", str(tmp_path / "probe.c"), "-o", str(exe), "-lm"], check=True)
+        seen[threshold] = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+    assert seen == {0: "1111", per_sample: "1111", per_sample + 1: "0111", 3 * per_sample: "0011", "SIZE_MAX": "0000"}
+    assert f"#define {upper}_STREAM_BYTES {plan.stream_bytes}u" in render(plan, "c")[f"{layer.name}.c"]
