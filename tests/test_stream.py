@@ -102,3 +102,25 @@ def test_a_call_streams_from_the_threshold_on(tmp_path):
         seen[threshold] = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
     assert seen == {0: "1111", per_sample: "1111", per_sample + 1: "0111", 3 * per_sample: "0011", "SIZE_MAX": "0000"}
     assert f"#define {upper}_STREAM_BYTES {plan.stream_bytes}u" in render(plan, "c")[f"{layer.name}.c"]
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        return any(flag in line.split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _cpu_has("avx"), reason="the CPU has no AVX")
+@pytest.mark.parametrize("layer", [LAYERS[1], LAYERS[3], LAYERS[4]], ids=lambda l: l.name)
+def test_avx_streams_the_same_bits(layer):
+    """With AVX (-mavx) the lines are streamed as two 32-byte stores instead of four SSE2 ones."""
+    layer = layer.replace(name=layer.name + "_avx")
+    upper = layer.name.upper()
+    always = build(layer, flags=["-O2", "-mavx", f"-D{upper}_STREAM_BYTES=0"])
+    never = build(layer, flags=["-O2", "-mavx", f"-D{upper}_STREAM_BYTES=SIZE_MAX"])
+    x = random_input(layer, 3, np.random.default_rng(6)).astype(np.float32)
+    for offset in (0, 5):
+        out = _aligned_view(x.size, np.float32, offset).reshape(x.shape)
+        for g, w in zip(_outputs(always, layer, x, out), _outputs(never, layer, x, None), strict=True):
+            assert np.array_equal(g, w), offset

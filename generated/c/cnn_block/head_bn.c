@@ -272,6 +272,8 @@ int head_bn_predict(const double *x, double *y, int32_t batch)
     }
     if (stream) {
         head_bn_stream_end(&ws);
+    }
+    if (stream) {
         HEAD_BN_STREAM_FENCE();
     }
     return HEAD_BN_OK;

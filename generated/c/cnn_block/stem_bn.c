@@ -241,6 +241,8 @@ int stem_bn_predict(const float *x, float *y, int32_t batch)
     }
     if (stream) {
         stem_bn_stream_end(&ws);
+    }
+    if (stream) {
         STEM_BN_STREAM_FENCE();
     }
     return STEM_BN_OK;

@@ -211,6 +211,8 @@ int bn_nchw_predict(const float *x, float *y, int32_t batch)
     }
     if (stream) {
         bn_nchw_stream_end(&ws);
+    }
+    if (stream) {
         BN_NCHW_STREAM_FENCE();
     }
     return BN_NCHW_OK;
