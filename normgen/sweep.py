@@ -393,10 +393,11 @@ class Sweep:
             return [f"const size_t c = {self.channel_expr};", f"const {t} sc = scale[c];", f"{a} ra = 0, rb = 0;"]
         return []
 
-    def dx_body(self, i: str) -> list[str]:
-        """Pass D's statements for run element ``i`` (xr[i], dyr[i] read before dxr[i] is written)."""
+    def dx_body(self, i: str, target: str = "") -> list[str]:
+        """Pass D's statements for run element ``i`` (xr[i], dyr[i] read before dxr[i] is written;
+        ``target``: where dx goes instead of dxr[i], a buffer that is streamed out)."""
         t, a = self.ctype, self.acc_type
-        x, dy, dx = f"xr[{i}]", f"dyr[{i}]", f"dxr[{i}]"
+        x, dy, dx = f"xr[{i}]", f"dyr[{i}]", target or f"dxr[{i}]"
         if self.norm == "rows_const":
             return [f"{dx} = {dy} * p + (({x} - mhi[0]) * q[0] + r[0]);"]
         if self.norm == "columns_fold":

@@ -124,3 +124,19 @@ def test_avx_streams_the_same_bits(layer):
         out = _aligned_view(x.size, np.float32, offset).reshape(x.shape)
         for g, w in zip(_outputs(always, layer, x, out), _outputs(never, layer, x, None), strict=True):
             assert np.array_equal(g, w), offset
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda l: l.name)
+def test_streamed_dx_is_the_cached_one(layer):
+    """The training backward streams dx the same way (from statistics recomputed or saved)."""
+    layer = layer.replace(name=layer.name + "_bw")
+    always, never = build(layer, flags=_flags(layer, "0")), build(layer, flags=_flags(layer, "SIZE_MAX"))
+    batch = 1 if not layer.fmt.has_batch else 3
+    rng = np.random.default_rng(8)
+    x = random_input(layer, batch, rng).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    for g, w in zip(always.backward(x, dy), never.backward(x, dy), strict=True):
+        assert np.array_equal(g, w)
+    _, mean, inv = never.train_forward_save(x)
+    for g, w in zip(always.backward_saved(x, dy, mean, inv), never.backward_saved(x, dy, mean, inv), strict=True):
+        assert np.array_equal(g, w)

@@ -560,6 +560,8 @@ int block_gn_backward(const float *x, const float *dy, float *dx, float *dscale,
     const size_t nb = (size_t)batch;
     const float *scale = block_gn_scale;
     double gscale[64], goffset[64];
+    const int stream = BLOCK_GN_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    block_gn_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 64; ++c) {
         gscale[c] = 0;
         goffset[c] = 0;
@@ -709,11 +711,23 @@ int block_gn_backward(const float *x, const float *dy, float *dx, float *dscale,
                 const float *xr = x + i0 * 12544 + i1 * 64;
                 const float *dyr = dy + i0 * 12544 + i1 * 64;
                 float *dxr = dx + i0 * 12544 + i1 * 64;
-                for (size_t j = 0; j < 64; ++j) {
-                    dxr[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                if (stream) {
+                    float sv[64];
+                    for (size_t j = 0; j < 64; ++j) {
+                        sv[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                    }
+                    block_gn_stream(&ws, dxr, sv, 64);
+                } else {
+                    for (size_t j = 0; j < 64; ++j) {
+                        dxr[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                    }
                 }
             }
         }
+    }
+    if (stream) {
+        block_gn_stream_end(&ws);
+        BLOCK_GN_STREAM_FENCE();
     }
     for (size_t c = 0; c < 64; ++c) {
         dscale[c] = (float)gscale[c];
@@ -753,6 +767,8 @@ int block_gn_backward_saved(const float *x, const float *dy, const double *saved
     const size_t nb = (size_t)batch;
     const float *scale = block_gn_scale;
     double gscale[64], goffset[64];
+    const int stream = BLOCK_GN_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    block_gn_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 64; ++c) {
         gscale[c] = 0;
         goffset[c] = 0;
@@ -844,11 +860,23 @@ int block_gn_backward_saved(const float *x, const float *dy, const double *saved
                 const float *xr = x + i0 * 12544 + i1 * 64;
                 const float *dyr = dy + i0 * 12544 + i1 * 64;
                 float *dxr = dx + i0 * 12544 + i1 * 64;
-                for (size_t j = 0; j < 64; ++j) {
-                    dxr[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                if (stream) {
+                    float sv[64];
+                    for (size_t j = 0; j < 64; ++j) {
+                        sv[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                    }
+                    block_gn_stream(&ws, dxr, sv, 64);
+                } else {
+                    for (size_t j = 0; j < 64; ++j) {
+                        dxr[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                    }
                 }
             }
         }
+    }
+    if (stream) {
+        block_gn_stream_end(&ws);
+        BLOCK_GN_STREAM_FENCE();
     }
     for (size_t c = 0; c < 64; ++c) {
         dscale[c] = (float)gscale[c];

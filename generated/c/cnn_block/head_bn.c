@@ -1214,6 +1214,8 @@ int head_bn_backward(const double *x, const double *dy, double *dx, double *dsca
     const size_t nb = (size_t)batch;
     const double *scale = head_bn_scale;
     double gscale[64], goffset[64];
+    const int stream = HEAD_BN_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    head_bn_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 64; ++c) {
         gscale[c] = 0;
         goffset[c] = 0;
@@ -1383,11 +1385,23 @@ int head_bn_backward(const double *x, const double *dy, double *dx, double *dsca
                 const double *dyr = dy + i0 * 3136 + i1 * 49;
                 double *dxr = dx + i0 * 3136 + i1 * 49;
                 const double p = scale[i1] * pw[0];
-                for (size_t i2 = 0; i2 < 49; ++i2) {
-                    dxr[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                if (stream) {
+                    double sv[49];
+                    for (size_t i2 = 0; i2 < 49; ++i2) {
+                        sv[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                    }
+                    head_bn_stream(&ws, dxr, sv, 49);
+                } else {
+                    for (size_t i2 = 0; i2 < 49; ++i2) {
+                        dxr[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                    }
                 }
             }
         }
+    }
+    if (stream) {
+        head_bn_stream_end(&ws);
+        HEAD_BN_STREAM_FENCE();
     }
     for (size_t c = 0; c < 64; ++c) {
         dscale[c] = (double)gscale[c];
@@ -1427,6 +1441,8 @@ int head_bn_backward_saved(const double *x, const double *dy, const double *save
     const size_t nb = (size_t)batch;
     const double *scale = head_bn_scale;
     double gscale[64], goffset[64];
+    const int stream = HEAD_BN_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    head_bn_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 64; ++c) {
         gscale[c] = 0;
         goffset[c] = 0;
@@ -1541,11 +1557,23 @@ int head_bn_backward_saved(const double *x, const double *dy, const double *save
                 const double *dyr = dy + i0 * 3136 + i1 * 49;
                 double *dxr = dx + i0 * 3136 + i1 * 49;
                 const double p = scale[i1] * pw[0];
-                for (size_t i2 = 0; i2 < 49; ++i2) {
-                    dxr[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                if (stream) {
+                    double sv[49];
+                    for (size_t i2 = 0; i2 < 49; ++i2) {
+                        sv[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                    }
+                    head_bn_stream(&ws, dxr, sv, 49);
+                } else {
+                    for (size_t i2 = 0; i2 < 49; ++i2) {
+                        dxr[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                    }
                 }
             }
         }
+    }
+    if (stream) {
+        head_bn_stream_end(&ws);
+        HEAD_BN_STREAM_FENCE();
     }
     for (size_t c = 0; c < 64; ++c) {
         dscale[c] = (double)gscale[c];

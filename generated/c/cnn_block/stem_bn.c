@@ -1185,6 +1185,8 @@ int stem_bn_backward(const float *x, const float *dy, float *dx, float *dscale, 
     const size_t nb = (size_t)batch;
     const float *scale = stem_bn_scale;
     double gscale[32], goffset[32];
+    const int stream = STEM_BN_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    stem_bn_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 32; ++c) {
         gscale[c] = 0;
         goffset[c] = 0;
@@ -1354,11 +1356,23 @@ int stem_bn_backward(const float *x, const float *dy, float *dx, float *dscale, 
                 const float *dyr = dy + i0 * 25088 + i1 * 784;
                 float *dxr = dx + i0 * 25088 + i1 * 784;
                 const float p = scale[i1] * pw[0];
-                for (size_t i2 = 0; i2 < 784; ++i2) {
-                    dxr[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                if (stream) {
+                    float sv[784];
+                    for (size_t i2 = 0; i2 < 784; ++i2) {
+                        sv[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                    }
+                    stem_bn_stream(&ws, dxr, sv, 784);
+                } else {
+                    for (size_t i2 = 0; i2 < 784; ++i2) {
+                        dxr[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                    }
                 }
             }
         }
+    }
+    if (stream) {
+        stem_bn_stream_end(&ws);
+        STEM_BN_STREAM_FENCE();
     }
     for (size_t c = 0; c < 32; ++c) {
         dscale[c] = (float)gscale[c];
@@ -1398,6 +1412,8 @@ int stem_bn_backward_saved(const float *x, const float *dy, const double *saved_
     const size_t nb = (size_t)batch;
     const float *scale = stem_bn_scale;
     double gscale[32], goffset[32];
+    const int stream = STEM_BN_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    stem_bn_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 32; ++c) {
         gscale[c] = 0;
         goffset[c] = 0;
@@ -1512,11 +1528,23 @@ int stem_bn_backward_saved(const float *x, const float *dy, const double *saved_
                 const float *dyr = dy + i0 * 25088 + i1 * 784;
                 float *dxr = dx + i0 * 25088 + i1 * 784;
                 const float p = scale[i1] * pw[0];
-                for (size_t i2 = 0; i2 < 784; ++i2) {
-                    dxr[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                if (stream) {
+                    float sv[784];
+                    for (size_t i2 = 0; i2 < 784; ++i2) {
+                        sv[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                    }
+                    stem_bn_stream(&ws, dxr, sv, 784);
+                } else {
+                    for (size_t i2 = 0; i2 < 784; ++i2) {
+                        dxr[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                    }
                 }
             }
         }
+    }
+    if (stream) {
+        stem_bn_stream_end(&ws);
+        STEM_BN_STREAM_FENCE();
     }
     for (size_t c = 0; c < 32; ++c) {
         dscale[c] = (float)gscale[c];

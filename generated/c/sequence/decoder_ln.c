@@ -1094,6 +1094,8 @@ int decoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
     const size_t nb = (size_t)batch;
     const float *scale = decoder_ln_scale;
     double gscale[128], goffset[128];
+    const int stream = DECODER_LN_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    decoder_ln_streamer ws = {NULL, 0, {0}};
     /* per channel partial sums of dy and dy * xhat over at most 16 runs */
     float fa[128], fb[128];
     size_t fill = 0;
@@ -1254,13 +1256,26 @@ int decoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
                 const float *xr = x + i0 * 128;
                 const float *dyr = dy + i0 * 128;
                 float *dxr = dx + i0 * 128;
-                for (size_t i1 = 0; i1 < 128; ++i1) {
-                    const size_t c = i1;
-                    const float d = dyr[i1];
-                    const float dev = xr[i1] - mhi[0];
-                    dxr[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
-                    fa[c] += d;
-                    fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                if (stream) {
+                    float sv[128];
+                    for (size_t i1 = 0; i1 < 128; ++i1) {
+                        const size_t c = i1;
+                        const float d = dyr[i1];
+                        const float dev = xr[i1] - mhi[0];
+                        sv[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                        fa[c] += d;
+                        fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                    }
+                    decoder_ln_stream(&ws, dxr, sv, 128);
+                } else {
+                    for (size_t i1 = 0; i1 < 128; ++i1) {
+                        const size_t c = i1;
+                        const float d = dyr[i1];
+                        const float dev = xr[i1] - mhi[0];
+                        dxr[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                        fa[c] += d;
+                        fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                    }
                 }
                 if (++fill == 16) {
                     for (size_t c = 0; c < 128; ++c) {
@@ -1279,6 +1294,10 @@ int decoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
         goffset[c] += fa[c];
         fa[c] = 0;
         fb[c] = 0;
+    }
+    if (stream) {
+        decoder_ln_stream_end(&ws);
+        DECODER_LN_STREAM_FENCE();
     }
     for (size_t c = 0; c < 128; ++c) {
         dscale[c] = (float)gscale[c];
@@ -1318,6 +1337,8 @@ int decoder_ln_backward_saved(const float *x, const float *dy, const double *sav
     const size_t nb = (size_t)batch;
     const float *scale = decoder_ln_scale;
     double gscale[128], goffset[128];
+    const int stream = DECODER_LN_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    decoder_ln_streamer ws = {NULL, 0, {0}};
     /* per channel partial sums of dy and dy * xhat over at most 16 runs */
     float fa[128], fb[128];
     size_t fill = 0;
@@ -1423,13 +1444,26 @@ int decoder_ln_backward_saved(const float *x, const float *dy, const double *sav
                 const float *xr = x + i0 * 128;
                 const float *dyr = dy + i0 * 128;
                 float *dxr = dx + i0 * 128;
-                for (size_t i1 = 0; i1 < 128; ++i1) {
-                    const size_t c = i1;
-                    const float d = dyr[i1];
-                    const float dev = xr[i1] - mhi[0];
-                    dxr[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
-                    fa[c] += d;
-                    fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                if (stream) {
+                    float sv[128];
+                    for (size_t i1 = 0; i1 < 128; ++i1) {
+                        const size_t c = i1;
+                        const float d = dyr[i1];
+                        const float dev = xr[i1] - mhi[0];
+                        sv[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                        fa[c] += d;
+                        fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                    }
+                    decoder_ln_stream(&ws, dxr, sv, 128);
+                } else {
+                    for (size_t i1 = 0; i1 < 128; ++i1) {
+                        const size_t c = i1;
+                        const float d = dyr[i1];
+                        const float dev = xr[i1] - mhi[0];
+                        dxr[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                        fa[c] += d;
+                        fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                    }
                 }
                 if (++fill == 16) {
                     for (size_t c = 0; c < 128; ++c) {
@@ -1448,6 +1482,10 @@ int decoder_ln_backward_saved(const float *x, const float *dy, const double *sav
         goffset[c] += fa[c];
         fa[c] = 0;
         fb[c] = 0;
+    }
+    if (stream) {
+        decoder_ln_stream_end(&ws);
+        DECODER_LN_STREAM_FENCE();
     }
     for (size_t c = 0; c < 128; ++c) {
         dscale[c] = (float)gscale[c];

@@ -1136,6 +1136,8 @@ int encoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
     const size_t nb = (size_t)batch;
     const float *scale = encoder_ln_scale;
     double gscale[256], goffset[256];
+    const int stream = ENCODER_LN_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    encoder_ln_streamer ws = {NULL, 0, {0}};
     /* per channel partial sums of dy and dy * xhat over at most 16 runs */
     float fa[256], fb[256];
     size_t fill = 0;
@@ -1296,13 +1298,26 @@ int encoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
                 const float *xr = x + i0 * 256;
                 const float *dyr = dy + i0 * 256;
                 float *dxr = dx + i0 * 256;
-                for (size_t i1 = 0; i1 < 256; ++i1) {
-                    const size_t c = i1;
-                    const float d = dyr[i1];
-                    const float dev = xr[i1] - mhi[0];
-                    dxr[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
-                    fa[c] += d;
-                    fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                if (stream) {
+                    float sv[256];
+                    for (size_t i1 = 0; i1 < 256; ++i1) {
+                        const size_t c = i1;
+                        const float d = dyr[i1];
+                        const float dev = xr[i1] - mhi[0];
+                        sv[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                        fa[c] += d;
+                        fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                    }
+                    encoder_ln_stream(&ws, dxr, sv, 256);
+                } else {
+                    for (size_t i1 = 0; i1 < 256; ++i1) {
+                        const size_t c = i1;
+                        const float d = dyr[i1];
+                        const float dev = xr[i1] - mhi[0];
+                        dxr[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                        fa[c] += d;
+                        fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                    }
                 }
                 if (++fill == 16) {
                     for (size_t c = 0; c < 256; ++c) {
@@ -1321,6 +1336,10 @@ int encoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
         goffset[c] += fa[c];
         fa[c] = 0;
         fb[c] = 0;
+    }
+    if (stream) {
+        encoder_ln_stream_end(&ws);
+        ENCODER_LN_STREAM_FENCE();
     }
     for (size_t c = 0; c < 256; ++c) {
         dscale[c] = (float)gscale[c];
@@ -1360,6 +1379,8 @@ int encoder_ln_backward_saved(const float *x, const float *dy, const double *sav
     const size_t nb = (size_t)batch;
     const float *scale = encoder_ln_scale;
     double gscale[256], goffset[256];
+    const int stream = ENCODER_LN_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    encoder_ln_streamer ws = {NULL, 0, {0}};
     /* per channel partial sums of dy and dy * xhat over at most 16 runs */
     float fa[256], fb[256];
     size_t fill = 0;
@@ -1465,13 +1486,26 @@ int encoder_ln_backward_saved(const float *x, const float *dy, const double *sav
                 const float *xr = x + i0 * 256;
                 const float *dyr = dy + i0 * 256;
                 float *dxr = dx + i0 * 256;
-                for (size_t i1 = 0; i1 < 256; ++i1) {
-                    const size_t c = i1;
-                    const float d = dyr[i1];
-                    const float dev = xr[i1] - mhi[0];
-                    dxr[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
-                    fa[c] += d;
-                    fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                if (stream) {
+                    float sv[256];
+                    for (size_t i1 = 0; i1 < 256; ++i1) {
+                        const size_t c = i1;
+                        const float d = dyr[i1];
+                        const float dev = xr[i1] - mhi[0];
+                        sv[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                        fa[c] += d;
+                        fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                    }
+                    encoder_ln_stream(&ws, dxr, sv, 256);
+                } else {
+                    for (size_t i1 = 0; i1 < 256; ++i1) {
+                        const size_t c = i1;
+                        const float d = dyr[i1];
+                        const float dev = xr[i1] - mhi[0];
+                        dxr[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                        fa[c] += d;
+                        fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                    }
                 }
                 if (++fill == 16) {
                     for (size_t c = 0; c < 256; ++c) {
@@ -1490,6 +1524,10 @@ int encoder_ln_backward_saved(const float *x, const float *dy, const double *sav
         goffset[c] += fa[c];
         fa[c] = 0;
         fb[c] = 0;
+    }
+    if (stream) {
+        encoder_ln_stream_end(&ws);
+        ENCODER_LN_STREAM_FENCE();
     }
     for (size_t c = 0; c < 256; ++c) {
         dscale[c] = (float)gscale[c];

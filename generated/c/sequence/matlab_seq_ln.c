@@ -1083,6 +1083,8 @@ int matlab_seq_ln_backward(const float *x, const float *dy, float *dx, float *ds
     const size_t nb = (size_t)batch;
     const float *scale = matlab_seq_ln_scale;
     double gscale[96], goffset[96];
+    const int stream = MATLAB_SEQ_LN_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    matlab_seq_ln_streamer ws = {NULL, 0, {0}};
     /* per channel partial sums of dy and dy * xhat over at most 16 runs */
     float fa[96], fb[96];
     size_t fill = 0;
@@ -1243,13 +1245,26 @@ int matlab_seq_ln_backward(const float *x, const float *dy, float *dx, float *ds
                 const float *xr = x + i0 * 96;
                 const float *dyr = dy + i0 * 96;
                 float *dxr = dx + i0 * 96;
-                for (size_t i1 = 0; i1 < 96; ++i1) {
-                    const size_t c = i1;
-                    const float d = dyr[i1];
-                    const float dev = xr[i1] - mhi[0];
-                    dxr[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
-                    fa[c] += d;
-                    fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                if (stream) {
+                    float sv[96];
+                    for (size_t i1 = 0; i1 < 96; ++i1) {
+                        const size_t c = i1;
+                        const float d = dyr[i1];
+                        const float dev = xr[i1] - mhi[0];
+                        sv[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                        fa[c] += d;
+                        fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                    }
+                    matlab_seq_ln_stream(&ws, dxr, sv, 96);
+                } else {
+                    for (size_t i1 = 0; i1 < 96; ++i1) {
+                        const size_t c = i1;
+                        const float d = dyr[i1];
+                        const float dev = xr[i1] - mhi[0];
+                        dxr[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                        fa[c] += d;
+                        fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                    }
                 }
                 if (++fill == 16) {
                     for (size_t c = 0; c < 96; ++c) {
@@ -1268,6 +1283,10 @@ int matlab_seq_ln_backward(const float *x, const float *dy, float *dx, float *ds
         goffset[c] += fa[c];
         fa[c] = 0;
         fb[c] = 0;
+    }
+    if (stream) {
+        matlab_seq_ln_stream_end(&ws);
+        MATLAB_SEQ_LN_STREAM_FENCE();
     }
     for (size_t c = 0; c < 96; ++c) {
         dscale[c] = (float)gscale[c];
@@ -1307,6 +1326,8 @@ int matlab_seq_ln_backward_saved(const float *x, const float *dy, const double *
     const size_t nb = (size_t)batch;
     const float *scale = matlab_seq_ln_scale;
     double gscale[96], goffset[96];
+    const int stream = MATLAB_SEQ_LN_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    matlab_seq_ln_streamer ws = {NULL, 0, {0}};
     /* per channel partial sums of dy and dy * xhat over at most 16 runs */
     float fa[96], fb[96];
     size_t fill = 0;
@@ -1412,13 +1433,26 @@ int matlab_seq_ln_backward_saved(const float *x, const float *dy, const double *
                 const float *xr = x + i0 * 96;
                 const float *dyr = dy + i0 * 96;
                 float *dxr = dx + i0 * 96;
-                for (size_t i1 = 0; i1 < 96; ++i1) {
-                    const size_t c = i1;
-                    const float d = dyr[i1];
-                    const float dev = xr[i1] - mhi[0];
-                    dxr[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
-                    fa[c] += d;
-                    fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                if (stream) {
+                    float sv[96];
+                    for (size_t i1 = 0; i1 < 96; ++i1) {
+                        const size_t c = i1;
+                        const float d = dyr[i1];
+                        const float dev = xr[i1] - mhi[0];
+                        sv[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                        fa[c] += d;
+                        fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                    }
+                    matlab_seq_ln_stream(&ws, dxr, sv, 96);
+                } else {
+                    for (size_t i1 = 0; i1 < 96; ++i1) {
+                        const size_t c = i1;
+                        const float d = dyr[i1];
+                        const float dev = xr[i1] - mhi[0];
+                        dxr[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                        fa[c] += d;
+                        fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                    }
                 }
                 if (++fill == 16) {
                     for (size_t c = 0; c < 96; ++c) {
@@ -1437,6 +1471,10 @@ int matlab_seq_ln_backward_saved(const float *x, const float *dy, const double *
         goffset[c] += fa[c];
         fa[c] = 0;
         fb[c] = 0;
+    }
+    if (stream) {
+        matlab_seq_ln_stream_end(&ws);
+        MATLAB_SEQ_LN_STREAM_FENCE();
     }
     for (size_t c = 0; c < 96; ++c) {
         dscale[c] = (float)gscale[c];

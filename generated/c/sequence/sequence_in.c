@@ -1080,6 +1080,8 @@ int sequence_in_backward(const float *x, const float *dy, float *dx, float *dsca
     const size_t nb = (size_t)batch;
     const float *scale = sequence_in_scale;
     double gscale[48], goffset[48];
+    const int stream = SEQUENCE_IN_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    sequence_in_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 48; ++c) {
         gscale[c] = 0;
         goffset[c] = 0;
@@ -1250,12 +1252,24 @@ int sequence_in_backward(const float *x, const float *dy, float *dx, float *dsca
                     const float *dyr = dy + i0 * 4800 + i1 * 100;
                     float *dxr = dx + i0 * 4800 + i1 * 100;
                     const float p = scale[i1] * pw[0];
-                    for (size_t i2 = 0; i2 < 100; ++i2) {
-                        dxr[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                    if (stream) {
+                        float sv[100];
+                        for (size_t i2 = 0; i2 < 100; ++i2) {
+                            sv[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                        }
+                        sequence_in_stream(&ws, dxr, sv, 100);
+                    } else {
+                        for (size_t i2 = 0; i2 < 100; ++i2) {
+                            dxr[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                        }
                     }
                 }
             }
         }
+    }
+    if (stream) {
+        sequence_in_stream_end(&ws);
+        SEQUENCE_IN_STREAM_FENCE();
     }
     for (size_t c = 0; c < 48; ++c) {
         dscale[c] = (float)gscale[c];
@@ -1295,6 +1309,8 @@ int sequence_in_backward_saved(const float *x, const float *dy, const double *sa
     const size_t nb = (size_t)batch;
     const float *scale = sequence_in_scale;
     double gscale[48], goffset[48];
+    const int stream = SEQUENCE_IN_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    sequence_in_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 48; ++c) {
         gscale[c] = 0;
         goffset[c] = 0;
@@ -1410,12 +1426,24 @@ int sequence_in_backward_saved(const float *x, const float *dy, const double *sa
                     const float *dyr = dy + i0 * 4800 + i1 * 100;
                     float *dxr = dx + i0 * 4800 + i1 * 100;
                     const float p = scale[i1] * pw[0];
-                    for (size_t i2 = 0; i2 < 100; ++i2) {
-                        dxr[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                    if (stream) {
+                        float sv[100];
+                        for (size_t i2 = 0; i2 < 100; ++i2) {
+                            sv[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                        }
+                        sequence_in_stream(&ws, dxr, sv, 100);
+                    } else {
+                        for (size_t i2 = 0; i2 < 100; ++i2) {
+                            dxr[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                        }
                     }
                 }
             }
         }
+    }
+    if (stream) {
+        sequence_in_stream_end(&ws);
+        SEQUENCE_IN_STREAM_FENCE();
     }
     for (size_t c = 0; c < 48; ++c) {
         dscale[c] = (float)gscale[c];

@@ -675,6 +675,8 @@ int bn_nchw_backward(const float *x, const float *dy, float *dx, float *dscale, 
     const size_t nb = (size_t)batch;
     const float *scale = bn_nchw_scale;
     double gscale[3], goffset[3];
+    const int stream = BN_NCHW_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    bn_nchw_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 3; ++c) {
         gscale[c] = 0;
         goffset[c] = 0;
@@ -823,10 +825,22 @@ int bn_nchw_backward(const float *x, const float *dy, float *dx, float *dscale, 
             const float *xr = x + i0 * 48;
             const float *dyr = dy + i0 * 48;
             float *dxr = dx + i0 * 48;
-            for (size_t j = 0; j < 48; ++j) {
-                dxr[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+            if (stream) {
+                float sv[48];
+                for (size_t j = 0; j < 48; ++j) {
+                    sv[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                }
+                bn_nchw_stream(&ws, dxr, sv, 48);
+            } else {
+                for (size_t j = 0; j < 48; ++j) {
+                    dxr[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                }
             }
         }
+    }
+    if (stream) {
+        bn_nchw_stream_end(&ws);
+        BN_NCHW_STREAM_FENCE();
     }
     for (size_t c = 0; c < 3; ++c) {
         dscale[c] = (float)gscale[c];
@@ -866,6 +880,8 @@ int bn_nchw_backward_saved(const float *x, const float *dy, const double *saved_
     const size_t nb = (size_t)batch;
     const float *scale = bn_nchw_scale;
     double gscale[3], goffset[3];
+    const int stream = BN_NCHW_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    bn_nchw_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 3; ++c) {
         gscale[c] = 0;
         goffset[c] = 0;
@@ -956,10 +972,22 @@ int bn_nchw_backward_saved(const float *x, const float *dy, const double *saved_
             const float *xr = x + i0 * 48;
             const float *dyr = dy + i0 * 48;
             float *dxr = dx + i0 * 48;
-            for (size_t j = 0; j < 48; ++j) {
-                dxr[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+            if (stream) {
+                float sv[48];
+                for (size_t j = 0; j < 48; ++j) {
+                    sv[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                }
+                bn_nchw_stream(&ws, dxr, sv, 48);
+            } else {
+                for (size_t j = 0; j < 48; ++j) {
+                    dxr[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                }
             }
         }
+    }
+    if (stream) {
+        bn_nchw_stream_end(&ws);
+        BN_NCHW_STREAM_FENCE();
     }
     for (size_t c = 0; c < 3; ++c) {
         dscale[c] = (float)gscale[c];

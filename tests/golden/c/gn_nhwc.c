@@ -540,6 +540,8 @@ int gn_nhwc_backward(const float *x, const float *dy, float *dx, float *dscale, 
     const size_t nb = (size_t)batch;
     const float *scale = gn_nhwc_scale;
     double gscale[6], goffset[6];
+    const int stream = GN_NHWC_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    gn_nhwc_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 6; ++c) {
         gscale[c] = 0;
         goffset[c] = 0;
@@ -689,11 +691,23 @@ int gn_nhwc_backward(const float *x, const float *dy, float *dx, float *dscale, 
                 const float *xr = x + i0 * 96 + i1 * 6;
                 const float *dyr = dy + i0 * 96 + i1 * 6;
                 float *dxr = dx + i0 * 96 + i1 * 6;
-                for (size_t j = 0; j < 6; ++j) {
-                    dxr[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                if (stream) {
+                    float sv[6];
+                    for (size_t j = 0; j < 6; ++j) {
+                        sv[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                    }
+                    gn_nhwc_stream(&ws, dxr, sv, 6);
+                } else {
+                    for (size_t j = 0; j < 6; ++j) {
+                        dxr[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                    }
                 }
             }
         }
+    }
+    if (stream) {
+        gn_nhwc_stream_end(&ws);
+        GN_NHWC_STREAM_FENCE();
     }
     for (size_t c = 0; c < 6; ++c) {
         dscale[c] = (float)gscale[c];
@@ -733,6 +747,8 @@ int gn_nhwc_backward_saved(const float *x, const float *dy, const double *saved_
     const size_t nb = (size_t)batch;
     const float *scale = gn_nhwc_scale;
     double gscale[6], goffset[6];
+    const int stream = GN_NHWC_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    gn_nhwc_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 6; ++c) {
         gscale[c] = 0;
         goffset[c] = 0;
@@ -824,11 +840,23 @@ int gn_nhwc_backward_saved(const float *x, const float *dy, const double *saved_
                 const float *xr = x + i0 * 96 + i1 * 6;
                 const float *dyr = dy + i0 * 96 + i1 * 6;
                 float *dxr = dx + i0 * 96 + i1 * 6;
-                for (size_t j = 0; j < 6; ++j) {
-                    dxr[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                if (stream) {
+                    float sv[6];
+                    for (size_t j = 0; j < 6; ++j) {
+                        sv[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                    }
+                    gn_nhwc_stream(&ws, dxr, sv, 6);
+                } else {
+                    for (size_t j = 0; j < 6; ++j) {
+                        dxr[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                    }
                 }
             }
         }
+    }
+    if (stream) {
+        gn_nhwc_stream_end(&ws);
+        GN_NHWC_STREAM_FENCE();
     }
     for (size_t c = 0; c < 6; ++c) {
         dscale[c] = (float)gscale[c];

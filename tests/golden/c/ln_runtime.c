@@ -936,6 +936,8 @@ int ln_runtime_backward(const ln_runtime_params *params, const float *x, const f
     const size_t nb = (size_t)batch;
     const float *scale = params->scale;
     double gscale[8], goffset[8];
+    const int stream = LN_RUNTIME_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    ln_runtime_streamer ws = {NULL, 0, {0}};
     /* per channel partial sums of dy and dy * xhat over at most 16 runs */
     float fa[8], fb[8];
     size_t fill = 0;
@@ -1068,13 +1070,26 @@ int ln_runtime_backward(const ln_runtime_params *params, const float *x, const f
                 const float *xr = x + i0 * 8;
                 const float *dyr = dy + i0 * 8;
                 float *dxr = dx + i0 * 8;
-                for (size_t i1 = 0; i1 < 8; ++i1) {
-                    const size_t c = i1;
-                    const float d = dyr[i1];
-                    const float dev = xr[i1] - mhi[0];
-                    dxr[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
-                    fa[c] += d;
-                    fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                if (stream) {
+                    float sv[8];
+                    for (size_t i1 = 0; i1 < 8; ++i1) {
+                        const size_t c = i1;
+                        const float d = dyr[i1];
+                        const float dev = xr[i1] - mhi[0];
+                        sv[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                        fa[c] += d;
+                        fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                    }
+                    ln_runtime_stream(&ws, dxr, sv, 8);
+                } else {
+                    for (size_t i1 = 0; i1 < 8; ++i1) {
+                        const size_t c = i1;
+                        const float d = dyr[i1];
+                        const float dev = xr[i1] - mhi[0];
+                        dxr[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                        fa[c] += d;
+                        fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                    }
                 }
                 if (++fill == 16) {
                     for (size_t c = 0; c < 8; ++c) {
@@ -1093,6 +1108,10 @@ int ln_runtime_backward(const ln_runtime_params *params, const float *x, const f
         goffset[c] += fa[c];
         fa[c] = 0;
         fb[c] = 0;
+    }
+    if (stream) {
+        ln_runtime_stream_end(&ws);
+        LN_RUNTIME_STREAM_FENCE();
     }
     for (size_t c = 0; c < 8; ++c) {
         dscale[c] = (float)gscale[c];
@@ -1135,6 +1154,8 @@ int ln_runtime_backward_saved(const ln_runtime_params *params, const float *x, c
     const size_t nb = (size_t)batch;
     const float *scale = params->scale;
     double gscale[8], goffset[8];
+    const int stream = LN_RUNTIME_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    ln_runtime_streamer ws = {NULL, 0, {0}};
     /* per channel partial sums of dy and dy * xhat over at most 16 runs */
     float fa[8], fb[8];
     size_t fill = 0;
@@ -1223,13 +1244,26 @@ int ln_runtime_backward_saved(const ln_runtime_params *params, const float *x, c
                 const float *xr = x + i0 * 8;
                 const float *dyr = dy + i0 * 8;
                 float *dxr = dx + i0 * 8;
-                for (size_t i1 = 0; i1 < 8; ++i1) {
-                    const size_t c = i1;
-                    const float d = dyr[i1];
-                    const float dev = xr[i1] - mhi[0];
-                    dxr[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
-                    fa[c] += d;
-                    fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                if (stream) {
+                    float sv[8];
+                    for (size_t i1 = 0; i1 < 8; ++i1) {
+                        const size_t c = i1;
+                        const float d = dyr[i1];
+                        const float dev = xr[i1] - mhi[0];
+                        sv[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                        fa[c] += d;
+                        fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                    }
+                    ln_runtime_stream(&ws, dxr, sv, 8);
+                } else {
+                    for (size_t i1 = 0; i1 < 8; ++i1) {
+                        const size_t c = i1;
+                        const float d = dyr[i1];
+                        const float dev = xr[i1] - mhi[0];
+                        dxr[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                        fa[c] += d;
+                        fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                    }
                 }
                 if (++fill == 16) {
                     for (size_t c = 0; c < 8; ++c) {
@@ -1248,6 +1282,10 @@ int ln_runtime_backward_saved(const ln_runtime_params *params, const float *x, c
         goffset[c] += fa[c];
         fa[c] = 0;
         fb[c] = 0;
+    }
+    if (stream) {
+        ln_runtime_stream_end(&ws);
+        LN_RUNTIME_STREAM_FENCE();
     }
     for (size_t c = 0; c < 8; ++c) {
         dscale[c] = (float)gscale[c];
