@@ -65,6 +65,8 @@ TARGET_CTYPES = {
     },
 }
 PARAMS_IN_ACC = {"cuda"}
+#: Bytes of each C element type.
+CTYPE_SIZES = {"float": 4, "double": 8}
 
 
 @dataclass(frozen=True)
@@ -212,7 +214,7 @@ class Plan:
 
     @property
     def itemsize(self) -> int:
-        return 4 if self.ctype == "float" else 8
+        return CTYPE_SIZES[self.ctype]
 
     #: Calls that write at least this many bytes of y stream it past the caches (NAME_STREAM_BYTES
     #: in the generated C, which a build can redefine): four times a core's L2 on the machines this
@@ -228,6 +230,12 @@ class Plan:
         if inner.stride != ONE or len(self.apply_axes) < 2:
             return None
         return inner.var, inner.count, _offset(self.apply_axes[:-1]) or "0"
+
+    def apply_body(self, i: str, target: str = "") -> list[str]:
+        """Batch-norm predict's statement for element ``i`` of the run at o0 (apply_run);
+        ``target``: where y goes instead of y[o0 + i], a buffer that is streamed out."""
+        a, b, c = self.fold_ref["a"], self.fold_ref["b"], self.apply_channel_expr
+        return [f"{target or f'y[o0 + {i}]'} = x[o0 + {i}] * {a}[{c}] + {b}[{c}];"]
 
     @property
     def guard(self) -> str:

@@ -57,12 +57,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .plan import Axis, Extent, Loop, Plan, _offset
+from .plan import CTYPE_SIZES, Axis, Extent, Loop, Plan, _offset
 
 #: Bytes of independent partial sums in a rows run: 128 bytes are four AVX registers (eight
 #: SSE2 ones), enough to hide the latency of the adds: 32 float lanes or 16 double lanes.
 LANE_BYTES = 128
-LANE_SIZES = {"float": 4, "double": 8}
+LANE_SIZES = CTYPE_SIZES
 #: Rows: elements whose mean is the first chunk's shift (within about a third of a standard
 #: deviation of the block's mean for most data, so the one-sweep statistics rarely need redoing).
 SHIFT_PROBE = 8
@@ -197,13 +197,10 @@ class Sweep:
         b = f"offset[{self.channel_expr}]" + (" - mlo[0] * g" if self.split_mean else "")
         return [f"const {t} g = rs[0] * scale[{self.channel_expr}];", f"const {t} b = {b};"]
 
-    def norm_body(self, i: str) -> list[str]:
-        """Pass 2's statement for run element ``i``."""
-        return [f"yr[{i}] = {self.norm_stmt(f'xr[{i}]')};"]
-
-    def norm_value(self, i: str) -> str:
-        """Pass 2's value of run element ``i`` of a contiguous run (streamed out)."""
-        return self.norm_stmt(f"xr[{i}]")
+    def norm_body(self, i: str, target: str = "") -> list[str]:
+        """Pass 2's statement for run element ``i`` (``target``: where y goes instead of yr[i],
+        a buffer that is streamed out)."""
+        return [f"{target or f'yr[{i}]'} = {self.norm_stmt(f'xr[{i}]')};"]
 
     def norm_stmt(self, x: str, channel: str = "") -> str:
         """Pass 2's expression for the element x (of channel ``channel``: channel_expr by default)."""

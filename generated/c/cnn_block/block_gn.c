@@ -327,11 +327,14 @@ int block_gn_predict(const float *x, float *y, int32_t batch)
                 const float *xr = x + i0 * 12544 + i1 * 64;
                 float *yr = y + i0 * 12544 + i1 * 64;
                 if (stream) {
-                    float sv[64];
-                    for (size_t j = 0; j < 64; ++j) {
-                        sv[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                    {
+                        const size_t s0 = 0, s1 = 64;
+                        float sv[64];
+                        for (size_t j = s0; j < s1; ++j) {
+                            sv[j - s0] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                        }
+                        block_gn_stream(&ws, yr + s0, sv, s1 - s0);
                     }
-                    block_gn_stream(&ws, yr, sv, 64);
                 } else {
                     for (size_t j = 0; j < 64; ++j) {
                         yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
@@ -513,11 +516,14 @@ int block_gn_train_forward_save(const float *x, float *y, int32_t batch, double 
                 const float *xr = x + i0 * 12544 + i1 * 64;
                 float *yr = y + i0 * 12544 + i1 * 64;
                 if (stream) {
-                    float sv[64];
-                    for (size_t j = 0; j < 64; ++j) {
-                        sv[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                    {
+                        const size_t s0 = 0, s1 = 64;
+                        float sv[64];
+                        for (size_t j = s0; j < s1; ++j) {
+                            sv[j - s0] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                        }
+                        block_gn_stream(&ws, yr + s0, sv, s1 - s0);
                     }
-                    block_gn_stream(&ws, yr, sv, 64);
                 } else {
                     for (size_t j = 0; j < 64; ++j) {
                         yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
@@ -712,11 +718,14 @@ int block_gn_backward(const float *x, const float *dy, float *dx, float *dscale,
                 const float *dyr = dy + i0 * 12544 + i1 * 64;
                 float *dxr = dx + i0 * 12544 + i1 * 64;
                 if (stream) {
-                    float sv[64];
-                    for (size_t j = 0; j < 64; ++j) {
-                        sv[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                    {
+                        const size_t s0 = 0, s1 = 64;
+                        float sv[64];
+                        for (size_t j = s0; j < s1; ++j) {
+                            sv[j - s0] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                        }
+                        block_gn_stream(&ws, dxr + s0, sv, s1 - s0);
                     }
-                    block_gn_stream(&ws, dxr, sv, 64);
                 } else {
                     for (size_t j = 0; j < 64; ++j) {
                         dxr[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
@@ -861,11 +870,14 @@ int block_gn_backward_saved(const float *x, const float *dy, const double *saved
                 const float *dyr = dy + i0 * 12544 + i1 * 64;
                 float *dxr = dx + i0 * 12544 + i1 * 64;
                 if (stream) {
-                    float sv[64];
-                    for (size_t j = 0; j < 64; ++j) {
-                        sv[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                    {
+                        const size_t s0 = 0, s1 = 64;
+                        float sv[64];
+                        for (size_t j = s0; j < s1; ++j) {
+                            sv[j - s0] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                        }
+                        block_gn_stream(&ws, dxr + s0, sv, s1 - s0);
                     }
-                    block_gn_stream(&ws, dxr, sv, 64);
                 } else {
                     for (size_t j = 0; j < 64; ++j) {
                         dxr[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);

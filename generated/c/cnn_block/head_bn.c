@@ -258,11 +258,14 @@ int head_bn_predict(const double *x, double *y, int32_t batch)
         for (size_t j1 = 0; j1 < 64; ++j1) {
             const size_t o0 = j0 * 3136 + j1 * 49;
             if (stream) {
-                double sv[49];
-                for (size_t j2 = 0; j2 < 49; ++j2) {
-                    sv[j2] = x[o0 + j2] * head_bn_fold_a[j1] + head_bn_fold_b[j1];
+                {
+                    const size_t s0 = 0, s1 = 49;
+                    double sv[49];
+                    for (size_t j2 = s0; j2 < s1; ++j2) {
+                        sv[j2 - s0] = x[o0 + j2] * head_bn_fold_a[j1] + head_bn_fold_b[j1];
+                    }
+                    head_bn_stream(&ws, y + o0 + s0, sv, s1 - s0);
                 }
-                head_bn_stream(&ws, y + o0, sv, 49);
             } else {
                 for (size_t j2 = 0; j2 < 49; ++j2) {
                     y[o0 + j2] = x[o0 + j2] * head_bn_fold_a[j1] + head_bn_fold_b[j1];
@@ -569,11 +572,14 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                         double *yr = y + i0 * 3136 + i1 * 49;
                         const double g = rs[0] * scale[i1];
                         const double b = offset[i1];
-                        double sv[49];
-                        for (size_t i2 = 0; i2 < 49; ++i2) {
-                            sv[i2] = (xr[i2] - mhi[0]) * g + b;
+                        {
+                            const size_t s0 = 0, s1 = 49;
+                            double sv[49];
+                            for (size_t i2 = s0; i2 < s1; ++i2) {
+                                sv[i2 - s0] = (xr[i2] - mhi[0]) * g + b;
+                            }
+                            head_bn_stream(&ws, yr + s0, sv, s1 - s0);
                         }
-                        head_bn_stream(&ws, yr, sv, 49);
                     }
 } else {
                     n = 0;
@@ -706,11 +712,14 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                     const double g = rs[0] * scale[i1];
                     const double b = offset[i1];
                     if (stream) {
-                        double sv[49];
-                        for (size_t i2 = 0; i2 < 49; ++i2) {
-                            sv[i2] = (xr[i2] - mhi[0]) * g + b;
+                        {
+                            const size_t s0 = 0, s1 = 49;
+                            double sv[49];
+                            for (size_t i2 = s0; i2 < s1; ++i2) {
+                                sv[i2 - s0] = (xr[i2] - mhi[0]) * g + b;
+                            }
+                            head_bn_stream(&ws, yr + s0, sv, s1 - s0);
                         }
-                        head_bn_stream(&ws, yr, sv, 49);
                     } else {
                         for (size_t i2 = 0; i2 < 49; ++i2) {
                             yr[i2] = (xr[i2] - mhi[0]) * g + b;
@@ -1029,11 +1038,14 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                         double *yr = y + i0 * 3136 + i1 * 49;
                         const double g = rs[0] * scale[i1];
                         const double b = offset[i1];
-                        double sv[49];
-                        for (size_t i2 = 0; i2 < 49; ++i2) {
-                            sv[i2] = (xr[i2] - mhi[0]) * g + b;
+                        {
+                            const size_t s0 = 0, s1 = 49;
+                            double sv[49];
+                            for (size_t i2 = s0; i2 < s1; ++i2) {
+                                sv[i2 - s0] = (xr[i2] - mhi[0]) * g + b;
+                            }
+                            head_bn_stream(&ws, yr + s0, sv, s1 - s0);
                         }
-                        head_bn_stream(&ws, yr, sv, 49);
                     }
 } else {
                     n = 0;
@@ -1166,11 +1178,14 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                     const double g = rs[0] * scale[i1];
                     const double b = offset[i1];
                     if (stream) {
-                        double sv[49];
-                        for (size_t i2 = 0; i2 < 49; ++i2) {
-                            sv[i2] = (xr[i2] - mhi[0]) * g + b;
+                        {
+                            const size_t s0 = 0, s1 = 49;
+                            double sv[49];
+                            for (size_t i2 = s0; i2 < s1; ++i2) {
+                                sv[i2 - s0] = (xr[i2] - mhi[0]) * g + b;
+                            }
+                            head_bn_stream(&ws, yr + s0, sv, s1 - s0);
                         }
-                        head_bn_stream(&ws, yr, sv, 49);
                     } else {
                         for (size_t i2 = 0; i2 < 49; ++i2) {
                             yr[i2] = (xr[i2] - mhi[0]) * g + b;
@@ -1386,11 +1401,14 @@ int head_bn_backward(const double *x, const double *dy, double *dx, double *dsca
                 double *dxr = dx + i0 * 3136 + i1 * 49;
                 const double p = scale[i1] * pw[0];
                 if (stream) {
-                    double sv[49];
-                    for (size_t i2 = 0; i2 < 49; ++i2) {
-                        sv[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                    {
+                        const size_t s0 = 0, s1 = 49;
+                        double sv[49];
+                        for (size_t i2 = s0; i2 < s1; ++i2) {
+                            sv[i2 - s0] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                        }
+                        head_bn_stream(&ws, dxr + s0, sv, s1 - s0);
                     }
-                    head_bn_stream(&ws, dxr, sv, 49);
                 } else {
                     for (size_t i2 = 0; i2 < 49; ++i2) {
                         dxr[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
@@ -1558,11 +1576,14 @@ int head_bn_backward_saved(const double *x, const double *dy, const double *save
                 double *dxr = dx + i0 * 3136 + i1 * 49;
                 const double p = scale[i1] * pw[0];
                 if (stream) {
-                    double sv[49];
-                    for (size_t i2 = 0; i2 < 49; ++i2) {
-                        sv[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                    {
+                        const size_t s0 = 0, s1 = 49;
+                        double sv[49];
+                        for (size_t i2 = s0; i2 < s1; ++i2) {
+                            sv[i2 - s0] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                        }
+                        head_bn_stream(&ws, dxr + s0, sv, s1 - s0);
                     }
-                    head_bn_stream(&ws, dxr, sv, 49);
                 } else {
                     for (size_t i2 = 0; i2 < 49; ++i2) {
                         dxr[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);

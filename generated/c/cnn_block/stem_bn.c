@@ -227,11 +227,14 @@ int stem_bn_predict(const float *x, float *y, int32_t batch)
         for (size_t j1 = 0; j1 < 32; ++j1) {
             const size_t o0 = j0 * 25088 + j1 * 784;
             if (stream) {
-                float sv[784];
-                for (size_t j2 = 0; j2 < 784; ++j2) {
-                    sv[j2] = x[o0 + j2] * stem_bn_fold_a[j1] + stem_bn_fold_b[j1];
+                {
+                    const size_t s0 = 0, s1 = 784;
+                    float sv[784];
+                    for (size_t j2 = s0; j2 < s1; ++j2) {
+                        sv[j2 - s0] = x[o0 + j2] * stem_bn_fold_a[j1] + stem_bn_fold_b[j1];
+                    }
+                    stem_bn_stream(&ws, y + o0 + s0, sv, s1 - s0);
                 }
-                stem_bn_stream(&ws, y + o0, sv, 784);
             } else {
                 for (size_t j2 = 0; j2 < 784; ++j2) {
                     y[o0 + j2] = x[o0 + j2] * stem_bn_fold_a[j1] + stem_bn_fold_b[j1];
@@ -539,11 +542,14 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                         float *yr = y + i0 * 25088 + i1 * 784;
                         const float g = rs[0] * scale[i1];
                         const float b = offset[i1] - mlo[0] * g;
-                        float sv[784];
-                        for (size_t i2 = 0; i2 < 784; ++i2) {
-                            sv[i2] = (xr[i2] - mhi[0]) * g + b;
+                        {
+                            const size_t s0 = 0, s1 = 784;
+                            float sv[784];
+                            for (size_t i2 = s0; i2 < s1; ++i2) {
+                                sv[i2 - s0] = (xr[i2] - mhi[0]) * g + b;
+                            }
+                            stem_bn_stream(&ws, yr + s0, sv, s1 - s0);
                         }
-                        stem_bn_stream(&ws, yr, sv, 784);
                     }
 } else {
                     n = 0;
@@ -676,11 +682,14 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                     const float g = rs[0] * scale[i1];
                     const float b = offset[i1] - mlo[0] * g;
                     if (stream) {
-                        float sv[784];
-                        for (size_t i2 = 0; i2 < 784; ++i2) {
-                            sv[i2] = (xr[i2] - mhi[0]) * g + b;
+                        {
+                            const size_t s0 = 0, s1 = 784;
+                            float sv[784];
+                            for (size_t i2 = s0; i2 < s1; ++i2) {
+                                sv[i2 - s0] = (xr[i2] - mhi[0]) * g + b;
+                            }
+                            stem_bn_stream(&ws, yr + s0, sv, s1 - s0);
                         }
-                        stem_bn_stream(&ws, yr, sv, 784);
                     } else {
                         for (size_t i2 = 0; i2 < 784; ++i2) {
                             yr[i2] = (xr[i2] - mhi[0]) * g + b;
@@ -1000,11 +1009,14 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                         float *yr = y + i0 * 25088 + i1 * 784;
                         const float g = rs[0] * scale[i1];
                         const float b = offset[i1] - mlo[0] * g;
-                        float sv[784];
-                        for (size_t i2 = 0; i2 < 784; ++i2) {
-                            sv[i2] = (xr[i2] - mhi[0]) * g + b;
+                        {
+                            const size_t s0 = 0, s1 = 784;
+                            float sv[784];
+                            for (size_t i2 = s0; i2 < s1; ++i2) {
+                                sv[i2 - s0] = (xr[i2] - mhi[0]) * g + b;
+                            }
+                            stem_bn_stream(&ws, yr + s0, sv, s1 - s0);
                         }
-                        stem_bn_stream(&ws, yr, sv, 784);
                     }
 } else {
                     n = 0;
@@ -1137,11 +1149,14 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                     const float g = rs[0] * scale[i1];
                     const float b = offset[i1] - mlo[0] * g;
                     if (stream) {
-                        float sv[784];
-                        for (size_t i2 = 0; i2 < 784; ++i2) {
-                            sv[i2] = (xr[i2] - mhi[0]) * g + b;
+                        {
+                            const size_t s0 = 0, s1 = 784;
+                            float sv[784];
+                            for (size_t i2 = s0; i2 < s1; ++i2) {
+                                sv[i2 - s0] = (xr[i2] - mhi[0]) * g + b;
+                            }
+                            stem_bn_stream(&ws, yr + s0, sv, s1 - s0);
                         }
-                        stem_bn_stream(&ws, yr, sv, 784);
                     } else {
                         for (size_t i2 = 0; i2 < 784; ++i2) {
                             yr[i2] = (xr[i2] - mhi[0]) * g + b;
@@ -1357,11 +1372,14 @@ int stem_bn_backward(const float *x, const float *dy, float *dx, float *dscale, 
                 float *dxr = dx + i0 * 25088 + i1 * 784;
                 const float p = scale[i1] * pw[0];
                 if (stream) {
-                    float sv[784];
-                    for (size_t i2 = 0; i2 < 784; ++i2) {
-                        sv[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                    {
+                        const size_t s0 = 0, s1 = 784;
+                        float sv[784];
+                        for (size_t i2 = s0; i2 < s1; ++i2) {
+                            sv[i2 - s0] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                        }
+                        stem_bn_stream(&ws, dxr + s0, sv, s1 - s0);
                     }
-                    stem_bn_stream(&ws, dxr, sv, 784);
                 } else {
                     for (size_t i2 = 0; i2 < 784; ++i2) {
                         dxr[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
@@ -1529,11 +1547,14 @@ int stem_bn_backward_saved(const float *x, const float *dy, const double *saved_
                 float *dxr = dx + i0 * 25088 + i1 * 784;
                 const float p = scale[i1] * pw[0];
                 if (stream) {
-                    float sv[784];
-                    for (size_t i2 = 0; i2 < 784; ++i2) {
-                        sv[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                    {
+                        const size_t s0 = 0, s1 = 784;
+                        float sv[784];
+                        for (size_t i2 = s0; i2 < s1; ++i2) {
+                            sv[i2 - s0] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                        }
+                        stem_bn_stream(&ws, dxr + s0, sv, s1 - s0);
                     }
-                    stem_bn_stream(&ws, dxr, sv, 784);
                 } else {
                     for (size_t i2 = 0; i2 < 784; ++i2) {
                         dxr[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);

@@ -471,11 +471,14 @@ int decoder_ln_predict(const float *x, float *y, int32_t batch)
                     {
                         const float *xr = x + i0 * 128;
                         float *yr = y + i0 * 128;
-                        float sv[128];
-                        for (size_t i1 = 0; i1 < 128; ++i1) {
-                            sv[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                        {
+                            const size_t s0 = 0, s1 = 128;
+                            float sv[128];
+                            for (size_t i1 = s0; i1 < s1; ++i1) {
+                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            }
+                            decoder_ln_stream(&ws, yr + s0, sv, s1 - s0);
                         }
-                        decoder_ln_stream(&ws, yr, sv, 128);
                     }
 } else {
                     n = 0;
@@ -604,11 +607,14 @@ int decoder_ln_predict(const float *x, float *y, int32_t batch)
                     const float *xr = x + i0 * 128;
                     float *yr = y + i0 * 128;
                     if (stream) {
-                        float sv[128];
-                        for (size_t i1 = 0; i1 < 128; ++i1) {
-                            sv[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                        {
+                            const size_t s0 = 0, s1 = 128;
+                            float sv[128];
+                            for (size_t i1 = s0; i1 < s1; ++i1) {
+                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            }
+                            decoder_ln_stream(&ws, yr + s0, sv, s1 - s0);
                         }
-                        decoder_ln_stream(&ws, yr, sv, 128);
                     } else {
                         for (size_t i1 = 0; i1 < 128; ++i1) {
                             yr[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
@@ -913,11 +919,14 @@ int decoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                     {
                         const float *xr = x + i0 * 128;
                         float *yr = y + i0 * 128;
-                        float sv[128];
-                        for (size_t i1 = 0; i1 < 128; ++i1) {
-                            sv[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                        {
+                            const size_t s0 = 0, s1 = 128;
+                            float sv[128];
+                            for (size_t i1 = s0; i1 < s1; ++i1) {
+                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            }
+                            decoder_ln_stream(&ws, yr + s0, sv, s1 - s0);
                         }
-                        decoder_ln_stream(&ws, yr, sv, 128);
                     }
 } else {
                     n = 0;
@@ -1046,11 +1055,14 @@ int decoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                     const float *xr = x + i0 * 128;
                     float *yr = y + i0 * 128;
                     if (stream) {
-                        float sv[128];
-                        for (size_t i1 = 0; i1 < 128; ++i1) {
-                            sv[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                        {
+                            const size_t s0 = 0, s1 = 128;
+                            float sv[128];
+                            for (size_t i1 = s0; i1 < s1; ++i1) {
+                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            }
+                            decoder_ln_stream(&ws, yr + s0, sv, s1 - s0);
                         }
-                        decoder_ln_stream(&ws, yr, sv, 128);
                     } else {
                         for (size_t i1 = 0; i1 < 128; ++i1) {
                             yr[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
@@ -1257,16 +1269,19 @@ int decoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
                 const float *dyr = dy + i0 * 128;
                 float *dxr = dx + i0 * 128;
                 if (stream) {
-                    float sv[128];
-                    for (size_t i1 = 0; i1 < 128; ++i1) {
-                        const size_t c = i1;
-                        const float d = dyr[i1];
-                        const float dev = xr[i1] - mhi[0];
-                        sv[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
-                        fa[c] += d;
-                        fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                    {
+                        const size_t s0 = 0, s1 = 128;
+                        float sv[128];
+                        for (size_t i1 = s0; i1 < s1; ++i1) {
+                            const size_t c = i1;
+                            const float d = dyr[i1];
+                            const float dev = xr[i1] - mhi[0];
+                            sv[i1 - s0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                            fa[c] += d;
+                            fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                        }
+                        decoder_ln_stream(&ws, dxr + s0, sv, s1 - s0);
                     }
-                    decoder_ln_stream(&ws, dxr, sv, 128);
                 } else {
                     for (size_t i1 = 0; i1 < 128; ++i1) {
                         const size_t c = i1;
@@ -1445,16 +1460,19 @@ int decoder_ln_backward_saved(const float *x, const float *dy, const double *sav
                 const float *dyr = dy + i0 * 128;
                 float *dxr = dx + i0 * 128;
                 if (stream) {
-                    float sv[128];
-                    for (size_t i1 = 0; i1 < 128; ++i1) {
-                        const size_t c = i1;
-                        const float d = dyr[i1];
-                        const float dev = xr[i1] - mhi[0];
-                        sv[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
-                        fa[c] += d;
-                        fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                    {
+                        const size_t s0 = 0, s1 = 128;
+                        float sv[128];
+                        for (size_t i1 = s0; i1 < s1; ++i1) {
+                            const size_t c = i1;
+                            const float d = dyr[i1];
+                            const float dev = xr[i1] - mhi[0];
+                            sv[i1 - s0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                            fa[c] += d;
+                            fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                        }
+                        decoder_ln_stream(&ws, dxr + s0, sv, s1 - s0);
                     }
-                    decoder_ln_stream(&ws, dxr, sv, 128);
                 } else {
                     for (size_t i1 = 0; i1 < 128; ++i1) {
                         const size_t c = i1;

@@ -513,11 +513,14 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
                     {
                         const float *xr = x + i0 * 256;
                         float *yr = y + i0 * 256;
-                        float sv[256];
-                        for (size_t i1 = 0; i1 < 256; ++i1) {
-                            sv[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                        {
+                            const size_t s0 = 0, s1 = 256;
+                            float sv[256];
+                            for (size_t i1 = s0; i1 < s1; ++i1) {
+                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            }
+                            encoder_ln_stream(&ws, yr + s0, sv, s1 - s0);
                         }
-                        encoder_ln_stream(&ws, yr, sv, 256);
                     }
 } else {
                     n = 0;
@@ -646,11 +649,14 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
                     const float *xr = x + i0 * 256;
                     float *yr = y + i0 * 256;
                     if (stream) {
-                        float sv[256];
-                        for (size_t i1 = 0; i1 < 256; ++i1) {
-                            sv[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                        {
+                            const size_t s0 = 0, s1 = 256;
+                            float sv[256];
+                            for (size_t i1 = s0; i1 < s1; ++i1) {
+                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            }
+                            encoder_ln_stream(&ws, yr + s0, sv, s1 - s0);
                         }
-                        encoder_ln_stream(&ws, yr, sv, 256);
                     } else {
                         for (size_t i1 = 0; i1 < 256; ++i1) {
                             yr[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
@@ -955,11 +961,14 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                     {
                         const float *xr = x + i0 * 256;
                         float *yr = y + i0 * 256;
-                        float sv[256];
-                        for (size_t i1 = 0; i1 < 256; ++i1) {
-                            sv[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                        {
+                            const size_t s0 = 0, s1 = 256;
+                            float sv[256];
+                            for (size_t i1 = s0; i1 < s1; ++i1) {
+                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            }
+                            encoder_ln_stream(&ws, yr + s0, sv, s1 - s0);
                         }
-                        encoder_ln_stream(&ws, yr, sv, 256);
                     }
 } else {
                     n = 0;
@@ -1088,11 +1097,14 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                     const float *xr = x + i0 * 256;
                     float *yr = y + i0 * 256;
                     if (stream) {
-                        float sv[256];
-                        for (size_t i1 = 0; i1 < 256; ++i1) {
-                            sv[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                        {
+                            const size_t s0 = 0, s1 = 256;
+                            float sv[256];
+                            for (size_t i1 = s0; i1 < s1; ++i1) {
+                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            }
+                            encoder_ln_stream(&ws, yr + s0, sv, s1 - s0);
                         }
-                        encoder_ln_stream(&ws, yr, sv, 256);
                     } else {
                         for (size_t i1 = 0; i1 < 256; ++i1) {
                             yr[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
@@ -1299,16 +1311,19 @@ int encoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
                 const float *dyr = dy + i0 * 256;
                 float *dxr = dx + i0 * 256;
                 if (stream) {
-                    float sv[256];
-                    for (size_t i1 = 0; i1 < 256; ++i1) {
-                        const size_t c = i1;
-                        const float d = dyr[i1];
-                        const float dev = xr[i1] - mhi[0];
-                        sv[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
-                        fa[c] += d;
-                        fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                    {
+                        const size_t s0 = 0, s1 = 256;
+                        float sv[256];
+                        for (size_t i1 = s0; i1 < s1; ++i1) {
+                            const size_t c = i1;
+                            const float d = dyr[i1];
+                            const float dev = xr[i1] - mhi[0];
+                            sv[i1 - s0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                            fa[c] += d;
+                            fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                        }
+                        encoder_ln_stream(&ws, dxr + s0, sv, s1 - s0);
                     }
-                    encoder_ln_stream(&ws, dxr, sv, 256);
                 } else {
                     for (size_t i1 = 0; i1 < 256; ++i1) {
                         const size_t c = i1;
@@ -1487,16 +1502,19 @@ int encoder_ln_backward_saved(const float *x, const float *dy, const double *sav
                 const float *dyr = dy + i0 * 256;
                 float *dxr = dx + i0 * 256;
                 if (stream) {
-                    float sv[256];
-                    for (size_t i1 = 0; i1 < 256; ++i1) {
-                        const size_t c = i1;
-                        const float d = dyr[i1];
-                        const float dev = xr[i1] - mhi[0];
-                        sv[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
-                        fa[c] += d;
-                        fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                    {
+                        const size_t s0 = 0, s1 = 256;
+                        float sv[256];
+                        for (size_t i1 = s0; i1 < s1; ++i1) {
+                            const size_t c = i1;
+                            const float d = dyr[i1];
+                            const float dev = xr[i1] - mhi[0];
+                            sv[i1 - s0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                            fa[c] += d;
+                            fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                        }
+                        encoder_ln_stream(&ws, dxr + s0, sv, s1 - s0);
                     }
-                    encoder_ln_stream(&ws, dxr, sv, 256);
                 } else {
                     for (size_t i1 = 0; i1 < 256; ++i1) {
                         const size_t c = i1;

@@ -460,11 +460,14 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
                     {
                         const float *xr = x + i0 * 96;
                         float *yr = y + i0 * 96;
-                        float sv[96];
-                        for (size_t i1 = 0; i1 < 96; ++i1) {
-                            sv[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                        {
+                            const size_t s0 = 0, s1 = 96;
+                            float sv[96];
+                            for (size_t i1 = s0; i1 < s1; ++i1) {
+                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            }
+                            matlab_seq_ln_stream(&ws, yr + s0, sv, s1 - s0);
                         }
-                        matlab_seq_ln_stream(&ws, yr, sv, 96);
                     }
 } else {
                     n = 0;
@@ -593,11 +596,14 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
                     const float *xr = x + i0 * 96;
                     float *yr = y + i0 * 96;
                     if (stream) {
-                        float sv[96];
-                        for (size_t i1 = 0; i1 < 96; ++i1) {
-                            sv[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                        {
+                            const size_t s0 = 0, s1 = 96;
+                            float sv[96];
+                            for (size_t i1 = s0; i1 < s1; ++i1) {
+                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            }
+                            matlab_seq_ln_stream(&ws, yr + s0, sv, s1 - s0);
                         }
-                        matlab_seq_ln_stream(&ws, yr, sv, 96);
                     } else {
                         for (size_t i1 = 0; i1 < 96; ++i1) {
                             yr[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
@@ -902,11 +908,14 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                     {
                         const float *xr = x + i0 * 96;
                         float *yr = y + i0 * 96;
-                        float sv[96];
-                        for (size_t i1 = 0; i1 < 96; ++i1) {
-                            sv[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                        {
+                            const size_t s0 = 0, s1 = 96;
+                            float sv[96];
+                            for (size_t i1 = s0; i1 < s1; ++i1) {
+                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            }
+                            matlab_seq_ln_stream(&ws, yr + s0, sv, s1 - s0);
                         }
-                        matlab_seq_ln_stream(&ws, yr, sv, 96);
                     }
 } else {
                     n = 0;
@@ -1035,11 +1044,14 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                     const float *xr = x + i0 * 96;
                     float *yr = y + i0 * 96;
                     if (stream) {
-                        float sv[96];
-                        for (size_t i1 = 0; i1 < 96; ++i1) {
-                            sv[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                        {
+                            const size_t s0 = 0, s1 = 96;
+                            float sv[96];
+                            for (size_t i1 = s0; i1 < s1; ++i1) {
+                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            }
+                            matlab_seq_ln_stream(&ws, yr + s0, sv, s1 - s0);
                         }
-                        matlab_seq_ln_stream(&ws, yr, sv, 96);
                     } else {
                         for (size_t i1 = 0; i1 < 96; ++i1) {
                             yr[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
@@ -1246,16 +1258,19 @@ int matlab_seq_ln_backward(const float *x, const float *dy, float *dx, float *ds
                 const float *dyr = dy + i0 * 96;
                 float *dxr = dx + i0 * 96;
                 if (stream) {
-                    float sv[96];
-                    for (size_t i1 = 0; i1 < 96; ++i1) {
-                        const size_t c = i1;
-                        const float d = dyr[i1];
-                        const float dev = xr[i1] - mhi[0];
-                        sv[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
-                        fa[c] += d;
-                        fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                    {
+                        const size_t s0 = 0, s1 = 96;
+                        float sv[96];
+                        for (size_t i1 = s0; i1 < s1; ++i1) {
+                            const size_t c = i1;
+                            const float d = dyr[i1];
+                            const float dev = xr[i1] - mhi[0];
+                            sv[i1 - s0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                            fa[c] += d;
+                            fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                        }
+                        matlab_seq_ln_stream(&ws, dxr + s0, sv, s1 - s0);
                     }
-                    matlab_seq_ln_stream(&ws, dxr, sv, 96);
                 } else {
                     for (size_t i1 = 0; i1 < 96; ++i1) {
                         const size_t c = i1;
@@ -1434,16 +1449,19 @@ int matlab_seq_ln_backward_saved(const float *x, const float *dy, const double *
                 const float *dyr = dy + i0 * 96;
                 float *dxr = dx + i0 * 96;
                 if (stream) {
-                    float sv[96];
-                    for (size_t i1 = 0; i1 < 96; ++i1) {
-                        const size_t c = i1;
-                        const float d = dyr[i1];
-                        const float dev = xr[i1] - mhi[0];
-                        sv[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
-                        fa[c] += d;
-                        fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                    {
+                        const size_t s0 = 0, s1 = 96;
+                        float sv[96];
+                        for (size_t i1 = s0; i1 < s1; ++i1) {
+                            const size_t c = i1;
+                            const float d = dyr[i1];
+                            const float dev = xr[i1] - mhi[0];
+                            sv[i1 - s0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                            fa[c] += d;
+                            fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                        }
+                        matlab_seq_ln_stream(&ws, dxr + s0, sv, s1 - s0);
                     }
-                    matlab_seq_ln_stream(&ws, dxr, sv, 96);
                 } else {
                     for (size_t i1 = 0; i1 < 96; ++i1) {
                         const size_t c = i1;

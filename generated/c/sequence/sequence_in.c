@@ -445,11 +445,14 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
                         float *yr = y + i0 * 4800 + i1 * 100;
                         const float g = rs[0] * scale[i1];
                         const float b = offset[i1] - mlo[0] * g;
-                        float sv[100];
-                        for (size_t i2 = 0; i2 < 100; ++i2) {
-                            sv[i2] = (xr[i2] - mhi[0]) * g + b;
+                        {
+                            const size_t s0 = 0, s1 = 100;
+                            float sv[100];
+                            for (size_t i2 = s0; i2 < s1; ++i2) {
+                                sv[i2 - s0] = (xr[i2] - mhi[0]) * g + b;
+                            }
+                            sequence_in_stream(&ws, yr + s0, sv, s1 - s0);
                         }
-                        sequence_in_stream(&ws, yr, sv, 100);
                     }
 } else {
                     n = 0;
@@ -582,11 +585,14 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
                     const float g = rs[0] * scale[i1];
                     const float b = offset[i1] - mlo[0] * g;
                     if (stream) {
-                        float sv[100];
-                        for (size_t i2 = 0; i2 < 100; ++i2) {
-                            sv[i2] = (xr[i2] - mhi[0]) * g + b;
+                        {
+                            const size_t s0 = 0, s1 = 100;
+                            float sv[100];
+                            for (size_t i2 = s0; i2 < s1; ++i2) {
+                                sv[i2 - s0] = (xr[i2] - mhi[0]) * g + b;
+                            }
+                            sequence_in_stream(&ws, yr + s0, sv, s1 - s0);
                         }
-                        sequence_in_stream(&ws, yr, sv, 100);
                     } else {
                         for (size_t i2 = 0; i2 < 100; ++i2) {
                             yr[i2] = (xr[i2] - mhi[0]) * g + b;
@@ -895,11 +901,14 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                         float *yr = y + i0 * 4800 + i1 * 100;
                         const float g = rs[0] * scale[i1];
                         const float b = offset[i1] - mlo[0] * g;
-                        float sv[100];
-                        for (size_t i2 = 0; i2 < 100; ++i2) {
-                            sv[i2] = (xr[i2] - mhi[0]) * g + b;
+                        {
+                            const size_t s0 = 0, s1 = 100;
+                            float sv[100];
+                            for (size_t i2 = s0; i2 < s1; ++i2) {
+                                sv[i2 - s0] = (xr[i2] - mhi[0]) * g + b;
+                            }
+                            sequence_in_stream(&ws, yr + s0, sv, s1 - s0);
                         }
-                        sequence_in_stream(&ws, yr, sv, 100);
                     }
 } else {
                     n = 0;
@@ -1032,11 +1041,14 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                     const float g = rs[0] * scale[i1];
                     const float b = offset[i1] - mlo[0] * g;
                     if (stream) {
-                        float sv[100];
-                        for (size_t i2 = 0; i2 < 100; ++i2) {
-                            sv[i2] = (xr[i2] - mhi[0]) * g + b;
+                        {
+                            const size_t s0 = 0, s1 = 100;
+                            float sv[100];
+                            for (size_t i2 = s0; i2 < s1; ++i2) {
+                                sv[i2 - s0] = (xr[i2] - mhi[0]) * g + b;
+                            }
+                            sequence_in_stream(&ws, yr + s0, sv, s1 - s0);
                         }
-                        sequence_in_stream(&ws, yr, sv, 100);
                     } else {
                         for (size_t i2 = 0; i2 < 100; ++i2) {
                             yr[i2] = (xr[i2] - mhi[0]) * g + b;
@@ -1253,11 +1265,14 @@ int sequence_in_backward(const float *x, const float *dy, float *dx, float *dsca
                     float *dxr = dx + i0 * 4800 + i1 * 100;
                     const float p = scale[i1] * pw[0];
                     if (stream) {
-                        float sv[100];
-                        for (size_t i2 = 0; i2 < 100; ++i2) {
-                            sv[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                        {
+                            const size_t s0 = 0, s1 = 100;
+                            float sv[100];
+                            for (size_t i2 = s0; i2 < s1; ++i2) {
+                                sv[i2 - s0] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                            }
+                            sequence_in_stream(&ws, dxr + s0, sv, s1 - s0);
                         }
-                        sequence_in_stream(&ws, dxr, sv, 100);
                     } else {
                         for (size_t i2 = 0; i2 < 100; ++i2) {
                             dxr[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
@@ -1427,11 +1442,14 @@ int sequence_in_backward_saved(const float *x, const float *dy, const double *sa
                     float *dxr = dx + i0 * 4800 + i1 * 100;
                     const float p = scale[i1] * pw[0];
                     if (stream) {
-                        float sv[100];
-                        for (size_t i2 = 0; i2 < 100; ++i2) {
-                            sv[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                        {
+                            const size_t s0 = 0, s1 = 100;
+                            float sv[100];
+                            for (size_t i2 = s0; i2 < s1; ++i2) {
+                                sv[i2 - s0] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                            }
+                            sequence_in_stream(&ws, dxr + s0, sv, s1 - s0);
                         }
-                        sequence_in_stream(&ws, dxr, sv, 100);
                     } else {
                         for (size_t i2 = 0; i2 < 100; ++i2) {
                             dxr[i2] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);

@@ -197,11 +197,14 @@ int bn_nchw_predict(const float *x, float *y, int32_t batch)
         for (size_t j1 = 0; j1 < 3; ++j1) {
             const size_t o0 = j0 * 48 + j1 * 16;
             if (stream) {
-                float sv[16];
-                for (size_t j2 = 0; j2 < 16; ++j2) {
-                    sv[j2] = x[o0 + j2] * bn_nchw_fold_a[j1] + bn_nchw_fold_b[j1];
+                {
+                    const size_t s0 = 0, s1 = 16;
+                    float sv[16];
+                    for (size_t j2 = s0; j2 < s1; ++j2) {
+                        sv[j2 - s0] = x[o0 + j2] * bn_nchw_fold_a[j1] + bn_nchw_fold_b[j1];
+                    }
+                    bn_nchw_stream(&ws, y + o0 + s0, sv, s1 - s0);
                 }
-                bn_nchw_stream(&ws, y + o0, sv, 16);
             } else {
                 for (size_t j2 = 0; j2 < 16; ++j2) {
                     y[o0 + j2] = x[o0 + j2] * bn_nchw_fold_a[j1] + bn_nchw_fold_b[j1];
@@ -408,11 +411,14 @@ int bn_nchw_train_forward(const float *x, float *y, int32_t batch, float *runnin
             const float *xr = x + i0 * 48;
             float *yr = y + i0 * 48;
             if (stream) {
-                float sv[48];
-                for (size_t j = 0; j < 48; ++j) {
-                    sv[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                {
+                    const size_t s0 = 0, s1 = 48;
+                    float sv[48];
+                    for (size_t j = s0; j < s1; ++j) {
+                        sv[j - s0] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                    }
+                    bn_nchw_stream(&ws, yr + s0, sv, s1 - s0);
                 }
-                bn_nchw_stream(&ws, yr, sv, 48);
             } else {
                 for (size_t j = 0; j < 48; ++j) {
                     yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
@@ -629,11 +635,14 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
             const float *xr = x + i0 * 48;
             float *yr = y + i0 * 48;
             if (stream) {
-                float sv[48];
-                for (size_t j = 0; j < 48; ++j) {
-                    sv[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                {
+                    const size_t s0 = 0, s1 = 48;
+                    float sv[48];
+                    for (size_t j = s0; j < s1; ++j) {
+                        sv[j - s0] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                    }
+                    bn_nchw_stream(&ws, yr + s0, sv, s1 - s0);
                 }
-                bn_nchw_stream(&ws, yr, sv, 48);
             } else {
                 for (size_t j = 0; j < 48; ++j) {
                     yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
@@ -826,11 +835,14 @@ int bn_nchw_backward(const float *x, const float *dy, float *dx, float *dscale, 
             const float *dyr = dy + i0 * 48;
             float *dxr = dx + i0 * 48;
             if (stream) {
-                float sv[48];
-                for (size_t j = 0; j < 48; ++j) {
-                    sv[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                {
+                    const size_t s0 = 0, s1 = 48;
+                    float sv[48];
+                    for (size_t j = s0; j < s1; ++j) {
+                        sv[j - s0] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                    }
+                    bn_nchw_stream(&ws, dxr + s0, sv, s1 - s0);
                 }
-                bn_nchw_stream(&ws, dxr, sv, 48);
             } else {
                 for (size_t j = 0; j < 48; ++j) {
                     dxr[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
@@ -973,11 +985,14 @@ int bn_nchw_backward_saved(const float *x, const float *dy, const double *saved_
             const float *dyr = dy + i0 * 48;
             float *dxr = dx + i0 * 48;
             if (stream) {
-                float sv[48];
-                for (size_t j = 0; j < 48; ++j) {
-                    sv[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                {
+                    const size_t s0 = 0, s1 = 48;
+                    float sv[48];
+                    for (size_t j = s0; j < s1; ++j) {
+                        sv[j - s0] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                    }
+                    bn_nchw_stream(&ws, dxr + s0, sv, s1 - s0);
                 }
-                bn_nchw_stream(&ws, dxr, sv, 48);
             } else {
                 for (size_t j = 0; j < 48; ++j) {
                     dxr[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);

@@ -307,11 +307,14 @@ int gn_nhwc_predict(const float *x, float *y, int32_t batch)
                 const float *xr = x + i0 * 96 + i1 * 6;
                 float *yr = y + i0 * 96 + i1 * 6;
                 if (stream) {
-                    float sv[6];
-                    for (size_t j = 0; j < 6; ++j) {
-                        sv[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                    {
+                        const size_t s0 = 0, s1 = 6;
+                        float sv[6];
+                        for (size_t j = s0; j < s1; ++j) {
+                            sv[j - s0] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                        }
+                        gn_nhwc_stream(&ws, yr + s0, sv, s1 - s0);
                     }
-                    gn_nhwc_stream(&ws, yr, sv, 6);
                 } else {
                     for (size_t j = 0; j < 6; ++j) {
                         yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
@@ -493,11 +496,14 @@ int gn_nhwc_train_forward_save(const float *x, float *y, int32_t batch, double *
                 const float *xr = x + i0 * 96 + i1 * 6;
                 float *yr = y + i0 * 96 + i1 * 6;
                 if (stream) {
-                    float sv[6];
-                    for (size_t j = 0; j < 6; ++j) {
-                        sv[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                    {
+                        const size_t s0 = 0, s1 = 6;
+                        float sv[6];
+                        for (size_t j = s0; j < s1; ++j) {
+                            sv[j - s0] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                        }
+                        gn_nhwc_stream(&ws, yr + s0, sv, s1 - s0);
                     }
-                    gn_nhwc_stream(&ws, yr, sv, 6);
                 } else {
                     for (size_t j = 0; j < 6; ++j) {
                         yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
@@ -692,11 +698,14 @@ int gn_nhwc_backward(const float *x, const float *dy, float *dx, float *dscale, 
                 const float *dyr = dy + i0 * 96 + i1 * 6;
                 float *dxr = dx + i0 * 96 + i1 * 6;
                 if (stream) {
-                    float sv[6];
-                    for (size_t j = 0; j < 6; ++j) {
-                        sv[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                    {
+                        const size_t s0 = 0, s1 = 6;
+                        float sv[6];
+                        for (size_t j = s0; j < s1; ++j) {
+                            sv[j - s0] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                        }
+                        gn_nhwc_stream(&ws, dxr + s0, sv, s1 - s0);
                     }
-                    gn_nhwc_stream(&ws, dxr, sv, 6);
                 } else {
                     for (size_t j = 0; j < 6; ++j) {
                         dxr[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
@@ -841,11 +850,14 @@ int gn_nhwc_backward_saved(const float *x, const float *dy, const double *saved_
                 const float *dyr = dy + i0 * 96 + i1 * 6;
                 float *dxr = dx + i0 * 96 + i1 * 6;
                 if (stream) {
-                    float sv[6];
-                    for (size_t j = 0; j < 6; ++j) {
-                        sv[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                    {
+                        const size_t s0 = 0, s1 = 6;
+                        float sv[6];
+                        for (size_t j = s0; j < s1; ++j) {
+                            sv[j - s0] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                        }
+                        gn_nhwc_stream(&ws, dxr + s0, sv, s1 - s0);
                     }
-                    gn_nhwc_stream(&ws, dxr, sv, 6);
                 } else {
                     for (size_t j = 0; j < 6; ++j) {
                         dxr[j] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);

@@ -397,11 +397,14 @@ int ln_runtime_predict(const ln_runtime_params *params, const float *x, float *y
                     {
                         const float *xr = x + i0 * 8;
                         float *yr = y + i0 * 8;
-                        float sv[8];
-                        for (size_t i1 = 0; i1 < 8; ++i1) {
-                            sv[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                        {
+                            const size_t s0 = 0, s1 = 8;
+                            float sv[8];
+                            for (size_t i1 = s0; i1 < s1; ++i1) {
+                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            }
+                            ln_runtime_stream(&ws, yr + s0, sv, s1 - s0);
                         }
-                        ln_runtime_stream(&ws, yr, sv, 8);
                     }
 } else {
                     n = 0;
@@ -508,11 +511,14 @@ int ln_runtime_predict(const ln_runtime_params *params, const float *x, float *y
                     const float *xr = x + i0 * 8;
                     float *yr = y + i0 * 8;
                     if (stream) {
-                        float sv[8];
-                        for (size_t i1 = 0; i1 < 8; ++i1) {
-                            sv[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                        {
+                            const size_t s0 = 0, s1 = 8;
+                            float sv[8];
+                            for (size_t i1 = s0; i1 < s1; ++i1) {
+                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            }
+                            ln_runtime_stream(&ws, yr + s0, sv, s1 - s0);
                         }
-                        ln_runtime_stream(&ws, yr, sv, 8);
                     } else {
                         for (size_t i1 = 0; i1 < 8; ++i1) {
                             yr[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
@@ -774,11 +780,14 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                     {
                         const float *xr = x + i0 * 8;
                         float *yr = y + i0 * 8;
-                        float sv[8];
-                        for (size_t i1 = 0; i1 < 8; ++i1) {
-                            sv[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                        {
+                            const size_t s0 = 0, s1 = 8;
+                            float sv[8];
+                            for (size_t i1 = s0; i1 < s1; ++i1) {
+                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            }
+                            ln_runtime_stream(&ws, yr + s0, sv, s1 - s0);
                         }
-                        ln_runtime_stream(&ws, yr, sv, 8);
                     }
 } else {
                     n = 0;
@@ -885,11 +894,14 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                     const float *xr = x + i0 * 8;
                     float *yr = y + i0 * 8;
                     if (stream) {
-                        float sv[8];
-                        for (size_t i1 = 0; i1 < 8; ++i1) {
-                            sv[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                        {
+                            const size_t s0 = 0, s1 = 8;
+                            float sv[8];
+                            for (size_t i1 = s0; i1 < s1; ++i1) {
+                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            }
+                            ln_runtime_stream(&ws, yr + s0, sv, s1 - s0);
                         }
-                        ln_runtime_stream(&ws, yr, sv, 8);
                     } else {
                         for (size_t i1 = 0; i1 < 8; ++i1) {
                             yr[i1] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
@@ -1071,16 +1083,19 @@ int ln_runtime_backward(const ln_runtime_params *params, const float *x, const f
                 const float *dyr = dy + i0 * 8;
                 float *dxr = dx + i0 * 8;
                 if (stream) {
-                    float sv[8];
-                    for (size_t i1 = 0; i1 < 8; ++i1) {
-                        const size_t c = i1;
-                        const float d = dyr[i1];
-                        const float dev = xr[i1] - mhi[0];
-                        sv[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
-                        fa[c] += d;
-                        fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                    {
+                        const size_t s0 = 0, s1 = 8;
+                        float sv[8];
+                        for (size_t i1 = s0; i1 < s1; ++i1) {
+                            const size_t c = i1;
+                            const float d = dyr[i1];
+                            const float dev = xr[i1] - mhi[0];
+                            sv[i1 - s0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                            fa[c] += d;
+                            fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                        }
+                        ln_runtime_stream(&ws, dxr + s0, sv, s1 - s0);
                     }
-                    ln_runtime_stream(&ws, dxr, sv, 8);
                 } else {
                     for (size_t i1 = 0; i1 < 8; ++i1) {
                         const size_t c = i1;
@@ -1245,16 +1260,19 @@ int ln_runtime_backward_saved(const ln_runtime_params *params, const float *x, c
                 const float *dyr = dy + i0 * 8;
                 float *dxr = dx + i0 * 8;
                 if (stream) {
-                    float sv[8];
-                    for (size_t i1 = 0; i1 < 8; ++i1) {
-                        const size_t c = i1;
-                        const float d = dyr[i1];
-                        const float dev = xr[i1] - mhi[0];
-                        sv[i1] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
-                        fa[c] += d;
-                        fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                    {
+                        const size_t s0 = 0, s1 = 8;
+                        float sv[8];
+                        for (size_t i1 = s0; i1 < s1; ++i1) {
+                            const size_t c = i1;
+                            const float d = dyr[i1];
+                            const float dev = xr[i1] - mhi[0];
+                            sv[i1 - s0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                            fa[c] += d;
+                            fb[c] += d * ((dev - mlo[0]) * rs[0]);
+                        }
+                        ln_runtime_stream(&ws, dxr + s0, sv, s1 - s0);
                     }
-                    ln_runtime_stream(&ws, dxr, sv, 8);
                 } else {
                     for (size_t i1 = 0; i1 < 8; ++i1) {
                         const size_t c = i1;
