@@ -238,6 +238,20 @@ class Plan:
         return [f"{target or f'y[o0 + {i}]'} = x[o0 + {i}] * {a}[{c}] + {b}[{c}];"]
 
     @property
+    def apply_rotate(self) -> bool:
+        """Batch-norm predict with the channel innermost, its rows (one per position) back to back
+        as whole 64-byte lines: streamed, they are taken from y's first line on, with the folded
+        constants rotated to match (apply_rotated), so that no line of y is split between rows."""
+        run = self.apply_run
+        return (run is not None and len(self.apply_axes) == 2 and self.apply_channel_expr == run[0]
+                and self.apply_axes[0].stride.static == self.channels and not self.apply_axes[0].stride.batched
+                and self.channels * self.itemsize % 64 == 0)
+
+    def apply_rotated(self, i: str, target: str = "") -> list[str]:
+        """apply_body with the rotated copies a_r, b_r of the folded constants."""
+        return [f"{target or f'y[o0 + {i}]'} = x[o0 + {i}] * a_r[{i}] + b_r[{i}];"]
+
+    @property
     def guard(self) -> str:
         return f"NORMGEN_{self.upper}_H"
 

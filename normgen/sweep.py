@@ -68,6 +68,8 @@ LANE_SIZES = CTYPE_SIZES
 SHIFT_PROBE = 8
 #: Columns: rows a tile of columns is summed over in registers before its sums go back to memory.
 TILE_ROWS = 16
+#: The suffix of the rotated copies of per-column arrays (``Sweep.rotate``).
+ROTATED = "_r"
 #: Elements an OpenMP thread takes at a time (schedule(dynamic, n)).
 OMP_GRAIN = 16384
 #: Backward, rows strategy with the channel along the run: runs whose dy and dy * xhat the per-channel
@@ -136,6 +138,11 @@ class Sweep:
     tile: int = 1
     tile_rows: int = 1
     tile_shift: str = "0"
+    #: columns, where pass 2 reads per-column values only ("columns_fold") and the block's rows
+    #: lie back to back as whole 64-byte lines: a streamed pass 2 walks the block as rows that
+    #: begin on y's first line, with the per-column values rotated to match (``rotated``), so
+    #: that no line of y is split between two rows
+    rotate: bool = False
 
     @property
     def tiles(self) -> list[tuple[str, int]]:
@@ -202,13 +209,22 @@ class Sweep:
         a buffer that is streamed out)."""
         return [f"{target or f'yr[{i}]'} = {self.norm_stmt(f'xr[{i}]')};"]
 
-    def norm_stmt(self, x: str, channel: str = "") -> str:
-        """Pass 2's expression for the element x (of channel ``channel``: channel_expr by default)."""
+    @property
+    def rotated_suffix(self) -> str:
+        return ROTATED
+
+    def norm_rotated(self, i: str, target: str = "") -> list[str]:
+        """norm_body reading the rotated copies of the per-column values (``rotate``)."""
+        return [f"{target or f'yr[{i}]'} = {self.norm_stmt(f'xr[{i}]', lanes=ROTATED)};"]
+
+    def norm_stmt(self, x: str, channel: str = "", lanes: str = "") -> str:
+        """Pass 2's expression for the element x (of channel ``channel``: channel_expr by default;
+        ``lanes``: the suffix of the per-column arrays it reads)."""
         c = channel or self.channel_expr
         if self.norm == "rows_const":
             return f"({x} - mhi[0]) * g + b"
         if self.norm == "columns_fold":
-            return f"({x} - lhi[j]) * lg[j] + lb[j]"
+            return f"({x} - lhi{lanes}[j]) * lg{lanes}[j] + lb{lanes}[j]"
         hi, lo, rs = ("mhi[0]", "mlo[0]", "rs[0]") if self.norm == "rows" else ("lhi[j]", "llo[j]", "lrs[j]")
         centered = f"({x} - {hi}) - {lo}" if self.split_mean else f"{x} - {hi}"
         return f"({centered}) * ({rs} * scale[{c}]) + offset[{c}]"
@@ -626,4 +642,7 @@ def sweep_of(plan: Plan) -> Sweep:
         prefetch_shift=shift, prefetch_if=more, line=line,
         acc_type=plan.acc_type, channel_lane=_sum(channel), channels=plan.channels, nacc=plan.nacc,
         tile=lanes, tile_rows=TILE_ROWS, tile_shift=Extent(first.stride.static * TILE_ROWS, first.stride.batched).expr(),
+        rotate=(not first.channel_mul and not first.stride.batched and first.stride.static == width
+                and width * LANE_SIZES[plan.ctype] % 64 == 0),
+        block_first=plan.stat_offset_expr,
     )

@@ -23,8 +23,13 @@ LAYERS = [
     InstanceNorm(name="st_in", format="BCSS", shape=[3, 17, 19]),
     LayerNorm(name="st_ln_css", format="CSS", shape=[4, 30, 50], operation_dimension="spatial-channel"),  # one block
     GroupNorm(name="st_gn_tbc", format="TBC", shape=[7, 12], num_groups=3),  # runs of 4 with a stride between
+    # rows of whole 64-byte lines: streamed from y's first line on, the per-channel values rotated
+    BatchNorm(name="st_bn_nhwc32", format="BSSC", shape=[5, 3, 32]),  # predict and train (columns)
+    GroupNorm(name="st_gn_nhwc48", format="BSSC", shape=[7, 5, 48], num_groups=6),
+    GroupNorm(name="st_gn_row", format="BSC", shape=[1, 16], num_groups=4),  # a block of one row
 ]
-OPENMP = [layer.replace(name=layer.name + "_omp", parallel="openmp") for layer in LAYERS[:4] + LAYERS[6:7]]
+ROTATED = LAYERS[8:]
+OPENMP = [layer.replace(name=layer.name + "_omp", parallel="openmp") for layer in LAYERS[:4] + LAYERS[6:7] + ROTATED[:2]]
 
 
 def _flags(layer, threshold: str) -> list[str]:
@@ -83,6 +88,26 @@ def test_without_sse2_y_is_stored_as_usual(layer):
         assert np.array_equal(g, w)
 
 
+@pytest.mark.parametrize(("layer", "dtype", "rotate"), [
+    (LAYERS[3], "float32", False),  # rows of 40 floats: 160 bytes
+    (LAYERS[3], "float64", True),  # 320 bytes
+    (ROTATED[1], "float32", True),
+    (LAYERS[1], "float64", False),  # 21 channels
+    (ROTATED[0], "float32", True),
+    (LAYERS[2], "float32", False),  # rows strategy: one statistic per run
+], ids=lambda v: getattr(v, "name", str(v)))
+def test_rows_of_whole_lines_are_rotated(layer, dtype, rotate):
+    """Streamed rows are taken from y's first 64-byte line on (per-channel values rotated) exactly
+    where every row of a block is whole lines."""
+    plan = lower(layer.replace(dtype=dtype))
+    text = render(plan, "c")[f"{layer.name}.c"]
+    assert ("_r[j] = " in text) == rotate
+    if layer.kind == "batchnorm":
+        assert plan.apply_rotate == rotate
+    else:
+        assert plan.sweep.rotate == rotate
+
+
 def test_a_call_streams_from_the_threshold_on(tmp_path):
     """NAME_STREAMED(nb): whether a call on nb samples writes at least NAME_STREAM_BYTES bytes."""
     layer = LAYERS[0]
@@ -112,7 +137,7 @@ def _cpu_has(flag: str) -> bool:
 
 
 @pytest.mark.skipif(not _cpu_has("avx"), reason="the CPU has no AVX")
-@pytest.mark.parametrize("layer", [LAYERS[1], LAYERS[3], LAYERS[4]], ids=lambda l: l.name)
+@pytest.mark.parametrize("layer", [LAYERS[1], LAYERS[3], LAYERS[4], ROTATED[1]], ids=lambda l: l.name)
 def test_avx_streams_the_same_bits(layer):
     """With AVX (-mavx) the lines are streamed as two 32-byte stores instead of four SSE2 ones."""
     layer = layer.replace(name=layer.name + "_avx")

@@ -323,19 +323,50 @@ int block_gn_predict(const float *x, float *y, int32_t batch)
             }
             /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
             block_gn_streamer ws = {NULL, 0, {0}};
-            for (size_t i1 = 0; i1 < 196; ++i1) {
-                const float *xr = x + i0 * 12544 + i1 * 64;
-                float *yr = y + i0 * 12544 + i1 * 64;
-                if (stream) {
+            if (stream) {
+                /* the block as rows from y's first 64-byte line on, r columns in; the per-column values rotated by r */
+                float *const yb = y + i0 * 12544;
+                const size_t r = ((64u - ((uintptr_t)yb & 63u)) & 63u) / sizeof(float);
+                float lhi_r[64], lg_r[64], lb_r[64];
+                for (size_t j = 0; j < 64; ++j) {
+                    const size_t c = j + r < 64 ? j + r : j + r - 64;
+                    lhi_r[j] = lhi[c];
+                    lg_r[j] = lg[c];
+                    lb_r[j] = lb[c];
+                }
+                {
+                    /* the first r elements */
+                    const float *xr = x + i0 * 12544;
+                    float *yr = yb;
+                    for (size_t j = 0; j < r; ++j) {
+                        yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                    }
+                }
+                const size_t rows = 196 - (r != 0); /* the rows that begin on a line */
+                for (size_t i1 = 0; i1 < rows; ++i1) {
+                    const float *xr = x + i0 * 12544 + r + i1 * 64;
+                    float *yr = yb + r + i1 * 64;
                     {
                         const size_t s0 = 0, s1 = 64;
                         float sv[64];
                         for (size_t j = s0; j < s1; ++j) {
-                            sv[j - s0] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                            sv[j - s0] = (xr[j] - lhi_r[j]) * lg_r[j] + lb_r[j];
                         }
                         block_gn_stream(&ws, yr + s0, sv, s1 - s0);
                     }
-                } else {
+                }
+                if (r != 0) {
+                    /* the last row from column r on */
+                    const float *xr = x + i0 * 12544 + (196 - 1) * 64;
+                    float *yr = yb + (196 - 1) * 64;
+                    for (size_t j = r; j < 64; ++j) {
+                        yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                    }
+                }
+            } else {
+                for (size_t i1 = 0; i1 < 196; ++i1) {
+                    const float *xr = x + i0 * 12544 + i1 * 64;
+                    float *yr = y + i0 * 12544 + i1 * 64;
                     for (size_t j = 0; j < 64; ++j) {
                         yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
                     }
@@ -512,19 +543,50 @@ int block_gn_train_forward_save(const float *x, float *y, int32_t batch, double 
             }
             /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
             block_gn_streamer ws = {NULL, 0, {0}};
-            for (size_t i1 = 0; i1 < 196; ++i1) {
-                const float *xr = x + i0 * 12544 + i1 * 64;
-                float *yr = y + i0 * 12544 + i1 * 64;
-                if (stream) {
+            if (stream) {
+                /* the block as rows from y's first 64-byte line on, r columns in; the per-column values rotated by r */
+                float *const yb = y + i0 * 12544;
+                const size_t r = ((64u - ((uintptr_t)yb & 63u)) & 63u) / sizeof(float);
+                float lhi_r[64], lg_r[64], lb_r[64];
+                for (size_t j = 0; j < 64; ++j) {
+                    const size_t c = j + r < 64 ? j + r : j + r - 64;
+                    lhi_r[j] = lhi[c];
+                    lg_r[j] = lg[c];
+                    lb_r[j] = lb[c];
+                }
+                {
+                    /* the first r elements */
+                    const float *xr = x + i0 * 12544;
+                    float *yr = yb;
+                    for (size_t j = 0; j < r; ++j) {
+                        yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                    }
+                }
+                const size_t rows = 196 - (r != 0); /* the rows that begin on a line */
+                for (size_t i1 = 0; i1 < rows; ++i1) {
+                    const float *xr = x + i0 * 12544 + r + i1 * 64;
+                    float *yr = yb + r + i1 * 64;
                     {
                         const size_t s0 = 0, s1 = 64;
                         float sv[64];
                         for (size_t j = s0; j < s1; ++j) {
-                            sv[j - s0] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                            sv[j - s0] = (xr[j] - lhi_r[j]) * lg_r[j] + lb_r[j];
                         }
                         block_gn_stream(&ws, yr + s0, sv, s1 - s0);
                     }
-                } else {
+                }
+                if (r != 0) {
+                    /* the last row from column r on */
+                    const float *xr = x + i0 * 12544 + (196 - 1) * 64;
+                    float *yr = yb + (196 - 1) * 64;
+                    for (size_t j = r; j < 64; ++j) {
+                        yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                    }
+                }
+            } else {
+                for (size_t i1 = 0; i1 < 196; ++i1) {
+                    const float *xr = x + i0 * 12544 + i1 * 64;
+                    float *yr = y + i0 * 12544 + i1 * 64;
                     for (size_t j = 0; j < 64; ++j) {
                         yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
                     }

@@ -407,19 +407,50 @@ int bn_nchw_train_forward(const float *x, float *y, int32_t batch, float *runnin
         }
         /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
         bn_nchw_streamer ws = {NULL, 0, {0}};
-        for (size_t i0 = 0; i0 < nb; ++i0) {
-            const float *xr = x + i0 * 48;
-            float *yr = y + i0 * 48;
-            if (stream) {
+        if (stream) {
+            /* the block as rows from y's first 64-byte line on, r columns in; the per-column values rotated by r */
+            float *const yb = y;
+            const size_t r = ((64u - ((uintptr_t)yb & 63u)) & 63u) / sizeof(float);
+            float lhi_r[48], lg_r[48], lb_r[48];
+            for (size_t j = 0; j < 48; ++j) {
+                const size_t c = j + r < 48 ? j + r : j + r - 48;
+                lhi_r[j] = lhi[c];
+                lg_r[j] = lg[c];
+                lb_r[j] = lb[c];
+            }
+            {
+                /* the first r elements */
+                const float *xr = x;
+                float *yr = yb;
+                for (size_t j = 0; j < r; ++j) {
+                    yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                }
+            }
+            const size_t rows = nb - (r != 0); /* the rows that begin on a line */
+            for (size_t i0 = 0; i0 < rows; ++i0) {
+                const float *xr = x + r + i0 * 48;
+                float *yr = yb + r + i0 * 48;
                 {
                     const size_t s0 = 0, s1 = 48;
                     float sv[48];
                     for (size_t j = s0; j < s1; ++j) {
-                        sv[j - s0] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                        sv[j - s0] = (xr[j] - lhi_r[j]) * lg_r[j] + lb_r[j];
                     }
                     bn_nchw_stream(&ws, yr + s0, sv, s1 - s0);
                 }
-            } else {
+            }
+            if (r != 0) {
+                /* the last row from column r on */
+                const float *xr = x + (nb - 1) * 48;
+                float *yr = yb + (nb - 1) * 48;
+                for (size_t j = r; j < 48; ++j) {
+                    yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                }
+            }
+        } else {
+            for (size_t i0 = 0; i0 < nb; ++i0) {
+                const float *xr = x + i0 * 48;
+                float *yr = y + i0 * 48;
                 for (size_t j = 0; j < 48; ++j) {
                     yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
                 }
@@ -631,19 +662,50 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
         }
         /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
         bn_nchw_streamer ws = {NULL, 0, {0}};
-        for (size_t i0 = 0; i0 < nb; ++i0) {
-            const float *xr = x + i0 * 48;
-            float *yr = y + i0 * 48;
-            if (stream) {
+        if (stream) {
+            /* the block as rows from y's first 64-byte line on, r columns in; the per-column values rotated by r */
+            float *const yb = y;
+            const size_t r = ((64u - ((uintptr_t)yb & 63u)) & 63u) / sizeof(float);
+            float lhi_r[48], lg_r[48], lb_r[48];
+            for (size_t j = 0; j < 48; ++j) {
+                const size_t c = j + r < 48 ? j + r : j + r - 48;
+                lhi_r[j] = lhi[c];
+                lg_r[j] = lg[c];
+                lb_r[j] = lb[c];
+            }
+            {
+                /* the first r elements */
+                const float *xr = x;
+                float *yr = yb;
+                for (size_t j = 0; j < r; ++j) {
+                    yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                }
+            }
+            const size_t rows = nb - (r != 0); /* the rows that begin on a line */
+            for (size_t i0 = 0; i0 < rows; ++i0) {
+                const float *xr = x + r + i0 * 48;
+                float *yr = yb + r + i0 * 48;
                 {
                     const size_t s0 = 0, s1 = 48;
                     float sv[48];
                     for (size_t j = s0; j < s1; ++j) {
-                        sv[j - s0] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                        sv[j - s0] = (xr[j] - lhi_r[j]) * lg_r[j] + lb_r[j];
                     }
                     bn_nchw_stream(&ws, yr + s0, sv, s1 - s0);
                 }
-            } else {
+            }
+            if (r != 0) {
+                /* the last row from column r on */
+                const float *xr = x + (nb - 1) * 48;
+                float *yr = yb + (nb - 1) * 48;
+                for (size_t j = r; j < 48; ++j) {
+                    yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                }
+            }
+        } else {
+            for (size_t i0 = 0; i0 < nb; ++i0) {
+                const float *xr = x + i0 * 48;
+                float *yr = y + i0 * 48;
                 for (size_t j = 0; j < 48; ++j) {
                     yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
                 }
