@@ -57,7 +57,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .plan import CTYPE_SIZES, Axis, Extent, Loop, Plan, _offset
+from .plan import CTYPE_SIZES, TILE_ROWS, Axis, Extent, Loop, Plan, _offset
 
 #: Bytes of independent partial sums in a rows run: 128 bytes are four AVX registers (eight
 #: SSE2 ones), enough to hide the latency of the adds: 32 float lanes or 16 double lanes.
@@ -66,8 +66,6 @@ LANE_SIZES = CTYPE_SIZES
 #: Rows: elements whose mean is the first chunk's shift (within about a third of a standard
 #: deviation of the block's mean for most data, so the one-sweep statistics rarely need redoing).
 SHIFT_PROBE = 8
-#: Columns: rows a tile of columns is summed over in registers before its sums go back to memory.
-TILE_ROWS = 16
 #: The suffix of the rotated copies of per-column arrays (``Sweep.rotate``).
 ROTATED = "_r"
 #: Elements an OpenMP thread takes at a time (schedule(dynamic, n)).
