@@ -330,6 +330,26 @@ def _set_omp_threads(threads: int) -> bool:
     return True
 
 
+#: Byte alignment of every buffer the bench hands a function (normgen's, the copy's, PyTorch's and
+#: ONNX Runtime's): PyTorch's CPU allocator aligns its tensors so, NumPy only to 16 bytes.
+ALIGN = 64
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialized C-contiguous array whose data starts on an ALIGN-byte boundary."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64))
+    raw = np.empty(n * dtype.itemsize + ALIGN, dtype=np.uint8)
+    skip = -raw.ctypes.data % ALIGN
+    return raw[skip: skip + n * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def aligned_copy(a: np.ndarray, dtype=None) -> np.ndarray:
+    out = aligned_empty(a.shape, dtype or a.dtype)
+    out[...] = a
+    return out
+
+
 class CFunctions:
     """Direct calls of the generated C through the cffi module, on preallocated buffers."""
 
@@ -342,8 +362,8 @@ class CFunctions:
         self.ffi = self.compiled.ffi
         self.lib = self.compiled._lib
         dtype = self.compiled.dtype
-        self.x = np.ascontiguousarray(random_input(layer, batch, rng), dtype=dtype)
-        self.y = np.empty_like(self.x)
+        self.x = aligned_copy(random_input(layer, batch, rng), dtype)
+        self.y = aligned_empty(self.x.shape, dtype)
         self.batch = batch
         self.rm = np.array(getattr(self.compiled, "running_mean", np.zeros(layer.channels)), dtype=dtype)
         self.rv = np.array(getattr(self.compiled, "running_var", np.ones(layer.channels)), dtype=dtype)
@@ -386,8 +406,8 @@ class CFunctions:
         """``NAME_backward(x, dy, dx, dscale, doffset, batch)`` (docs/training.md) on
         preallocated buffers."""
         name = self.layer.name
-        dy = np.ascontiguousarray(np.random.default_rng(1).standard_normal(self.x.shape), dtype=self.x.dtype)
-        self.dx = np.empty_like(self.x)
+        dy = aligned_copy(np.random.default_rng(1).standard_normal(self.x.shape), self.x.dtype)
+        self.dx = aligned_empty(self.x.shape, self.x.dtype)
         self.dscale = np.empty(self.layer.channels, dtype=self.x.dtype)
         self.doffset = np.empty_like(self.dscale)
         self.dy = dy
@@ -412,7 +432,7 @@ def _torch_logical(layer: Layer, x: np.ndarray, device: str = "cpu"):
     import torch
 
     letters = layer.fmt.letters
-    t = torch.from_numpy(np.ascontiguousarray(x).copy()).to(device)
+    t = torch.from_numpy(aligned_copy(np.ascontiguousarray(x))).to(device)
     order = ([letters.index("B")] if "B" in letters else []) + [letters.index("C")]
     order += [i for i, ch in enumerate(letters) if ch not in "BC"]
     v = t.permute(order)
@@ -539,8 +559,8 @@ def ort_case(layer: Layer, role: str, x: np.ndarray, threads: int) -> tuple[Call
         sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
         return None, f"onnxruntime rejected the model: {str(exc).splitlines()[0][:80]}"
-    xo = np.ascontiguousarray(xin, dtype=np_t)
-    y = np.empty_like(xo)
+    xo = aligned_copy(np.ascontiguousarray(xin), np_t)
+    y = aligned_empty(xo.shape, np_t)
     binding = sess.io_binding()
     binding.bind_cpu_input("x", xo)
     binding.bind_output("y", "cpu", 0, np_t, list(y.shape), y.ctypes.data)
@@ -576,8 +596,9 @@ def _copy_pair(nbytes: int, x: np.ndarray, y: np.ndarray) -> Callable[[], object
     half = nbytes // 2
     if x.nbytes == half:
         return lambda: np.copyto(y, x)
-    src = np.ones(half, dtype=np.uint8)
-    dst = np.empty_like(src)
+    src = aligned_empty(half, np.uint8)
+    src[...] = 1
+    dst = aligned_empty(half, np.uint8)
     return lambda: np.copyto(dst, src)
 
 
