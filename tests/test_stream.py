@@ -26,7 +26,7 @@ LAYERS = [
     # rows of whole 64-byte lines: streamed from y's first line on, the per-channel values rotated
     BatchNorm(name="st_bn_nhwc32", format="BSSC", shape=[5, 3, 32]),  # predict and train (columns)
     GroupNorm(name="st_gn_nhwc48", format="BSSC", shape=[7, 5, 48], num_groups=6),
-    GroupNorm(name="st_gn_row", format="BSC", shape=[1, 16], num_groups=4),  # a block of one row
+    BatchNorm(name="st_bn_row", format="BSC", shape=[1, 16], running_variance="biased"),  # one row at batch 1
 ]
 ROTATED = LAYERS[8:]
 OPENMP = [layer.replace(name=layer.name + "_omp", parallel="openmp") for layer in LAYERS[:4] + LAYERS[6:7] + ROTATED[:2]]
@@ -78,6 +78,20 @@ def test_streamed_y_is_the_cached_one(layer, dtype):
         assert np.array_equal(always.train_forward(inplace, out=inplace), want[1])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_block_of_one_row(dtype):
+    """Batch 1 of a layer with rows of 16 channels: y is only the part before its first line and
+    the rest of the row (no row starts on a line unless y does)."""
+    layer = ROTATED[2].replace(name=f"st_bn_row1_{dtype[-2:]}", dtype=dtype)
+    always, never = build(layer, flags=_flags(layer, "0")), build(layer, flags=_flags(layer, "SIZE_MAX"))
+    x = random_input(layer, 1, np.random.default_rng(5)).astype(dtype)
+    want = _outputs(never, layer, x, None)
+    for offset in range(64 // np.dtype(dtype).itemsize):
+        out = _aligned_view(x.size, dtype, offset).reshape(x.shape)
+        for g, w in zip(_outputs(always, layer, x, out), want, strict=True):
+            assert np.array_equal(g, w), offset
+
+
 @pytest.mark.parametrize("layer", LAYERS[:2] + LAYERS[4:5], ids=lambda l: l.name)
 def test_without_sse2_y_is_stored_as_usual(layer):
     """NAME_STREAMS=0 (what a compiler without SSE2 gets): the portable stores, the same bits."""
@@ -94,6 +108,7 @@ def test_without_sse2_y_is_stored_as_usual(layer):
     (ROTATED[1], "float32", True),
     (LAYERS[1], "float64", False),  # 21 channels
     (ROTATED[0], "float32", True),
+    (ROTATED[2], "float64", True),
     (LAYERS[2], "float32", False),  # rows strategy: one statistic per run
 ], ids=lambda v: getattr(v, "name", str(v)))
 def test_rows_of_whole_lines_are_rotated(layer, dtype, rotate):
