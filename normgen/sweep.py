@@ -46,7 +46,10 @@ its own and agrees exactly.
 
 The normalize pass is one subtract-subtract-multiply-add per element on the same runs,
 ``y = ((x - mean_hi) - mean_lo) * (rstd * scale[c]) + offset[c]``, reading per-column copies of
-the statistic (``norm_lanes`` of them) in the columns case.
+the statistic (``norm_lanes`` of them) in the columns case. Where y is streamed and every row of
+a columns block is whole 64-byte lines (``rotate``), pass 2 takes the block as rows that begin on
+y's first line, with rotated copies of those per-column values, so that no streamed line is
+split between two rows.
 
 The training backward walks the same runs and lanes (see the comment above ``grad_cols``): its
 gradient sums ride on the statistics' second sweep, so that x and dy are each read once to
@@ -138,7 +141,7 @@ class Sweep:
     tile_shift: str = "0"
     #: columns, where pass 2 reads per-column values only ("columns_fold") and the block's rows
     #: lie back to back as whole 64-byte lines: a streamed pass 2 walks the block as rows that
-    #: begin on y's first line, with the per-column values rotated to match (``rotated``), so
+    #: begin on y's first line, with the per-column values rotated to match (``norm_rotated``), so
     #: that no line of y is split between two rows
     rotate: bool = False
 
