@@ -124,7 +124,8 @@ def test_rows_of_whole_lines_are_rotated(layer, dtype, rotate):
 
 
 def test_a_call_streams_from_the_threshold_on(tmp_path):
-    """NAME_STREAMED(nb): whether a call on nb samples writes at least NAME_STREAM_BYTES bytes."""
+    """NAME_STREAMED(nb, k): whether the k tensors of a call on nb samples hold at least
+    NAME_STREAM_BYTES bytes (k = 2 for x and y, 3 for the backward's x, dy and dx)."""
     layer = LAYERS[0]
     plan = lower(layer)
     for name, text in render(plan, "c").items():
@@ -133,15 +134,19 @@ def test_a_call_streams_from_the_threshold_on(tmp_path):
     upper = layer.name.upper()
     (tmp_path / "probe.c").write_text(
         f'#include <stdio.h>\n#include "{layer.name}.c"\n'
-        f'int main(void) {{ for (size_t nb = 1; nb <= 4; ++nb) printf("%d", {upper}_STREAMED(nb) ? 1 : 0); return 0; }}\n')
+        f'int main(void) {{ for (size_t k = 2; k <= 3; ++k) {{ for (size_t nb = 1; nb <= 4; ++nb) '
+        f'printf("%d", {upper}_STREAMED(nb, k) ? 1 : 0); printf(" "); }} return 0; }}\n')
     seen = {}
-    for threshold in (0, per_sample, per_sample + 1, 3 * per_sample, "SIZE_MAX"):
+    for threshold in (0, 2 * per_sample, 2 * per_sample + 1, 6 * per_sample, 9 * per_sample + 1, "SIZE_MAX"):
         exe = tmp_path / "probe"
         subprocess.run(["gcc", "-std=c99", "-Wall", "-Wextra", "-Werror", f"-D{upper}_STREAM_BYTES={threshold}",
                         f"-I{tmp_path}", str(tmp_path / "probe.c"), "-o", str(exe), "-lm"], check=True)
         seen[threshold] = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
-    assert seen == {0: "1111", per_sample: "1111", per_sample + 1: "0111", 3 * per_sample: "0011", "SIZE_MAX": "0000"}
-    assert f"#define {upper}_STREAM_BYTES {plan.stream_bytes}u" in render(plan, "c")[f"{layer.name}.c"]
+    assert seen == {0: "1111 1111 ", 2 * per_sample: "1111 1111 ", 2 * per_sample + 1: "0111 1111 ",
+                    6 * per_sample: "0011 0111 ", 9 * per_sample + 1: "0000 0001 ", "SIZE_MAX": "0000 0000 "}
+    text = render(plan, "c")[f"{layer.name}.c"]
+    assert f"#define {upper}_STREAM_BYTES {plan.stream_bytes}u" in text
+    assert f"{upper}_STREAMED(nb, 2)" in text and f"{upper}_STREAMED(nb, 3)" in text
 
 
 def _cpu_has(flag: str) -> bool:

@@ -34,13 +34,14 @@
 #define BLOCK_GN_PREFETCH(p) ((void)(p))
 #endif
 
-/* Streaming stores: a call that writes at least BLOCK_GN_STREAM_BYTES bytes of y (define it
- * to change that: 0 streams always, SIZE_MAX never) stores y with non-temporal stores, past the
- * caches, the way memcpy copies what is larger than its cache: y then takes no cache room from x,
- * still to be read, and its old contents are not read in first. x86 (SSE2) only; elsewhere y is
- * stored as usual. */
+/* Streaming stores: a call whose tensors (x and y; x, dy and dx for the backward) hold at least
+ * BLOCK_GN_STREAM_BYTES bytes (define it to change that: 0 streams always, SIZE_MAX never)
+ * stores its output with non-temporal stores, past the caches, the way memcpy copies what is
+ * larger than its cache: y then takes no cache room from x, still to be read, and its old
+ * contents are not read in first. Below it they stay in cache, where the next call finds them.
+ * x86 (SSE2) only; elsewhere y is stored as usual. */
 #ifndef BLOCK_GN_STREAM_BYTES
-#define BLOCK_GN_STREAM_BYTES 4194304u
+#define BLOCK_GN_STREAM_BYTES 25165824u
 #endif
 #ifndef BLOCK_GN_STREAMS
 #if defined(__SSE2__)
@@ -135,9 +136,9 @@ static BLOCK_GN_INLINE void block_gn_stream(block_gn_streamer *s, float *y, cons
 #endif
 }
 
-/* Whether a call on nb samples streams y; after one that did, its streaming stores are ordered
- * before the return (a fence). */
-#define BLOCK_GN_STREAMED(nb) (BLOCK_GN_STREAMS && (nb) * 12544u + 1 > BLOCK_GN_STREAM_BYTES / sizeof(float) + (BLOCK_GN_STREAM_BYTES % sizeof(float) != 0))
+/* Whether a call on nb samples of k tensors streams its output; after one that did, its streaming
+ * stores are ordered before the return (a fence). */
+#define BLOCK_GN_STREAMED(nb, k) (BLOCK_GN_STREAMS && (nb) * 12544u + 1 > BLOCK_GN_STREAM_BYTES / ((k) * sizeof(float)) + (BLOCK_GN_STREAM_BYTES % ((k) * sizeof(float)) != 0))
 #if BLOCK_GN_STREAMS
 #define BLOCK_GN_STREAM_FENCE() _mm_sfence()
 #else
@@ -189,7 +190,7 @@ int block_gn_predict(const float *x, float *y, int32_t batch)
     const size_t nb = (size_t)batch;
     const float *scale = block_gn_scale;
     const float *offset = block_gn_offset;
-    const int stream = BLOCK_GN_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
+    const int stream = BLOCK_GN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
     for (size_t i0 = 0; i0 < nb; ++i0) {
         {
             double mean[8], m2[8];
@@ -323,29 +324,29 @@ int block_gn_predict(const float *x, float *y, int32_t batch)
             }
             /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
             block_gn_streamer ws = {NULL, 0, {0}};
-            if (stream) {
-                /* the block as rows from y's first 64-byte line on, r columns in; the per-column values rotated by r */
-                float *const yb = y + i0 * 12544;
-                const size_t r = ((64u - ((uintptr_t)yb & 63u)) & 63u) / sizeof(float);
-                float lhi_r[64], lg_r[64], lb_r[64];
-                for (size_t j = 0; j < 64; ++j) {
-                    const size_t c = j + r < 64 ? j + r : j + r - 64;
-                    lhi_r[j] = lhi[c];
-                    lg_r[j] = lg[c];
-                    lb_r[j] = lb[c];
+            /* the block as rows from y's first 64-byte line on, r columns in; the per-column values rotated by r */
+            float *const yb = y + i0 * 12544;
+            const size_t r = ((64u - ((uintptr_t)yb & 63u)) & 63u) / sizeof(float);
+            float lhi_r[64], lg_r[64], lb_r[64];
+            for (size_t j = 0; j < 64; ++j) {
+                const size_t c = j + r < 64 ? j + r : j + r - 64;
+                lhi_r[j] = lhi[c];
+                lg_r[j] = lg[c];
+                lb_r[j] = lb[c];
+            }
+            {
+                /* the first r elements */
+                const float *xr = x + i0 * 12544;
+                float *yr = yb;
+                for (size_t j = 0; j < r; ++j) {
+                    yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
                 }
-                {
-                    /* the first r elements */
-                    const float *xr = x + i0 * 12544;
-                    float *yr = yb;
-                    for (size_t j = 0; j < r; ++j) {
-                        yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
-                    }
-                }
-                const size_t rows = 196 - (r != 0); /* the rows that begin on a line */
-                for (size_t i1 = 0; i1 < rows; ++i1) {
-                    const float *xr = x + i0 * 12544 + r + i1 * 64;
-                    float *yr = yb + r + i1 * 64;
+            }
+            const size_t rows = 196 - (r != 0); /* the rows that begin on a line */
+            for (size_t i1 = 0; i1 < rows; ++i1) {
+                const float *xr = x + i0 * 12544 + r + i1 * 64;
+                float *yr = yb + r + i1 * 64;
+                if (stream) {
                     {
                         const size_t s0 = 0, s1 = 64;
                         float sv[64];
@@ -354,22 +355,18 @@ int block_gn_predict(const float *x, float *y, int32_t batch)
                         }
                         block_gn_stream(&ws, yr + s0, sv, s1 - s0);
                     }
-                }
-                if (r != 0) {
-                    /* the last row from column r on */
-                    const float *xr = x + i0 * 12544 + (196 - 1) * 64;
-                    float *yr = yb + (196 - 1) * 64;
-                    for (size_t j = r; j < 64; ++j) {
-                        yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
-                    }
-                }
-            } else {
-                for (size_t i1 = 0; i1 < 196; ++i1) {
-                    const float *xr = x + i0 * 12544 + i1 * 64;
-                    float *yr = y + i0 * 12544 + i1 * 64;
+                } else {
                     for (size_t j = 0; j < 64; ++j) {
-                        yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                        yr[j] = (xr[j] - lhi_r[j]) * lg_r[j] + lb_r[j];
                     }
+                }
+            }
+            if (r != 0) {
+                /* the last row from column r on */
+                const float *xr = x + i0 * 12544 + (196 - 1) * 64;
+                float *yr = yb + (196 - 1) * 64;
+                for (size_t j = r; j < 64; ++j) {
+                    yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
                 }
             }
             if (stream) {
@@ -405,7 +402,7 @@ int block_gn_train_forward_save(const float *x, float *y, int32_t batch, double 
     const size_t nb = (size_t)batch;
     const float *scale = block_gn_scale;
     const float *offset = block_gn_offset;
-    const int stream = BLOCK_GN_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
+    const int stream = BLOCK_GN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
     for (size_t i0 = 0; i0 < nb; ++i0) {
         {
             double mean[8], m2[8];
@@ -543,29 +540,29 @@ int block_gn_train_forward_save(const float *x, float *y, int32_t batch, double 
             }
             /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
             block_gn_streamer ws = {NULL, 0, {0}};
-            if (stream) {
-                /* the block as rows from y's first 64-byte line on, r columns in; the per-column values rotated by r */
-                float *const yb = y + i0 * 12544;
-                const size_t r = ((64u - ((uintptr_t)yb & 63u)) & 63u) / sizeof(float);
-                float lhi_r[64], lg_r[64], lb_r[64];
-                for (size_t j = 0; j < 64; ++j) {
-                    const size_t c = j + r < 64 ? j + r : j + r - 64;
-                    lhi_r[j] = lhi[c];
-                    lg_r[j] = lg[c];
-                    lb_r[j] = lb[c];
+            /* the block as rows from y's first 64-byte line on, r columns in; the per-column values rotated by r */
+            float *const yb = y + i0 * 12544;
+            const size_t r = ((64u - ((uintptr_t)yb & 63u)) & 63u) / sizeof(float);
+            float lhi_r[64], lg_r[64], lb_r[64];
+            for (size_t j = 0; j < 64; ++j) {
+                const size_t c = j + r < 64 ? j + r : j + r - 64;
+                lhi_r[j] = lhi[c];
+                lg_r[j] = lg[c];
+                lb_r[j] = lb[c];
+            }
+            {
+                /* the first r elements */
+                const float *xr = x + i0 * 12544;
+                float *yr = yb;
+                for (size_t j = 0; j < r; ++j) {
+                    yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
                 }
-                {
-                    /* the first r elements */
-                    const float *xr = x + i0 * 12544;
-                    float *yr = yb;
-                    for (size_t j = 0; j < r; ++j) {
-                        yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
-                    }
-                }
-                const size_t rows = 196 - (r != 0); /* the rows that begin on a line */
-                for (size_t i1 = 0; i1 < rows; ++i1) {
-                    const float *xr = x + i0 * 12544 + r + i1 * 64;
-                    float *yr = yb + r + i1 * 64;
+            }
+            const size_t rows = 196 - (r != 0); /* the rows that begin on a line */
+            for (size_t i1 = 0; i1 < rows; ++i1) {
+                const float *xr = x + i0 * 12544 + r + i1 * 64;
+                float *yr = yb + r + i1 * 64;
+                if (stream) {
                     {
                         const size_t s0 = 0, s1 = 64;
                         float sv[64];
@@ -574,22 +571,18 @@ int block_gn_train_forward_save(const float *x, float *y, int32_t batch, double 
                         }
                         block_gn_stream(&ws, yr + s0, sv, s1 - s0);
                     }
-                }
-                if (r != 0) {
-                    /* the last row from column r on */
-                    const float *xr = x + i0 * 12544 + (196 - 1) * 64;
-                    float *yr = yb + (196 - 1) * 64;
-                    for (size_t j = r; j < 64; ++j) {
-                        yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
-                    }
-                }
-            } else {
-                for (size_t i1 = 0; i1 < 196; ++i1) {
-                    const float *xr = x + i0 * 12544 + i1 * 64;
-                    float *yr = y + i0 * 12544 + i1 * 64;
+                } else {
                     for (size_t j = 0; j < 64; ++j) {
-                        yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                        yr[j] = (xr[j] - lhi_r[j]) * lg_r[j] + lb_r[j];
                     }
+                }
+            }
+            if (r != 0) {
+                /* the last row from column r on */
+                const float *xr = x + i0 * 12544 + (196 - 1) * 64;
+                float *yr = yb + (196 - 1) * 64;
+                for (size_t j = r; j < 64; ++j) {
+                    yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
                 }
             }
             if (stream) {
@@ -628,7 +621,7 @@ int block_gn_backward(const float *x, const float *dy, float *dx, float *dscale,
     const size_t nb = (size_t)batch;
     const float *scale = block_gn_scale;
     double gscale[64], goffset[64];
-    const int stream = BLOCK_GN_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    const int stream = BLOCK_GN_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
     block_gn_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 64; ++c) {
         gscale[c] = 0;
@@ -838,7 +831,7 @@ int block_gn_backward_saved(const float *x, const float *dy, const double *saved
     const size_t nb = (size_t)batch;
     const float *scale = block_gn_scale;
     double gscale[64], goffset[64];
-    const int stream = BLOCK_GN_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    const int stream = BLOCK_GN_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
     block_gn_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 64; ++c) {
         gscale[c] = 0;

@@ -37,13 +37,14 @@
 #define STEM_BN_PREFETCH(p) ((void)(p))
 #endif
 
-/* Streaming stores: a call that writes at least STEM_BN_STREAM_BYTES bytes of y (define it
- * to change that: 0 streams always, SIZE_MAX never) stores y with non-temporal stores, past the
- * caches, the way memcpy copies what is larger than its cache: y then takes no cache room from x,
- * still to be read, and its old contents are not read in first. x86 (SSE2) only; elsewhere y is
- * stored as usual. */
+/* Streaming stores: a call whose tensors (x and y; x, dy and dx for the backward) hold at least
+ * STEM_BN_STREAM_BYTES bytes (define it to change that: 0 streams always, SIZE_MAX never)
+ * stores its output with non-temporal stores, past the caches, the way memcpy copies what is
+ * larger than its cache: y then takes no cache room from x, still to be read, and its old
+ * contents are not read in first. Below it they stay in cache, where the next call finds them.
+ * x86 (SSE2) only; elsewhere y is stored as usual. */
 #ifndef STEM_BN_STREAM_BYTES
-#define STEM_BN_STREAM_BYTES 4194304u
+#define STEM_BN_STREAM_BYTES 25165824u
 #endif
 #ifndef STEM_BN_STREAMS
 #if defined(__SSE2__)
@@ -138,9 +139,9 @@ static STEM_BN_INLINE void stem_bn_stream(stem_bn_streamer *s, float *y, const f
 #endif
 }
 
-/* Whether a call on nb samples streams y; after one that did, its streaming stores are ordered
- * before the return (a fence). */
-#define STEM_BN_STREAMED(nb) (STEM_BN_STREAMS && (nb) * 25088u + 1 > STEM_BN_STREAM_BYTES / sizeof(float) + (STEM_BN_STREAM_BYTES % sizeof(float) != 0))
+/* Whether a call on nb samples of k tensors streams its output; after one that did, its streaming
+ * stores are ordered before the return (a fence). */
+#define STEM_BN_STREAMED(nb, k) (STEM_BN_STREAMS && (nb) * 25088u + 1 > STEM_BN_STREAM_BYTES / ((k) * sizeof(float)) + (STEM_BN_STREAM_BYTES % ((k) * sizeof(float)) != 0))
 #if STEM_BN_STREAMS
 #define STEM_BN_STREAM_FENCE() _mm_sfence()
 #else
@@ -221,7 +222,7 @@ int stem_bn_predict(const float *x, float *y, int32_t batch)
     }
     const size_t nb = (size_t)batch;
     /* y = x * a + b, one multiply-add per element */
-    const int stream = STEM_BN_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
+    const int stream = STEM_BN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
     stem_bn_streamer ws = {NULL, 0, {0}};
     for (size_t j0 = 0; j0 < nb; ++j0) {
         for (size_t j1 = 0; j1 < 32; ++j1) {
@@ -276,7 +277,7 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
     const size_t nb = (size_t)batch;
     const float *scale = stem_bn_scale;
     const float *offset = stem_bn_offset;
-    const int stream = STEM_BN_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
+    const int stream = STEM_BN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
     {
         stem_bn_streamer ws = {NULL, 0, {0}};
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
@@ -739,7 +740,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
     if (nb * 784 < 2) {
         return STEM_BN_ERR_COUNT;
     }
-    const int stream = STEM_BN_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
+    const int stream = STEM_BN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
     {
         stem_bn_streamer ws = {NULL, 0, {0}};
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
@@ -1200,7 +1201,7 @@ int stem_bn_backward(const float *x, const float *dy, float *dx, float *dscale, 
     const size_t nb = (size_t)batch;
     const float *scale = stem_bn_scale;
     double gscale[32], goffset[32];
-    const int stream = STEM_BN_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    const int stream = STEM_BN_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
     stem_bn_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 32; ++c) {
         gscale[c] = 0;
@@ -1430,7 +1431,7 @@ int stem_bn_backward_saved(const float *x, const float *dy, const double *saved_
     const size_t nb = (size_t)batch;
     const float *scale = stem_bn_scale;
     double gscale[32], goffset[32];
-    const int stream = STEM_BN_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    const int stream = STEM_BN_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
     stem_bn_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 32; ++c) {
         gscale[c] = 0;

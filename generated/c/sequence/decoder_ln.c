@@ -34,13 +34,14 @@
 #define DECODER_LN_PREFETCH(p) ((void)(p))
 #endif
 
-/* Streaming stores: a call that writes at least DECODER_LN_STREAM_BYTES bytes of y (define it
- * to change that: 0 streams always, SIZE_MAX never) stores y with non-temporal stores, past the
- * caches, the way memcpy copies what is larger than its cache: y then takes no cache room from x,
- * still to be read, and its old contents are not read in first. x86 (SSE2) only; elsewhere y is
- * stored as usual. */
+/* Streaming stores: a call whose tensors (x and y; x, dy and dx for the backward) hold at least
+ * DECODER_LN_STREAM_BYTES bytes (define it to change that: 0 streams always, SIZE_MAX never)
+ * stores its output with non-temporal stores, past the caches, the way memcpy copies what is
+ * larger than its cache: y then takes no cache room from x, still to be read, and its old
+ * contents are not read in first. Below it they stay in cache, where the next call finds them.
+ * x86 (SSE2) only; elsewhere y is stored as usual. */
 #ifndef DECODER_LN_STREAM_BYTES
-#define DECODER_LN_STREAM_BYTES 4194304u
+#define DECODER_LN_STREAM_BYTES 25165824u
 #endif
 #ifndef DECODER_LN_STREAMS
 #if defined(__SSE2__)
@@ -135,9 +136,9 @@ static DECODER_LN_INLINE void decoder_ln_stream(decoder_ln_streamer *s, float *y
 #endif
 }
 
-/* Whether a call on nb samples streams y; after one that did, its streaming stores are ordered
- * before the return (a fence). */
-#define DECODER_LN_STREAMED(nb) (DECODER_LN_STREAMS && (nb) * 4096u + 1 > DECODER_LN_STREAM_BYTES / sizeof(float) + (DECODER_LN_STREAM_BYTES % sizeof(float) != 0))
+/* Whether a call on nb samples of k tensors streams its output; after one that did, its streaming
+ * stores are ordered before the return (a fence). */
+#define DECODER_LN_STREAMED(nb, k) (DECODER_LN_STREAMS && (nb) * 4096u + 1 > DECODER_LN_STREAM_BYTES / ((k) * sizeof(float)) + (DECODER_LN_STREAM_BYTES % ((k) * sizeof(float)) != 0))
 #if DECODER_LN_STREAMS
 #define DECODER_LN_STREAM_FENCE() _mm_sfence()
 #else
@@ -211,7 +212,7 @@ int decoder_ln_predict(const float *x, float *y, int32_t batch)
     const size_t nb = (size_t)batch;
     const float *scale = decoder_ln_scale;
     const float *offset = decoder_ln_offset;
-    const int stream = DECODER_LN_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
+    const int stream = DECODER_LN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
     {
         decoder_ln_streamer ws = {NULL, 0, {0}};
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
@@ -655,7 +656,7 @@ int decoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
     const size_t nb = (size_t)batch;
     const float *scale = decoder_ln_scale;
     const float *offset = decoder_ln_offset;
-    const int stream = DECODER_LN_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
+    const int stream = DECODER_LN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
     {
         decoder_ln_streamer ws = {NULL, 0, {0}};
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
@@ -1106,7 +1107,7 @@ int decoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
     const size_t nb = (size_t)batch;
     const float *scale = decoder_ln_scale;
     double gscale[128], goffset[128];
-    const int stream = DECODER_LN_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    const int stream = DECODER_LN_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
     decoder_ln_streamer ws = {NULL, 0, {0}};
     /* per channel partial sums of dy and dy * xhat over at most 16 runs */
     float fa[128], fb[128];
@@ -1352,7 +1353,7 @@ int decoder_ln_backward_saved(const float *x, const float *dy, const double *sav
     const size_t nb = (size_t)batch;
     const float *scale = decoder_ln_scale;
     double gscale[128], goffset[128];
-    const int stream = DECODER_LN_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    const int stream = DECODER_LN_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
     decoder_ln_streamer ws = {NULL, 0, {0}};
     /* per channel partial sums of dy and dy * xhat over at most 16 runs */
     float fa[128], fb[128];

@@ -32,13 +32,14 @@
 #define SEQUENCE_IN_PREFETCH(p) ((void)(p))
 #endif
 
-/* Streaming stores: a call that writes at least SEQUENCE_IN_STREAM_BYTES bytes of y (define it
- * to change that: 0 streams always, SIZE_MAX never) stores y with non-temporal stores, past the
- * caches, the way memcpy copies what is larger than its cache: y then takes no cache room from x,
- * still to be read, and its old contents are not read in first. x86 (SSE2) only; elsewhere y is
- * stored as usual. */
+/* Streaming stores: a call whose tensors (x and y; x, dy and dx for the backward) hold at least
+ * SEQUENCE_IN_STREAM_BYTES bytes (define it to change that: 0 streams always, SIZE_MAX never)
+ * stores its output with non-temporal stores, past the caches, the way memcpy copies what is
+ * larger than its cache: y then takes no cache room from x, still to be read, and its old
+ * contents are not read in first. Below it they stay in cache, where the next call finds them.
+ * x86 (SSE2) only; elsewhere y is stored as usual. */
 #ifndef SEQUENCE_IN_STREAM_BYTES
-#define SEQUENCE_IN_STREAM_BYTES 4194304u
+#define SEQUENCE_IN_STREAM_BYTES 25165824u
 #endif
 #ifndef SEQUENCE_IN_STREAMS
 #if defined(__SSE2__)
@@ -133,9 +134,9 @@ static SEQUENCE_IN_INLINE void sequence_in_stream(sequence_in_streamer *s, float
 #endif
 }
 
-/* Whether a call on nb samples streams y; after one that did, its streaming stores are ordered
- * before the return (a fence). */
-#define SEQUENCE_IN_STREAMED(nb) (SEQUENCE_IN_STREAMS && (nb) * 4800u + 1 > SEQUENCE_IN_STREAM_BYTES / sizeof(float) + (SEQUENCE_IN_STREAM_BYTES % sizeof(float) != 0))
+/* Whether a call on nb samples of k tensors streams its output; after one that did, its streaming
+ * stores are ordered before the return (a fence). */
+#define SEQUENCE_IN_STREAMED(nb, k) (SEQUENCE_IN_STREAMS && (nb) * 4800u + 1 > SEQUENCE_IN_STREAM_BYTES / ((k) * sizeof(float)) + (SEQUENCE_IN_STREAM_BYTES % ((k) * sizeof(float)) != 0))
 #if SEQUENCE_IN_STREAMS
 #define SEQUENCE_IN_STREAM_FENCE() _mm_sfence()
 #else
@@ -181,7 +182,7 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
     const size_t nb = (size_t)batch;
     const float *scale = sequence_in_scale;
     const float *offset = sequence_in_offset;
-    const int stream = SEQUENCE_IN_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
+    const int stream = SEQUENCE_IN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
     {
         sequence_in_streamer ws = {NULL, 0, {0}};
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
@@ -633,7 +634,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
     const size_t nb = (size_t)batch;
     const float *scale = sequence_in_scale;
     const float *offset = sequence_in_offset;
-    const int stream = SEQUENCE_IN_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
+    const int stream = SEQUENCE_IN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
     {
         sequence_in_streamer ws = {NULL, 0, {0}};
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
@@ -1092,7 +1093,7 @@ int sequence_in_backward(const float *x, const float *dy, float *dx, float *dsca
     const size_t nb = (size_t)batch;
     const float *scale = sequence_in_scale;
     double gscale[48], goffset[48];
-    const int stream = SEQUENCE_IN_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    const int stream = SEQUENCE_IN_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
     sequence_in_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 48; ++c) {
         gscale[c] = 0;
@@ -1324,7 +1325,7 @@ int sequence_in_backward_saved(const float *x, const float *dy, const double *sa
     const size_t nb = (size_t)batch;
     const float *scale = sequence_in_scale;
     double gscale[48], goffset[48];
-    const int stream = SEQUENCE_IN_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    const int stream = SEQUENCE_IN_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
     sequence_in_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 48; ++c) {
         gscale[c] = 0;

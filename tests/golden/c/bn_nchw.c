@@ -37,13 +37,14 @@
 #define BN_NCHW_PREFETCH(p) ((void)(p))
 #endif
 
-/* Streaming stores: a call that writes at least BN_NCHW_STREAM_BYTES bytes of y (define it
- * to change that: 0 streams always, SIZE_MAX never) stores y with non-temporal stores, past the
- * caches, the way memcpy copies what is larger than its cache: y then takes no cache room from x,
- * still to be read, and its old contents are not read in first. x86 (SSE2) only; elsewhere y is
- * stored as usual. */
+/* Streaming stores: a call whose tensors (x and y; x, dy and dx for the backward) hold at least
+ * BN_NCHW_STREAM_BYTES bytes (define it to change that: 0 streams always, SIZE_MAX never)
+ * stores its output with non-temporal stores, past the caches, the way memcpy copies what is
+ * larger than its cache: y then takes no cache room from x, still to be read, and its old
+ * contents are not read in first. Below it they stay in cache, where the next call finds them.
+ * x86 (SSE2) only; elsewhere y is stored as usual. */
 #ifndef BN_NCHW_STREAM_BYTES
-#define BN_NCHW_STREAM_BYTES 4194304u
+#define BN_NCHW_STREAM_BYTES 25165824u
 #endif
 #ifndef BN_NCHW_STREAMS
 #if defined(__SSE2__)
@@ -138,9 +139,9 @@ static BN_NCHW_INLINE void bn_nchw_stream(bn_nchw_streamer *s, float *y, const f
 #endif
 }
 
-/* Whether a call on nb samples streams y; after one that did, its streaming stores are ordered
- * before the return (a fence). */
-#define BN_NCHW_STREAMED(nb) (BN_NCHW_STREAMS && (nb) * 48u + 1 > BN_NCHW_STREAM_BYTES / sizeof(float) + (BN_NCHW_STREAM_BYTES % sizeof(float) != 0))
+/* Whether a call on nb samples of k tensors streams its output; after one that did, its streaming
+ * stores are ordered before the return (a fence). */
+#define BN_NCHW_STREAMED(nb, k) (BN_NCHW_STREAMS && (nb) * 48u + 1 > BN_NCHW_STREAM_BYTES / ((k) * sizeof(float)) + (BN_NCHW_STREAM_BYTES % ((k) * sizeof(float)) != 0))
 #if BN_NCHW_STREAMS
 #define BN_NCHW_STREAM_FENCE() _mm_sfence()
 #else
@@ -191,7 +192,7 @@ int bn_nchw_predict(const float *x, float *y, int32_t batch)
     }
     const size_t nb = (size_t)batch;
     /* y = x * a + b, one multiply-add per element */
-    const int stream = BN_NCHW_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
+    const int stream = BN_NCHW_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
     bn_nchw_streamer ws = {NULL, 0, {0}};
     for (size_t j0 = 0; j0 < nb; ++j0) {
         for (size_t j1 = 0; j1 < 3; ++j1) {
@@ -246,7 +247,7 @@ int bn_nchw_train_forward(const float *x, float *y, int32_t batch, float *runnin
     const size_t nb = (size_t)batch;
     const float *scale = bn_nchw_scale;
     const float *offset = bn_nchw_offset;
-    const int stream = BN_NCHW_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
+    const int stream = BN_NCHW_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
     {
         double mean[3], m2[3];
         float lane[48], lane2[48];
@@ -407,29 +408,29 @@ int bn_nchw_train_forward(const float *x, float *y, int32_t batch, float *runnin
         }
         /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
         bn_nchw_streamer ws = {NULL, 0, {0}};
-        if (stream) {
-            /* the block as rows from y's first 64-byte line on, r columns in; the per-column values rotated by r */
-            float *const yb = y;
-            const size_t r = ((64u - ((uintptr_t)yb & 63u)) & 63u) / sizeof(float);
-            float lhi_r[48], lg_r[48], lb_r[48];
-            for (size_t j = 0; j < 48; ++j) {
-                const size_t c = j + r < 48 ? j + r : j + r - 48;
-                lhi_r[j] = lhi[c];
-                lg_r[j] = lg[c];
-                lb_r[j] = lb[c];
+        /* the block as rows from y's first 64-byte line on, r columns in; the per-column values rotated by r */
+        float *const yb = y;
+        const size_t r = ((64u - ((uintptr_t)yb & 63u)) & 63u) / sizeof(float);
+        float lhi_r[48], lg_r[48], lb_r[48];
+        for (size_t j = 0; j < 48; ++j) {
+            const size_t c = j + r < 48 ? j + r : j + r - 48;
+            lhi_r[j] = lhi[c];
+            lg_r[j] = lg[c];
+            lb_r[j] = lb[c];
+        }
+        {
+            /* the first r elements */
+            const float *xr = x;
+            float *yr = yb;
+            for (size_t j = 0; j < r; ++j) {
+                yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
             }
-            {
-                /* the first r elements */
-                const float *xr = x;
-                float *yr = yb;
-                for (size_t j = 0; j < r; ++j) {
-                    yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
-                }
-            }
-            const size_t rows = nb - (r != 0); /* the rows that begin on a line */
-            for (size_t i0 = 0; i0 < rows; ++i0) {
-                const float *xr = x + r + i0 * 48;
-                float *yr = yb + r + i0 * 48;
+        }
+        const size_t rows = nb - (r != 0); /* the rows that begin on a line */
+        for (size_t i0 = 0; i0 < rows; ++i0) {
+            const float *xr = x + r + i0 * 48;
+            float *yr = yb + r + i0 * 48;
+            if (stream) {
                 {
                     const size_t s0 = 0, s1 = 48;
                     float sv[48];
@@ -438,22 +439,18 @@ int bn_nchw_train_forward(const float *x, float *y, int32_t batch, float *runnin
                     }
                     bn_nchw_stream(&ws, yr + s0, sv, s1 - s0);
                 }
-            }
-            if (r != 0) {
-                /* the last row from column r on */
-                const float *xr = x + (nb - 1) * 48;
-                float *yr = yb + (nb - 1) * 48;
-                for (size_t j = r; j < 48; ++j) {
-                    yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
-                }
-            }
-        } else {
-            for (size_t i0 = 0; i0 < nb; ++i0) {
-                const float *xr = x + i0 * 48;
-                float *yr = y + i0 * 48;
+            } else {
                 for (size_t j = 0; j < 48; ++j) {
-                    yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                    yr[j] = (xr[j] - lhi_r[j]) * lg_r[j] + lb_r[j];
                 }
+            }
+        }
+        if (r != 0) {
+            /* the last row from column r on */
+            const float *xr = x + (nb - 1) * 48;
+            float *yr = yb + (nb - 1) * 48;
+            for (size_t j = r; j < 48; ++j) {
+                yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
             }
         }
         if (stream) {
@@ -497,7 +494,7 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
     if (nb * 16 < 2) {
         return BN_NCHW_ERR_COUNT;
     }
-    const int stream = BN_NCHW_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
+    const int stream = BN_NCHW_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
     {
         double mean[3], m2[3];
         double lane[48], lane2[48];
@@ -662,29 +659,29 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
         }
         /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
         bn_nchw_streamer ws = {NULL, 0, {0}};
-        if (stream) {
-            /* the block as rows from y's first 64-byte line on, r columns in; the per-column values rotated by r */
-            float *const yb = y;
-            const size_t r = ((64u - ((uintptr_t)yb & 63u)) & 63u) / sizeof(float);
-            float lhi_r[48], lg_r[48], lb_r[48];
-            for (size_t j = 0; j < 48; ++j) {
-                const size_t c = j + r < 48 ? j + r : j + r - 48;
-                lhi_r[j] = lhi[c];
-                lg_r[j] = lg[c];
-                lb_r[j] = lb[c];
+        /* the block as rows from y's first 64-byte line on, r columns in; the per-column values rotated by r */
+        float *const yb = y;
+        const size_t r = ((64u - ((uintptr_t)yb & 63u)) & 63u) / sizeof(float);
+        float lhi_r[48], lg_r[48], lb_r[48];
+        for (size_t j = 0; j < 48; ++j) {
+            const size_t c = j + r < 48 ? j + r : j + r - 48;
+            lhi_r[j] = lhi[c];
+            lg_r[j] = lg[c];
+            lb_r[j] = lb[c];
+        }
+        {
+            /* the first r elements */
+            const float *xr = x;
+            float *yr = yb;
+            for (size_t j = 0; j < r; ++j) {
+                yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
             }
-            {
-                /* the first r elements */
-                const float *xr = x;
-                float *yr = yb;
-                for (size_t j = 0; j < r; ++j) {
-                    yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
-                }
-            }
-            const size_t rows = nb - (r != 0); /* the rows that begin on a line */
-            for (size_t i0 = 0; i0 < rows; ++i0) {
-                const float *xr = x + r + i0 * 48;
-                float *yr = yb + r + i0 * 48;
+        }
+        const size_t rows = nb - (r != 0); /* the rows that begin on a line */
+        for (size_t i0 = 0; i0 < rows; ++i0) {
+            const float *xr = x + r + i0 * 48;
+            float *yr = yb + r + i0 * 48;
+            if (stream) {
                 {
                     const size_t s0 = 0, s1 = 48;
                     float sv[48];
@@ -693,22 +690,18 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
                     }
                     bn_nchw_stream(&ws, yr + s0, sv, s1 - s0);
                 }
-            }
-            if (r != 0) {
-                /* the last row from column r on */
-                const float *xr = x + (nb - 1) * 48;
-                float *yr = yb + (nb - 1) * 48;
-                for (size_t j = r; j < 48; ++j) {
-                    yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
-                }
-            }
-        } else {
-            for (size_t i0 = 0; i0 < nb; ++i0) {
-                const float *xr = x + i0 * 48;
-                float *yr = y + i0 * 48;
+            } else {
                 for (size_t j = 0; j < 48; ++j) {
-                    yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                    yr[j] = (xr[j] - lhi_r[j]) * lg_r[j] + lb_r[j];
                 }
+            }
+        }
+        if (r != 0) {
+            /* the last row from column r on */
+            const float *xr = x + (nb - 1) * 48;
+            float *yr = yb + (nb - 1) * 48;
+            for (size_t j = r; j < 48; ++j) {
+                yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
             }
         }
         if (stream) {
@@ -746,7 +739,7 @@ int bn_nchw_backward(const float *x, const float *dy, float *dx, float *dscale, 
     const size_t nb = (size_t)batch;
     const float *scale = bn_nchw_scale;
     double gscale[3], goffset[3];
-    const int stream = BN_NCHW_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    const int stream = BN_NCHW_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
     bn_nchw_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 3; ++c) {
         gscale[c] = 0;
@@ -954,7 +947,7 @@ int bn_nchw_backward_saved(const float *x, const float *dy, const double *saved_
     const size_t nb = (size_t)batch;
     const float *scale = bn_nchw_scale;
     double gscale[3], goffset[3];
-    const int stream = BN_NCHW_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    const int stream = BN_NCHW_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
     bn_nchw_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 3; ++c) {
         gscale[c] = 0;

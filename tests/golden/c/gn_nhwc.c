@@ -34,13 +34,14 @@
 #define GN_NHWC_PREFETCH(p) ((void)(p))
 #endif
 
-/* Streaming stores: a call that writes at least GN_NHWC_STREAM_BYTES bytes of y (define it
- * to change that: 0 streams always, SIZE_MAX never) stores y with non-temporal stores, past the
- * caches, the way memcpy copies what is larger than its cache: y then takes no cache room from x,
- * still to be read, and its old contents are not read in first. x86 (SSE2) only; elsewhere y is
- * stored as usual. */
+/* Streaming stores: a call whose tensors (x and y; x, dy and dx for the backward) hold at least
+ * GN_NHWC_STREAM_BYTES bytes (define it to change that: 0 streams always, SIZE_MAX never)
+ * stores its output with non-temporal stores, past the caches, the way memcpy copies what is
+ * larger than its cache: y then takes no cache room from x, still to be read, and its old
+ * contents are not read in first. Below it they stay in cache, where the next call finds them.
+ * x86 (SSE2) only; elsewhere y is stored as usual. */
 #ifndef GN_NHWC_STREAM_BYTES
-#define GN_NHWC_STREAM_BYTES 4194304u
+#define GN_NHWC_STREAM_BYTES 25165824u
 #endif
 #ifndef GN_NHWC_STREAMS
 #if defined(__SSE2__)
@@ -135,9 +136,9 @@ static GN_NHWC_INLINE void gn_nhwc_stream(gn_nhwc_streamer *s, float *y, const f
 #endif
 }
 
-/* Whether a call on nb samples streams y; after one that did, its streaming stores are ordered
- * before the return (a fence). */
-#define GN_NHWC_STREAMED(nb) (GN_NHWC_STREAMS && (nb) * 96u + 1 > GN_NHWC_STREAM_BYTES / sizeof(float) + (GN_NHWC_STREAM_BYTES % sizeof(float) != 0))
+/* Whether a call on nb samples of k tensors streams its output; after one that did, its streaming
+ * stores are ordered before the return (a fence). */
+#define GN_NHWC_STREAMED(nb, k) (GN_NHWC_STREAMS && (nb) * 96u + 1 > GN_NHWC_STREAM_BYTES / ((k) * sizeof(float)) + (GN_NHWC_STREAM_BYTES % ((k) * sizeof(float)) != 0))
 #if GN_NHWC_STREAMS
 #define GN_NHWC_STREAM_FENCE() _mm_sfence()
 #else
@@ -169,7 +170,7 @@ int gn_nhwc_predict(const float *x, float *y, int32_t batch)
     const size_t nb = (size_t)batch;
     const float *scale = gn_nhwc_scale;
     const float *offset = gn_nhwc_offset;
-    const int stream = GN_NHWC_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
+    const int stream = GN_NHWC_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
     for (size_t i0 = 0; i0 < nb; ++i0) {
         {
             double mean[3], m2[3];
@@ -354,7 +355,7 @@ int gn_nhwc_train_forward_save(const float *x, float *y, int32_t batch, double *
     const size_t nb = (size_t)batch;
     const float *scale = gn_nhwc_scale;
     const float *offset = gn_nhwc_offset;
-    const int stream = GN_NHWC_STREAMED(nb); /* y past the caches (NAME_STREAM_BYTES) */
+    const int stream = GN_NHWC_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
     for (size_t i0 = 0; i0 < nb; ++i0) {
         {
             double mean[3], m2[3];
@@ -546,7 +547,7 @@ int gn_nhwc_backward(const float *x, const float *dy, float *dx, float *dscale, 
     const size_t nb = (size_t)batch;
     const float *scale = gn_nhwc_scale;
     double gscale[6], goffset[6];
-    const int stream = GN_NHWC_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    const int stream = GN_NHWC_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
     gn_nhwc_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 6; ++c) {
         gscale[c] = 0;
@@ -756,7 +757,7 @@ int gn_nhwc_backward_saved(const float *x, const float *dy, const double *saved_
     const size_t nb = (size_t)batch;
     const float *scale = gn_nhwc_scale;
     double gscale[6], goffset[6];
-    const int stream = GN_NHWC_STREAMED(nb); /* dx past the caches (NAME_STREAM_BYTES) */
+    const int stream = GN_NHWC_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
     gn_nhwc_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 6; ++c) {
         gscale[c] = 0;
