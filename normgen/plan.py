@@ -50,6 +50,9 @@ MIN_ROW_RUN = 64
 #: quarters of a 32 MiB last-level cache, the share glibc's memcpy keeps in cache before it
 #: streams: below it x and y stay in cache from call to call, and the next layer reads y there.
 STREAM_BYTES = 24 << 20
+#: A core's L2 on the machines this is tuned for: a statistic block larger than this is read from
+#: memory twice (its statistics, then its normalize pass), which counts in NAME_STREAM_BYTES.
+BLOCK_CACHE_BYTES = 1 << 20
 #: Most elements of y computed into a stack buffer before they are streamed out.
 STREAM_CHUNK = 1024
 
@@ -225,6 +228,19 @@ class Plan:
     #: (NAME_STREAM_BYTES in the generated C, which a build can redefine).
     stream_bytes = STREAM_BYTES
     stream_chunk = STREAM_CHUNK
+
+    def stream_tensors(self, reads: int, writes: int = 1) -> str:
+        """The C expression for NAME_STREAMED's k: how many times a call of the core moves a
+        tensor's bytes, for ``reads`` input tensors and ``writes`` output ones: each input once,
+        twice where a statistic block is larger than a core's L2 (BLOCK_CACHE_BYTES), so that the
+        normalize pass reads it from memory again."""
+        block = Extent(self.itemsize)
+        for a in self.domain_axes:
+            block = block * a.extent
+        if not block.batched:
+            return str(reads * (2 if block.static > BLOCK_CACHE_BYTES else 1) + writes)
+        twice = f"({block.expr()} > {BLOCK_CACHE_BYTES}u)"
+        return f"{reads + writes} + {twice if reads == 1 else f'{reads} * {twice}'}"
 
     @property
     def apply_run(self) -> tuple[str, str, str] | None:

@@ -146,7 +146,21 @@ def test_a_call_streams_from_the_threshold_on(tmp_path):
                     6 * per_sample: "0011 0111 ", 9 * per_sample + 1: "0000 0001 ", "SIZE_MAX": "0000 0000 "}
     text = render(plan, "c")[f"{layer.name}.c"]
     assert f"#define {upper}_STREAM_BYTES {plan.stream_bytes}u" in text
-    assert f"{upper}_STREAMED(nb, 2)" in text and f"{upper}_STREAMED(nb, 3)" in text
+    for k in (plan.stream_tensors(1), plan.stream_tensors(2)):
+        assert f"{upper}_STREAMED(nb, {k})" in text
+
+
+@pytest.mark.parametrize(("layer", "forward", "backward"), [
+    (LAYERS[3], "2", "3"),  # a channels-last group norm block of 16 KB
+    (GroupNorm(name="gn_big", format="BSSC", shape=[64, 64, 320], num_groups=32), "3", "5"),  # 5.2 MB
+    (GroupNorm(name="gn_l2", format="BCSS", shape=[320, 64, 64], num_groups=32), "2", "3"),  # 160 KB
+    (BatchNorm(name="bn_c", format="BCSS", shape=[64, 56, 56]), "2 + (nb * 12544 > 1048576u)",
+     "3 + 2 * (nb * 12544 > 1048576u)"),  # a channel's block grows with the batch
+])
+def test_a_block_larger_than_l2_counts_twice(layer, forward, backward):
+    """NAME_STREAM_BYTES counts an input twice where its statistic blocks exceed a core's L2."""
+    plan = lower(layer)
+    assert (plan.stream_tensors(1), plan.stream_tensors(2)) == (forward, backward)
 
 
 def _cpu_has(flag: str) -> bool:

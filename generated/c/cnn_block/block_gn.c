@@ -34,12 +34,13 @@
 #define BLOCK_GN_PREFETCH(p) ((void)(p))
 #endif
 
-/* Streaming stores: a call whose tensors (x and y; x, dy and dx for the backward) hold at least
- * BLOCK_GN_STREAM_BYTES bytes (define it to change that: 0 streams always, SIZE_MAX never)
- * stores its output with non-temporal stores, past the caches, the way memcpy copies what is
- * larger than its cache: y then takes no cache room from x, still to be read, and its old
+/* Streaming stores: a call that moves at least BLOCK_GN_STREAM_BYTES bytes through memory (x
+ * and y; x, dy and dx for the backward; an input twice where a statistic's block is larger than a
+ * core's L2) stores its output with non-temporal stores, past the caches, the way memcpy copies
+ * what is larger than its cache: y then takes no cache room from x, still to be read, and its old
  * contents are not read in first. Below it they stay in cache, where the next call finds them.
- * x86 (SSE2) only; elsewhere y is stored as usual. */
+ * Define it to change that: 0 streams always, SIZE_MAX never. x86 (SSE2) only; elsewhere y is
+ * stored as usual. */
 #ifndef BLOCK_GN_STREAM_BYTES
 #define BLOCK_GN_STREAM_BYTES 25165824u
 #endif
@@ -136,7 +137,7 @@ static BLOCK_GN_INLINE void block_gn_stream(block_gn_streamer *s, float *y, cons
 #endif
 }
 
-/* Whether a call on nb samples of k tensors streams its output; after one that did, its streaming
+/* Whether a call on nb samples that moves k tensors' bytes streams its output; after one that did, its streaming
  * stores are ordered before the return (a fence). */
 #define BLOCK_GN_STREAMED(nb, k) (BLOCK_GN_STREAMS && (nb) * 12544u + 1 > BLOCK_GN_STREAM_BYTES / ((k) * sizeof(float)) + (BLOCK_GN_STREAM_BYTES % ((k) * sizeof(float)) != 0))
 #if BLOCK_GN_STREAMS
@@ -190,7 +191,7 @@ int block_gn_predict(const float *x, float *y, int32_t batch)
     const size_t nb = (size_t)batch;
     const float *scale = block_gn_scale;
     const float *offset = block_gn_offset;
-    const int stream = BLOCK_GN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
+    const int stream = BLOCK_GN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES) */
     for (size_t i0 = 0; i0 < nb; ++i0) {
         {
             double mean[8], m2[8];
@@ -402,7 +403,7 @@ int block_gn_train_forward_save(const float *x, float *y, int32_t batch, double 
     const size_t nb = (size_t)batch;
     const float *scale = block_gn_scale;
     const float *offset = block_gn_offset;
-    const int stream = BLOCK_GN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
+    const int stream = BLOCK_GN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES) */
     for (size_t i0 = 0; i0 < nb; ++i0) {
         {
             double mean[8], m2[8];
@@ -621,7 +622,7 @@ int block_gn_backward(const float *x, const float *dy, float *dx, float *dscale,
     const size_t nb = (size_t)batch;
     const float *scale = block_gn_scale;
     double gscale[64], goffset[64];
-    const int stream = BLOCK_GN_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
+    const int stream = BLOCK_GN_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES) */
     block_gn_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 64; ++c) {
         gscale[c] = 0;
@@ -831,7 +832,7 @@ int block_gn_backward_saved(const float *x, const float *dy, const double *saved
     const size_t nb = (size_t)batch;
     const float *scale = block_gn_scale;
     double gscale[64], goffset[64];
-    const int stream = BLOCK_GN_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
+    const int stream = BLOCK_GN_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES) */
     block_gn_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 64; ++c) {
         gscale[c] = 0;

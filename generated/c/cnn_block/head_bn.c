@@ -38,12 +38,13 @@
 #define HEAD_BN_PREFETCH(p) ((void)(p))
 #endif
 
-/* Streaming stores: a call whose tensors (x and y; x, dy and dx for the backward) hold at least
- * HEAD_BN_STREAM_BYTES bytes (define it to change that: 0 streams always, SIZE_MAX never)
- * stores its output with non-temporal stores, past the caches, the way memcpy copies what is
- * larger than its cache: y then takes no cache room from x, still to be read, and its old
+/* Streaming stores: a call that moves at least HEAD_BN_STREAM_BYTES bytes through memory (x
+ * and y; x, dy and dx for the backward; an input twice where a statistic's block is larger than a
+ * core's L2) stores its output with non-temporal stores, past the caches, the way memcpy copies
+ * what is larger than its cache: y then takes no cache room from x, still to be read, and its old
  * contents are not read in first. Below it they stay in cache, where the next call finds them.
- * x86 (SSE2) only; elsewhere y is stored as usual. */
+ * Define it to change that: 0 streams always, SIZE_MAX never. x86 (SSE2) only; elsewhere y is
+ * stored as usual. */
 #ifndef HEAD_BN_STREAM_BYTES
 #define HEAD_BN_STREAM_BYTES 25165824u
 #endif
@@ -140,7 +141,7 @@ static HEAD_BN_INLINE void head_bn_stream(head_bn_streamer *s, double *y, const 
 #endif
 }
 
-/* Whether a call on nb samples of k tensors streams its output; after one that did, its streaming
+/* Whether a call on nb samples that moves k tensors' bytes streams its output; after one that did, its streaming
  * stores are ordered before the return (a fence). */
 #define HEAD_BN_STREAMED(nb, k) (HEAD_BN_STREAMS && (nb) * 3136u + 1 > HEAD_BN_STREAM_BYTES / ((k) * sizeof(double)) + (HEAD_BN_STREAM_BYTES % ((k) * sizeof(double)) != 0))
 #if HEAD_BN_STREAMS
@@ -253,7 +254,7 @@ int head_bn_predict(const double *x, double *y, int32_t batch)
     }
     const size_t nb = (size_t)batch;
     /* y = x * a + b, one multiply-add per element */
-    const int stream = HEAD_BN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
+    const int stream = HEAD_BN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES) */
     head_bn_streamer ws = {NULL, 0, {0}};
     for (size_t j0 = 0; j0 < nb; ++j0) {
         for (size_t j1 = 0; j1 < 64; ++j1) {
@@ -308,7 +309,7 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
     const size_t nb = (size_t)batch;
     const double *scale = head_bn_scale;
     const double *offset = head_bn_offset;
-    const int stream = HEAD_BN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
+    const int stream = HEAD_BN_STREAMED(nb, 2 + (nb * 392 > 1048576u)); /* y past the caches (NAME_STREAM_BYTES) */
     {
         head_bn_streamer ws = {NULL, 0, {0}};
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
@@ -770,7 +771,7 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
     if (nb * 49 < 2) {
         return HEAD_BN_ERR_COUNT;
     }
-    const int stream = HEAD_BN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
+    const int stream = HEAD_BN_STREAMED(nb, 2 + (nb * 392 > 1048576u)); /* y past the caches (NAME_STREAM_BYTES) */
     {
         head_bn_streamer ws = {NULL, 0, {0}};
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
@@ -1230,7 +1231,7 @@ int head_bn_backward(const double *x, const double *dy, double *dx, double *dsca
     const size_t nb = (size_t)batch;
     const double *scale = head_bn_scale;
     double gscale[64], goffset[64];
-    const int stream = HEAD_BN_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
+    const int stream = HEAD_BN_STREAMED(nb, 3 + 2 * (nb * 392 > 1048576u)); /* dx past the caches (NAME_STREAM_BYTES) */
     head_bn_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 64; ++c) {
         gscale[c] = 0;
@@ -1460,7 +1461,7 @@ int head_bn_backward_saved(const double *x, const double *dy, const double *save
     const size_t nb = (size_t)batch;
     const double *scale = head_bn_scale;
     double gscale[64], goffset[64];
-    const int stream = HEAD_BN_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
+    const int stream = HEAD_BN_STREAMED(nb, 3 + 2 * (nb * 392 > 1048576u)); /* dx past the caches (NAME_STREAM_BYTES) */
     head_bn_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 64; ++c) {
         gscale[c] = 0;

@@ -37,12 +37,13 @@
 #define STEM_BN_PREFETCH(p) ((void)(p))
 #endif
 
-/* Streaming stores: a call whose tensors (x and y; x, dy and dx for the backward) hold at least
- * STEM_BN_STREAM_BYTES bytes (define it to change that: 0 streams always, SIZE_MAX never)
- * stores its output with non-temporal stores, past the caches, the way memcpy copies what is
- * larger than its cache: y then takes no cache room from x, still to be read, and its old
+/* Streaming stores: a call that moves at least STEM_BN_STREAM_BYTES bytes through memory (x
+ * and y; x, dy and dx for the backward; an input twice where a statistic's block is larger than a
+ * core's L2) stores its output with non-temporal stores, past the caches, the way memcpy copies
+ * what is larger than its cache: y then takes no cache room from x, still to be read, and its old
  * contents are not read in first. Below it they stay in cache, where the next call finds them.
- * x86 (SSE2) only; elsewhere y is stored as usual. */
+ * Define it to change that: 0 streams always, SIZE_MAX never. x86 (SSE2) only; elsewhere y is
+ * stored as usual. */
 #ifndef STEM_BN_STREAM_BYTES
 #define STEM_BN_STREAM_BYTES 25165824u
 #endif
@@ -139,7 +140,7 @@ static STEM_BN_INLINE void stem_bn_stream(stem_bn_streamer *s, float *y, const f
 #endif
 }
 
-/* Whether a call on nb samples of k tensors streams its output; after one that did, its streaming
+/* Whether a call on nb samples that moves k tensors' bytes streams its output; after one that did, its streaming
  * stores are ordered before the return (a fence). */
 #define STEM_BN_STREAMED(nb, k) (STEM_BN_STREAMS && (nb) * 25088u + 1 > STEM_BN_STREAM_BYTES / ((k) * sizeof(float)) + (STEM_BN_STREAM_BYTES % ((k) * sizeof(float)) != 0))
 #if STEM_BN_STREAMS
@@ -222,7 +223,7 @@ int stem_bn_predict(const float *x, float *y, int32_t batch)
     }
     const size_t nb = (size_t)batch;
     /* y = x * a + b, one multiply-add per element */
-    const int stream = STEM_BN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
+    const int stream = STEM_BN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES) */
     stem_bn_streamer ws = {NULL, 0, {0}};
     for (size_t j0 = 0; j0 < nb; ++j0) {
         for (size_t j1 = 0; j1 < 32; ++j1) {
@@ -277,7 +278,7 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
     const size_t nb = (size_t)batch;
     const float *scale = stem_bn_scale;
     const float *offset = stem_bn_offset;
-    const int stream = STEM_BN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
+    const int stream = STEM_BN_STREAMED(nb, 2 + (nb * 3136 > 1048576u)); /* y past the caches (NAME_STREAM_BYTES) */
     {
         stem_bn_streamer ws = {NULL, 0, {0}};
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
@@ -740,7 +741,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
     if (nb * 784 < 2) {
         return STEM_BN_ERR_COUNT;
     }
-    const int stream = STEM_BN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
+    const int stream = STEM_BN_STREAMED(nb, 2 + (nb * 3136 > 1048576u)); /* y past the caches (NAME_STREAM_BYTES) */
     {
         stem_bn_streamer ws = {NULL, 0, {0}};
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
@@ -1201,7 +1202,7 @@ int stem_bn_backward(const float *x, const float *dy, float *dx, float *dscale, 
     const size_t nb = (size_t)batch;
     const float *scale = stem_bn_scale;
     double gscale[32], goffset[32];
-    const int stream = STEM_BN_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
+    const int stream = STEM_BN_STREAMED(nb, 3 + 2 * (nb * 3136 > 1048576u)); /* dx past the caches (NAME_STREAM_BYTES) */
     stem_bn_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 32; ++c) {
         gscale[c] = 0;
@@ -1431,7 +1432,7 @@ int stem_bn_backward_saved(const float *x, const float *dy, const double *saved_
     const size_t nb = (size_t)batch;
     const float *scale = stem_bn_scale;
     double gscale[32], goffset[32];
-    const int stream = STEM_BN_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
+    const int stream = STEM_BN_STREAMED(nb, 3 + 2 * (nb * 3136 > 1048576u)); /* dx past the caches (NAME_STREAM_BYTES) */
     stem_bn_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 32; ++c) {
         gscale[c] = 0;

@@ -34,12 +34,13 @@
 #define ENCODER_LN_PREFETCH(p) ((void)(p))
 #endif
 
-/* Streaming stores: a call whose tensors (x and y; x, dy and dx for the backward) hold at least
- * ENCODER_LN_STREAM_BYTES bytes (define it to change that: 0 streams always, SIZE_MAX never)
- * stores its output with non-temporal stores, past the caches, the way memcpy copies what is
- * larger than its cache: y then takes no cache room from x, still to be read, and its old
+/* Streaming stores: a call that moves at least ENCODER_LN_STREAM_BYTES bytes through memory (x
+ * and y; x, dy and dx for the backward; an input twice where a statistic's block is larger than a
+ * core's L2) stores its output with non-temporal stores, past the caches, the way memcpy copies
+ * what is larger than its cache: y then takes no cache room from x, still to be read, and its old
  * contents are not read in first. Below it they stay in cache, where the next call finds them.
- * x86 (SSE2) only; elsewhere y is stored as usual. */
+ * Define it to change that: 0 streams always, SIZE_MAX never. x86 (SSE2) only; elsewhere y is
+ * stored as usual. */
 #ifndef ENCODER_LN_STREAM_BYTES
 #define ENCODER_LN_STREAM_BYTES 25165824u
 #endif
@@ -136,7 +137,7 @@ static ENCODER_LN_INLINE void encoder_ln_stream(encoder_ln_streamer *s, float *y
 #endif
 }
 
-/* Whether a call on nb samples of k tensors streams its output; after one that did, its streaming
+/* Whether a call on nb samples that moves k tensors' bytes streams its output; after one that did, its streaming
  * stores are ordered before the return (a fence). */
 #define ENCODER_LN_STREAMED(nb, k) (ENCODER_LN_STREAMS && (nb) * 16384u + 1 > ENCODER_LN_STREAM_BYTES / ((k) * sizeof(float)) + (ENCODER_LN_STREAM_BYTES % ((k) * sizeof(float)) != 0))
 #if ENCODER_LN_STREAMS
@@ -254,7 +255,7 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
     const size_t nb = (size_t)batch;
     const float *scale = encoder_ln_scale;
     const float *offset = encoder_ln_offset;
-    const int stream = ENCODER_LN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
+    const int stream = ENCODER_LN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES) */
     {
         encoder_ln_streamer ws = {NULL, 0, {0}};
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
@@ -698,7 +699,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
     const size_t nb = (size_t)batch;
     const float *scale = encoder_ln_scale;
     const float *offset = encoder_ln_offset;
-    const int stream = ENCODER_LN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
+    const int stream = ENCODER_LN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES) */
     {
         encoder_ln_streamer ws = {NULL, 0, {0}};
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
@@ -1149,7 +1150,7 @@ int encoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
     const size_t nb = (size_t)batch;
     const float *scale = encoder_ln_scale;
     double gscale[256], goffset[256];
-    const int stream = ENCODER_LN_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
+    const int stream = ENCODER_LN_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES) */
     encoder_ln_streamer ws = {NULL, 0, {0}};
     /* per channel partial sums of dy and dy * xhat over at most 16 runs */
     float fa[256], fb[256];
@@ -1395,7 +1396,7 @@ int encoder_ln_backward_saved(const float *x, const float *dy, const double *sav
     const size_t nb = (size_t)batch;
     const float *scale = encoder_ln_scale;
     double gscale[256], goffset[256];
-    const int stream = ENCODER_LN_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
+    const int stream = ENCODER_LN_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES) */
     encoder_ln_streamer ws = {NULL, 0, {0}};
     /* per channel partial sums of dy and dy * xhat over at most 16 runs */
     float fa[256], fb[256];

@@ -35,12 +35,13 @@
 #define MATLAB_SEQ_LN_PREFETCH(p) ((void)(p))
 #endif
 
-/* Streaming stores: a call whose tensors (x and y; x, dy and dx for the backward) hold at least
- * MATLAB_SEQ_LN_STREAM_BYTES bytes (define it to change that: 0 streams always, SIZE_MAX never)
- * stores its output with non-temporal stores, past the caches, the way memcpy copies what is
- * larger than its cache: y then takes no cache room from x, still to be read, and its old
+/* Streaming stores: a call that moves at least MATLAB_SEQ_LN_STREAM_BYTES bytes through memory (x
+ * and y; x, dy and dx for the backward; an input twice where a statistic's block is larger than a
+ * core's L2) stores its output with non-temporal stores, past the caches, the way memcpy copies
+ * what is larger than its cache: y then takes no cache room from x, still to be read, and its old
  * contents are not read in first. Below it they stay in cache, where the next call finds them.
- * x86 (SSE2) only; elsewhere y is stored as usual. */
+ * Define it to change that: 0 streams always, SIZE_MAX never. x86 (SSE2) only; elsewhere y is
+ * stored as usual. */
 #ifndef MATLAB_SEQ_LN_STREAM_BYTES
 #define MATLAB_SEQ_LN_STREAM_BYTES 25165824u
 #endif
@@ -137,7 +138,7 @@ static MATLAB_SEQ_LN_INLINE void matlab_seq_ln_stream(matlab_seq_ln_streamer *s,
 #endif
 }
 
-/* Whether a call on nb samples of k tensors streams its output; after one that did, its streaming
+/* Whether a call on nb samples that moves k tensors' bytes streams its output; after one that did, its streaming
  * stores are ordered before the return (a fence). */
 #define MATLAB_SEQ_LN_STREAMED(nb, k) (MATLAB_SEQ_LN_STREAMS && (nb) * 3840u + 1 > MATLAB_SEQ_LN_STREAM_BYTES / ((k) * sizeof(float)) + (MATLAB_SEQ_LN_STREAM_BYTES % ((k) * sizeof(float)) != 0))
 #if MATLAB_SEQ_LN_STREAMS
@@ -201,7 +202,7 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
     const size_t nb = (size_t)batch;
     const float *scale = matlab_seq_ln_scale;
     const float *offset = matlab_seq_ln_offset;
-    const int stream = MATLAB_SEQ_LN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
+    const int stream = MATLAB_SEQ_LN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES) */
     {
         matlab_seq_ln_streamer ws = {NULL, 0, {0}};
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
@@ -645,7 +646,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
     const size_t nb = (size_t)batch;
     const float *scale = matlab_seq_ln_scale;
     const float *offset = matlab_seq_ln_offset;
-    const int stream = MATLAB_SEQ_LN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
+    const int stream = MATLAB_SEQ_LN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES) */
     {
         matlab_seq_ln_streamer ws = {NULL, 0, {0}};
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
@@ -1096,7 +1097,7 @@ int matlab_seq_ln_backward(const float *x, const float *dy, float *dx, float *ds
     const size_t nb = (size_t)batch;
     const float *scale = matlab_seq_ln_scale;
     double gscale[96], goffset[96];
-    const int stream = MATLAB_SEQ_LN_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
+    const int stream = MATLAB_SEQ_LN_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES) */
     matlab_seq_ln_streamer ws = {NULL, 0, {0}};
     /* per channel partial sums of dy and dy * xhat over at most 16 runs */
     float fa[96], fb[96];
@@ -1342,7 +1343,7 @@ int matlab_seq_ln_backward_saved(const float *x, const float *dy, const double *
     const size_t nb = (size_t)batch;
     const float *scale = matlab_seq_ln_scale;
     double gscale[96], goffset[96];
-    const int stream = MATLAB_SEQ_LN_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
+    const int stream = MATLAB_SEQ_LN_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES) */
     matlab_seq_ln_streamer ws = {NULL, 0, {0}};
     /* per channel partial sums of dy and dy * xhat over at most 16 runs */
     float fa[96], fb[96];

@@ -32,12 +32,13 @@
 #define SEQUENCE_IN_PREFETCH(p) ((void)(p))
 #endif
 
-/* Streaming stores: a call whose tensors (x and y; x, dy and dx for the backward) hold at least
- * SEQUENCE_IN_STREAM_BYTES bytes (define it to change that: 0 streams always, SIZE_MAX never)
- * stores its output with non-temporal stores, past the caches, the way memcpy copies what is
- * larger than its cache: y then takes no cache room from x, still to be read, and its old
+/* Streaming stores: a call that moves at least SEQUENCE_IN_STREAM_BYTES bytes through memory (x
+ * and y; x, dy and dx for the backward; an input twice where a statistic's block is larger than a
+ * core's L2) stores its output with non-temporal stores, past the caches, the way memcpy copies
+ * what is larger than its cache: y then takes no cache room from x, still to be read, and its old
  * contents are not read in first. Below it they stay in cache, where the next call finds them.
- * x86 (SSE2) only; elsewhere y is stored as usual. */
+ * Define it to change that: 0 streams always, SIZE_MAX never. x86 (SSE2) only; elsewhere y is
+ * stored as usual. */
 #ifndef SEQUENCE_IN_STREAM_BYTES
 #define SEQUENCE_IN_STREAM_BYTES 25165824u
 #endif
@@ -134,7 +135,7 @@ static SEQUENCE_IN_INLINE void sequence_in_stream(sequence_in_streamer *s, float
 #endif
 }
 
-/* Whether a call on nb samples of k tensors streams its output; after one that did, its streaming
+/* Whether a call on nb samples that moves k tensors' bytes streams its output; after one that did, its streaming
  * stores are ordered before the return (a fence). */
 #define SEQUENCE_IN_STREAMED(nb, k) (SEQUENCE_IN_STREAMS && (nb) * 4800u + 1 > SEQUENCE_IN_STREAM_BYTES / ((k) * sizeof(float)) + (SEQUENCE_IN_STREAM_BYTES % ((k) * sizeof(float)) != 0))
 #if SEQUENCE_IN_STREAMS
@@ -182,7 +183,7 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
     const size_t nb = (size_t)batch;
     const float *scale = sequence_in_scale;
     const float *offset = sequence_in_offset;
-    const int stream = SEQUENCE_IN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
+    const int stream = SEQUENCE_IN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES) */
     {
         sequence_in_streamer ws = {NULL, 0, {0}};
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
@@ -634,7 +635,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
     const size_t nb = (size_t)batch;
     const float *scale = sequence_in_scale;
     const float *offset = sequence_in_offset;
-    const int stream = SEQUENCE_IN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
+    const int stream = SEQUENCE_IN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES) */
     {
         sequence_in_streamer ws = {NULL, 0, {0}};
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
@@ -1093,7 +1094,7 @@ int sequence_in_backward(const float *x, const float *dy, float *dx, float *dsca
     const size_t nb = (size_t)batch;
     const float *scale = sequence_in_scale;
     double gscale[48], goffset[48];
-    const int stream = SEQUENCE_IN_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
+    const int stream = SEQUENCE_IN_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES) */
     sequence_in_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 48; ++c) {
         gscale[c] = 0;
@@ -1325,7 +1326,7 @@ int sequence_in_backward_saved(const float *x, const float *dy, const double *sa
     const size_t nb = (size_t)batch;
     const float *scale = sequence_in_scale;
     double gscale[48], goffset[48];
-    const int stream = SEQUENCE_IN_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
+    const int stream = SEQUENCE_IN_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES) */
     sequence_in_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 48; ++c) {
         gscale[c] = 0;

@@ -37,12 +37,13 @@
 #define BN_NCHW_PREFETCH(p) ((void)(p))
 #endif
 
-/* Streaming stores: a call whose tensors (x and y; x, dy and dx for the backward) hold at least
- * BN_NCHW_STREAM_BYTES bytes (define it to change that: 0 streams always, SIZE_MAX never)
- * stores its output with non-temporal stores, past the caches, the way memcpy copies what is
- * larger than its cache: y then takes no cache room from x, still to be read, and its old
+/* Streaming stores: a call that moves at least BN_NCHW_STREAM_BYTES bytes through memory (x
+ * and y; x, dy and dx for the backward; an input twice where a statistic's block is larger than a
+ * core's L2) stores its output with non-temporal stores, past the caches, the way memcpy copies
+ * what is larger than its cache: y then takes no cache room from x, still to be read, and its old
  * contents are not read in first. Below it they stay in cache, where the next call finds them.
- * x86 (SSE2) only; elsewhere y is stored as usual. */
+ * Define it to change that: 0 streams always, SIZE_MAX never. x86 (SSE2) only; elsewhere y is
+ * stored as usual. */
 #ifndef BN_NCHW_STREAM_BYTES
 #define BN_NCHW_STREAM_BYTES 25165824u
 #endif
@@ -139,7 +140,7 @@ static BN_NCHW_INLINE void bn_nchw_stream(bn_nchw_streamer *s, float *y, const f
 #endif
 }
 
-/* Whether a call on nb samples of k tensors streams its output; after one that did, its streaming
+/* Whether a call on nb samples that moves k tensors' bytes streams its output; after one that did, its streaming
  * stores are ordered before the return (a fence). */
 #define BN_NCHW_STREAMED(nb, k) (BN_NCHW_STREAMS && (nb) * 48u + 1 > BN_NCHW_STREAM_BYTES / ((k) * sizeof(float)) + (BN_NCHW_STREAM_BYTES % ((k) * sizeof(float)) != 0))
 #if BN_NCHW_STREAMS
@@ -192,7 +193,7 @@ int bn_nchw_predict(const float *x, float *y, int32_t batch)
     }
     const size_t nb = (size_t)batch;
     /* y = x * a + b, one multiply-add per element */
-    const int stream = BN_NCHW_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
+    const int stream = BN_NCHW_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES) */
     bn_nchw_streamer ws = {NULL, 0, {0}};
     for (size_t j0 = 0; j0 < nb; ++j0) {
         for (size_t j1 = 0; j1 < 3; ++j1) {
@@ -247,7 +248,7 @@ int bn_nchw_train_forward(const float *x, float *y, int32_t batch, float *runnin
     const size_t nb = (size_t)batch;
     const float *scale = bn_nchw_scale;
     const float *offset = bn_nchw_offset;
-    const int stream = BN_NCHW_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
+    const int stream = BN_NCHW_STREAMED(nb, 2 + (nb * 192 > 1048576u)); /* y past the caches (NAME_STREAM_BYTES) */
     {
         double mean[3], m2[3];
         float lane[48], lane2[48];
@@ -494,7 +495,7 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
     if (nb * 16 < 2) {
         return BN_NCHW_ERR_COUNT;
     }
-    const int stream = BN_NCHW_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
+    const int stream = BN_NCHW_STREAMED(nb, 2 + (nb * 192 > 1048576u)); /* y past the caches (NAME_STREAM_BYTES) */
     {
         double mean[3], m2[3];
         double lane[48], lane2[48];
@@ -739,7 +740,7 @@ int bn_nchw_backward(const float *x, const float *dy, float *dx, float *dscale, 
     const size_t nb = (size_t)batch;
     const float *scale = bn_nchw_scale;
     double gscale[3], goffset[3];
-    const int stream = BN_NCHW_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
+    const int stream = BN_NCHW_STREAMED(nb, 3 + 2 * (nb * 192 > 1048576u)); /* dx past the caches (NAME_STREAM_BYTES) */
     bn_nchw_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 3; ++c) {
         gscale[c] = 0;
@@ -947,7 +948,7 @@ int bn_nchw_backward_saved(const float *x, const float *dy, const double *saved_
     const size_t nb = (size_t)batch;
     const float *scale = bn_nchw_scale;
     double gscale[3], goffset[3];
-    const int stream = BN_NCHW_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
+    const int stream = BN_NCHW_STREAMED(nb, 3 + 2 * (nb * 192 > 1048576u)); /* dx past the caches (NAME_STREAM_BYTES) */
     bn_nchw_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 3; ++c) {
         gscale[c] = 0;

@@ -34,12 +34,13 @@
 #define GN_NHWC_PREFETCH(p) ((void)(p))
 #endif
 
-/* Streaming stores: a call whose tensors (x and y; x, dy and dx for the backward) hold at least
- * GN_NHWC_STREAM_BYTES bytes (define it to change that: 0 streams always, SIZE_MAX never)
- * stores its output with non-temporal stores, past the caches, the way memcpy copies what is
- * larger than its cache: y then takes no cache room from x, still to be read, and its old
+/* Streaming stores: a call that moves at least GN_NHWC_STREAM_BYTES bytes through memory (x
+ * and y; x, dy and dx for the backward; an input twice where a statistic's block is larger than a
+ * core's L2) stores its output with non-temporal stores, past the caches, the way memcpy copies
+ * what is larger than its cache: y then takes no cache room from x, still to be read, and its old
  * contents are not read in first. Below it they stay in cache, where the next call finds them.
- * x86 (SSE2) only; elsewhere y is stored as usual. */
+ * Define it to change that: 0 streams always, SIZE_MAX never. x86 (SSE2) only; elsewhere y is
+ * stored as usual. */
 #ifndef GN_NHWC_STREAM_BYTES
 #define GN_NHWC_STREAM_BYTES 25165824u
 #endif
@@ -136,7 +137,7 @@ static GN_NHWC_INLINE void gn_nhwc_stream(gn_nhwc_streamer *s, float *y, const f
 #endif
 }
 
-/* Whether a call on nb samples of k tensors streams its output; after one that did, its streaming
+/* Whether a call on nb samples that moves k tensors' bytes streams its output; after one that did, its streaming
  * stores are ordered before the return (a fence). */
 #define GN_NHWC_STREAMED(nb, k) (GN_NHWC_STREAMS && (nb) * 96u + 1 > GN_NHWC_STREAM_BYTES / ((k) * sizeof(float)) + (GN_NHWC_STREAM_BYTES % ((k) * sizeof(float)) != 0))
 #if GN_NHWC_STREAMS
@@ -170,7 +171,7 @@ int gn_nhwc_predict(const float *x, float *y, int32_t batch)
     const size_t nb = (size_t)batch;
     const float *scale = gn_nhwc_scale;
     const float *offset = gn_nhwc_offset;
-    const int stream = GN_NHWC_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
+    const int stream = GN_NHWC_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES) */
     for (size_t i0 = 0; i0 < nb; ++i0) {
         {
             double mean[3], m2[3];
@@ -355,7 +356,7 @@ int gn_nhwc_train_forward_save(const float *x, float *y, int32_t batch, double *
     const size_t nb = (size_t)batch;
     const float *scale = gn_nhwc_scale;
     const float *offset = gn_nhwc_offset;
-    const int stream = GN_NHWC_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
+    const int stream = GN_NHWC_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES) */
     for (size_t i0 = 0; i0 < nb; ++i0) {
         {
             double mean[3], m2[3];
@@ -547,7 +548,7 @@ int gn_nhwc_backward(const float *x, const float *dy, float *dx, float *dscale, 
     const size_t nb = (size_t)batch;
     const float *scale = gn_nhwc_scale;
     double gscale[6], goffset[6];
-    const int stream = GN_NHWC_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
+    const int stream = GN_NHWC_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES) */
     gn_nhwc_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 6; ++c) {
         gscale[c] = 0;
@@ -757,7 +758,7 @@ int gn_nhwc_backward_saved(const float *x, const float *dy, const double *saved_
     const size_t nb = (size_t)batch;
     const float *scale = gn_nhwc_scale;
     double gscale[6], goffset[6];
-    const int stream = GN_NHWC_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
+    const int stream = GN_NHWC_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES) */
     gn_nhwc_streamer ws = {NULL, 0, {0}};
     for (size_t c = 0; c < 6; ++c) {
         gscale[c] = 0;

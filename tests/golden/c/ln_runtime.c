@@ -34,12 +34,13 @@
 #define LN_RUNTIME_PREFETCH(p) ((void)(p))
 #endif
 
-/* Streaming stores: a call whose tensors (x and y; x, dy and dx for the backward) hold at least
- * LN_RUNTIME_STREAM_BYTES bytes (define it to change that: 0 streams always, SIZE_MAX never)
- * stores its output with non-temporal stores, past the caches, the way memcpy copies what is
- * larger than its cache: y then takes no cache room from x, still to be read, and its old
+/* Streaming stores: a call that moves at least LN_RUNTIME_STREAM_BYTES bytes through memory (x
+ * and y; x, dy and dx for the backward; an input twice where a statistic's block is larger than a
+ * core's L2) stores its output with non-temporal stores, past the caches, the way memcpy copies
+ * what is larger than its cache: y then takes no cache room from x, still to be read, and its old
  * contents are not read in first. Below it they stay in cache, where the next call finds them.
- * x86 (SSE2) only; elsewhere y is stored as usual. */
+ * Define it to change that: 0 streams always, SIZE_MAX never. x86 (SSE2) only; elsewhere y is
+ * stored as usual. */
 #ifndef LN_RUNTIME_STREAM_BYTES
 #define LN_RUNTIME_STREAM_BYTES 25165824u
 #endif
@@ -136,7 +137,7 @@ static LN_RUNTIME_INLINE void ln_runtime_stream(ln_runtime_streamer *s, float *y
 #endif
 }
 
-/* Whether a call on nb samples of k tensors streams its output; after one that did, its streaming
+/* Whether a call on nb samples that moves k tensors' bytes streams its output; after one that did, its streaming
  * stores are ordered before the return (a fence). */
 #define LN_RUNTIME_STREAMED(nb, k) (LN_RUNTIME_STREAMS && (nb) * 128u + 1 > LN_RUNTIME_STREAM_BYTES / ((k) * sizeof(float)) + (LN_RUNTIME_STREAM_BYTES % ((k) * sizeof(float)) != 0))
 #if LN_RUNTIME_STREAMS
@@ -184,7 +185,7 @@ int ln_runtime_predict(const ln_runtime_params *params, const float *x, float *y
     const size_t nb = (size_t)batch;
     const float *scale = params->scale;
     const float *offset = params->offset;
-    const int stream = LN_RUNTIME_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
+    const int stream = LN_RUNTIME_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES) */
     {
         ln_runtime_streamer ws = {NULL, 0, {0}};
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
@@ -563,7 +564,7 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
     const size_t nb = (size_t)batch;
     const float *scale = params->scale;
     const float *offset = params->offset;
-    const int stream = LN_RUNTIME_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES): x, y */
+    const int stream = LN_RUNTIME_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES) */
     {
         ln_runtime_streamer ws = {NULL, 0, {0}};
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
@@ -949,7 +950,7 @@ int ln_runtime_backward(const ln_runtime_params *params, const float *x, const f
     const size_t nb = (size_t)batch;
     const float *scale = params->scale;
     double gscale[8], goffset[8];
-    const int stream = LN_RUNTIME_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
+    const int stream = LN_RUNTIME_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES) */
     ln_runtime_streamer ws = {NULL, 0, {0}};
     /* per channel partial sums of dy and dy * xhat over at most 16 runs */
     float fa[8], fb[8];
@@ -1170,7 +1171,7 @@ int ln_runtime_backward_saved(const ln_runtime_params *params, const float *x, c
     const size_t nb = (size_t)batch;
     const float *scale = params->scale;
     double gscale[8], goffset[8];
-    const int stream = LN_RUNTIME_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES): x, dy, dx */
+    const int stream = LN_RUNTIME_STREAMED(nb, 3); /* dx past the caches (NAME_STREAM_BYTES) */
     ln_runtime_streamer ws = {NULL, 0, {0}};
     /* per channel partial sums of dy and dy * xhat over at most 16 runs */
     float fa[8], fb[8];
