@@ -23,6 +23,9 @@ LAYERS = [
     GroupNorm(name="san_gn", format="BCSS", shape=[12, 7, 9], num_groups=4, **params(12, 3)),
     GroupNorm(name="san_gn_nhwc", format="BSSC", shape=[7, 9, 12], num_groups=3, **params(12, 3)),
     GroupNorm(name="san_gn_tiles", format="BSSC", shape=[40, 40, 36], num_groups=4, **params(36, 3)),  # column tiles 32 + 4
+    # rows of whole 64-byte lines: streamed from y's first line on, per-channel values rotated
+    GroupNorm(name="san_gn_lines", format="BSSC", shape=[5, 6, 32], num_groups=4, **params(32, 6)),
+    BatchNorm(name="san_bn_lines", format="BSSC", shape=[4, 3, 16], dtype="float64", **params(16, 7), **bn_stats(16, 7)),
     LayerNorm(name="san_ln", format="BTC", shape=[6, 2041], param_storage="runtime", **params(2041, 4)),
     InstanceNorm(name="san_in", format="TBC", shape=[11, 5], dtype="float64", **params(5, 5)),
 ]
@@ -32,7 +35,7 @@ DRIVER = r"""
 #include <string.h>
 #include "{name}.h"
 #define N ({batch} * {per})
-static {T} x[N], y[N], z[N];
+static {T} x[N], y[N], z[N], shifted[N + 16];
 int main(void)
 {{
     FILE *f = fopen("x.bin", "rb");
@@ -43,6 +46,10 @@ int main(void)
     memcpy(z, x, sizeof x);
     if ({name}_predict({params_arg}z, z, {batch}) != 0) return 12;  /* in place */
     if (memcmp(y, z, sizeof y) != 0) return 13;
+    for (int o = 1; o < 16; o += 2) {{  /* y at other offsets from a 64-byte line */
+        if ({name}_predict({params_arg}x, shifted + o, {batch}) != 0) return 15;
+        if (memcmp(y, shifted + o, sizeof y) != 0) return 16;
+    }}
     f = fopen("y.bin", "wb");
     fwrite(y, sizeof y[0], N, f);
     {train}
