@@ -131,6 +131,26 @@ class Loop:
 
 
 @dataclass(frozen=True)
+class Rotation:
+    """A block whose rows of ``width`` elements lie back to back, each whole 64-byte lines, and
+    whose per-element values depend on the column only: its output can be written as rows that
+    begin on y's first line, r columns in, with the per-column arrays copied rotated by r
+    (templates/c/core.j2 ``rotated_pass``), so that no line of y is split between two rows."""
+
+    width: int
+    row: Loop  # the loop over the block's rows
+    run_var: str  # the column loop's variable
+    base: str  # offset of the block's first element ("": 0)
+    arrays: tuple[tuple[str, str], ...]  # (per-column array, its rotated copy)
+    omp_chunk: int  # rows an OpenMP thread takes at a time
+
+
+def rows_of_whole_lines(width: int, stride: Extent, itemsize: int) -> bool:
+    """Whether rows of ``width`` elements ``stride`` apart lie back to back as whole 64-byte lines."""
+    return not stride.batched and stride.static == width and width * itemsize % 64 == 0
+
+
+@dataclass(frozen=True)
 class Function:
     """One generated entry point: ``int name(args)``."""
 
@@ -260,16 +280,29 @@ class Plan:
     @property
     def apply_rotate(self) -> bool:
         """Batch-norm predict with the channel innermost, its rows (one per position) back to back
-        as whole 64-byte lines: streamed, they are taken from y's first line on, with the folded
-        constants rotated to match (apply_rotated), so that no line of y is split between rows."""
+        as whole 64-byte lines: written as apply_rotation says."""
         run = self.apply_run
         return (run is not None and len(self.apply_axes) == 2 and self.apply_channel_expr == run[0]
-                and self.apply_axes[0].stride.static == self.channels and not self.apply_axes[0].stride.batched
-                and self.channels * self.itemsize % 64 == 0)
+                and rows_of_whole_lines(self.channels, self.apply_axes[0].stride, self.itemsize))
+
+    @property
+    def apply_rotation(self) -> Rotation | None:
+        """apply_rotate: the rows, and the folded constants rotated (apply_rotated reads them)."""
+        if not self.apply_rotate:
+            return None
+        a, b = self.fold_ref["a"], self.fold_ref["b"]
+        return Rotation(self.channels, self.apply_loops[0], self.apply_run[0], "", ((a, "a_r"), (b, "b_r")),
+                        self.sweep.omp_apply_chunk)
+
+    def apply_row(self, i: str, target: str = "") -> list[str]:
+        """Batch-norm predict's statement for element ``i`` of the row at xr, yr (apply_rotation;
+        ``target`` as in apply_body)."""
+        a, b = self.fold_ref["a"], self.fold_ref["b"]
+        return [f"{target or f'yr[{i}]'} = xr[{i}] * {a}[{i}] + {b}[{i}];"]
 
     def apply_rotated(self, i: str, target: str = "") -> list[str]:
-        """apply_body with the rotated copies a_r, b_r of the folded constants."""
-        return [f"{target or f'y[o0 + {i}]'} = x[o0 + {i}] * a_r[{i}] + b_r[{i}];"]
+        """apply_row with the rotated copies a_r, b_r of the folded constants."""
+        return [f"{target or f'yr[{i}]'} = xr[{i}] * a_r[{i}] + b_r[{i}];"]
 
     @property
     def guard(self) -> str:

@@ -46,10 +46,10 @@ its own and agrees exactly.
 
 The normalize pass is one subtract-subtract-multiply-add per element on the same runs,
 ``y = ((x - mean_hi) - mean_lo) * (rstd * scale[c]) + offset[c]``, reading per-column copies of
-the statistic (``norm_lanes`` of them) in the columns case. Where y is streamed and every row of
-a columns block is whole 64-byte lines (``rotate``), pass 2 takes the block as rows that begin on
-y's first line, with rotated copies of those per-column values, so that no streamed line is
-split between two rows.
+the statistic (``norm_lanes`` of them) in the columns case. Where every row of a columns
+block is whole 64-byte lines (``rotate``), pass 2 takes the block as rows that begin on y's first
+line, with rotated copies of those per-column values, so that no line of y is split between two
+rows.
 
 The training backward walks the same runs and lanes (see the comment above ``grad_cols``): its
 gradient sums ride on the statistics' second sweep, so that x and dy are each read once to
@@ -60,7 +60,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .plan import CTYPE_SIZES, TILE_ROWS, Axis, Extent, Loop, Plan, _offset
+from .plan import CTYPE_SIZES, TILE_ROWS, Axis, Extent, Loop, Plan, Rotation, _offset, rows_of_whole_lines
 
 #: Bytes of independent partial sums in a rows run: 128 bytes are four AVX registers (eight
 #: SSE2 ones), enough to hide the latency of the adds: 32 float lanes or 16 double lanes.
@@ -140,7 +140,7 @@ class Sweep:
     tile_rows: int = 1
     tile_shift: str = "0"
     #: columns, where pass 2 reads per-column values only ("columns_fold") and the block's rows
-    #: lie back to back as whole 64-byte lines: a streamed pass 2 walks the block as rows that
+    #: lie back to back as whole 64-byte lines: pass 2 walks the block as rows that
     #: begin on y's first line, with the per-column values rotated to match (``norm_rotated``), so
     #: that no line of y is split between two rows
     rotate: bool = False
@@ -211,8 +211,14 @@ class Sweep:
         return [f"{target or f'yr[{i}]'} = {self.norm_stmt(f'xr[{i}]')};"]
 
     @property
-    def rotated_suffix(self) -> str:
-        return ROTATED
+    def rotation(self) -> Rotation | None:
+        """rotate: the block's rows, and the per-column arrays pass 2 reads, rotated (norm_rotated
+        reads them)."""
+        if not self.rotate:
+            return None
+        return Rotation(self.lanes, self.outer_full[0], self.run_full.var,
+                        self.block_first if self.block_first != "0" else "",
+                        tuple((a, a + ROTATED) for a in self.lane_arrays), self.omp_norm_chunk)
 
     def norm_rotated(self, i: str, target: str = "") -> list[str]:
         """norm_body reading the rotated copies of the per-column values (``rotate``)."""
@@ -643,7 +649,6 @@ def sweep_of(plan: Plan) -> Sweep:
         prefetch_shift=shift, prefetch_if=more, line=line,
         acc_type=plan.acc_type, channel_lane=_sum(channel), channels=plan.channels, nacc=plan.nacc,
         tile=lanes, tile_rows=TILE_ROWS, tile_shift=Extent(first.stride.static * TILE_ROWS, first.stride.batched).expr(),
-        rotate=(not first.channel_mul and not first.stride.batched and first.stride.static == width
-                and width * LANE_SIZES[plan.ctype] % 64 == 0),
+        rotate=not first.channel_mul and rows_of_whole_lines(width, first.stride, plan.itemsize),
         block_first=plan.stat_offset_expr,
     )
