@@ -432,7 +432,7 @@ def _torch_logical(layer: Layer, x: np.ndarray, device: str = "cpu"):
     import torch
 
     letters = layer.fmt.letters
-    t = torch.from_numpy(aligned_copy(np.ascontiguousarray(x))).to(device)
+    t = torch.from_numpy(aligned_copy(np.asarray(x))).to(device)
     order = ([letters.index("B")] if "B" in letters else []) + [letters.index("C")]
     order += [i for i, ch in enumerate(letters) if ch not in "BC"]
     v = t.permute(order)
@@ -559,7 +559,7 @@ def ort_case(layer: Layer, role: str, x: np.ndarray, threads: int) -> tuple[Call
         sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
         return None, f"onnxruntime rejected the model: {str(exc).splitlines()[0][:80]}"
-    xo = aligned_copy(np.ascontiguousarray(xin), np_t)
+    xo = aligned_copy(np.asarray(xin), np_t)
     y = aligned_empty(xo.shape, np_t)
     binding = sess.io_binding()
     binding.bind_cpu_input("x", xo)
