@@ -36,9 +36,6 @@ CHUNK_ELEMS = 8192
 COLUMN_CHUNK_ELEMS = 40960
 #: Most rows of one columns chunk: each column's partial sums add at most this many values.
 CHUNK_ROWS = 256
-#: Columns: rows a tile of columns is summed over in registers before its sums go back to memory;
-#: a chunk of more rows than that is a whole number of tiles.
-TILE_ROWS = 16
 #: Most accumulators a domain may keep on the stack (columns strategy); beyond it rows are used.
 MAX_ACCUMULATORS = 1024
 #: Most elements in one row of a columns domain (the partial sums kept per column on the stack).
@@ -543,8 +540,6 @@ def lower(layer: Layer, target: str = "c") -> Plan:
     chunk_iters = max(1, CHUNK_ELEMS // inner.static)
     if strategy == "columns":
         chunk_iters = min(max(1, COLUMN_CHUNK_ELEMS // inner.static), CHUNK_ROWS)
-        if chunk_iters > TILE_ROWS:
-            chunk_iters -= chunk_iters % TILE_ROWS
     per_acc_tail = ONE
     for a in domain_axes[1:]:
         if not a.keep:

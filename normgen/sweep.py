@@ -29,7 +29,8 @@ as K is near the chunk's mean; where it is more than one standard deviation off 
 n * sum(d^2) / 2: M2 would lose more than one bit to the cancellation), the chunk is redone,
 from cache, as the corrected two-pass below. *Columns* do the same with each column's mean so
 far as its K (the first chunk always a two-pass), summing ``tile`` columns at a time in
-registers over ``tile_rows`` rows while the same columns further on are fetched. The training
+registers over all the rows of a chunk while the same columns ``tile_ahead`` rows on are
+fetched. The training
 backward always uses the corrected two-pass (Chan, Golub & LeVeque): with m the chunk's
 first-pass mean rounded to the element type and d = x - m, mean = m + sum(d)/n and
 M2 = sum(d^2) - sum(d)^2/n, which removes the error of m.
@@ -60,7 +61,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .plan import CTYPE_SIZES, TILE_ROWS, Axis, Extent, Loop, Plan, Rotation, _offset, rows_of_whole_lines
+from .plan import CTYPE_SIZES, Axis, Extent, Loop, Plan, Rotation, _offset, rows_of_whole_lines
 
 #: Bytes of independent partial sums in a rows run: 128 bytes are four AVX registers (eight
 #: SSE2 ones), enough to hide the latency of the adds: 32 float lanes or 16 double lanes.
@@ -71,6 +72,8 @@ LANE_SIZES = CTYPE_SIZES
 SHIFT_PROBE = 8
 #: The suffix of the rotated copies of per-column arrays (``Sweep.rotate``).
 ROTATED = "_r"
+#: Columns: the statistics tiles fetch the same columns this many rows ahead.
+TILE_PREFETCH_ROWS = 16
 #: Elements an OpenMP thread takes at a time (schedule(dynamic, n)).
 OMP_GRAIN = 16384
 #: Backward, rows strategy with the channel along the run: runs whose dy and dy * xhat the per-channel
@@ -134,10 +137,10 @@ class Sweep:
     block_first: str = "0"  # offset of a block's first element, from the statistic loops' variables
     #: rows: leading elements of a block's first run whose mean is the first chunk's shift K
     shift_probe: int = 1
-    #: columns: the one-sweep statistics sum ``tile`` columns at a time in registers over
-    #: ``tile_rows`` rows, fetching the same columns ``tile_rows`` rows on (``tile_shift``)
+    #: columns: the statistics sum ``tile`` columns at a time in registers over a chunk's rows,
+    #: fetching the same columns ``tile_ahead`` rows on (``tile_shift`` elements)
     tile: int = 1
-    tile_rows: int = 1
+    tile_ahead: int = 0
     tile_shift: str = "0"
     #: columns, where pass 2 reads per-column values only ("columns_fold") and the block's rows
     #: lie back to back as whole 64-byte lines: pass 2 walks the block as rows that
@@ -221,17 +224,19 @@ class Sweep:
                         tuple((a, a + ROTATED) for a in self.lane_arrays), self.omp_norm_chunk)
 
     def norm_rotated(self, i: str, target: str = "") -> list[str]:
-        """norm_body reading the rotated copies of the per-column values (``rotate``)."""
-        return [f"{target or f'yr[{i}]'} = {self.norm_stmt(f'xr[{i}]', lanes=ROTATED)};"]
+        """norm_body reading the rotated copies of the per-column values (``rotate``) for column
+        ``i`` of a row."""
+        return [f"{target or f'yr[{i}]'} = {self.norm_stmt(f'xr[{i}]', lanes=ROTATED, column=i)};"]
 
-    def norm_stmt(self, x: str, channel: str = "", lanes: str = "") -> str:
+    def norm_stmt(self, x: str, channel: str = "", lanes: str = "", column: str = "j") -> str:
         """Pass 2's expression for the element x (of channel ``channel``: channel_expr by default;
-        ``lanes``: the suffix of the per-column arrays it reads)."""
+        ``lanes``: the suffix of the per-column arrays it reads, at ``column``)."""
         c = channel or self.channel_expr
         if self.norm == "rows_const":
             return f"({x} - mhi[0]) * g + b"
         if self.norm == "columns_fold":
-            return f"({x} - lhi{lanes}[j]) * lg{lanes}[j] + lb{lanes}[j]"
+            j = column
+            return f"({x} - lhi{lanes}[{j}]) * lg{lanes}[{j}] + lb{lanes}[{j}]"
         hi, lo, rs = ("mhi[0]", "mlo[0]", "rs[0]") if self.norm == "rows" else ("lhi[j]", "llo[j]", "lrs[j]")
         centered = f"({x} - {hi}) - {lo}" if self.split_mean else f"{x} - {hi}"
         return f"({centered}) * ({rs} * scale[{c}]) + offset[{c}]"
@@ -648,7 +653,8 @@ def sweep_of(plan: Plan) -> Sweep:
         norm="columns" if first.channel_mul else "columns_fold",
         prefetch_shift=shift, prefetch_if=more, line=line,
         acc_type=plan.acc_type, channel_lane=_sum(channel), channels=plan.channels, nacc=plan.nacc,
-        tile=lanes, tile_rows=TILE_ROWS, tile_shift=Extent(first.stride.static * TILE_ROWS, first.stride.batched).expr(),
+        tile=lanes, tile_ahead=TILE_PREFETCH_ROWS,
+        tile_shift=Extent(first.stride.static * TILE_PREFETCH_ROWS, first.stride.batched).expr(),
         rotate=not first.channel_mul and rows_of_whole_lines(width, first.stride, plan.itemsize),
         block_first=plan.stat_offset_expr,
     )

@@ -87,6 +87,14 @@ static BLOCK_GN_INLINE void block_gn_stream_line(float *y, const float *v)
     _mm_stream_ps(y + 12, _mm_loadu_ps(v + 12));
 #endif
 }
+#else
+/* without streaming stores no call streams (NAME_STREAMED is 0): the line stored as usual */
+static BLOCK_GN_INLINE void block_gn_stream_line(float *y, const float *v)
+{
+    for (size_t i = 0; i < 16; ++i) {
+        y[i] = v[i];
+    }
+}
 #endif
 
 static inline void block_gn_stream_end(block_gn_streamer *s)
@@ -215,37 +223,32 @@ int block_gn_predict(const float *x, float *y, int32_t batch)
                 int redo = c0 == 0;
                 if (!redo) {
                     /* one sweep about K = each column's mean so far (lmean), 32 columns at a time
-                     * summed in registers over 16 rows, the same columns 16 rows on fetched meanwhile */
+                     * summed in registers over the chunk's rows, the same columns 16 rows on fetched meanwhile */
                     for (size_t j = 0; j < 64; ++j) {
                         lmean[j] = (float)colmean[j];
-                        lane[j] = 0;
-                        lane2[j] = 0;
                     }
-                    for (size_t t0 = c0; t0 < c1; t0 += 16) {
-                        const size_t t1 = t0 + 16 < c1 ? t0 + 16 : c1;
-                        for (size_t j0 = 0; j0 < 64; j0 += 32) {
-                            float a[32], q[32], k[32];
-                            for (size_t l = 0; l < 32; ++l) {
-                                a[l] = lane[j0 + l];
-                                q[l] = lane2[j0 + l];
-                                k[l] = lmean[j0 + l];
-                            }
-                            for (size_t i1 = t0; i1 < t1; ++i1) {
-                                const float *xr = x + i0 * 12544 + i1 * 64 + j0;
-                                if (i1 + 16 < 196) {
-                                    BLOCK_GN_PREFETCH(xr + 1024);
-                                    BLOCK_GN_PREFETCH(xr + 1024 + 16);
-                                }
-                                for (size_t l = 0; l < 32; ++l) {
-                                    const float dev = xr[l] - k[l];
-                                    a[l] += dev;
-                                    q[l] += dev * dev;
-                                }
+                    for (size_t j0 = 0; j0 < 64; j0 += 32) {
+                        float a[32], q[32], k[32];
+                        for (size_t l = 0; l < 32; ++l) {
+                            a[l] = 0;
+                            q[l] = 0;
+                            k[l] = lmean[j0 + l];
+                        }
+                        for (size_t i1 = c0; i1 < c1; ++i1) {
+                            const float *xr = x + i0 * 12544 + i1 * 64 + j0;
+                            if (i1 + 16 < 196) {
+                                BLOCK_GN_PREFETCH(xr + 1024);
+                                BLOCK_GN_PREFETCH(xr + 1024 + 16);
                             }
                             for (size_t l = 0; l < 32; ++l) {
-                                lane[j0 + l] = a[l];
-                                lane2[j0 + l] = q[l];
+                                const float dev = xr[l] - k[l];
+                                a[l] += dev;
+                                q[l] += dev * dev;
                             }
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            lane[j0 + l] = a[l];
+                            lane2[j0 + l] = q[l];
                         }
                     }
                     for (size_t j = 0; j < 64; ++j) {
@@ -254,29 +257,48 @@ int block_gn_predict(const float *x, float *y, int32_t batch)
                 }
                 if (redo) {
                     /* the first chunk, or a K more than one standard deviation from a column's chunk mean:
-                     * the corrected two-pass, from cache */
-                    /* the chunk's sum of each of the 64 columns */
-                    for (size_t l = 0; l < 64; ++l) {
-                        lane[l] = 0;
-                    }
-                    for (size_t i1 = c0; i1 < c1; ++i1) {
-                        const float *xr = x + i0 * 12544 + i1 * 64;
-                        for (size_t j = 0; j < 64; ++j) {
-                            lane[j] += xr[j];
+                     * the corrected two-pass, from cache: the chunk's sum of each column, ... */
+                    for (size_t j0 = 0; j0 < 64; j0 += 32) {
+                        float a[32];
+                        for (size_t l = 0; l < 32; ++l) {
+                            a[l] = 0;
+                        }
+                        for (size_t i1 = c0; i1 < c1; ++i1) {
+                            const float *xr = x + i0 * 12544 + i1 * 64 + j0;
+                            if (i1 + 16 < 196) {
+                                BLOCK_GN_PREFETCH(xr + 1024);
+                                BLOCK_GN_PREFETCH(xr + 1024 + 16);
+                            }
+                            for (size_t l = 0; l < 32; ++l) {
+                                a[l] += xr[l];
+                            }
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            lane[j0 + l] = a[l];
                         }
                     }
                     for (size_t j = 0; j < 64; ++j) {
                         lmean[j] = (float)(lane[j] * inv_nc);
-                        lane[j] = 0;
-                        lane2[j] = 0;
                     }
-                    /* deviations from that mean and their squares */
-                    for (size_t i1 = c0; i1 < c1; ++i1) {
-                        const float *xr = x + i0 * 12544 + i1 * 64;
-                        for (size_t j = 0; j < 64; ++j) {
-                            const float dev = xr[j] - lmean[j];
-                            lane[j] += dev;
-                            lane2[j] += dev * dev;
+                    /* ... then the deviations from that mean and their squares */
+                    for (size_t j0 = 0; j0 < 64; j0 += 32) {
+                        float a[32], q[32], k[32];
+                        for (size_t l = 0; l < 32; ++l) {
+                            a[l] = 0;
+                            q[l] = 0;
+                            k[l] = lmean[j0 + l];
+                        }
+                        for (size_t i1 = c0; i1 < c1; ++i1) {
+                            const float *xr = x + i0 * 12544 + i1 * 64 + j0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                const float dev = xr[l] - k[l];
+                                a[l] += dev;
+                                q[l] += dev * dev;
+                            }
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            lane[j0 + l] = a[l];
+                            lane2[j0 + l] = q[l];
                         }
                     }
                 }
@@ -324,7 +346,6 @@ int block_gn_predict(const float *x, float *y, int32_t batch)
                 lb[j] = offset[j] - mlo[k] * g;
             }
             /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
-            block_gn_streamer ws = {NULL, 0, {0}};
             /* the block as rows from y's first 64-byte line on, r columns in; the per-column values rotated by r */
             float *const yb = y + i0 * 12544;
             const size_t r = ((64u - ((uintptr_t)yb & 63u)) & 63u) / sizeof(float);
@@ -348,13 +369,13 @@ int block_gn_predict(const float *x, float *y, int32_t batch)
                 const float *xr = x + i0 * 12544 + r + i1 * 64;
                 float *yr = yb + r + i1 * 64;
                 if (stream) {
-                    {
-                        const size_t s0 = 0, s1 = 64;
-                        float sv[64];
-                        for (size_t j = s0; j < s1; ++j) {
-                            sv[j - s0] = (xr[j] - lhi_r[j]) * lg_r[j] + lb_r[j];
+                    /* the row's lines computed 16 elements at a time and streamed straight out */
+                    for (size_t v0 = 0; v0 < 64; v0 += 16) {
+                        float v[16];
+                        for (size_t l = 0; l < 16; ++l) {
+                            v[l] = (xr[v0 + l] - lhi_r[v0 + l]) * lg_r[v0 + l] + lb_r[v0 + l];
                         }
-                        block_gn_stream(&ws, yr + s0, sv, s1 - s0);
+                        block_gn_stream_line(yr + v0, v);
                     }
                 } else {
                     for (size_t j = 0; j < 64; ++j) {
@@ -369,9 +390,6 @@ int block_gn_predict(const float *x, float *y, int32_t batch)
                 for (size_t j = r; j < 64; ++j) {
                     yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
                 }
-            }
-            if (stream) {
-                block_gn_stream_end(&ws);
             }
         }
     }
@@ -427,37 +445,32 @@ int block_gn_train_forward_save(const float *x, float *y, int32_t batch, double 
                 int redo = c0 == 0;
                 if (!redo) {
                     /* one sweep about K = each column's mean so far (lmean), 32 columns at a time
-                     * summed in registers over 16 rows, the same columns 16 rows on fetched meanwhile */
+                     * summed in registers over the chunk's rows, the same columns 16 rows on fetched meanwhile */
                     for (size_t j = 0; j < 64; ++j) {
                         lmean[j] = (double)colmean[j];
-                        lane[j] = 0;
-                        lane2[j] = 0;
                     }
-                    for (size_t t0 = c0; t0 < c1; t0 += 16) {
-                        const size_t t1 = t0 + 16 < c1 ? t0 + 16 : c1;
-                        for (size_t j0 = 0; j0 < 64; j0 += 32) {
-                            double a[32], q[32], k[32];
-                            for (size_t l = 0; l < 32; ++l) {
-                                a[l] = lane[j0 + l];
-                                q[l] = lane2[j0 + l];
-                                k[l] = lmean[j0 + l];
-                            }
-                            for (size_t i1 = t0; i1 < t1; ++i1) {
-                                const float *xr = x + i0 * 12544 + i1 * 64 + j0;
-                                if (i1 + 16 < 196) {
-                                    BLOCK_GN_PREFETCH(xr + 1024);
-                                    BLOCK_GN_PREFETCH(xr + 1024 + 16);
-                                }
-                                for (size_t l = 0; l < 32; ++l) {
-                                    const double dev = xr[l] - k[l];
-                                    a[l] += dev;
-                                    q[l] += dev * dev;
-                                }
+                    for (size_t j0 = 0; j0 < 64; j0 += 32) {
+                        double a[32], q[32], k[32];
+                        for (size_t l = 0; l < 32; ++l) {
+                            a[l] = 0;
+                            q[l] = 0;
+                            k[l] = lmean[j0 + l];
+                        }
+                        for (size_t i1 = c0; i1 < c1; ++i1) {
+                            const float *xr = x + i0 * 12544 + i1 * 64 + j0;
+                            if (i1 + 16 < 196) {
+                                BLOCK_GN_PREFETCH(xr + 1024);
+                                BLOCK_GN_PREFETCH(xr + 1024 + 16);
                             }
                             for (size_t l = 0; l < 32; ++l) {
-                                lane[j0 + l] = a[l];
-                                lane2[j0 + l] = q[l];
+                                const double dev = xr[l] - k[l];
+                                a[l] += dev;
+                                q[l] += dev * dev;
                             }
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            lane[j0 + l] = a[l];
+                            lane2[j0 + l] = q[l];
                         }
                     }
                     for (size_t j = 0; j < 64; ++j) {
@@ -466,29 +479,48 @@ int block_gn_train_forward_save(const float *x, float *y, int32_t batch, double 
                 }
                 if (redo) {
                     /* the first chunk, or a K more than one standard deviation from a column's chunk mean:
-                     * the corrected two-pass, from cache */
-                    /* the chunk's sum of each of the 64 columns */
-                    for (size_t l = 0; l < 64; ++l) {
-                        lane[l] = 0;
-                    }
-                    for (size_t i1 = c0; i1 < c1; ++i1) {
-                        const float *xr = x + i0 * 12544 + i1 * 64;
-                        for (size_t j = 0; j < 64; ++j) {
-                            lane[j] += xr[j];
+                     * the corrected two-pass, from cache: the chunk's sum of each column, ... */
+                    for (size_t j0 = 0; j0 < 64; j0 += 32) {
+                        double a[32];
+                        for (size_t l = 0; l < 32; ++l) {
+                            a[l] = 0;
+                        }
+                        for (size_t i1 = c0; i1 < c1; ++i1) {
+                            const float *xr = x + i0 * 12544 + i1 * 64 + j0;
+                            if (i1 + 16 < 196) {
+                                BLOCK_GN_PREFETCH(xr + 1024);
+                                BLOCK_GN_PREFETCH(xr + 1024 + 16);
+                            }
+                            for (size_t l = 0; l < 32; ++l) {
+                                a[l] += xr[l];
+                            }
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            lane[j0 + l] = a[l];
                         }
                     }
                     for (size_t j = 0; j < 64; ++j) {
                         lmean[j] = (double)(lane[j] * inv_nc);
-                        lane[j] = 0;
-                        lane2[j] = 0;
                     }
-                    /* deviations from that mean and their squares */
-                    for (size_t i1 = c0; i1 < c1; ++i1) {
-                        const float *xr = x + i0 * 12544 + i1 * 64;
-                        for (size_t j = 0; j < 64; ++j) {
-                            const double dev = xr[j] - lmean[j];
-                            lane[j] += dev;
-                            lane2[j] += dev * dev;
+                    /* ... then the deviations from that mean and their squares */
+                    for (size_t j0 = 0; j0 < 64; j0 += 32) {
+                        double a[32], q[32], k[32];
+                        for (size_t l = 0; l < 32; ++l) {
+                            a[l] = 0;
+                            q[l] = 0;
+                            k[l] = lmean[j0 + l];
+                        }
+                        for (size_t i1 = c0; i1 < c1; ++i1) {
+                            const float *xr = x + i0 * 12544 + i1 * 64 + j0;
+                            for (size_t l = 0; l < 32; ++l) {
+                                const double dev = xr[l] - k[l];
+                                a[l] += dev;
+                                q[l] += dev * dev;
+                            }
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            lane[j0 + l] = a[l];
+                            lane2[j0 + l] = q[l];
                         }
                     }
                 }
@@ -540,7 +572,6 @@ int block_gn_train_forward_save(const float *x, float *y, int32_t batch, double 
                 lb[j] = offset[j] - mlo[k] * g;
             }
             /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
-            block_gn_streamer ws = {NULL, 0, {0}};
             /* the block as rows from y's first 64-byte line on, r columns in; the per-column values rotated by r */
             float *const yb = y + i0 * 12544;
             const size_t r = ((64u - ((uintptr_t)yb & 63u)) & 63u) / sizeof(float);
@@ -564,13 +595,13 @@ int block_gn_train_forward_save(const float *x, float *y, int32_t batch, double 
                 const float *xr = x + i0 * 12544 + r + i1 * 64;
                 float *yr = yb + r + i1 * 64;
                 if (stream) {
-                    {
-                        const size_t s0 = 0, s1 = 64;
-                        float sv[64];
-                        for (size_t j = s0; j < s1; ++j) {
-                            sv[j - s0] = (xr[j] - lhi_r[j]) * lg_r[j] + lb_r[j];
+                    /* the row's lines computed 16 elements at a time and streamed straight out */
+                    for (size_t v0 = 0; v0 < 64; v0 += 16) {
+                        float v[16];
+                        for (size_t l = 0; l < 16; ++l) {
+                            v[l] = (xr[v0 + l] - lhi_r[v0 + l]) * lg_r[v0 + l] + lb_r[v0 + l];
                         }
-                        block_gn_stream(&ws, yr + s0, sv, s1 - s0);
+                        block_gn_stream_line(yr + v0, v);
                     }
                 } else {
                     for (size_t j = 0; j < 64; ++j) {
@@ -585,9 +616,6 @@ int block_gn_train_forward_save(const float *x, float *y, int32_t batch, double 
                 for (size_t j = r; j < 64; ++j) {
                     yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
                 }
-            }
-            if (stream) {
-                block_gn_stream_end(&ws);
             }
         }
     }

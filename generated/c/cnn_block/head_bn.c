@@ -91,6 +91,14 @@ static HEAD_BN_INLINE void head_bn_stream_line(double *y, const double *v)
     _mm_stream_pd(y + 6, _mm_loadu_pd(v + 6));
 #endif
 }
+#else
+/* without streaming stores no call streams (NAME_STREAMED is 0): the line stored as usual */
+static HEAD_BN_INLINE void head_bn_stream_line(double *y, const double *v)
+{
+    for (size_t i = 0; i < 8; ++i) {
+        y[i] = v[i];
+    }
+}
 #endif
 
 static inline void head_bn_stream_end(head_bn_streamer *s)

@@ -90,6 +90,14 @@ static STEM_BN_INLINE void stem_bn_stream_line(float *y, const float *v)
     _mm_stream_ps(y + 12, _mm_loadu_ps(v + 12));
 #endif
 }
+#else
+/* without streaming stores no call streams (NAME_STREAMED is 0): the line stored as usual */
+static STEM_BN_INLINE void stem_bn_stream_line(float *y, const float *v)
+{
+    for (size_t i = 0; i < 16; ++i) {
+        y[i] = v[i];
+    }
+}
 #endif
 
 static inline void stem_bn_stream_end(stem_bn_streamer *s)

@@ -87,6 +87,14 @@ static ENCODER_LN_INLINE void encoder_ln_stream_line(float *y, const float *v)
     _mm_stream_ps(y + 12, _mm_loadu_ps(v + 12));
 #endif
 }
+#else
+/* without streaming stores no call streams (NAME_STREAMED is 0): the line stored as usual */
+static ENCODER_LN_INLINE void encoder_ln_stream_line(float *y, const float *v)
+{
+    for (size_t i = 0; i < 16; ++i) {
+        y[i] = v[i];
+    }
+}
 #endif
 
 static inline void encoder_ln_stream_end(encoder_ln_streamer *s)

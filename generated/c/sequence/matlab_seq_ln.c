@@ -88,6 +88,14 @@ static MATLAB_SEQ_LN_INLINE void matlab_seq_ln_stream_line(float *y, const float
     _mm_stream_ps(y + 12, _mm_loadu_ps(v + 12));
 #endif
 }
+#else
+/* without streaming stores no call streams (NAME_STREAMED is 0): the line stored as usual */
+static MATLAB_SEQ_LN_INLINE void matlab_seq_ln_stream_line(float *y, const float *v)
+{
+    for (size_t i = 0; i < 16; ++i) {
+        y[i] = v[i];
+    }
+}
 #endif
 
 static inline void matlab_seq_ln_stream_end(matlab_seq_ln_streamer *s)

@@ -85,6 +85,14 @@ static SEQUENCE_IN_INLINE void sequence_in_stream_line(float *y, const float *v)
     _mm_stream_ps(y + 12, _mm_loadu_ps(v + 12));
 #endif
 }
+#else
+/* without streaming stores no call streams (NAME_STREAMED is 0): the line stored as usual */
+static SEQUENCE_IN_INLINE void sequence_in_stream_line(float *y, const float *v)
+{
+    for (size_t i = 0; i < 16; ++i) {
+        y[i] = v[i];
+    }
+}
 #endif
 
 static inline void sequence_in_stream_end(sequence_in_streamer *s)

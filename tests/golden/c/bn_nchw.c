@@ -90,6 +90,14 @@ static BN_NCHW_INLINE void bn_nchw_stream_line(float *y, const float *v)
     _mm_stream_ps(y + 12, _mm_loadu_ps(v + 12));
 #endif
 }
+#else
+/* without streaming stores no call streams (NAME_STREAMED is 0): the line stored as usual */
+static BN_NCHW_INLINE void bn_nchw_stream_line(float *y, const float *v)
+{
+    for (size_t i = 0; i < 16; ++i) {
+        y[i] = v[i];
+    }
+}
 #endif
 
 static inline void bn_nchw_stream_end(bn_nchw_streamer *s)
@@ -271,61 +279,56 @@ int bn_nchw_train_forward(const float *x, float *y, int32_t batch, float *runnin
             int redo = c0 == 0;
             if (!redo) {
                 /* one sweep about K = each column's mean so far (lmean), 32 columns at a time
-                 * summed in registers over 16 rows, the same columns 16 rows on fetched meanwhile */
+                 * summed in registers over the chunk's rows, the same columns 16 rows on fetched meanwhile */
                 for (size_t j = 0; j < 48; ++j) {
                     lmean[j] = (float)colmean[j];
-                    lane[j] = 0;
-                    lane2[j] = 0;
                 }
-                for (size_t t0 = c0; t0 < c1; t0 += 16) {
-                    const size_t t1 = t0 + 16 < c1 ? t0 + 16 : c1;
-                    for (size_t j0 = 0; j0 < 32; j0 += 32) {
-                        float a[32], q[32], k[32];
-                        for (size_t l = 0; l < 32; ++l) {
-                            a[l] = lane[j0 + l];
-                            q[l] = lane2[j0 + l];
-                            k[l] = lmean[j0 + l];
-                        }
-                        for (size_t i0 = t0; i0 < t1; ++i0) {
-                            const float *xr = x + i0 * 48 + j0;
-                            if (i0 + 16 < nb) {
-                                BN_NCHW_PREFETCH(xr + 768);
-                                BN_NCHW_PREFETCH(xr + 768 + 16);
-                            }
-                            for (size_t l = 0; l < 32; ++l) {
-                                const float dev = xr[l] - k[l];
-                                a[l] += dev;
-                                q[l] += dev * dev;
-                            }
+                for (size_t j0 = 0; j0 < 32; j0 += 32) {
+                    float a[32], q[32], k[32];
+                    for (size_t l = 0; l < 32; ++l) {
+                        a[l] = 0;
+                        q[l] = 0;
+                        k[l] = lmean[j0 + l];
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 48 + j0;
+                        if (i0 + 16 < nb) {
+                            BN_NCHW_PREFETCH(xr + 768);
+                            BN_NCHW_PREFETCH(xr + 768 + 16);
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            lane[j0 + l] = a[l];
-                            lane2[j0 + l] = q[l];
+                            const float dev = xr[l] - k[l];
+                            a[l] += dev;
+                            q[l] += dev * dev;
                         }
                     }
-                    {
-                        const size_t j0 = 32; /* the last 16 columns */
-                        float a[16], q[16], k[16];
+                    for (size_t l = 0; l < 32; ++l) {
+                        lane[j0 + l] = a[l];
+                        lane2[j0 + l] = q[l];
+                    }
+                }
+                {
+                    const size_t j0 = 32; /* the last 16 columns */
+                    float a[16], q[16], k[16];
+                    for (size_t l = 0; l < 16; ++l) {
+                        a[l] = 0;
+                        q[l] = 0;
+                        k[l] = lmean[j0 + l];
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 48 + j0;
+                        if (i0 + 16 < nb) {
+                            BN_NCHW_PREFETCH(xr + 768);
+                        }
                         for (size_t l = 0; l < 16; ++l) {
-                            a[l] = lane[j0 + l];
-                            q[l] = lane2[j0 + l];
-                            k[l] = lmean[j0 + l];
+                            const float dev = xr[l] - k[l];
+                            a[l] += dev;
+                            q[l] += dev * dev;
                         }
-                        for (size_t i0 = t0; i0 < t1; ++i0) {
-                            const float *xr = x + i0 * 48 + j0;
-                            if (i0 + 16 < nb) {
-                                BN_NCHW_PREFETCH(xr + 768);
-                            }
-                            for (size_t l = 0; l < 16; ++l) {
-                                const float dev = xr[l] - k[l];
-                                a[l] += dev;
-                                q[l] += dev * dev;
-                            }
-                        }
-                        for (size_t l = 0; l < 16; ++l) {
-                            lane[j0 + l] = a[l];
-                            lane2[j0 + l] = q[l];
-                        }
+                    }
+                    for (size_t l = 0; l < 16; ++l) {
+                        lane[j0 + l] = a[l];
+                        lane2[j0 + l] = q[l];
                     }
                 }
                 for (size_t j = 0; j < 48; ++j) {
@@ -334,29 +337,88 @@ int bn_nchw_train_forward(const float *x, float *y, int32_t batch, float *runnin
             }
             if (redo) {
                 /* the first chunk, or a K more than one standard deviation from a column's chunk mean:
-                 * the corrected two-pass, from cache */
-                /* the chunk's sum of each of the 48 columns */
-                for (size_t l = 0; l < 48; ++l) {
-                    lane[l] = 0;
+                 * the corrected two-pass, from cache: the chunk's sum of each column, ... */
+                for (size_t j0 = 0; j0 < 32; j0 += 32) {
+                    float a[32];
+                    for (size_t l = 0; l < 32; ++l) {
+                        a[l] = 0;
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 48 + j0;
+                        if (i0 + 16 < nb) {
+                            BN_NCHW_PREFETCH(xr + 768);
+                            BN_NCHW_PREFETCH(xr + 768 + 16);
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            a[l] += xr[l];
+                        }
+                    }
+                    for (size_t l = 0; l < 32; ++l) {
+                        lane[j0 + l] = a[l];
+                    }
                 }
-                for (size_t i0 = c0; i0 < c1; ++i0) {
-                    const float *xr = x + i0 * 48;
-                    for (size_t j = 0; j < 48; ++j) {
-                        lane[j] += xr[j];
+                {
+                    const size_t j0 = 32; /* the last 16 columns */
+                    float a[16];
+                    for (size_t l = 0; l < 16; ++l) {
+                        a[l] = 0;
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 48 + j0;
+                        if (i0 + 16 < nb) {
+                            BN_NCHW_PREFETCH(xr + 768);
+                        }
+                        for (size_t l = 0; l < 16; ++l) {
+                            a[l] += xr[l];
+                        }
+                    }
+                    for (size_t l = 0; l < 16; ++l) {
+                        lane[j0 + l] = a[l];
                     }
                 }
                 for (size_t j = 0; j < 48; ++j) {
                     lmean[j] = (float)(lane[j] * inv_nc);
-                    lane[j] = 0;
-                    lane2[j] = 0;
                 }
-                /* deviations from that mean and their squares */
-                for (size_t i0 = c0; i0 < c1; ++i0) {
-                    const float *xr = x + i0 * 48;
-                    for (size_t j = 0; j < 48; ++j) {
-                        const float dev = xr[j] - lmean[j];
-                        lane[j] += dev;
-                        lane2[j] += dev * dev;
+                /* ... then the deviations from that mean and their squares */
+                for (size_t j0 = 0; j0 < 32; j0 += 32) {
+                    float a[32], q[32], k[32];
+                    for (size_t l = 0; l < 32; ++l) {
+                        a[l] = 0;
+                        q[l] = 0;
+                        k[l] = lmean[j0 + l];
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 48 + j0;
+                        for (size_t l = 0; l < 32; ++l) {
+                            const float dev = xr[l] - k[l];
+                            a[l] += dev;
+                            q[l] += dev * dev;
+                        }
+                    }
+                    for (size_t l = 0; l < 32; ++l) {
+                        lane[j0 + l] = a[l];
+                        lane2[j0 + l] = q[l];
+                    }
+                }
+                {
+                    const size_t j0 = 32; /* the last 16 columns */
+                    float a[16], q[16], k[16];
+                    for (size_t l = 0; l < 16; ++l) {
+                        a[l] = 0;
+                        q[l] = 0;
+                        k[l] = lmean[j0 + l];
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 48 + j0;
+                        for (size_t l = 0; l < 16; ++l) {
+                            const float dev = xr[l] - k[l];
+                            a[l] += dev;
+                            q[l] += dev * dev;
+                        }
+                    }
+                    for (size_t l = 0; l < 16; ++l) {
+                        lane[j0 + l] = a[l];
+                        lane2[j0 + l] = q[l];
                     }
                 }
             }
@@ -408,7 +470,6 @@ int bn_nchw_train_forward(const float *x, float *y, int32_t batch, float *runnin
             lb[j] = offset[j / 16] - mlo[k] * g;
         }
         /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
-        bn_nchw_streamer ws = {NULL, 0, {0}};
         /* the block as rows from y's first 64-byte line on, r columns in; the per-column values rotated by r */
         float *const yb = y;
         const size_t r = ((64u - ((uintptr_t)yb & 63u)) & 63u) / sizeof(float);
@@ -432,13 +493,13 @@ int bn_nchw_train_forward(const float *x, float *y, int32_t batch, float *runnin
             const float *xr = x + r + i0 * 48;
             float *yr = yb + r + i0 * 48;
             if (stream) {
-                {
-                    const size_t s0 = 0, s1 = 48;
-                    float sv[48];
-                    for (size_t j = s0; j < s1; ++j) {
-                        sv[j - s0] = (xr[j] - lhi_r[j]) * lg_r[j] + lb_r[j];
+                /* the row's lines computed 16 elements at a time and streamed straight out */
+                for (size_t v0 = 0; v0 < 48; v0 += 16) {
+                    float v[16];
+                    for (size_t l = 0; l < 16; ++l) {
+                        v[l] = (xr[v0 + l] - lhi_r[v0 + l]) * lg_r[v0 + l] + lb_r[v0 + l];
                     }
-                    bn_nchw_stream(&ws, yr + s0, sv, s1 - s0);
+                    bn_nchw_stream_line(yr + v0, v);
                 }
             } else {
                 for (size_t j = 0; j < 48; ++j) {
@@ -453,9 +514,6 @@ int bn_nchw_train_forward(const float *x, float *y, int32_t batch, float *runnin
             for (size_t j = r; j < 48; ++j) {
                 yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
             }
-        }
-        if (stream) {
-            bn_nchw_stream_end(&ws);
         }
     }
     if (stream) {
@@ -518,61 +576,56 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
             int redo = c0 == 0;
             if (!redo) {
                 /* one sweep about K = each column's mean so far (lmean), 32 columns at a time
-                 * summed in registers over 16 rows, the same columns 16 rows on fetched meanwhile */
+                 * summed in registers over the chunk's rows, the same columns 16 rows on fetched meanwhile */
                 for (size_t j = 0; j < 48; ++j) {
                     lmean[j] = (double)colmean[j];
-                    lane[j] = 0;
-                    lane2[j] = 0;
                 }
-                for (size_t t0 = c0; t0 < c1; t0 += 16) {
-                    const size_t t1 = t0 + 16 < c1 ? t0 + 16 : c1;
-                    for (size_t j0 = 0; j0 < 32; j0 += 32) {
-                        double a[32], q[32], k[32];
-                        for (size_t l = 0; l < 32; ++l) {
-                            a[l] = lane[j0 + l];
-                            q[l] = lane2[j0 + l];
-                            k[l] = lmean[j0 + l];
-                        }
-                        for (size_t i0 = t0; i0 < t1; ++i0) {
-                            const float *xr = x + i0 * 48 + j0;
-                            if (i0 + 16 < nb) {
-                                BN_NCHW_PREFETCH(xr + 768);
-                                BN_NCHW_PREFETCH(xr + 768 + 16);
-                            }
-                            for (size_t l = 0; l < 32; ++l) {
-                                const double dev = xr[l] - k[l];
-                                a[l] += dev;
-                                q[l] += dev * dev;
-                            }
+                for (size_t j0 = 0; j0 < 32; j0 += 32) {
+                    double a[32], q[32], k[32];
+                    for (size_t l = 0; l < 32; ++l) {
+                        a[l] = 0;
+                        q[l] = 0;
+                        k[l] = lmean[j0 + l];
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 48 + j0;
+                        if (i0 + 16 < nb) {
+                            BN_NCHW_PREFETCH(xr + 768);
+                            BN_NCHW_PREFETCH(xr + 768 + 16);
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            lane[j0 + l] = a[l];
-                            lane2[j0 + l] = q[l];
+                            const double dev = xr[l] - k[l];
+                            a[l] += dev;
+                            q[l] += dev * dev;
                         }
                     }
-                    {
-                        const size_t j0 = 32; /* the last 16 columns */
-                        double a[16], q[16], k[16];
+                    for (size_t l = 0; l < 32; ++l) {
+                        lane[j0 + l] = a[l];
+                        lane2[j0 + l] = q[l];
+                    }
+                }
+                {
+                    const size_t j0 = 32; /* the last 16 columns */
+                    double a[16], q[16], k[16];
+                    for (size_t l = 0; l < 16; ++l) {
+                        a[l] = 0;
+                        q[l] = 0;
+                        k[l] = lmean[j0 + l];
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 48 + j0;
+                        if (i0 + 16 < nb) {
+                            BN_NCHW_PREFETCH(xr + 768);
+                        }
                         for (size_t l = 0; l < 16; ++l) {
-                            a[l] = lane[j0 + l];
-                            q[l] = lane2[j0 + l];
-                            k[l] = lmean[j0 + l];
+                            const double dev = xr[l] - k[l];
+                            a[l] += dev;
+                            q[l] += dev * dev;
                         }
-                        for (size_t i0 = t0; i0 < t1; ++i0) {
-                            const float *xr = x + i0 * 48 + j0;
-                            if (i0 + 16 < nb) {
-                                BN_NCHW_PREFETCH(xr + 768);
-                            }
-                            for (size_t l = 0; l < 16; ++l) {
-                                const double dev = xr[l] - k[l];
-                                a[l] += dev;
-                                q[l] += dev * dev;
-                            }
-                        }
-                        for (size_t l = 0; l < 16; ++l) {
-                            lane[j0 + l] = a[l];
-                            lane2[j0 + l] = q[l];
-                        }
+                    }
+                    for (size_t l = 0; l < 16; ++l) {
+                        lane[j0 + l] = a[l];
+                        lane2[j0 + l] = q[l];
                     }
                 }
                 for (size_t j = 0; j < 48; ++j) {
@@ -581,29 +634,88 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
             }
             if (redo) {
                 /* the first chunk, or a K more than one standard deviation from a column's chunk mean:
-                 * the corrected two-pass, from cache */
-                /* the chunk's sum of each of the 48 columns */
-                for (size_t l = 0; l < 48; ++l) {
-                    lane[l] = 0;
+                 * the corrected two-pass, from cache: the chunk's sum of each column, ... */
+                for (size_t j0 = 0; j0 < 32; j0 += 32) {
+                    double a[32];
+                    for (size_t l = 0; l < 32; ++l) {
+                        a[l] = 0;
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 48 + j0;
+                        if (i0 + 16 < nb) {
+                            BN_NCHW_PREFETCH(xr + 768);
+                            BN_NCHW_PREFETCH(xr + 768 + 16);
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            a[l] += xr[l];
+                        }
+                    }
+                    for (size_t l = 0; l < 32; ++l) {
+                        lane[j0 + l] = a[l];
+                    }
                 }
-                for (size_t i0 = c0; i0 < c1; ++i0) {
-                    const float *xr = x + i0 * 48;
-                    for (size_t j = 0; j < 48; ++j) {
-                        lane[j] += xr[j];
+                {
+                    const size_t j0 = 32; /* the last 16 columns */
+                    double a[16];
+                    for (size_t l = 0; l < 16; ++l) {
+                        a[l] = 0;
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 48 + j0;
+                        if (i0 + 16 < nb) {
+                            BN_NCHW_PREFETCH(xr + 768);
+                        }
+                        for (size_t l = 0; l < 16; ++l) {
+                            a[l] += xr[l];
+                        }
+                    }
+                    for (size_t l = 0; l < 16; ++l) {
+                        lane[j0 + l] = a[l];
                     }
                 }
                 for (size_t j = 0; j < 48; ++j) {
                     lmean[j] = (double)(lane[j] * inv_nc);
-                    lane[j] = 0;
-                    lane2[j] = 0;
                 }
-                /* deviations from that mean and their squares */
-                for (size_t i0 = c0; i0 < c1; ++i0) {
-                    const float *xr = x + i0 * 48;
-                    for (size_t j = 0; j < 48; ++j) {
-                        const double dev = xr[j] - lmean[j];
-                        lane[j] += dev;
-                        lane2[j] += dev * dev;
+                /* ... then the deviations from that mean and their squares */
+                for (size_t j0 = 0; j0 < 32; j0 += 32) {
+                    double a[32], q[32], k[32];
+                    for (size_t l = 0; l < 32; ++l) {
+                        a[l] = 0;
+                        q[l] = 0;
+                        k[l] = lmean[j0 + l];
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 48 + j0;
+                        for (size_t l = 0; l < 32; ++l) {
+                            const double dev = xr[l] - k[l];
+                            a[l] += dev;
+                            q[l] += dev * dev;
+                        }
+                    }
+                    for (size_t l = 0; l < 32; ++l) {
+                        lane[j0 + l] = a[l];
+                        lane2[j0 + l] = q[l];
+                    }
+                }
+                {
+                    const size_t j0 = 32; /* the last 16 columns */
+                    double a[16], q[16], k[16];
+                    for (size_t l = 0; l < 16; ++l) {
+                        a[l] = 0;
+                        q[l] = 0;
+                        k[l] = lmean[j0 + l];
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 48 + j0;
+                        for (size_t l = 0; l < 16; ++l) {
+                            const double dev = xr[l] - k[l];
+                            a[l] += dev;
+                            q[l] += dev * dev;
+                        }
+                    }
+                    for (size_t l = 0; l < 16; ++l) {
+                        lane[j0 + l] = a[l];
+                        lane2[j0 + l] = q[l];
                     }
                 }
             }
@@ -659,7 +771,6 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
             lb[j] = offset[j / 16] - mlo[k] * g;
         }
         /* pass 2: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
-        bn_nchw_streamer ws = {NULL, 0, {0}};
         /* the block as rows from y's first 64-byte line on, r columns in; the per-column values rotated by r */
         float *const yb = y;
         const size_t r = ((64u - ((uintptr_t)yb & 63u)) & 63u) / sizeof(float);
@@ -683,13 +794,13 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
             const float *xr = x + r + i0 * 48;
             float *yr = yb + r + i0 * 48;
             if (stream) {
-                {
-                    const size_t s0 = 0, s1 = 48;
-                    float sv[48];
-                    for (size_t j = s0; j < s1; ++j) {
-                        sv[j - s0] = (xr[j] - lhi_r[j]) * lg_r[j] + lb_r[j];
+                /* the row's lines computed 16 elements at a time and streamed straight out */
+                for (size_t v0 = 0; v0 < 48; v0 += 16) {
+                    float v[16];
+                    for (size_t l = 0; l < 16; ++l) {
+                        v[l] = (xr[v0 + l] - lhi_r[v0 + l]) * lg_r[v0 + l] + lb_r[v0 + l];
                     }
-                    bn_nchw_stream(&ws, yr + s0, sv, s1 - s0);
+                    bn_nchw_stream_line(yr + v0, v);
                 }
             } else {
                 for (size_t j = 0; j < 48; ++j) {
@@ -704,9 +815,6 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
             for (size_t j = r; j < 48; ++j) {
                 yr[j] = (xr[j] - lhi[j]) * lg[j] + lb[j];
             }
-        }
-        if (stream) {
-            bn_nchw_stream_end(&ws);
         }
     }
     if (stream) {
@@ -1170,61 +1278,56 @@ int bn_nchw_accumulate(bn_nchw_stats *acc, const float *x, int32_t batch)
             int redo = c0 == 0;
             if (!redo) {
                 /* one sweep about K = each column's mean so far (lmean), 32 columns at a time
-                 * summed in registers over 16 rows, the same columns 16 rows on fetched meanwhile */
+                 * summed in registers over the chunk's rows, the same columns 16 rows on fetched meanwhile */
                 for (size_t j = 0; j < 48; ++j) {
                     lmean[j] = (double)colmean[j];
-                    lane[j] = 0;
-                    lane2[j] = 0;
                 }
-                for (size_t t0 = c0; t0 < c1; t0 += 16) {
-                    const size_t t1 = t0 + 16 < c1 ? t0 + 16 : c1;
-                    for (size_t j0 = 0; j0 < 32; j0 += 32) {
-                        double a[32], q[32], k[32];
-                        for (size_t l = 0; l < 32; ++l) {
-                            a[l] = lane[j0 + l];
-                            q[l] = lane2[j0 + l];
-                            k[l] = lmean[j0 + l];
-                        }
-                        for (size_t i0 = t0; i0 < t1; ++i0) {
-                            const float *xr = x + i0 * 48 + j0;
-                            if (i0 + 16 < nb) {
-                                BN_NCHW_PREFETCH(xr + 768);
-                                BN_NCHW_PREFETCH(xr + 768 + 16);
-                            }
-                            for (size_t l = 0; l < 32; ++l) {
-                                const double dev = xr[l] - k[l];
-                                a[l] += dev;
-                                q[l] += dev * dev;
-                            }
+                for (size_t j0 = 0; j0 < 32; j0 += 32) {
+                    double a[32], q[32], k[32];
+                    for (size_t l = 0; l < 32; ++l) {
+                        a[l] = 0;
+                        q[l] = 0;
+                        k[l] = lmean[j0 + l];
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 48 + j0;
+                        if (i0 + 16 < nb) {
+                            BN_NCHW_PREFETCH(xr + 768);
+                            BN_NCHW_PREFETCH(xr + 768 + 16);
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            lane[j0 + l] = a[l];
-                            lane2[j0 + l] = q[l];
+                            const double dev = xr[l] - k[l];
+                            a[l] += dev;
+                            q[l] += dev * dev;
                         }
                     }
-                    {
-                        const size_t j0 = 32; /* the last 16 columns */
-                        double a[16], q[16], k[16];
+                    for (size_t l = 0; l < 32; ++l) {
+                        lane[j0 + l] = a[l];
+                        lane2[j0 + l] = q[l];
+                    }
+                }
+                {
+                    const size_t j0 = 32; /* the last 16 columns */
+                    double a[16], q[16], k[16];
+                    for (size_t l = 0; l < 16; ++l) {
+                        a[l] = 0;
+                        q[l] = 0;
+                        k[l] = lmean[j0 + l];
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 48 + j0;
+                        if (i0 + 16 < nb) {
+                            BN_NCHW_PREFETCH(xr + 768);
+                        }
                         for (size_t l = 0; l < 16; ++l) {
-                            a[l] = lane[j0 + l];
-                            q[l] = lane2[j0 + l];
-                            k[l] = lmean[j0 + l];
+                            const double dev = xr[l] - k[l];
+                            a[l] += dev;
+                            q[l] += dev * dev;
                         }
-                        for (size_t i0 = t0; i0 < t1; ++i0) {
-                            const float *xr = x + i0 * 48 + j0;
-                            if (i0 + 16 < nb) {
-                                BN_NCHW_PREFETCH(xr + 768);
-                            }
-                            for (size_t l = 0; l < 16; ++l) {
-                                const double dev = xr[l] - k[l];
-                                a[l] += dev;
-                                q[l] += dev * dev;
-                            }
-                        }
-                        for (size_t l = 0; l < 16; ++l) {
-                            lane[j0 + l] = a[l];
-                            lane2[j0 + l] = q[l];
-                        }
+                    }
+                    for (size_t l = 0; l < 16; ++l) {
+                        lane[j0 + l] = a[l];
+                        lane2[j0 + l] = q[l];
                     }
                 }
                 for (size_t j = 0; j < 48; ++j) {
@@ -1233,29 +1336,88 @@ int bn_nchw_accumulate(bn_nchw_stats *acc, const float *x, int32_t batch)
             }
             if (redo) {
                 /* the first chunk, or a K more than one standard deviation from a column's chunk mean:
-                 * the corrected two-pass, from cache */
-                /* the chunk's sum of each of the 48 columns */
-                for (size_t l = 0; l < 48; ++l) {
-                    lane[l] = 0;
+                 * the corrected two-pass, from cache: the chunk's sum of each column, ... */
+                for (size_t j0 = 0; j0 < 32; j0 += 32) {
+                    double a[32];
+                    for (size_t l = 0; l < 32; ++l) {
+                        a[l] = 0;
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 48 + j0;
+                        if (i0 + 16 < nb) {
+                            BN_NCHW_PREFETCH(xr + 768);
+                            BN_NCHW_PREFETCH(xr + 768 + 16);
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            a[l] += xr[l];
+                        }
+                    }
+                    for (size_t l = 0; l < 32; ++l) {
+                        lane[j0 + l] = a[l];
+                    }
                 }
-                for (size_t i0 = c0; i0 < c1; ++i0) {
-                    const float *xr = x + i0 * 48;
-                    for (size_t j = 0; j < 48; ++j) {
-                        lane[j] += xr[j];
+                {
+                    const size_t j0 = 32; /* the last 16 columns */
+                    double a[16];
+                    for (size_t l = 0; l < 16; ++l) {
+                        a[l] = 0;
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 48 + j0;
+                        if (i0 + 16 < nb) {
+                            BN_NCHW_PREFETCH(xr + 768);
+                        }
+                        for (size_t l = 0; l < 16; ++l) {
+                            a[l] += xr[l];
+                        }
+                    }
+                    for (size_t l = 0; l < 16; ++l) {
+                        lane[j0 + l] = a[l];
                     }
                 }
                 for (size_t j = 0; j < 48; ++j) {
                     lmean[j] = (double)(lane[j] * inv_nc);
-                    lane[j] = 0;
-                    lane2[j] = 0;
                 }
-                /* deviations from that mean and their squares */
-                for (size_t i0 = c0; i0 < c1; ++i0) {
-                    const float *xr = x + i0 * 48;
-                    for (size_t j = 0; j < 48; ++j) {
-                        const double dev = xr[j] - lmean[j];
-                        lane[j] += dev;
-                        lane2[j] += dev * dev;
+                /* ... then the deviations from that mean and their squares */
+                for (size_t j0 = 0; j0 < 32; j0 += 32) {
+                    double a[32], q[32], k[32];
+                    for (size_t l = 0; l < 32; ++l) {
+                        a[l] = 0;
+                        q[l] = 0;
+                        k[l] = lmean[j0 + l];
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 48 + j0;
+                        for (size_t l = 0; l < 32; ++l) {
+                            const double dev = xr[l] - k[l];
+                            a[l] += dev;
+                            q[l] += dev * dev;
+                        }
+                    }
+                    for (size_t l = 0; l < 32; ++l) {
+                        lane[j0 + l] = a[l];
+                        lane2[j0 + l] = q[l];
+                    }
+                }
+                {
+                    const size_t j0 = 32; /* the last 16 columns */
+                    double a[16], q[16], k[16];
+                    for (size_t l = 0; l < 16; ++l) {
+                        a[l] = 0;
+                        q[l] = 0;
+                        k[l] = lmean[j0 + l];
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 48 + j0;
+                        for (size_t l = 0; l < 16; ++l) {
+                            const double dev = xr[l] - k[l];
+                            a[l] += dev;
+                            q[l] += dev * dev;
+                        }
+                    }
+                    for (size_t l = 0; l < 16; ++l) {
+                        lane[j0 + l] = a[l];
+                        lane2[j0 + l] = q[l];
                     }
                 }
             }

@@ -87,6 +87,14 @@ static GN_NHWC_INLINE void gn_nhwc_stream_line(float *y, const float *v)
     _mm_stream_ps(y + 12, _mm_loadu_ps(v + 12));
 #endif
 }
+#else
+/* without streaming stores no call streams (NAME_STREAMED is 0): the line stored as usual */
+static GN_NHWC_INLINE void gn_nhwc_stream_line(float *y, const float *v)
+{
+    for (size_t i = 0; i < 16; ++i) {
+        y[i] = v[i];
+    }
+}
 #endif
 
 static inline void gn_nhwc_stream_end(gn_nhwc_streamer *s)
@@ -195,37 +203,32 @@ int gn_nhwc_predict(const float *x, float *y, int32_t batch)
                 int redo = c0 == 0;
                 if (!redo) {
                     /* one sweep about K = each column's mean so far (lmean), 32 columns at a time
-                     * summed in registers over 16 rows, the same columns 16 rows on fetched meanwhile */
+                     * summed in registers over the chunk's rows, the same columns 16 rows on fetched meanwhile */
                     for (size_t j = 0; j < 6; ++j) {
                         lmean[j] = (float)colmean[j];
-                        lane[j] = 0;
-                        lane2[j] = 0;
                     }
-                    for (size_t t0 = c0; t0 < c1; t0 += 16) {
-                        const size_t t1 = t0 + 16 < c1 ? t0 + 16 : c1;
-                        {
-                            const size_t j0 = 0; /* the last 6 columns */
-                            float a[6], q[6], k[6];
-                            for (size_t l = 0; l < 6; ++l) {
-                                a[l] = lane[j0 + l];
-                                q[l] = lane2[j0 + l];
-                                k[l] = lmean[j0 + l];
-                            }
-                            for (size_t i1 = t0; i1 < t1; ++i1) {
-                                const float *xr = x + i0 * 96 + i1 * 6 + j0;
-                                if (i1 + 16 < 16) {
-                                    GN_NHWC_PREFETCH(xr + 96);
-                                }
-                                for (size_t l = 0; l < 6; ++l) {
-                                    const float dev = xr[l] - k[l];
-                                    a[l] += dev;
-                                    q[l] += dev * dev;
-                                }
+                    {
+                        const size_t j0 = 0; /* the last 6 columns */
+                        float a[6], q[6], k[6];
+                        for (size_t l = 0; l < 6; ++l) {
+                            a[l] = 0;
+                            q[l] = 0;
+                            k[l] = lmean[j0 + l];
+                        }
+                        for (size_t i1 = c0; i1 < c1; ++i1) {
+                            const float *xr = x + i0 * 96 + i1 * 6 + j0;
+                            if (i1 + 16 < 16) {
+                                GN_NHWC_PREFETCH(xr + 96);
                             }
                             for (size_t l = 0; l < 6; ++l) {
-                                lane[j0 + l] = a[l];
-                                lane2[j0 + l] = q[l];
+                                const float dev = xr[l] - k[l];
+                                a[l] += dev;
+                                q[l] += dev * dev;
                             }
+                        }
+                        for (size_t l = 0; l < 6; ++l) {
+                            lane[j0 + l] = a[l];
+                            lane2[j0 + l] = q[l];
                         }
                     }
                     for (size_t j = 0; j < 6; ++j) {
@@ -234,29 +237,49 @@ int gn_nhwc_predict(const float *x, float *y, int32_t batch)
                 }
                 if (redo) {
                     /* the first chunk, or a K more than one standard deviation from a column's chunk mean:
-                     * the corrected two-pass, from cache */
-                    /* the chunk's sum of each of the 6 columns */
-                    for (size_t l = 0; l < 6; ++l) {
-                        lane[l] = 0;
-                    }
-                    for (size_t i1 = c0; i1 < c1; ++i1) {
-                        const float *xr = x + i0 * 96 + i1 * 6;
-                        for (size_t j = 0; j < 6; ++j) {
-                            lane[j] += xr[j];
+                     * the corrected two-pass, from cache: the chunk's sum of each column, ... */
+                    {
+                        const size_t j0 = 0; /* the last 6 columns */
+                        float a[6];
+                        for (size_t l = 0; l < 6; ++l) {
+                            a[l] = 0;
+                        }
+                        for (size_t i1 = c0; i1 < c1; ++i1) {
+                            const float *xr = x + i0 * 96 + i1 * 6 + j0;
+                            if (i1 + 16 < 16) {
+                                GN_NHWC_PREFETCH(xr + 96);
+                            }
+                            for (size_t l = 0; l < 6; ++l) {
+                                a[l] += xr[l];
+                            }
+                        }
+                        for (size_t l = 0; l < 6; ++l) {
+                            lane[j0 + l] = a[l];
                         }
                     }
                     for (size_t j = 0; j < 6; ++j) {
                         lmean[j] = (float)(lane[j] * inv_nc);
-                        lane[j] = 0;
-                        lane2[j] = 0;
                     }
-                    /* deviations from that mean and their squares */
-                    for (size_t i1 = c0; i1 < c1; ++i1) {
-                        const float *xr = x + i0 * 96 + i1 * 6;
-                        for (size_t j = 0; j < 6; ++j) {
-                            const float dev = xr[j] - lmean[j];
-                            lane[j] += dev;
-                            lane2[j] += dev * dev;
+                    /* ... then the deviations from that mean and their squares */
+                    {
+                        const size_t j0 = 0; /* the last 6 columns */
+                        float a[6], q[6], k[6];
+                        for (size_t l = 0; l < 6; ++l) {
+                            a[l] = 0;
+                            q[l] = 0;
+                            k[l] = lmean[j0 + l];
+                        }
+                        for (size_t i1 = c0; i1 < c1; ++i1) {
+                            const float *xr = x + i0 * 96 + i1 * 6 + j0;
+                            for (size_t l = 0; l < 6; ++l) {
+                                const float dev = xr[l] - k[l];
+                                a[l] += dev;
+                                q[l] += dev * dev;
+                            }
+                        }
+                        for (size_t l = 0; l < 6; ++l) {
+                            lane[j0 + l] = a[l];
+                            lane2[j0 + l] = q[l];
                         }
                     }
                 }
@@ -380,37 +403,32 @@ int gn_nhwc_train_forward_save(const float *x, float *y, int32_t batch, double *
                 int redo = c0 == 0;
                 if (!redo) {
                     /* one sweep about K = each column's mean so far (lmean), 32 columns at a time
-                     * summed in registers over 16 rows, the same columns 16 rows on fetched meanwhile */
+                     * summed in registers over the chunk's rows, the same columns 16 rows on fetched meanwhile */
                     for (size_t j = 0; j < 6; ++j) {
                         lmean[j] = (double)colmean[j];
-                        lane[j] = 0;
-                        lane2[j] = 0;
                     }
-                    for (size_t t0 = c0; t0 < c1; t0 += 16) {
-                        const size_t t1 = t0 + 16 < c1 ? t0 + 16 : c1;
-                        {
-                            const size_t j0 = 0; /* the last 6 columns */
-                            double a[6], q[6], k[6];
-                            for (size_t l = 0; l < 6; ++l) {
-                                a[l] = lane[j0 + l];
-                                q[l] = lane2[j0 + l];
-                                k[l] = lmean[j0 + l];
-                            }
-                            for (size_t i1 = t0; i1 < t1; ++i1) {
-                                const float *xr = x + i0 * 96 + i1 * 6 + j0;
-                                if (i1 + 16 < 16) {
-                                    GN_NHWC_PREFETCH(xr + 96);
-                                }
-                                for (size_t l = 0; l < 6; ++l) {
-                                    const double dev = xr[l] - k[l];
-                                    a[l] += dev;
-                                    q[l] += dev * dev;
-                                }
+                    {
+                        const size_t j0 = 0; /* the last 6 columns */
+                        double a[6], q[6], k[6];
+                        for (size_t l = 0; l < 6; ++l) {
+                            a[l] = 0;
+                            q[l] = 0;
+                            k[l] = lmean[j0 + l];
+                        }
+                        for (size_t i1 = c0; i1 < c1; ++i1) {
+                            const float *xr = x + i0 * 96 + i1 * 6 + j0;
+                            if (i1 + 16 < 16) {
+                                GN_NHWC_PREFETCH(xr + 96);
                             }
                             for (size_t l = 0; l < 6; ++l) {
-                                lane[j0 + l] = a[l];
-                                lane2[j0 + l] = q[l];
+                                const double dev = xr[l] - k[l];
+                                a[l] += dev;
+                                q[l] += dev * dev;
                             }
+                        }
+                        for (size_t l = 0; l < 6; ++l) {
+                            lane[j0 + l] = a[l];
+                            lane2[j0 + l] = q[l];
                         }
                     }
                     for (size_t j = 0; j < 6; ++j) {
@@ -419,29 +437,49 @@ int gn_nhwc_train_forward_save(const float *x, float *y, int32_t batch, double *
                 }
                 if (redo) {
                     /* the first chunk, or a K more than one standard deviation from a column's chunk mean:
-                     * the corrected two-pass, from cache */
-                    /* the chunk's sum of each of the 6 columns */
-                    for (size_t l = 0; l < 6; ++l) {
-                        lane[l] = 0;
-                    }
-                    for (size_t i1 = c0; i1 < c1; ++i1) {
-                        const float *xr = x + i0 * 96 + i1 * 6;
-                        for (size_t j = 0; j < 6; ++j) {
-                            lane[j] += xr[j];
+                     * the corrected two-pass, from cache: the chunk's sum of each column, ... */
+                    {
+                        const size_t j0 = 0; /* the last 6 columns */
+                        double a[6];
+                        for (size_t l = 0; l < 6; ++l) {
+                            a[l] = 0;
+                        }
+                        for (size_t i1 = c0; i1 < c1; ++i1) {
+                            const float *xr = x + i0 * 96 + i1 * 6 + j0;
+                            if (i1 + 16 < 16) {
+                                GN_NHWC_PREFETCH(xr + 96);
+                            }
+                            for (size_t l = 0; l < 6; ++l) {
+                                a[l] += xr[l];
+                            }
+                        }
+                        for (size_t l = 0; l < 6; ++l) {
+                            lane[j0 + l] = a[l];
                         }
                     }
                     for (size_t j = 0; j < 6; ++j) {
                         lmean[j] = (double)(lane[j] * inv_nc);
-                        lane[j] = 0;
-                        lane2[j] = 0;
                     }
-                    /* deviations from that mean and their squares */
-                    for (size_t i1 = c0; i1 < c1; ++i1) {
-                        const float *xr = x + i0 * 96 + i1 * 6;
-                        for (size_t j = 0; j < 6; ++j) {
-                            const double dev = xr[j] - lmean[j];
-                            lane[j] += dev;
-                            lane2[j] += dev * dev;
+                    /* ... then the deviations from that mean and their squares */
+                    {
+                        const size_t j0 = 0; /* the last 6 columns */
+                        double a[6], q[6], k[6];
+                        for (size_t l = 0; l < 6; ++l) {
+                            a[l] = 0;
+                            q[l] = 0;
+                            k[l] = lmean[j0 + l];
+                        }
+                        for (size_t i1 = c0; i1 < c1; ++i1) {
+                            const float *xr = x + i0 * 96 + i1 * 6 + j0;
+                            for (size_t l = 0; l < 6; ++l) {
+                                const double dev = xr[l] - k[l];
+                                a[l] += dev;
+                                q[l] += dev * dev;
+                            }
+                        }
+                        for (size_t l = 0; l < 6; ++l) {
+                            lane[j0 + l] = a[l];
+                            lane2[j0 + l] = q[l];
                         }
                     }
                 }

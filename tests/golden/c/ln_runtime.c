@@ -87,6 +87,14 @@ static LN_RUNTIME_INLINE void ln_runtime_stream_line(float *y, const float *v)
     _mm_stream_ps(y + 12, _mm_loadu_ps(v + 12));
 #endif
 }
+#else
+/* without streaming stores no call streams (NAME_STREAMED is 0): the line stored as usual */
+static LN_RUNTIME_INLINE void ln_runtime_stream_line(float *y, const float *v)
+{
+    for (size_t i = 0; i < 16; ++i) {
+        y[i] = v[i];
+    }
+}
 #endif
 
 static inline void ln_runtime_stream_end(ln_runtime_streamer *s)
