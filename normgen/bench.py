@@ -13,8 +13,9 @@ For every layer of a spec and every generated function (``predict``; batch norm'
   of it the generated function reaches;
 * PyTorch's time for the same operation (``torch.nn.functional`` in the matching memory
   format, ``torch.set_num_threads(threads)``) and ONNX Runtime's (a one-node model built with
-  ``onnx.helper``, ``intra_op_num_threads = threads``) when they are importable, and their
-  time divided by ours (> 1: normgen is faster).
+  ``onnx.helper``, ``intra_op_num_threads = threads``) when they are importable, each sampled
+  in turn with the generated function as the copy is, and their time divided by the generated
+  function's in that same stretch (> 1: normgen is faster).
 
 Batch sizes are run-time arguments, so the spec cannot hold them: ``--batch N`` sets every
 layer's batch; otherwise the sidecar file ``SPEC.bench.toml`` beside the spec (or ``--config``)
@@ -110,7 +111,7 @@ class Result:
     copy_gbps: float
     fraction_of_copy: float
     torch_time_s: float | None = None  # as PyTorch is called (its output allocated each call)
-    torch_speedup: float | None = None  # torch time / normgen time
+    torch_speedup: float | None = None  # torch time / normgen time, the two sampled in turn
     torch_reuse_time_s: float | None = None  # the same with freed memory reused (no fresh-page faults)
     torch_reuse_speedup: float | None = None
     torch_note: str = ""
@@ -118,6 +119,11 @@ class Result:
     ort_speedup: float | None = None
     ort_note: str = ""
     samples: int = 0
+    #: normgen's own time in the runs that sampled it in turn with PyTorch, PyTorch with freed
+    #: memory reused, and ONNX Runtime: each speed-up divides by the time measured beside it
+    time_vs_torch_s: float | None = None
+    time_vs_torch_reuse_s: float | None = None
+    time_vs_ort_s: float | None = None
 
 
 @dataclass
@@ -227,10 +233,6 @@ def time_interleaved(fns: list[Callable[[], object]], repeat: int, warmup: int) 
     return [statistics.median(s) for s in samples]
 
 
-def time_one(fn: Callable[[], object], repeat: int, warmup: int) -> float:
-    return time_interleaved([fn], repeat, warmup)[0]
-
-
 # ---- configuration ---------------------------------------------------------------------------
 
 
@@ -301,17 +303,48 @@ def _spec_names(spec: str) -> set[str]:
 def machine_info(target: str) -> dict:
     info = {"system": platform.system(), "machine": platform.machine(), "cpu": platform.processor() or "",
             "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    info.update(_cpuinfo())
     if target == "c":
         from .build import cc, compiler_version
 
         info["compiler"] = compiler_version(cc())
+    return info
+
+
+def _cpuinfo() -> dict:
+    """What identifies this CPU where a virtual machine names it only "AMD EPYC": its family and
+    model numbers, its widest vectors and the caches the first core sees (Linux; nothing elsewhere)."""
+    info: dict = {}
+    try:
+        fields = {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+    except OSError:
+        return info
+    if "model name" in fields:
+        info["cpu"] = fields["model name"]
+    for key, name in (("cpu family", "cpu_family"), ("model", "cpu_model")):
+        if key in fields:
+            info[name] = fields[key]
+    flags = set(fields.get("flags", "").split())
+    widest = [isa for isa in ("avx512f", "avx2", "avx", "sse2") if isa in flags]
+    if widest:
+        info["vectors"] = widest[0]
+    caches = {}
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        if kind != "Instruction":
+            caches[f"L{level}{'d' if kind == 'Data' else ''}"] = size
+    if caches:
+        info["caches"] = caches
     return info
 
 
@@ -648,26 +681,26 @@ def bench_c(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) -> 
                              fns.batch, layer.parallel, threads, nbytes, t_ours, nbytes / t_ours / 1e9,
                              t_copy, nbytes / t_copy / 1e9, t_copy / t_ours, samples=args.repeat)
                 if have_torch:
-                    progress.step(f"{where}: PyTorch")
+                    progress.step(f"{where}: normgen vs PyTorch")
                     fn, res.torch_note = torch_case(layer, role, fns.x)
                     if fn is not None:
-                        res.torch_time_s = time_one(fn, args.repeat, args.warmup)
-                        res.torch_speedup = res.torch_time_s / t_ours
+                        res.time_vs_torch_s, res.torch_time_s = time_interleaved([ours, fn], args.repeat, args.warmup)
+                        res.torch_speedup = res.torch_time_s / res.time_vs_torch_s
                 else:
                     res.torch_note = "skipped" if args.no_torch else "torch not importable"
                 if have_ort:
-                    progress.step(f"{where}: ONNX Runtime")
+                    progress.step(f"{where}: normgen vs ONNX Runtime")
                     fn, res.ort_note = ort_case(layer, role, fns.x, args.threads)
                     if fn is not None:
-                        res.ort_time_s = time_one(fn, args.repeat, args.warmup)
-                        res.ort_speedup = res.ort_time_s / t_ours
+                        res.time_vs_ort_s, res.ort_time_s = time_interleaved([ours, fn], args.repeat, args.warmup)
+                        res.ort_speedup = res.ort_time_s / res.time_vs_ort_s
                 else:
                     res.ort_note = "skipped" if args.no_ort else "onnxruntime not importable"
                 report.results.append(res)
                 progress.advance()
             del fns
         if have_torch:
-            _torch_reused(plans, cfg, report, args, progress)
+            _torch_reused(plans, cfg, report, args, progress, flags)
     finally:
         progress.close()
     if not omp_ok:
@@ -702,29 +735,29 @@ def _total(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) -> i
 
 
 def _torch_reused(layers: list[Layer], cfg: BenchConfig, report: Report, args: argparse.Namespace,
-                  progress: Progress) -> None:
+                  progress: Progress, flags: list[str]) -> None:
     """PyTorch again, once glibc keeps freed memory (see _keep_freed_memory): its kernel's time
-    without the page faults of a fresh output. Run after everything else because glibc's
+    without the page faults of a fresh output, sampled in turn with the generated function (built
+    again: its build is cached) on the same data. Run after everything else because glibc's
     settings cannot be put back."""
-    from .check import random_input
-
     _keep_freed_memory()
     by_name = {layer.name: layer for layer in layers}
     rng = np.random.default_rng(0)
-    inputs: dict[str, np.ndarray] = {}
     progress.extend(sum(res.torch_time_s is not None for res in report.results))
+    fns: CFunctions | None = None
     for res in report.results:
         if res.torch_time_s is None:
             continue
         layer = by_name[res.layer]
-        progress.step(f"{res.layer}.{res.function}: PyTorch, freed memory reused")
-        if res.layer not in inputs:
-            inputs.clear()
-            inputs[res.layer] = random_input(layer, res.batch, rng).astype(res.dtype)
-        fn, _ = torch_case(layer, res.function, inputs[res.layer])
+        progress.step(f"{res.layer}.{res.function}: normgen vs PyTorch, freed memory reused")
+        if fns is None or fns.layer.name != res.layer:
+            fns = None
+            fns = CFunctions(layer, flags, res.batch, rng)
+        fn, _ = torch_case(layer, res.function, fns.x)
         if fn is not None:
-            res.torch_reuse_time_s = time_one(fn, args.repeat, args.warmup)
-            res.torch_reuse_speedup = res.torch_reuse_time_s / res.time_s
+            res.time_vs_torch_reuse_s, res.torch_reuse_time_s = time_interleaved(
+                [fns.call(res.function), fn], args.repeat, args.warmup)
+            res.torch_reuse_speedup = res.torch_reuse_time_s / res.time_vs_torch_reuse_s
         progress.advance()
 
 
@@ -843,6 +876,8 @@ def print_table(report: Report, out=None) -> None:
     out = sys.stdout if out is None else out
     m = report.machine
     where = m.get("gpu") or m.get("cpu") or m.get("machine")
+    if not m.get("gpu") and "cpu_family" in m:
+        where += f" (family {m['cpu_family']} model {m.get('cpu_model', '?')}, {m.get('vectors', '?')})"
     print(f"normgen {report.normgen_version} bench, target {report.target}, {where}, "
           f"{report.threads} thread(s), flags {report.flags!r}", file=out)
     head = (f"{'workload':34} {'shape':18} {'MB':>6} {'us':>9} {'GB/s':>6} {'copy':>6} {'%copy':>5} "
@@ -856,9 +891,10 @@ def print_table(report: Report, out=None) -> None:
               f"{_fmt(r.torch_time_s and r.torch_time_s * 1e6, '9.1f'):>9} {_fmt(r.torch_speedup, '6.2f'):>7} "
               f"{_fmt(r.torch_reuse_speedup, '6.2f'):>7} "
               f"{_fmt(r.ort_time_s and r.ort_time_s * 1e6, '9.1f'):>9} {_fmt(r.ort_speedup, '5.2f'):>6}", file=out)
-    print("GB/s: bytes read + written / median time; copy: a plain copy of the same bytes in the same run; "
-          "x torch / x ort: their time / normgen's (> 1: normgen faster); x reuse: PyTorch with freed "
-          "memory reused (no page faults for its fresh output)", file=out)
+    print("GB/s: bytes read + written / median time; copy: a plain copy of the same bytes, sampled in turn "
+          "with normgen; x torch / x ort: their time / normgen's, the two sampled in turn (> 1: normgen "
+          "faster); x reuse: the same with PyTorch's freed memory reused (no page faults for its fresh "
+          "output)", file=out)
 
 
 def write_plot(report: Report, path: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import platform
 import subprocess
 from pathlib import Path
 
@@ -47,6 +48,7 @@ RESULT_FIELDS = {
     "layer", "function", "kind", "format", "shape", "dtype", "batch", "parallel", "threads", "bytes",
     "time_s", "gbps", "copy_time_s", "copy_gbps", "fraction_of_copy", "torch_time_s", "torch_speedup",
     "torch_reuse_time_s", "torch_reuse_speedup", "torch_note", "ort_time_s", "ort_speedup", "ort_note",
+    "time_vs_torch_s", "time_vs_torch_reuse_s", "time_vs_ort_s",
 }
 
 
@@ -70,6 +72,12 @@ def test_bench_writes_json(tiny_spec, tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["target"] == "c" and report["threads"] == 1 and report["flags"]
     assert "bytes" in report["bytes_counted"] and report["machine"]["cores"] >= 1
+    if Path("/proc/cpuinfo").exists() and platform.machine() in ("x86_64", "AMD64"):
+        # which CPU it ran on, where a virtual machine's model name does not say
+        machine = report["machine"]
+        assert machine["cpu_family"].isdigit() and machine["vectors"] in ("avx512f", "avx2", "avx", "sse2")
+        header = next(line for line in text.splitlines() if line.startswith("normgen ") and " bench, " in line)
+        assert f"(family {machine['cpu_family']} model {machine['cpu_model']}, {machine['vectors']})" in header
     results = report["results"]
     assert {(r["layer"], r["function"]) for r in results} >= {
         ("tbn", "predict"), ("tbn", "train_forward"), ("tgn", "predict"), ("tln", "predict")}
@@ -78,8 +86,13 @@ def test_bench_writes_json(tiny_spec, tmp_path, capsys):
         assert r["batch"] == 2 and r["time_s"] > 0 and r["copy_time_s"] > 0
         assert r["gbps"] == pytest.approx(r["bytes"] / r["time_s"] / 1e9)
         assert r["fraction_of_copy"] == pytest.approx(r["copy_time_s"] / r["time_s"])
-        if r["torch_time_s"] is not None:
-            assert r["torch_speedup"] == pytest.approx(r["torch_time_s"] / r["time_s"])
+        # each speed-up divides by normgen's time sampled in turn with the other side
+        for side in ("torch", "torch_reuse", "ort"):
+            if r[f"{side}_time_s"] is not None:
+                assert r[f"time_vs_{side}_s"] > 0
+                assert r[f"{side}_speedup"] == pytest.approx(r[f"{side}_time_s"] / r[f"time_vs_{side}_s"])
+            else:
+                assert r[f"{side}_speedup"] is None and r[f"time_vs_{side}_s"] is None
     bn = next(r for r in results if r["layer"] == "tbn" and r["function"] == "predict")
     assert bn["bytes"] == 2 * 2 * 6 * 5 * 4 * 4  # x read + y written, float32
     assert bn["shape"] == [2, 6, 5, 4]
