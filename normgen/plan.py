@@ -44,8 +44,8 @@ MAX_COLUMNS = 1024
 MIN_ROW_RUN = 64
 #: Default NAME_STREAM_BYTES: a call whose tensors (x and y; x, dy and dx for the backward) hold
 #: at least this many bytes stores its output with streaming (non-temporal) stores. Three
-#: quarters of a 32 MiB last-level cache, the share glibc's memcpy keeps in cache before it
-#: streams: below it x and y stay in cache from call to call, and the next layer reads y there.
+#: quarters of a 32 MiB last-level cache: below it x and y stay in cache from call to call, and
+#: the next layer reads y there.
 STREAM_BYTES = 24 << 20
 #: A core's L2 on the machines this is tuned for: a statistic block larger than this is read from
 #: memory twice (its statistics, then its normalize pass), which counts in NAME_STREAM_BYTES.
