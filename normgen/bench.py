@@ -751,7 +751,7 @@ def _torch_reused(layers: list[Layer], cfg: BenchConfig, report: Report, args: a
         layer = by_name[res.layer]
         progress.step(f"{res.layer}.{res.function}: normgen vs PyTorch, freed memory reused")
         if fns is None or fns.layer.name != res.layer:
-            fns = None
+            fns = None  # the previous layer's buffers freed before this layer's are allocated
             fns = CFunctions(layer, flags, res.batch, rng)
         fn, _ = torch_case(layer, res.function, fns.x)
         if fn is not None:
