@@ -7,11 +7,11 @@ test bench checked against :mod:`normgen.reference`.
 __version__ = "0.1.0"
 
 from . import reference  # noqa: E402
-from .build import build  # noqa: E402
+from .description.layers import BatchNorm, GroupNorm, InstanceNorm, Layer, LayerNorm  # noqa: E402
+from .description.spec import load_spec  # noqa: E402
 from .errors import NormgenError  # noqa: E402
-from .layers import BatchNorm, GroupNorm, InstanceNorm, Layer, LayerNorm  # noqa: E402
-from .render import emit  # noqa: E402
-from .spec import load_spec  # noqa: E402
+from .targets.load import build  # noqa: E402
+from .targets.render import emit  # noqa: E402
 
 __all__ = [
     "BatchNorm", "GroupNorm", "InstanceNorm", "Layer", "LayerNorm", "NormgenError",

@@ -11,7 +11,7 @@ from pathlib import Path
 from . import __version__
 from .errors import NormgenError
 from .reference import count
-from .render import TARGETS
+from .targets.render import TARGETS
 
 SPEC_HELP = """\
 spec files (TOML), one [[layer]] table per layer:
@@ -42,7 +42,7 @@ spec files (TOML), one [[layer]] table per layer:
 
 
 def _load(spec: str):
-    from .spec import load_spec
+    from .description.spec import load_spec
 
     return load_spec(spec)
 
@@ -64,7 +64,7 @@ def _write_all(outdir: Path, files: dict[str, str]) -> list[str]:
 
 
 def cmd_emit(args: argparse.Namespace) -> int:
-    from .render import emit
+    from .targets.render import emit
 
     layers = _load(args.spec)
     files: dict[str, str] = {}
@@ -81,8 +81,8 @@ def cmd_emit(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .build import build
-    from .check import check_layer
+    from .harness.check import check_layer
+    from .targets.load import build
 
     layers = _load(args.spec)
     batches = tuple(int(b) for b in args.batch.split(","))
@@ -105,7 +105,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from .plan import lower
+    from .lowering import lower
 
     for i, layer in enumerate(_load(args.spec)):
         plan = lower(layer, "c" if layer.dtype in ("float32", "float64") else "cuda")
@@ -142,7 +142,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
+    from .harness import bench
 
     return bench.run(args)
 
@@ -181,7 +181,7 @@ def parser() -> argparse.ArgumentParser:
 
     b = add("bench", "time the generated functions against memcpy/device copy bandwidth and PyTorch")
     try:
-        from . import bench as _bench
+        from .harness import bench as _bench
 
         _bench.add_arguments(b)
     except ImportError:  # pragma: no cover

@@ -8,26 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .description.kinds import reduced_letters  # noqa: F401  (kind semantics: description/kinds.py)
+from .description.layers import Layer
 from .errors import NormgenError
-from .layers import Layer
-
-#: Letters reduced by each kind (DESIGN.md §3). Group norm also reduces the C/G channels of
-#: each group; that split is applied in :func:`grouped_view`.
-REDUCED_LETTERS = {
-    "batchnorm": "BSTU",
-    "groupnorm": "STU",
-    "instancenorm": "STU",
-    ("layernorm", "channel-only"): "C",
-    ("layernorm", "spatial-channel"): "SUC",
-    ("layernorm", "batch-excluded"): "SCTU",
-}
-
-
-def reduced_letters(layer: Layer) -> str:
-    """The dimension letters whose positions share one statistic."""
-    if layer.kind == "layernorm":
-        return REDUCED_LETTERS[("layernorm", layer.resolved_dimension)]
-    return REDUCED_LETTERS[layer.kind]
 
 
 def full_shape(layer: Layer, batch: int) -> tuple[int, ...]:

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, build, load_spec, reference
-from normgen.bench import load_config, sidecar_path, traffic
-from normgen.build import STRICT_FLAGS, cc
-from normgen.check import check_layer
 from normgen.cli import main
-from normgen.render import emit
+from normgen.harness.bench import load_config, sidecar_path, traffic
+from normgen.harness.check import check_layer
+from normgen.targets.c.build import STRICT_FLAGS, cc
+from normgen.targets.render import emit
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -206,7 +206,7 @@ def test_openmp_variant_compiles_warning_free(layer, dtype, tmp_path):
 
 
 def _threads(n: int) -> None:
-    from normgen.bench import _set_omp_threads
+    from normgen.harness.bench import _set_omp_threads
 
     if not _set_omp_threads(n):
         pytest.skip("libgomp not found")

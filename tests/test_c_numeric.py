@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 
 from helpers import grid, params
 from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, NormgenError, build, reference
-from normgen.check import check_layer, compare
-from normgen.plan import lower
+from normgen.harness.check import check_layer, compare
+from normgen.lowering import lower
+from normgen.targets.c.sweep import sweep_of
 
 GRID = list(grid())
 
@@ -152,7 +153,7 @@ def test_mismatched_input_shape_is_an_error():
         compiled.predict(np.zeros((2, 4, 4, 4), np.float32))
 
 
-#: Rows layouts (the pipelined core, normgen/sweep.py), each with where a statistic block's
+#: Rows layouts (the pipelined core, normgen/targets/c/sweep.py), each with where a statistic block's
 #: first elements are: the first chunk's shift K is their mean.
 ONE_SWEEP = [
     (GroupNorm(name="os_gn", format="BCSS", shape=[8, 64, 64], num_groups=2),  # two chunks a block
@@ -208,7 +209,7 @@ def test_one_sweep_statistics_and_their_fallback(layer, first, dtype):
     from cache where K is more than a standard deviation off) match the reference on data
     that takes either path."""
     layer = layer.replace(dtype=dtype)
-    assert lower(layer).sweep.pipelined
+    assert sweep_of(lower(layer)).pipelined
     compiled = build(layer)
     for case, x in _one_sweep_cases(layer, first, 2, np.dtype(dtype)).items():
         _assert_matches_reference(compiled, layer, case, x)
@@ -220,7 +221,7 @@ def test_pipelined_core_gives_the_bits_of_the_plain_one(layer, first):
     pipelined core (parallel = "none") and the block-at-a-time core (parallel = "openmp", here
     on whatever threads OpenMP takes) agree exactly, in place too."""
     piped, plain = build(layer), build(layer.replace(parallel="openmp"))
-    assert lower(layer).sweep.pipelined and not lower(layer.replace(parallel="openmp")).sweep.pipelined
+    assert sweep_of(lower(layer)).pipelined and not sweep_of(lower(layer.replace(parallel="openmp"))).pipelined
     for case, x in _one_sweep_cases(layer, first, 3, np.dtype(np.float32)).items():
         for c in (piped, plain):
             if layer.kind == "batchnorm":
@@ -247,12 +248,12 @@ def test_columns_one_sweep_statistics(layer, dtype):
     standard deviation off: the step case), against the reference."""
     layer = layer.replace(dtype=dtype)
     plan = lower(layer)
-    rows = plan.chunk_axis.extent.value(3)  # rows of a block; a row is plan.sweep.lanes contiguous columns
+    rows = plan.chunk_axis.extent.value(3)  # rows of a block; a row is sweep_of(plan).lanes contiguous columns
     assert plan.strategy == "columns" and rows > plan.chunk_iters  # several chunks
     compiled = build(layer)
     rng = np.random.default_rng(5)
     shape = reference.full_shape(layer, 3)
-    row = np.arange(np.prod(shape)) // plan.sweep.lanes % rows
+    row = np.arange(np.prod(shape)) // sweep_of(plan).lanes % rows
     step = np.where(row < plan.chunk_iters, 0.0, 50.0).reshape(shape)  # the second chunk on: K is 50 off
     cases = {"plain": rng.normal(0.5, 2.0, shape), "large_mean": 1e4 + rng.normal(0, 1e-2, shape),
              "step": step + rng.normal(0, 1.0, shape)}

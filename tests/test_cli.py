@@ -163,7 +163,7 @@ def test_check_reports_a_table(tmp_path, capsys):
 
 def test_check_fails_on_a_wrong_gradient(tmp_path, capsys, monkeypatch):
     """check compares every output: a compiled backward that is off in one dscale value fails."""
-    from normgen.training import CTraining
+    from normgen.targets.c.training import CTraining
 
     real = CTraining.backward
 

@@ -6,7 +6,7 @@
 3. CPU emulation: the generated .cu (kernels *and* host launchers) compiled with g++ against
    tests/cuda_emu (threads as fibers, barriers and warp shuffles emulated) and run; y and the
    running statistics are compared with normgen.reference, and the launches the launchers make
-   with what normgen.cuda_plan says pycuda must launch.
+   with what normgen.targets.cuda.plan says pycuda must launch.
 4. GPU (pycuda): CudaLayer against normgen.reference, on a GPU only.
 
 Tolerances (after rounding x to the storage type; |y| ~ 1): float64 1e-9, float32 2e-4,
@@ -25,13 +25,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from normgen import cuda_plan as cpm
 from normgen import reference
-from normgen.cuda import from_storage, round_to, storage_dtype, to_storage
+from normgen.description.layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm
 from normgen.errors import NormgenError
-from normgen.layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm
-from normgen.plan import lower
-from normgen.render import emit
+from normgen.lowering import lower
+from normgen.targets.cuda import plan as cpm
+from normgen.targets.cuda.module import from_storage, round_to, storage_dtype, to_storage
+from normgen.targets.cuda.plan import derive
+from normgen.targets.render import emit
 
 HERE = Path(__file__).resolve().parent
 EMU = HERE / "cuda_emu"
@@ -108,7 +109,7 @@ needs_emu = pytest.mark.skipif(GXX is None or CUDA_INCLUDE is None,
 
 # ---- 1. launch shapes ---------------------------------------------------------------------------
 def _cp(layer):
-    return lower(layer, "cuda").cuda
+    return derive(lower(layer, "cuda"))
 
 
 @pytest.mark.parametrize("fmt,shape,kind,family", [
@@ -137,7 +138,7 @@ def test_types_and_parameters_per_target():
     c = lower(make("batchnorm", "BCSS", "float32"), "c")
     assert (c.ctype, c.acc_type) == ("float", "double")  # the C target keeps double accumulation
     with pytest.raises(NormgenError, match="lowered for the cuda target"):
-        _ = c.cuda
+        derive(c)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -286,7 +287,7 @@ def test_benchmark_kernels_do_not_spill(tmp_path):
     within each kernel's __launch_bounds__)."""
     import re
 
-    from normgen.spec import load_spec
+    from normgen.description.spec import load_spec
 
     layers = load_spec(Path(__file__).parent.parent / "benchmarks" / "cuda.toml")
     for layer in layers:
@@ -611,7 +612,7 @@ needs_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=f"GPU tests: {GPU_
 @pytest.mark.parametrize("fmt", ("BC", "BCSS", "BSSC", "TBC", "BTC", "BCSSS", "BUC", "SSC", "SBSC"))
 @pytest.mark.parametrize("kind", KINDS)
 def test_gpu_matches_reference(kind, fmt, dtype):
-    from normgen.build import build
+    from normgen import build
 
     layer = make(kind, fmt, dtype, name=f"gpu_{kind[:2]}_{fmt.lower()}_{dtype}")
     for workspace in (True, False):
@@ -635,7 +636,7 @@ def test_gpu_matches_reference(kind, fmt, dtype):
 def test_gpu_arrays_in_place_and_timing():
     import pycuda.gpuarray as gpuarray
 
-    from normgen.cuda import CudaLayer
+    from normgen.targets.cuda.module import CudaLayer
 
     layer = LayerNorm(name="gpu_ln_big", format="BC", shape=[4096], dtype="float16")
     cl = CudaLayer(layer)
@@ -652,7 +653,7 @@ def test_gpu_arrays_in_place_and_timing():
 
 @needs_gpu
 def test_gpu_deterministic_and_large_mean():
-    from normgen.cuda import CudaLayer
+    from normgen.targets.cuda.module import CudaLayer
 
     layer = BatchNorm(name="gpu_bn_det", format="BCSS", shape=[64, 56, 56])
     cl = CudaLayer(layer)
@@ -791,7 +792,7 @@ def _fake_pycuda(calls):
 def test_cuda_layer_marshalling_without_gpu(monkeypatch, tmp_path):
     """CudaLayer (with pycuda faked) compiles a cubin with nvcc and issues exactly the launches of
     CudaPlan, with pointer and int32 arguments in kernel order, for NumPy and GPU-array inputs."""
-    import normgen.cuda as nc
+    import normgen.targets.cuda.module as nc
 
     monkeypatch.setenv("NORMGEN_CACHE", str(tmp_path))
     calls: list = []

@@ -39,8 +39,10 @@ from test_training import (
 )
 
 from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, NormgenError, emit, reference
-from normgen.check import random_input
-from normgen.cuda import round_to
+from normgen.harness.check import random_input
+from normgen.targets.cuda.module import round_to
+from normgen.targets.cuda.plan import derive
+from normgen.targets.cuda.train import lower_train_cuda
 
 #: MATLAB's four factors, away from their defaults, so that the update shows it applies each one.
 FACTORS = dict(scale_learn_rate_factor=2.0, offset_learn_rate_factor=0.5, scale_l2_factor=0.0, offset_l2_factor=3.0)
@@ -98,7 +100,7 @@ def _batches(layer):
 def test_runtime_training_signatures_and_launches(layer):
     """Functions that read parameters take the device struct first; NAME_update is generated; the
     launches name params first exactly for the kernels that read parameters."""
-    tc = lower_cuda(layer).train.cuda
+    tc = lower_train_cuda(lower_cuda(layer))
     name, A = layer.name, tc.A
     reads = {"train_forward_save", "backward", "backward_saved", "backward_frozen"}
     for f in tc.launchers:
@@ -116,7 +118,7 @@ def test_runtime_training_signatures_and_launches(layer):
             assert (launch.args[0] == "params") == bool(tc.reads(part)) or part == "update_kernel", launch
     assert f"{name}_update_kernel" in tc.kernels
     # the embedded variant of the same layer: no struct, no update
-    emb = lower_cuda(layer.replace(param_storage="embedded")).train.cuda
+    emb = lower_train_cuda(lower_cuda(layer.replace(param_storage="embedded")))
     assert not emb.update and all("params" not in f.args[0] for f in emb.launchers)
     assert all("params" not in L.args for f in emb.launchers for L in emb.launches(f.role, 2))
 
@@ -128,7 +130,7 @@ def test_kernel_parameters_are_what_the_bench_passes(layer):
     int 'i', acc_t scalars 'f'/'d' (TrainCuda.arg_code). No embedded parameter arrays are left."""
     cu = emit(layer, "cuda")[f"{layer.name}.cu"]
     kernels = _kernel_params(cu)
-    tc = lower_cuda(layer).train.cuda
+    tc = lower_train_cuda(lower_cuda(layer))
     assert set(tc.kernels) <= set(kernels)
     scalar = {"f": "acc_t", "d": "acc_t", "i": "int"}
     seen = set()
@@ -167,8 +169,8 @@ def test_runtime_cuda_training_compiles_warning_free_sm80_sm90(tmp_path):
         results = list(pool.map(lambda la: _nvcc_check(la, tmp_path), RT_GRID))
     for layer, (rc, err, syms) in zip(RT_GRID, results, strict=True):
         assert rc == 0, f"{layer.name}:\n{err[:4000]}"
-        cp = lower_cuda(layer).cuda
-        tc = lower_cuda(layer).train.cuda
+        cp = derive(lower_cuda(layer))
+        tc = lower_train_cuda(lower_cuda(layer))
         want = {f.name for f in tc.launchers} | set(tc.kernels) | {f.name for f in cp.launchers} | set(cp.kernels)
         want |= {f"{layer.name}_update", f"{layer.name}_params_init", f"{layer.name}_backward_workspace_size"}
         assert want <= syms, f"{layer.name}: missing {sorted(want - syms)}"
@@ -454,7 +456,7 @@ def test_bench_update_through_emulated_kernel(rt_emulated, monkeypatch, tmp_path
     scalars as the update kernel declares them; run by the emulator, the result follows
     reference.sgdm_update and lands in get_params() and velocity_scale/velocity_offset. The
     backward launches carry the struct first. Same Python API as the C bench's .update()."""
-    import normgen.cuda as nc
+    import normgen.targets.cuda.module as nc
 
     layer = _by_name(name)
     monkeypatch.setenv("NORMGEN_CACHE", str(tmp_path))
@@ -484,7 +486,7 @@ def test_bench_update_through_emulated_kernel(rt_emulated, monkeypatch, tmp_path
     assert not cl.velocity_scale.any()
     with pytest.raises(NormgenError, match="dscale needs 6 values"):
         cl.update(np.zeros(5), np.zeros(6))
-    tc = lower_cuda(layer).train.cuda
+    tc = lower_train_cuda(lower_cuda(layer))
     calls.clear()
     x = round_to(random_input(layer, 2 if layer.fmt.has_batch else 1, rng), layer.dtype)
     cl.backward(x, x)

@@ -14,7 +14,7 @@ import pytest
 
 from normgen import load_spec, reference
 from normgen.cli import main
-from normgen.render import emit
+from normgen.targets.render import emit
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted((ROOT / "examples").glob("*/*.toml"))

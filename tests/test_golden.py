@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from normgen import BatchNorm, GroupNorm, LayerNorm
-from normgen.render import emit
+from normgen.targets.render import emit
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 REGENERATE = os.environ.get("NORMGEN_REGENERATE") == "1"

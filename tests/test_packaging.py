@@ -21,7 +21,7 @@ def test_installed_package_runs_from_elsewhere(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "encoder_ln.c").read_text() == (ROOT / "generated" / "c" / "sequence" / "encoder_ln.c").read_text()
-    where = subprocess.run([sys.executable, "-c", "import normgen.render as r; print(r.template_dir())"],
+    where = subprocess.run([sys.executable, "-c", "import normgen.targets.render as r; print(r.template_dir())"],
                            cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
     if Path(where).parent != ROOT:  # an installed copy, not this checkout (or an editable install of it)
         assert Path(where).name == "templates" and Path(where).parent.name == "normgen"

@@ -14,8 +14,10 @@ import pytest
 
 from helpers import grid
 from normgen import BatchNorm, GroupNorm, LayerNorm, NormgenError
-from normgen.plan import MAX_ACCUMULATORS, lower
+from normgen.lowering import lower
+from normgen.lowering.plan import MAX_ACCUMULATORS
 from normgen.reference import full_shape, grouped_view
+from normgen.targets.c.sweep import sweep_of
 
 LAYERS = list(grid(dtypes=("float32",)))
 
@@ -116,11 +118,11 @@ def test_c_target_rejects_half_types():
 
 @pytest.mark.parametrize("layer", LAYERS, ids=lambda l: l.name)
 def test_backward_channel_indices(layer):
-    """The training backward's per-channel bookkeeping (normgen/sweep.py): rows with one channel
+    """The training backward's per-channel bookkeeping (normgen/targets/c/sweep.py): rows with one channel
     per run index the block's channels as stat_channel + local; rows with the channel along the
     run keep partial sums for channels partials_from .. + partials_len, which hold the run's."""
     plan = lower(layer)
-    W = plan.sweep
+    W = sweep_of(plan)
     if W.norm not in ("rows_const", "rows"):
         pytest.skip("columns: the forward's channel_expr per column")
     env = {"nb": 2}
@@ -143,15 +145,15 @@ def test_backward_channel_indices(layer):
 @pytest.mark.parametrize("layer", LAYERS, ids=lambda l: l.name)
 @pytest.mark.parametrize("batch", [1, 3])
 def test_pipeline_visits_the_blocks_in_loop_order(layer, batch):
-    """The pipelined rows core (normgen/sweep.py) flattens the statistic loops into one index sb:
+    """The pipelined rows core (normgen/targets/c/sweep.py) flattens the statistic loops into one index sb:
     its statements give the loops' variables in the same order as the nested loops, the block's
     first element is at block_first, and next_shift moves block sb's offsets onto block sb + 1's."""
     if not layer.fmt.has_batch and batch != 1:
         pytest.skip("format has no B")
     plan = lower(layer)
-    W = plan.sweep
+    W = sweep_of(plan)
     if W.blocked:  # every rows core, pipelined or not: K's elements start at the block's first
-        assert W.block_first == plan.stat_offset_expr == lower(layer.replace(parallel="openmp")).sweep.block_first
+        assert W.block_first == plan.stat_offset_expr == sweep_of(lower(layer.replace(parallel="openmp"))).block_first
     if not W.pipelined:
         assert plan.strategy == "columns" or not plan.stat_axes or plan.parallel == "openmp"
         return

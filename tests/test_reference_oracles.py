@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from normgen import reference
-from normgen.layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm
+from normgen.description.layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm
 
 ONNX_RTOL, ONNX_ATOL = 1e-5, 1e-6  # ONNX expectations are float32
 TORCH_RTOL, TORCH_ATOL = 1e-10, 1e-12  # both sides float64

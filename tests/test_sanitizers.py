@@ -12,8 +12,8 @@ import pytest
 
 from helpers import bn_stats, params
 from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, reference
-from normgen.check import compare
-from normgen.render import emit
+from normgen.harness.check import compare
+from normgen.targets.render import emit
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc not found")
 

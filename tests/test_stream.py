@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, build, reference
-from normgen.build import opt_flags
-from normgen.check import random_input
-from normgen.plan import lower
-from normgen.render import render
+from normgen.harness.check import random_input
+from normgen.lowering import lower
+from normgen.targets.c.build import opt_flags
+from normgen.targets.c.sweep import sweep_of
+from normgen.targets.render import render
 
 LAYERS = [
     BatchNorm(name="st_bn_nchw", format="BCSS", shape=[5, 9, 13]),  # predict: runs of 117; train: pipelined rows
@@ -120,7 +121,7 @@ def test_rows_of_whole_lines_are_rotated(layer, dtype, rotate):
     if layer.kind == "batchnorm":
         assert plan.apply_rotate == rotate
     else:
-        assert plan.sweep.rotate == rotate
+        assert sweep_of(plan).rotate == rotate
 
 
 def test_a_call_streams_from_the_threshold_on(tmp_path):

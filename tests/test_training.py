@@ -17,8 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, NormgenError, build, emit, reference
-from normgen.build import compile_c
-from normgen.check import TOLERANCES, random_input
+from normgen.harness.check import TOLERANCES, random_input
+from normgen.targets.c.build import compile_c
+from normgen.targets.cuda.train import lower_train_cuda
 
 # ---- the grid: every kind × layout family × dtype ------------------------------------------
 
@@ -221,7 +222,7 @@ def test_backward_random_shapes(layer, batch):
 
 
 def long_layers():
-    """Layers whose sweeps the small grid does not reach (normgen/sweep.py): runs of whole blocks
+    """Layers whose sweeps the small grid does not reach (normgen/targets/c/sweep.py): runs of whole blocks
     of lanes with a short block at the end, several chunks per statistic, the per-channel partial
     sums of the rows strategy flushed more than once, and each of the four ways the channel runs."""
     return [
@@ -562,8 +563,9 @@ CUDA_TOL = {"float64": 1e-9, "float32": 2e-4, "float16": 4e-3, "bfloat16": 3e-2}
 
 def _nvcc_check(layer, workdir: Path) -> tuple[int, str, set]:
     """nvcc for sm_80 and sm_90, warnings as errors; cached by source, flags and nvcc version."""
-    from normgen.build import _key, cache_dir
-    from normgen.cuda import nvcc_version
+    from normgen.targets.cache import cache_dir
+    from normgen.targets.cache import key as _key
+    from normgen.targets.cuda.module import nvcc_version
 
     files = emit(layer, "cuda")
     flags = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90", "-std=c++17",
@@ -593,13 +595,13 @@ def test_cuda_training_compiles_warning_free_sm80_sm90(tmp_path):
         results = list(pool.map(lambda la: _nvcc_check(la, tmp_path), CUDA_GRID))
     for layer, (rc, err, syms) in zip(CUDA_GRID, results, strict=True):
         assert rc == 0, f"{layer.name}:\n{err[:4000]}"
-        tc = lower_cuda(layer).train.cuda
+        tc = lower_train_cuda(lower_cuda(layer))
         want = {f.name for f in tc.launchers} | set(tc.kernels) | {f"{layer.name}_backward_workspace_size"}
         assert want <= syms, f"{layer.name}: missing {sorted(want - syms)}"
 
 
 def lower_cuda(layer):
-    from normgen.plan import lower
+    from normgen.lowering import lower
 
     return lower(layer, "cuda")
 
@@ -615,7 +617,7 @@ class EmulatedLayer:
 
         self.ct = ctypes
         self.lib, self.layer = lib, layer
-        self.tc = lower_cuda(layer).train.cuda
+        self.tc = lower_train_cuda(lower_cuda(layer))
         self.storage = np.dtype({"float32": np.float32, "float64": np.float64, "float16": np.float16,
                                  "bfloat16": np.uint16}[layer.dtype])  # fmt: skip
         self.acc = np.dtype(np.float64 if self.tc.A == "double" else np.float32)
@@ -633,12 +635,12 @@ class EmulatedLayer:
         return None if a is None else self.ct.c_void_p(a.ctypes.data)
 
     def store(self, x):
-        from normgen.cuda import to_storage
+        from normgen.targets.cuda.module import to_storage
 
         return np.array(to_storage(x, self.layer.dtype), copy=True)  # the kernels write in place
 
     def load(self, a):
-        from normgen.cuda import from_storage
+        from normgen.targets.cuda.module import from_storage
 
         return from_storage(a, self.layer.dtype).astype(np.float64)
 
@@ -674,7 +676,9 @@ def emulated_library(layers, tmp_path_factory, tag="train"):
     import ctypes
     from concurrent.futures import ThreadPoolExecutor
 
-    from normgen.build import _key, cache_dir, compiler_version
+    from normgen.targets.c.build import compiler_version
+    from normgen.targets.cache import cache_dir
+    from normgen.targets.cache import key as _key
 
     flags = ["-std=c++17", "-O1", "-w", "-fPIC"]
     sources = {fname: text for la in layers for fname, text in emit(la, "cuda").items()}
@@ -715,7 +719,7 @@ def _cuda_close(got, want, layer, what):
 @needs_emu
 @pytest.mark.parametrize("layer", CUDA_GRID, ids=lambda la: la.name)
 def test_cuda_training_emulated_matches_reference(emulated, layer):
-    from normgen.cuda import round_to
+    from normgen.targets.cuda.module import round_to
 
     em = EmulatedLayer(emulated, layer)
     rng = np.random.default_rng(21)
@@ -766,7 +770,7 @@ def test_cuda_training_emulated_matches_reference(emulated, layer):
 @needs_emu
 @pytest.mark.parametrize("name", ["cbn_nchw32", "cbn_msscb_bf", "cbn_bc64"])
 def test_cuda_population_emulated(emulated, name):
-    from normgen.cuda import round_to
+    from normgen.targets.cuda.module import round_to
 
     layer = next(la for la in CUDA_GRID if la.name == name)
     em = EmulatedLayer(emulated, layer)
@@ -794,7 +798,7 @@ def test_cuda_population_emulated(emulated, name):
 
 @needs_emu
 def test_cuda_errors_and_aliasing_emulated(emulated):
-    from normgen.cuda import round_to
+    from normgen.targets.cuda.module import round_to
 
     layer = next(la for la in CUDA_GRID if la.name == "cgn_nhwc32")
     em = EmulatedLayer(emulated, layer)
@@ -822,7 +826,7 @@ def test_cuda_errors_and_aliasing_emulated(emulated):
 def test_cuda_training_on_gpu(layer):
     """CudaLayer's training methods (pycuda, real GPU) against the reference; skips without one."""
     pytest.importorskip("pycuda")
-    from normgen.cuda import round_to
+    from normgen.targets.cuda.module import round_to
 
     try:
         c = build(layer, "cuda")

@@ -12,7 +12,7 @@
  *   - __shfl_down_sync() exchanges through a per-warp slot with two warp barriers;
  *   - __shared__ is `static` (one instance, shared by the block's fibers; blocks run in turn);
  *   - cudaLaunchKernel() runs the grid at once and records the launch (kernel name, grid, block)
- *     for the test to compare with normgen.cuda_plan's launches.
+ *     for the test to compare with normgen.targets.cuda.plan's launches.
  */
 #pragma once
 

@@ -568,7 +568,7 @@ extern "C" __global__ void __launch_bounds__(256) block_gn_predict_apply(const e
     }
 }
 
-/* ---- host launch shapes (normgen/cuda_plan.py computes the same) ----------------------------- */
+/* ---- host launch shapes (normgen/targets/cuda/plan.py computes the same) ---------------------- */
 
 /* Statistics of one call. */
 static size_t stat_count(size_t nb)

@@ -524,7 +524,7 @@ extern "C" __global__ void __launch_bounds__(256) decoder_ln_predict_apply(const
     }
 }
 
-/* ---- host launch shapes (normgen/cuda_plan.py computes the same) ----------------------------- */
+/* ---- host launch shapes (normgen/targets/cuda/plan.py computes the same) ---------------------- */
 
 /* Statistics of one call. */
 static size_t stat_count(size_t nb)

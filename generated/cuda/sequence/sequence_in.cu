@@ -490,7 +490,7 @@ extern "C" __global__ void __launch_bounds__(256) sequence_in_predict_apply(cons
     }
 }
 
-/* ---- host launch shapes (normgen/cuda_plan.py computes the same) ----------------------------- */
+/* ---- host launch shapes (normgen/targets/cuda/plan.py computes the same) ---------------------- */
 
 /* Statistics of one call. */
 static size_t stat_count(size_t nb)

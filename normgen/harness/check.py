@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import reference
-from .layers import Layer
+from .. import reference
+from ..description.layers import Layer
 
 #: y passes when |y - ref| <= atol + rtol * |ref| everywhere (ref in float64 from the same input).
 TOLERANCES = {

@@ -1,10 +1,10 @@
-"""The CUDA target's launch shapes, derived from the target-independent :class:`~normgen.plan.Plan`.
+"""The CUDA target's launch shapes, derived from the target-independent :class:`~normgen.lowering.plan.Plan`.
 
 There is no second lowering here: the plan's merged axes (memory order, kept or reduced,
 extents, strides, channel multipliers) are regrouped into the shape the CUDA kernels index, and
 every launch shape is a function of the plan and the run-time batch. The same numbers are
 rendered into the host launchers (``templates/cuda/layer.cu.j2``) and used by
-:class:`normgen.cuda.CudaLayer`, which calls the ``__global__`` kernels directly; a test runs the
+:class:`normgen.targets.cuda.module.CudaLayer`, which calls the ``__global__`` kernels directly; a test runs the
 rendered launchers under a CPU emulator and checks that they launch exactly what
 :meth:`CudaPlan.launches` says.
 
@@ -33,8 +33,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .errors import NormgenError
-from .plan import ONE, TARGET_CTYPES, Axis, Extent, Plan
+from ...errors import NormgenError
+from ...lowering.plan import ONE, TARGET_CTYPES, Axis, Extent, Plan
 
 #: Bytes of one vector access.
 VEC_BYTES = 16
@@ -356,7 +356,7 @@ class Generic:
 
 @dataclass(frozen=True)
 class CudaPlan:
-    """Everything the CUDA templates and :class:`normgen.cuda.CudaLayer` need beyond the plan."""
+    """Everything the CUDA templates and :class:`normgen.targets.cuda.module.CudaLayer` need beyond the plan."""
 
     plan: Plan
     T: str  # storage type
@@ -659,6 +659,6 @@ def derive(plan: Plan) -> CudaPlan:
 
 def cuda_plan(layer) -> CudaPlan:
     """A layer → its CUDA plan (lowered for the cuda target)."""
-    from .plan import lower
+    from ...lowering import lower
 
     return derive(lower(layer, "cuda"))

@@ -1,6 +1,6 @@
 """How the C core walks one statistic block: contiguous *runs*, accumulator *lanes*, OpenMP.
 
-Derived from a :class:`normgen.plan.Plan` (``plan.sweep``); the templates only substitute it.
+Derived from a :class:`normgen.lowering.plan.Plan` (``sweep_of(plan)``, the C target's plan extension); the templates only substitute it.
 
 The core computes each statistic block's statistics chunk by chunk (cache-sized chunks,
 Chan's merge between chunks), then normalizes the block. Both passes walk
@@ -61,7 +61,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .plan import CTYPE_SIZES, Axis, Extent, Loop, Plan, Rotation, _offset, rows_of_whole_lines
+from ...lowering.plan import CTYPE_SIZES, Axis, Extent, Loop, Plan, Rotation, _offset, rows_of_whole_lines
 
 #: Bytes of independent partial sums in a rows run: 128 bytes are four AVX registers (eight
 #: SSE2 ones), enough to hide the latency of the adds: 32 float lanes or 16 double lanes.
@@ -147,6 +147,8 @@ class Sweep:
     #: begin on y's first line, with the per-column values rotated to match (``norm_rotated``), so
     #: that no line of y is split between two rows
     rotate: bool = False
+    #: batch-norm predict's rows of whole lines (Plan.apply_rotate), written rotated
+    apply_rotation: Rotation | None = None
 
     @property
     def tiles(self) -> list[tuple[str, int]]:
@@ -626,6 +628,7 @@ def sweep_of(plan: Plan) -> Sweep:
             partials_len=run_axis.extent.static if run_axis.channel_mul else 1, nacc=plan.nacc,
             shift_probe=1 if run_axis.extent.batched else min(SHIFT_PROBE, run_len),
             block_first=plan.stat_offset_expr,
+            apply_rotation=plan.apply_rotation(omp_apply_chunk),
             **_pipeline(plan, openmp),
         )
     first, inner = domain[0], domain[1:]
@@ -657,4 +660,5 @@ def sweep_of(plan: Plan) -> Sweep:
         tile_shift=Extent(first.stride.static * TILE_PREFETCH_ROWS, first.stride.batched).expr(),
         rotate=not first.channel_mul and rows_of_whole_lines(width, first.stride, plan.itemsize),
         block_first=plan.stat_offset_expr,
+        apply_rotation=plan.apply_rotation(omp_apply_chunk),
     )

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import NormgenError
+from ..errors import NormgenError
 from .layers import KINDS, Layer
 
 if sys.version_info >= (3, 11):

@@ -1,6 +1,6 @@
 """Layer descriptions: frozen dataclasses, validated and resolved on construction.
 
-A description says *what* a layer computes; :mod:`normgen.plan` decides *how*.
+A description says *what* a layer computes; :mod:`normgen.lowering` decides *how*.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .errors import NormgenError
+from ..errors import NormgenError
 from .formats import Format, from_matlab, parse_format
 
 Initializer = str | Callable[[int], Any] | Sequence[float] | np.ndarray | None

@@ -1,11 +1,11 @@
 """Compiling generated CUDA with nvcc and running its kernels through pycuda.
 
 :class:`CudaLayer` is the CUDA target's test bench, with the C target's API
-(:class:`normgen.build.CompiledLayer`): ``.predict(x)`` and, for batch norm, ``.train_forward(x)``
+(:class:`normgen.targets.c.build.CompiledLayer`): ``.predict(x)`` and, for batch norm, ``.train_forward(x)``
 updating ``.running_mean`` / ``.running_var``. It takes NumPy arrays (copied to and from the
 device) or pycuda ``GPUArray`` s (used in place). pycuda cannot call the generated host launchers,
 so the ``extern "C" __global__`` kernels are called directly with the launch shapes of
-:meth:`normgen.cuda_plan.CudaPlan.launches` — the same numbers the launchers are rendered with.
+:meth:`normgen.targets.cuda.plan.CudaPlan.launches` — the same numbers the launchers are rendered with.
 
 bfloat16 has no NumPy dtype: NumPy inputs of a bfloat16 layer are rounded to bfloat16
 (round-to-nearest-even) and outputs come back as float32; on the device a bfloat16 tensor is a
@@ -28,13 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import reference
-from .build import _key, cache_dir
-from .cuda_plan import ERRORS, CudaPlan, derive
-from .errors import NormgenError
-from .layers import Layer
-from .plan import lower
-from .render import emit
+from ... import reference
+from ...description.layers import Layer
+from ...errors import NormgenError
+from ...lowering import lower
+from ..cache import cache_dir, key
+from ..render import emit
+from .plan import ERRORS, CudaPlan, derive
+from .storage import from_storage, round_to, storage_dtype, to_storage  # noqa: F401  (re-exported)
 from .training import CudaTraining
 
 #: nvcc flags of every build (the architecture is added per device).
@@ -66,39 +67,6 @@ def nvcc_version(path: str | None = None) -> str:
     return out.strip().splitlines()[-1] if out.strip() else path
 
 
-# ---- storage conversions (no pycuda needed) -------------------------------------------------------
-def storage_dtype(dtype: str) -> np.dtype:
-    """The NumPy dtype of a layer dtype's device storage (bfloat16: its uint16 bits)."""
-    return np.dtype({"float32": "float32", "float64": "float64", "float16": "float16", "bfloat16": "uint16"}[dtype])
-
-
-def to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
-    """Values → the device storage of ``dtype`` (bfloat16: uint16 bits, round to nearest even)."""
-    x = np.asarray(x)
-    if dtype != "bfloat16":
-        return np.ascontiguousarray(x, dtype=storage_dtype(dtype))
-    f = np.ascontiguousarray(x, dtype=np.float32)
-    bits = f.view(np.uint32).astype(np.uint64)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-    nan = np.isnan(f)
-    if nan.any():
-        rounded[nan] = ((bits[nan] >> 16) | 0x40).astype(np.uint16)  # stay a (quiet) NaN
-    return rounded
-
-
-def from_storage(a: np.ndarray, dtype: str) -> np.ndarray:
-    """Device storage of ``dtype`` → NumPy values (bfloat16 → float32)."""
-    a = np.asarray(a)
-    if dtype != "bfloat16":
-        return a
-    return (a.astype(np.uint32) << 16).view(np.float32)
-
-
-def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
-    """x rounded to ``dtype``'s precision, as float64 (what the device actually reads)."""
-    return from_storage(to_storage(x, dtype), dtype).astype(np.float64)
-
-
 # ---- building -------------------------------------------------------------------------------------
 def compile_cubin(layer: Layer, arch: str, *, flags: list[str] | None = None) -> tuple[Path, CudaPlan]:
     """Compile a layer's generated CUDA for ``arch`` (e.g. "sm_90") into a cubin (cached)."""
@@ -106,11 +74,11 @@ def compile_cubin(layer: Layer, arch: str, *, flags: list[str] | None = None) ->
     files = emit(layer, "cuda")
     flags = list(NVCC_FLAGS if flags is None else flags)
     compiler = nvcc()
-    key = _key([*files.values(), " ".join(flags), arch, nvcc_version(compiler)])
+    digest = key([*files.values(), " ".join(flags), arch, nvcc_version(compiler)])
     root = cache_dir()
-    cubin = root / f"_normgen_{cp.name}_{key}.{arch}.cubin"
+    cubin = root / f"_normgen_{cp.name}_{digest}.{arch}.cubin"
     if not cubin.exists():
-        work = Path(tempfile.mkdtemp(prefix=f"_normgen_{cp.name}_{key}-", dir=root))
+        work = Path(tempfile.mkdtemp(prefix=f"_normgen_{cp.name}_{digest}-", dir=root))
         for fname, text in files.items():
             (work / fname).write_text(text)
         out = work / "layer.cubin"

@@ -8,7 +8,6 @@ in the directory the error message names.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shlex
@@ -20,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import reference
-from .errors import NormgenError
-from .layers import Layer
-from .plan import Plan, lower
-from .render import emit
-from .train_plan import cdef as train_cdef
+from ... import reference
+from ...description.layers import Layer
+from ...errors import NormgenError
+from ...lowering import lower
+from ...lowering.plan import Plan
+from ..cache import cache_dir, key
+from ..render import emit
 from .training import CTraining
 
 STRICT_FLAGS = ["-std=c99", "-Wall", "-Wextra", "-pedantic", "-Werror"]
@@ -35,15 +35,6 @@ NUMPY_DTYPES = {"float32": np.float32, "float64": np.float64}
 
 class BuildError(NormgenError):
     """The C compiler rejected generated code."""
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("NORMGEN_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "normgen"
-    )
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def cc() -> str:
@@ -64,6 +55,19 @@ def opt_flags() -> list[str]:
     return shlex.split(env) if env else list(DEFAULT_OPT)
 
 
+def train_cdef(plan: Plan) -> str:
+    """The cffi declarations of the training half (the population struct and every entry point)."""
+    train = plan.train
+    lines = []
+    if train.population:
+        lines.append(
+            f"typedef struct {{\n    double count;\n    double mean[{plan.channels}];\n"
+            f"    double m2[{plan.channels}];\n}} {train.stats_type};"
+        )
+    lines += [f"int {f.signature};" for f in train.functions]
+    return "\n".join(lines) + "\n"
+
+
 def cdef(plan: Plan) -> str:
     """The declarations cffi needs: the params struct and every entry point."""
     lines = []
@@ -76,14 +80,6 @@ def cdef(plan: Plan) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _key(parts: list[str]) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p.encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
 def compile_c(layer: Layer, *, flags: list[str] | None = None):
     """Compile a layer's generated C into a cffi module (cached); returns (module, plan)."""
     import cffi
@@ -94,9 +90,9 @@ def compile_c(layer: Layer, *, flags: list[str] | None = None):
     if plan.parallel == "openmp" and "-fopenmp" not in flags:
         flags = [*flags, "-fopenmp"]  # the layer's `#pragma omp` loops (compiled and linked with it)
     compiler = cc()
-    key = _key([*files.values(), cdef(plan), " ".join(flags), compiler_version(compiler),
+    digest = key([*files.values(), cdef(plan), " ".join(flags), compiler_version(compiler),
                 cffi.__version__, sys.version])
-    modname = f"_normgen_{plan.name}_{key}"
+    modname = f"_normgen_{plan.name}_{digest}"
     root = cache_dir()
     built = list(root.glob(f"{modname}*.so"))
     if not built:
@@ -209,15 +205,3 @@ class CompiledLayer(CTraining):
         rc = fn(*self._lead, self._ptr(x), self._ptr(y), batch, self._ptr(self.running_mean), self._ptr(self.running_var))
         self._check(rc, "train_forward")
         return y
-
-
-def build(layer: Layer, target: str = "c", **options):
-    """Compile a layer for a target and load it: an object with ``.predict(x)`` and, for batch
-    norm, ``.train_forward(x)``, on NumPy arrays shaped in the layer's format."""
-    if target == "c":
-        return CompiledLayer(layer, **options)
-    if target == "cuda":
-        from .cuda import CudaLayer
-
-        return CudaLayer(layer, **options)
-    raise NormgenError(f"target {target!r} is not one of c, cuda")

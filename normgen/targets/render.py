@@ -7,16 +7,20 @@ from pathlib import Path
 
 import jinja2
 
-from .errors import NormgenError
-from .layers import Layer
-from .plan import Plan, lower
+from ..description.layers import Layer
+from ..errors import NormgenError
+from ..lowering import lower
+from ..lowering.plan import Plan
+from .c.sweep import sweep_of
+from .cuda.plan import derive
+from .cuda.train import lower_train_cuda
 
 TARGETS = ("c", "cuda")
 
 
 def template_dir() -> Path:
     """Installed: ``normgen/templates``; in a source checkout: ``templates/`` beside the package."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent
     for candidate in (here / "templates", here.parent / "templates"):
         if (candidate / "common" / "macros.j2").is_file():
             return candidate
@@ -44,10 +48,18 @@ FILES = {
 }
 
 
+#: What each target adds to the plan before its templates see it (its plan extension), by name.
+EXTENSIONS = {
+    "c": lambda plan: {"sweep_plan": sweep_of(plan)},
+    "cuda": lambda plan: {"cp": derive(plan), "tc": lower_train_cuda(plan)},
+}
+
+
 def render(plan: Plan, target: str) -> dict[str, str]:
     """A plan → {file name: text}."""
     env = environment()
-    return {pattern.format(name=plan.name): env.get_template(tpl).render(plan=plan) for pattern, tpl in FILES[target]}
+    context = {"plan": plan, **EXTENSIONS[target](plan)}
+    return {pattern.format(name=plan.name): env.get_template(tpl).render(context) for pattern, tpl in FILES[target]}
 
 
 def emit(layer: Layer, target: str = "c") -> dict[str, str]:

@@ -45,9 +45,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, reference
-from .errors import NormgenError
-from .layers import Layer
+from .. import __version__, reference
+from ..description.layers import Layer
+from ..errors import NormgenError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -295,7 +295,7 @@ def load_config(layers: list[Layer], spec: str, config: str | None, batch: int |
 
 
 def _spec_names(spec: str) -> set[str]:
-    from .spec import load_spec
+    from ..description.spec import load_spec
 
     return {layer.name for layer in load_spec(spec)}
 
@@ -305,7 +305,7 @@ def machine_info(target: str) -> dict:
             "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__}
     info.update(_cpuinfo())
     if target == "c":
-        from .build import cc, compiler_version
+        from ..targets.c.build import cc, compiler_version
 
         info["compiler"] = compiler_version(cc())
     return info
@@ -387,7 +387,7 @@ class CFunctions:
     """Direct calls of the generated C through the cffi module, on preallocated buffers."""
 
     def __init__(self, layer: Layer, flags: list[str], batch: int, rng: np.random.Generator):
-        from .build import CompiledLayer
+        from ..targets.c.build import CompiledLayer
         from .check import random_input
 
         self.layer = layer
@@ -636,7 +636,7 @@ def _copy_pair(nbytes: int, x: np.ndarray, y: np.ndarray) -> Callable[[], object
 
 
 def bench_c(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) -> Report:
-    from .build import BuildError
+    from ..targets.c.build import BuildError
 
     flags_text = args.flags if args.flags is not None else os.environ.get("NORMGEN_CFLAGS") or DEFAULT_FLAGS
     flags = shlex.split(flags_text)
@@ -716,7 +716,7 @@ def _wanted(args: argparse.Namespace, cfg: BenchConfig, name: str, role: str) ->
 
 def _roles(layer: Layer, target: str) -> list[str]:
     """The functions of a layer the bench times, in ROLES order."""
-    from .plan import lower
+    from ..lowering import lower
 
     plan = lower(layer, target)
     roles = {f.role for f in plan.functions}
@@ -774,7 +774,7 @@ def bench_cuda(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) 
     """Time the CUDA kernels with CUDA events (``CudaLayer.time``), against a device-to-device
     copy of the same bytes and torch.cuda, all on pycuda's primary context (shared with torch)."""
     try:
-        from .cuda import CudaLayer, _pycuda, to_storage
+        from ..targets.cuda.module import CudaLayer, _pycuda, to_storage
     except ImportError as exc:
         raise NormgenError(f"the CUDA target is not available: {exc}") from None
     drv, gpuarray = _pycuda()  # NormgenError without pycuda
@@ -786,7 +786,7 @@ def bench_cuda(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) 
 
     info = machine_info("cuda")
     info["gpu"] = dev.name()
-    report = Report(__version__, "cuda", str(args.spec), 1, "nvcc (normgen.cuda defaults)", info, BYTES_DOC)
+    report = Report(__version__, "cuda", str(args.spec), 1, "nvcc (normgen.targets.cuda defaults)", info, BYTES_DOC)
     have_torch = not args.no_torch and _importable("torch")
     rng = np.random.default_rng(0)
     progress = Progress(_total(layers, cfg, args))
@@ -931,7 +931,7 @@ def write_plot(report: Report, path: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``normgen bench``: returns the exit status."""
-    from .spec import load_spec
+    from ..description.spec import load_spec
 
     if args.threads < 1:
         raise NormgenError(f"--threads must be a positive integer, got {args.threads}")

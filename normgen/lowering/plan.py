@@ -9,7 +9,7 @@ The plan resolves everything a template needs, so templates only substitute and 
 * which axes index a statistic (*kept*) and which are reduced over;
 * the loop structure of the one normalization core: *statistic loops* (kept axes outside every
   reduced axis) around a *domain* (the rest, in memory order) whose statistics are accumulated
-  chunk by chunk (cache-sized chunks, Chan's merge between them: normgen/sweep.py) into
+  chunk by chunk (cache-sized chunks, Chan's merge between them: normgen/targets/c/sweep.py) into
   ``nacc`` accumulators, one per kept position inside the domain;
 * folded constants and parameter arrays as literals of the element type.
 
@@ -20,14 +20,14 @@ which axes are kept.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
+from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .errors import NormgenError
-from .layers import Layer
-from .reference import reduced_letters
+from .. import __version__
+from ..description.kinds import Semantics, semantics
+from ..description.layers import Layer
+from ..errors import NormgenError
 
 #: Elements of one statistics chunk: two passes over it stay in L1/L2.
 CHUNK_ELEMS = 8192
@@ -207,27 +207,11 @@ class Plan:
 
     format: str = ""
     has_batch: bool = True
-
-    @property
-    def train(self):
-        """The training half (backward, update, population statistics): normgen/train_plan.py."""
-        from .train_plan import lower_train
-
-        return lower_train(self)
-
-    @property
-    def cuda(self):
-        """The CUDA target's launch shapes, derived from this plan: normgen/cuda_plan.py."""
-        from .cuda_plan import derive
-
-        return derive(self)
-
-    @cached_property
-    def sweep(self):
-        """How the C core walks a statistic block (runs, lanes, OpenMP): normgen/sweep.py."""
-        from .sweep import sweep_of
-
-        return sweep_of(self)
+    #: What is computed, independent of any target: the statistic, what it reduces over.
+    semantics: Semantics | None = None
+    #: The training half (backward, update, population statistics): normgen/lowering/train.py,
+    #: attached by :func:`normgen.lowering.lower`.
+    train: Any = None
 
     @property
     def has_train_forward(self) -> bool:
@@ -282,14 +266,13 @@ class Plan:
         return (run is not None and len(self.apply_axes) == 2 and self.apply_channel_expr == run[0]
                 and rows_of_whole_lines(self.channels, self.apply_axes[0].stride, self.itemsize))
 
-    @property
-    def apply_rotation(self) -> Rotation | None:
-        """apply_rotate: the rows, and the folded constants rotated (apply_rotated reads them)."""
+    def apply_rotation(self, omp_chunk: int) -> Rotation | None:
+        """apply_rotate: the rows, and the folded constants rotated (apply_rotated reads them);
+        ``omp_chunk``: rows an OpenMP thread takes at a time (the target's choice)."""
         if not self.apply_rotate:
             return None
         a, b = self.fold_ref["a"], self.fold_ref["b"]
-        return Rotation(self.channels, self.apply_loops[0], self.apply_run[0], "", ((a, "a_r"), (b, "b_r")),
-                        self.sweep.omp_apply_chunk)
+        return Rotation(self.channels, self.apply_loops[0], self.apply_run[0], "", ((a, "a_r"), (b, "b_r")), omp_chunk)
 
     def apply_row(self, i: str, target: str = "") -> list[str]:
         """Batch-norm predict's statement for element ``i`` of the row at xr, yr (apply_rotation;
@@ -412,7 +395,7 @@ def literal(value: float, ctype: str) -> str:
 
 def _axes(layer: Layer) -> list[Axis]:
     """Format dimensions → merged axes with roles, memory order (outermost first)."""
-    reduce = reduced_letters(layer)
+    reduce = semantics(layer).reduced
     raw: list[tuple[str, Extent, bool, bool]] = []  # letters, extent, keep, is_channel_part
     dims = iter(layer.dims)
     for ch in layer.fmt.letters:
@@ -505,7 +488,7 @@ def _strategy(axes: list[Axis]) -> tuple[str, list[Axis], list[Axis]]:
 
 
 def _statistic_words(layer: Layer) -> tuple[str, str]:
-    red = reduced_letters(layer)
+    red = semantics(layer).reduced
     names = {"B": "B", "S": "S", "T": "T", "U": "U", "C": "C"}
     over = [names[ch] for ch in "BCSTU" if ch in red and ch in layer.fmt.letters]
     if layer.kind == "groupnorm":
@@ -518,8 +501,9 @@ def _statistic_words(layer: Layer) -> tuple[str, str]:
     return ", ".join(over) or "nothing", "(" + ", ".join(per) + ")" if per else "the whole tensor"
 
 
-def lower(layer: Layer, target: str = "c") -> Plan:
-    """Resolve a layer into the plan its templates render."""
+def lower_forward(layer: Layer, target: str = "c") -> Plan:
+    """Resolve a layer into the forward plan its templates render (the training half is
+    :func:`normgen.lowering.train.lower_train`'s)."""
     ctypes = TARGET_CTYPES.get(target, CTYPES)
     if layer.dtype not in ctypes:
         raise NormgenError(
@@ -595,7 +579,7 @@ def lower(layer: Layer, target: str = "c") -> Plan:
         elements=elements,
         params=params,
         folded=folded,
-        reduced_letters=reduced_letters(layer),
+        reduced_letters=semantics(layer).reduced,
         statistic_over=over,
         statistic_per=per,
         decays=decays,
@@ -604,4 +588,5 @@ def lower(layer: Layer, target: str = "c") -> Plan:
             "scale_learn_rate_factor", "offset_learn_rate_factor", "scale_l2_factor", "offset_l2_factor")},
         format=layer.fmt.letters,
         has_batch=layer.fmt.has_batch,
+        semantics=semantics(layer),
     )

@@ -1,0 +1,1 @@
+"""The description stage: what a layer computes (kinds, formats, layers, spec files)."""

@@ -1,0 +1,1 @@
+"""The harness: checking generated code against the reference, and benchmarking it."""

@@ -1,0 +1,15 @@
+"""The whole lowering: the forward plan, with its training half attached."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..description.layers import Layer
+from .plan import Plan, lower_forward
+from .train import lower_train
+
+
+def lower(layer: Layer, target: str = "c") -> Plan:
+    """Resolve a layer into the plan every target renders (``target`` picks the element types)."""
+    plan = lower_forward(layer, target)
+    return dataclasses.replace(plan, train=lower_train(plan))

@@ -1,0 +1,2 @@
+"""The C target: the sweep (how the C core walks a statistic block), the cffi build and the
+test bench."""

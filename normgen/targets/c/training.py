@@ -1,0 +1,135 @@
+"""The C target's training test bench: backward, saved statistics, parameter update and
+population statistics through cffi (docs/training.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...errors import NormgenError
+from ..training import SGDM_DEFAULTS, TRAIN_ERRORS, TrainingBench
+
+
+class CTraining(TrainingBench):
+    """Training methods of :class:`normgen.targets.c.build.CompiledLayer` (mixed in)."""
+
+    def _train_fn(self, role: str):
+        return getattr(self._lib, f"{self.layer.name}_{role}")
+
+    def _train_check(self, rc: int, role: str) -> None:
+        if rc:
+            raise NormgenError(f"{self.layer.name}_{role} returned {rc} ({TRAIN_ERRORS.get(rc, 'unknown error')})")
+
+    def _acc_ptr(self, arr: np.ndarray):
+        return self.ffi.cast(f"{self.plan.acc_type} *", self.ffi.from_buffer(arr))
+
+    def train_forward_save(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Training forward that also returns the saved (mean, 1/sqrt(var + ε)) per statistic,
+        float64, laid out as :func:`normgen.reference.saved_statistics`. Batch norm also updates
+        ``running_mean``/``running_var`` as :meth:`train_forward` does."""
+        x, batch = self._input(x)
+        y = np.empty_like(x)
+        n = self.saved_count(batch)
+        mean, inv = np.empty(n), np.empty(n)
+        running = [self._ptr(self.running_mean), self._ptr(self.running_var)] if self.layer.kind == "batchnorm" else []
+        rc = self._train_fn("train_forward_save")(
+            *self._lead, self._ptr(x), self._ptr(y), batch, *running, self._acc_ptr(mean), self._acc_ptr(inv)
+        )
+        self._train_check(rc, "train_forward_save")
+        return y, mean, inv
+
+    def _backward(self, role: str, x, dy, saved=()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x, batch = self._input(x)
+        dy = self._dy(x, dy)
+        dx = np.empty_like(x)
+        dscale = np.empty(self.layer.channels, dtype=self.dtype)
+        doffset = np.empty(self.layer.channels, dtype=self.dtype)
+        extra = []
+        for name, arr in zip(("saved_mean", "saved_invstd"), saved, strict=False):  # saved: () or both
+            arr = np.ascontiguousarray(arr, dtype=np.float64).reshape(-1)
+            if arr.size != self.saved_count(batch):
+                raise NormgenError(f"{name} needs {self.saved_count(batch)} values for batch {batch}, got {arr.size}")
+            extra.append(arr)
+        rc = self._train_fn(role)(
+            *self._lead,
+            self._ptr(x),
+            self._ptr(dy),
+            *[self._acc_ptr(a) for a in extra],
+            self._ptr(dx),
+            self._ptr(dscale),
+            self._ptr(doffset),
+            batch,
+        )
+        self._train_check(rc, role)
+        return dx, dscale, doffset
+
+    def backward(self, x: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(dx, dscale, doffset): the gradient of the training forward, statistics from x."""
+        return self._backward("backward", x, dy)
+
+    def backward_saved(self, x, dy, saved_mean, saved_invstd) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`backward` with the statistics returned by :meth:`train_forward_save`."""
+        return self._backward("backward_saved", x, dy, (saved_mean, saved_invstd))
+
+    def backward_frozen(self, x: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Batch norm: (dx, dscale, doffset) with the trained statistics held fixed."""
+        self._require_batchnorm("backward_frozen")
+        return self._backward("backward_frozen", x, dy)
+
+    def update(
+        self,
+        dscale,
+        doffset,
+        *,
+        learn_rate: float = SGDM_DEFAULTS["learn_rate"],
+        l2: float = SGDM_DEFAULTS["l2"],
+        momentum: float = SGDM_DEFAULTS["momentum"],
+    ) -> None:
+        """One SGD-with-momentum step on the run-time scale and offset (``params``), keeping the
+        velocities in ``velocity_scale``/``velocity_offset``. Defaults: MATLAB's sgdm defaults."""
+        self._require_runtime("update")
+        if not hasattr(self, "velocity_scale"):
+            self.reset_velocity()
+        gs, go = self._per_channel("dscale", dscale), self._per_channel("doffset", doffset)
+        rc = self._train_fn("update")(
+            self.params,
+            self._ptr(gs),
+            self._ptr(go),
+            self._ptr(self.velocity_scale),
+            self._ptr(self.velocity_offset),
+            learn_rate,
+            l2,
+            momentum,
+        )
+        self._train_check(rc, "update")
+
+    def reset_stats(self) -> None:
+        """Empty the population-statistics accumulator."""
+        self._require_batchnorm("population statistics")
+        self._stats = self.ffi.new(f"{self.layer.name}_stats *")
+        self._train_check(self._train_fn("stats_reset")(self._stats), "stats_reset")
+
+    def accumulate(self, x: np.ndarray) -> None:
+        """Merge a batch into the population statistics."""
+        self._require_batchnorm("population statistics")
+        if getattr(self, "_stats", None) is None:
+            self.reset_stats()
+        x, batch = self._input(x)
+        self._train_check(self._train_fn("accumulate")(self._stats, self._ptr(x), batch), "accumulate")
+
+    @property
+    def stats_count(self) -> float:
+        """Values per channel accumulated so far."""
+        return 0.0 if getattr(self, "_stats", None) is None else float(self._stats.count)
+
+    def finalize(self) -> tuple[np.ndarray, np.ndarray]:
+        """(trained mean, trained variance) of everything accumulated. With run-time parameters
+        they are written into ``params`` (so predict uses them) as well."""
+        self._require_batchnorm("population statistics")
+        if getattr(self, "_stats", None) is None:
+            self.reset_stats()
+        mean = np.empty(self.layer.channels, dtype=self.dtype)
+        var = np.empty(self.layer.channels, dtype=self.dtype)
+        self._train_check(self._train_fn("finalize")(self._stats, self._ptr(mean), self._ptr(var)), "finalize")
+        if self.plan.runtime_params:
+            self.set_params(trained_mean=mean, trained_variance=var)
+        return mean, var
