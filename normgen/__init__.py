@@ -7,13 +7,13 @@ test bench checked against :mod:`normgen.reference`.
 __version__ = "0.1.0"
 
 from . import reference  # noqa: E402
-from .description.layers import BatchNorm, GroupNorm, InstanceNorm, Layer, LayerNorm  # noqa: E402
+from .description.layers import BatchNorm, GroupNorm, InstanceNorm, Layer, LayerNorm, RMSNorm  # noqa: E402
 from .description.spec import load_spec  # noqa: E402
 from .errors import NormgenError  # noqa: E402
 from .targets.load import build  # noqa: E402
 from .targets.render import emit  # noqa: E402
 
 __all__ = [
-    "BatchNorm", "GroupNorm", "InstanceNorm", "Layer", "LayerNorm", "NormgenError",
+    "BatchNorm", "GroupNorm", "InstanceNorm", "Layer", "LayerNorm", "NormgenError", "RMSNorm",
     "build", "emit", "load_spec", "reference", "__version__",
 ]

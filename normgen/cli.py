@@ -18,14 +18,17 @@ spec files (TOML), one [[layer]] table per layer:
 
   [[layer]]
   name = "bn1"                 # a C identifier: files NAME.h/NAME.c, functions NAME_predict ...
-  kind = "batchnorm"           # batchnorm | groupnorm | layernorm | instancenorm
+  kind = "batchnorm"           # batchnorm | groupnorm | layernorm | instancenorm | rmsnorm
   format = "BCSS"              # row-major letters, outermost first (PyTorch NCHW = "BCSS")
   # matlab_format = "SSCB"     # ...or MATLAB's column-major letters (same layout as "BCSS")
   shape = [64, 56, 56]         # sizes of the non-B dimensions, in the order written
   dtype = "float32"            # float32 | float64 (cuda also float16 | bfloat16)
   epsilon = 1e-5
   num_groups = 32              # groupnorm: integer dividing C, "allchannels" or "channelwise"
-  operation_dimension = "auto" # layernorm: auto | channel-only | spatial-channel | batch-excluded
+  operation_dimension = "auto" # layernorm, rmsnorm: auto | channel-only | spatial-channel | batch-excluded
+                               # (rmsnorm's default: channel-only)
+  affine = "channel"           # channel | element (layernorm, rmsnorm: the normalized dims' shape) | none
+  bias = true                  # false: no offset (rmsnorm's default)
   mean_decay = 0.1             # batchnorm: weight of the new batch value (MATLAB MeanDecay)
   variance_decay = 0.1         # batchnorm: MATLAB VarianceDecay
   running_variance = "unbiased"  # batchnorm: unbiased (PyTorch) | biased
@@ -121,8 +124,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"  dtype        {layer.dtype}; epsilon {layer.epsilon!r}")
         if layer.kind == "groupnorm":
             print(f"  groups       {layer.groups} of {layer.channels // layer.groups} channels (num_groups = {layer.num_groups!r})")
-        if layer.kind == "layernorm":
+        if layer.kind in ("layernorm", "rmsnorm"):
             print(f"  operation    {layer.resolved_dimension} (operation_dimension = {layer.operation_dimension!r})")
+        if layer.kind == "rmsnorm":
+            print("  normalize    y = x / sqrt(mean(x^2) + epsilon): no mean subtracted")
         n1 = count(layer, 1)
         per = f"{n1} values" + (" x batch" if layer.kind == "batchnorm" and layer.fmt.has_batch else "")
         print(f"  statistics   one per {plan.statistic_per}, over {plan.statistic_over} ({per} each)")
@@ -131,7 +136,11 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(f"  train        batch statistics; running = decay * batch + (1 - decay) * running "
                   f"(mean_decay {layer.mean_decay!r}, variance_decay {layer.variance_decay!r}, {layer.running_variance} variance)")
         c = layer.channels
-        print(f"  learnable    {layer.learnable_count} (scale {c}, offset {c})")
+        shape = " x ".join(map(str, layer.param_shape))
+        learn = ", ".join(f"{k} {shape}" for k in layer.learnable_arrays()) or "none"
+        print(f"  affine       {layer.affine}, bias {str(layer.bias).lower()}: {plan.param_per.split(',')[0]}"
+              if layer.has_scale else f"  affine       {layer.affine}: y is not scaled or shifted")
+        print(f"  learnable    {layer.learnable_count} ({learn})")
         if layer.state_count:
             print(f"  state        {layer.state_count} (trained_mean {c}, trained_variance {c})")
         else:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .description.kinds import reduced_letters  # noqa: F401  (kind semantics: description/kinds.py)
+from .description.kinds import reduced_letters, semantics  # kind semantics: description/kinds.py
 from .description.layers import Layer
 from .errors import NormgenError
 
@@ -49,7 +49,7 @@ def grouped_view(layer: Layer, x: np.ndarray) -> tuple[np.ndarray, tuple[int, ..
     reduce = reduced_letters(layer)
     axes = [i for i, ch in enumerate(letters) if ch in reduce]
     c = letters.index("C")
-    if layer.kind != "groupnorm":
+    if not semantics(layer).grouped:
         return x, tuple(axes), c
     g = layer.groups
     shape = x.shape[:c] + (g, layer.channels // g) + x.shape[c + 1:]
@@ -66,10 +66,14 @@ def _channel_shape(layer: Layer, ndim: int) -> tuple[int, ...]:
 
 def statistics(layer: Layer, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and biased (1/n) variance of each statistic, with the reduced axes kept as size 1
-    in the grouped view (so they broadcast against it)."""
+    in the grouped view (so they broadcast against it). RMSNorm (statistic ``mean_square``):
+    a mean of 0 and the mean of x², so that every kind normalizes as (x − mean)/√(var + ε)."""
     batch_of(layer, x)
     x = np.asarray(x, dtype=np.float64)
     view, axes, _ = grouped_view(layer, x)
+    if not semantics(layer).centered:
+        square = (view * view).mean(axis=axes, keepdims=True)
+        return np.zeros_like(square), square
     mean = view.mean(axis=axes, keepdims=True)
     var = ((view - mean) ** 2).mean(axis=axes, keepdims=True)
     return mean, var
@@ -82,11 +86,31 @@ def count(layer: Layer, batch: int) -> int:
     return int(np.prod([view.shape[a] for a in axes]))
 
 
+def _affine_shape(layer: Layer, ndim: int) -> tuple[int, ...]:
+    """The shape γ and β broadcast with against x: (…, C, …) per channel (and without affine,
+    whose γ = 1, β = 0 are per channel); per element, the normalized dimensions in place."""
+    if layer.affine != "element":
+        return _channel_shape(layer, ndim)
+    normalized = layer.normalized_letters()
+    dims = iter(layer.dims)
+    return tuple(1 if ch == "B" else (d if ch in normalized else 1)
+                 for ch, d in ((ch, 1 if ch == "B" else next(dims)) for ch in layer.fmt.letters))
+
+
+def _param_sum(layer: Layer, a: np.ndarray) -> np.ndarray:
+    """Sum over everything a parameter is shared by: one value per channel, or per element of
+    the normalized dimensions (element affine), flattened."""
+    if layer.affine != "element":
+        return _channel_sum(layer, a)
+    shape = _affine_shape(layer, a.ndim)
+    return a.sum(axis=tuple(i for i, n in enumerate(shape) if n == 1)).reshape(-1)
+
+
 def _normalize(layer: Layer, x: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
     view, _, _ = grouped_view(layer, x)
     z = ((view - mean) / np.sqrt(var + layer.epsilon)).reshape(x.shape)
-    cs = _channel_shape(layer, x.ndim)
-    return z * layer.scale_values.reshape(cs) + layer.offset_values.reshape(cs)
+    ps = _affine_shape(layer, x.ndim)
+    return z * layer.scale_values.reshape(ps) + layer.offset_values.reshape(ps)
 
 
 def predict(layer: Layer, x: np.ndarray) -> np.ndarray:
@@ -94,7 +118,7 @@ def predict(layer: Layer, x: np.ndarray) -> np.ndarray:
     instance's own statistics."""
     batch_of(layer, x)
     x = np.asarray(x, dtype=np.float64)
-    if layer.kind == "batchnorm":
+    if semantics(layer).trained_statistics:
         cs = _channel_shape(layer, x.ndim)
         mean = layer.trained_mean_values.reshape(cs)
         var = layer.trained_variance_values.reshape(cs)
@@ -172,11 +196,13 @@ def backward_saved(
     view, axes, _ = grouped_view(layer, x)
     xhat_v = (view - mean) * inv
     xhat = xhat_v.reshape(x.shape)
-    cs = _channel_shape(layer, x.ndim)
-    dz = dy * layer.scale_values.reshape(cs)  # dL/dxhat
+    dz = dy * layer.scale_values.reshape(_affine_shape(layer, x.ndim))  # dL/dxhat
     dz_v, _, _ = grouped_view(layer, dz)
-    dx_v = inv * (dz_v - dz_v.mean(axis=axes, keepdims=True) - xhat_v * (dz_v * xhat_v).mean(axis=axes, keepdims=True))
-    return dx_v.reshape(x.shape), _channel_sum(layer, dy * xhat), _channel_sum(layer, dy)
+    inner = dz_v - xhat_v * (dz_v * xhat_v).mean(axis=axes, keepdims=True)
+    if semantics(layer).centered:
+        inner = inner - dz_v.mean(axis=axes, keepdims=True)
+    dx_v = inv * inner
+    return dx_v.reshape(x.shape), _param_sum(layer, dy * xhat), _param_sum(layer, dy)
 
 
 def backward(layer: Layer, x: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -189,6 +215,10 @@ def backward(layer: Layer, x: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, n
         dx       = r · (g − mean(g) − x̂ · mean(g · x̂))
         dscale_c = Σ dy · x̂      (over every element of channel c)
         doffset_c = Σ dy
+
+    RMSNorm (μ = 0, σ² = mean(x²)) drops the mean(g) term: dx = r · (g − x̂ · mean(g · x̂)).
+    Element affine: γ, β, dscale and doffset per element of the normalized dimensions (summed
+    over everything else). Layers without a scale or offset still get their gradients here.
 
     A statistic over a single element has x̂ = 0 and dx = 0 (y = β does not depend on x).
     """
@@ -239,8 +269,8 @@ def sgdm_update(
     ):
         p, g, v = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (p, g, v))
         for name, a in (("parameter", p), ("gradient", g), ("velocity", v)):
-            if a.size != layer.channels:
-                raise NormgenError(f"layer {layer.name!r}: {name} has {a.size} values; it needs {layer.channels}")
+            if a.size != layer.param_count:
+                raise NormgenError(f"layer {layer.name!r}: {name} has {a.size} values; it needs {layer.param_count}")
         v = momentum * v - learn_rate * f_lr * (g + l2 * f_l2 * p)
         out.append((p + v, v))
     (new_scale, new_vs), (new_offset, new_vo) = out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm
+from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, NormgenError, RMSNorm
 
 #: format → shape of the non-B dims (format order); one per family the issue names.
 FORMATS = {
@@ -43,6 +43,31 @@ def kinds(fmt_kw: dict, channels: int, dtype: str, tag: str):
     yield InstanceNorm(name=f"in_{tag}", **base)
     for od in ("channel-only", "spatial-channel", "batch-excluded"):
         yield LayerNorm(name=f"ln{od[0]}_{tag}", **base, operation_dimension=od)
+    scale_only = dict(fmt_kw, dtype=dtype, scale=base["scale"])
+    for od in ("channel-only", "spatial-channel", "batch-excluded"):
+        yield RMSNorm(name=f"rms{od[0]}_{tag}", **scale_only, operation_dimension=od)
+    if dtype == "float32":
+        # the affine variants: per element (where the normalized dimensions are next to each
+        # other), without offset, without affine
+        yield from _element(fmt_kw, dtype, tag)
+        yield BatchNorm(name=f"bnnb_{tag}", **scale_only, bias=False, **bn_stats(channels, len(tag)))
+        yield InstanceNorm(name=f"inna_{tag}", **fmt_kw, dtype=dtype, affine="none")
+        yield GroupNorm(name=f"gnna_{tag}", **fmt_kw, dtype=dtype, affine="none", num_groups=3)
+
+
+def _element(fmt_kw: dict, dtype: str, tag: str):
+    """LayerNorm and RMSNorm with per-element affine, spatial-channel and batch-excluded."""
+    rng = np.random.default_rng(len(tag) + 7)
+    for cls, od, bias in ((LayerNorm, "spatial-channel", True), (RMSNorm, "batch-excluded", False),
+                          (LayerNorm, "batch-excluded", False)):
+        try:
+            probe = cls(name="probe", **fmt_kw, operation_dimension=od, affine="element")
+        except NormgenError:
+            continue  # the normalized dimensions are not next to each other in this format
+        shape = probe.param_shape
+        arrays = {"scale": rng.normal(1.0, 0.3, shape)} | ({"offset": rng.normal(0.0, 0.5, shape)} if bias else {})
+        yield cls(name=f"{cls.kind[:3]}e{od[0]}_{tag}", **fmt_kw, dtype=dtype, operation_dimension=od,
+                  affine="element", bias=bias, **arrays)
 
 
 def grid(dtypes=("float32", "float64")):

@@ -51,7 +51,14 @@ BAD = {
     "eps_nan": (layer_spec(epsilon="nan"), ["epsilon", "nan"]),
     "decay": (layer_spec(kind='"batchnorm"', mean_decay="1.5"), ["mean_decay", "1.5", "[0, 1]"]),
     "decay_neg": (layer_spec(kind='"batchnorm"', variance_decay="-0.1"), ["variance_decay", "-0.1"]),
-    "kind": (layer_spec(kind='"rmsnorm"'), ["unknown kind 'rmsnorm'"]),
+    "kind": (layer_spec(kind='"rmsnormx"'), ["unknown kind 'rmsnormx'"]),
+    "affine": (layer_spec(affine='"elementwise"'), ["affine", "'elementwise'", "'channel'"]),
+    "affine_gn": (layer_spec(affine='"element"'), ["'element'", "groupnorm", "'channel' or 'none'"]),
+    "element_apart": (layer_spec(kind='"layernorm"', format='"BSTC"', shape="[4, 3, 12]", affine='"element"',
+                                 operation_dimension='"spatial-channel"'), ["'SC'", "next to each other", "'BSTC'"]),
+    "bias_type": (layer_spec(bias='"yes"'), ["bias", "true or false", "'yes'"]),
+    "bias_without_affine": (layer_spec(affine='"none"', bias="true"), ["bias = true", "'none'"]),
+    "runtime_without_params": (layer_spec(affine='"none"', param_storage='"runtime"'), ["'runtime'", "none"]),
     "dtype": (layer_spec(dtype='"int8"'), ["dtype 'int8'"]),
     "key": (layer_spec(momentum="0.9"), ["unknown key 'momentum'"]),
     "kind_key": (layer_spec(mean_decay="0.1"), ["'mean_decay'", "batchnorm"]),
@@ -95,6 +102,26 @@ BAD_PARAMS = {
     "negative_var": ({"trained_variance": np.r_[np.ones(3), -0.5, np.ones(8)]}, ["trained_variance", "-0.5", "index 3"]),
     "unknown_array": ({"gamma": np.ones(12)}, ["'gamma'"]),
 }
+
+#: Parameter files that do not fit the layer's affine: (spec keys, arrays, needles).
+BAD_AFFINE_PARAMS = {
+    "element_shape": (dict(kind='"layernorm"', operation_dimension='"spatial-channel"', affine='"element"'),
+                      {"scale": np.ones(12)}, ["scale", "(12,)", "(12, 4, 4)", "normalized dimensions"]),
+    "element_flat": (dict(kind='"layernorm"', operation_dimension='"spatial-channel"', affine='"element"'),
+                     {"offset": np.ones(192)}, ["offset", "(192,)", "(12, 4, 4)"]),
+    "offset_without_bias": (dict(kind='"rmsnorm"'), {"scale": np.ones(12), "offset": np.zeros(12)},
+                            ["bias = false", "offset"]),
+    "scale_without_affine": (dict(kind='"instancenorm"', affine='"none"'), {"scale": np.ones(12)},
+                             ["affine = 'none'", "scale"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_AFFINE_PARAMS))
+def test_params_that_do_not_fit_the_affine(case, tmp_path, capsys):
+    keys, arrays, needles = BAD_AFFINE_PARAMS[case]
+    err = run_bad(tmp_path, capsys, layer_spec(params='"p.npz"', **keys), files={"p.npz": arrays})
+    for needle in needles:
+        assert needle in err, (needle, err)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_PARAMS))

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 #: ``mean_square``: y = x/√(mean(x²) + ε), no mean subtracted (RMSNorm).
 STATISTICS = ("mean_variance", "mean_square")
 
-#: Letters each statistic reduces over, per kind (and layer norm's operation dimension).
+#: Letters each statistic reduces over, per kind (and layer norm's operation dimension, which
+#: RMSNorm shares).
 REDUCED_LETTERS = {
     "batchnorm": "BSTU",
     "groupnorm": "STU",
@@ -33,6 +34,7 @@ class Semantics:
     reduced: str  # dimension letters whose positions share a statistic
     grouped: bool  # C splits into (groups, C/groups) and C/groups is reduced too
     trained_statistics: bool  # inference normalizes with trained statistics (batch norm)
+    element_affine: bool  # affine = "element" is allowed (a statistic covers whole normalized dimensions)
 
     @property
     def centered(self) -> bool:
@@ -44,15 +46,17 @@ def semantics(layer) -> Semantics:
     """The semantics of a layer description (any object with ``kind`` and, for layer norm,
     ``resolved_dimension``)."""
     kind = layer.kind
-    if kind == "layernorm":
+    per_instance = kind in ("layernorm", "rmsnorm")
+    if per_instance:
         reduced = REDUCED_LETTERS[("layernorm", layer.resolved_dimension)]
     else:
         reduced = REDUCED_LETTERS[kind]
     return Semantics(
-        statistic="mean_variance",
+        statistic="mean_square" if kind == "rmsnorm" else "mean_variance",
         reduced=reduced,
         grouped=kind == "groupnorm",
         trained_statistics=kind == "batchnorm",
+        element_affine=per_instance,
     )
 
 

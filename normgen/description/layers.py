@@ -26,6 +26,9 @@ RUNNING_VARIANCE = ("unbiased", "biased")
 PARAM_STORAGE = ("embedded", "runtime")
 PARALLEL = ("none", "openmp")
 OPERATION_DIMENSIONS = ("auto", "channel-only", "spatial-channel", "batch-excluded")
+#: How the learned scale (γ) and offset (β) are shaped: one per channel, one per element of a
+#: statistic's normalized dimensions (PyTorch/ONNX LayerNorm), or none at all.
+AFFINES = ("channel", "element", "none")
 
 # C99/C11 keywords and C++ keywords (the CUDA target is C++), plus identifiers the
 # generated code itself declares.
@@ -90,8 +93,12 @@ def _dtype_name(value: object) -> str:
     return name
 
 
-def _resolve_param(value: Initializer, default: str, size: int, what: str, layer_name: str) -> tuple[np.ndarray, str]:
-    """An initializer name, callable or array → (read-only float64 array of ``size``, source text)."""
+def _resolve_param(value: Initializer, default: str, shape: tuple[int, ...], what: str, layer_name: str,
+                   per: str = "one per channel") -> tuple[np.ndarray, str]:
+    """An initializer name, callable or array → (read-only float64 array of ``prod(shape)`` values,
+    flattened row-major, and its source text). An array must have ``shape`` exactly (a 1-D shape
+    also takes a list)."""
+    size = int(np.prod(shape, dtype=np.int64)) if shape else 1
     if value is None:
         value = default
     if isinstance(value, str):
@@ -116,12 +123,20 @@ def _resolve_param(value: Initializer, default: str, size: int, what: str, layer
         arr = value
         source = "array"
     try:
-        arr = np.array(arr, dtype=np.float64).reshape(-1) if np.ndim(arr) <= 1 else np.array(arr, dtype=np.float64)
+        arr = np.array(arr, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise NormgenError(f"{what} of layer {layer_name!r} is not numeric: {exc}") from None
-    if arr.ndim != 1 or arr.shape[0] != size:
+    if arr.ndim == 0 or (len(shape) == 1 and arr.ndim == 1 and arr.size == size):
+        arr = arr.reshape(-1)
+    if arr.shape != (size,) and arr.shape != tuple(shape):
         raise NormgenError(
-            f"{what} of layer {layer_name!r} has {arr.size} values (shape {arr.shape}); it needs {size}, one per channel"
+            f"{what} of layer {layer_name!r} has shape {arr.shape} ({arr.size} values); it needs {size} values"
+            f" of shape {tuple(shape)}, {per}"
+        )
+    arr = np.ascontiguousarray(arr.reshape(-1))
+    if len(shape) > 1 and source == "array" and np.shape(value) != tuple(shape):
+        raise NormgenError(
+            f"{what} of layer {layer_name!r} has shape {np.shape(value)}; it needs shape {tuple(shape)}, {per}"
         )
     bad = np.flatnonzero(~np.isfinite(arr))
     if bad.size:
@@ -144,8 +159,10 @@ class Layer:
     num_channels: int | str = "auto"
     dtype: str = "float32"
     epsilon: float = 1e-5
-    scale: Initializer = "ones"
-    offset: Initializer = "zeros"
+    scale: Initializer = None
+    offset: Initializer = None
+    affine: str = "channel"
+    bias: bool | None = None
     scale_learn_rate_factor: float = 1.0
     offset_learn_rate_factor: float = 1.0
     scale_l2_factor: float = 1.0
@@ -157,13 +174,19 @@ class Layer:
     fmt: Format = field(init=False, repr=False)
     dims: tuple[int, ...] = field(init=False, repr=False)
     channels: int = field(init=False, repr=False)
+    #: The shape of scale and offset: (C,) per channel; the normalized dimensions (format order)
+    #: per element; () without affine.
+    param_shape: tuple[int, ...] = field(init=False, repr=False)
+    has_scale: bool = field(init=False, repr=False)
+    has_offset: bool = field(init=False, repr=False)
+    #: γ and β as every function applies them, flattened (ones and zeros where the layer has none).
     scale_values: np.ndarray = field(init=False, repr=False)
     offset_values: np.ndarray = field(init=False, repr=False)
     sources: dict = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if type(self) is Layer:
-            raise NormgenError("Layer is abstract: use BatchNorm, GroupNorm, LayerNorm or InstanceNorm")
+            raise NormgenError("Layer is abstract: use BatchNorm, GroupNorm, LayerNorm, InstanceNorm or RMSNorm")
         _check_name(self.name)
         set_ = object.__setattr__
         if (self.format is None) == (self.matlab_format is None):
@@ -202,29 +225,113 @@ class Layer:
             set_(self, f, _finite_number(getattr(self, f), f"layer {self.name!r}: {f}", lo=0.0))
         _choice(self.param_storage, f"layer {self.name!r}: param_storage", PARAM_STORAGE)
         _choice(self.parallel, f"layer {self.name!r}: parallel", PARALLEL)
-        sources: dict[str, str] = {}
-        for pname, default in (("scale", "ones"), ("offset", "zeros")):
-            arr, src = _resolve_param(getattr(self, pname), default, channels, pname, self.name)
-            set_(self, f"{pname}_values", arr)
-            sources[pname] = src
-        set_(self, "sources", sources)
+        set_(self, "sources", {})
         self._resolve_kind()
+        self._resolve_affine()
+        if self.param_storage == "runtime" and not self.parameter_arrays():
+            raise NormgenError(
+                f"layer {self.name!r}: param_storage = 'runtime' passes parameters at run time, but the layer has"
+                " none (affine = 'none'); use 'embedded'"
+            )
 
     def _resolve_kind(self) -> None:  # overridden per kind
         pass
+
+    #: The default of ``bias`` (RMSNorm: False).
+    default_bias: ClassVar[bool] = True
+
+    def _resolve_affine(self) -> None:
+        """affine and bias → which of scale and offset exist, their shape and values."""
+        set_ = object.__setattr__
+        where = f"layer {self.name!r}"
+        affine = _choice(self.affine, f"{where}: affine", AFFINES)
+        bias = self.bias
+        if bias is not None and not isinstance(bias, (bool, np.bool_)):
+            raise NormgenError(f"{where}: bias must be true or false, got {bias!r}")
+        if affine == "none":
+            if bias:
+                raise NormgenError(f"{where}: bias = true needs an affine ('channel' or 'element'), affine is 'none'")
+            bias = False
+        elif bias is None:
+            bias = self.default_bias
+        set_(self, "bias", bool(bias))
+        shape: tuple[int, ...] = (self.channels,)
+        per = "one per channel"
+        if affine == "element":
+            shape = self.normalized_shape()
+            per = f"one per element of the normalized dimensions {self.normalized_letters()!r}"
+        elif affine == "none":
+            shape = ()
+        set_(self, "param_shape", shape)
+        set_(self, "has_scale", affine != "none")
+        set_(self, "has_offset", bool(bias))
+        count = int(np.prod(shape, dtype=np.int64)) if shape else self.channels
+        for pname, default, present in (("scale", "ones", self.has_scale), ("offset", "zeros", self.has_offset)):
+            given = getattr(self, pname)
+            if not present:
+                if given is not None:
+                    why = "affine = 'none'" if affine == "none" else "bias = false"
+                    raise NormgenError(f"{where}: {why}, but {pname} values were given; remove them")
+                arr = np.ones(count) if default == "ones" else np.zeros(count)
+                arr.setflags(write=False)
+                set_(self, f"{pname}_values", arr)
+                continue
+            arr, src = _resolve_param(given, default, shape, pname, self.name, per)
+            set_(self, f"{pname}_values", arr)
+            self.sources[pname] = src
+
+    def normalized_letters(self) -> str:
+        """The letters one statistic normalizes over (B aside), in format order."""
+        from .kinds import semantics
+
+        reduced = semantics(self).reduced
+        return "".join(ch for ch in self.fmt.letters if ch != "B" and ch in reduced)
+
+    def normalized_shape(self) -> tuple[int, ...]:
+        """The sizes of :meth:`normalized_letters` (format order): an element affine's shape."""
+        from .kinds import semantics
+
+        sem = semantics(self)
+        if not sem.element_affine:
+            raise NormgenError(
+                f"layer {self.name!r}: affine = 'element' is for layernorm and rmsnorm (whose statistics cover"
+                f" whole normalized dimensions); a {self.kind} layer takes 'channel' or 'none'"
+            )
+        letters = self.fmt.non_batch_letters()
+        positions = [i for i, ch in enumerate(self.fmt.letters) if ch != "B" and ch in sem.reduced]
+        if positions != list(range(positions[0], positions[-1] + 1)):
+            raise NormgenError(
+                f"layer {self.name!r}: affine = 'element' needs the normalized dimensions {self.normalized_letters()!r}"
+                f" next to each other in format {self.fmt.letters!r} (as PyTorch's trailing normalized_shape is)"
+            )
+        return tuple(d for ch, d in zip(letters, self.dims, strict=True) if ch in sem.reduced)
 
     # ---- derived facts -------------------------------------------------------------------------
     @property
     def is_batchnorm(self) -> bool:
         return self.kind == "batchnorm"
 
+    def learnable_arrays(self) -> dict[str, np.ndarray]:
+        """The learnable arrays the layer has (scale, offset), flattened."""
+        out = {}
+        if self.has_scale:
+            out["scale"] = self.scale_values
+        if self.has_offset:
+            out["offset"] = self.offset_values
+        return out
+
     def parameter_arrays(self) -> dict[str, np.ndarray]:
-        """Every per-channel array, learnable first, in a fixed order."""
-        return {"scale": self.scale_values, "offset": self.offset_values}
+        """Every array the layer has, learnable first, in a fixed order."""
+        return self.learnable_arrays()
+
+    @property
+    def param_count(self) -> int:
+        """Values in each of scale and offset (the channels, or the normalized elements)."""
+        return int(np.prod(self.param_shape, dtype=np.int64)) if self.param_shape else 0
 
     @property
     def learnable_count(self) -> int:
-        return 2 * self.channels
+        return len(self.learnable_arrays()) * self.param_count
 
     @property
     def state_count(self) -> int:
@@ -246,6 +353,8 @@ class Layer:
             ("epsilon", repr(self.epsilon)),
         ]
         items += self._kind_fields()
+        if self.affine != "channel" or self.bias != self.default_bias:
+            items += [("affine", self.affine), ("bias", str(self.bias).lower())]
         items += [
             ("param_storage", self.param_storage),
             ("parallel", self.parallel),
@@ -298,7 +407,7 @@ class BatchNorm(Layer):
             set_(self, f, _finite_number(getattr(self, f), f"layer {self.name!r}: {f}", lo=0.0, hi=1.0))
         _choice(self.running_variance, f"layer {self.name!r}: running_variance", RUNNING_VARIANCE)
         for pname, default in (("trained_mean", "zeros"), ("trained_variance", "ones")):
-            arr, src = _resolve_param(getattr(self, pname), default, self.channels, pname, self.name)
+            arr, src = _resolve_param(getattr(self, pname), default, (self.channels,), pname, self.name)
             set_(self, f"{pname}_values", arr)
             self.sources[pname] = src
         neg = np.flatnonzero(self.trained_variance_values < 0)
@@ -310,8 +419,7 @@ class BatchNorm(Layer):
 
     def parameter_arrays(self) -> dict[str, np.ndarray]:
         return {
-            "scale": self.scale_values,
-            "offset": self.offset_values,
+            **self.learnable_arrays(),
             "trained_mean": self.trained_mean_values,
             "trained_variance": self.trained_variance_values,
         }
@@ -395,4 +503,16 @@ class InstanceNorm(Layer):
     kind: ClassVar[str] = "instancenorm"
 
 
-KINDS: dict[str, type[Layer]] = {cls.kind: cls for cls in (BatchNorm, GroupNorm, LayerNorm, InstanceNorm)}
+@dataclass(frozen=True, kw_only=True, eq=False)
+class RMSNorm(LayerNorm):
+    """Root-mean-square normalization (LLaMA, T5; PyTorch ``nn.RMSNorm``, ONNX RMSNormalization):
+    y = γ·x/√(mean(x²) + ε) over the same statistic domains as layer norm (``operation_dimension``,
+    default ``"channel-only"``); no mean is subtracted. Scale only by default (``bias=False``)."""
+
+    kind: ClassVar[str] = "rmsnorm"
+    default_bias: ClassVar[bool] = False
+
+    operation_dimension: str = "channel-only"
+
+
+KINDS: dict[str, type[Layer]] = {cls.kind: cls for cls in (BatchNorm, GroupNorm, LayerNorm, InstanceNorm, RMSNorm)}

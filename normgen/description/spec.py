@@ -3,14 +3,17 @@
 Keys (all but ``name``, ``kind``, a format and ``shape`` optional)::
 
     name, kind, format | matlab_format, shape, num_channels, dtype, epsilon,
-    num_groups (groupnorm), operation_dimension (layernorm),
+    num_groups (groupnorm), operation_dimension (layernorm, rmsnorm),
     mean_decay, variance_decay, running_variance (batchnorm),
+    affine ("channel" | "element" | "none"), bias (true | false),
     scale_learn_rate_factor, offset_learn_rate_factor, scale_l2_factor, offset_l2_factor,
     param_storage, parallel, params
 
 ``params`` is a .npz path relative to the spec file with arrays ``scale``, ``offset`` and, for
 batch norm, ``trained_mean`` and ``trained_variance``; arrays it lacks take the initializers
-(scale ones, offset zeros, trained mean zeros, trained variance ones).
+(scale ones, offset zeros, trained mean zeros, trained variance ones). With ``affine =
+"element"`` scale and offset have the normalized dimensions' shape; with ``bias = false`` (or
+``affine = "none"``) the file must not have the arrays the layer lacks.
 """
 
 from __future__ import annotations
@@ -32,13 +35,14 @@ else:  # pragma: no cover
 COMMON_KEYS = (
     "name", "kind", "format", "matlab_format", "shape", "num_channels", "dtype", "epsilon",
     "scale_learn_rate_factor", "offset_learn_rate_factor", "scale_l2_factor", "offset_l2_factor",
-    "param_storage", "parallel", "params",
+    "param_storage", "parallel", "params", "affine", "bias",
 )
 KIND_KEYS = {
     "batchnorm": ("mean_decay", "variance_decay", "running_variance"),
     "groupnorm": ("num_groups",),
     "layernorm": ("operation_dimension",),
     "instancenorm": (),
+    "rmsnorm": ("operation_dimension",),
 }
 ALL_KEYS = set(COMMON_KEYS).union(*KIND_KEYS.values())
 PARAM_ARRAYS = {
@@ -46,6 +50,7 @@ PARAM_ARRAYS = {
     "groupnorm": ("scale", "offset"),
     "layernorm": ("scale", "offset"),
     "instancenorm": ("scale", "offset"),
+    "rmsnorm": ("scale", "offset"),
 }
 
 
@@ -84,7 +89,7 @@ def layer_from_table(table: dict, base: Path, where: str) -> Layer:
     where = f"{where} ({table['name']!r})" if isinstance(table["name"], str) else where
     for key in table:
         for other, keys in KIND_KEYS.items():
-            if key in keys and other != kind:
+            if key in keys and key not in KIND_KEYS[kind] and other != kind:
                 raise NormgenError(f"{where}: key {key!r} is for {other} layers, not {kind}")
     args = {k: v for k, v in table.items() if k not in ("kind", "params")}
     if "params" in table:

@@ -195,7 +195,7 @@ class Plan:
     apply_offset_expr: str
     apply_channel_expr: str
     elements: Extent  # elements of x
-    params: dict[str, list[str]]  # name → literals, in the element type
+    params: dict[str, list[str]]  # name → literals, in the element type (the arrays the layer has)
     folded: dict[str, list[str]]  # batch norm predict: a = γ/√(σ²+ε), b = β − μ·a
     reduced_letters: str
     statistic_over: str
@@ -209,6 +209,16 @@ class Plan:
     has_batch: bool = True
     #: What is computed, independent of any target: the statistic, what it reduces over.
     semantics: Semantics | None = None
+    #: The affine's fixed arrays where the layer has no scale (ones) or offset (zeros): every
+    #: function applies y = xhat * scale + offset alike; static const arrays in every storage mode.
+    constants: dict[str, list[str]] = field(default_factory=dict)
+    #: The gradient outputs of the backward functions: (argument, the sum it is stored from).
+    gradients: tuple[tuple[str, str], ...] = (("dscale", "gscale"), ("doffset", "goffset"))
+    #: How γ and β are shaped: "channel", "element" (one per element of the normalized
+    #: dimensions, indexed like channels: plan.channels of them) or "none".
+    affine: str = "channel"
+    #: What one value of scale (offset, their gradients) belongs to, for the documentation.
+    param_per: str = "one per channel, summed over everything sharing the channel"
     #: The training half (backward, update, population statistics): normgen/lowering/train.py,
     #: attached by :func:`normgen.lowering.lower`.
     train: Any = None
@@ -300,10 +310,21 @@ class Plan:
 
     @property
     def param_ref(self) -> dict[str, str]:
-        """How function bodies reach each parameter array."""
+        """How function bodies reach each parameter array (and each affine constant)."""
+        ref = {k: f"{self.name}_{k}" for k in self.constants}
         if self.runtime_params:
-            return {k: f"params->{k}" for k in self.params}
-        return {k: f"{self.name}_{k}" for k in self.params}
+            return {**ref, **{k: f"params->{k}" for k in self.params}}
+        return {**ref, **{k: f"{self.name}_{k}" for k in self.params}}
+
+    @property
+    def centered(self) -> bool:
+        """Whether the mean is a statistic and subtracted (False: RMSNorm's mean square)."""
+        return self.semantics.centered
+
+    @property
+    def learnables(self) -> list[str]:
+        """The learnable arrays the layer has, in order (scale, offset)."""
+        return [k for k in ("scale", "offset") if k in self.params]
 
     @property
     def fold_ref(self) -> dict[str, str]:
@@ -317,7 +338,9 @@ class Plan:
         lead = [f"const {self.name}_params *params"] if self.runtime_params else []
         lead_ptr = ["params"] if self.runtime_params else []
         folded_at_generation = self.kind == "batchnorm" and not self.runtime_params
-        predict_uses = [] if folded_at_generation else list(self.params) if self.kind == "batchnorm" else ["scale", "offset"]
+        affine = ["scale", "offset"]
+        predict_uses = ([] if folded_at_generation else
+                        [*affine, "trained_mean", "trained_variance"] if self.kind == "batchnorm" else affine)
         fns = [
             Function(
                 "predict",
@@ -348,6 +371,12 @@ class Plan:
         """The parameter arrays some function reads, embedded as static const arrays."""
         used = {name for f in self.functions + self.train.functions for name in f.uses}
         return {k: v for k, v in self.params.items() if k in used}
+
+    @property
+    def used_constants(self) -> dict[str, list[str]]:
+        """The affine constants some function reads."""
+        used = {name for f in self.functions + self.train.functions for name in f.uses}
+        return {k: v for k, v in self.constants.items() if k in used}
 
     @property
     def stat_loops(self) -> list[Loop]:
@@ -395,20 +424,29 @@ def literal(value: float, ctype: str) -> str:
 
 def _axes(layer: Layer) -> list[Axis]:
     """Format dimensions → merged axes with roles, memory order (outermost first)."""
-    reduce = semantics(layer).reduced
+    sem = semantics(layer)
+    reduce = sem.reduced
     raw: list[tuple[str, Extent, bool, bool]] = []  # letters, extent, keep, is_channel_part
     dims = iter(layer.dims)
+    element = layer.affine == "element"
     for ch in layer.fmt.letters:
         if ch == "B":
             raw.append(("B", Extent(1, True), "B" not in reduce, False))
             continue
         size = next(dims)
-        if ch == "C" and layer.kind == "groupnorm":
+        if element and ch in reduce:
+            # element affine: the normalized dimensions (next to each other, layers.py checks)
+            # are one parameter axis, indexed like a channel axis of param_count values
+            if raw and raw[-1][3]:
+                raw[-1] = (raw[-1][0] + ch, raw[-1][1] * Extent(size), False, True)
+            else:
+                raw.append((ch, Extent(size), False, True))
+        elif ch == "C" and sem.grouped:
             g = layer.groups
             raw.append(("G", Extent(g), True, True))
             raw.append(("g", Extent(size // g), False, True))
         else:
-            raw.append((ch, Extent(size), ch not in reduce, ch == "C"))
+            raw.append((ch, Extent(size), ch not in reduce, ch == "C" and not element))
     # Drop static size-1 dimensions (they do not move the offset) unless they carry the channel.
     raw = [r for r in raw if r[1].batched or r[1].static > 1 or r[3]]
     merged: list[list] = []
@@ -496,7 +534,7 @@ def _statistic_words(layer: Layer) -> tuple[str, str]:
     per = [ch for ch in layer.fmt.letters if ch not in red and ch in "BCT"]
     if layer.kind == "groupnorm":
         per = [ch for ch in per if ch != "C"] + ["group"]
-    if layer.kind == "layernorm" and layer.resolved_dimension == "channel-only":
+    if layer.kind in ("layernorm", "rmsnorm") and layer.resolved_dimension == "channel-only":
         per = ["every non-C position"]
     return ", ".join(over) or "nothing", "(" + ", ".join(per) + ")" if per else "the whole tensor"
 
@@ -537,6 +575,9 @@ def lower_forward(layer: Layer, target: str = "c") -> Plan:
             mul *= a.extent.static
     apply_axes = _apply_axes(layer)
     params = {k: [literal(v, ptype) for v in arr] for k, arr in layer.parameter_arrays().items()}
+    constants = {k: [literal(v, ptype) for v in getattr(layer, f"{k}_values")]
+                 for k in ("scale", "offset") if k not in params}
+    gradients = tuple((f"d{k}", f"g{k}") for k in ("scale", "offset") if k in params)
     folded: dict[str, list[str]] = {}
     decays: dict[str, str] = {}
     if layer.kind == "batchnorm":
@@ -556,7 +597,7 @@ def lower_forward(layer: Layer, target: str = "c") -> Plan:
         ctype=ctype,
         acc_type=acc,
         description=layer.describe(),
-        channels=layer.channels,
+        channels=layer.param_count if layer.affine == "element" else layer.channels,
         epsilon=layer.epsilon,
         epsilon_literal=literal(layer.epsilon, acc),
         param_storage=layer.param_storage,
@@ -589,4 +630,10 @@ def lower_forward(layer: Layer, target: str = "c") -> Plan:
         format=layer.fmt.letters,
         has_batch=layer.fmt.has_batch,
         semantics=semantics(layer),
+        constants=constants,
+        gradients=gradients,
+        affine=layer.affine,
+        param_per=(f"one per element of the normalized dimensions {layer.normalized_letters()}"
+                   f" {list(layer.param_shape)}, summed over the rest" if layer.affine == "element"
+                   else "one per channel, summed over everything sharing the channel"),
     )

@@ -66,7 +66,14 @@ def lower_train(plan: Plan) -> TrainPlan:
     lead_ptr = ["params"] if plan.runtime_params else []
     bn = plan.kind == "batchnorm"
     index, count = stat_index(plan)
+    grads = [f"{t} *{g}" for g, _ in plan.gradients]
+    grad_ptrs = [g for g, _ in plan.gradients]
+    grad_doc = "/".join(grad_ptrs)
+    grad_text = (f", and {grad_doc}\n * ({plan.param_per})" if grad_ptrs
+                 else "\n * (the layer has no scale or offset, so there are no parameter gradients)")
     per = "one per channel" if bn else f"{plan.upper}_SAVED_STATISTICS(batch) of them"
+    if not plan.centered:
+        per += "; the mean saved is 0: RMSNorm subtracts none"
     running = [f"{t} *running_mean", f"{t} *running_var"] if bn else []
     fns = [
         Function(
@@ -89,13 +96,12 @@ def lower_train(plan: Plan) -> TrainPlan:
         Function(
             "backward",
             f"{name}_backward",
-            lead + [f"const {t} *x", f"const {t} *dy", f"{t} *dx", f"{t} *dscale", f"{t} *doffset", "int32_t batch"],
-            lead_ptr + ["x", "dy", "dx", "dscale", "doffset"],
+            lead + [f"const {t} *x", f"const {t} *dy", f"{t} *dx", *grads, "int32_t batch"],
+            lead_ptr + ["x", "dy", "dx", *grad_ptrs],
             (
                 "Backward of the training forward"
                 + (" (batch statistics)" if bn else "")
-                + ", statistics recomputed from x: dx, and dscale/doffset\n"
-                " * (one per channel, summed over everything sharing the channel). dx may be x or dy."
+                + f", statistics recomputed from x: dx{grad_text}. dx may be x or dy."
             ),
             ["scale"],
         ),
@@ -109,11 +115,10 @@ def lower_train(plan: Plan) -> TrainPlan:
                 f"const {a} *saved_mean",
                 f"const {a} *saved_invstd",
                 f"{t} *dx",
-                f"{t} *dscale",
-                f"{t} *doffset",
+                *grads,
                 "int32_t batch",
             ],
-            lead_ptr + ["x", "dy", "saved_mean", "saved_invstd", "dx", "dscale", "doffset"],
+            lead_ptr + ["x", "dy", "saved_mean", "saved_invstd", "dx", *grad_ptrs],
             (
                 f"{name}_backward with the statistics saved by {name}_train_forward_save for the same x and batch.\n"
                 " * dx may be x or dy."
@@ -127,8 +132,8 @@ def lower_train(plan: Plan) -> TrainPlan:
                 "backward_frozen",
                 f"{name}_backward_frozen",
                 lead
-                + [f"const {t} *x", f"const {t} *dy", f"{t} *dx", f"{t} *dscale", f"{t} *doffset", "int32_t batch"],
-                lead_ptr + ["x", "dy", "dx", "dscale", "doffset"],
+                + [f"const {t} *x", f"const {t} *dy", f"{t} *dx", *grads, "int32_t batch"],
+                lead_ptr + ["x", "dy", "dx", *grad_ptrs],
                 (
                     "Backward with the trained statistics held fixed (the gradient of predict): fine-tuning\n"
                     " * with frozen batch norm. dx may be x or dy."
@@ -170,24 +175,23 @@ def lower_train(plan: Plan) -> TrainPlan:
                 [],
             ),
         ]
-    if plan.runtime_params:
+    learn = plan.learnables
+    if plan.runtime_params and learn:
         fns.append(
             Function(
                 "update",
                 f"{name}_update",
                 [
                     f"{name}_params *params",
-                    f"const {t} *dscale",
-                    f"const {t} *doffset",
-                    f"{t} *velocity_scale",
-                    f"{t} *velocity_offset",
+                    *[f"const {t} *d{k}" for k in learn],
+                    *[f"{t} *velocity_{k}" for k in learn],
                     f"{t} learn_rate",
                     f"{t} l2",
                     f"{t} momentum",
                 ],
-                ["params", "dscale", "doffset", "velocity_scale", "velocity_offset"],
+                ["params", *[f"d{k}" for k in learn], *[f"velocity_{k}" for k in learn]],
                 (
-                    "One SGD-with-momentum step (MATLAB 'sgdm') on params->scale and params->offset:\n"
+                    f"One SGD-with-momentum step (MATLAB 'sgdm') on {' and '.join('params->' + k for k in learn)}:\n"
                     " *   v = momentum * v - learn_rate * lr_factor * (grad + l2 * l2_factor * p); p = p + v\n"
                     " * with the layer's ScaleLearnRateFactor/OffsetLearnRateFactor and ScaleL2Factor/OffsetL2Factor.\n"
                     " * velocity_scale/velocity_offset (one per channel) start at zero and carry between steps."
@@ -202,7 +206,7 @@ def lower_train(plan: Plan) -> TrainPlan:
         factors={f: literal(plan.learn_factors[f], a) for f in FACTORS},
         stats_type=f"{name}_stats",
         population=bn,
-        update=plan.runtime_params,
+        update=plan.runtime_params and bool(learn),
         min_population=2 if plan.running_unbiased else 1,
         save_lane_type=plan.acc_type,
     )

@@ -55,8 +55,19 @@ EXTENSIONS = {
 }
 
 
+def _cuda_supports(plan: Plan) -> None:
+    """What the CUDA templates cannot spell yet is refused, never emitted wrong."""
+    if not plan.centered or plan.constants or plan.affine != "channel":
+        raise NormgenError(
+            f"layer {plan.name!r}: the cuda target does not generate {plan.kind} layers with affine ="
+            f" {plan.affine!r} and the parameters {plan.learnables} yet; use the c target"
+        )
+
+
 def render(plan: Plan, target: str) -> dict[str, str]:
     """A plan → {file name: text}."""
+    if target == "cuda":
+        _cuda_supports(plan)
     env = environment()
     context = {"plan": plan, **EXTENSIONS[target](plan)}
     return {pattern.format(name=plan.name): env.get_template(tpl).render(context) for pattern, tpl in FILES[target]}

@@ -51,8 +51,8 @@ class TrainingBench:
 
     def _per_channel(self, name: str, values: np.ndarray, dtype=None) -> np.ndarray:
         values = np.ascontiguousarray(values, dtype=self.dtype if dtype is None else dtype).reshape(-1)
-        if values.size != self.layer.channels:
-            raise NormgenError(f"{name} needs {self.layer.channels} values (one per channel), got {values.size}")
+        if values.size != self.plan.channels:
+            raise NormgenError(f"{name} needs {self.plan.channels} values ({self.plan.param_per}), got {values.size}")
         return values
 
     def saved_count(self, batch: int) -> int:
@@ -63,5 +63,5 @@ class TrainingBench:
 
     def reset_velocity(self) -> None:
         """Zero the momentum state that :meth:`update` carries between steps."""
-        self.velocity_scale = np.zeros(self.layer.channels, dtype=self.dtype)
-        self.velocity_offset = np.zeros(self.layer.channels, dtype=self.dtype)
+        self.velocity_scale = np.zeros(self.plan.channels, dtype=self.dtype)
+        self.velocity_offset = np.zeros(self.plan.channels, dtype=self.dtype)

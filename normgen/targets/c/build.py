@@ -173,8 +173,8 @@ class CompiledLayer(CTraining):
             if name not in self.plan.params:
                 raise NormgenError(f"layer {self.layer.name!r} has no parameter {name!r}")
             values = np.asarray(values, dtype=self.dtype).reshape(-1)
-            if values.size != self.layer.channels:
-                raise NormgenError(f"{name} needs {self.layer.channels} values, got {values.size}")
+            if values.size != self.plan.channels:
+                raise NormgenError(f"{name} needs {self.plan.channels} values, got {values.size}")
             buf = self.ffi.buffer(getattr(self.params, name))
             buf[:] = values.tobytes()
 

@@ -149,6 +149,46 @@ class Sweep:
     rotate: bool = False
     #: batch-norm predict's rows of whole lines (Plan.apply_rotate), written rotated
     apply_rotation: Rotation | None = None
+    #: how a block's statistic is taken (core.j2's ``statistic`` table): "shifted" (mean and M2 about
+    #: a shift, redone as a two-pass where the shift is too far off) or "mean_square" (RMSNorm)
+    statistic: str = "shifted"
+    per_acc_tail: int = 1  # columns: the columns of one statistic
+
+    @property
+    def centered(self) -> bool:
+        return self.statistic == "shifted"
+
+    @property
+    def separate_grad_sweep(self) -> bool:
+        """backward: the gradient sums take a sweep of their own after the statistics (RMSNorm,
+        whose statistic has no second sweep for them to ride on) instead of riding on it."""
+        return not self.centered
+
+    @property
+    def mean_gradient(self) -> str:
+        """The term of dx's r[k] from the mean's gradient (none without a mean: RMSNorm)."""
+        return " - s1[k] / n" if self.centered else ""
+
+    @property
+    def unused_sums(self) -> list[str]:
+        """backward: statements marking sums the dx of this statistic does not read."""
+        return [] if self.centered else ["(void)s1; /* no mean, so its gradient sum(g) is not needed */"]
+
+    @property
+    def square_merge(self) -> list[str]:
+        """mean_square: statements adding a chunk's lanes of x^2 into m2 and n."""
+        if self.blocked:
+            return [f"{self.acc_type} s2 = 0;", f"for (size_t l = 0; l < {self.lanes}; ++l) {{", "    s2 += lane2[l];",
+                    "}", "m2[0] += s2;", f"n += ({self.acc_type})((c1 - c0) * {self.per_acc_tail_expr});"]
+        return [f"for (size_t j = 0; j < {self.lanes}; ++j) {{", f"    m2[{self.lane_acc_expr}] += lane2[j];", "}",
+                f"n += ({self.acc_type})(c1 - c0);"]
+
+    @property
+    def square_finish(self) -> list[str]:
+        """mean_square: statements after the last chunk (columns: n counts every column's rows)."""
+        return [] if self.blocked or self.per_acc_tail == 1 else [f"n *= {self.per_acc_tail};"]
+
+    per_acc_tail_expr: str = "1"  # rows: reduced elements per chunk-axis step (plan.per_acc_tail)
 
     @property
     def tiles(self) -> list[tuple[str, int]]:
@@ -550,7 +590,7 @@ def _digits(stat: list[Axis], index: str) -> list[str]:
 def _pipeline(plan: Plan, openmp: bool) -> dict:
     """The statistic loops flattened for the pipelined rows core (see Sweep.pipelined)."""
     stat = plan.stat_axes
-    if openmp or not stat:
+    if openmp or not stat or not plan.centered:
         return {}
     count = Extent(1)
     for a in stat:
@@ -629,6 +669,8 @@ def sweep_of(plan: Plan) -> Sweep:
             shift_probe=1 if run_axis.extent.batched else min(SHIFT_PROBE, run_len),
             block_first=plan.stat_offset_expr,
             apply_rotation=plan.apply_rotation(omp_apply_chunk),
+            statistic="shifted" if plan.centered else "mean_square",
+            per_acc_tail_expr=plan.per_acc_tail.expr(),
             **_pipeline(plan, openmp),
         )
     first, inner = domain[0], domain[1:]
@@ -661,4 +703,6 @@ def sweep_of(plan: Plan) -> Sweep:
         rotate=not first.channel_mul and rows_of_whole_lines(width, first.stride, plan.itemsize),
         block_first=plan.stat_offset_expr,
         apply_rotation=plan.apply_rotation(omp_apply_chunk),
+        statistic="shifted" if plan.centered else "mean_square",
+        per_acc_tail=plan.per_acc_tail.static,
     )

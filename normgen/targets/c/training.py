@@ -37,12 +37,12 @@ class CTraining(TrainingBench):
         self._train_check(rc, "train_forward_save")
         return y, mean, inv
 
-    def _backward(self, role: str, x, dy, saved=()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _backward(self, role: str, x, dy, saved=()) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(dx, dscale, doffset); a gradient the layer has no parameter for is None."""
         x, batch = self._input(x)
         dy = self._dy(x, dy)
         dx = np.empty_like(x)
-        dscale = np.empty(self.layer.channels, dtype=self.dtype)
-        doffset = np.empty(self.layer.channels, dtype=self.dtype)
+        grads = {g: np.empty(self.plan.channels, dtype=self.dtype) for g, _ in self.plan.gradients}
         extra = []
         for name, arr in zip(("saved_mean", "saved_invstd"), saved, strict=False):  # saved: () or both
             arr = np.ascontiguousarray(arr, dtype=np.float64).reshape(-1)
@@ -55,12 +55,11 @@ class CTraining(TrainingBench):
             self._ptr(dy),
             *[self._acc_ptr(a) for a in extra],
             self._ptr(dx),
-            self._ptr(dscale),
-            self._ptr(doffset),
+            *[self._ptr(g) for g in grads.values()],
             batch,
         )
         self._train_check(rc, role)
-        return dx, dscale, doffset
+        return dx, grads.get("dscale"), grads.get("doffset")
 
     def backward(self, x: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(dx, dscale, doffset): the gradient of the training forward, statistics from x."""
@@ -78,7 +77,7 @@ class CTraining(TrainingBench):
     def update(
         self,
         dscale,
-        doffset,
+        doffset=None,
         *,
         learn_rate: float = SGDM_DEFAULTS["learn_rate"],
         l2: float = SGDM_DEFAULTS["l2"],
@@ -89,13 +88,16 @@ class CTraining(TrainingBench):
         self._require_runtime("update")
         if not hasattr(self, "velocity_scale"):
             self.reset_velocity()
-        gs, go = self._per_channel("dscale", dscale), self._per_channel("doffset", doffset)
+        learn = self.plan.learnables
+        grads = {"scale": dscale, "offset": doffset}
+        for k in ("scale", "offset"):
+            if (grads[k] is None) == (k in learn):
+                raise NormgenError(f"layer {self.layer.name!r} {'has' if k in learn else 'has no'} {k}: d{k}"
+                                   f" {'is needed' if k in learn else 'must be None'}")
         rc = self._train_fn("update")(
             self.params,
-            self._ptr(gs),
-            self._ptr(go),
-            self._ptr(self.velocity_scale),
-            self._ptr(self.velocity_offset),
+            *[self._ptr(self._per_channel(f"d{k}", grads[k])) for k in learn],
+            *[self._ptr(getattr(self, f"velocity_{k}")) for k in learn],
             learn_rate,
             l2,
             momentum,
