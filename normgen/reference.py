@@ -13,9 +13,9 @@ from .description.layers import Layer
 from .errors import NormgenError
 
 
-def full_shape(layer: Layer, batch: int) -> tuple[int, ...]:
-    """The shape of x (and y) for a batch size, in ``format`` order."""
-    dims = list(layer.dims)
+def full_shape(layer: Layer, batch: int, sizes: dict[str, int] | None = None) -> tuple[int, ...]:
+    """The shape of x (and y) for a batch size (and the run-time sizes), in ``format`` order."""
+    dims = list(layer.at_sizes(sizes or {}).dims) if layer.sizes else list(layer.dims)
     if layer.fmt.has_batch:
         dims.insert(layer.fmt.letters.index("B"), batch)
     elif batch != 1:
@@ -28,7 +28,9 @@ def batch_of(layer: Layer, x: np.ndarray) -> int:
     x = np.asarray(x)
     letters = layer.fmt.letters
     batch = x.shape[letters.index("B")] if layer.fmt.has_batch and x.ndim == len(letters) else 1
-    if x.shape != full_shape(layer, batch) or batch < 1:
+    sizes = layer.sizes_of(x.shape)
+    if (len(sizes) != len(layer.sizes) or any(v < 1 for v in sizes.values())
+            or x.shape != full_shape(layer, batch, sizes) or batch < 1):
         want = list(layer.dims)
         if layer.fmt.has_batch:
             want.insert(letters.index("B"), "batch")
@@ -37,6 +39,12 @@ def batch_of(layer: Layer, x: np.ndarray) -> int:
             f"with shape {tuple(want)}"
         )
     return batch
+
+
+def bind(layer: Layer, x: np.ndarray) -> Layer:
+    """The layer with its run-time sizes taken from x's shape (checked as :func:`batch_of` does)."""
+    batch_of(layer, x)
+    return layer.at_sizes(layer.sizes_of(np.shape(x))) if layer.sizes else layer
 
 
 def grouped_view(layer: Layer, x: np.ndarray) -> tuple[np.ndarray, tuple[int, ...], int]:
@@ -68,7 +76,7 @@ def statistics(layer: Layer, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and biased (1/n) variance of each statistic, with the reduced axes kept as size 1
     in the grouped view (so they broadcast against it). RMSNorm (statistic ``mean_square``):
     a mean of 0 and the mean of x², so that every kind normalizes as (x − mean)/√(var + ε)."""
-    batch_of(layer, x)
+    layer = bind(layer, x)
     x = np.asarray(x, dtype=np.float64)
     view, axes, _ = grouped_view(layer, x)
     if not semantics(layer).centered:
@@ -79,8 +87,9 @@ def statistics(layer: Layer, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, var
 
 
-def count(layer: Layer, batch: int) -> int:
-    """How many elements each statistic is taken over, for a batch size."""
+def count(layer: Layer, batch: int, sizes: dict[str, int] | None = None) -> int:
+    """How many elements each statistic is taken over, for a batch size (and run-time sizes)."""
+    layer = layer.at_sizes(sizes or {}) if layer.sizes else layer
     x = np.empty(full_shape(layer, batch), dtype=np.uint8)
     view, axes, _ = grouped_view(layer, x)
     return int(np.prod([view.shape[a] for a in axes]))
@@ -116,7 +125,7 @@ def _normalize(layer: Layer, x: np.ndarray, mean: np.ndarray, var: np.ndarray) -
 def predict(layer: Layer, x: np.ndarray) -> np.ndarray:
     """Inference: batch norm with its trained statistics; the other kinds with each
     instance's own statistics."""
-    batch_of(layer, x)
+    layer = bind(layer, x)
     x = np.asarray(x, dtype=np.float64)
     if semantics(layer).trained_statistics:
         cs = _channel_shape(layer, x.ndim)
@@ -141,6 +150,7 @@ def train_forward(
     if layer.kind != "batchnorm":
         raise NormgenError(f"train_forward is for batch norm; layer {layer.name!r} is {layer.kind}")
     batch = batch_of(layer, x)
+    layer = bind(layer, x)
     x = np.asarray(x, dtype=np.float64)
     rm = layer.trained_mean_values if running_mean is None else np.asarray(running_mean, dtype=np.float64)
     rv = layer.trained_variance_values if running_var is None else np.asarray(running_var, dtype=np.float64)
@@ -169,7 +179,7 @@ def _channel_sum(layer: Layer, a: np.ndarray) -> np.ndarray:
 
 
 def _pair(layer: Layer, x: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    batch_of(layer, x)
+    batch_of(layer, x)  # callers bind the layer to x's run-time sizes first
     dy = np.asarray(dy)
     if dy.shape != np.shape(x):
         raise NormgenError(f"layer {layer.name!r}: dy has shape {tuple(dy.shape)}, x has {tuple(np.shape(x))}")
@@ -189,6 +199,7 @@ def backward_saved(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`backward` with the statistics given (as :func:`saved_statistics` lays them out)
     instead of recomputed from x."""
+    layer = bind(layer, x)
     x, dy = _pair(layer, x, dy)
     mean0, _ = statistics(layer, x)  # only for its broadcast shape
     mean = np.asarray(saved_mean, dtype=np.float64).reshape(mean0.shape)
@@ -231,6 +242,7 @@ def backward_frozen(layer: Layer, x: np.ndarray, dy: np.ndarray) -> tuple[np.nda
     dx = dy·γ_c·r_c, dscale_c = Σ dy·(x − μ_c)·r_c, doffset_c = Σ dy, r_c = 1/√(σ²_c + ε)."""
     if layer.kind != "batchnorm":
         raise NormgenError(f"backward_frozen is for batch norm; layer {layer.name!r} is {layer.kind}")
+    layer = bind(layer, x)
     x, dy = _pair(layer, x, dy)
     cs = _channel_shape(layer, x.ndim)
     inv = (1.0 / np.sqrt(layer.trained_variance_values + layer.epsilon)).reshape(cs)
@@ -297,6 +309,7 @@ def population_accumulate(
     if layer.kind != "batchnorm":
         raise NormgenError(f"population statistics are for batch norm; layer {layer.name!r} is {layer.kind}")
     batch = batch_of(layer, x)
+    layer = bind(layer, x)
     n, mean, m2 = state
     bmean, bvar = statistics(layer, x)
     nb = float(count(layer, batch))

@@ -44,6 +44,30 @@ _RESERVED = set(
     using virtual wchar_t xor xor_eq main""".split()
 )
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: Names a run-time size may not take: the generated functions' other arguments and the locals
+#: declared beside them (a size's own local is n_NAME, so no size may begin with "n_").
+_SIZE_RESERVED = set(
+    """x y dx dy batch nb params running_mean running_var saved_mean saved_invstd dscale doffset acc
+    trained_mean trained_variance velocity_scale velocity_offset learn_rate l2 momentum scale offset
+    fold_a fold_b a_r b_r at fa fb fill goffset gscale i inv line n0 r rows stream total ws workspace
+    workspace_bytes residual shift""".split()
+)
+
+
+def _check_size_name(name: str, layer_name: str, others: list[str]) -> str:
+    where = f"layer {layer_name!r}: run-time size {name!r}"
+    if not _IDENT.match(name):
+        raise NormgenError(f"{where} is not a C identifier (letters, digits and '_', not starting with a digit)")
+    if name in _RESERVED or name.startswith("__") or (name.startswith("_") and name[1:2].isupper()):
+        raise NormgenError(f"{where} is a C/C++ keyword or reserved identifier; choose another name")
+    if name in _SIZE_RESERVED or name.startswith("n_"):
+        raise NormgenError(
+            f"{where} clashes with an argument or local of the generated functions"
+            f" (reserved: {', '.join(sorted(_SIZE_RESERVED))} and names beginning with 'n_'); choose another name"
+        )
+    if name in others:
+        raise NormgenError(f"{where} names two dimensions; give each run-time size its own name")
+    return name
 
 
 def _check_name(name: object) -> str:
@@ -203,13 +227,25 @@ class Layer:
                 f"layer {self.name!r}: shape {shape} has {len(shape)} sizes but format {written!r} has {need} "
                 "non-B dimensions (the batch size is a run-time argument)"
             )
+        names: list[str] = []
         for s in shape:
+            if isinstance(s, str):
+                names.append(_check_size_name(s, self.name, names))
+                continue
             if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1:
-                raise NormgenError(f"layer {self.name!r}: shape {shape} has size {s!r}; sizes are positive integers")
-        dims = tuple(int(s) for s in (shape if self.format is not None else shape[::-1]))
+                raise NormgenError(
+                    f"layer {self.name!r}: shape {shape} has size {s!r}; sizes are positive integers"
+                    " (or names, for sizes given at run time)"
+                )
+        dims = tuple(s if isinstance(s, str) else int(s) for s in (shape if self.format is not None else shape[::-1]))
         set_(self, "fmt", fmt)
         set_(self, "dims", dims)
         channels = dims[fmt.non_batch_letters().index("C")]
+        if isinstance(channels, str):
+            raise NormgenError(
+                f"layer {self.name!r}: the channel dimension C is the run-time size {channels!r}; C is fixed when"
+                " the code is generated (its parameters have one value per channel): give it a number"
+            )
         if self.num_channels != "auto":
             nc = self.num_channels
             if isinstance(nc, bool) or not isinstance(nc, (int, np.integer)):
@@ -280,6 +316,34 @@ class Layer:
             set_(self, f"{pname}_values", arr)
             self.sources[pname] = src
 
+    @property
+    def sizes(self) -> tuple[str, ...]:
+        """The run-time sizes, in format order."""
+        return tuple(d for d in self.dims if isinstance(d, str))
+
+    def sizes_of(self, shape: Sequence[int]) -> dict[str, int]:
+        """The run-time sizes of an array shaped for the layer (B included when the format has
+        it): {name: size}; {} for a layer without run-time sizes."""
+        letters = self.fmt.letters
+        if len(shape) != len(letters):
+            return {}
+        dims = [n for ch, n in zip(letters, shape, strict=True) if ch != "B"]
+        return {d: int(n) for d, n in zip(self.dims, dims, strict=True) if isinstance(d, str)}
+
+    def at_sizes(self, sizes: dict[str, int]) -> Layer:
+        """The same layer with its run-time sizes fixed (what one call computes)."""
+        if not self.sizes:
+            return self
+        missing = [n for n in self.sizes if n not in sizes]
+        if missing:
+            raise NormgenError(f"layer {self.name!r}: no value for run-time size {missing[0]!r}")
+        for n in self.sizes:
+            v = sizes[n]
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise NormgenError(f"layer {self.name!r}: run-time size {n} = {v!r}; sizes are positive integers")
+        dims = [int(sizes[d]) if isinstance(d, str) else d for d in self.dims]
+        return self.replace(format=self.fmt.letters, shape=dims)
+
     def normalized_letters(self) -> str:
         """The letters one statistic normalizes over (B aside), in format order."""
         from .kinds import semantics
@@ -298,6 +362,12 @@ class Layer:
                 f" whole normalized dimensions); a {self.kind} layer takes 'channel' or 'none'"
             )
         letters = self.fmt.non_batch_letters()
+        dynamic = [d for ch, d in zip(letters, self.dims, strict=True) if ch in sem.reduced and isinstance(d, str)]
+        if dynamic:
+            raise NormgenError(
+                f"layer {self.name!r}: affine = 'element' needs the normalized dimensions' sizes when the code is"
+                f" generated (its parameters have their shape); {dynamic[0]!r} is a run-time size"
+            )
         positions = [i for i, ch in enumerate(self.fmt.letters) if ch != "B" and ch in sem.reduced]
         if positions != list(range(positions[0], positions[-1] + 1)):
             raise NormgenError(

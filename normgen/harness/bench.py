@@ -243,10 +243,11 @@ def sidecar_path(spec: str | Path) -> Path:
 
 @dataclass
 class BenchConfig:
-    """Run-time settings of each layer: its batch size and the functions to time."""
+    """Run-time settings of each layer: its batch size, its run-time sizes and the functions to time."""
 
     batch: dict[str, int]
     functions: dict[str, list[str]]
+    sizes: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def load_config(layers: list[Layer], spec: str, config: str | None, batch: int | None) -> BenchConfig:
@@ -256,6 +257,7 @@ def load_config(layers: list[Layer], spec: str, config: str | None, batch: int |
     path = Path(config) if config else sidecar_path(spec)
     table: dict = {}
     functions: dict = {}
+    run_sizes: dict = {}
     default = 1
     if path.is_file():
         where = f"bench config {str(path)!r}"
@@ -264,10 +266,14 @@ def load_config(layers: list[Layer], spec: str, config: str | None, batch: int |
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise NormgenError(f"{where} is not valid TOML: {exc}") from None
         bench = data.get("bench", {})
-        extra = sorted(set(data) - {"bench"}) + sorted(set(bench) - {"default_batch", "batch", "functions"})
+        extra = sorted(set(data) - {"bench"}) + sorted(set(bench) - {"default_batch", "batch", "functions", "sizes"})
         if extra:
             raise NormgenError(f"{where}: unknown key {extra[0]!r} (keys: [bench] default_batch, "
-                               "[bench.batch], [bench.functions])")
+                               "[bench.batch], [bench.functions], [bench.sizes])")
+        run_sizes = bench.get("sizes", {})
+        if not isinstance(run_sizes, dict) or any(not isinstance(v, dict) for v in run_sizes.values()):
+            raise NormgenError(f"{where}: [bench.sizes] holds a table of run-time sizes per layer, e.g."
+                               " llm_ln = { tokens = 2048 }")
         default = bench.get("default_batch", 1)
         table = bench.get("batch", {})
         functions = bench.get("functions", {})
@@ -279,7 +285,7 @@ def load_config(layers: list[Layer], spec: str, config: str | None, batch: int |
         for name, value in functions.items():
             if not isinstance(value, list) or not value or any(v not in ROLES for v in value):
                 raise NormgenError(f"{where}: functions of {name!r} must be a list from {', '.join(ROLES)}, got {value!r}")
-        unknown = sorted((set(table) | set(functions)) - set(names))
+        unknown = sorted((set(table) | set(functions) | set(run_sizes)) - set(names))
         if unknown and not config:
             # a sidecar may describe layers that --layer filtered away; only a typo is an error
             unknown = [u for u in unknown if u not in _spec_names(spec)]
@@ -291,7 +297,10 @@ def load_config(layers: list[Layer], spec: str, config: str | None, batch: int |
         if batch < 1:
             raise NormgenError(f"--batch must be a positive integer, got {batch}")
         table, default = {}, batch
-    return BenchConfig({n: table.get(n, default) for n in names}, {n: functions[n] for n in names if n in functions})
+    for layer in layers:  # every run-time size has a value, checked as the generated code checks it
+        layer.at_sizes(run_sizes.get(layer.name, {}))
+    return BenchConfig({n: table.get(n, default) for n in names}, {n: functions[n] for n in names if n in functions},
+                       {n: dict(run_sizes.get(n, {})) for n in names})
 
 
 def _spec_names(spec: str) -> set[str]:
@@ -386,7 +395,8 @@ def aligned_copy(a: np.ndarray, dtype=None) -> np.ndarray:
 class CFunctions:
     """Direct calls of the generated C through the cffi module, on preallocated buffers."""
 
-    def __init__(self, layer: Layer, flags: list[str], batch: int, rng: np.random.Generator):
+    def __init__(self, layer: Layer, flags: list[str], batch: int, rng: np.random.Generator,
+                 sizes: dict[str, int] | None = None):
         from ..targets.c.build import CompiledLayer
         from .check import random_input
 
@@ -395,9 +405,10 @@ class CFunctions:
         self.ffi = self.compiled.ffi
         self.lib = self.compiled._lib
         dtype = self.compiled.dtype
-        self.x = aligned_copy(random_input(layer, batch, rng), dtype)
+        self.x = aligned_copy(random_input(layer, batch, rng, sizes), dtype)
         self.y = aligned_empty(self.x.shape, dtype)
         self.batch = batch
+        self.dims = (batch, *((sizes or {})[n] for n in layer.sizes))  # the size arguments of every call
         self.rm = np.array(getattr(self.compiled, "running_mean", np.zeros(layer.channels)), dtype=dtype)
         self.rv = np.array(getattr(self.compiled, "running_var", np.ones(layer.channels)), dtype=dtype)
         self._keep: list = []
@@ -419,10 +430,10 @@ class CFunctions:
         lead = list(self.compiled._lead)
         if role == "predict":
             fn = getattr(self.lib, f"{name}_predict")
-            args = [*lead, self._p(self.x), self._p(self.y), self.batch]
+            args = [*lead, self._p(self.x), self._p(self.y), *self.dims]
         elif role == "train_forward":
             fn = getattr(self.lib, f"{name}_train_forward")
-            args = [*lead, self._p(self.x), self._p(self.y), self.batch, self._p(self.rm), self._p(self.rv)]
+            args = [*lead, self._p(self.x), self._p(self.y), *self.dims, self._p(self.rm), self._p(self.rv)]
         elif role == "backward":
             return self._backward()
         else:  # pragma: no cover
@@ -441,12 +452,11 @@ class CFunctions:
         name = self.layer.name
         dy = aligned_copy(np.random.default_rng(1).standard_normal(self.x.shape), self.x.dtype)
         self.dx = aligned_empty(self.x.shape, self.x.dtype)
-        self.dscale = np.empty(self.layer.channels, dtype=self.x.dtype)
-        self.doffset = np.empty_like(self.dscale)
+        self.grads = [np.empty(self.compiled.plan.channels, dtype=self.x.dtype) for _ in self.compiled.plan.gradients]
         self.dy = dy
         fn = getattr(self.lib, f"{name}_backward")
-        args = [*self.compiled._lead, self._p(self.x), self._p(dy), self._p(self.dx), self._p(self.dscale),
-                self._p(self.doffset), self.batch]
+        args = [*self.compiled._lead, self._p(self.x), self._p(dy), self._p(self.dx), *map(self._p, self.grads),
+                *self.dims]
 
         def go(fn=fn, args=args):
             rc = fn(*args)
@@ -492,7 +502,9 @@ def torch_case(layer: Layer, role: str, x: np.ndarray, device: str = "cpu") -> t
     def vec(a):
         return torch.tensor(np.array(a, dtype=np.float64), device=device).to(dt)
 
-    w, b, eps = vec(layer.scale_values), vec(layer.offset_values), layer.epsilon
+    w = vec(layer.scale_values) if layer.has_scale else None
+    b = vec(layer.offset_values) if layer.has_offset else None
+    eps = layer.epsilon
     note = "channels_last" if v.dim() >= 3 and not v.is_contiguous() and v.is_contiguous(
         memory_format=torch.channels_last if v.dim() == 4 else torch.contiguous_format) else ""
     if layer.kind == "batchnorm":
@@ -509,9 +521,20 @@ def torch_case(layer: Layer, role: str, x: np.ndarray, device: str = "cpu") -> t
             return None, "instance norm needs a dimension besides B and C"
         return (lambda: F.instance_norm(v, weight=w, bias=b, eps=eps)), note
     od = layer.resolved_dimension
-    if od == "channel-only":
-        u = v.movedim(1, -1)  # (N, *, C): normalized over the last dimension
-        return (lambda: F.layer_norm(u, (c,), w, b, eps)), "layer_norm" + ("" if u.is_contiguous() else ", strided")
+    if layer.affine == "element" or od == "channel-only":
+        # PyTorch's normalized_shape: the normalized dimensions moved to the end, in format order
+        t = torch.from_numpy(aligned_copy(np.asarray(x))).to(device).to(dt)
+        pos = [i for i, ch in enumerate(letters) if ch != "B" and ch in layer.normalized_letters()]
+        u = t.movedim(pos, list(range(t.dim() - len(pos), t.dim())))
+        shape = tuple(u.shape[t.dim() - len(pos):])
+        ws = w.reshape(shape) if w is not None else None
+        bs = b.reshape(shape) if b is not None else None
+        how = "" if u.is_contiguous() else ", strided"
+        if layer.kind == "rmsnorm":
+            return (lambda: F.rms_norm(u, shape, ws, eps)), "rms_norm" + how
+        return (lambda: F.layer_norm(u, shape, ws, bs, eps)), "layer_norm" + how
+    if layer.kind == "rmsnorm":
+        return None, "per-channel RMSNorm over several dimensions has no PyTorch op"
     if od == "spatial-channel" and "T" in letters:
         return None, "spatial-channel with T has no PyTorch op"
     # spatial-channel (no T) and batch-excluded: one statistic per batch with per-channel affine
@@ -539,6 +562,8 @@ def ort_case(layer: Layer, role: str, x: np.ndarray, threads: int) -> tuple[Call
     tp = TensorProto.FLOAT if layer.dtype == "float32" else TensorProto.DOUBLE
     inits: dict[str, np.ndarray] = {"s": np.asarray(layer.scale_values, dtype=np_t),
                                     "b": np.asarray(layer.offset_values, dtype=np_t)}
+    normalized = layer.normalized_letters() if layer.kind in ("layernorm", "rmsnorm") else ""
+    trailing = bool(normalized) and letters.endswith(normalized) and (layer.affine == "element" or normalized == "C")
     outputs = ["y"]
     opset = 17
     if layer.kind == "batchnorm":
@@ -564,6 +589,18 @@ def ort_case(layer: Layer, role: str, x: np.ndarray, threads: int) -> tuple[Call
         if not channel_first or xin.ndim < 3:
             return None, "ONNX InstanceNormalization is channel-first with a spatial dimension"
         node = helper.make_node("InstanceNormalization", ["x", "s", "b"], ["y"], epsilon=layer.epsilon)
+    elif trailing:
+        # LayerNormalization / RMSNormalization over the trailing axes, γ and β of their shape
+        axis = len(letters) - len(normalized) + (0 if layer.fmt.has_batch else 1)
+        shape = layer.param_shape
+        inits = {"s": inits["s"].reshape(shape)} | ({"b": inits["b"].reshape(shape)} if layer.has_offset else {})
+        if layer.kind == "rmsnorm":
+            opset = 23
+            node = helper.make_node("RMSNormalization", ["x", "s"], ["y"], epsilon=layer.epsilon, axis=axis)
+        else:
+            node = helper.make_node("LayerNormalization", ["x", *inits], ["y"], epsilon=layer.epsilon, axis=axis)
+    elif layer.kind == "rmsnorm" or layer.affine == "element":
+        return None, "not over trailing dimensions with their own affine: no ONNX op"
     else:
         od = layer.resolved_dimension
         if od == "channel-only":
@@ -661,7 +698,7 @@ def bench_c(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) -> 
         for layer in plans:
             progress.step(f"{layer.name}: compiling ({' '.join(flags)}{' -fopenmp' if layer.parallel == 'openmp' else ''})")
             try:
-                fns = CFunctions(layer, flags, cfg.batch[layer.name], rng)
+                fns = CFunctions(layer, flags, cfg.batch[layer.name], rng, cfg.sizes.get(layer.name))
             except BuildError:
                 progress.close()
                 raise
@@ -673,7 +710,8 @@ def bench_c(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) -> 
                 if not _wanted(args, cfg, layer.name, role):
                     continue
                 where = f"{layer.name}.{role} (batch {fns.batch})"
-                nbytes = traffic(layer, role, fns.batch)
+                fixed = layer.at_sizes(cfg.sizes.get(layer.name, {}))  # what this call computes
+                nbytes = traffic(fixed, role, fns.batch)
                 progress.step(f"{where}: normgen vs copy")
                 ours = fns.call(role)
                 t_ours, t_copy = time_interleaved([ours, _copy_pair(nbytes, fns.x, fns.y)], args.repeat, args.warmup)
@@ -682,7 +720,7 @@ def bench_c(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) -> 
                              t_copy, nbytes / t_copy / 1e9, t_copy / t_ours, samples=args.repeat)
                 if have_torch:
                     progress.step(f"{where}: normgen vs PyTorch")
-                    fn, res.torch_note = torch_case(layer, role, fns.x)
+                    fn, res.torch_note = torch_case(fixed, role, fns.x)
                     if fn is not None:
                         res.time_vs_torch_s, res.torch_time_s = time_interleaved([ours, fn], args.repeat, args.warmup)
                         res.torch_speedup = res.torch_time_s / res.time_vs_torch_s
@@ -690,7 +728,7 @@ def bench_c(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) -> 
                     res.torch_note = "skipped" if args.no_torch else "torch not importable"
                 if have_ort:
                     progress.step(f"{where}: normgen vs ONNX Runtime")
-                    fn, res.ort_note = ort_case(layer, role, fns.x, args.threads)
+                    fn, res.ort_note = ort_case(fixed, role, fns.x, args.threads)
                     if fn is not None:
                         res.time_vs_ort_s, res.ort_time_s = time_interleaved([ours, fn], args.repeat, args.warmup)
                         res.ort_speedup = res.ort_time_s / res.time_vs_ort_s
@@ -752,8 +790,8 @@ def _torch_reused(layers: list[Layer], cfg: BenchConfig, report: Report, args: a
         progress.step(f"{res.layer}.{res.function}: normgen vs PyTorch, freed memory reused")
         if fns is None or fns.layer.name != res.layer:
             fns = None  # the previous layer's buffers freed before this layer's are allocated
-            fns = CFunctions(layer, flags, res.batch, rng)
-        fn, _ = torch_case(layer, res.function, fns.x)
+            fns = CFunctions(layer, flags, res.batch, rng, cfg.sizes.get(layer.name))
+        fn, _ = torch_case(layer.at_sizes(cfg.sizes.get(layer.name, {})), res.function, fns.x)
         if fn is not None:
             res.time_vs_torch_reuse_s, res.torch_reuse_time_s = time_interleaved(
                 [fns.call(res.function), fn], args.repeat, args.warmup)

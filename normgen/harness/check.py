@@ -41,9 +41,10 @@ def compare(name: str, function: str, dtype: str, batch: int, got: np.ndarray, w
     return Comparison(name, function, dtype, batch, max_abs, max_abs / scale if scale else max_abs, ok)
 
 
-def random_input(layer: Layer, batch: int, rng: np.random.Generator) -> np.ndarray:
-    """Data in the layer's format whose per-channel spread matches its trained statistics."""
-    shape = reference.full_shape(layer, batch)
+def random_input(layer: Layer, batch: int, rng: np.random.Generator, sizes: dict[str, int] | None = None) -> np.ndarray:
+    """Data in the layer's format (with its run-time ``sizes``) whose per-channel spread matches its
+    trained statistics."""
+    shape = reference.full_shape(layer, batch, sizes)
     x = rng.standard_normal(shape)
     if layer.kind == "batchnorm":
         cs = [1] * len(shape)
@@ -54,19 +55,36 @@ def random_input(layer: Layer, batch: int, rng: np.random.Generator) -> np.ndarr
     return x
 
 
+def default_sizes(layer: Layer) -> list[dict[str, int]]:
+    """Run-time sizes check tries when none are given: 1, 7 and 50 for every size."""
+    return [{n: v for n in layer.sizes} for v in (1, 7, 50)] if layer.sizes else [{}]
+
+
 def check_layer(
-    compiled, layer: Layer, batches=DEFAULT_BATCHES, seed: int = 0, training: bool = False
+    compiled, layer: Layer, batches=DEFAULT_BATCHES, seed: int = 0, training: bool = False,
+    sizes: list[dict[str, int]] | None = None,
 ) -> list[Comparison]:
     """Run predict (and batch norm's train_forward) at several batch sizes against the reference.
 
     With ``training``, also the backward pass (dx, dscale, doffset) and, for batch norm, the
-    frozen backward, for a random upstream gradient dy.
+    frozen backward, for a random upstream gradient dy. A layer with run-time sizes runs at each
+    of ``sizes`` (default :func:`default_sizes`), the same compiled code every time; the function
+    column then names them (``predict[tokens=7]``).
     """
+    results = []
+    for named in sizes or default_sizes(layer):
+        tag = "[" + ",".join(f"{k}={v}" for k, v in named.items()) + "]" if named else ""
+        for r in _check_at(compiled, layer, batches, seed, training, named):
+            results.append(Comparison(r.layer, r.function + tag, r.dtype, r.batch, r.max_abs, r.max_rel, r.ok))
+    return results
+
+
+def _check_at(compiled, layer: Layer, batches, seed: int, training: bool, sizes: dict[str, int]) -> list[Comparison]:
     rng = np.random.default_rng(seed)
     results = []
     storage = np.dtype(np.float32) if layer.dtype in ("float16", "bfloat16") else np.dtype(layer.dtype)
     for batch in batches if layer.fmt.has_batch else (1,):
-        x = random_input(layer, batch, rng)
+        x = random_input(layer, batch, rng, sizes)
         x = compiled.quantize(x) if hasattr(compiled, "quantize") else x.astype(storage)
         results.append(compare(layer.name, "predict", layer.dtype, batch, compiled.predict(x), reference.predict(layer, x)))
         if training:
@@ -77,7 +95,7 @@ def check_layer(
                 got = compiled.backward_frozen(x, dy)
                 results += _gradients(layer, batch, "backward_frozen", got, reference.backward_frozen(layer, x, dy))
         if layer.kind == "batchnorm":
-            if layer.running_variance == "unbiased" and reference.count(layer, batch) < 2:
+            if layer.running_variance == "unbiased" and reference.count(layer, batch, sizes) < 2:
                 continue
             rm0 = np.array(compiled.running_mean, dtype=np.float64)
             rv0 = np.array(compiled.running_var, dtype=np.float64)

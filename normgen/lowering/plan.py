@@ -74,25 +74,56 @@ PARAMS_IN_ACC = {"cuda"}
 CTYPE_SIZES = {"float": 4, "double": 8}
 
 
+def size_local(name: str) -> str:
+    """The C local (size_t) that holds run-time size ``name`` inside a generated function."""
+    return f"n_{name}"
+
+
 @dataclass(frozen=True)
 class Extent:
-    """``static`` elements, times the run-time batch when ``batched``."""
+    """``static`` elements, times the run-time batch when ``batched`` and the run-time sizes
+    ``sizes`` (names, sorted; a name may repeat)."""
 
     static: int
     batched: bool = False
+    sizes: tuple[str, ...] = ()
+
+    @property
+    def dynamic(self) -> bool:
+        """Known only at run time (the batch or a run-time size is a factor)."""
+        return self.batched or bool(self.sizes)
 
     def __mul__(self, other: Extent) -> Extent:
         if self.batched and other.batched:
             raise AssertionError("B appears once in a format")
-        return Extent(self.static * other.static, self.batched or other.batched)
+        return Extent(self.static * other.static, self.batched or other.batched,
+                      tuple(sorted(self.sizes + other.sizes)))
 
-    def expr(self, batch: str = "nb") -> str:
-        if not self.batched:
+    def expr(self, batch: str = "nb", size=size_local) -> str:
+        """The C expression: ``batch`` for the batch, ``size(name)`` for each run-time size."""
+        terms = ([batch] if self.batched else []) + [size(n) for n in self.sizes]
+        if not terms:
             return str(self.static)
-        return batch if self.static == 1 else f"{batch} * {self.static}"
+        return " * ".join(terms + ([str(self.static)] if self.static != 1 else []))
 
-    def value(self, batch: int) -> int:
-        return self.static * (batch if self.batched else 1)
+    def arg_expr(self, batch: str = "(size_t)batch") -> str:
+        """The expression from the function's arguments (before their size_t locals exist)."""
+        return self.expr(batch, lambda n: f"(size_t){n}")
+
+    def macro_expr(self, batch: str = "(size_t)(batch)") -> str:
+        """The expression in a macro whose parameters are batch and the run-time sizes."""
+        return self.expr(batch, lambda n: f"(size_t)({n})")
+
+    @property
+    def dynamic_part(self) -> Extent:
+        """The factors known at run time only (the batch and the run-time sizes)."""
+        return Extent(1, self.batched, self.sizes)
+
+    def value(self, batch: int, sizes: dict[str, int] | None = None) -> int:
+        v = self.static * (batch if self.batched else 1)
+        for n in self.sizes:
+            v *= sizes[n]  # type: ignore[index]
+        return v
 
 
 ONE = Extent(1)
@@ -144,7 +175,7 @@ class Rotation:
 
 def rows_of_whole_lines(width: int, stride: Extent, itemsize: int) -> bool:
     """Whether rows of ``width`` elements ``stride`` apart lie back to back as whole 64-byte lines."""
-    return not stride.batched and stride.static == width and width * itemsize % 64 == 0
+    return not stride.dynamic and stride.static == width and width * itemsize % 64 == 0
 
 
 @dataclass(frozen=True)
@@ -184,7 +215,7 @@ class Plan:
     stat_axes: list[Axis]
     domain_axes: list[Axis]
     nacc: int
-    chunk_iters: int
+    chunk_iters: int  # chunk-axis steps per chunk (for the static part of the inner extent)
     offset_expr: str  # element offset from every loop variable
     channel_expr: str
     acc_expr: str
@@ -217,11 +248,64 @@ class Plan:
     #: How γ and β are shaped: "channel", "element" (one per element of the normalized
     #: dimensions, indexed like channels: plan.channels of them) or "none".
     affine: str = "channel"
+    #: The run-time sizes (names, in format order): int32_t arguments after batch.
+    sizes: tuple[str, ...] = ()
     #: What one value of scale (offset, their gradients) belongs to, for the documentation.
     param_per: str = "one per channel, summed over everything sharing the channel"
     #: The training half (backward, update, population statistics): normgen/lowering/train.py,
     #: attached by :func:`normgen.lowering.lower`.
     train: Any = None
+
+    @property
+    def size_args(self) -> list[str]:
+        """The run-time sizes' arguments, after ``int32_t batch``."""
+        return [f"int32_t {n}" for n in self.sizes]
+
+    @property
+    def size_locals(self) -> list[str]:
+        """The function-level locals holding the run-time sizes (after the arguments are checked)."""
+        return [f"const size_t {size_local(n)} = (size_t){n};" for n in self.sizes]
+
+    @property
+    def size_guard(self) -> list[str]:
+        """Statements returning NAME_ERR_SIZE for a run-time size < 1 or one whose product with the
+        batch and the fixed sizes overflows size_t (after batch is checked)."""
+        if not self.sizes:
+            return []
+        err = f"return {self.upper}_ERR_SIZE;"
+        lines = [f"if ({' || '.join(f'{n} < 1' for n in self.sizes)}) {{", f"    {err}", "}", "{",
+                 f"    size_t total = (size_t)batch * {self.elements.static}u;"]
+        for n in self.sizes:
+            lines += [f"    if ((size_t){n} > SIZE_MAX / total) {{", f"        {err}", "    }",
+                      f"    total *= (size_t){n};"]
+        return lines + ["    (void)total;", "}"]
+
+    @property
+    def macro_params(self) -> str:
+        """The parameters of the header's size macros: batch, then the run-time sizes."""
+        return ", ".join(["batch", *self.sizes])
+
+    @property
+    def per_batch(self) -> tuple[str, str]:
+        """NAME_ELEMENTS_PER_BATCH: (its parameter list, its value): a number, or a function-like
+        macro of the run-time sizes."""
+        per = Extent(self.elements.static, False, self.elements.sizes)
+        if not self.sizes:
+            return "", str(per.static)
+        return f"({', '.join(self.sizes)})", f"({per.macro_expr()})"
+
+    @property
+    def chunk_step(self) -> str:
+        """The C expression for the chunk-axis steps of one statistics chunk: chunk_iters, or, where
+        the elements of one step depend on run-time sizes, about CHUNK_ELEMS elements' worth of
+        them computed from those sizes (at least 1)."""
+        inner = ONE
+        for a in self.domain_axes[1:]:
+            inner = inner * a.extent
+        if not inner.dynamic:
+            return str(self.chunk_iters)
+        n = inner.expr()
+        return f"({n} < {CHUNK_ELEMS}u ? {CHUNK_ELEMS}u / ({n}) : 1u)"
 
     @property
     def has_train_forward(self) -> bool:
@@ -248,7 +332,7 @@ class Plan:
         block = Extent(self.itemsize)
         for a in self.domain_axes:
             block = block * a.extent
-        if not block.batched:
+        if not block.dynamic:
             return str(reads * (2 if block.static > BLOCK_CACHE_BYTES else 1) + writes)
         twice = f"({block.expr()} > {BLOCK_CACHE_BYTES}u)"
         return f"{reads + writes} + {twice if reads == 1 else f'{reads} * {twice}'}"
@@ -322,6 +406,12 @@ class Plan:
         return self.semantics.centered
 
     @property
+    def affine_uses(self) -> list[str]:
+        """The arrays the normalize step reads: scale, and offset unless RMSNorm has none (the
+        other kinds add their fixed offset of zeros)."""
+        return ["scale", "offset"] if self.centered or "offset" in self.params else ["scale"]
+
+    @property
     def learnables(self) -> list[str]:
         """The learnable arrays the layer has, in order (scale, offset)."""
         return [k for k in ("scale", "offset") if k in self.params]
@@ -338,17 +428,18 @@ class Plan:
         lead = [f"const {self.name}_params *params"] if self.runtime_params else []
         lead_ptr = ["params"] if self.runtime_params else []
         folded_at_generation = self.kind == "batchnorm" and not self.runtime_params
-        affine = ["scale", "offset"]
+        affine = self.affine_uses
         predict_uses = ([] if folded_at_generation else
                         [*affine, "trained_mean", "trained_variance"] if self.kind == "batchnorm" else affine)
         fns = [
             Function(
                 "predict",
                 f"{self.name}_predict",
-                lead + [f"const {t} *x", f"{t} *y", "int32_t batch"],
+                lead + [f"const {t} *x", f"{t} *y", "int32_t batch", *self.size_args],
                 lead_ptr + ["x", "y"],
                 "Inference: y = normalize(x). x and y hold batch * "
-                f"{self.elements.static} elements in format {self.format}; y may be x.",
+                f"{Extent(self.elements.static, False, self.elements.sizes).expr('batch', str)} elements in format"
+                f" {self.format}; y may be x.",
                 predict_uses,
             )
         ]
@@ -357,7 +448,8 @@ class Plan:
                 Function(
                     "train_forward",
                     f"{self.name}_train_forward",
-                    lead + [f"const {t} *x", f"{t} *y", "int32_t batch", f"{t} *running_mean", f"{t} *running_var"],
+                    lead + [f"const {t} *x", f"{t} *y", "int32_t batch", *self.size_args, f"{t} *running_mean",
+                            f"{t} *running_var"],
                     lead_ptr + ["x", "y", "running_mean", "running_var"],
                     "Training forward: normalize with the batch's mean and biased variance, then update\n"
                     " * running_mean and running_var (one per channel) in place: r = decay * batch + (1 - decay) * r.",
@@ -396,7 +488,15 @@ class Plan:
 
     @property
     def stat_comment(self) -> str:
-        return f"mean and variance of each statistic {self.statistic_per} over {self.statistic_over}"
+        what = "mean and variance" if self.centered else "mean of x^2"
+        return f"{what} of each statistic {self.statistic_per} over {self.statistic_over}"
+
+    @property
+    def normalize_comment(self) -> str:
+        """What pass 2 computes, for the generated comments."""
+        if self.centered:
+            return "y = (x - mean) / sqrt(var + epsilon) * scale + offset"
+        return "y = x / sqrt(mean(x^2) + epsilon) * scale" + (" + offset" if "offset" in self.params else "")
 
     @property
     def acc_channel_expr(self) -> str:
@@ -420,6 +520,11 @@ def literal(value: float, ctype: str) -> str:
     if not any(ch in text for ch in ".en"):
         text += ".0"
     return text + ("f" if ctype == "float" else "")
+
+
+def _extent(size: int | str) -> Extent:
+    """A dimension's size: a number, or the name of a run-time size."""
+    return Extent(1, sizes=(size,)) if isinstance(size, str) else Extent(size)
 
 
 def _axes(layer: Layer) -> list[Axis]:
@@ -446,9 +551,9 @@ def _axes(layer: Layer) -> list[Axis]:
             raw.append(("G", Extent(g), True, True))
             raw.append(("g", Extent(size // g), False, True))
         else:
-            raw.append((ch, Extent(size), ch not in reduce, ch == "C" and not element))
+            raw.append((ch, _extent(size), ch not in reduce, ch == "C" and not element))
     # Drop static size-1 dimensions (they do not move the offset) unless they carry the channel.
-    raw = [r for r in raw if r[1].batched or r[1].static > 1 or r[3]]
+    raw = [r for r in raw if r[1].dynamic or r[1].static > 1 or r[3]]
     merged: list[list] = []
     for letters, ext, keep, is_ch in raw:
         if merged and not is_ch and not merged[-1][3] and merged[-1][2] == keep:
@@ -480,12 +585,12 @@ def _apply_axes(layer: Layer) -> list[Axis]:
     dims = iter(layer.dims)
     sizes = []
     for ch in letters:
-        sizes.append(Extent(1, True) if ch == "B" else Extent(next(dims)))
+        sizes.append(Extent(1, True) if ch == "B" else _extent(next(dims)))
     for rng, is_ch in ((range(0, c), False), (range(c, c + 1), True), (range(c + 1, len(letters)), False)):
         ext = ONE
         for i in rng:
             ext = ext * sizes[i]
-        if is_ch or ext.batched or ext.static > 1:
+        if is_ch or ext.dynamic or ext.static > 1:
             parts.append((letters[rng.start:rng.stop], ext, is_ch))
     axes = []
     stride = ONE
@@ -516,10 +621,10 @@ def _strategy(axes: list[Axis]) -> tuple[str, list[Axis], list[Axis]]:
     nacc = int(np.prod([a.extent.static for a in inner_keep])) if inner_keep else 1
     inner = axes[first_r + 1:]
     width = int(np.prod([a.extent.static for a in inner])) if inner else 1
-    columns_ok = (bool(inner_keep) and not any(a.extent.batched for a in inner) and nacc <= MAX_ACCUMULATORS
+    columns_ok = (bool(inner_keep) and not any(a.extent.dynamic for a in inner) and nacc <= MAX_ACCUMULATORS
                   and width <= MAX_COLUMNS)
     last_reduced = axes[-1] if not axes[-1].keep else None
-    long_rows = last_reduced is not None and (last_reduced.extent.batched or last_reduced.extent.static >= MIN_ROW_RUN)
+    long_rows = last_reduced is not None and (last_reduced.extent.dynamic or last_reduced.extent.static >= MIN_ROW_RUN)
     if columns_ok and not long_rows:
         return "columns", axes[:first_r], axes[first_r:]
     return "rows", [a for a in axes if a.keep], [a for a in axes if not a.keep]
@@ -630,6 +735,7 @@ def lower_forward(layer: Layer, target: str = "c") -> Plan:
         format=layer.fmt.letters,
         has_batch=layer.fmt.has_batch,
         semantics=semantics(layer),
+        sizes=layer.sizes,
         constants=constants,
         gradients=gradients,
         affine=layer.affine,

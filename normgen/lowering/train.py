@@ -71,7 +71,7 @@ def lower_train(plan: Plan) -> TrainPlan:
     grad_doc = "/".join(grad_ptrs)
     grad_text = (f", and {grad_doc}\n * ({plan.param_per})" if grad_ptrs
                  else "\n * (the layer has no scale or offset, so there are no parameter gradients)")
-    per = "one per channel" if bn else f"{plan.upper}_SAVED_STATISTICS(batch) of them"
+    per = "one per channel" if bn else f"{plan.upper}_SAVED_STATISTICS({plan.macro_params}) of them"
     if not plan.centered:
         per += "; the mean saved is 0: RMSNorm subtracts none"
     running = [f"{t} *running_mean", f"{t} *running_var"] if bn else []
@@ -79,7 +79,8 @@ def lower_train(plan: Plan) -> TrainPlan:
         Function(
             "train_forward_save",
             f"{name}_train_forward_save",
-            lead + [f"const {t} *x", f"{t} *y", "int32_t batch", *running, f"{a} *saved_mean", f"{a} *saved_invstd"],
+            lead + [f"const {t} *x", f"{t} *y", "int32_t batch", *plan.size_args, *running, f"{a} *saved_mean",
+                    f"{a} *saved_invstd"],
             lead_ptr + ["x", "y", *(["running_mean", "running_var"] if bn else []), "saved_mean", "saved_invstd"],
             (
                 "Training forward that also saves each statistic's mean and 1/sqrt(var + epsilon)"
@@ -91,12 +92,12 @@ def lower_train(plan: Plan) -> TrainPlan:
                 )
                 + " y may be x."
             ),
-            ["scale", "offset"],
+            plan.affine_uses,
         ),
         Function(
             "backward",
             f"{name}_backward",
-            lead + [f"const {t} *x", f"const {t} *dy", f"{t} *dx", *grads, "int32_t batch"],
+            lead + [f"const {t} *x", f"const {t} *dy", f"{t} *dx", *grads, "int32_t batch", *plan.size_args],
             lead_ptr + ["x", "dy", "dx", *grad_ptrs],
             (
                 "Backward of the training forward"
@@ -117,6 +118,7 @@ def lower_train(plan: Plan) -> TrainPlan:
                 f"{t} *dx",
                 *grads,
                 "int32_t batch",
+                *plan.size_args,
             ],
             lead_ptr + ["x", "dy", "saved_mean", "saved_invstd", "dx", *grad_ptrs],
             (
@@ -132,7 +134,7 @@ def lower_train(plan: Plan) -> TrainPlan:
                 "backward_frozen",
                 f"{name}_backward_frozen",
                 lead
-                + [f"const {t} *x", f"const {t} *dy", f"{t} *dx", *grads, "int32_t batch"],
+                + [f"const {t} *x", f"const {t} *dy", f"{t} *dx", *grads, "int32_t batch", *plan.size_args],
                 lead_ptr + ["x", "dy", "dx", *grad_ptrs],
                 (
                     "Backward with the trained statistics held fixed (the gradient of predict): fine-tuning\n"
@@ -151,7 +153,7 @@ def lower_train(plan: Plan) -> TrainPlan:
             Function(
                 "accumulate",
                 f"{name}_accumulate",
-                [f"{name}_stats *acc", f"const {t} *x", "int32_t batch"],
+                [f"{name}_stats *acc", f"const {t} *x", "int32_t batch", *plan.size_args],
                 ["acc", "x"],
                 "Merge one batch into the population statistics (two-pass per batch, Chan's merge).",
                 [],

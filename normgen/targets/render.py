@@ -57,6 +57,11 @@ EXTENSIONS = {
 
 def _cuda_supports(plan: Plan) -> None:
     """What the CUDA templates cannot spell yet is refused, never emitted wrong."""
+    if plan.sizes:
+        raise NormgenError(
+            f"layer {plan.name!r}: the cuda target does not take run-time sizes ({', '.join(plan.sizes)}) yet;"
+            " give them numbers, or use the c target"
+        )
     if not plan.centered or plan.constants or plan.affine != "channel":
         raise NormgenError(
             f"layer {plan.name!r}: the cuda target does not generate {plan.kind} layers with affine ="

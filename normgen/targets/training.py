@@ -55,11 +55,14 @@ class TrainingBench:
             raise NormgenError(f"{name} needs {self.plan.channels} values ({self.plan.param_per}), got {values.size}")
         return values
 
-    def saved_count(self, batch: int) -> int:
-        """How many statistics train_forward_save saves (and backward_saved reads) for a batch."""
+    def saved_count(self, batch: int, *sizes: int) -> int:
+        """How many statistics train_forward_save saves (and backward_saved reads) for a batch (and
+        the run-time sizes, in order)."""
         if self.layer.kind == "batchnorm":
             return self.layer.channels
-        return int(np.prod(reference.full_shape(self.layer, batch))) // reference.count(self.layer, batch)
+        named = dict(zip(self.layer.sizes, sizes, strict=True))
+        return (int(np.prod(reference.full_shape(self.layer, batch, named)))
+                // reference.count(self.layer, batch, named))
 
     def reset_velocity(self) -> None:
         """Zero the momentum state that :meth:`update` carries between steps."""

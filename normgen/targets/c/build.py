@@ -135,7 +135,8 @@ class CompiledLayer(CTraining):
     parameter struct passed to every call (set its fields with :meth:`set_params`).
     """
 
-    ERRORS = {1: "a NULL pointer", 2: "batch < 1 or too large", 3: "too few values per channel for an unbiased variance"}
+    ERRORS = {1: "a NULL pointer", 2: "batch < 1 or too large", 3: "too few values per channel for an unbiased variance",
+              4: "a run-time size < 1 or too large"}
 
     def __init__(self, layer: Layer, *, flags: list[str] | None = None):
         if layer.dtype not in NUMPY_DTYPES:
@@ -162,8 +163,10 @@ class CompiledLayer(CTraining):
             raise NormgenError(f"{self.layer.name}_{fn} returned {rc} ({self.ERRORS.get(rc, 'unknown error')})")
 
     def _input(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        """x as the functions take it, and their size arguments: (batch, run-time sizes...)."""
         batch = reference.batch_of(self.layer, x)
-        return np.ascontiguousarray(x, dtype=self.dtype), batch
+        sizes = self.layer.sizes_of(np.shape(x))
+        return np.ascontiguousarray(x, dtype=self.dtype), (batch, *(sizes[n] for n in self.layer.sizes))
 
     def set_params(self, **arrays: np.ndarray) -> None:
         """Run-time parameters: set ``scale``, ``offset``, ``trained_mean``, ``trained_variance``."""
@@ -188,10 +191,10 @@ class CompiledLayer(CTraining):
 
     def predict(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Inference on x; ``out`` may be x itself (in place)."""
-        x, batch = self._input(x)
+        x, dims = self._input(x)
         y = np.empty_like(x) if out is None else out
         fn = getattr(self._lib, f"{self.layer.name}_predict")
-        self._check(fn(*self._lead, self._ptr(x), self._ptr(y), batch), "predict")
+        self._check(fn(*self._lead, self._ptr(x), self._ptr(y), *dims), "predict")
         return y
 
     def train_forward(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -199,9 +202,9 @@ class CompiledLayer(CTraining):
         may be x itself (in place)."""
         if self.layer.kind != "batchnorm":
             raise NormgenError(f"train_forward is for batch norm; layer {self.layer.name!r} is {self.layer.kind}")
-        x, batch = self._input(x)
+        x, dims = self._input(x)
         y = np.empty_like(x) if out is None else out
         fn = getattr(self._lib, f"{self.layer.name}_train_forward")
-        rc = fn(*self._lead, self._ptr(x), self._ptr(y), batch, self._ptr(self.running_mean), self._ptr(self.running_var))
+        rc = fn(*self._lead, self._ptr(x), self._ptr(y), *dims, self._ptr(self.running_mean), self._ptr(self.running_var))
         self._check(rc, "train_forward")
         return y

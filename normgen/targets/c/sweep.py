@@ -153,6 +153,7 @@ class Sweep:
     #: a shift, redone as a two-pass where the shift is too far off) or "mean_square" (RMSNorm)
     statistic: str = "shifted"
     per_acc_tail: int = 1  # columns: the columns of one statistic
+    offset: bool = True  # the layer has an offset (RMSNorm's pass 2 leaves out a fixed offset of 0)
 
     @property
     def centered(self) -> bool:
@@ -221,9 +222,39 @@ class Sweep:
     #     block, y = (x - hi[j]) * g[j] + b[j]
     # "columns": the channel varies with the chunk axis: y = ((x - hi[j]) - lo[j]) * (rs[j] * scale[c]) + offset[c]
 
+    # Without a mean (RMSNorm, ``centered`` False) the same four ways leave out hi, lo (and the
+    # offset where the layer has none): y = x * (rs * scale[c]) [+ offset[c]], x * g [+ b],
+    # x * g[j] [+ b[j]].
+
+    @property
+    def block_arrays(self) -> list[str]:
+        """The per-statistic values pass 2 reads: the mean as hi (+ lo) in T, and rs."""
+        if not self.centered:
+            return ["rs"]
+        return ["mhi", "mlo", "rs"] if self.split_mean else ["mhi", "rs"]
+
+    @property
+    def mean_parts(self) -> list[str]:
+        """Statements setting the mean's hi (and lo) part of statistic k (none without a mean)."""
+        t, a = self.ctype, self.acc_type
+        if not self.centered:
+            return []
+        return [f"mhi[k] = ({t})mean[k];"] + ([f"mlo[k] = ({t})(mean[k] - ({a})mhi[k]);"] if self.split_mean else [])
+
+    @property
+    def saved_mean(self) -> str:
+        """What train_forward_save saves as statistic k's mean (RMSNorm subtracts none: 0)."""
+        return "mean[k]" if self.centered else "0"
+
+    def _plus(self, term: str) -> str:
+        """`` + term`` where RMSNorm has an offset (always for the other kinds)."""
+        return f" + {term}" if self.centered or self.offset else ""
+
     @property
     def lane_arrays(self) -> list[str]:
         """Per-column copies of the statistics pass 2 reads."""
+        if not self.centered:
+            return {"columns_fold": ["lg"] + (["lb"] if self.offset else []), "columns": ["lrs"]}.get(self.norm, [])
         if self.norm == "columns_fold":
             return ["lhi", "lg", "lb"]
         if self.norm == "columns":
@@ -235,6 +266,9 @@ class Sweep:
         """Statements filling the lane arrays for column j of statistic k."""
         t = self.ctype
         lo = "mlo[k] * g" if self.split_mean else ""
+        if not self.centered and self.norm == "columns_fold":
+            return [f"const {t} g = rs[k] * scale[{self.channel_expr}];", "lg[j] = g;"] + (
+                [f"lb[j] = offset[{self.channel_expr}];"] if self.offset else [])
         if self.norm == "columns_fold":
             b = f"offset[{self.channel_expr}]" + (f" - {lo}" if lo else "")
             return ["lhi[j] = mhi[k];", f"const {t} g = rs[k] * scale[{self.channel_expr}];", "lg[j] = g;", f"lb[j] = {b};"]
@@ -247,6 +281,9 @@ class Sweep:
         if self.norm != "rows_const":
             return []
         t = self.ctype
+        if not self.centered:
+            return [f"const {t} g = rs[0] * scale[{self.channel_expr}];"] + (
+                [f"const {t} b = offset[{self.channel_expr}];"] if self.offset else [])
         b = f"offset[{self.channel_expr}]" + (" - mlo[0] * g" if self.split_mean else "")
         return [f"const {t} g = rs[0] * scale[{self.channel_expr}];", f"const {t} b = {b};"]
 
@@ -274,10 +311,17 @@ class Sweep:
         """Pass 2's expression for the element x (of channel ``channel``: channel_expr by default;
         ``lanes``: the suffix of the per-column arrays it reads, at ``column``)."""
         c = channel or self.channel_expr
+        j = column
+        if not self.centered:
+            if self.norm == "rows_const":
+                return f"{x} * g{self._plus('b')}"
+            if self.norm == "columns_fold":
+                return f"{x} * lg{lanes}[{j}]{self._plus(f'lb{lanes}[{j}]')}"
+            rs = "rs[0]" if self.norm == "rows" else f"lrs{lanes}[{j}]"
+            return f"{x} * ({rs} * scale[{c}]){self._plus(f'offset[{c}]')}"
         if self.norm == "rows_const":
             return f"({x} - mhi[0]) * g + b"
         if self.norm == "columns_fold":
-            j = column
             return f"({x} - lhi{lanes}[{j}]) * lg{lanes}[{j}] + lb{lanes}[{j}]"
         hi, lo, rs = ("mhi[0]", "mlo[0]", "rs[0]") if self.norm == "rows" else ("lhi[j]", "llo[j]", "lrs[j]")
         centered = f"({x} - {hi}) - {lo}" if self.split_mean else f"{x} - {hi}"
@@ -624,8 +668,9 @@ def sweep_of(plan: Plan) -> Sweep:
     # While the second pass of a chunk runs from cache, fetch the next chunk of the same block:
     # the same elements, chunk_iters steps further along the chunk axis.
     chunk = plan.chunk_axis
-    shift = Extent(chunk.stride.static * plan.chunk_iters, chunk.stride.batched).expr()
-    more = f"{chunk.var} + {plan.chunk_iters} < {chunk.count}"
+    step = plan.chunk_step
+    shift = (chunk.stride * Extent(plan.chunk_iters)).expr() if step.isdigit() else f"{chunk.stride.expr()} * {step}"
+    more = f"{chunk.var} + {step} < {chunk.count}"
     if plan.strategy == "rows":
         run_axis = domain[-1]
         if len(domain) == 1:
@@ -659,18 +704,19 @@ def sweep_of(plan: Plan) -> Sweep:
             norm="rows" if run_axis.channel_mul else "rows_const",
             prefetch_shift=shift if run_axis.step == "1" else "", prefetch_if=more, line=line,
             acc_type=plan.acc_type, channel_lane=channel_lane,
-            run_blocks=run_axis.extent.batched or run_len >= lanes,
+            run_blocks=run_axis.extent.dynamic or run_len >= lanes,
             channels=plan.channels,
             local_channels=local[0].extent.static if local else 1,
             local_channel_expr=local[0].var if local else "0",
             stat_channel_expr="".join(f"{t} + " for t in stat_ch),
             partials_from=_sum(stat_ch),
             partials_len=run_axis.extent.static if run_axis.channel_mul else 1, nacc=plan.nacc,
-            shift_probe=1 if run_axis.extent.batched else min(SHIFT_PROBE, run_len),
+            shift_probe=1 if run_axis.extent.dynamic else min(SHIFT_PROBE, run_len),
             block_first=plan.stat_offset_expr,
             apply_rotation=plan.apply_rotation(omp_apply_chunk),
             statistic="shifted" if plan.centered else "mean_square",
             per_acc_tail_expr=plan.per_acc_tail.expr(),
+            offset="offset" in plan.params,
             **_pipeline(plan, openmp),
         )
     first, inner = domain[0], domain[1:]
@@ -699,10 +745,11 @@ def sweep_of(plan: Plan) -> Sweep:
         prefetch_shift=shift, prefetch_if=more, line=line,
         acc_type=plan.acc_type, channel_lane=_sum(channel), channels=plan.channels, nacc=plan.nacc,
         tile=lanes, tile_ahead=TILE_PREFETCH_ROWS,
-        tile_shift=Extent(first.stride.static * TILE_PREFETCH_ROWS, first.stride.batched).expr(),
+        tile_shift=(first.stride * Extent(TILE_PREFETCH_ROWS)).expr(),
         rotate=not first.channel_mul and rows_of_whole_lines(width, first.stride, plan.itemsize),
         block_first=plan.stat_offset_expr,
         apply_rotation=plan.apply_rotation(omp_apply_chunk),
         statistic="shifted" if plan.centered else "mean_square",
         per_acc_tail=plan.per_acc_tail.static,
+        offset="offset" in plan.params,
     )

@@ -26,28 +26,28 @@ class CTraining(TrainingBench):
         """Training forward that also returns the saved (mean, 1/sqrt(var + ε)) per statistic,
         float64, laid out as :func:`normgen.reference.saved_statistics`. Batch norm also updates
         ``running_mean``/``running_var`` as :meth:`train_forward` does."""
-        x, batch = self._input(x)
+        x, dims = self._input(x)
         y = np.empty_like(x)
-        n = self.saved_count(batch)
+        n = self.saved_count(*dims)
         mean, inv = np.empty(n), np.empty(n)
         running = [self._ptr(self.running_mean), self._ptr(self.running_var)] if self.layer.kind == "batchnorm" else []
         rc = self._train_fn("train_forward_save")(
-            *self._lead, self._ptr(x), self._ptr(y), batch, *running, self._acc_ptr(mean), self._acc_ptr(inv)
+            *self._lead, self._ptr(x), self._ptr(y), *dims, *running, self._acc_ptr(mean), self._acc_ptr(inv)
         )
         self._train_check(rc, "train_forward_save")
         return y, mean, inv
 
     def _backward(self, role: str, x, dy, saved=()) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(dx, dscale, doffset); a gradient the layer has no parameter for is None."""
-        x, batch = self._input(x)
+        x, dims = self._input(x)
         dy = self._dy(x, dy)
         dx = np.empty_like(x)
         grads = {g: np.empty(self.plan.channels, dtype=self.dtype) for g, _ in self.plan.gradients}
         extra = []
         for name, arr in zip(("saved_mean", "saved_invstd"), saved, strict=False):  # saved: () or both
             arr = np.ascontiguousarray(arr, dtype=np.float64).reshape(-1)
-            if arr.size != self.saved_count(batch):
-                raise NormgenError(f"{name} needs {self.saved_count(batch)} values for batch {batch}, got {arr.size}")
+            if arr.size != self.saved_count(*dims):
+                raise NormgenError(f"{name} needs {self.saved_count(*dims)} values for batch {dims[0]}, got {arr.size}")
             extra.append(arr)
         rc = self._train_fn(role)(
             *self._lead,
@@ -56,7 +56,7 @@ class CTraining(TrainingBench):
             *[self._acc_ptr(a) for a in extra],
             self._ptr(dx),
             *[self._ptr(g) for g in grads.values()],
-            batch,
+            *dims,
         )
         self._train_check(rc, role)
         return dx, grads.get("dscale"), grads.get("doffset")
@@ -115,8 +115,8 @@ class CTraining(TrainingBench):
         self._require_batchnorm("population statistics")
         if getattr(self, "_stats", None) is None:
             self.reset_stats()
-        x, batch = self._input(x)
-        self._train_check(self._train_fn("accumulate")(self._stats, self._ptr(x), batch), "accumulate")
+        x, dims = self._input(x)
+        self._train_check(self._train_fn("accumulate")(self._stats, self._ptr(x), *dims), "accumulate")
 
     @property
     def stats_count(self) -> float:
