@@ -1,4 +1,5 @@
-"""The CUDA target, in four tiers.
+"""The CUDA target, in four tiers, for every kind (RMSNorm included) and affine (per channel, per
+element, none; with and without offset).
 
 1. Launch shapes (pure Python): every layout family, the split decision, workspace sizes.
 2. Compile checks: every generated .cu, across kinds x layouts x dtypes, compiled by nvcc for
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -26,7 +28,7 @@ import numpy as np
 import pytest
 
 from normgen import reference
-from normgen.description.layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm
+from normgen.description.layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from normgen.errors import NormgenError
 from normgen.lowering import lower
 from normgen.targets.cuda import plan as cpm
@@ -55,26 +57,41 @@ def _dims(fmt: str, channels: int = SIZES["C"]) -> list[int]:
     return out
 
 
+CLASSES = {"batchnorm": BatchNorm, "groupnorm": GroupNorm, "layernorm": LayerNorm, "instancenorm": InstanceNorm,
+           "rmsnorm": RMSNorm}
+
+
 def make(kind: str, fmt: str, dtype: str = "float32", *, name: str | None = None, channels: int = SIZES["C"], **kw):
+    """A layer with random scale and offset of the shape its ``affine`` gives them (only those it
+    has: ``bias``, ``affine="none"``), and for batch norm random trained statistics."""
     rng = np.random.default_rng(len(fmt) * 7 + len(kind))
     shape = kw.pop("shape", None) or _dims(fmt, channels)
     c = shape[fmt.replace("B", "").index("C")]
-    common = dict(name=name or f"{kind[:2]}_{fmt.lower()}_{dtype}", format=fmt, shape=shape, dtype=dtype,
-                  scale=rng.uniform(0.5, 1.5, c), offset=rng.normal(0, 0.5, c))
+    cls = CLASSES[kind]
+    if kind == "groupnorm":
+        kw.setdefault("num_groups", 3)
+    affine = kw.get("affine", "channel")
+    pshape = (c,)
+    if affine == "element":
+        probe = cls(name="probe", format=fmt, shape=shape, **{k: v for k, v in kw.items() if k != "bias"})
+        pshape = probe.param_shape
+    scale, offset = rng.uniform(0.5, 1.5, pshape), rng.normal(0, 0.5, pshape)
+    has_offset = affine != "none" and kw.get("bias", cls.default_bias)
+    common = dict(name=name or f"{kind[:2]}_{fmt.lower()}_{dtype}", format=fmt, shape=shape, dtype=dtype)
+    if affine != "none":
+        common["scale"] = scale
+    if has_offset:
+        common["offset"] = offset
     common.update(kw)
     if kind == "batchnorm":
         common.setdefault("trained_mean", rng.normal(0, 1, c))
         common.setdefault("trained_variance", rng.uniform(0.5, 2, c))
-        return BatchNorm(**common)
-    if kind == "groupnorm":
-        common.setdefault("num_groups", 3)
-        return GroupNorm(**common)
-    if kind == "layernorm":
-        return LayerNorm(**common)
-    return InstanceNorm(**common)
+    return cls(**common)
 
 
+#: The four MATLAB kinds (the covering arrays below pair them with layouts and dtypes) and RMSNorm.
 KINDS = ("batchnorm", "groupnorm", "layernorm", "instancenorm")
+ALL_KINDS = (*KINDS, "rmsnorm")
 
 
 def _tool(name: str) -> str | None:
@@ -121,9 +138,47 @@ def _cp(layer):
     ("BSSC", [5, 4, 12], "groupnorm", "columns"), ("BCSS", [12, 5, 4], "groupnorm", "segments"),
     ("BCSS", [12, 5, 4], "instancenorm", "segments"), ("BSSC", [5, 4, 12], "instancenorm", "columns"),
     ("SBSC", [5, 4, 12], "instancenorm", "generic"), ("TBC", [5, 12], "instancenorm", "columns"),
+    ("BTC", [5, 12], "rmsnorm", "segments"), ("BCSS", [12, 5, 4], "rmsnorm", "columns"),  # channel-only
+    ("BSSC", [5, 4, 12], "rmsnorm", "segments"), ("CB", [12], "rmsnorm", "columns"),
 ])
 def test_family(fmt, shape, kind, family):
     assert _cp(make(kind, fmt, shape=shape)).family == family
+
+
+def test_rmsnorm_statistic_and_affine_arrays():
+    """RMSNorm takes the mean-square statistic (no shift, no mean term); the scale and offset a
+    layer lacks are fixed __device__ arrays in every storage mode, never struct members."""
+    rms = _cp(make("rmsnorm", "BTC"))
+    assert (rms.statistic, rms.centered, rms.shift("x[base]")) == ("mean_square", False, "0")
+    assert list(rms.param_arrays) == ["scale", "offset"] and set(rms.plan.constants) == {"offset"}
+    assert "fixed at 0" in rms.array_doc("offset") and rms.param_locals == ""
+    assert _cp(make("layernorm", "BTC")).shift("x[base]") == "to_acc(x[base])"
+    rt = _cp(make("rmsnorm", "BTC", param_storage="runtime"))
+    assert list(rt.param_arrays) == ["offset"] and list(rt.plan.params) == ["scale"]
+    assert rt.param_locals == "    const acc_t *scale = params->scale;\n"
+    files = emit(make("rmsnorm", "BTC", param_storage="runtime"), "cuda")
+    cu, cuh = files["rm_btc_float32.cu"], files["rm_btc_float32.cuh"]
+    assert "static __device__ __align__(16) const acc_t offset[12]" in cu and "acc_t offset[" not in cuh
+    assert "to_acc(x[base])" not in cu and "const acc_t shift = 0;" in cu
+    bn = _cp(make("batchnorm", "BSSC", affine="none", param_storage="runtime"))
+    assert list(bn.plan.params) == ["trained_mean", "trained_variance"] and list(bn.param_arrays) == ["scale", "offset"]
+    assert bn.struct_ref("scale") == "scale" and bn.struct_ref("trained_mean") == "p->trained_mean"
+
+
+@pytest.mark.parametrize("fmt,shape,od,family,vec", [
+    ("BCSS", [12, 5, 4], "spatial-channel", "segments", True),  # one run of 240 per (batch)
+    ("BCSS", [12, 5, 4], "channel-only", "columns", False),  # the parameter index is the row
+    ("BTC", [5, 12], "batch-excluded", "segments", True),
+])
+def test_element_affine_indexes_parameters_like_channels(fmt, shape, od, family, vec):
+    """affine="element": one parameter axis over the normalized dimensions, plan.channels values,
+    indexed like a channel (vector loads where a unit's parameters are consecutive)."""
+    layer = make("layernorm", fmt, shape=shape, operation_dimension=od, affine="element")
+    cp = _cp(layer)
+    assert cp.family == family and cp.plan.channels == int(np.prod(layer.param_shape))
+    assert cp.param_unit == "normalized element" and len(cp.param_arrays["scale"]) == cp.plan.channels
+    if family == "segments":
+        assert cp.segments.chan_vec == vec
 
 
 def test_types_and_parameters_per_target():
@@ -141,7 +196,7 @@ def test_types_and_parameters_per_target():
         derive(c)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_launch_shapes_cover_every_statistic(kind, fmt):
     cp = _cp(make(kind, fmt))
@@ -207,6 +262,43 @@ RUNTIME_LAYERS = [
               scale=np.linspace(0.5, 1.5, 6), offset=np.linspace(-0.5, 0.5, 6), dtype="bfloat16"),
     InstanceNorm(name="rt_in", format="SBSC", shape=[3, 4, 5], param_storage="runtime", dtype="float64",
                  scale=np.linspace(0.5, 1.5, 5)),
+    # scale only, the offset a fixed __device__ array; per element; batch norm without an offset
+    # or without any affine (its struct holds the trained statistics only)
+    make("rmsnorm", "BTC", "float16", name="rt_rms", param_storage="runtime"),
+    make("layernorm", "BCSS", "float32", name="rt_ln_elem", shape=[12, 5, 4], operation_dimension="spatial-channel",
+         affine="element", param_storage="runtime"),
+    make("rmsnorm", "BTC", "float64", name="rt_rms_elem", operation_dimension="batch-excluded", affine="element",
+         bias=True, param_storage="runtime"),
+    make("batchnorm", "BSSC", "float32", name="rt_bn_nobias", bias=False, param_storage="runtime"),
+    make("batchnorm", "BCSS", "float16", name="rt_bn_none", shape=[6, 8, 8], affine="none", param_storage="runtime"),
+]
+
+#: RMSNorm over its statistic domains and layout families, and the affine options (per element,
+#: none, without offset) over the kinds that take them, embedded.
+AFFINE_LAYERS = [
+    make("rmsnorm", "BCSS", "float32", name="rms_chw_sc", operation_dimension="spatial-channel"),
+    make("rmsnorm", "BTC", "float64", name="rms_btc_be", operation_dimension="batch-excluded"),
+    make("rmsnorm", "SBSTC", "float32", name="rms_generic", shape=[3, 4, 2, 12], operation_dimension="spatial-channel"),
+    make("rmsnorm", "CB", "float32", name="rms_cb", shape=[6]),  # rows of `batch`: columns
+    make("rmsnorm", "BC", "float64", name="rms_long", shape=[16500]),  # too long for registers
+    make("rmsnorm", "BSSC", "bfloat16", name="rms_bias", bias=True),
+    make("layernorm", "BCSS", "float32", name="ln_elem_sc", shape=[12, 5, 4], operation_dimension="spatial-channel",
+         affine="element"),
+    make("layernorm", "BCSS", "float16", name="ln_elem_co", shape=[12, 5, 4], operation_dimension="channel-only",
+         affine="element", bias=False),
+    make("layernorm", "BTC", "bfloat16", name="ln_elem_be", operation_dimension="batch-excluded", affine="element",
+         bias=False),
+    make("rmsnorm", "BSSC", "float32", name="rms_elem_sc", operation_dimension="spatial-channel", affine="element"),
+    make("rmsnorm", "BTC", "float64", name="rms_elem_be", operation_dimension="batch-excluded", affine="element",
+         bias=True),
+    make("layernorm", "BTC", "float32", name="ln_none", affine="none"),
+    make("groupnorm", "BSSC", "float16", name="gn_none", affine="none"),
+    make("instancenorm", "BCSS", "bfloat16", name="in_none", affine="none"),
+    make("instancenorm", "SBSC", "float64", name="in_none_generic", affine="none"),
+    make("batchnorm", "BCSS", "float32", name="bn_none", shape=[6, 8, 8], affine="none"),  # segments
+    make("batchnorm", "BSSC", "float16", name="bn_none_nhwc", affine="none"),
+    make("batchnorm", "BSSC", "float32", name="bn_nobias", bias=False),
+    make("batchnorm", "TBC", "float64", name="bn_nobias_tbc", bias=False),
 ]
 
 
@@ -219,6 +311,8 @@ def _compile_grid():
         layers = [make(k, f, d) for k in KINDS for f in FORMATS for d in DTYPES]
     else:
         layers = [make(KINDS[(i + j) % len(KINDS)], f, d) for i, f in enumerate(FORMATS) for j, d in enumerate(DTYPES)]
+    # RMSNorm over every layout, the dtypes in turn
+    layers += [make("rmsnorm", f, DTYPES[i % len(DTYPES)]) for i, f in enumerate(FORMATS)]
     # odd sizes: hidden 2041, prime channel counts, one-element statistics
     layers += [
         LayerNorm(name="ln_2041_f16", format="BC", shape=[2041], dtype="float16"),
@@ -228,7 +322,7 @@ def _compile_grid():
         InstanceNorm(name="in_point", format="BC", shape=[5]),
         GroupNorm(name="gn_chw_all", format="BCSS", shape=[6, 3, 3], num_groups="allchannels", dtype="float64"),
     ]
-    return layers + RUNTIME_LAYERS
+    return layers + RUNTIME_LAYERS + AFFINE_LAYERS
 
 
 @pytest.fixture(scope="module")
@@ -390,8 +484,8 @@ def emulator(tmp_path_factory):
     if GXX is None or CUDA_INCLUDE is None:
         pytest.skip("the CPU emulator needs g++ and the CUDA headers (cuda_fp16.h)")
     emu = Emulator(tmp_path_factory.mktemp("emu"))
-    emu.build_many([make(*case) for case in EMU_GRID] + ODD_LAYERS + RUNTIME_LAYERS
-                   + [_large_mean_layer(k, f) for k, f in LARGE_MEAN] + [_error_layer(k) for k in KINDS])
+    emu.build_many([make(*case) for case in EMU_GRID] + ODD_LAYERS + VARIANT_LAYERS
+                   + [_large_mean_layer(k, f) for k, f in LARGE_MEAN] + [_error_layer(k) for k in ALL_KINDS])
     return emu
 
 
@@ -450,8 +544,9 @@ def _emulate(emulator, layer, batch, *, ws, seed=0, offset=0, inplace=False, **d
 
 
 #: Every kind x layout in float32; every kind x other dtype, NCHW and NHWC alternating.
-EMU_GRID = [(k, f, "float32") for k in KINDS for f in FORMATS] + [
-    (k, ("BCSS", "BSSC")[(i + j) % 2], d) for i, k in enumerate(KINDS) for j, d in enumerate(("float64", "float16", "bfloat16"))
+EMU_GRID = [(k, f, "float32") for k in ALL_KINDS for f in FORMATS] + [
+    (k, ("BCSS", "BSSC")[(i + j) % 2], d) for i, k in enumerate(ALL_KINDS)
+    for j, d in enumerate(("float64", "float16", "bfloat16"))
 ]
 
 
@@ -471,20 +566,33 @@ def test_emulated_matches_reference(emulator, kind, fmt, dtype):
         _check_launches(layer, info, "predict", batch, False)
 
 
+def _case_id(v) -> str:
+    if isinstance(v, dict):
+        return "-".join(f"{k}={w}" for k, w in v.items()) or "default"
+    return str(v) if v is None or isinstance(v, str) else "x".join(map(str, v))
+
+
 @needs_emu
-@pytest.mark.parametrize("kind,fmt,dtype,shape", [
-    ("batchnorm", "BCSS", "float32", None), ("batchnorm", "BCSS", "float16", [6, 8, 8]),
-    ("batchnorm", "BSSC", "float16", None), ("batchnorm", "TBC", "float64", None),
-    ("groupnorm", "BSSC", "float32", [14, 14, 12]), ("groupnorm", "BCSS", "bfloat16", None),
-    ("layernorm", "BTC", "float32", [2, 96]), ("layernorm", "BCSS", "float16", None),
-    ("instancenorm", "BSSC", "float32", [14, 14, 12]), ("instancenorm", "BCSSS", "float64", None),
-    ("layernorm", "SSC", "float32", None),
-], ids=lambda v: v if v is None or isinstance(v, str) else "x".join(map(str, v)))
-def test_emulated_split_path(emulator, small_parts, kind, fmt, dtype, shape):
+@pytest.mark.parametrize("kind,fmt,dtype,shape,kw", [
+    ("batchnorm", "BCSS", "float32", None, {}), ("batchnorm", "BCSS", "float16", [6, 8, 8], {}),
+    ("batchnorm", "BSSC", "float16", None, {}), ("batchnorm", "TBC", "float64", None, {}),
+    ("groupnorm", "BSSC", "float32", [14, 14, 12], {}), ("groupnorm", "BCSS", "bfloat16", None, {}),
+    ("layernorm", "BTC", "float32", [2, 96], {}), ("layernorm", "BCSS", "float16", None, {}),
+    ("instancenorm", "BSSC", "float32", [14, 14, 12], {}), ("instancenorm", "BCSSS", "float64", None, {}),
+    ("layernorm", "SSC", "float32", None, {}),
+    ("rmsnorm", "BTC", "float32", [2, 96], {}), ("rmsnorm", "BCSS", "float16", [64, 8, 16], {}),
+    ("rmsnorm", "BCSS", "float64", None, {"operation_dimension": "spatial-channel"}),
+    ("layernorm", "BCSS", "float32", None, {"operation_dimension": "spatial-channel", "affine": "element"}),
+    ("rmsnorm", "BCSS", "bfloat16", [64, 8, 16], {"affine": "element", "bias": True}),  # columns, per element
+    ("batchnorm", "BCSS", "float32", [6, 8, 8], {"affine": "none"}),
+    ("groupnorm", "BSSC", "float16", [14, 14, 12], {"bias": False}),
+], ids=_case_id)
+def test_emulated_split_path(emulator, small_parts, kind, fmt, dtype, shape, kw):
     """The partial/finalize/apply kernels with a workspace, with thresholds lowered so that
     small tensors split; also misaligned (scalar loads) and in place."""
     extra = {"shape": shape} if shape else {}
-    layer = make(kind, fmt, dtype, name=f"split_{kind[:2]}_{fmt.lower()}_{dtype}_{len(extra)}", **extra)
+    tag = "".join(f"_{str(v)[:2]}" for v in kw.values())
+    layer = make(kind, fmt, dtype, name=f"split_{kind[:2]}_{fmt.lower()}_{dtype}_{len(extra)}{tag}", **extra, **kw)
     cp = _cp(layer)
     batch = next((b for b in range(3, 65) if cp.parts(b) > 1), 1) if "B" in fmt else 1
     assert cp.parts(batch) > 1, "the test shape should split"
@@ -537,12 +645,23 @@ def test_emulated_odd_sizes(emulator, layer):
     _emulate(emulator, layer, 2, ws=True, seed=1, offset=1)
 
 
+#: Run-time parameters, RMSNorm and the affine options.
+VARIANT_LAYERS = RUNTIME_LAYERS + AFFINE_LAYERS
+
+
 @needs_emu
-@pytest.mark.parametrize("layer", RUNTIME_LAYERS, ids=lambda layer: layer.name)
-def test_emulated_runtime_params(emulator, layer):
+@pytest.mark.parametrize("layer", VARIANT_LAYERS, ids=lambda layer: layer.name)
+def test_emulated_variants(emulator, layer):
     """param_storage="runtime": the kernels read the device params struct (NAME_params_init's
-    values here; there are no embedded parameter arrays to fall back on)."""
-    assert "static __device__ const acc_t scale" not in emit(layer, "cuda")[f"{layer.name}.cu"]
+    values here; there are no embedded parameter arrays to fall back on, only the fixed constants
+    of a scale or offset the layer lacks). RMSNorm's statistics; per-element, absent and
+    offset-free affines, embedded and run-time."""
+    cu = emit(layer, "cuda")[f"{layer.name}.cu"]
+    arrays = set(re.findall(r"static __device__ __align__\(16\) const acc_t (\w+)\[", cu))
+    want = set(_cp(layer).plan.constants)
+    if layer.param_storage == "embedded":
+        want |= {"scale", "offset"} | ({"fold_a", "fold_b"} if layer.kind == "batchnorm" else set())
+    assert arrays == want
     _emulate(emulator, layer, 2, ws=False)
     _emulate(emulator, layer, 3, ws=True, seed=1)
     if layer.kind == "batchnorm":
@@ -555,7 +674,8 @@ def test_emulated_runtime_params(emulator, layer):
 @needs_emu
 @pytest.mark.parametrize("kind,fmt,shape", [("batchnorm", "BCSS", [12, 5, 4]), ("batchnorm", "BCSS", [6, 8, 8]),
                                             ("groupnorm", "BSSC", [14, 14, 12]), ("layernorm", "BTC", [2, 96]),
-                                            ("instancenorm", "SBSC", [5, 4, 12])])
+                                            ("instancenorm", "SBSC", [5, 4, 12]), ("rmsnorm", "BCSS", [128, 16, 16]),
+                                            ("rmsnorm", "BSSC", [5, 4, 96])])
 def test_launchers_launch_what_cuda_plan_says(emulator, small_parts, kind, fmt, shape):
     """For batches 1..40 the rendered launchers and CudaPlan agree on every launch and
     workspace size (with the split thresholds lowered, so both paths occur)."""
@@ -580,7 +700,7 @@ def test_launchers_launch_what_cuda_plan_says(emulator, small_parts, kind, fmt, 
 
 
 @needs_emu
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_error_codes(emulator, kind):
     info = emulator.run(_error_layer(kind), "errors")
     assert (info["null"], info["batch"], info["launch_error"], info["workspace_size0"]) == (1, 2, 4, 0)
@@ -610,7 +730,7 @@ needs_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=f"GPU tests: {GPU_
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fmt", ("BC", "BCSS", "BSSC", "TBC", "BTC", "BCSSS", "BUC", "SSC", "SBSC"))
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_gpu_matches_reference(kind, fmt, dtype):
     from normgen import build
 
@@ -630,6 +750,22 @@ def test_gpu_matches_reference(kind, fmt, dtype):
             else:
                 y = np.asarray(cl.predict(x), dtype=np.float64)
                 _close(layer, y, reference.predict(layer, x), "predict")
+
+
+@needs_gpu
+@pytest.mark.parametrize("layer", VARIANT_LAYERS, ids=lambda layer: layer.name)
+def test_gpu_variants(layer):
+    """RMSNorm's other statistic domains and the affine options on a GPU, both kernel paths."""
+    from normgen import build
+
+    batch = 3 if layer.fmt.has_batch else 1
+    for workspace in (True, False):
+        cl = build(layer, target="cuda", workspace=workspace)
+        x = _data(layer, batch, seed=7)
+        _close(layer, np.asarray(cl.predict(x), dtype=np.float64), reference.predict(layer, x), "predict")
+        if layer.kind == "batchnorm":
+            y = np.asarray(cl.train_forward(x), dtype=np.float64)
+            _close(layer, y, reference.train_forward(layer, x)[0], "train_forward")
 
 
 @needs_gpu
@@ -682,10 +818,13 @@ def _kernel_params(cu_text: str) -> dict[str, list[tuple[str, str]]]:
 
 
 @pytest.mark.parametrize("kind,fmt", [("batchnorm", "BCSS"), ("batchnorm", "BSSC"), ("groupnorm", "BSSC"),
-                                      ("layernorm", "BTC"), ("instancenorm", "SBSC")])
+                                      ("layernorm", "BTC"), ("instancenorm", "SBSC"), ("rmsnorm", "BCSS"),
+                                      ("rmsnorm", "BTC")])
 def test_kernel_parameters_match_launch_arguments(small_parts, kind, fmt):
     """What CudaLayer passes (CudaPlan.launches' argument names, 'P' or 'i') is what each kernel takes."""
     shape = {"BSSC": [14, 14, 12], "BTC": [2, 96]}.get(fmt)
+    if kind == "rmsnorm" and fmt == "BCSS":
+        shape = [128, 16, 16]  # channel-only: columns with enough rows (channels) to split
     layer = make(kind, fmt, shape=shape, name=f"sig_{kind[:2]}_{fmt.lower()}")
     cp = _cp(layer)
     kernels = _kernel_params(emit(layer, "cuda")[f"{layer.name}.cu"])
@@ -820,3 +959,13 @@ def test_cuda_layer_marshalling_without_gpu(monkeypatch, tmp_path):
     assert rt.get_params()["scale"][0] == 2.0
     rt.predict(_data(RUNTIME_LAYERS[0], 2))
     assert all(c[3][0] == "P" for c in calls) and len(calls[0][3]) == 4  # params, x, y, batch
+    # scale only (RMSNorm): the struct holds scale alone; per element: plan.channels values
+    rms = nc.CudaLayer(next(la for la in RUNTIME_LAYERS if la.name == "rt_rms"))
+    assert set(rms.get_params()) == {"scale"}
+    with pytest.raises(NormgenError, match="has no parameter 'offset'"):
+        rms.set_params(offset=np.zeros(12))
+    elem = nc.CudaLayer(next(la for la in RUNTIME_LAYERS if la.name == "rt_ln_elem"))
+    elem.set_params(scale=np.full((12, 5, 4), 2.0))
+    assert elem.get_params()["scale"].shape == (240,)
+    with pytest.raises(NormgenError, match="scale needs 240 values"):
+        elem.set_params(scale=np.zeros(12))

@@ -30,8 +30,8 @@ LAYERS = {
     "ln_element": LayerNorm(name="ln_element", format="BCSS", shape=[3, 4, 4], operation_dimension="spatial-channel",
                             affine="element", bias=False, scale=np.linspace(0.5, 1.5, 48).reshape(3, 4, 4)),
 }
-#: Layers the cuda target does not generate yet (run-time sizes; element affine until its kernels take it).
-C_ONLY = {"rms_tokens", "ln_element"}
+#: Layers the cuda target does not generate yet (run-time sizes).
+C_ONLY = {"rms_tokens"}
 CASES = [(name, "c") for name in LAYERS] + ([(name, "cuda") for name in LAYERS if name not in C_ONLY] if CUDA else [])
 
 

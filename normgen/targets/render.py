@@ -62,11 +62,6 @@ def _cuda_supports(plan: Plan) -> None:
             f"layer {plan.name!r}: the cuda target does not take run-time sizes ({', '.join(plan.sizes)}) yet;"
             " give them numbers, or use the c target"
         )
-    if not plan.centered or plan.constants or plan.affine != "channel":
-        raise NormgenError(
-            f"layer {plan.name!r}: the cuda target does not generate {plan.kind} layers with affine ="
-            f" {plan.affine!r} and the parameters {plan.learnables} yet; use the c target"
-        )
 
 
 def render(plan: Plan, target: str) -> dict[str, str]:

@@ -165,22 +165,24 @@ class CudaLayer(CudaTraining):
     def _download_params(self) -> None:
         """Read the device struct back (after the update kernel wrote it)."""
         sizes = [self._param_values[k].size for k in self.plan.params]
-        packed = np.empty(sum(sizes), dtype=self._param_values["scale"].dtype)
+        packed = np.empty(sum(sizes), dtype=np.float32 if self.cp.A == "float" else np.float64)
         self._drv.memcpy_dtoh(packed, self._params)
         for k, part in zip(self.plan.params, np.split(packed, np.cumsum(sizes)[:-1]), strict=True):
             self._param_values[k] = part.copy()
 
     def set_params(self, **arrays: np.ndarray) -> None:
         """Run-time parameters: set ``scale``, ``offset``, ``trained_mean``, ``trained_variance``
-        (copied into the device ``NAME_params`` struct the kernels read)."""
+        (those the layer has; copied into the device ``NAME_params`` struct the kernels read).
+        scale and offset take ``plan.channels`` values: one per channel, or per element of the
+        normalized dimensions (``affine="element"``, flattened in format order)."""
         if not self.cp.runtime_params:
             raise NormgenError(f"layer {self.layer.name!r} embeds its parameters; use param_storage='runtime'")
         for name, values in arrays.items():
             if name not in self._param_values:
                 raise NormgenError(f"layer {self.layer.name!r} has no parameter {name!r}")
             values = np.asarray(values, dtype=self._param_values[name].dtype).reshape(-1)
-            if values.size != self.layer.channels:
-                raise NormgenError(f"{name} needs {self.layer.channels} values, got {values.size}")
+            if values.size != self._param_values[name].size:
+                raise NormgenError(f"{name} needs {self._param_values[name].size} values, got {values.size}")
             self._param_values[name] = values
         self._upload_params()
 

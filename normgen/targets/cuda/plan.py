@@ -25,7 +25,16 @@ Kernel families (one per layer and function; the decision is made here, not in t
 
 Statistics are shifted by the first element of their domain (``x0``) before accumulating,
 so the mean is kept as x0 + mean(x − x0) and y = ((x − x0) − mean_d)·(rstd·γ) + β stays
-accurate when the mean is large against the spread.
+accurate when the mean is large against the spread. RMSNorm (``statistic == "mean_square"``)
+runs the same kernels with x0 and the mean fixed at 0 and M2 the sum of x²: a statistic is
+(n, 0, Σx²), which Chan's merge adds up exactly as it merges centred statistics.
+
+Parameters: the scale and offset the layer has (``plan.params``) are embedded ``__device__``
+arrays or members of the run-time ``NAME_params`` struct; the ones it lacks
+(``plan.constants``: ones, zeros) are ``__device__`` arrays in every storage mode, so every
+kernel applies y = x̂·scale[c] + offset[c] alike. With ``affine = "element"`` the plan's channel
+index runs over the normalized elements (``plan.channels`` of them), and the kernels index it
+like a channel.
 """
 
 from __future__ import annotations
@@ -75,6 +84,11 @@ CONVERT = {
 }
 HEADERS = {"__half": ["cuda_fp16.h"], "__nv_bfloat16": ["cuda_bf16.h"]}
 
+#: The affine's arrays: learned (plan.params) or fixed (plan.constants).
+AFFINE_ARRAYS = ("scale", "offset")
+#: How a statistic is taken, by the plan's semantics: "shifted" (centred) or "mean_square".
+STATISTICS = {"mean_variance": "shifted", "mean_square": "mean_square"}
+
 ERRORS = {
     1: "a NULL pointer",
     2: "batch < 1, or a batch too large for the grid",
@@ -82,6 +96,12 @@ ERRORS = {
     4: "a kernel launch failed",
     5: "the workspace is missing, too small or not aligned to 16 bytes",
 }
+
+
+def param_unit(plan: Plan) -> str:
+    """What one value of scale and offset belongs to: a channel, or (``affine = "element"``) an
+    element of the normalized dimensions (the plan indexes those like channels)."""
+    return "normalized element" if plan.affine == "element" else "channel"
 
 
 def cdiv(a: int, b: int) -> int:
@@ -374,6 +394,10 @@ class CudaPlan:
     segments: Segments | None
     columns: Columns | None
     generic: Generic | None
+    #: how a statistic is taken (STATISTICS): "shifted" (mean and M2 of x − x0) or "mean_square"
+    #: (RMSNorm: x0 and the mean fixed at 0, M2 = Σx²); the templates pick their statistic
+    #: pieces by it
+    statistic: str = "shifted"
 
     @property
     def constants(self) -> dict[str, int]:
@@ -429,14 +453,82 @@ class CudaPlan:
 
     @property
     def param_arrays(self) -> dict[str, list[str]]:
-        """Embedded device arrays (in the accumulation type): scale/offset, and batch norm's
-        folded a, b; none with run-time parameters."""
-        if self.runtime_params:
-            return {}
-        out = {"scale": self.plan.params["scale"], "offset": self.plan.params["offset"]}
-        if self.affine:
+        """Device arrays of the .cu (in the accumulation type): scale and offset (embedded, or the
+        fixed constants of the ones the layer lacks, in every storage mode) and batch norm's folded
+        a, b (embedded only)."""
+        out = {}
+        for k in AFFINE_ARRAYS:
+            if k in self.plan.constants:
+                out[k] = self.plan.constants[k]
+            elif not self.runtime_params:
+                out[k] = self.plan.params[k]
+        if self.affine and not self.runtime_params:
             out.update({"fold_a": self.plan.folded["a"], "fold_b": self.plan.folded["b"]})
         return out
+
+    @property
+    def param_unit(self) -> str:
+        return param_unit(self.plan)
+
+    def array_doc(self, name: str) -> str:
+        """The comment above device array ``name``."""
+        per = f"one per {self.param_unit}"
+        if name in self.plan.constants:
+            value = "1" if name == "scale" else "0"
+            return f"{name}: fixed at {value} (the layer has none to learn), {per}"
+        return f"{name}, {per}"
+
+    @property
+    def param_locals(self) -> str:
+        """Run-time parameters: lines opening a kernel body that reach the scale and offset the
+        layer has through the struct (its constants are the device arrays); nothing otherwise."""
+        if not self.runtime_params:
+            return ""
+        return "".join(f"    const acc_t *{k} = params->{k};\n" for k in AFFINE_ARRAYS if k in self.plan.params)
+
+    def struct_ref(self, name: str, struct: str = "p") -> str:
+        """Parameter ``name`` from the run-time struct pointer ``struct``, or its constant array."""
+        return name if name in self.plan.constants else f"{struct}->{name}"
+
+    @property
+    def centered(self) -> bool:
+        """Whether a statistic has a mean (and is shifted by x0 to take it)."""
+        return self.statistic == "shifted"
+
+    def shift(self, first: str, valid: str = "") -> str:
+        """The shift x0 of a statistic whose first element is ``first`` (read only where the
+        condition ``valid`` holds, 0 elsewhere): that element, or 0 where there is no mean (RMSNorm)."""
+        if not self.centered:
+            return "0"
+        return f"{valid} ? to_acc({first}) : (acc_t)0" if valid else f"to_acc({first})"
+
+    @property
+    def cached_passes(self) -> str:
+        """What the register-cached kernel's passes over its registers compute."""
+        return ("two passes over them give the mean and the variance" if self.centered
+                else "one pass over them gives the mean of x^2")
+
+    @property
+    def normalize_doc(self) -> str:
+        """y as the kernels compute it from the statistic (comment text)."""
+        return ("y = ((x - x0) - mean) * (rstd * scale) + offset" if self.centered
+                else "y = x * (rstd * scale) + offset")
+
+    @property
+    def statistic_doc(self) -> list[str]:
+        """The .cu file's note on how statistics are taken (comment lines)."""
+        if self.centered:
+            return [
+                "Statistics are shifted by the first element x0 of their domain before they are accumulated",
+                "(float for half/bfloat16/float, double for double), so the mean is x0 + mean(x - x0), and",
+                "y = ((x - x0) - mean(x - x0)) * (rstd * scale) + offset stays accurate for a large mean.",
+            ]
+        return [
+            "RMSNorm: no mean is subtracted. Each statistic is mean(x^2), summed in acc_t (float for",
+            "half/bfloat16/float, double for double), and y = x * (rstd * scale) + offset with",
+            "rstd = 1/sqrt(mean(x^2) + epsilon). The kernels are the centred ones with x0 and the mean",
+            "fixed at 0: a statistic (n, 0, sum of x^2) merges with Chan's formula as a plain sum.",
+        ]
 
     @property
     def launchers(self) -> list[Launcher]:
@@ -654,6 +746,7 @@ def derive(plan: Plan) -> CudaPlan:
         ratio="__fdividef(a, b)" if A == "float" else "a / b",
         affine=affine, family=family, reduce_role=reduce_role,
         segments=segments, columns=columns, generic=generic,
+        statistic=STATISTICS[plan.semantics.statistic],
     )
 
 

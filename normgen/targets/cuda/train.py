@@ -1,5 +1,12 @@
 """The CUDA training kernels' shapes (templates/cuda/train.cu.j2, normgen/targets/cuda/training.py),
-derived from the target-independent plan and its training half."""
+derived from the target-independent plan and its training half.
+
+What each launcher launches is one table (:meth:`TrainCuda.calls`): the pycuda bench reads it as
+numbers (:meth:`TrainCuda.launches`), the template renders it as the launchers' C
+(:meth:`TrainCuda.grid_expr`, :meth:`TrainCuda.c_args`). The layer's statistic (centred, or
+RMSNorm's mean square with the mean fixed at 0), the gradients it has (``plan.gradients``) and
+its learnables (``plan.learnables``) select the kernels' sums and arguments here.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ from dataclasses import dataclass
 from ...errors import NormgenError
 from ...lowering.plan import ONE, Extent, Function, Plan
 from ...lowering.train import stat_index
+from .plan import param_unit
 
 #: Threads of every training kernel block.
 CUDA_BLOCK = 256
@@ -65,6 +73,26 @@ class FlatAxis:
 
 
 @dataclass(frozen=True)
+class KernelCall:
+    """One kernel launch of a launcher, as a table row: the kernel, its grid (a GRIDS name), its
+    arguments by name (the run-time struct, where the kernel reads it, is added first), the name
+    of the launcher's argument array and the block size."""
+
+    part: str
+    grid: str
+    args: tuple[str, ...]
+    array: str = "args"
+    block: int = CUDA_BLOCK
+
+
+#: Grids of the training kernels: one block per statistic or per channel (parameter value),
+#: element-wise grid-stride, one block, one thread per channel.
+GRIDS = ("stats", "channels", "elements", "one", "channel_threads")
+#: How the launchers name a launch argument in C (the rest are the launcher's own arguments).
+C_NAMES = {"batch": "b", "workspace": "cws"}
+
+
+@dataclass(frozen=True)
 class CudaLaunch:
     kernel: str
     grid: int
@@ -91,17 +119,35 @@ class TrainCuda:
     running: bool  # batch norm: train_forward_save updates the running statistics
     launchers: list[Function]
     runtime_params: bool = False  # parameters come from a device NAME_params struct
-    update: bool = False  # NAME_update (run-time parameters only)
+    update: bool = False  # NAME_update (run-time parameters with something to learn only)
+    #: the parameter arrays the layer has (plan.params; the others are fixed __device__ constants)
+    params: tuple[str, ...] = ("scale", "offset")
+    #: the parameter gradients the backward functions output (plan.gradients)
+    gradients: tuple[str, ...] = ("dscale", "doffset")
+    #: what NAME_update steps (plan.learnables)
+    learnables: tuple[str, ...] = ("scale", "offset")
+    #: whether statistics have a mean (False: RMSNorm, mean fixed at 0, variance mean(x^2))
+    centered: bool = True
+    #: what one value of scale/offset (and one block of the parameter-gradient kernels) is for
+    param_unit: str = "channel"
 
     @property
     def params_type(self) -> str:
         return f"{self.name}_params"
 
     @property
-    def embedded_statistics(self) -> bool:
-        """Batch norm with embedded parameters: backward_frozen's trained statistics are static
-        __device__ arrays of the .cu (with run-time parameters they are read from the struct)."""
-        return self.batchnorm and not self.runtime_params
+    def embedded_statistics(self) -> list[tuple[str, list[str]]]:
+        """Batch norm with embedded parameters: the trained statistics backward_frozen's kernels
+        read, static __device__ arrays of the .cu (with run-time parameters they are read from the
+        struct; without parameter gradients the mean is not read), each with the comment lines
+        above it."""
+        if not self.batchnorm or self.runtime_params:
+            return []
+        parts = [k[len(self.name) + 1:] for k in self.kernels]
+        read = {a for part in parts for a in KERNEL_PARAMS.get(part, ())}
+        names = [k for k in ("trained_mean", "trained_variance") if k in read]
+        return [(k, ["/* Trained statistics for backward_frozen, one per channel */"] if i == 0 else [])
+                for i, k in enumerate(names)]
 
     @property
     def ref(self) -> dict[str, str]:
@@ -112,8 +158,9 @@ class TrainCuda:
         return dict(EMBEDDED_NAMES)
 
     def reads(self, part: str) -> tuple[str, ...]:
-        """The parameter arrays kernel ``part`` reads."""
-        return KERNEL_PARAMS.get(part, ())
+        """The parameter arrays (of the layer's) kernel ``part`` reads; the fixed constants of the
+        ones it lacks are __device__ arrays that no struct carries."""
+        return tuple(k for k in KERNEL_PARAMS.get(part, ()) if k in self.params)
 
     def takes_params(self, part: str) -> bool:
         """Whether kernel ``part`` takes the params struct (first): run-time parameters it reads."""
@@ -164,10 +211,12 @@ class TrainCuda:
 
     @property
     def kernels(self) -> list[str]:
-        parts = ["train_forward_save_fused", "backward_stats", "backward_params", "backward_dx"]
+        parts = ["train_forward_save_fused", "backward_stats"]
+        parts += ["backward_params"] if self.gradients else []
+        parts.append("backward_dx")
         if self.batchnorm:
+            parts += ["backward_frozen_params"] if self.gradients else []
             parts += [
-                "backward_frozen_params",
                 "backward_frozen_dx",
                 "stats_reset_kernel",
                 "accumulate_merge",
@@ -178,6 +227,145 @@ class TrainCuda:
             parts.append("update_kernel")
         return [self.kernel(p) for p in parts]
 
+    # ---- the statistic and the gradients, for the kernel bodies ---------------------------------
+    @property
+    def dx_sums(self) -> list[tuple[str, str, int]]:
+        """backward_stats: (block sum, the term each element adds, its workspace slot) of the
+        means dx needs: mean(g) (centred statistics only) and mean(g * xhat), g = scale * dy."""
+        sums = [("sg", "g", 3)] if self.centered else []
+        return sums + [("sgx", "g * xhat", 4)]
+
+    @property
+    def mean_gradient(self) -> str:
+        """The mean(g) term of backward_dx (none without a mean: RMSNorm)."""
+        return " - ws[3 * nstat + s]" if self.centered else ""
+
+    def param_sums(self, xhat: str) -> list[tuple[str, str, str]]:
+        """(gradient output, its block sum, the term each element adds) of the parameter gradients
+        the layer has: dscale = sum dy * xhat, doffset = sum dy (d = dy of the element)."""
+        terms = {"dscale": ("a", f"d * {xhat}"), "doffset": ("b", "d")}
+        return [(g, *terms[g]) for g in self.gradients]
+
+    @property
+    def param_sums_doc(self) -> str:
+        return ", ".join({"dscale": "dscale = sum dy * xhat", "doffset": "doffset = sum dy"}[g]
+                         for g in self.gradients)
+
+    @property
+    def update_doc(self) -> str:
+        """The update kernel's comment after "on the run-time "."""
+        rule = "v = momentum * v - learn_rate * lr_factor * (grad + l2 * l2_factor * p); p = p + v."
+        if len(self.learnables) == 2:
+            return f"scale\n * and offset: {rule}"
+        return f"{self.learnables[0]}:\n * {rule}"
+
+    @property
+    def header_notes(self) -> list[str]:
+        """Lines the .cuh's training comment adds for what the layer lacks or computes otherwise."""
+        out = []
+        if not self.centered:
+            out.append("RMSNorm: the saved mean is 0 and var is mean(x^2); backward has no mean(g) term.")
+        missing = [f"d{k}" for k in ("scale", "offset") if f"d{k}" not in self.gradients]
+        if missing:
+            out.append(f"The layer has no {' and no '.join(m[1:] for m in missing)}, so the backward functions"
+                       f" take no {'/'.join(missing)}.")
+        if self.param_unit != "channel":
+            out.append("Per-element affine: scale, offset and their gradients have one value per element of the")
+            out.append("normalized dimensions (flattened in format order), indexed where a channel index would be.")
+        return out
+
+    @property
+    def notes(self) -> dict[str, str]:
+        """Comment text that names the statistic."""
+        if self.centered:
+            return {
+                "blocks": "Statistics blocks shift by their first element x0 and sum in fixed order, as the forward does.",
+                "save": "shifted two-pass statistics, the saved mean and\n * 1/sqrt(var + epsilon)",
+                "ws": "the mean as hi + lo,\n * 1/sqrt(var + epsilon), mean(g) and mean(g * xhat)",
+                "dx": "dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + epsilon)",
+            }
+        return {
+            "blocks": "RMSNorm: a statistic is mean(x^2), the mean 0 (no shift), summed in fixed order.",
+            "save": "the sum of x^2, the saved mean (0) and\n * 1/sqrt(mean(x^2) + epsilon)",
+            "ws": "the mean (0) as hi + lo,\n * 1/sqrt(mean(x^2) + epsilon) and mean(g * xhat)",
+            "dx": "dx = (g - xhat * mean(g * xhat)) / sqrt(mean(x^2) + epsilon)",
+        }
+
+    # ---- launches -----------------------------------------------------------------------------
+    def calls(self, role: str) -> list[KernelCall]:
+        """What the launcher of ``role`` launches, in order (the run-time struct not yet added)."""
+        running = ("running_mean", "running_var") if self.running else ()
+        grads = self.gradients
+        backward = [
+            KernelCall("backward_stats", "stats", ("x", "dy", "batch", "saved_mean", "saved_invstd", "workspace"),
+                       "sargs"),
+            *([KernelCall("backward_params", "channels", ("x", "dy", "batch", "workspace", *grads), "pargs")]
+              if grads else []),
+            KernelCall("backward_dx", "elements", ("x", "dy", "dx", "batch", "workspace"), "dargs"),
+        ]
+        table = {
+            "train_forward_save": [
+                KernelCall("train_forward_save_fused", "stats", ("x", "y", "batch", *running, "saved_mean",
+                                                                 "saved_invstd")),
+            ],
+            "backward": backward,
+            "backward_saved": backward,
+        }
+        if self.batchnorm:
+            table.update({
+                "backward_frozen": [
+                    *([KernelCall("backward_frozen_params", "channels", ("x", "dy", "batch", *grads), "pargs")]
+                      if grads else []),
+                    KernelCall("backward_frozen_dx", "elements", ("x", "dy", "dx", "batch"), "dargs"),
+                ],
+                "stats_reset": [KernelCall("stats_reset_kernel", "one", ("acc",))],
+                "accumulate": [
+                    KernelCall("accumulate_merge", "channels", ("acc", "x", "batch"), "margs"),
+                    KernelCall("accumulate_count", "one", ("acc", "batch"), "cargs", 32),
+                ],
+                "finalize": [KernelCall("finalize_kernel", "channel_threads", ("acc", "trained_mean",
+                                                                               "trained_variance"))],
+            })
+        if self.update:
+            learn = self.learnables
+            table["update"] = [KernelCall("update_kernel", "channel_threads",
+                                          ("params", *[f"d{k}" for k in learn], *[f"velocity_{k}" for k in learn],
+                                           *SCALAR_ARGS))]
+        if role not in table:
+            raise KeyError(f"layer {self.name!r} has no CUDA training function {role!r}")
+        return table[role]
+
+    def call_args(self, call: KernelCall) -> tuple[str, ...]:
+        """The kernel's arguments by name: the run-time struct first where the kernel reads it."""
+        return (("params",) if self.takes_params(call.part) else ()) + call.args
+
+    def c_args(self, call: KernelCall) -> str:
+        """The launcher's C argument array (between the braces) for ``call``."""
+        names = [C_NAMES.get(a, a) for a in self.call_args(call)]
+        if call.part == "backward_stats":
+            names = ["ws" if n == "cws" else n for n in names]  # it writes the workspace
+        return ", ".join(f"(void *)&{n}" for n in names)
+
+    def grid_expr(self, grid: str) -> str:
+        """The C expression of a grid (GRIDS), in the launchers (nb: the batch as size_t)."""
+        return {
+            "stats": f"(unsigned int)({self.stats.expr('nb')})",
+            "channels": str(self.channels),
+            "elements": "(unsigned int)train_elem_grid(nb)",
+            "one": "1",
+            "channel_threads": str(-(-self.channels // CUDA_BLOCK)),
+        }[grid]
+
+    def grid_value(self, grid: str, batch: int) -> int:
+        """The number of blocks of a grid (GRIDS) for ``batch``."""
+        return {
+            "stats": self.stats.value(batch),
+            "channels": self.channels,
+            "elements": self.elem_grid(batch),
+            "one": 1,
+            "channel_threads": -(-self.channels // CUDA_BLOCK),
+        }[grid]
+
     def workspace_size(self, batch: int) -> int:
         """Bytes of device workspace backward/backward_saved need: 5 values per statistic."""
         return 5 * self.stats.value(batch) * ACC_BYTES[self.A]
@@ -187,65 +375,17 @@ class TrainCuda:
         return max(1, min(-(-n // CUDA_BLOCK), CUDA_ELEM_MAX_BLOCKS))
 
     def launches(self, role: str, batch: int) -> list[CudaLaunch]:
-        """What the launcher of ``role`` runs for ``batch``: kernels, grids, blocks, arguments."""
-        b = (CUDA_BLOCK, 1, 1)
-        s, c = self.stats.value(batch), self.channels
-        running = ("running_mean", "running_var") if self.running else ()
-        k = self.kernel
-        table = {
-            "train_forward_save": [
-                CudaLaunch(
-                    k("train_forward_save_fused"), s, b, ("x", "y", "batch", *running, "saved_mean", "saved_invstd")
-                )
-            ],
-            "backward": [
-                CudaLaunch(k("backward_stats"), s, b, ("x", "dy", "batch", "null", "null", "workspace")),
-                CudaLaunch(k("backward_params"), c, b, ("x", "dy", "batch", "workspace", "dscale", "doffset")),
-                CudaLaunch(k("backward_dx"), self.elem_grid(batch), b, ("x", "dy", "dx", "batch", "workspace")),
-            ],
-            "backward_saved": [
-                CudaLaunch(k("backward_stats"), s, b, ("x", "dy", "batch", "saved_mean", "saved_invstd", "workspace")),
-                CudaLaunch(k("backward_params"), c, b, ("x", "dy", "batch", "workspace", "dscale", "doffset")),
-                CudaLaunch(k("backward_dx"), self.elem_grid(batch), b, ("x", "dy", "dx", "batch", "workspace")),
-            ],
-        }
-        if self.batchnorm:
-            table.update(
-                {
-                    "backward_frozen": [
-                        CudaLaunch(k("backward_frozen_params"), c, b, ("x", "dy", "batch", "dscale", "doffset")),
-                        CudaLaunch(k("backward_frozen_dx"), self.elem_grid(batch), b, ("x", "dy", "dx", "batch")),
-                    ],
-                    "stats_reset": [CudaLaunch(k("stats_reset_kernel"), 1, b, ("acc",))],
-                    "accumulate": [
-                        CudaLaunch(k("accumulate_merge"), c, b, ("acc", "x", "batch")),
-                        CudaLaunch(k("accumulate_count"), 1, (32, 1, 1), ("acc", "batch")),
-                    ],
-                    "finalize": [
-                        CudaLaunch(
-                            k("finalize_kernel"), -(-c // CUDA_BLOCK), b, ("acc", "trained_mean", "trained_variance")
-                        )
-                    ],
-                }
-            )
-        if self.update:
-            table["update"] = [
-                CudaLaunch(
-                    k("update_kernel"),
-                    -(-c // CUDA_BLOCK),
-                    b,
-                    ("params", "dscale", "doffset", "velocity_scale", "velocity_offset", *SCALAR_ARGS),
-                )
-            ]
-        if role not in table:
-            raise KeyError(f"layer {self.name!r} has no CUDA training function {role!r}")
+        """What the launcher of ``role`` runs for ``batch``: kernels, grids, blocks, arguments
+        (:meth:`calls` in numbers; ``backward`` passes NULL saved statistics)."""
         out = []
-        for launch in table[role]:
-            if launch.grid > CUDA_MAX_GRID:
-                raise NormgenError(f"layer {self.name!r}: the batch is too large for one grid ({launch.grid} blocks)")
-            if self.takes_params(launch.kernel[len(self.name) + 1 :]):
-                launch = CudaLaunch(launch.kernel, launch.grid, launch.block, ("params", *launch.args))
-            out.append(launch)
+        for call in self.calls(role):
+            grid = self.grid_value(call.grid, batch)
+            if grid > CUDA_MAX_GRID:
+                raise NormgenError(f"layer {self.name!r}: the batch is too large for one grid ({grid} blocks)")
+            args = self.call_args(call)
+            if role == "backward":
+                args = tuple("null" if a in ("saved_mean", "saved_invstd") else a for a in args)
+            out.append(CudaLaunch(self.kernel(call.part), grid, (call.block, 1, 1), args))
         return out
 
 
@@ -269,7 +409,13 @@ def lower_train_cuda(plan: Plan) -> TrainCuda:
     lead = [f"const {name}_params *params"] if plan.runtime_params else []
     lead_ptr = ["params"] if plan.runtime_params else []
     running = ["{T} *running_mean", "{T} *running_var"] if bn else []
-    grads = [f"{T} *dx", f"{A} *dscale", f"{A} *doffset", "int32_t batch"]
+    gradients = tuple(g for g, _ in plan.gradients)
+    grads = [f"{T} *dx", *[f"{A} *{g}" for g in gradients], "int32_t batch"]
+    grad_ptrs = ["dx", *gradients]
+    unit = param_unit(plan)
+    grad_doc = (f", and {'/'.join(gradients)}\n * ({A}, one per {unit})"
+                if gradients else " (the layer has no scale or offset, so\n * no parameter gradients)")
+    learn = plan.learnables
     ws = ["void *workspace", "size_t workspace_bytes", "cudaStream_t stream"]
     doc_dev = "\n * All pointers are device pointers; the kernels are queued on stream."
     fns = [
@@ -300,10 +446,10 @@ def lower_train_cuda(plan: Plan) -> TrainCuda:
             "backward",
             f"{name}_backward",
             lead + [f"const {T} *x", f"const {T} *dy", *grads, *ws],
-            lead_ptr + ["x", "dy", "dx", "dscale", "doffset"],
+            lead_ptr + ["x", "dy", *grad_ptrs],
             (
-                "Backward of the training forward, statistics recomputed from x: dx, and dscale/doffset"
-                f"\n * ({A}, one per channel). dx may be x or dy. workspace: {name}_backward_workspace_size(batch)"
+                f"Backward of the training forward, statistics recomputed from x: dx{grad_doc}. dx may be x or dy."
+                f" workspace: {name}_backward_workspace_size(batch)"
                 "\n * bytes, 16-byte aligned." + doc_dev
             ),
             [],
@@ -320,7 +466,7 @@ def lower_train_cuda(plan: Plan) -> TrainCuda:
                 *grads,
                 *ws,
             ],
-            lead_ptr + ["x", "dy", "saved_mean", "saved_invstd", "dx", "dscale", "doffset"],
+            lead_ptr + ["x", "dy", "saved_mean", "saved_invstd", *grad_ptrs],
             (f"{name}_backward with the statistics saved by {name}_train_forward_save." + doc_dev),
             [],
         ),
@@ -331,7 +477,7 @@ def lower_train_cuda(plan: Plan) -> TrainCuda:
                 "backward_frozen",
                 f"{name}_backward_frozen",
                 lead + [f"const {T} *x", f"const {T} *dy", *grads, "cudaStream_t stream"],
-                lead_ptr + ["x", "dy", "dx", "dscale", "doffset"],
+                lead_ptr + ["x", "dy", *grad_ptrs],
                 (
                     "Backward with the trained statistics held fixed (the gradient of predict). dx may be x or dy."
                     + doc_dev
@@ -369,28 +515,27 @@ def lower_train_cuda(plan: Plan) -> TrainCuda:
                 [],
             ),
         ]
-    if plan.runtime_params:
+    update = plan.runtime_params and bool(learn)
+    if update:
         fns.append(
             Function(
                 "update",
                 f"{name}_update",
                 [
                     f"{name}_params *params",
-                    f"const {A} *dscale",
-                    f"const {A} *doffset",
-                    f"{A} *velocity_scale",
-                    f"{A} *velocity_offset",
+                    *[f"const {A} *d{k}" for k in learn],
+                    *[f"{A} *velocity_{k}" for k in learn],
                     f"{A} learn_rate",
                     f"{A} l2",
                     f"{A} momentum",
                     "cudaStream_t stream",
                 ],
-                ["params", "dscale", "doffset", "velocity_scale", "velocity_offset"],
+                ["params", *[f"d{k}" for k in learn], *[f"velocity_{k}" for k in learn]],
                 (
-                    "One SGD-with-momentum step (MATLAB 'sgdm') on params->scale and params->offset, one thread"
-                    " per channel:\n *   v = momentum * v - learn_rate * lr_factor * (grad + l2 * l2_factor * p);"
+                    f"One SGD-with-momentum step (MATLAB 'sgdm') on {' and '.join('params->' + k for k in learn)},"
+                    f" one thread per {unit}:\n *   v = momentum * v - learn_rate * lr_factor * (grad + l2 * l2_factor * p);"
                     " p = p + v\n * with the layer's ScaleLearnRateFactor/OffsetLearnRateFactor and"
-                    f" ScaleL2Factor/OffsetL2Factor, in {A}.\n * velocity_scale/velocity_offset (one per channel)"
+                    f" ScaleL2Factor/OffsetL2Factor, in {A}.\n * {'/'.join(f'velocity_{k}' for k in learn)} (one per {unit})"
                     " start at zero and carry between steps." + doc_dev
                 ),
                 [],
@@ -410,5 +555,10 @@ def lower_train_cuda(plan: Plan) -> TrainCuda:
         running=bn,
         launchers=fns,
         runtime_params=plan.runtime_params,
-        update=plan.runtime_params,
+        update=update,
+        params=tuple(plan.params),
+        gradients=gradients,
+        learnables=tuple(learn),
+        centered=plan.centered,
+        param_unit=unit,
     )

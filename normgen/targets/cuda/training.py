@@ -16,7 +16,8 @@ class CudaTraining(TrainingBench):
     """Training methods of :class:`normgen.targets.cuda.module.CudaLayer` (mixed in): the training kernels are
     called through pycuda with the launch shapes of :class:`normgen.targets.cuda.train.TrainCuda`, the
     numbers the generated launchers use. NumPy arrays in and out; saved statistics float64,
-    dscale/doffset in the accumulation type (float, double for float64), as on the device."""
+    dscale/doffset in the accumulation type (float, double for float64), as on the device, and
+    None for a parameter the layer does not have (``bias=False``, ``affine="none"``)."""
 
     def _tc(self):
         return lower_train_cuda(self.plan)
@@ -66,20 +67,16 @@ class CudaTraining(TrainingBench):
         return self._host(y_gpu), mean.get(), inv.get()
 
     def _backward(self, role: str, x, dy, saved=()):
+        """(dx, dscale, doffset); a gradient the layer has no parameter for is None."""
         x_gpu, batch = self._x(x)
         if np.shape(dy) != np.shape(x):
             raise NormgenError(f"layer {self.layer.name!r}: dy has shape {np.shape(dy)}, x has {np.shape(x)}")
         dy_gpu = self._gpu(to_storage(dy, self.layer.dtype))
         dx_gpu = self._gpuarray.empty_like(x_gpu)
         acc = self._acc_dtype()
-        ds, do = self._gpuarray.empty(self.layer.channels, acc), self._gpuarray.empty(self.layer.channels, acc)
-        values = {
-            "x": x_gpu.gpudata,
-            "dy": dy_gpu.gpudata,
-            "dx": dx_gpu.gpudata,
-            "dscale": ds.gpudata,
-            "doffset": do.gpudata,
-        }
+        grads = {g: self._gpuarray.empty(self.plan.channels, acc) for g, _ in self.plan.gradients}
+        values = {"x": x_gpu.gpudata, "dy": dy_gpu.gpudata, "dx": dx_gpu.gpudata,
+                  **{g: a.gpudata for g, a in grads.items()}}
         if role != "backward_frozen":
             ws = self._drv.mem_alloc(max(16, self._tc().workspace_size(batch)))
             values["workspace"] = ws
@@ -92,7 +89,8 @@ class CudaTraining(TrainingBench):
             keep.append(g)
             values[name] = g.gpudata
         self._train_launch(role, batch, values)
-        return self._host(dx_gpu), ds.get(), do.get()
+        out = {g: a.get() for g, a in grads.items()}
+        return self._host(dx_gpu), out.get("dscale"), out.get("doffset")
 
     def backward(self, x, dy):
         """(dx, dscale, doffset): the gradient of the training forward, statistics from x."""
@@ -109,13 +107,13 @@ class CudaTraining(TrainingBench):
         """Zero the momentum state that :meth:`update` carries between steps (accumulation type,
         like the parameters on the device)."""
         acc = self._acc_dtype()
-        self.velocity_scale = np.zeros(self.layer.channels, dtype=acc)
-        self.velocity_offset = np.zeros(self.layer.channels, dtype=acc)
+        self.velocity_scale = np.zeros(self.plan.channels, dtype=acc)
+        self.velocity_offset = np.zeros(self.plan.channels, dtype=acc)
 
     def update(
         self,
         dscale,
-        doffset,
+        doffset=None,
         *,
         learn_rate: float = SGDM_DEFAULTS["learn_rate"],
         l2: float = SGDM_DEFAULTS["l2"],
@@ -123,24 +121,29 @@ class CudaTraining(TrainingBench):
     ) -> None:
         """One SGD-with-momentum step (the ``NAME_update`` kernel) on the device parameter struct,
         keeping the velocities in ``velocity_scale``/``velocity_offset``; :meth:`get_params`
-        returns the updated values. Defaults: MATLAB's sgdm defaults."""
+        returns the updated values. Defaults: MATLAB's sgdm defaults. Only the parameters the
+        layer has are stepped: ``doffset`` must be None without an offset (``bias=False``)."""
         self._require_runtime("update")
+        learn = self.plan.learnables
+        grads = {"scale": dscale, "offset": doffset}
+        for k in ("scale", "offset"):
+            if (grads[k] is None) == (k in learn):
+                raise NormgenError(f"layer {self.layer.name!r} {'has' if k in learn else 'has no'} {k}: d{k}"
+                                   f" {'is needed' if k in learn else 'must be None'}")
         if not hasattr(self, "velocity_scale"):
             self.reset_velocity()
         acc = self._acc_dtype()
-        ds, do = (self._gpu(self._per_channel(n, g, acc)) for n, g in (("dscale", dscale), ("doffset", doffset)))
-        vs, vo = self._gpu(self.velocity_scale.astype(acc)), self._gpu(self.velocity_offset.astype(acc))
+        dev = {f"d{k}": self._gpu(self._per_channel(f"d{k}", grads[k], acc)) for k in learn}
+        dev.update({f"velocity_{k}": self._gpu(getattr(self, f"velocity_{k}").astype(acc)) for k in learn})
         values = {
-            "dscale": ds.gpudata,
-            "doffset": do.gpudata,
-            "velocity_scale": vs.gpudata,
-            "velocity_offset": vo.gpudata,
+            **{n: a.gpudata for n, a in dev.items()},
             "learn_rate": acc.type(learn_rate),
             "l2": acc.type(l2),
             "momentum": acc.type(momentum),
         }
         self._train_launch("update", 1, values)
-        self.velocity_scale, self.velocity_offset = vs.get(), vo.get()
+        for k in learn:
+            setattr(self, f"velocity_{k}", dev[f"velocity_{k}"].get())
         self._download_params()
 
     def _stats_buffer(self):
