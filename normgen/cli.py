@@ -83,20 +83,9 @@ def cmd_emit(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    from .harness.check import check_layer
-    from .targets.load import build
-
-    layers = _load(args.spec)
-    batches = tuple(int(b) for b in args.batch.split(","))
-    if any(b < 1 for b in batches):
-        raise NormgenError(f"--batch sizes must be positive, got {args.batch!r}")
-    rows = []
-    for layer in layers:
-        compiled = build(layer, args.target)
-        rows += check_layer(compiled, layer, batches, seed=args.seed, training=args.training)
+def _print_table(rows, header_line: str) -> int:
     header = f"{'layer':16} {'function':24} {'dtype':9} {'batch':>5} {'max abs err':>12} {'max rel err':>12}  result"
-    print(f"target {args.target}; reference: normgen.reference (float64)")
+    print(header_line)
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -105,6 +94,128 @@ def cmd_check(args: argparse.Namespace) -> int:
     failed = sum(not r.ok for r in rows)
     print(f"{len(rows) - failed} passed, {failed} failed")
     return 1 if failed else 0
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        batches = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise NormgenError(f"--batch must be comma-separated integers, got {text!r}") from None
+    if any(b < 1 for b in batches):
+        raise NormgenError(f"--batch sizes must be positive, got {text!r}")
+    return batches
+
+
+def _sizes(args: argparse.Namespace) -> dict[str, int]:
+    from .importers.common import parse_assignments
+
+    sizes = parse_assignments(getattr(args, "sizes", None), "--sizes", int)
+    for key, value in sizes.items():
+        if value < 1:
+            raise NormgenError(f"--sizes {key}={value}: sizes are positive integers")
+    return sizes  # type: ignore[return-value]
+
+
+def _size_sets(items: list[str] | None) -> list[dict[str, int]]:
+    """``--sizes tokens=7,50 --sizes h=4,9`` → [{tokens: 7, h: 4}, {tokens: 50, h: 9}]: the run-time
+    sizes a spec's layers are checked at, one set per position (a single value serves every set)."""
+    lists: dict[str, list[int]] = {}
+    for item in items or ():
+        key, sep, values = item.partition("=")
+        try:
+            nums = [int(v) for v in values.split(",")]
+        except ValueError:
+            nums = []
+        if not sep or not key.strip() or not nums or any(v < 1 for v in nums):
+            raise NormgenError(f"--sizes {item!r} is not NAME=N[,N...] with positive integers N")
+        lists[key.strip()] = nums
+    if not lists:
+        return []
+    n = max(len(v) for v in lists.values())
+    bad = [k for k, v in lists.items() if len(v) not in (1, n)]
+    if bad:
+        raise NormgenError(f"--sizes {bad[0]}: give it 1 or {n} values, as many as the longest list")
+    return [{k: v[i] if len(v) > 1 else v[0] for k, v in lists.items()} for i in range(n)]
+
+
+def _is_onnx(path: str) -> bool:
+    return path.lower().endswith(".onnx")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    batches = _batches(args.batch)
+    if _is_onnx(args.spec):
+        from .importers.onnx_check import check_onnx
+
+        rows, notes = check_onnx(args.spec, target=args.target, batches=batches, seed=args.seed, sizes=_sizes(args))
+        for note in notes:
+            print(f"note: {note}")
+        return _print_table(rows, f"target {args.target}; reference: ONNX Runtime, each node on its own input"
+                                  " (the intermediate tensor of the model run on random inputs)")
+    from .harness.check import check_layer, default_sizes
+    from .targets.load import build
+
+    layers = _load(args.spec)
+    size_sets = _size_sets(args.sizes)
+    rows = []
+    for layer in layers:
+        compiled = build(layer, args.target)
+        sets = [{n: s[n] for n in layer.sizes} for s in size_sets] if size_sets and layer.sizes else None
+        if sets:
+            missing = [n for n in layer.sizes if n not in size_sets[0]]
+            if missing:
+                raise NormgenError(f"--sizes gives no value for run-time size {missing[0]!r} of layer {layer.name!r}")
+        rows += check_layer(compiled, layer, batches, seed=args.seed, training=args.training,
+                            sizes=sets or default_sizes(layer))
+    return _print_table(rows, f"target {args.target}; reference: normgen.reference (float64)")
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .importers.common import parse_assignments
+    from .importers.writer import spec_files, write_files
+
+    model = Path(args.model)
+    fmt: str | dict | None = None
+    if args.format:
+        plain = [f for f in args.format if "=" not in f]
+        if plain and len(args.format) > 1:
+            raise NormgenError("--format: give one FMT for every layer, or NAME=FMT for each layer to change")
+        fmt = plain[0] if plain else parse_assignments(args.format, "--format")
+    suffix = model.suffix.lower()
+    if suffix in (".keras", ".h5", ".hdf5"):
+        from .importers.keras_file import read_keras
+
+        if fmt is not None or args.sizes:
+            raise NormgenError("--format and --sizes are for ONNX models; a Keras file records its layers' axes and shapes")
+        layers, keras_names, notes = read_keras(model)
+        if not layers:
+            raise NormgenError(f"{model.name}: no BatchNormalization, LayerNormalization, GroupNormalization or"
+                               " RMSNormalization layer to import; nothing written")
+        comments = [f"Keras layer {n!r}" for n in keras_names]
+        files = spec_files(layers, model.stem, model.name, comments)
+    elif _is_onnx(str(model)):
+        from .importers.onnx_model import read_onnx
+
+        found = read_onnx(model, format=fmt, sizes=_sizes(args))
+        for text in found.warnings:
+            print(f"normgen: warning: {text}", file=sys.stderr)
+        if not found.layers:
+            raise NormgenError(f"{model.name}: no normalization node to import; nothing written")
+        layers, notes = [f.layer for f in found.layers], found.notes
+        comments = [f"{f.op} node {f.node!r}: {f.input!r} -> {f.output!r}"
+                    + (f"; {f.function}" if f.function != "predict" else "") for f in found.layers]
+        files = spec_files(layers, found.name, model.name, comments)
+    else:
+        raise NormgenError(f"{str(model)!r}: normgen import reads ONNX (.onnx) and Keras (.keras, .h5) models; for"
+                           " PyTorch modules (and .pt/.pth files) use normgen.from_torch in Python")
+    outdir = Path(args.output)
+    written = write_files(outdir, files)
+    for note in notes:
+        print(f"note: {note}")
+    for fname in files:
+        state = "wrote" if fname in written else "unchanged"
+        print(f"{state:9} {outdir / fname}")
+    return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -128,8 +239,11 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(f"  operation    {layer.resolved_dimension} (operation_dimension = {layer.operation_dimension!r})")
         if layer.kind == "rmsnorm":
             print("  normalize    y = x / sqrt(mean(x^2) + epsilon): no mean subtracted")
-        n1 = count(layer, 1)
-        per = f"{n1} values" + (" x batch" if layer.kind == "batchnorm" and layer.fmt.has_batch else "")
+        if layer.sizes:
+            per = f"{plan.per_acc_total.expr('batch', str)} values"
+        else:
+            n1 = count(layer, 1)
+            per = f"{n1} values" + (" x batch" if layer.kind == "batchnorm" and layer.fmt.has_batch else "")
         print(f"  statistics   one per {plan.statistic_per}, over {plan.statistic_over} ({per} each)")
         if layer.kind == "batchnorm":
             print("  predict      trained statistics, folded: y = x * a[c] + b[c]")
@@ -177,13 +291,35 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", default="out", help="output folder (default: out)")
     e.set_defaults(func=cmd_emit)
 
-    c = add("check", "compile every layer, run it on random inputs, compare with the NumPy reference")
+    c = add("check", "compile every layer, run it on random inputs, compare with the NumPy reference"
+                     " (MODEL.onnx: with ONNX Runtime's output of each node)")
     c.add_argument("--target", choices=TARGETS, default="c")
     c.add_argument("--batch", default="1,2,5", help="comma-separated batch sizes (default 1,2,5)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--no-training", dest="training", action="store_false",
                    help="check predict and train_forward only, not the backward functions")
+    c.add_argument("--sizes", action="append", metavar="NAME=N[,N...]",
+                   help="a spec's run-time sizes to check at (default 1, 7 and 50), or, for MODEL.onnx, the size of"
+                        " a symbolic dimension of the graph inputs (repeatable)")
     c.set_defaults(func=cmd_check)
+
+    i = sub.add_parser(
+        "import", help="write a spec and one .npz per layer from a trained ONNX or Keras model",
+        description="Read the normalization layers of an ONNX model (BatchNormalization, InstanceNormalization,"
+                    " LayerNormalization, GroupNormalization, RMSNormalization and torch's group-norm pattern) or a"
+                    " Keras model (.keras, .h5: BatchNormalization, LayerNormalization, GroupNormalization,"
+                    " RMSNormalization; read with h5py, no TensorFlow) into DIR/MODEL.toml and DIR/LAYER.npz, which"
+                    " emit, check and show take as they are.",
+        epilog=SPEC_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    i.add_argument("model", help="the model: .onnx, .keras or .h5")
+    i.add_argument("-o", "--output", default="out", help="output folder (default: out)")
+    i.add_argument("--format", action="append", metavar="FMT|NAME=FMT",
+                   help="row-major letters of the layers' inputs as they are laid out (default: ONNX's (N, C, ...)"
+                        " as BC and S per further dimension, BCT for rank 3; layer norms: the normalized dimensions"
+                        " last); NAME=FMT for one layer (repeatable)")
+    i.add_argument("--sizes", action="append", metavar="NAME=N",
+                   help="the size of a symbolic dimension other than the batch (repeatable, or NAME=N,NAME=N)")
+    i.set_defaults(func=cmd_import)
 
     s = add("show", "say what each layer computes: format, statistics, parameter counts")
     s.set_defaults(func=cmd_show)

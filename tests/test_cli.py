@@ -140,6 +140,18 @@ def test_bad_params_file(case, tmp_path, capsys):
     assert "np.float" not in err, err  # the value as a user writes it, not NumPy's repr
 
 
+def test_a_torch_checkpoint_as_params_points_to_from_torch(tmp_path, capsys):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "bn.npz", "w") as z:  # what torch.save writes, under another suffix
+        z.writestr("bn/data.pkl", b"\x80\x02}q\x00.")
+    err = run_bad(tmp_path, capsys, layer_spec(params='"bn.npz"'))
+    assert "PyTorch checkpoint" in err and "from_torch" in err and "data.pkl" not in err
+    (tmp_path / "w.pt").write_bytes(b"\x80\x02}q\x00.")
+    err = run_bad(tmp_path, capsys, layer_spec(params='"w.pt"'))
+    assert "PyTorch checkpoint" in err
+
+
 def test_malformed_params_file(tmp_path, capsys):
     (tmp_path / "p.npz").write_bytes(b"not a zip file")
     err = run_bad(tmp_path, capsys, layer_spec(params='"p.npz"'))

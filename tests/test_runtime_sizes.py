@@ -34,7 +34,7 @@ LAYERS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled(key: str, dtype: str):
     layer = LAYERS[key](dtype)
     return layer, build(layer)

@@ -57,6 +57,11 @@ PARAM_ARRAYS = {
 def _load_params(path: Path, kind: str, where: str) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise NormgenError(f"{where}: params file {str(path)!r} does not exist")
+    if path.suffix.lower() in (".pt", ".pth") or (zipfile.is_zipfile(path) and any(
+            n.endswith("data.pkl") for n in zipfile.ZipFile(path).namelist())):
+        raise NormgenError(f"{where}: params file {str(path)!r} is a PyTorch checkpoint, not a NumPy .npz: build the"
+                           " layer with normgen.from_torch(module) (after module.load_state_dict(torch.load(...))),"
+                           " or export the model to ONNX and run normgen import")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: np.array(data[k]) for k in data.files}

@@ -497,7 +497,6 @@ def torch_case(layer: Layer, role: str, x: np.ndarray, device: str = "cpu") -> t
     dt = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}[layer.dtype]
     v = _torch_logical(layer, x, device).to(dt)
-    c = layer.channels
 
     def vec(a):
         return torch.tensor(np.array(a, dtype=np.float64), device=device).to(dt)
