@@ -137,6 +137,9 @@ class Sweep:
     block_first: str = "0"  # offset of a block's first element, from the statistic loops' variables
     #: rows: leading elements of a block's first run whose mean is the first chunk's shift K
     shift_probe: int = 1
+    #: ... where the run's length is known at run time only: the C expression for that count, at most
+    #: shift_probe ("": shift_probe itself)
+    shift_probe_count: str = ""
     #: columns: the statistics sum ``tile`` columns at a time in registers over a chunk's rows,
     #: fetching the same columns ``tile_ahead`` rows on (``tile_shift`` elements)
     tile: int = 1
@@ -711,7 +714,9 @@ def sweep_of(plan: Plan) -> Sweep:
             stat_channel_expr="".join(f"{t} + " for t in stat_ch),
             partials_from=_sum(stat_ch),
             partials_len=run_axis.extent.static if run_axis.channel_mul else 1, nacc=plan.nacc,
-            shift_probe=1 if run_axis.extent.dynamic else min(SHIFT_PROBE, run_len),
+            shift_probe=SHIFT_PROBE if run_axis.extent.dynamic else min(SHIFT_PROBE, run_len),
+            shift_probe_count=(f"({run_axis.count} < {SHIFT_PROBE}u ? {run_axis.count} : {SHIFT_PROBE}u)"
+                               if run_axis.extent.dynamic else ""),
             block_first=plan.stat_offset_expr,
             apply_rotation=plan.apply_rotation(omp_apply_chunk),
             statistic="shifted" if plan.centered else "mean_square",
