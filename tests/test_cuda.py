@@ -322,7 +322,7 @@ def _compile_grid():
         InstanceNorm(name="in_point", format="BC", shape=[5]),
         GroupNorm(name="gn_chw_all", format="BCSS", shape=[6, 3, 3], num_groups="allchannels", dtype="float64"),
     ]
-    return layers + RUNTIME_LAYERS + AFFINE_LAYERS
+    return layers + RUNTIME_LAYERS + AFFINE_LAYERS + DYN_LAYERS
 
 
 @pytest.fixture(scope="module")
@@ -866,8 +866,9 @@ def _fake_pycuda(calls):
         def prepared_async_call(self, grid, block, stream, *args):
             assert len(args) == len(self.sig)
             for t, a in zip(self.sig, args, strict=True):
-                assert isinstance(a, np.int32) if t == "i" else not isinstance(a, np.integer)
-            calls.append((self.name, grid, block, self.sig))
+                kind = {"i": np.int32, "Q": np.uint64}.get(t)
+                assert isinstance(a, kind) if kind else not isinstance(a, np.integer)
+            calls.append((self.name, grid, block, self.sig, args))
 
     class Module:
         def get_function(self, name):
@@ -969,3 +970,277 @@ def test_cuda_layer_marshalling_without_gpu(monkeypatch, tmp_path):
     assert elem.get_params()["scale"].shape == (240,)
     with pytest.raises(NormgenError, match="scale needs 240 values"):
         elem.set_params(scale=np.zeros(12))
+
+
+# ---- 5. run-time sizes ----------------------------------------------------------------------------
+#: Layers with run-time sizes over every kernel family, each with the sizes it is called at (1, and
+#: sizes that are not multiples of the vector width; the largest split into parts with a workspace
+#: where the family splits). One compiled file per layer serves every size.
+DYN_CASES = [
+    # batch-norm predict (affine, general: planes of h*w) and train_forward on segments of h*w
+    (make("batchnorm", "BCSS", "float32", name="dyn_bn_nchw", shape=[6, "h", "w"]),
+     [{"h": 1, "w": 1}, {"h": 3, "w": 5}, {"h": 50, "w": 47}]),
+    # affine over channel vectors (NHWC: consecutive), columns over a run-time number of rows
+    (make("batchnorm", "BSSC", "float16", name="dyn_bn_nhwc", shape=["h", "w", 16]),
+     [{"h": 1, "w": 1}, {"h": 5, "w": 3}, {"h": 33, "w": 35}]),
+    # segments of a fixed length (S = 48, vectorized), a run-time number of them (T x B)
+    (make("batchnorm", "TBCS", "float64", name="dyn_bn_tbcs", shape=["t", 6, 48]),
+     [{"t": 1}, {"t": 3}, {"t": 50}]),
+    # rows of C over a run-time number of tokens: register-cached fused kernel
+    (make("layernorm", "BTC", "float32", name="dyn_ln_btc", shape=["tokens", 96]), [{"tokens": n} for n in (1, 7, 50)]),
+    (make("layernorm", "BTC", "float64", name="dyn_ln_btc64", shape=["tokens", 40], param_storage="runtime"),
+     [{"tokens": n} for n in (1, 3, 11)]),
+    (make("rmsnorm", "TBC", "float16", name="dyn_rms_tbc", shape=["t", 64]), [{"t": n} for n in (1, 5, 9)]),
+    # segments of run-time length (instance/group norm planes): not cached, not vectorized
+    (make("instancenorm", "BCSS", "bfloat16", name="dyn_in_bcss", shape=[5, "h", 7]), [{"h": n} for n in (1, 3, 9)]),
+    (make("groupnorm", "BCSS", "float64", name="dyn_gn_bcss", shape=[6, "h", "w"], num_groups=2),
+     [{"h": 1, "w": 1}, {"h": 2, "w": 5}, {"h": 7, "w": 3}]),
+    (make("groupnorm", "BCSS", "float16", name="dyn_gn_bcss16", shape=[6, "h", "w"], num_groups=3),
+     [{"h": 1, "w": 1}, {"h": 3, "w": 3}, {"h": 45, "w": 47}]),
+    # columns: a run-time number of rows of C
+    (make("groupnorm", "BSSC", "float64", name="dyn_gn_bssc", shape=["h", "w", 12], num_groups=3),
+     [{"h": 1, "w": 1}, {"h": 3, "w": 5}, {"h": 6, "w": 7}]),
+    (make("instancenorm", "BSSC", "float32", name="dyn_in_bssc", shape=["h", "w", 12]),
+     [{"h": 1, "w": 1}, {"h": 5, "w": 3}, {"h": 40, "w": 33}]),
+    # columns: rows of run-time length (layer norm over C of NCHW)
+    (make("layernorm", "BCSS", "float16", name="dyn_ln_chw", shape=[16, "h", "w"], operation_dimension="channel-only"),
+     [{"h": 1, "w": 1}, {"h": 3, "w": 5}, {"h": 7, "w": 9}]),
+    (make("rmsnorm", "BCSS", "float32", name="dyn_rms_chw", shape=[8, "h", "w"]),
+     [{"h": 1, "w": 1}, {"h": 2, "w": 3}, {"h": 5, "w": 7}]),
+    # per-element affine over C, a run-time number of tokens
+    (make("layernorm", "BTC", "float32", name="dyn_ln_elem", shape=["tokens", 24], affine="element"),
+     [{"tokens": n} for n in (1, 2, 9)]),
+    # generic: kept dimensions on both sides of a reduced one
+    (make("groupnorm", "SBSC", "float64", name="dyn_gn_sbsc", shape=["s", 4, 6], num_groups=2),
+     [{"s": n} for n in (1, 3, 5)]),
+    (make("instancenorm", "SBSC", "float16", name="dyn_in_sbsc", shape=["s", 4, 12]), [{"s": n} for n in (1, 2, 5)]),
+]
+DYN_LAYERS = [layer for layer, _ in DYN_CASES]
+DYN_BATCHES = (1, 2)
+
+
+def test_runtime_sizes_cover_every_family_and_choose_safe_shapes():
+    """Every family occurs with a dynamic extent; nothing vectorizes or caches in registers over
+    a dynamic extent; the split decision follows the sizes (fused at small sizes, split at large)."""
+    fams = {}
+    for layer, sizes_list in DYN_CASES:
+        cp = _cp(layer)
+        assert cp.plan.sizes == layer.sizes
+        fams.setdefault(cp.family, []).append(layer.name)
+        if cp.affine:
+            fams.setdefault("affine", []).append(layer.name)
+            if cp.affine.inner.dynamic:
+                assert cp.affine.mode == "general"
+        if cp.segments:
+            sg = cp.segments
+            fams.setdefault("cached" if sg.cached else "fused", []).append(layer.name)
+            assert not (sg.seg.dynamic and sg.vec > 1)
+            assert not (sg.units.dynamic and sg.cached)
+        if cp.columns:
+            assert not (cp.columns.w.dynamic and cp.columns.vec > 1)
+        parts = [cp.parts(b, True, s) for s in sizes_list for b in DYN_BATCHES]
+        if layer.name in ("dyn_bn_nchw", "dyn_bn_nhwc", "dyn_gn_bcss16", "dyn_in_bssc"):
+            assert parts[0] == 1 and max(parts) > 1, (layer.name, parts)
+            fams.setdefault("split", []).append(layer.name)
+    assert {"affine", "segments", "columns", "generic", "cached", "fused", "split"} <= set(fams), fams
+
+
+def test_runtime_size_launch_shapes_need_the_sizes():
+    cp = _cp(DYN_LAYERS[0])
+    with pytest.raises(NormgenError, match="run-time size 'h'"):
+        cp.launches("predict", 1)
+    with pytest.raises(NormgenError, match="must be >= 1"):
+        cp.launches("predict", 1, sizes={"h": 0, "w": 3})
+    # the same grid formula at every size: the affine kernel's units are the elements / vec
+    for h, w in ((1, 1), (3, 5), (50, 47)):
+        (L,) = cp.launches("predict", 2, sizes={"h": h, "w": w})
+        assert L.grid == max(1, min(-(-(2 * 6 * h * w // cp.affine.vec) // cpm.BLOCK), cpm.AFFINE_MAX_BLOCKS))
+        assert L.args == ("x", "y", "batch", "h", "w")
+
+
+def _dyn_data(layer, batch, sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    x = 0.5 + 2.0 * rng.standard_normal(reference.full_shape(layer, batch, sizes))
+    return round_to(x, layer.dtype)
+
+
+class SizedEmu:
+    """A layer with run-time sizes, its launchers called through ctypes from one emulator library
+    (device pointers are host pointers there); the launches they make are read back from the
+    emulator's record."""
+
+    def __init__(self, lib, layer):
+        import ctypes
+
+        self.ct, self.lib, self.layer, self.cp = ctypes, lib, layer, _cp(layer)
+        self.storage = storage_dtype(layer.dtype)
+        lib.emu_launch_count.restype = ctypes.c_size_t
+        lib.emu_launch_kernel.restype = ctypes.c_char_p
+        lib.emu_launch_kernel.argtypes = [ctypes.c_size_t]
+        lib.emu_launch_dim.restype = ctypes.c_uint
+        lib.emu_launch_dim.argtypes = [ctypes.c_size_t, ctypes.c_int]
+        for f in ("workspace_size", "backward_workspace_size"):
+            getattr(lib, f"{layer.name}_{f}").restype = ctypes.c_size_t
+        self.lead = ()
+        if self.cp.runtime_params:
+            acc = np.float64 if self.cp.A == "double" else np.float32
+            self.params = np.zeros((len(layer.parameter_arrays()), layer.channels), acc)
+            assert self.fn("params_init")(self.p(self.params)) == 0
+            self.lead = (self.p(self.params),)
+
+    def fn(self, role):
+        return getattr(self.lib, f"{self.layer.name}_{role}")
+
+    def p(self, a):
+        return None if a is None else self.ct.c_void_p(a.ctypes.data)
+
+    def store(self, a):
+        return np.array(to_storage(a, self.layer.dtype), copy=True)
+
+    def load(self, a):
+        return from_storage(a, self.layer.dtype).astype(np.float64)
+
+    def sizes(self, sizes):
+        return [int(sizes[n]) for n in self.layer.sizes]
+
+    def launches(self):
+        lib = self.lib
+        out = [(lib.emu_launch_kernel(i).decode(), lib.emu_launch_dim(i, 0),
+                (lib.emu_launch_dim(i, 3), lib.emu_launch_dim(i, 4), 1)) for i in range(lib.emu_launch_count())]
+        lib.emu_clear_launches()
+        return out
+
+    def workspace(self, batch, sizes):
+        n = self.fn("workspace_size")(batch, *self.sizes(sizes))
+        return np.zeros(n // 8 + 4, np.float64), n  # 16-byte aligned by NumPy
+
+    def run(self, role, x, batch, sizes, ws, rm=None, rv=None):
+        """(return code, y, launches) of one call of the launcher of ``role`` (``_ws`` with ``ws``)."""
+        self.lib.emu_clear_launches()
+        xs = self.store(x)
+        y = np.zeros_like(xs)
+        args = [*self.lead, self.p(xs), self.p(y), batch, *self.sizes(sizes)]
+        if role == "train_forward":
+            args += [self.p(rm), self.p(rv)]
+        if ws:
+            buf, n = self.workspace(batch, sizes)
+            args += [self.p(buf), self.ct.c_size_t(n)]
+        rc = self.fn(role + ("_ws" if ws else ""))(*args, None)
+        return rc, self.load(y).reshape(x.shape), self.launches()
+
+
+@pytest.fixture(scope="module")
+def dyn_lib(tmp_path_factory):
+    """Every DYN_CASES layer and the emulator as one shared library (cached by its sources)."""
+    if GXX is None or CUDA_INCLUDE is None:
+        pytest.skip("the CPU emulator needs g++ and the CUDA headers (cuda_fp16.h)")
+    from test_training import emulated_library
+
+    return emulated_library(DYN_LAYERS, tmp_path_factory, tag="sizes")
+
+
+@needs_emu
+@pytest.mark.parametrize("layer,sizes_list", DYN_CASES, ids=[la.name for la in DYN_LAYERS])
+def test_runtime_sizes_emulated(dyn_lib, layer, sizes_list):
+    """One compiled file called at several sizes and batches, with and without a workspace:
+    y (and batch norm's running statistics) match normgen.reference, and the launchers launch
+    what CudaPlan.launches says for those sizes (workspace sizes included)."""
+    em = SizedEmu(dyn_lib, layer)
+    cp = em.cp
+    role = cp.reduce_role
+    worst = 0.0
+    for i, sizes in enumerate(sizes_list):
+        for batch in DYN_BATCHES:
+            x = _dyn_data(layer, batch, sizes, seed=10 * i + batch)
+            tag = f"batch {batch} {sizes}"
+            assert em.fn("workspace_size")(batch, *em.sizes(sizes)) == cp.workspace_size(batch, sizes), tag
+            for ws in (False, True):
+                if role == "train_forward":
+                    rm0 = round_to(layer.trained_mean_values, layer.dtype)
+                    rv0 = round_to(layer.trained_variance_values, layer.dtype)
+                    rm, rv = em.store(rm0), em.store(rv0)
+                    rc, y, launches = em.run(role, x, batch, sizes, ws, rm, rv)
+                    if layer.running_variance == "unbiased" and reference.count(layer, batch, sizes) < 2:
+                        assert rc == 3 and launches == [], tag
+                        continue
+                    want, wrm, wrv = reference.train_forward(layer, x, rm0, rv0)
+                    _close(layer, em.load(rm), round_to(wrm, layer.dtype), f"{tag} running_mean")
+                    _close(layer, em.load(rv), round_to(wrv, layer.dtype), f"{tag} running_var")
+                else:
+                    rc, y, launches = em.run(role, x, batch, sizes, ws)
+                    want = reference.predict(layer, x)
+                assert rc == 0, tag
+                _close(layer, y, want, f"{tag} {role}{'_ws' if ws else ''}")
+                worst = max(worst, float(np.abs(y - want).max()))
+                assert launches == [(L.kernel, L.grid, L.block) for L in cp.launches(role, batch, ws, sizes)], tag
+            if cp.affine:
+                rc, y, launches = em.run("predict", x, batch, sizes, False)
+                assert rc == 0, tag
+                want = reference.predict(layer, x)
+                _close(layer, y, want, f"{tag} predict")
+                worst = max(worst, float(np.abs(y - want).max()))
+                assert launches == [(L.kernel, L.grid, L.block) for L in cp.launches("predict", batch, False, sizes)]
+    print(f"{layer.name}: max |y - reference| {worst:.3g}")
+
+
+@needs_emu
+def test_runtime_size_errors_emulated(dyn_lib):
+    """A size < 1, or sizes whose product with the batch overflows size_t: NAME_ERR_SIZE (6), no
+    launch, y untouched; the workspace-size functions say 0."""
+    for layer in (DYN_LAYERS[0], DYN_LAYERS[3], DYN_LAYERS[4]):
+        em = SizedEmu(dyn_lib, layer)
+        cuh = emit(layer, "cuda")[f"{layer.name}.cuh"]
+        assert f"#define {layer.name.upper()}_ERR_SIZE 6" in cuh
+        good = {n: 2 for n in layer.sizes}
+        x = _dyn_data(layer, 1, good)
+        bad = [{**good, layer.sizes[0]: 0}, {**good, layer.sizes[-1]: -3},
+               {n: 2**31 - 1 for n in layer.sizes}]
+        for sizes in bad:
+            for ws in (False, True):
+                if layer.kind == "batchnorm":
+                    rm, rv = em.store(layer.trained_mean_values), em.store(layer.trained_variance_values)
+                    args = [*em.lead, em.p(em.store(x)), em.p(em.store(x)), 2**31 - 1 if sizes[layer.sizes[0]] > 2
+                            else 1, *em.sizes(sizes), em.p(rm), em.p(rv)]
+                    role = "train_forward"
+                else:
+                    args = [*em.lead, em.p(em.store(x)), em.p(em.store(x)),
+                            2**31 - 1 if sizes[layer.sizes[0]] > 2 else 1, *em.sizes(sizes)]
+                    role = "predict"
+                if ws:
+                    args += [None, em.ct.c_size_t(0)]
+                assert em.fn(role + ("_ws" if ws else ""))(*args, None) == 6, (layer.name, sizes, ws)
+                assert em.launches() == []
+            big = 2**31 - 1 if sizes[layer.sizes[0]] > 2 else 1  # the batch that makes the product overflow
+            assert em.fn("workspace_size")(big, *em.sizes(sizes)) == 0
+            assert em.fn("backward_workspace_size")(big, *em.sizes(sizes)) == 0
+
+
+@needs_nvcc
+def test_cuda_layer_passes_run_time_sizes_without_gpu(monkeypatch, tmp_path):
+    """CudaLayer (pycuda faked) takes the sizes from x's shape and passes them after batch as
+    size_t (prepare code "Q"), with the launches of CudaPlan for those sizes; the training bench
+    likewise with TrainCuda's."""
+    import normgen.targets.cuda.module as nc
+
+    monkeypatch.setenv("NORMGEN_CACHE", str(tmp_path))
+    calls: list = []
+    monkeypatch.setattr(nc, "_pycuda", lambda: _fake_pycuda(calls))
+    layer, sizes_list = DYN_CASES[0]
+    cl = nc.CudaLayer(layer)
+    for sizes in sizes_list:
+        for role in ("predict", "train_forward"):
+            calls.clear()
+            getattr(cl, role)(_dyn_data(layer, 2, sizes))
+            want = cl.cp.launches(role, 2, True, sizes)
+            assert [(c[0], c[1][0], c[2]) for c in calls] == [(L.kernel, L.grid, L.block) for L in want]
+            for c, L in zip(calls, want, strict=True):
+                at = L.args.index("batch")
+                assert c[3][at:at + 3] == "iQQ" and [int(v) for v in c[4][at + 1:at + 3]] == [sizes["h"], sizes["w"]]
+
+
+def test_cuda_refuses_size_names_its_launchers_use():
+    """A size named like a local of the CUDA launchers is one clear error (the C target takes it)."""
+    layer = LayerNorm(name="ln_grid", format="BTC", shape=["grid", 8])
+    emit(layer, "c")
+    with pytest.raises(NormgenError, match="run-time size 'grid' is a name the cuda launchers use"):
+        emit(layer, "cuda")

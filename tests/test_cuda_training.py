@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_cuda import _kernel_params, needs_gpu
+from test_cuda import DYN_BATCHES, DYN_CASES, DYN_LAYERS, SizedEmu, _dyn_data, _kernel_params, needs_gpu
 from test_training import (
     CUDA_TOL,
     EmulatedLayer,
@@ -710,3 +710,153 @@ def test_training_on_gpu(layer):
         state = reference.population_accumulate(layer, reference.population_empty(layer), x)
         for g, w in zip((mean, var), reference.population_finalize(layer, state), strict=True):
             _cuda_close(g, w, layer, "gpu population")
+
+
+# ---- 5. run-time sizes --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dyn_lib(tmp_path_factory):
+    """The run-time-size layers of tests/test_cuda.py and the emulator as one shared library (the
+    same cached build as there)."""
+    return emulated_library(DYN_LAYERS, tmp_path_factory, tag="sizes")
+
+
+def _grads(em, tc):
+    """The parameter-gradient outputs the layer has (plan.gradients order), in the accumulation type."""
+    acc = np.float64 if tc.A == "double" else np.float32
+    return {g: np.full(em.layer.channels if em.cp.plan.affine != "element" else em.cp.plan.channels, np.nan, acc)
+            for g in tc.gradients}
+
+
+def _check_gradients(em, x, got_dx, grads, want, what) -> float:
+    """dx and the parameter gradients the layer has against the reference's (dx, dscale, doffset);
+    the largest |dx - reference|."""
+    dx = em.load(got_dx).reshape(x.shape)
+    _cuda_close(dx, want[0], em.layer, f"{what} dx")
+    for g, w in zip(("dscale", "doffset"), want[1:], strict=True):
+        if g in grads:
+            _cuda_close(grads[g].reshape(-1), np.asarray(w).reshape(-1), em.layer, f"{what} {g}")
+    return float(np.abs(dx - want[0]).max())
+
+
+def _train_launches(em, tc, role, batch, sizes):
+    return [(L.kernel, L.grid, L.block) for L in tc.launches(role, batch, sizes)]
+
+
+@needs_emu
+@pytest.mark.parametrize("layer,sizes_list", DYN_CASES, ids=[la.name for la, _ in DYN_CASES])
+def test_runtime_sizes_training_emulated(dyn_lib, layer, sizes_list):
+    """The training launchers of one compiled file called at several run-time sizes and batches:
+    train_forward_save (saved statistics, y, running statistics), backward, backward_saved,
+    backward_frozen and the population statistics (batch norm) against normgen.reference, and the
+    launches they make against TrainCuda.launches for those sizes."""
+    em = SizedEmu(dyn_lib, layer)
+    tc = lower_train_cuda(lower_cuda(layer))
+    ct = ctypes
+    bn = layer.kind == "batchnorm"
+    rng = np.random.default_rng(17)
+    worst = 0.0
+    population = reference.population_empty(layer)
+    if bn:
+        acc_struct = np.zeros(1 + 2 * layer.channels, np.float64)
+        assert em.fn("stats_reset")(em.p(acc_struct), None) == 0
+    for i, sizes in enumerate(sizes_list):
+        for batch in DYN_BATCHES:
+            tag = f"batch {batch} {sizes}"
+            S = em.sizes(sizes)
+            x = _dyn_data(layer, batch, sizes, seed=100 + 10 * i + batch)
+            dy = round_to(rng.standard_normal(x.shape), layer.dtype)
+            xs, dys = em.store(x), em.store(dy)
+            n = em.fn("backward_workspace_size")(batch, *S)
+            assert n == tc.workspace_size(batch, sizes), tag
+            ws = np.zeros(n // 8 + 4, np.float64)
+            want = reference.backward(layer, x, dy)
+
+            # backward: statistics recomputed from x
+            dx, grads = np.zeros_like(xs), _grads(em, tc)
+            em.lib.emu_clear_launches()
+            rc = em.fn("backward")(*em.lead, em.p(xs), em.p(dys), em.p(dx), *[em.p(a) for a in grads.values()], batch,
+                                   *S, em.p(ws), ct.c_size_t(n), None)
+            assert rc == 0, tag
+            assert em.launches() == _train_launches(em, tc, "backward", batch, sizes), tag
+            worst = max(worst, _check_gradients(em, x, dx, grads, want, f"{tag} backward"))
+            # train_forward_save, then backward_saved from what it saved
+            y = np.zeros_like(xs)
+            nstat = tc.stats.value(batch, sizes)
+            sm, si = np.full(nstat, np.nan), np.full(nstat, np.nan)
+            args = [*em.lead, em.p(xs), em.p(y), batch, *S]
+            if bn:
+                rm0 = round_to(layer.trained_mean_values, layer.dtype)
+                rv0 = round_to(layer.trained_variance_values, layer.dtype)
+                rm, rv = em.store(rm0), em.store(rv0)
+                args += [em.p(rm), em.p(rv)]
+            rc = em.fn("train_forward_save")(*args, em.p(sm), em.p(si), None)
+            if bn and layer.running_variance == "unbiased" and reference.count(layer, batch, sizes) < 2:
+                assert rc == 3 and em.launches() == [], tag
+                continue
+            assert rc == 0, tag
+            assert em.launches() == _train_launches(em, tc, "train_forward_save", batch, sizes), tag
+            wm, wi = reference.saved_statistics(layer, x)
+            _cuda_close(sm, wm, layer, f"{tag} saved mean")
+            np.testing.assert_allclose(si, wi, rtol=CUDA_TOL[layer.dtype] * 10)
+            if bn:
+                wy, wrm, wrv = reference.train_forward(layer, x, rm0, rv0)
+                _cuda_close(em.load(rm), wrm, layer, f"{tag} running_mean")
+                _cuda_close(em.load(rv), wrv, layer, f"{tag} running_var")
+            else:
+                wy = reference.predict(layer, x)
+            _cuda_close(em.load(y).reshape(x.shape), wy, layer, f"{tag} train_forward_save y")
+            dx, grads = np.zeros_like(xs), _grads(em, tc)
+            rc = em.fn("backward_saved")(*em.lead, em.p(xs), em.p(dys), em.p(sm), em.p(si), em.p(dx),
+                                         *[em.p(a) for a in grads.values()], batch, *S, em.p(ws), ct.c_size_t(n), None)
+            assert rc == 0, tag
+            assert em.launches() == _train_launches(em, tc, "backward_saved", batch, sizes), tag
+            worst = max(worst, _check_gradients(em, x, dx, grads, want, f"{tag} backward_saved"))
+            if bn:
+                dx, grads = np.zeros_like(xs), _grads(em, tc)
+                rc = em.fn("backward_frozen")(*em.lead, em.p(xs), em.p(dys), em.p(dx),
+                                              *[em.p(a) for a in grads.values()], batch, *S, None)
+                assert rc == 0, tag
+                assert em.launches() == _train_launches(em, tc, "backward_frozen", batch, sizes), tag
+                want = reference.backward_frozen(layer, x, dy)
+                worst = max(worst, _check_gradients(em, x, dx, grads, want, f"{tag} backward_frozen"))
+                # population statistics over every size and batch called so far
+                assert em.fn("accumulate")(em.p(acc_struct), em.p(xs), batch, *S, None) == 0
+                assert em.launches()[-2:] == _train_launches(em, tc, "accumulate", batch, sizes), tag
+                population = reference.population_accumulate(layer, population, x)
+    if bn:
+        tm, tv = (np.zeros(layer.channels, np.float64 if tc.A == "double" else np.float32) for _ in range(2))
+        assert em.fn("finalize")(em.p(acc_struct), em.p(tm), em.p(tv), None) == 0
+        wm, wv = reference.population_finalize(layer, population)
+        _cuda_close(tm, wm, layer, "population mean")
+        _cuda_close(tv, wv, layer, "population variance")
+    print(f"{layer.name}: max |dx - reference| {worst:.3g}")
+
+
+@needs_emu
+def test_runtime_size_errors_training_emulated(dyn_lib):
+    """The training launchers return NAME_ERR_SIZE (6) for a size < 1, launching nothing."""
+    for layer, _ in DYN_CASES[:4]:
+        em = SizedEmu(dyn_lib, layer)
+        tc = lower_train_cuda(lower_cuda(layer))
+        x = _dyn_data(layer, 1, {n: 2 for n in layer.sizes})
+        xs = em.store(x)
+        grads = [em.p(a) for a in _grads(em, tc).values()]
+        ws = np.zeros(4096, np.float64)
+        bad = [0 if i == 0 else 2 for i in range(len(layer.sizes))]
+        saved = [em.p(np.zeros(64)), em.p(np.zeros(64))]
+        run = [em.p(em.store(layer.trained_mean_values)), em.p(em.store(layer.trained_variance_values))] \
+            if layer.kind == "batchnorm" else []
+        rcs = [
+            em.fn("backward")(*em.lead, em.p(xs), em.p(xs), em.p(xs), *grads, 1, *bad, em.p(ws),
+                              ctypes.c_size_t(ws.nbytes), None),
+            em.fn("backward_saved")(*em.lead, em.p(xs), em.p(xs), *saved, em.p(xs), *grads, 1, *bad, em.p(ws),
+                                    ctypes.c_size_t(ws.nbytes), None),
+            em.fn("train_forward_save")(*em.lead, em.p(xs), em.p(xs), 1, *bad, *run, *saved, None),
+        ]
+        if layer.kind == "batchnorm":
+            acc_struct = np.zeros(1 + 2 * layer.channels, np.float64)
+            rcs += [em.fn("backward_frozen")(*em.lead, em.p(xs), em.p(xs), em.p(xs), *grads, 1, *bad, None),
+                    em.fn("accumulate")(em.p(acc_struct), em.p(xs), 1, *bad, None)]
+        assert rcs == [6] * len(rcs), (layer.name, rcs)
+        assert em.launches() == []
+        assert em.fn("backward_workspace_size")(1, *bad) == 0

@@ -30,9 +30,7 @@ LAYERS = {
     "ln_element": LayerNorm(name="ln_element", format="BCSS", shape=[3, 4, 4], operation_dimension="spatial-channel",
                             affine="element", bias=False, scale=np.linspace(0.5, 1.5, 48).reshape(3, 4, 4)),
 }
-#: Layers the cuda target does not generate yet (run-time sizes).
-C_ONLY = {"rms_tokens"}
-CASES = [(name, "c") for name in LAYERS] + ([(name, "cuda") for name in LAYERS if name not in C_ONLY] if CUDA else [])
+CASES = [(name, "c") for name in LAYERS] + ([(name, "cuda") for name in LAYERS] if CUDA else [])
 
 
 @pytest.mark.parametrize("name,target", CASES)

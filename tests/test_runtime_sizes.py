@@ -132,9 +132,12 @@ def test_bad_size_names_are_one_clear_error(case):
         assert needle in str(err.value), (needle, str(err.value))
 
 
-def test_the_cuda_target_refuses_run_time_sizes_by_name():
-    with pytest.raises(NormgenError, match="run-time sizes \\(tokens\\)"):
-        emit(LAYERS["ln_tokens"]("float32"), "cuda")
+def test_the_cuda_launchers_take_the_sizes_after_batch():
+    layer = LAYERS["bn_nchw"]("float32")
+    files = emit(layer, "cuda")
+    header = files[f"{layer.name}.cuh"]
+    assert f"int {layer.name}_predict(const float *x, float *y, int32_t batch, int32_t h, int32_t w, cudaStream_t stream);" in header
+    assert "#define BN_NCHW_FLOAT32_ERR_SIZE 6" in header
 
 
 def test_an_input_that_fits_no_size_names_both_shapes():

@@ -199,3 +199,22 @@ void run_grid(dim3 grid, dim3 block, void (*body)(void *), void *ctx)
 }
 
 }  // namespace emu
+
+/* C accessors, for tests that load generated layers and the emulator as one shared library with
+ * ctypes: the recorded launches, and the dry-run and failing-launch switches. */
+extern "C" size_t emu_launch_count(void) { return emu::launches.size(); }
+
+extern "C" const char *emu_launch_kernel(size_t i) { return emu::launches[i].kernel.c_str(); }
+
+/* which: 0..2 the grid's x, y, z; 3..5 the block's. */
+extern "C" unsigned emu_launch_dim(size_t i, int which)
+{
+    const emu::LaunchRecord &l = emu::launches[i];
+    return which < 3 ? l.grid[which] : l.block[which - 3];
+}
+
+extern "C" void emu_clear_launches(void) { emu::launches.clear(); }
+
+extern "C" void emu_set_dry_run(int on) { emu::dry_run = on != 0; }
+
+extern "C" void emu_set_fail_launches(int on) { emu::fail_launches = on != 0; }

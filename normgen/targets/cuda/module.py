@@ -94,10 +94,11 @@ def compile_cubin(layer: Layer, arch: str, *, flags: list[str] | None = None) ->
     return cubin, cp
 
 
-def bytes_moved(layer: Layer, role: str, batch: int, workspace: bool = True) -> dict[str, int]:
+def bytes_moved(layer: Layer, role: str, batch: int, workspace: bool = True,
+                sizes: dict[str, int] | None = None) -> dict[str, int]:
     """Bytes of x and y a function moves (``minimum``: read x once, write y once; ``actual``:
     what its kernels read and write), for GB/s figures. No pycuda needed."""
-    return derive(lower(layer, "cuda")).bytes_moved(role, batch, workspace)
+    return derive(lower(layer, "cuda")).bytes_moved(role, batch, workspace, sizes)
 
 
 def _pycuda():
@@ -196,40 +197,49 @@ class CudaLayer(CudaTraining):
         fn = self._functions.get(name)
         if fn is None:
             fn = self.module.get_function(name)
-            fn.prepare("".join("i" if a in ("batch", "parts") else "P" for a in args))
+            codes = {"batch": "i", "parts": "i", **{n: "Q" for n in self.plan.sizes}}  # sizes are size_t
+            fn.prepare("".join(codes.get(a, "P") for a in args))
             self._functions[name] = fn
         return fn
 
-    def _workspace(self, batch: int):
-        need = self.cp.workspace_size(batch) if self.workspace else 0
+    def _workspace(self, batch: int, sizes: dict[str, int] | None = None):
+        need = self.cp.workspace_size(batch, sizes) if self.workspace else 0
         if need > self._ws_bytes:
             self._ws = self._drv.mem_alloc(need)
             self._ws_bytes = need
         return self._ws
 
-    def launches(self, role: str, batch: int):
-        """The kernel launches of one call (see :meth:`CudaPlan.launches`)."""
-        return self.cp.launches(role, batch, self.workspace)
+    def launches(self, role: str, batch: int, sizes: dict[str, int] | None = None):
+        """The kernel launches of one call (see :meth:`CudaPlan.launches`); ``sizes``: the
+        run-time sizes, by name."""
+        return self.cp.launches(role, batch, self.workspace, sizes)
 
-    def _launch(self, role: str, x_gpu, y_gpu, batch: int, stream=None) -> None:
-        values = {"x": x_gpu.gpudata, "y": y_gpu.gpudata, "batch": np.int32(batch), "params": self._params}
-        launches = self.launches(role, batch)
+    def _launch(self, role: str, x_gpu, y_gpu, batch: int, stream=None, sizes: dict[str, int] | None = None) -> None:
+        sizes = sizes or {}
+        values = {"x": x_gpu.gpudata, "y": y_gpu.gpudata, "batch": np.int32(batch), "params": self._params,
+                  **{n: np.uint64(v) for n, v in sizes.items()}}
+        launches = self.launches(role, batch, sizes)
         if any(len(L.args) and "workspace" in L.args for L in launches):
-            values["workspace"] = self._workspace(batch)
+            values["workspace"] = self._workspace(batch, sizes)
         if role == "train_forward":
             values["running_mean"], values["running_var"] = self._rm.gpudata, self._rv.gpudata
-        values["parts"] = np.int32(self.cp.parts(batch, self.workspace))
+        values["parts"] = np.int32(self.cp.parts(batch, self.workspace, sizes))
         for L in launches:
             fn = self._function(L.kernel, L.args)
             fn.prepared_async_call((L.grid, 1), L.block, stream, *[values[a] for a in L.args])
 
     def _batch(self, x) -> int:
+        return self._dims(x)[0]
+
+    def _dims(self, x) -> tuple[int, dict[str, int]]:
+        """(batch, run-time sizes by name) of an input (NumPy or GPUArray), checked against the layer."""
         shape = tuple(x.shape)
-        return reference.batch_of(self.layer, np.broadcast_to(np.zeros((), np.uint8), shape))
+        batch = reference.batch_of(self.layer, np.broadcast_to(np.zeros((), np.uint8), shape))
+        return batch, self.layer.sizes_of(shape)
 
     def _run(self, role: str, x, out=None):
         on_gpu = _is_gpuarray(x)
-        batch = self._batch(x)
+        batch, sizes = self._dims(x)
         if on_gpu:
             if x.dtype != self.dtype:
                 raise NormgenError(f"layer {self.layer.name!r}: a GPUArray input must be {self.dtype}, got {x.dtype}")
@@ -240,7 +250,7 @@ class CudaLayer(CudaTraining):
         if role == "train_forward":
             self._rm.set(to_storage(self.running_mean, self.layer.dtype))
             self._rv.set(to_storage(self.running_var, self.layer.dtype))
-        self._launch(role, x_gpu, y_gpu, batch)
+        self._launch(role, x_gpu, y_gpu, batch, sizes=sizes)
         self._drv.Context.synchronize()
         if role == "train_forward":
             host = self.running_mean.dtype
@@ -267,8 +277,8 @@ class CudaLayer(CudaTraining):
         """Batch norm's training forward; updates ``running_mean`` and ``running_var``."""
         if self.layer.kind != "batchnorm":
             raise NormgenError(f"train_forward is for batch norm; layer {self.layer.name!r} is {self.layer.kind}")
-        batch = self._batch(x)
-        if self.plan.running_unbiased and self.cp.layout.count.value(batch) < 2:
+        batch, sizes = self._dims(x)
+        if self.plan.running_unbiased and self.cp.layout.count.value(batch, sizes) < 2:
             raise NormgenError(f"{self.layer.name}_train_forward: {ERRORS[3]}")
         return self._run("train_forward", x)
 
@@ -278,17 +288,17 @@ class CudaLayer(CudaTraining):
         CUDA events around ``repeat`` back-to-back calls (kernels only: no copies)."""
         if not _is_gpuarray(x_gpu):
             raise NormgenError("time() takes a pycuda GPUArray (copies would be timed otherwise)")
-        batch = self._batch(x_gpu)
+        batch, sizes = self._dims(x_gpu)
         y_gpu = self._gpuarray.empty_like(x_gpu)
         for _ in range(warmup):
-            self._launch(fn_name, x_gpu, y_gpu, batch)
+            self._launch(fn_name, x_gpu, y_gpu, batch, sizes=sizes)
         start, end = self._drv.Event(), self._drv.Event()
         start.record()
         for _ in range(repeat):
-            self._launch(fn_name, x_gpu, y_gpu, batch)
+            self._launch(fn_name, x_gpu, y_gpu, batch, sizes=sizes)
         end.record()
         end.synchronize()
         return start.time_till(end) / 1e3 / repeat
 
-    def bytes_moved(self, fn_name: str, batch: int) -> dict[str, int]:
-        return self.cp.bytes_moved(fn_name, batch, self.workspace)
+    def bytes_moved(self, fn_name: str, batch: int, sizes: dict[str, int] | None = None) -> dict[str, int]:
+        return self.cp.bytes_moved(fn_name, batch, self.workspace, sizes)

@@ -43,7 +43,7 @@ import math
 from dataclasses import dataclass
 
 from ...errors import NormgenError
-from ...lowering.plan import ONE, TARGET_CTYPES, Axis, Extent, Plan
+from ...lowering.plan import ONE, TARGET_CTYPES, Axis, Extent, Plan, size_local
 
 #: Bytes of one vector access.
 VEC_BYTES = 16
@@ -95,6 +95,7 @@ ERRORS = {
     3: "too few values per channel for an unbiased variance",
     4: "a kernel launch failed",
     5: "the workspace is missing, too small or not aligned to 16 bytes",
+    6: "a run-time size < 1, or sizes whose product with the batch overflows size_t",
 }
 
 
@@ -116,7 +117,7 @@ def _ex(e: Extent) -> str:
 
 def _index_type(e: Extent) -> str:
     """32-bit indices where an extent is static and small (cheaper division by constants)."""
-    return "unsigned int" if not e.batched and e.static < 2**31 else "size_t"
+    return "unsigned int" if not e.dynamic and e.static < 2**31 else "size_t"
 
 
 def _prod(exts) -> Extent:
@@ -187,7 +188,7 @@ def _uniform_over_unit(axes: tuple[Axis, ...], vec: int) -> bool:
     for i, ax in enumerate(axes):
         if ax.channel_mul:
             inner = _prod(a.extent for a in axes[i + 1:])
-            if inner.batched or inner.static % vec:
+            if inner.dynamic or inner.static % vec:
                 return False
     return True
 
@@ -197,7 +198,7 @@ def _consecutive_over_unit(axes: tuple[Axis, ...], vec: int) -> bool:
     channel axis is the innermost, its extent a multiple of ``vec``."""
     ch = [a for a in _join_groups(axes) if a.channel_mul]
     return (vec > 1 and len(ch) == 1 and ch[0] is _join_groups(axes)[-1] and ch[0].channel_mul == 1
-            and not ch[0].extent.batched and ch[0].extent.static % vec == 0)
+            and not ch[0].extent.dynamic and ch[0].extent.static % vec == 0)
 
 
 @dataclass(frozen=True)
@@ -235,8 +236,8 @@ class Affine:
     vec: int
     mode: str  # "uniform" | "consecutive" | "general"
 
-    def grid(self, nb: int) -> int:
-        units = self.elements.value(nb) // self.vec
+    def grid(self, nb: int, sizes: dict[str, int] | None = None) -> int:
+        units = self.elements.value(nb, sizes) // self.vec
         return max(1, min(cdiv(units, BLOCK), AFFINE_MAX_BLOCKS))
 
 
@@ -265,7 +266,17 @@ class Segments:
 
     @property
     def segu(self) -> Extent:
-        return Extent(self.seg.static // self.vec, self.seg.batched)
+        return Extent(self.seg.static // self.vec, self.seg.batched, self.seg.sizes)
+
+    @property
+    def one_k(self) -> bool:
+        """One statistic per a (k is 1 for every batch and size)."""
+        return self.k == ONE
+
+    @property
+    def one_seg(self) -> bool:
+        """One segment per statistic (for every batch and size)."""
+        return self.nseg == ONE
 
     @property
     def stats(self) -> Extent:
@@ -283,15 +294,15 @@ class Segments:
     def fused_threads(self) -> int:
         return self.cache_threads if self.cached else BLOCK
 
-    def parts(self, nb: int) -> int:
-        s, nu = self.stats.value(nb), self.units.value(nb)
+    def parts(self, nb: int, sizes: dict[str, int] | None = None) -> int:
+        s, nu = self.stats.value(nb, sizes), self.units.value(nb, sizes)
         if s >= FILL_BLOCKS or nu <= SPLIT_MIN_UNITS:
             return 1
         p = min(cdiv(SPLIT_BLOCKS, s), cdiv(nu, PART_MIN_UNITS), MAX_PARTS)
         return cdiv(nu, cdiv(nu, p))
 
-    def grid(self, nb: int, parts: int) -> int:
-        return self.stats.value(nb) * parts
+    def grid(self, nb: int, parts: int, sizes: dict[str, int] | None = None) -> int:
+        return self.stats.value(nb, sizes) * parts
 
 
 @dataclass(frozen=True)
@@ -319,7 +330,7 @@ class Columns:
     @property
     def wu(self) -> Extent:
         w = self.w
-        return Extent(w.static // self.vec, w.batched)
+        return Extent(w.static // self.vec, w.batched, w.sizes)
 
     @property
     def nst(self) -> int:
@@ -338,18 +349,18 @@ class Columns:
     def count(self) -> Extent:
         return self.r1 * Extent(self.r2)
 
-    def ntiles(self, nb: int) -> int:
-        return cdiv(self.wu.value(nb), self.tx)
+    def ntiles(self, nb: int, sizes: dict[str, int] | None = None) -> int:
+        return cdiv(self.wu.value(nb, sizes), self.tx)
 
-    def parts(self, nb: int) -> int:
-        b0, rows = self.a.value(nb) * self.ntiles(nb), self.r1.value(nb)
+    def parts(self, nb: int, sizes: dict[str, int] | None = None) -> int:
+        b0, rows = self.a.value(nb, sizes) * self.ntiles(nb, sizes), self.r1.value(nb, sizes)
         if b0 >= FILL_BLOCKS or rows <= 2 * self.ty * PART_MIN_ROWS:
             return 1
         p = min(cdiv(SPLIT_BLOCKS, b0), cdiv(rows, self.ty * PART_MIN_ROWS), MAX_PARTS)
         return cdiv(rows, cdiv(rows, p))
 
-    def grid(self, nb: int, parts: int) -> int:
-        return self.a.value(nb) * self.ntiles(nb) * parts
+    def grid(self, nb: int, parts: int, sizes: dict[str, int] | None = None) -> int:
+        return self.a.value(nb, sizes) * self.ntiles(nb, sizes) * parts
 
 
 @dataclass(frozen=True)
@@ -367,11 +378,11 @@ class Generic:
     stats: Extent
     count: Extent
 
-    def parts(self, nb: int) -> int:
+    def parts(self, nb: int, sizes: dict[str, int] | None = None) -> int:
         return 1
 
-    def grid(self, nb: int, parts: int) -> int:
-        return self.stats.value(nb)
+    def grid(self, nb: int, parts: int, sizes: dict[str, int] | None = None) -> int:
+        return self.stats.value(nb, sizes)
 
 
 @dataclass(frozen=True)
@@ -530,6 +541,64 @@ class CudaPlan:
             "fixed at 0: a statistic (n, 0, sum of x^2) merges with Chan's formula as a plain sum.",
         ]
 
+    @staticmethod
+    def op(e: Extent) -> str:
+        """An extent as an operand of / or % (parenthesized when it is a product)."""
+        return _ex(e)
+
+    # ---- run-time sizes, as the templates spell them (all empty without run-time sizes) ----------
+    @property
+    def size_params(self) -> str:
+        """A kernel's (and a host helper's) size parameters after ``int batch``: ``, size_t n_tokens``,
+        the names its extents use. The size names themselves appear in the launchers' signatures
+        only (names beginning with ``n_`` are no size's: no kernel name can collide with one)."""
+        return "".join(f", size_t {size_local(n)}" for n in self.plan.sizes)
+
+    @property
+    def size_locals(self) -> str:
+        """Lines a launcher declares after checking the sizes: their size_t locals (``n_tokens``)."""
+        return "".join(f"    const size_t {size_local(n)} = (size_t){n};\n" for n in self.plan.sizes)
+
+    @property
+    def dim_params(self) -> str:
+        """Helper parameters after ``size_t nb``: ``, size_t n_tokens``."""
+        return "".join(f", size_t {size_local(n)}" for n in self.plan.sizes)
+
+    @property
+    def dim_args(self) -> str:
+        """Helper arguments after ``nb``: ``, n_tokens``."""
+        return "".join(f", {size_local(n)}" for n in self.plan.sizes)
+
+    @property
+    def dim_voids(self) -> str:
+        """Lines a helper taking :attr:`dim_params` opens with (some helpers do not read them all)."""
+        return "".join(f"    (void){size_local(n)};\n" for n in self.plan.sizes)
+
+    @property
+    def workspace_guard(self) -> list[str]:
+        """NAME_workspace_size's check of the sizes: 0 for a size < 1 or an overflowing product."""
+        return [line.replace(f"return {self.upper}_ERR_SIZE;", "return 0;") for line in self.plan.size_guard]
+
+    @property
+    def size_call(self) -> str:
+        """A launcher's size arguments passed on to a host helper after ``batch``: ``, (size_t)tokens``."""
+        return "".join(f", (size_t){n}" for n in self.plan.sizes)
+
+    @property
+    def size_pass(self) -> str:
+        """A launcher's size arguments passed on to another ``extern "C"`` function: ``, tokens``."""
+        return "".join(f", {n}" for n in self.plan.sizes)
+
+    @property
+    def size_decl(self) -> str:
+        """The size parameters of an ``extern "C"`` function after ``int32_t batch``: ``, int32_t tokens``."""
+        return "".join(f", int32_t {n}" for n in self.plan.sizes)
+
+    @property
+    def size_ptrs(self) -> str:
+        """Kernel argument pointers of the sizes after ``(void *)&b``: ``, (void *)&n_tokens``."""
+        return "".join(f", (void *)&{size_local(n)}" for n in self.plan.sizes)
+
     @property
     def launchers(self) -> list[Launcher]:
         """Host entry points: every plan function taking a stream, and a ``_ws`` variant (with a
@@ -542,7 +611,7 @@ class CudaPlan:
             if reduces:
                 plain = doc + ("\n * Needs no workspace: one block per statistic (or per tile of statistics) reads"
                                f"\n * its whole domain; {f.name}_ws is faster when there are few statistics.")
-                ws = doc + (f"\n * workspace: {self.name}_workspace_size(batch) bytes of device memory, 16-byte aligned"
+                ws = doc + (f"\n * workspace: {self.name}_workspace_size({self.plan.macro_params}) bytes of device memory, 16-byte aligned"
                             "\n * (NULL allowed when that is 0); long reductions then split over many blocks."
                             f"\n * The result may differ in the last bits from {f.name} (another summation"
                             "\n * order); each is deterministic.")
@@ -555,47 +624,67 @@ class CudaPlan:
         return out
 
     # ---- launch shapes (mirrored by the launchers) ----------------------------------------------
-    def parts(self, batch: int, workspace: bool = True) -> int:
-        """How many parts each statistic's domain is split into (1: the fused kernel)."""
-        return self.layout.parts(batch) if workspace else 1
+    def _sizes(self, sizes: dict[str, int] | None) -> dict[str, int]:
+        """The run-time sizes of one call, checked: every size of the plan, each >= 1."""
+        sizes = dict(sizes or {})
+        for n in self.plan.sizes:
+            if n not in sizes:
+                raise NormgenError(f"layer {self.name!r}: no value for run-time size {n!r}")
+            if sizes[n] < 1:
+                raise NormgenError(f"layer {self.name!r}: run-time size {n} must be >= 1, got {sizes[n]}")
+        return sizes
 
-    def workspace_size(self, batch: int) -> int:
-        """Bytes of workspace the _ws launcher needs for ``batch`` (0 when it needs none)."""
-        p = self.parts(batch)
+    def parts(self, batch: int, workspace: bool = True, sizes: dict[str, int] | None = None) -> int:
+        """How many parts each statistic's domain is split into (1: the fused kernel)."""
+        return self.layout.parts(batch, self._sizes(sizes)) if workspace else 1
+
+    def workspace_size(self, batch: int, sizes: dict[str, int] | None = None) -> int:
+        """Bytes of workspace the _ws launcher needs for ``batch`` and the run-time ``sizes`` (0 when
+        it needs none)."""
+        p = self.parts(batch, True, sizes)
         if p == 1:
             return 0
-        return self.layout.stats.value(batch) * (3 + 2 * p) * SIZEOF[self.A]
+        return self.layout.stats.value(batch, sizes) * (3 + 2 * p) * SIZEOF[self.A]
 
-    def launches(self, role: str, batch: int, workspace: bool = True) -> list[Launch]:
-        """The kernels a launcher runs for ``batch``: the same grids and blocks as the .cu."""
+    @property
+    def size_names(self) -> tuple[str, ...]:
+        """The run-time sizes: kernel and launch arguments after batch, in format order."""
+        return tuple(self.plan.sizes)
+
+    def launches(self, role: str, batch: int, workspace: bool = True,
+                 sizes: dict[str, int] | None = None) -> list[Launch]:
+        """The kernels a launcher runs for ``batch`` and the run-time ``sizes``: the same grids and
+        blocks as the .cu."""
         if batch < 1:
             raise NormgenError(f"batch must be >= 1, got {batch}")
+        sizes = self._sizes(sizes)
+        dims = ("batch", *self.size_names)
         lead = ("params",) if self.runtime_params else ()
         if role == "predict" and self.affine:
-            return [Launch(self.kernel("predict", "affine"), self.affine.grid(batch), (BLOCK, 1, 1),
-                           lead + ("x", "y", "batch"))]
+            return [Launch(self.kernel("predict", "affine"), self.affine.grid(batch, sizes), (BLOCK, 1, 1),
+                           lead + ("x", "y") + dims)]
         if role != self.reduce_role:
             raise NormgenError(f"layer {self.name!r} has no function {role!r}")
         running = ("running_mean", "running_var") if self.update_running else ()
         lay = self.layout
-        p = self.parts(batch, workspace)
+        p = self.parts(batch, workspace, sizes)
         block = self.block
         if p == 1:
-            g = lay.grid(batch, 1)
+            g = lay.grid(batch, 1, sizes)
             self._check_grid(g)
-            return [Launch(self.kernel(role, "fused"), g, self.fused_block, lead + ("x", "y", "batch") + running)]
-        g = lay.grid(batch, p)
+            return [Launch(self.kernel(role, "fused"), g, self.fused_block, lead + ("x", "y") + dims + running)]
+        g = lay.grid(batch, p, sizes)
         self._check_grid(g)
         return [
-            Launch(self.kernel(role, "partial"), g, block, ("x", "batch", "parts", "workspace")),
-            Launch(self.kernel(role, "finalize"), self.finalize_grid(batch), (BLOCK, 1, 1),
-                   ("batch", "parts") + running + ("workspace",)),
-            Launch(self.kernel(role, "apply"), g, block, lead + ("x", "y", "batch", "parts", "workspace")),
+            Launch(self.kernel(role, "partial"), g, block, ("x",) + dims + ("parts", "workspace")),
+            Launch(self.kernel(role, "finalize"), self.finalize_grid(batch, sizes), (BLOCK, 1, 1),
+                   dims + ("parts",) + running + ("workspace",)),
+            Launch(self.kernel(role, "apply"), g, block, lead + ("x", "y") + dims + ("parts", "workspace")),
         ]
 
-    def finalize_grid(self, batch: int) -> int:
+    def finalize_grid(self, batch: int, sizes: dict[str, int] | None = None) -> int:
         """One warp per statistic."""
-        return cdiv(self.layout.stats.value(batch), BLOCK // 32)
+        return cdiv(self.layout.stats.value(batch, sizes), BLOCK // 32)
 
     def _check_grid(self, g: int) -> None:
         if g > MAX_GRID:
@@ -614,13 +703,14 @@ class CudaPlan:
         return self.block
 
     # ---- traffic, for benchmarks (no pycuda needed) ---------------------------------------------
-    def bytes_moved(self, role: str, batch: int, workspace: bool = True) -> dict[str, int]:
+    def bytes_moved(self, role: str, batch: int, workspace: bool = True,
+                    sizes: dict[str, int] | None = None) -> dict[str, int]:
         """Bytes of x and y: ``minimum`` (x read once, y written once) and ``actual`` (what the
         chosen kernels read and write, workspace and parameters left out)."""
-        n = self.plan.elements.value(batch) * SIZEOF[self.T]
+        n = self.plan.elements.value(batch, sizes) * SIZEOF[self.T]
         reads = 1
         if not (role == "predict" and self.affine):
-            fused = self.parts(batch, workspace) == 1
+            fused = self.parts(batch, workspace, sizes) == 1
             reads = 1 if fused and self.family == "segments" and self.segments.cached else 2
         return {"minimum": 2 * n, "actual": (reads + 1) * n}
 
@@ -630,7 +720,7 @@ def _affine(plan: Plan, vec: int) -> Affine:
     ax = plan.apply_axes
     c = next(i for i, a in enumerate(ax) if a.channel_mul)
     inner = _prod(a.extent for a in ax[c + 1:])
-    if not inner.batched and inner.static % vec == 0:
+    if not inner.dynamic and inner.static % vec == 0:
         mode = "uniform"
     elif inner == ONE and plan.channels % vec == 0:
         mode = "consecutive"
@@ -665,7 +755,7 @@ def _tile_units(wu: Extent, unit_group: int) -> int:
     statistics) near COLUMN_TX..2*COLUMN_TX, the whole row when it is that short, else the one
     that leaves the fewest idle threads in the last tile."""
     smallest = unit_group * cdiv(COLUMN_TX, unit_group)
-    if wu.batched:
+    if wu.dynamic:
         return smallest
     if wu.static <= 2 * COLUMN_TX:
         return wu.static
@@ -693,17 +783,18 @@ def derive(plan: Plan) -> CudaPlan:
             family = "segments"
             gk_ext, nseg, seg = ONE, ONE, run
             dom_axes = _axes_of(gr1) + _axes_of(gr2)
-        elif gr2 is not None and (gr2.extent.batched or gr2.extent.static >= SEGMENT_MIN):
+        elif gr2 is not None and (gr2.extent.dynamic or gr2.extent.static >= SEGMENT_MIN):
             family = "segments"
             gk_ext, nseg, seg = gk.extent, _ext(gr1), gr2.extent
             dom_axes = _axes_of(gr2)
         else:
             family = "columns"
         if family == "segments":
-            v = vec if not seg.batched and seg.static % vec == 0 else 1
-            units = nseg * Extent(seg.static // v, seg.batched)
+            # no vectors over a dynamic segment: its length need not be a multiple of vec
+            v = vec if not seg.dynamic and seg.static % vec == 0 else 1
+            units = nseg * Extent(seg.static // v, seg.batched, seg.sizes)
             items_max = max(1, CACHE_REGS // (v * regs_per_acc))
-            cached = not units.batched and units.static <= CACHE_MAX_THREADS * items_max
+            cached = not units.dynamic and units.static <= CACHE_MAX_THREADS * items_max
             cthreads = min(CACHE_MAX_THREADS, max(32, 32 * cdiv(cdiv(units.static, items_max), 32))) if cached else 0
             items = cdiv(units.static, cthreads) if cached else 0
             chan_stat = _sum(_chan_terms(_axes_of(ga), "a") + _chan_terms(_axes_of(gk), "k"))
@@ -719,13 +810,13 @@ def derive(plan: Plan) -> CudaPlan:
         else:
             r2 = _ext(gr2).static
             w = gk.extent * Extent(r2)
-            v = vec if not w.batched and w.static % vec == 0 else 1
-            wu = Extent(w.static // v, w.batched)
+            v = vec if not w.dynamic and w.static % vec == 0 else 1
+            wu = Extent(w.static // v, w.batched, w.sizes)
             unit_group = (r2 * v // math.gcd(r2, v)) // v  # units per whole number of statistics
             tx = _tile_units(wu, unit_group)
             ty = max(1, BLOCK // tx)
             r1 = _ext(gr1)
-            if not r1.batched:
+            if not r1.dynamic:
                 ty = min(ty, r1.static)
             w_axes = _axes_of(gk) + _axes_of(gr2)
             row_terms = _chan_terms(_axes_of(gr1), "r1")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...errors import NormgenError
-from ...lowering.plan import ONE, Extent, Function, Plan
+from ...lowering.plan import ONE, Extent, Function, Plan, size_local
 from ...lowering.train import stat_index
 from .plan import param_unit
 
@@ -130,6 +130,8 @@ class TrainCuda:
     centered: bool = True
     #: what one value of scale/offset (and one block of the parameter-gradient kernels) is for
     param_unit: str = "channel"
+    #: the run-time sizes (plan.sizes): kernel and launch arguments after batch, in format order
+    sizes: tuple[str, ...] = ()
 
     @property
     def params_type(self) -> str:
@@ -186,6 +188,8 @@ class TrainCuda:
         """pycuda's prepare() code of a launch argument: int32 batch, A scalars, else a pointer."""
         if arg == "batch":
             return "i"
+        if arg in self.sizes:
+            return "Q"  # size_t
         if arg in SCALAR_ARGS:
             return "f" if self.A == "float" else "d"
         return "P"
@@ -336,12 +340,14 @@ class TrainCuda:
         return table[role]
 
     def call_args(self, call: KernelCall) -> tuple[str, ...]:
-        """The kernel's arguments by name: the run-time struct first where the kernel reads it."""
-        return (("params",) if self.takes_params(call.part) else ()) + call.args
+        """The kernel's arguments by name: the run-time struct first where the kernel reads it, the
+        run-time sizes after batch."""
+        args = tuple(a for name in call.args for a in ((name, *self.sizes) if name == "batch" else (name,)))
+        return (("params",) if self.takes_params(call.part) else ()) + args
 
     def c_args(self, call: KernelCall) -> str:
         """The launcher's C argument array (between the braces) for ``call``."""
-        names = [C_NAMES.get(a, a) for a in self.call_args(call)]
+        names = [C_NAMES.get(a, size_local(a) if a in self.sizes else a) for a in self.call_args(call)]
         if call.part == "backward_stats":
             names = ["ws" if n == "cws" else n for n in names]  # it writes the workspace
         return ", ".join(f"(void *)&{n}" for n in names)
@@ -351,35 +357,40 @@ class TrainCuda:
         return {
             "stats": f"(unsigned int)({self.stats.expr('nb')})",
             "channels": str(self.channels),
-            "elements": "(unsigned int)train_elem_grid(nb)",
+            "elements": f"(unsigned int)train_elem_grid(nb{''.join(f', {size_local(n)}' for n in self.sizes)})",
             "one": "1",
             "channel_threads": str(-(-self.channels // CUDA_BLOCK)),
         }[grid]
 
-    def grid_value(self, grid: str, batch: int) -> int:
-        """The number of blocks of a grid (GRIDS) for ``batch``."""
+    def grid_value(self, grid: str, batch: int, sizes: dict[str, int] | None = None) -> int:
+        """The number of blocks of a grid (GRIDS) for ``batch`` and the run-time ``sizes``."""
         return {
-            "stats": self.stats.value(batch),
+            "stats": self.stats.value(batch, sizes),
             "channels": self.channels,
-            "elements": self.elem_grid(batch),
+            "elements": self.elem_grid(batch, sizes),
             "one": 1,
             "channel_threads": -(-self.channels // CUDA_BLOCK),
         }[grid]
 
-    def workspace_size(self, batch: int) -> int:
+    def workspace_size(self, batch: int, sizes: dict[str, int] | None = None) -> int:
         """Bytes of device workspace backward/backward_saved need: 5 values per statistic."""
-        return 5 * self.stats.value(batch) * ACC_BYTES[self.A]
+        return 5 * self.stats.value(batch, sizes) * ACC_BYTES[self.A]
 
-    def elem_grid(self, batch: int) -> int:
-        n = self.elements.value(batch)
+    def elem_grid(self, batch: int, sizes: dict[str, int] | None = None) -> int:
+        n = self.elements.value(batch, sizes)
         return max(1, min(-(-n // CUDA_BLOCK), CUDA_ELEM_MAX_BLOCKS))
 
-    def launches(self, role: str, batch: int) -> list[CudaLaunch]:
-        """What the launcher of ``role`` runs for ``batch``: kernels, grids, blocks, arguments
-        (:meth:`calls` in numbers; ``backward`` passes NULL saved statistics)."""
+    def launches(self, role: str, batch: int, sizes: dict[str, int] | None = None) -> list[CudaLaunch]:
+        """What the launcher of ``role`` runs for ``batch`` and the run-time ``sizes``: kernels,
+        grids, blocks, arguments (:meth:`calls` in numbers; ``backward`` passes NULL saved
+        statistics)."""
+        sizes = dict(sizes or {})
+        for n in self.sizes:
+            if sizes.get(n, 0) < 1:
+                raise NormgenError(f"layer {self.name!r}: run-time size {n} must be given and >= 1")
         out = []
         for call in self.calls(role):
-            grid = self.grid_value(call.grid, batch)
+            grid = self.grid_value(call.grid, batch, sizes)
             if grid > CUDA_MAX_GRID:
                 raise NormgenError(f"layer {self.name!r}: the batch is too large for one grid ({grid} blocks)")
             args = self.call_args(call)
@@ -410,7 +421,7 @@ def lower_train_cuda(plan: Plan) -> TrainCuda:
     lead_ptr = ["params"] if plan.runtime_params else []
     running = ["{T} *running_mean", "{T} *running_var"] if bn else []
     gradients = tuple(g for g, _ in plan.gradients)
-    grads = [f"{T} *dx", *[f"{A} *{g}" for g in gradients], "int32_t batch"]
+    grads = [f"{T} *dx", *[f"{A} *{g}" for g in gradients], "int32_t batch", *plan.size_args]
     grad_ptrs = ["dx", *gradients]
     unit = param_unit(plan)
     grad_doc = (f", and {'/'.join(gradients)}\n * ({A}, one per {unit})"
@@ -427,6 +438,7 @@ def lower_train_cuda(plan: Plan) -> TrainCuda:
                 f"const {T} *x",
                 f"{T} *y",
                 "int32_t batch",
+                *plan.size_args,
                 *[r.format(T=T) for r in running],
                 "double *saved_mean",
                 "double *saved_invstd",
@@ -435,7 +447,7 @@ def lower_train_cuda(plan: Plan) -> TrainCuda:
             lead_ptr + ["x", "y", *(["running_mean", "running_var"] if bn else []), "saved_mean", "saved_invstd"],
             (
                 "Training forward that also saves each statistic's mean and 1/sqrt(var + epsilon) (double,"
-                f"\n * {plan.upper}_SAVED_STATISTICS(batch) of each) for {name}_backward_saved"
+                f"\n * {plan.upper}_SAVED_STATISTICS({plan.macro_params}) of each) for {name}_backward_saved"
                 + ("; updates running_mean/running_var." if bn else "; y is what predict computes.")
                 + " y may be x."
                 + doc_dev
@@ -449,7 +461,7 @@ def lower_train_cuda(plan: Plan) -> TrainCuda:
             lead_ptr + ["x", "dy", *grad_ptrs],
             (
                 f"Backward of the training forward, statistics recomputed from x: dx{grad_doc}. dx may be x or dy."
-                f" workspace: {name}_backward_workspace_size(batch)"
+                f" workspace: {name}_backward_workspace_size({plan.macro_params})"
                 "\n * bytes, 16-byte aligned." + doc_dev
             ),
             [],
@@ -495,7 +507,7 @@ def lower_train_cuda(plan: Plan) -> TrainCuda:
             Function(
                 "accumulate",
                 f"{name}_accumulate",
-                [f"{name}_stats *acc", f"const {T} *x", "int32_t batch", "cudaStream_t stream"],
+                [f"{name}_stats *acc", f"const {T} *x", "int32_t batch", *plan.size_args, "cudaStream_t stream"],
                 ["acc", "x"],
                 "Merge one batch into the population statistics (Chan's merge, in double)." + doc_dev,
                 [],
@@ -561,4 +573,5 @@ def lower_train_cuda(plan: Plan) -> TrainCuda:
         learnables=tuple(learn),
         centered=plan.centered,
         param_unit=unit,
+        sizes=tuple(plan.sizes),
     )

@@ -25,12 +25,13 @@ class CudaTraining(TrainingBench):
     def _acc_dtype(self) -> np.dtype:
         return np.dtype(np.float64 if self._tc().A == "double" else np.float32)
 
-    def _train_launch(self, role: str, batch: int, values: dict) -> None:
+    def _train_launch(self, role: str, batch: int, values: dict, sizes: dict[str, int] | None = None) -> None:
         tc = self._tc()
-        values = dict(values, batch=np.int32(batch), null=np.intp(0))
+        sizes = sizes or {}
+        values = dict(values, batch=np.int32(batch), null=np.intp(0), **{n: np.uint64(v) for n, v in sizes.items()})
         if tc.runtime_params:
             values.setdefault("params", self._params)  # the device NAME_params struct
-        for launch in tc.launches(role, batch):
+        for launch in tc.launches(role, batch, sizes):
             fn = self.module.get_function(launch.kernel)
             fn.prepare("".join(tc.arg_code(a) for a in launch.args))
             fn.prepared_call((launch.grid, 1), launch.block, *[values[a] for a in launch.args])
@@ -40,26 +41,28 @@ class CudaTraining(TrainingBench):
         return self._gpuarray.to_gpu(np.ascontiguousarray(a))
 
     def _x(self, x):
-        batch = reference.batch_of(self.layer, np.broadcast_to(np.zeros((), np.uint8), np.shape(x)))
-        return self._gpu(to_storage(x, self.layer.dtype)), batch
+        """(x on the device, batch, run-time sizes by name)."""
+        shape = np.shape(x)
+        batch = reference.batch_of(self.layer, np.broadcast_to(np.zeros((), np.uint8), shape))
+        return self._gpu(to_storage(x, self.layer.dtype)), batch, self.layer.sizes_of(shape)
 
     def _host(self, a_gpu):
         return from_storage(a_gpu.get(), self.layer.dtype)
 
     def train_forward_save(self, x):
         """(y, saved_mean, saved_invstd); batch norm also updates running_mean/running_var."""
-        x_gpu, batch = self._x(x)
+        x_gpu, batch, sizes = self._x(x)
         y_gpu = self._gpuarray.empty_like(x_gpu)
-        n = self.saved_count(batch)
+        n = self.saved_count(batch, *sizes.values())
         mean, inv = self._gpuarray.empty(n, np.float64), self._gpuarray.empty(n, np.float64)
         values = {"x": x_gpu.gpudata, "y": y_gpu.gpudata, "saved_mean": mean.gpudata, "saved_invstd": inv.gpudata}
         if self.layer.kind == "batchnorm":
-            if self.plan.running_unbiased and reference.count(self.layer, batch) < 2:
+            if self.plan.running_unbiased and reference.count(self.layer, batch, sizes) < 2:
                 raise NormgenError(f"{self.layer.name}_train_forward_save returned 3 ({TRAIN_ERRORS[3]})")
             rm = self._gpu(to_storage(self.running_mean, self.layer.dtype))
             rv = self._gpu(to_storage(self.running_var, self.layer.dtype))
             values.update(running_mean=rm.gpudata, running_var=rv.gpudata)
-        self._train_launch("train_forward_save", batch, values)
+        self._train_launch("train_forward_save", batch, values, sizes)
         if self.layer.kind == "batchnorm":
             host = self.running_mean.dtype
             self.running_mean = from_storage(rm.get(), self.layer.dtype).astype(host)
@@ -68,7 +71,7 @@ class CudaTraining(TrainingBench):
 
     def _backward(self, role: str, x, dy, saved=()):
         """(dx, dscale, doffset); a gradient the layer has no parameter for is None."""
-        x_gpu, batch = self._x(x)
+        x_gpu, batch, sizes = self._x(x)
         if np.shape(dy) != np.shape(x):
             raise NormgenError(f"layer {self.layer.name!r}: dy has shape {np.shape(dy)}, x has {np.shape(x)}")
         dy_gpu = self._gpu(to_storage(dy, self.layer.dtype))
@@ -78,17 +81,18 @@ class CudaTraining(TrainingBench):
         values = {"x": x_gpu.gpudata, "dy": dy_gpu.gpudata, "dx": dx_gpu.gpudata,
                   **{g: a.gpudata for g, a in grads.items()}}
         if role != "backward_frozen":
-            ws = self._drv.mem_alloc(max(16, self._tc().workspace_size(batch)))
+            ws = self._drv.mem_alloc(max(16, self._tc().workspace_size(batch, sizes)))
             values["workspace"] = ws
         keep = []
         for name, arr in zip(("saved_mean", "saved_invstd"), saved, strict=False):  # saved: () or both
             arr = np.ascontiguousarray(arr, dtype=np.float64).reshape(-1)
-            if arr.size != self.saved_count(batch):
-                raise NormgenError(f"{name} needs {self.saved_count(batch)} values for batch {batch}, got {arr.size}")
+            want = self.saved_count(batch, *sizes.values())
+            if arr.size != want:
+                raise NormgenError(f"{name} needs {want} values for batch {batch}, got {arr.size}")
             g = self._gpu(arr)
             keep.append(g)
             values[name] = g.gpudata
-        self._train_launch(role, batch, values)
+        self._train_launch(role, batch, values, sizes)
         out = {g: a.get() for g, a in grads.items()}
         return self._host(dx_gpu), out.get("dscale"), out.get("doffset")
 
@@ -158,8 +162,8 @@ class CudaTraining(TrainingBench):
 
     def accumulate(self, x) -> None:
         self._require_batchnorm("population statistics")
-        x_gpu, batch = self._x(x)
-        self._train_launch("accumulate", batch, {"acc": self._stats_buffer(), "x": x_gpu.gpudata})
+        x_gpu, batch, sizes = self._x(x)
+        self._train_launch("accumulate", batch, {"acc": self._stats_buffer(), "x": x_gpu.gpudata}, sizes)
 
     @property
     def stats_count(self) -> float:
