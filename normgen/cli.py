@@ -9,8 +9,9 @@ import tempfile
 from pathlib import Path
 
 from . import __version__
+from .description.layers import MAX_SIZE
 from .errors import NormgenError
-from .reference import count
+from .importers.writer import umask
 from .targets.render import TARGETS
 
 SPEC_HELP = """\
@@ -50,19 +51,36 @@ def _load(spec: str):
     return load_spec(spec)
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` through a temporary file in its folder and os.replace, with the mode a plain
+    open() would give it (0666 less the umask; mkstemp's own is 0600)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~umask())
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def _write_all(outdir: Path, files: dict[str, str]) -> list[str]:
     """Write every file (only those whose text changed); nothing is written unless all rendered."""
-    outdir.mkdir(parents=True, exist_ok=True)
     written = []
-    for fname, text in files.items():
-        path = outdir / fname
-        if path.is_file() and path.read_text(encoding="utf-8") == text:
-            continue
-        fd, tmp = tempfile.mkstemp(dir=outdir, prefix=f".{fname}.")
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-        written.append(fname)
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+        for fname, text in files.items():
+            path = outdir / fname
+            if path.is_file() and path.read_text(encoding="utf-8") == text:
+                continue
+            write_atomic(path, text.encode("utf-8"))
+            written.append(fname)
+    except OSError as exc:
+        raise NormgenError(f"cannot write {exc.filename or str(outdir)!r}: {exc.strerror or exc}") from None
     return written
 
 
@@ -103,6 +121,8 @@ def _batches(text: str) -> tuple[int, ...]:
         raise NormgenError(f"--batch must be comma-separated integers, got {text!r}") from None
     if any(b < 1 for b in batches):
         raise NormgenError(f"--batch sizes must be positive, got {text!r}")
+    if any(b > MAX_SIZE for b in batches):
+        raise NormgenError(f"--batch sizes are at most {MAX_SIZE} (the generated functions' int32_t), got {text!r}")
     return batches
 
 
@@ -126,8 +146,8 @@ def _size_sets(items: list[str] | None) -> list[dict[str, int]]:
             nums = [int(v) for v in values.split(",")]
         except ValueError:
             nums = []
-        if not sep or not key.strip() or not nums or any(v < 1 for v in nums):
-            raise NormgenError(f"--sizes {item!r} is not NAME=N[,N...] with positive integers N")
+        if not sep or not key.strip() or not nums or any(v < 1 or v > MAX_SIZE for v in nums):
+            raise NormgenError(f"--sizes {item!r} is not NAME=N[,N...] with integers N from 1 to {MAX_SIZE}")
         lists[key.strip()] = nums
     if not lists:
         return []
@@ -152,21 +172,24 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"note: {note}")
         return _print_table(rows, f"target {args.target}; reference: ONNX Runtime, each node on its own input"
                                   " (the intermediate tensor of the model run on random inputs)")
-    from .harness.check import check_layer, default_sizes
+    from .harness.check import COPIES, check_layer, default_sizes, ensure_memory
     from .targets.load import build
 
     layers = _load(args.spec)
     size_sets = _size_sets(args.sizes)
-    rows = []
+    runs = []
     for layer in layers:
-        compiled = build(layer, args.target)
-        sets = [{n: s[n] for n in layer.sizes} for s in size_sets] if size_sets and layer.sizes else None
-        if sets:
+        if size_sets and layer.sizes:
             missing = [n for n in layer.sizes if n not in size_sets[0]]
             if missing:
                 raise NormgenError(f"--sizes gives no value for run-time size {missing[0]!r} of layer {layer.name!r}")
-        rows += check_layer(compiled, layer, batches, seed=args.seed, training=args.training,
-                            sizes=sets or default_sizes(layer))
+        sets = [{n: s[n] for n in layer.sizes} for s in size_sets] if size_sets and layer.sizes else None
+        runs.append((layer, batches, sets or default_sizes(layer)))
+    ensure_memory(runs, COPIES[args.training], "check")
+    rows = []
+    for layer, _, sets in runs:
+        compiled = build(layer, args.target)
+        rows += check_layer(compiled, layer, batches, seed=args.seed, training=args.training, sizes=sets)
     return _print_table(rows, f"target {args.target}; reference: normgen.reference (float64)")
 
 
@@ -242,7 +265,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         if layer.sizes:
             per = f"{plan.per_acc_total.expr('batch', str)} values"
         else:
-            n1 = count(layer, 1)
+            n1 = plan.per_acc_total.value(1)  # from the plan: reference.count would allocate a sample
             per = f"{n1} values" + (" x batch" if layer.kind == "batchnorm" and layer.fmt.has_batch else "")
         print(f"  statistics   one per {plan.statistic_per}, over {plan.statistic_over} ({per} each)")
         if layer.kind == "batchnorm":
@@ -252,7 +275,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         c = layer.channels
         shape = " x ".join(map(str, layer.param_shape))
         learn = ", ".join(f"{k} {shape}" for k in layer.learnable_arrays()) or "none"
-        print(f"  affine       {layer.affine}, bias {str(layer.bias).lower()}: {plan.param_per.split(',')[0]}"
+        print(f"  affine       {layer.affine}, bias {str(layer.bias).lower()}: {plan.param_per.rsplit(', summed', 1)[0]}"
               if layer.has_scale else f"  affine       {layer.affine}: y is not scaled or shifted")
         print(f"  learnable    {layer.learnable_count} ({learn})")
         if layer.state_count:
@@ -341,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except NormgenError as exc:
         print(f"normgen: error: {exc}", file=sys.stderr)
+        return 2
+    except MemoryError:  # a safety net: sizes are checked before anything large is allocated
+        print("normgen: error: out of memory (the layer, batch or sizes need more than this machine has)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # pragma: no cover
         return 130

@@ -231,3 +231,216 @@ def test_console_script_exit_code_and_help():
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "/nonexistent/spec.toml" in proc.stderr
     helptext = subprocess.run([sys.executable, "-m", "normgen", "--help"], capture_output=True, text=True).stdout
     assert "[[layer]]" in helptext and "matlab_format" in helptext and "num_groups" in helptext
+
+
+# ---- limits (README "Limits"): checked before anything is allocated --------------------------------
+
+LIMITS = {
+    "channels_3e9": (layer_spec(kind='"batchnorm"', format='"BC"', shape="[3000000000]"),
+                     ["3000000000", "2147483647", "int32_t"]),
+    "channels_4e9": (layer_spec(shape="[4000000000, 4, 4]"), ["4000000000", "at most 2147483647"]),
+    "channels_1e9": (layer_spec(kind='"batchnorm"', format='"BC"', shape="[1000000000]"),
+                     ["1000000000 channels", "at most 16777216"]),
+    "elements_2_63": (layer_spec(format='"BCSSS"', shape="[64, 3000000, 3000000, 3000000]"),
+                      ["1728000000000000000000 elements per sample", "at most 1152921504606846976"]),
+    "element_affine": (layer_spec(kind='"layernorm"', operation_dimension='"spatial-channel"', affine='"element"',
+                                  shape="[64, 2048, 2048]"), ["268435456 values", "at most 16777216"]),
+    "name_300": (layer_spec(name='"' + "n" * 300 + '"'), ["300 characters", "at most 31"]),
+    "name_5000": (layer_spec(name='"' + "n" * 5000 + '"'), ["5000 characters", "at most 31"]),
+    "size_name": (layer_spec(shape='[12, "' + "h" * 40 + '", 4]'), ["40 characters", "at most 31"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LIMITS))
+@pytest.mark.parametrize("command", ["emit", "show", "check"])
+def test_limits_are_errors_before_any_allocation(case, command, tmp_path, capsys):
+    import tracemalloc
+
+    text, needles = LIMITS[case]
+    tracemalloc.start()
+    try:
+        err = run_bad(tmp_path, capsys, text, command)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert len(err) < 400, err
+    assert peak < 20 * 2**20, f"{peak} bytes allocated before the error"
+
+
+def test_the_longest_name_is_emitted(tmp_path, capsys):
+    spec = write(tmp_path, layer_spec(name='"' + "a" * 31 + '"'))
+    assert main(["emit", str(spec), "-o", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / ("a" * 31 + ".c")).is_file()
+
+
+def test_check_and_bench_refuse_what_does_not_fit_in_memory(tmp_path, capsys):
+    spec = write(tmp_path, layer_spec(kind='"batchnorm"', shape="[1024, 1024, 1024]"))
+    err = run_bad(tmp_path, capsys, spec.read_text(), "check")
+    assert "needs about 480.0 GiB" in err and "batch 5" in err and "available" in err, err
+    assert main(["bench", str(spec), "--batch", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "bench of layer 'l1' at batch 3 needs about 288.0 GiB" in err and err.count("\n") == 1, err
+    # run-time sizes: check's largest run, at --sizes
+    spec = write(tmp_path, layer_spec(kind='"rmsnorm"', format='"BTC"', shape='["tokens", 4096]'))
+    assert main(["check", str(spec), "--sizes", "tokens=7,100000000"]) == 2
+    err = capsys.readouterr().err
+    assert "tokens = 100000000" in err and "needs about" in err, err
+
+
+def test_check_refuses_a_batch_beyond_int32(tmp_path, capsys):
+    spec = write(tmp_path, GOOD)
+    assert main(["check", str(spec), "--batch", "2147483648"]) == 2
+    assert "at most 2147483647" in capsys.readouterr().err
+
+
+def test_memory_estimate_sees_an_address_space_limit():
+    """Under RLIMIT_AS (the fuzz test's guard) what is available is at most what the limit leaves."""
+    code = ("import resource; from normgen.harness.check import available_memory;"
+            "resource.setrlimit(resource.RLIMIT_AS, (4 << 30, resource.getrlimit(resource.RLIMIT_AS)[1]));"
+            "print(available_memory())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert 0 < int(out) < 4 << 30
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_emitted_files_have_the_umask_mode(tmp_path, capsys, mask):
+    import os
+    import stat
+
+    from normgen.importers.writer import write_files
+
+    spec = write(tmp_path, GOOD)
+    old = os.umask(mask)
+    try:
+        assert main(["emit", str(spec), "-o", str(tmp_path / "out")]) == 0
+        write_files(tmp_path / "imp", {"a.toml": b"x"})
+    finally:
+        os.umask(old)
+    for path in [*(tmp_path / "out").iterdir(), tmp_path / "imp" / "a.toml"]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")], "no temporary file left"
+
+
+def test_an_unwritable_output_is_one_error(tmp_path, capsys):
+    spec = write(tmp_path, GOOD)
+    (tmp_path / "file").write_text("")
+    assert main(["emit", str(spec), "-o", str(tmp_path / "file" / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("normgen: error: cannot write") and err.count("\n") == 1, err
+
+
+# ---- the Python API: bad arguments name the value and normgen's spelling ------------------------
+
+API = {
+    "eps": (dict(eps=1e-3), ["eps=0.001", "epsilon=0.001"]),
+    "momentum": (dict(momentum=0.1), ["momentum=0.1", "mean_decay=0.1", "variance_decay=0.1", "1 - momentum"]),
+    "weight": (dict(weight=np.ones(4)), ["weight=", "scale="]),
+    "running_mean": (dict(running_mean=np.zeros(4)), ["running_mean", "trained_mean="]),
+    "running_var": (dict(running_var=np.ones(4)), ["running_var", "trained_variance="]),
+    "num_features": (dict(num_features=4), ["num_features=4", "shape=", "num_channels=4"]),
+    "normalized_shape": (dict(normalized_shape=[4]), ["normalized_shape", "shape=", "affine='element'"]),
+    "elementwise_affine": (dict(elementwise_affine=False), ["elementwise_affine", "affine='none'"]),
+    "affine_true": (dict(affine=True), ["affine=True", "'channel'", "'element'"]),
+    "affine_false": (dict(affine=False), ["affine=False", "affine='none'"]),
+    "bias_array": (dict(bias=np.zeros(4)), ["bias", "true or false", "offset="]),
+    "typo": (dict(epsilom=1e-3), ["epsilom=0.001", "did you mean epsilon="]),
+    "other_kind": (dict(num_groups=2), ["'num_groups' is an argument of GroupNorm, not BatchNorm"]),
+    "scale_shape": (dict(scale=np.ones((2, 2))), ["shape (2, 2)", "needs 4 values, shape (4,)", "one per channel"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(API))
+def test_python_arguments_name_normgen_spelling(case):
+    from normgen import BatchNorm, NormgenError
+
+    kw, needles = API[case]
+    with pytest.raises(NormgenError) as exc:
+        BatchNorm(**{"name": "bn", "format": "BC", "shape": [4], **kw})
+    for needle in needles:
+        assert needle in str(exc.value), (needle, str(exc.value))
+
+
+def test_python_positional_and_missing_arguments():
+    from normgen import LayerNorm, NormgenError
+
+    with pytest.raises(NormgenError, match="keyword arguments only"):
+        LayerNorm("ln")
+    with pytest.raises(NormgenError, match="needs shape="):
+        LayerNorm(name="ln", format="BC")
+
+
+def test_unknown_spec_keys_suggest(tmp_path, capsys):
+    err = run_bad(tmp_path, capsys, layer_spec(epsilonn="1e-3"))
+    assert "unknown key 'epsilonn'; did you mean 'epsilon'?" in err, err
+    err = run_bad(tmp_path, capsys, layer_spec(eps="1e-3"))
+    assert "unknown key 'eps'" in err and "epsilon=0.001" in err, err
+
+
+BAD_NPZ = {
+    "object": ({"scale": np.array([1, "a", None, 2], dtype=object)}, ["'scale'", "object", "not numbers"]),
+    "strings": ({"scale": np.array(["1.0"] * 12)}, ["'scale'", "<U3", "not numbers"]),
+    "complex": ({"scale": np.ones(12, complex)}, ["'scale'", "complex128"]),
+    "shape": ({"scale": np.ones((3, 4))}, ["shape (3, 4)", "needs 12 values, shape (12,)"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_NPZ))
+def test_npz_contents(case, tmp_path, capsys):
+    arrays, needles = BAD_NPZ[case]
+    err = run_bad(tmp_path, capsys, layer_spec(kind='"batchnorm"', params='"p.npz"'), files={"p.npz": arrays})
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def test_npz_header_with_a_huge_shape_is_refused_unread(tmp_path, capsys):
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (10**12,)})
+    with zipfile.ZipFile(tmp_path / "p.npz", "w") as z:
+        z.writestr("scale.npy", header.getvalue() + b"\0" * 64)
+    err = run_bad(tmp_path, capsys, layer_spec(params='"p.npz"'))
+    assert "(1000000000000,)" in err and "at most 16777216" in err, err
+
+
+def test_show_of_a_layer_larger_than_memory(tmp_path, capsys):
+    """A valid layer whose sample is 2^60 elements: show counts from the plan, allocating nothing
+    (the fuzz test's counterexample: it made a uint8 array of one sample)."""
+    spec = write(tmp_path, layer_spec(kind='"batchnorm"', shape="[4, 536870912, 536870912]")
+                 + layer_spec(name='"l2"', kind='"layernorm"', shape='[2, 2147483647, "w"]',
+                              operation_dimension='"spatial-channel"'))
+    assert main(["show", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert "(288230376151711744 values x batch each)" in out and "(w * 4294967294 values each)" in out, out
+
+
+@pytest.mark.parametrize("kind", ["[]", "{a = 1}", "3"])
+def test_a_kind_that_is_no_string(kind, tmp_path, capsys):
+    """The fuzz test's counterexample: kind = [] was a TypeError (unhashable) traceback."""
+    err = run_bad(tmp_path, capsys, layer_spec(kind=kind))
+    assert "unknown kind" in err, err
+
+
+def test_names_whose_files_or_macros_collide(tmp_path, capsys):
+    """The fuzz test's finds: a layer named r defines R_OK, which <unistd.h> defines; layers bn and BN
+    write bn.h and BN.h, one file on a case-insensitive file system."""
+    err = run_bad(tmp_path, capsys, layer_spec(name='"r"'))
+    assert "R_OK" in err and "unistd.h" in err, err
+    assert main(["show", str(tmp_path / "spec.toml")]) == 0  # describing it is fine
+    err = run_bad(tmp_path, capsys, layer_spec(name='"bn"') + layer_spec(name='"BN"'))
+    assert "'bn' and 'BN'" in err and "differ only in case" in err, err
+
+
+@pytest.mark.parametrize("kw", [dict(mean_decay=np.linspace(0.5, 2.0, 8)), dict(num_channels=np.array([])),
+                                dict(affine=np.ones(3)), dict(format=np.ones(100)), dict(shape=np.ones((30, 30)))])
+def test_python_arrays_where_values_belong(kw):
+    """The fuzz test's finds: an array where a value belongs was a ValueError (its truth value is
+    ambiguous) or a message spread over several lines by NumPy's repr."""
+    from normgen import BatchNorm, NormgenError
+
+    with pytest.raises(NormgenError) as exc:
+        BatchNorm(**{"name": "bn", "format": "BC", "shape": [4], **kw})
+    assert "\n" not in str(exc.value) and len(str(exc.value)) < 400, str(exc.value)

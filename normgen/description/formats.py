@@ -35,7 +35,8 @@ class Format:
 def parse_format(text: object, *, what: str = "format") -> Format:
     """Check a row-major format string: one C, at most one B and one T, any S and U."""
     if not isinstance(text, str) or not text:
-        raise NormgenError(f"{what} must be a non-empty string of the letters S, C, B, T, U, got {text!r}")
+        shown = repr(text) if len(repr(text)) <= 80 and "\n" not in repr(text) else f"a {type(text).__name__}"
+        raise NormgenError(f"{what} must be a non-empty string of the letters S, C, B, T, U, got {shown}")
     for ch in text:
         if ch not in LETTERS:
             raise NormgenError(

@@ -5,6 +5,8 @@ A description says *what* a layer computes; :mod:`normgen.lowering` decides *how
 
 from __future__ import annotations
 
+import difflib
+import functools
 import hashlib
 import math
 import re
@@ -44,6 +46,19 @@ _RESERVED = set(
     using virtual wchar_t xor xor_eq main""".split()
 )
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# ---- limits (README "Limits"), checked before anything is allocated ----------------------------
+#: Longest layer name and run-time size name: C99 keeps 31 significant initial characters of an
+#: external identifier, and the layer's name is what tells the functions of two layers apart.
+MAX_NAME = 31
+#: Largest fixed size: the generated functions take the batch and run-time sizes as int32_t.
+MAX_SIZE = 2**31 - 1
+#: Largest element count of one sample (the fixed sizes' product): its bytes (8 per double) must
+#: fit a 64-bit ptrdiff_t (2^63 - 1), which pointer differences across x need.
+MAX_SAMPLE_ELEMENTS = 2**60
+#: Most values in one parameter array (the channels; the normalized elements of an element
+#: affine): the arrays are embedded in the generated source as text (about 25 bytes a value).
+MAX_PARAMS = 2**24
 #: Names a run-time size may not take: the generated functions' other arguments and the locals
 #: declared beside them (a size's own local is n_NAME, so no size may begin with "n_").
 _SIZE_RESERVED = set(
@@ -56,6 +71,8 @@ _SIZE_RESERVED = set(
 
 def _check_size_name(name: str, layer_name: str, others: list[str]) -> str:
     where = f"layer {layer_name!r}: run-time size {name!r}"
+    if len(name) > MAX_NAME:
+        raise NormgenError(f"{where} has {len(name)} characters; a run-time size name has at most {MAX_NAME}")
     if not _IDENT.match(name):
         raise NormgenError(f"{where} is not a C identifier (letters, digits and '_', not starting with a digit)")
     if name in _RESERVED or name.startswith("__") or (name.startswith("_") and name[1:2].isupper()):
@@ -70,10 +87,29 @@ def _check_size_name(name: str, layer_name: str, others: list[str]) -> str:
     return name
 
 
+#: Layer names whose upper-case macros (NAME_OK, ...) a system header already defines.
+_MACRO_CLASHES = {"R", "W", "X", "F"}
+
+
+def check_source_name(name: str) -> None:
+    """What a layer's name must also satisfy to be generated as source (a description with it is
+    fine, for the reference): its header's macros must not redefine a system header's."""
+    if name.upper() in _MACRO_CLASHES:
+        raise NormgenError(
+            f"layer name {name!r} would make the header define {name.upper()}_OK, which POSIX's <unistd.h> defines"
+            " (R_OK, W_OK, X_OK, F_OK); choose another name"
+        )
+
+
 def _check_name(name: object) -> str:
+    if isinstance(name, str) and len(name) > MAX_NAME:
+        raise NormgenError(
+            f"layer name {name[:MAX_NAME] + '...'!r} has {len(name)} characters; at most {MAX_NAME} (C99 keeps 31"
+            " significant characters of an external identifier such as NAME_predict; the files are NAME.h, NAME.c)"
+        )
     if not isinstance(name, str) or not _IDENT.match(name):
         raise NormgenError(
-            f"layer name {name!r} is not a C identifier (letters, digits and '_', not starting with a digit)"
+            f"layer name {_short(name)} is not a C identifier (letters, digits and '_', not starting with a digit)"
         )
     if name in _RESERVED:
         raise NormgenError(f"layer name {name!r} is a C/C++ keyword or reserved identifier; choose another name")
@@ -85,22 +121,22 @@ def _check_name(name: object) -> str:
 def _finite_number(value: object, what: str, *, positive: bool = False, lo: float | None = None,
                    hi: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise NormgenError(f"{what} must be a number, got {value!r}")
+        raise NormgenError(f"{what} must be a number, got {_short(value)}")
     v = float(value)
     if not math.isfinite(v):
-        raise NormgenError(f"{what} must be finite, got {value!r}")
+        raise NormgenError(f"{what} must be finite, got {_short(value)}")
     if positive and v <= 0:
-        raise NormgenError(f"{what} must be > 0, got {value!r}")
+        raise NormgenError(f"{what} must be > 0, got {_short(value)}")
     if lo is not None and hi is not None and not (lo <= v <= hi):
-        raise NormgenError(f"{what} must be in [{lo:g}, {hi:g}], got {value!r}")
+        raise NormgenError(f"{what} must be in [{lo:g}, {hi:g}], got {_short(value)}")
     if lo is not None and hi is None and v < lo:
-        raise NormgenError(f"{what} must be >= {lo:g}, got {value!r}")
+        raise NormgenError(f"{what} must be >= {lo:g}, got {_short(value)}")
     return v
 
 
 def _choice(value: object, what: str, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise NormgenError(f"{what} {value!r} is not one of {', '.join(repr(a) for a in allowed)}")
+    if not isinstance(value, str) or value not in allowed:
+        raise NormgenError(f"{what} {_short(value)} is not one of {', '.join(repr(a) for a in allowed)}")
     return str(value)
 
 
@@ -110,10 +146,10 @@ def _dtype_name(value: object) -> str:
     else:
         try:
             name = np.dtype(value).name  # type: ignore[arg-type]
-        except TypeError:
+        except (TypeError, ValueError, KeyError):
             name = repr(value)
     if name not in DTYPES:
-        raise NormgenError(f"dtype {value!r} is not one of {', '.join(DTYPES)}")
+        raise NormgenError(f"dtype {_short(value)} is not one of {', '.join(DTYPES)}")
     return name
 
 
@@ -136,37 +172,115 @@ def _resolve_param(value: Initializer, default: str, shape: tuple[int, ...], wha
             arr = rng.normal(0.0, 0.01, size)
         else:
             raise NormgenError(
-                f"{what} initializer {value!r} is not one of {', '.join(repr(i) for i in INITIALIZERS)},"
+                f"{what} initializer {_short(value)} is not one of {', '.join(repr(i) for i in INITIALIZERS)},"
                 " a callable or an array"
             )
         source = value
     elif callable(value):
-        arr = value(size)
+        try:
+            arr = value(size)
+        except Exception as exc:  # a user's callable: its failure, named
+            raise NormgenError(f"{what} initializer of layer {layer_name!r} failed for size {size}: {_short(exc)}") from None
         source = f"callable {getattr(value, '__name__', type(value).__name__)}"
     else:
         arr = value
         source = "array"
+    need = f"it needs {size} values, shape {tuple(shape)} ({per})"
     try:
-        arr = np.array(arr, dtype=np.float64)
+        raw = np.asarray(arr)
+        if raw.dtype.kind not in "iuf":
+            raise TypeError(f"its values have type {raw.dtype}")
+        arr = np.array(raw, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise NormgenError(f"{what} of layer {layer_name!r} is not numeric: {exc}") from None
+        raise NormgenError(f"{what} of layer {layer_name!r} is not numeric ({exc}); {need}") from None
     if arr.ndim == 0 or (len(shape) == 1 and arr.ndim == 1 and arr.size == size):
         arr = arr.reshape(-1)
     if arr.shape != (size,) and arr.shape != tuple(shape):
-        raise NormgenError(
-            f"{what} of layer {layer_name!r} has shape {arr.shape} ({arr.size} values); it needs {size} values"
-            f" of shape {tuple(shape)}, {per}"
-        )
+        raise NormgenError(f"{what} of layer {layer_name!r} has shape {arr.shape} ({arr.size} values); {need}")
     arr = np.ascontiguousarray(arr.reshape(-1))
     if len(shape) > 1 and source == "array" and np.shape(value) != tuple(shape):
-        raise NormgenError(
-            f"{what} of layer {layer_name!r} has shape {np.shape(value)}; it needs shape {tuple(shape)}, {per}"
-        )
+        raise NormgenError(f"{what} of layer {layer_name!r} has shape {np.shape(value)}; {need}")
     bad = np.flatnonzero(~np.isfinite(arr))
     if bad.size:
         raise NormgenError(f"{what} of layer {layer_name!r} has a non-finite value {float(arr[bad[0]])} at index {bad[0]}")
     arr.setflags(write=False)
     return arr, source
+
+
+#: Other frameworks' names for normgen's arguments → what normgen calls them (README "From your framework").
+FOREIGN_NAMES = {
+    "eps": "epsilon={v}",
+    "momentum": "mean_decay={v}, variance_decay={v} (normgen's decays weigh the new batch value, as PyTorch's"
+                " momentum does; for Keras and ONNX, whose momentum weighs the old value, use 1 - momentum)",
+    "weight": "scale=... (the values of γ)",
+    "gamma": "scale=... (the values of γ)",
+    "beta": "offset=... (the values of β)",
+    "running_mean": "trained_mean=...",
+    "running_var": "trained_variance=...",
+    "moving_mean": "trained_mean=...",
+    "moving_variance": "trained_variance=...",
+    "num_features": "shape=[...] (the sizes of the non-B dimensions; C is taken from them, or check it with"
+                    " num_channels={v})",
+    "normalized_shape": "shape=[...] with operation_dimension (the normalized dimensions: channel-only for the last"
+                        " one, spatial-channel or batch-excluded for more) and affine='element'",
+    "elementwise_affine": "affine='element' (or 'channel', one value per channel) for True, affine='none' for False",
+    "groups": "num_groups={v}",
+    "num_channels_per_group": "num_groups=C / {v}",
+    "track_running_stats": "BatchNorm (trained statistics) or InstanceNorm (none)",
+    "channels": "num_channels={v} (or leave it 'auto': C is taken from shape)",
+}
+
+
+def _short(value: object) -> str:
+    """A value as an error message names it: arrays by shape and type, long text cut."""
+    if isinstance(value, np.ndarray):
+        return f"<array of shape {value.shape}, {value.dtype}>"
+    text = " ".join(repr(value).split())  # NumPy's reprs span lines
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _unknown_argument(cls: type, key: str, value: object) -> str:
+    call = f"{cls.__name__}({key}={_short(value)})"
+    if key in FOREIGN_NAMES:
+        return f"{call}: normgen has no argument {key!r}; it is {FOREIGN_NAMES[key].format(v=_short(value))}"
+    names = [f.name for f in fields(cls) if f.init]
+    for kind_cls in KINDS.values():
+        if kind_cls is not cls and key in {f.name for f in fields(kind_cls) if f.init}:
+            return f"{call}: {key!r} is an argument of {kind_cls.__name__}, not {cls.__name__}"
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"; did you mean {close[0]}=?" if close else f"; its arguments are {', '.join(names)}"
+    return f"{call}: no such argument{hint}"
+
+
+def _guard_arguments(cls: type) -> type:
+    """Wrap a layer class's dataclass __init__ so that a bad call is a NormgenError naming the
+    value (and, for another framework's name, normgen's), never a bare TypeError."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if args:
+            raise NormgenError(f"{cls.__name__} takes keyword arguments only (name=..., shape=..., format=...),"
+                               f" got {_short(args[0])} by position")
+        names = {f.name for f in fields(cls) if f.init}
+        for key, value in kwargs.items():
+            if key not in names:
+                raise NormgenError(_unknown_argument(cls, key, value))
+        if type(self) is cls:
+            if kwargs.get("affine") is True or kwargs.get("affine") is False:
+                raise NormgenError(
+                    f"{cls.__name__}(affine={_short(kwargs['affine'])}): normgen's affine is 'channel' (one γ, β per channel),"
+                    " 'element' (layernorm, rmsnorm: per element of the normalized dimensions) or 'none'"
+                    f"{'' if kwargs['affine'] else ': False is affine=' + repr('none')}"
+                )
+            what = {"name": "name= (the layer's C name)", "shape": "shape= (the sizes of its non-B dimensions)"}
+            missing = [what[n] for n in what if n not in kwargs]
+            if missing:
+                raise NormgenError(f"{cls.__name__} needs {' and '.join(missing)}")
+        init(self, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -219,12 +333,12 @@ class Layer:
         written = self.format if self.format is not None else self.matlab_format
         shape = self.shape
         if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence) and not isinstance(shape, np.ndarray):
-            raise NormgenError(f"layer {self.name!r}: shape must be a list of sizes, got {shape!r}")
+            raise NormgenError(f"layer {self.name!r}: shape must be a list of sizes, got {_short(shape)}")
         shape = list(shape)
         need = len(written.replace("B", ""))
         if len(shape) != need:
             raise NormgenError(
-                f"layer {self.name!r}: shape {shape} has {len(shape)} sizes but format {written!r} has {need} "
+                f"layer {self.name!r}: shape {_short(shape)} has {len(shape)} sizes but format {written!r} has {need} "
                 "non-B dimensions (the batch size is a run-time argument)"
             )
         names: list[str] = []
@@ -234,9 +348,20 @@ class Layer:
                 continue
             if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1:
                 raise NormgenError(
-                    f"layer {self.name!r}: shape {shape} has size {s!r}; sizes are positive integers"
+                    f"layer {self.name!r}: shape {_short(shape)} has size {_short(s)}; sizes are positive integers"
                     " (or names, for sizes given at run time)"
                 )
+            if s > MAX_SIZE:
+                raise NormgenError(
+                    f"layer {self.name!r}: shape {_short(shape)} has size {int(s)}; a size is at most {MAX_SIZE} (2^31 - 1,"
+                    " int32_t, the type of the batch and run-time sizes of the generated functions)"
+                )
+        fixed = math.prod(int(s) for s in shape if not isinstance(s, str))
+        if fixed > MAX_SAMPLE_ELEMENTS:
+            raise NormgenError(
+                f"layer {self.name!r}: shape {_short(shape)} has {fixed} elements per sample; at most {MAX_SAMPLE_ELEMENTS}"
+                " (2^60: a sample's bytes must fit the generated code's 64-bit size_t and ptrdiff_t)"
+            )
         dims = tuple(s if isinstance(s, str) else int(s) for s in (shape if self.format is not None else shape[::-1]))
         set_(self, "fmt", fmt)
         set_(self, "dims", dims)
@@ -246,10 +371,15 @@ class Layer:
                 f"layer {self.name!r}: the channel dimension C is the run-time size {channels!r}; C is fixed when"
                 " the code is generated (its parameters have one value per channel): give it a number"
             )
-        if self.num_channels != "auto":
+        if channels > MAX_PARAMS:
+            raise NormgenError(
+                f"layer {self.name!r}: {channels} channels; at most {MAX_PARAMS} (2^24: each parameter array holds"
+                " one value per channel, embedded in the generated source)"
+            )
+        if not (isinstance(self.num_channels, str) and self.num_channels == "auto"):
             nc = self.num_channels
             if isinstance(nc, bool) or not isinstance(nc, (int, np.integer)):
-                raise NormgenError(f"layer {self.name!r}: num_channels must be 'auto' or an integer, got {nc!r}")
+                raise NormgenError(f"layer {self.name!r}: num_channels must be 'auto' or an integer, got {_short(nc)}")
             if int(nc) != channels:
                 raise NormgenError(
                     f"layer {self.name!r}: num_channels {nc} does not match the shape, whose C dimension is {channels}"
@@ -283,7 +413,8 @@ class Layer:
         affine = _choice(self.affine, f"{where}: affine", AFFINES)
         bias = self.bias
         if bias is not None and not isinstance(bias, (bool, np.bool_)):
-            raise NormgenError(f"{where}: bias must be true or false, got {bias!r}")
+            raise NormgenError(f"{where}: bias must be true or false, got {_short(bias)}"
+                               + ("; the values of β go in offset=" if not isinstance(bias, str) else ""))
         if affine == "none":
             if bias:
                 raise NormgenError(f"{where}: bias = true needs an affine ('channel' or 'element'), affine is 'none'")
@@ -296,6 +427,11 @@ class Layer:
         if affine == "element":
             shape = self.normalized_shape()
             per = f"one per element of the normalized dimensions {self.normalized_letters()!r}"
+            if math.prod(shape) > MAX_PARAMS:
+                raise NormgenError(
+                    f"{where}: affine = 'element' needs {math.prod(shape)} values per parameter array (shape"
+                    f" {shape}); at most {MAX_PARAMS} (2^24: they are embedded in the generated source)"
+                )
         elif affine == "none":
             shape = ()
         set_(self, "param_shape", shape)
@@ -340,7 +476,7 @@ class Layer:
         for n in self.sizes:
             v = sizes[n]
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise NormgenError(f"layer {self.name!r}: run-time size {n} = {v!r}; sizes are positive integers")
+                raise NormgenError(f"layer {self.name!r}: run-time size {n} = {_short(v)}; sizes are positive integers")
         dims = [int(sizes[d]) if isinstance(d, str) else d for d in self.dims]
         return self.replace(format=self.fmt.letters, shape=dims)
 
@@ -451,6 +587,7 @@ class Layer:
         return type(self)(**args)
 
 
+@_guard_arguments
 @dataclass(frozen=True, kw_only=True, eq=False)
 class BatchNorm(Layer):
     """Batch normalization: one statistic per channel over B, S, T, U.
@@ -506,6 +643,7 @@ class BatchNorm(Layer):
         ]
 
 
+@_guard_arguments
 @dataclass(frozen=True, kw_only=True, eq=False)
 class GroupNorm(Layer):
     """Group normalization: one statistic per (batch, group) over S, T, U and the group's channels.
@@ -521,13 +659,13 @@ class GroupNorm(Layer):
 
     def _resolve_kind(self) -> None:
         g = self.num_groups
-        if g == "allchannels":
+        if isinstance(g, str) and g == "allchannels":
             groups = 1
-        elif g == "channelwise":
+        elif isinstance(g, str) and g == "channelwise":
             groups = self.channels
         elif isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g < 1:
             raise NormgenError(
-                f"layer {self.name!r}: num_groups must be a positive integer, 'allchannels' or 'channelwise', got {g!r}"
+                f"layer {self.name!r}: num_groups must be a positive integer, 'allchannels' or 'channelwise', got {_short(g)}"
             )
         else:
             groups = int(g)
@@ -542,6 +680,7 @@ class GroupNorm(Layer):
         return [("num_groups", self.num_groups), ("groups", self.groups)]
 
 
+@_guard_arguments
 @dataclass(frozen=True, kw_only=True, eq=False)
 class LayerNorm(Layer):
     """Layer normalization with MATLAB's OperationDimension.
@@ -566,6 +705,7 @@ class LayerNorm(Layer):
         return [("operation_dimension", self.operation_dimension), ("resolved_dimension", self.resolved_dimension)]
 
 
+@_guard_arguments
 @dataclass(frozen=True, kw_only=True, eq=False)
 class InstanceNorm(Layer):
     """Instance normalization: one statistic per (batch, channel) over S, T, U."""
@@ -573,6 +713,7 @@ class InstanceNorm(Layer):
     kind: ClassVar[str] = "instancenorm"
 
 
+@_guard_arguments
 @dataclass(frozen=True, kw_only=True, eq=False)
 class RMSNorm(LayerNorm):
     """Root-mean-square normalization (LLaMA, T5; PyTorch ``nn.RMSNorm``, ONNX RMSNormalization):

@@ -18,6 +18,8 @@ batch norm, ``trained_mean`` and ``trained_variance``; arrays it lacks take the 
 
 from __future__ import annotations
 
+import difflib
+import math
 import sys
 import zipfile
 from pathlib import Path
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import NormgenError
-from .layers import KINDS, Layer
+from .layers import FOREIGN_NAMES, KINDS, MAX_NAME, MAX_PARAMS, Layer
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -54,6 +56,32 @@ PARAM_ARRAYS = {
 }
 
 
+def _check_npz_headers(path: Path, where: str) -> None:
+    """Read each array's .npy header, and refuse what is no parameter array (too many values for
+    any layer, not numbers), before NumPy allocates it."""
+    if not zipfile.is_zipfile(path):
+        return  # np.load says what it is not
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                with zf.open(info) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(fh)
+                count = math.prod(shape)
+                if dtype.kind not in "iuf":
+                    raise NormgenError(f"{where}: params file {str(path)!r}: array {key!r} holds {dtype} values, not"
+                                       " numbers (integers or floats)")
+                if count > MAX_PARAMS:
+                    raise NormgenError(f"{where}: params file {str(path)!r}: array {key!r} has shape {shape}"
+                                       f" ({count} values); a parameter array has at most {MAX_PARAMS}")
+    except NormgenError:
+        raise
+    except Exception as exc:  # a damaged archive or member: whatever zipfile and NumPy raise
+        raise NormgenError(f"{where}: params file {str(path)!r} is not a readable .npz file ({exc})") from None
+
+
 def _load_params(path: Path, kind: str, where: str) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise NormgenError(f"{where}: params file {str(path)!r} does not exist")
@@ -62,6 +90,7 @@ def _load_params(path: Path, kind: str, where: str) -> dict[str, np.ndarray]:
         raise NormgenError(f"{where}: params file {str(path)!r} is a PyTorch checkpoint, not a NumPy .npz: build the"
                            " layer with normgen.from_torch(module) (after module.load_state_dict(torch.load(...))),"
                            " or export the model to ONNX and run normgen import")
+    _check_npz_headers(path, where)
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: np.array(data[k]) for k in data.files}
@@ -84,14 +113,22 @@ def layer_from_table(table: dict, base: Path, where: str) -> Layer:
         raise NormgenError(f"{where}: each [[layer]] must be a table, got {table!r}")
     unknown = sorted(set(table) - ALL_KEYS)
     if unknown:
-        raise NormgenError(f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(sorted(ALL_KEYS))}")
+        key = unknown[0]
+        if key in FOREIGN_NAMES:
+            hint = f"normgen's is {FOREIGN_NAMES[key].format(v=table[key])}"
+        else:
+            close = difflib.get_close_matches(str(key), sorted(ALL_KEYS), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"allowed keys are {', '.join(sorted(ALL_KEYS))}"
+        raise NormgenError(f"{where}: unknown key {key!r}; {hint}")
     for required in ("name", "kind", "shape"):
         if required not in table:
             raise NormgenError(f"{where}: missing key {required!r}")
     kind = table["kind"]
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise NormgenError(f"{where}: unknown kind {kind!r}; kinds are {', '.join(KINDS)}")
-    where = f"{where} ({table['name']!r})" if isinstance(table["name"], str) else where
+    name = table["name"]
+    if isinstance(name, str):
+        where = f"{where} ({name if len(name) <= MAX_NAME else name[:MAX_NAME] + '...'!r})"
     for key in table:
         for other, keys in KIND_KEYS.items():
             if key in keys and key not in KIND_KEYS[kind] and other != kind:
@@ -128,6 +165,14 @@ def load_spec(path: str | Path) -> list[Layer]:
         if layer.name in seen:
             raise NormgenError(
                 f"{path.name}: layers {seen[layer.name] + 1} and {i + 1} are both named {layer.name!r}"
+            )
+        twin = next((n for n in seen if n.lower() == layer.name.lower()), None)
+        if twin is not None:
+            # NAME.h of one would overwrite the other's on a case-insensitive file system (macOS,
+            # Windows), and both headers would define the same NAME_OK, ... macros
+            raise NormgenError(
+                f"{path.name}: layers {seen[twin] + 1} and {i + 1} are named {twin!r} and {layer.name!r}, which"
+                " differ only in case: their files and macros (NAME.h, NAME_OK) would collide; rename one"
             )
         seen[layer.name] = i
     return layers

@@ -849,14 +849,15 @@ def bench_cuda(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) 
             progress.step(f"{layer.name}: compiling (nvcc)")
             cl = CudaLayer(layer)
             batch = cfg.batch[layer.name]
-            x = random_input(layer, batch, rng)
+            x = random_input(layer, batch, rng, cfg.sizes.get(layer.name))
             x_gpu = gpuarray.to_gpu(to_storage(x, layer.dtype))
+            fixed = layer.at_sizes(cfg.sizes.get(layer.name, {}))  # what these calls compute
             roles = ["predict"] + (["train_forward"] if layer.kind == "batchnorm" else [])
             for role in roles:
                 if not _wanted(args, cfg, layer.name, role):
                     continue
                 where = f"{layer.name}.{role} (batch {batch})"
-                nbytes = traffic(layer, role, batch)
+                nbytes = traffic(fixed, role, batch)
                 progress.step(f"{where}: CUDA kernels vs device copy")
                 cl.time(role, x_gpu, repeat=2, warmup=max(1, args.warmup))
                 t_ours = statistics.median(cl.time(role, x_gpu, repeat=calls, warmup=0) for _ in range(args.repeat))
@@ -872,7 +873,7 @@ def bench_cuda(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) 
                     import torch
 
                     progress.step(f"{where}: torch.cuda")
-                    tf, res.torch_note = torch_case(layer, role, x, device="cuda")
+                    tf, res.torch_note = torch_case(fixed, role, x, device="cuda")
                     if tf is not None:
                         res.torch_time_s = _torch_cuda_time(torch, tf, args.repeat, args.warmup)
                         res.torch_speedup = res.torch_time_s / t_ours
@@ -982,6 +983,11 @@ def run(args: argparse.Namespace) -> int:
             raise NormgenError(f"--layer {missing[0]!r}: the spec has layers {', '.join(sorted(names))}")
         layers = [layer for layer in layers if layer.name in args.layer]
     cfg = load_config(layers, args.spec, args.config, args.batch)
+    from .check import COPIES, ensure_memory
+
+    # x, y, dy, dx, their float64 sources, the copy baseline and PyTorch's tensors: check's training figure
+    ensure_memory([(layer, [cfg.batch[layer.name]], [cfg.sizes.get(layer.name, {})]) for layer in layers],
+                  COPIES[True], "bench")
     if args.plot:
         try:
             import matplotlib  # noqa: F401

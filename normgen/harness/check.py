@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
+import os
+import resource
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
 from .. import reference
 from ..description.layers import Layer
+from ..errors import NormgenError
 
 #: y passes when |y - ref| <= atol + rtol * |ref| everywhere (ref in float64 from the same input).
 TOLERANCES = {
@@ -58,6 +63,77 @@ def random_input(layer: Layer, batch: int, rng: np.random.Generator, sizes: dict
 def default_sizes(layer: Layer) -> list[dict[str, int]]:
     """Run-time sizes check tries when none are given: 1, 7 and 50 for every size."""
     return [{n: v for n in layer.sizes} for v in (1, 7, 50)] if layer.sizes else [{}]
+
+
+#: Arrays ``check`` holds at once, in float64 copies of one input (x, its rounded copy, y, the
+#: reference's intermediates; with training also dy, dx and the reference's backward), measured
+#: with tracemalloc (5.2 and 9.5 at most) and rounded up.
+COPIES = {False: 6, True: 12}
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: the kernel's MemAvailable (else free pages), less
+    where an address-space limit (``ulimit -v``, RLIMIT_AS) is lower; None if unknown."""
+    avail = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = None
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft != resource.RLIM_INFINITY:
+        used = 0
+        try:
+            with open("/proc/self/status", encoding="ascii") as fh:
+                for line in fh:
+                    if line.startswith("VmSize:"):
+                        used = int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            pass
+        room = max(soft - used, 0)
+        avail = room if avail is None else min(avail, room)
+    return avail
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def memory_needed(layer: Layer, batches: Iterable[int], sizes: list[dict[str, int]], copies: int) -> tuple[int, int, dict]:
+    """(bytes, batch, sizes) of the largest run: ``copies`` float64 arrays of its input."""
+    best = (0, 1, {})
+    for named in sizes or [{}]:
+        dims = [named.get(d, 1) if isinstance(d, str) else d for d in layer.dims]
+        for batch in batches if layer.fmt.has_batch else (1,):
+            need = math.prod(dims) * batch * 8 * copies
+            if need > best[0]:
+                best = (need, batch, named)
+    return best
+
+
+def ensure_memory(layers: Iterable[tuple[Layer, Iterable[int], list[dict[str, int]]]], copies: int,
+                  command: str) -> None:
+    """Refuse, naming the figures, a run whose arrays would not fit the memory available now."""
+    avail = available_memory()
+    if avail is None:
+        return
+    for layer, batches, sizes in layers:
+        need, batch, named = memory_needed(layer, list(batches), sizes, copies)
+        if need > avail:
+            at = f"batch {batch}" + "".join(f", {k} = {v}" for k, v in named.items())
+            raise NormgenError(
+                f"{command} of layer {layer.name!r} at {at} needs about {_gib(need)} ({need} bytes: {copies} float64"
+                f" copies of its input), more than the {_gib(avail)} of memory available; choose a smaller batch"
+                " or smaller sizes"
+            )
 
 
 def check_layer(

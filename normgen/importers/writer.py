@@ -99,6 +99,20 @@ def spec_files(layers: Sequence[Layer], model: str, source: str, comments: Seque
     return files
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc/self/status)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_files(outdir: Path, files: dict[str, bytes]) -> list[str]:
     """Write the files whose bytes changed (each atomically); returns the names written."""
     if outdir.exists() and not outdir.is_dir():
@@ -111,6 +125,7 @@ def write_files(outdir: Path, files: dict[str, bytes]) -> list[str]:
             continue
         fd, tmp = tempfile.mkstemp(dir=outdir, prefix=f".{fname}.")
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~umask())  # what open() gives, not mkstemp's 0600
             fh.write(data)
         os.replace(tmp, path)
         written.append(fname)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import jinja2
 
-from ..description.layers import Layer
+from ..description.layers import Layer, check_source_name
 from ..errors import NormgenError
 from ..lowering import lower
 from ..lowering.plan import Plan
@@ -90,4 +90,5 @@ def emit(layer: Layer, target: str = "c") -> dict[str, str]:
     """Generate the source files of one layer: {file name: text}, byte-identical for the same layer."""
     if target not in TARGETS:
         raise NormgenError(f"target {target!r} is not one of {', '.join(TARGETS)}")
+    check_source_name(layer.name)
     return render(lower(layer, target), target)

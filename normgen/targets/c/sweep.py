@@ -245,6 +245,12 @@ class Sweep:
         return [f"mhi[k] = ({t})mean[k];"] + ([f"mlo[k] = ({t})(mean[k] - ({a})mhi[k]);"] if self.split_mean else [])
 
     @property
+    def dx_weight(self) -> str:
+        """backward: dx's factor r, 0 for a statistic of one element where the mean is subtracted
+        (x - mean = 0: y does not depend on x); RMSNorm's y = x / sqrt(x^2 + eps) does."""
+        return "n > 1 ? inv[k] : 0" if self.centered else "inv[k]"
+
+    @property
     def saved_mean(self) -> str:
         """What train_forward_save saves as statistic k's mean (RMSNorm subtracts none: 0)."""
         return "mean[k]" if self.centered else "0"

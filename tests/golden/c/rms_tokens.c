@@ -502,7 +502,7 @@ int rms_tokens_backward(const float *x, const float *dy, float *dx, float *dscal
             /* per statistic: dx = dy * scale * pw + ((x - mhi) * q + r), with pw = inv, q = -inv^2 * mean(g * xhat),
              * r = inv * (inv * mean(g * xhat) * corr - mean(g)); 0 for a statistic of one element (xhat = 0) */
             for (size_t k = 0; k < 1; ++k) {
-                const double w = n > 1 ? inv[k] : 0;
+                const double w = inv[k];
                 const double mgx = s2[k] / n;
                 pw[k] = (float)w;
                 q[k] = (float)(-(w * inv[k]) * mgx);
@@ -685,7 +685,7 @@ int rms_tokens_backward_saved(const float *x, const float *dy, const double *sav
             /* per statistic: dx = dy * scale * pw + ((x - mhi) * q + r), with pw = inv, q = -inv^2 * mean(g * xhat),
              * r = inv * (inv * mean(g * xhat) * corr - mean(g)); 0 for a statistic of one element (xhat = 0) */
             for (size_t k = 0; k < 1; ++k) {
-                const double w = n > 1 ? inv[k] : 0;
+                const double w = inv[k];
                 const double mgx = s2[k] / n;
                 pw[k] = (float)w;
                 q[k] = (float)(-(w * inv[k]) * mgx);
