@@ -55,6 +55,17 @@ class TrainingBench:
             raise NormgenError(f"{name} needs {self.plan.channels} values ({self.plan.param_per}), got {values.size}")
         return values
 
+    def _learnable_gradients(self, dscale, doffset) -> dict:
+        """{"scale": dscale, "offset": doffset}, checked against the parameters the layer has: a
+        gradient is given exactly for each (None for one it lacks)."""
+        learn = self.plan.learnables
+        grads = {"scale": dscale, "offset": doffset}
+        for k in ("scale", "offset"):
+            if (grads[k] is None) == (k in learn):
+                raise NormgenError(f"layer {self.layer.name!r} {'has' if k in learn else 'has no'} {k}: d{k}"
+                                   f" {'is needed' if k in learn else 'must be None'}")
+        return grads
+
     def saved_count(self, batch: int, *sizes: int) -> int:
         """How many statistics train_forward_save saves (and backward_saved reads) for a batch (and
         the run-time sizes, in order)."""

@@ -89,11 +89,7 @@ class CTraining(TrainingBench):
         if not hasattr(self, "velocity_scale"):
             self.reset_velocity()
         learn = self.plan.learnables
-        grads = {"scale": dscale, "offset": doffset}
-        for k in ("scale", "offset"):
-            if (grads[k] is None) == (k in learn):
-                raise NormgenError(f"layer {self.layer.name!r} {'has' if k in learn else 'has no'} {k}: d{k}"
-                                   f" {'is needed' if k in learn else 'must be None'}")
+        grads = self._learnable_gradients(dscale, doffset)
         rc = self._train_fn("update")(
             self.params,
             *[self._ptr(self._per_channel(f"d{k}", grads[k])) for k in learn],

@@ -129,11 +129,7 @@ class CudaTraining(TrainingBench):
         layer has are stepped: ``doffset`` must be None without an offset (``bias=False``)."""
         self._require_runtime("update")
         learn = self.plan.learnables
-        grads = {"scale": dscale, "offset": doffset}
-        for k in ("scale", "offset"):
-            if (grads[k] is None) == (k in learn):
-                raise NormgenError(f"layer {self.layer.name!r} {'has' if k in learn else 'has no'} {k}: d{k}"
-                                   f" {'is needed' if k in learn else 'must be None'}")
+        grads = self._learnable_gradients(dscale, doffset)
         if not hasattr(self, "velocity_scale"):
             self.reset_velocity()
         acc = self._acc_dtype()
