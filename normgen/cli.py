@@ -126,29 +126,25 @@ def _batches(text: str) -> tuple[int, ...]:
     return batches
 
 
-def _sizes(args: argparse.Namespace) -> dict[str, int]:
-    from .importers.common import parse_assignments
-
-    sizes = parse_assignments(getattr(args, "sizes", None), "--sizes", int)
-    for key, value in sizes.items():
-        if value < 1:
-            raise NormgenError(f"--sizes {key}={value}: sizes are positive integers")
-    return sizes  # type: ignore[return-value]
-
-
 def _size_sets(items: list[str] | None) -> list[dict[str, int]]:
     """``--sizes tokens=7,50 --sizes h=4,9`` → [{tokens: 7, h: 4}, {tokens: 50, h: 9}]: the run-time
-    sizes a spec's layers are checked at, one set per position (a single value serves every set)."""
+    sizes a spec's layers are checked at, one set per position (a single value serves every set).
+    ``--sizes seq=128,n=4`` (several names in one) reads as ``--sizes seq=128 --sizes n=4``."""
     lists: dict[str, list[int]] = {}
     for item in items or ():
-        key, sep, values = item.partition("=")
-        try:
-            nums = [int(v) for v in values.split(",")]
-        except ValueError:
-            nums = []
-        if not sep or not key.strip() or not nums or any(v < 1 or v > MAX_SIZE for v in nums):
-            raise NormgenError(f"--sizes {item!r} is not NAME=N[,N...] with integers N from 1 to {MAX_SIZE}")
-        lists[key.strip()] = nums
+        key = None
+        for part in item.split(","):
+            name, sep, value = part.partition("=")
+            if sep:
+                key = name.strip()
+                lists[key] = []
+            try:
+                number = int(value if sep else part)
+            except ValueError:
+                number = 0
+            if not key or not 1 <= number <= MAX_SIZE:
+                raise NormgenError(f"--sizes {item!r} is not NAME=N[,N...] with integers N from 1 to {MAX_SIZE}")
+            lists[key].append(number)
     if not lists:
         return []
     n = max(len(v) for v in lists.values())
@@ -156,6 +152,14 @@ def _size_sets(items: list[str] | None) -> list[dict[str, int]]:
     if bad:
         raise NormgenError(f"--sizes {bad[0]}: give it 1 or {n} values, as many as the longest list")
     return [{k: v[i] if len(v) > 1 else v[0] for k, v in lists.items()} for i in range(n)]
+
+
+def _sizes(args: argparse.Namespace) -> dict[str, int]:
+    """--sizes for an ONNX model: one value for each symbolic dimension it pins."""
+    sets = _size_sets(getattr(args, "sizes", None))
+    if len(sets) > 1:
+        raise NormgenError("--sizes: an ONNX model's symbolic dimensions take one value each (NAME=N)")
+    return sets[0] if sets else {}
 
 
 def _is_onnx(path: str) -> bool:

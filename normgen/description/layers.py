@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import NormgenError
 from .formats import Format, from_matlab, parse_format
+from .kinds import semantics
 
 Initializer = str | Callable[[int], Any] | Sequence[float] | np.ndarray | None
 
@@ -46,6 +47,12 @@ _RESERVED = set(
     using virtual wchar_t xor xor_eq main""".split()
 )
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _reserved_in_c(name: str) -> bool:
+    """A C/C++ keyword, or an identifier C reserves (leading '__' or '_' and a capital letter)."""
+    return name in _RESERVED or name.startswith("__") or (name.startswith("_") and name[1:2].isupper())
+
 
 # ---- limits (README "Limits"), checked before anything is allocated ----------------------------
 #: Longest layer name and run-time size name: C99 keeps 31 significant initial characters of an
@@ -75,7 +82,7 @@ def _check_size_name(name: str, layer_name: str, others: list[str]) -> str:
         raise NormgenError(f"{where} has {len(name)} characters; a run-time size name has at most {MAX_NAME}")
     if not _IDENT.match(name):
         raise NormgenError(f"{where} is not a C identifier (letters, digits and '_', not starting with a digit)")
-    if name in _RESERVED or name.startswith("__") or (name.startswith("_") and name[1:2].isupper()):
+    if _reserved_in_c(name):
         raise NormgenError(f"{where} is a C/C++ keyword or reserved identifier; choose another name")
     if name in _SIZE_RESERVED or name.startswith("n_"):
         raise NormgenError(
@@ -285,8 +292,8 @@ def _guard_arguments(cls: type) -> type:
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class Layer:
-    """Fields every kind shares. Use :class:`BatchNorm`, :class:`GroupNorm`, :class:`LayerNorm`
-    or :class:`InstanceNorm`."""
+    """Fields every kind shares. Use :class:`BatchNorm`, :class:`GroupNorm`, :class:`LayerNorm`,
+    :class:`InstanceNorm` or :class:`RMSNorm`."""
 
     kind: ClassVar[str] = ""
 
@@ -482,15 +489,11 @@ class Layer:
 
     def normalized_letters(self) -> str:
         """The letters one statistic normalizes over (B aside), in format order."""
-        from .kinds import semantics
-
         reduced = semantics(self).reduced
         return "".join(ch for ch in self.fmt.letters if ch != "B" and ch in reduced)
 
     def normalized_shape(self) -> tuple[int, ...]:
         """The sizes of :meth:`normalized_letters` (format order): an element affine's shape."""
-        from .kinds import semantics
-
         sem = semantics(self)
         if not sem.element_affine:
             raise NormgenError(

@@ -408,7 +408,7 @@ class CFunctions:
         self.x = aligned_copy(random_input(layer, batch, rng, sizes), dtype)
         self.y = aligned_empty(self.x.shape, dtype)
         self.batch = batch
-        self.dims = (batch, *((sizes or {})[n] for n in layer.sizes))  # the size arguments of every call
+        _, self.dims = self.compiled._input(self.x)  # the size arguments of every call: batch, run-time sizes
         self.rm = np.array(getattr(self.compiled, "running_mean", np.zeros(layer.channels)), dtype=dtype)
         self.rv = np.array(getattr(self.compiled, "running_var", np.ones(layer.channels)), dtype=dtype)
         self._keep: list = []

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..description.kinds import Semantics, semantics
+from ..description.kinds import Semantics, reduced_letters, semantics
 from ..description.layers import Layer
 from ..errors import NormgenError
 
@@ -216,6 +216,10 @@ class Plan:
     domain_axes: list[Axis]
     nacc: int
     chunk_iters: int  # chunk-axis steps per chunk (for the static part of the inner extent)
+    #: The C expression for the chunk-axis steps of one statistics chunk: chunk_iters, or, where the
+    #: elements of one step depend on run-time sizes, about CHUNK_ELEMS elements' worth of them
+    #: computed from those sizes (at least 1).
+    chunk_step: str
     offset_expr: str  # element offset from every loop variable
     channel_expr: str
     acc_expr: str
@@ -243,8 +247,6 @@ class Plan:
     #: The affine's fixed arrays where the layer has no scale (ones) or offset (zeros): every
     #: function applies y = xhat * scale + offset alike; static const arrays in every storage mode.
     constants: dict[str, list[str]] = field(default_factory=dict)
-    #: The gradient outputs of the backward functions: (argument, the sum it is stored from).
-    gradients: tuple[tuple[str, str], ...] = (("dscale", "gscale"), ("doffset", "goffset"))
     #: How γ and β are shaped: "channel", "element" (one per element of the normalized
     #: dimensions, indexed like channels: plan.channels of them) or "none".
     affine: str = "channel"
@@ -293,19 +295,6 @@ class Plan:
         if not self.sizes:
             return "", str(per.static)
         return f"({', '.join(self.sizes)})", f"({per.macro_expr()})"
-
-    @property
-    def chunk_step(self) -> str:
-        """The C expression for the chunk-axis steps of one statistics chunk: chunk_iters, or, where
-        the elements of one step depend on run-time sizes, about CHUNK_ELEMS elements' worth of
-        them computed from those sizes (at least 1)."""
-        inner = ONE
-        for a in self.domain_axes[1:]:
-            inner = inner * a.extent
-        if not inner.dynamic:
-            return str(self.chunk_iters)
-        n = inner.expr()
-        return f"({n} < {CHUNK_ELEMS}u ? {CHUNK_ELEMS}u / ({n}) : 1u)"
 
     @property
     def has_train_forward(self) -> bool:
@@ -415,6 +404,12 @@ class Plan:
     def learnables(self) -> list[str]:
         """The learnable arrays the layer has, in order (scale, offset)."""
         return [k for k in ("scale", "offset") if k in self.params]
+
+    @property
+    def gradients(self) -> tuple[tuple[str, str], ...]:
+        """The gradient outputs of the backward functions: (argument, the sum it is stored from),
+        one per learnable array the layer has."""
+        return tuple((f"d{k}", f"g{k}") for k in self.learnables)
 
     @property
     def fold_ref(self) -> dict[str, str]:
@@ -631,7 +626,7 @@ def _strategy(axes: list[Axis]) -> tuple[str, list[Axis], list[Axis]]:
 
 
 def _statistic_words(layer: Layer) -> tuple[str, str]:
-    red = semantics(layer).reduced
+    red = reduced_letters(layer)
     names = {"B": "B", "S": "S", "T": "T", "U": "U", "C": "C"}
     over = [names[ch] for ch in "BCSTU" if ch in red and ch in layer.fmt.letters]
     if layer.kind == "groupnorm":
@@ -655,6 +650,7 @@ def lower_forward(layer: Layer, target: str = "c") -> Plan:
         )
     ctype, acc = ctypes[layer.dtype]
     ptype = acc if target in PARAMS_IN_ACC else ctype  # how parameter literals are spelled
+    sem = semantics(layer)
     axes = _axes(layer)
     if all(a.keep for a in axes):
         # Nothing is reduced (every statistic over a single element): a reduced axis of size 1.
@@ -667,6 +663,10 @@ def lower_forward(layer: Layer, target: str = "c") -> Plan:
     chunk_iters = max(1, CHUNK_ELEMS // inner.static)
     if strategy == "columns":
         chunk_iters = min(max(1, COLUMN_CHUNK_ELEMS // inner.static), CHUNK_ROWS)
+    chunk_step = str(chunk_iters)
+    if inner.dynamic:
+        n = inner.expr()
+        chunk_step = f"({n} < {CHUNK_ELEMS}u ? {CHUNK_ELEMS}u / ({n}) : 1u)"
     per_acc_tail = ONE
     for a in domain_axes[1:]:
         if not a.keep:
@@ -682,7 +682,6 @@ def lower_forward(layer: Layer, target: str = "c") -> Plan:
     params = {k: [literal(v, ptype) for v in arr] for k, arr in layer.parameter_arrays().items()}
     constants = {k: [literal(v, ptype) for v in getattr(layer, f"{k}_values")]
                  for k in ("scale", "offset") if k not in params}
-    gradients = tuple((f"d{k}", f"g{k}") for k in ("scale", "offset") if k in params)
     folded: dict[str, list[str]] = {}
     decays: dict[str, str] = {}
     if layer.kind == "batchnorm":
@@ -713,6 +712,7 @@ def lower_forward(layer: Layer, target: str = "c") -> Plan:
         domain_axes=domain_axes,
         nacc=nacc,
         chunk_iters=chunk_iters,
+        chunk_step=chunk_step,
         offset_expr=_offset(axes),
         channel_expr=_channel(axes),
         acc_expr=_sum_expr(list(reversed(acc_terms))),
@@ -725,7 +725,7 @@ def lower_forward(layer: Layer, target: str = "c") -> Plan:
         elements=elements,
         params=params,
         folded=folded,
-        reduced_letters=semantics(layer).reduced,
+        reduced_letters=sem.reduced,
         statistic_over=over,
         statistic_per=per,
         decays=decays,
@@ -734,10 +734,9 @@ def lower_forward(layer: Layer, target: str = "c") -> Plan:
             "scale_learn_rate_factor", "offset_learn_rate_factor", "scale_l2_factor", "offset_l2_factor")},
         format=layer.fmt.letters,
         has_batch=layer.fmt.has_batch,
-        semantics=semantics(layer),
+        semantics=sem,
         sizes=layer.sizes,
         constants=constants,
-        gradients=gradients,
         affine=layer.affine,
         param_per=(f"one per element of the normalized dimensions {layer.normalized_letters()}"
                    f" {list(layer.param_shape)}, summed over the rest" if layer.affine == "element"

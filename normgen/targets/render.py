@@ -55,32 +55,8 @@ EXTENSIONS = {
 }
 
 
-#: Names the CUDA launchers declare or call beside their arguments, and the pycuda bench's launch
-#: argument names: no run-time size may take one.
-CUDA_SIZE_RESERVED = frozenset(
-    """aargs aligned16 args b cargs cudaLaunchKernel cudaStream_t cws dargs dim3 fargs fgrid grid
-    launch_failed margs need np null pargs parts sargs train_elem_grid train_launch_failed units
-    uintptr_t""".split()
-)
-
-
-def _cuda_supports(plan: Plan) -> None:
-    """What the CUDA templates cannot spell is refused, never emitted wrong: a run-time size is a
-    parameter of the ``extern "C"`` launchers (the kernels take it as ``size_t n_NAME``), so it may
-    not be a name those launchers' bodies declare or call (CUDA_SIZE_RESERVED), beyond the names
-    every target reserves (normgen/description/layers.py)."""
-    taken = [n for n in plan.sizes if n in CUDA_SIZE_RESERVED]
-    if taken:
-        raise NormgenError(
-            f"layer {plan.name!r}: run-time size {taken[0]!r} is a name the cuda launchers use"
-            f" (reserved there: {', '.join(sorted(CUDA_SIZE_RESERVED))}); choose another name"
-        )
-
-
 def render(plan: Plan, target: str) -> dict[str, str]:
     """A plan → {file name: text}."""
-    if target == "cuda":
-        _cuda_supports(plan)
     env = environment()
     context = {"plan": plan, **EXTENSIONS[target](plan)}
     return {pattern.format(name=plan.name): env.get_template(tpl).render(context) for pattern, tpl in FILES[target]}

@@ -763,10 +763,32 @@ def _tile_units(wu: Extent, unit_group: int) -> int:
     return min(cands, key=lambda t: (cdiv(wu.static, t) * t - wu.static, -t))
 
 
+#: Names the CUDA launchers declare or call beside their arguments, and the pycuda bench's launch
+#: argument names: no run-time size may take one.
+CUDA_SIZE_RESERVED = frozenset(
+    """aargs aligned16 args b cargs cudaLaunchKernel cudaStream_t cws dargs dim3 fargs fgrid grid
+    launch_failed margs need np null pargs parts sargs train_elem_grid train_launch_failed units
+    uintptr_t""".split()
+)
+
+
+def _check_size_names(plan: Plan) -> None:
+    """A run-time size is a parameter of the ``extern "C"`` launchers (the kernels take it as
+    ``size_t n_NAME``), so it may not be a name those launchers' bodies declare or call
+    (CUDA_SIZE_RESERVED), beyond the names every target reserves (normgen/description/layers.py)."""
+    taken = [n for n in plan.sizes if n in CUDA_SIZE_RESERVED]
+    if taken:
+        raise NormgenError(
+            f"layer {plan.name!r}: run-time size {taken[0]!r} is a name the cuda launchers use"
+            f" (reserved there: {', '.join(sorted(CUDA_SIZE_RESERVED))}); choose another name"
+        )
+
+
 def derive(plan: Plan) -> CudaPlan:
     """A plan lowered for the cuda target → its CUDA launch shapes."""
     if (plan.ctype, plan.acc_type) not in TARGET_CTYPES["cuda"].values():
         raise NormgenError(f"plan of layer {plan.name!r} was not lowered for the cuda target: use lower(layer, 'cuda')")
+    _check_size_names(plan)
     T, A = plan.ctype, plan.acc_type
     vec = VEC_BYTES // SIZEOF[T]
     regs_per_acc = SIZEOF[A] // 4
