@@ -6,6 +6,8 @@ layer's row-major ``format`` with the B dimension (when the format has one) of a
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .description.kinds import reduced_letters, semantics  # kind semantics: description/kinds.py
@@ -122,22 +124,26 @@ def _normalize(layer: Layer, x: np.ndarray, mean: np.ndarray, var: np.ndarray) -
     return z * layer.scale_values.reshape(ps) + layer.offset_values.reshape(ps)
 
 
-def predict(layer: Layer, x: np.ndarray) -> np.ndarray:
+def predict(layer: Layer, x: np.ndarray, *, residual: np.ndarray | None = None,
+            mod_shift: np.ndarray | None = None, mod_scale: np.ndarray | None = None) -> np.ndarray:
     """Inference: batch norm with its trained statistics; the other kinds with each
-    instance's own statistics."""
+    instance's own statistics. A fused layer (README "Fused forms") normalizes h = x + residual
+    and applies its modulation and activation after the affine (:func:`fused_output`)."""
     layer = bind(layer, x)
-    x = np.asarray(x, dtype=np.float64)
+    x = fused_input(layer, x, residual)
+    mod = modulation_inputs(layer, x, mod_shift, mod_scale)
     if semantics(layer).trained_statistics:
         cs = _channel_shape(layer, x.ndim)
         mean = layer.trained_mean_values.reshape(cs)
         var = layer.trained_variance_values.reshape(cs)
-        return _normalize(layer, x, mean, var)
+        return fused_output(layer, _normalize(layer, x, mean, var), *mod)
     mean, var = statistics(layer, x)
-    return _normalize(layer, x, mean, var)
+    return fused_output(layer, _normalize(layer, x, mean, var), *mod)
 
 
 def train_forward(
-    layer: Layer, x: np.ndarray, running_mean: np.ndarray | None = None, running_var: np.ndarray | None = None
+    layer: Layer, x: np.ndarray, running_mean: np.ndarray | None = None, running_var: np.ndarray | None = None, *,
+    residual: np.ndarray | None = None, mod_shift: np.ndarray | None = None, mod_scale: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Batch norm's training forward: normalize with the batch's own mean and biased variance;
     return (y, updated running mean, updated running variance).
@@ -151,11 +157,12 @@ def train_forward(
         raise NormgenError(f"train_forward is for batch norm; layer {layer.name!r} is {layer.kind}")
     batch = batch_of(layer, x)
     layer = bind(layer, x)
-    x = np.asarray(x, dtype=np.float64)
+    x = fused_input(layer, x, residual)
+    mod = modulation_inputs(layer, x, mod_shift, mod_scale)
     rm = layer.trained_mean_values if running_mean is None else np.asarray(running_mean, dtype=np.float64)
     rv = layer.trained_variance_values if running_var is None else np.asarray(running_var, dtype=np.float64)
     mean, var = statistics(layer, x)
-    y = _normalize(layer, x, mean, var)
+    y = fused_output(layer, _normalize(layer, x, mean, var), *mod)
     n = count(layer, batch)
     bm, bv = mean.reshape(-1), var.reshape(-1)
     if layer.running_variance == "unbiased":
@@ -195,10 +202,17 @@ def saved_statistics(layer: Layer, x: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def backward_saved(
-    layer: Layer, x: np.ndarray, dy: np.ndarray, saved_mean: np.ndarray, saved_invstd: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    layer: Layer, x: np.ndarray, dy: np.ndarray, saved_mean: np.ndarray, saved_invstd: np.ndarray, *,
+    dh: np.ndarray | None = None, mod_shift: np.ndarray | None = None, mod_scale: np.ndarray | None = None,
+) -> tuple[np.ndarray, ...]:
     """:func:`backward` with the statistics given (as :func:`saved_statistics` lays them out)
-    instead of recomputed from x."""
+    instead of recomputed from x.
+
+    A fused layer (README "Fused forms"): x is h, what the forward normalized (x + residual);
+    dx is the gradient of both x and residual, plus ``dh`` (the gradient reaching h from its
+    other use) where the layer has residual_out; with an activation or a modulation, dy is the
+    gradient of the activated output, and with a modulation the result also holds
+    (dmod_shift, dmod_scale), the gradients of mod_shift and mod_scale ([batch, C])."""
     layer = bind(layer, x)
     x, dy = _pair(layer, x, dy)
     mean0, _ = statistics(layer, x)  # only for its broadcast shape
@@ -207,16 +221,30 @@ def backward_saved(
     view, axes, _ = grouped_view(layer, x)
     xhat_v = (view - mean) * inv
     xhat = xhat_v.reshape(x.shape)
+    mod_grads: tuple[np.ndarray, ...] = ()
+    if layer.activation != "none" or layer.modulation != "none":
+        ps = _affine_shape(layer, x.ndim)
+        z = xhat * layer.scale_values.reshape(ps) + layer.offset_values.reshape(ps)
+        mod = modulation_inputs(layer, x, mod_shift, mod_scale)
+        dy = dy * activation_grad(layer.activation, _modulate(z, *mod))  # the gradient of the modulated z
+        if layer.modulation != "none":
+            mod_grads = (_batch_channel_sum(layer, dy), _batch_channel_sum(layer, dy * z))
+            dy = dy * (1 + mod[1])
     dz = dy * layer.scale_values.reshape(_affine_shape(layer, x.ndim))  # dL/dxhat
     dz_v, _, _ = grouped_view(layer, dz)
     inner = dz_v - xhat_v * (dz_v * xhat_v).mean(axis=axes, keepdims=True)
     if semantics(layer).centered:
         inner = inner - dz_v.mean(axis=axes, keepdims=True)
-    dx_v = inv * inner
-    return dx_v.reshape(x.shape), _param_sum(layer, dy * xhat), _param_sum(layer, dy)
+    dx = (inv * inner).reshape(x.shape)
+    if layer.residual_out:
+        if dh is None or np.shape(dh) != x.shape:
+            raise NormgenError(f"layer {layer.name!r} has residual_out: dh must be shaped like x {tuple(x.shape)}"
+                               f"{'' if dh is None else f', got {tuple(np.shape(dh))}'}")
+        dx = dx + np.asarray(dh, dtype=np.float64)
+    return (dx, _param_sum(layer, dy * xhat), _param_sum(layer, dy), *mod_grads)
 
 
-def backward(layer: Layer, x: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def backward(layer: Layer, x: np.ndarray, dy: np.ndarray, **fused: np.ndarray | None) -> tuple[np.ndarray, ...]:
     """The gradient of the training-mode forward (batch statistics for batch norm; each
     instance's own statistics for the other kinds): (dx, dscale, doffset).
 
@@ -232,14 +260,17 @@ def backward(layer: Layer, x: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, n
     over everything else). Layers without a scale or offset still get their gradients here.
 
     A statistic over a single element has x̂ = 0 and dx = 0 (y = β does not depend on x).
+    A fused layer's x and ``fused`` (dh, mod_shift, mod_scale) are as :func:`backward_saved` takes them.
     """
     mean, inv = saved_statistics(layer, x)
-    return backward_saved(layer, x, dy, mean, inv)
+    return backward_saved(layer, x, dy, mean, inv, **fused)
 
 
-def backward_frozen(layer: Layer, x: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def backward_frozen(layer: Layer, x: np.ndarray, dy: np.ndarray, *,
+                    dh: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Batch norm with its trained statistics held fixed (inference-mode forward):
-    dx = dy·γ_c·r_c, dscale_c = Σ dy·(x − μ_c)·r_c, doffset_c = Σ dy, r_c = 1/√(σ²_c + ε)."""
+    dx = dy·γ_c·r_c, dscale_c = Σ dy·(x − μ_c)·r_c, doffset_c = Σ dy, r_c = 1/√(σ²_c + ε).
+    A residual layer: x is h, and ``dh`` adds to dx (residual_out), as :func:`backward_saved`."""
     if layer.kind != "batchnorm":
         raise NormgenError(f"backward_frozen is for batch norm; layer {layer.name!r} is {layer.kind}")
     layer = bind(layer, x)
@@ -248,6 +279,8 @@ def backward_frozen(layer: Layer, x: np.ndarray, dy: np.ndarray) -> tuple[np.nda
     inv = (1.0 / np.sqrt(layer.trained_variance_values + layer.epsilon)).reshape(cs)
     xhat = (x - layer.trained_mean_values.reshape(cs)) * inv
     dx = dy * layer.scale_values.reshape(cs) * inv
+    if layer.residual_out:
+        dx = dx + np.asarray(dh, dtype=np.float64)
     return dx, _channel_sum(layer, dy * xhat), _channel_sum(layer, dy)
 
 
@@ -330,3 +363,106 @@ def population_finalize(layer: Layer, state: tuple[float, np.ndarray, np.ndarray
             f" {int(n)} accumulated"
         )
     return mean.copy(), m2 / (n - 1 if unbiased else n)
+
+
+# ---- fused forms (README "Fused forms") -----------------------------------------------------
+
+#: The activations: y = f(z), applied after the affine (and the modulation), and f'(z).
+_SQRT_2_PI = math.sqrt(2.0 / math.pi)
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def activate(name: str, z: np.ndarray) -> np.ndarray:
+    """relu, silu (z·σ(z)), gelu (z·Φ(z), erf form) or gelu_tanh (PyTorch's approximate='tanh')."""
+    if name == "none":
+        return z
+    if name == "relu":
+        return np.maximum(z, 0.0)
+    if name == "silu":
+        return z / (1.0 + np.exp(-z))
+    if name == "gelu":
+        return 0.5 * z * (1.0 + _erf(z / math.sqrt(2.0)))
+    if name == "gelu_tanh":
+        return 0.5 * z * (1.0 + np.tanh(_SQRT_2_PI * (z + 0.044715 * z ** 3)))
+    raise NormgenError(f"unknown activation {name!r}")
+
+
+def activation_grad(name: str, z: np.ndarray) -> np.ndarray:
+    """f'(z) of :func:`activate` (relu: 0 at z <= 0, as PyTorch)."""
+    if name == "none":
+        return np.ones_like(z)
+    if name == "relu":
+        return (z > 0).astype(np.float64)
+    if name == "silu":
+        s = 1.0 / (1.0 + np.exp(-z))
+        return s * (1.0 + z * (1.0 - s))
+    if name == "gelu":
+        return 0.5 * (1.0 + _erf(z / math.sqrt(2.0))) + z * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    if name == "gelu_tanh":
+        t = np.tanh(_SQRT_2_PI * (z + 0.044715 * z ** 3))
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_PI * (1.0 + 3 * 0.044715 * z * z)
+    raise NormgenError(f"unknown activation {name!r}")
+
+
+def fused_input(layer: Layer, x: np.ndarray, residual: np.ndarray | None) -> np.ndarray:
+    """What a layer normalizes, in float64: x, or h = x + residual (``residual``)."""
+    x = np.asarray(x, dtype=np.float64)
+    if not layer.residual:
+        if residual is not None:
+            raise NormgenError(f"layer {layer.name!r} has no residual input (residual = false)")
+        return x
+    if residual is None or np.shape(residual) != x.shape:
+        raise NormgenError(f"layer {layer.name!r} has residual = true: residual must be shaped like x {tuple(x.shape)}"
+                           f"{'' if residual is None else f', got {tuple(np.shape(residual))}'}")
+    return x + np.asarray(residual, dtype=np.float64)
+
+
+def _batch_channel_shape(layer: Layer, ndim: int) -> tuple[int, ...]:
+    """How a [batch, C] array broadcasts against x: B and C in place, 1 elsewhere."""
+    letters = layer.fmt.letters
+    return tuple(-1 if ch == "B" else layer.channels if ch == "C" else 1 for ch in letters[:ndim])
+
+
+def modulation_inputs(layer: Layer, x: np.ndarray, shift: np.ndarray | None,
+                      scale: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | tuple[()]:
+    """adaLN's (shift, scale), each [batch, C], shaped to broadcast against x; () without one."""
+    if layer.modulation == "none":
+        if shift is not None or scale is not None:
+            raise NormgenError(f"layer {layer.name!r} has no modulation (modulation = 'none')")
+        return ()
+    batch = batch_of(layer, x)
+    out = []
+    for name, a in (("mod_shift", shift), ("mod_scale", scale)):
+        if a is None or np.size(a) != batch * layer.channels:
+            raise NormgenError(f"layer {layer.name!r} has modulation {layer.modulation!r}: {name} must hold"
+                               f" [batch, C] = [{batch}, {layer.channels}] values"
+                               f"{'' if a is None else f', got shape {tuple(np.shape(a))}'}")
+        a = np.asarray(a, dtype=np.float64).reshape(batch, layer.channels)
+        if _channel_first(layer):
+            a = a.T
+        out.append(a.reshape(_batch_channel_shape(layer, x.ndim)))
+    return out[0], out[1]
+
+
+def _modulate(z: np.ndarray, shift: np.ndarray | None = None, scale: np.ndarray | None = None) -> np.ndarray:
+    return z if shift is None else z * (1.0 + scale) + shift
+
+
+def fused_output(layer: Layer, z: np.ndarray, shift: np.ndarray | None = None,
+                 scale: np.ndarray | None = None) -> np.ndarray:
+    """The layer's output from its affine output z: act(z · (1 + scale) + shift)."""
+    return activate(layer.activation, _modulate(z, shift, scale))
+
+
+def _batch_channel_sum(layer: Layer, a: np.ndarray) -> np.ndarray:
+    """Sum over everything but B and C: [batch, C], flattened."""
+    letters = layer.fmt.letters
+    keep = [i for i, ch in enumerate(letters) if ch in "BC"]
+    out = a.sum(axis=tuple(i for i in range(a.ndim) if i not in keep))
+    return (out.T if _channel_first(layer) else out).reshape(-1)
+
+
+def _channel_first(layer: Layer) -> bool:
+    """Whether C comes before B in the format (a [batch, C] array is then transposed to it)."""
+    letters = layer.fmt.letters
+    return layer.fmt.has_batch and letters.index("C") < letters.index("B")

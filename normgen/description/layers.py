@@ -32,6 +32,10 @@ OPERATION_DIMENSIONS = ("auto", "channel-only", "spatial-channel", "batch-exclud
 #: How the learned scale (γ) and offset (β) are shaped: one per channel, one per element of a
 #: statistic's normalized dimensions (PyTorch/ONNX LayerNorm), or none at all.
 AFFINES = ("channel", "element", "none")
+#: The fused forms (README "Fused forms"): an activation after the affine (and the modulation),
+#: and a per-sample modulation y = z * (1 + scale[b, c]) + shift[b, c] (adaLN).
+ACTIVATIONS = ("none", "relu", "silu", "gelu", "gelu_tanh")
+MODULATIONS = ("none", "adaln")
 
 # C99/C11 keywords and C++ keywords (the CUDA target is C++), plus identifiers the
 # generated code itself declares.
@@ -314,6 +318,10 @@ class Layer:
     offset_l2_factor: float = 1.0
     param_storage: str = "embedded"
     parallel: str = "none"
+    residual: bool = False
+    residual_out: bool = False
+    activation: str = "none"
+    modulation: str = "none"
 
     # Resolved on construction (not arguments).
     fmt: Format = field(init=False, repr=False)
@@ -401,6 +409,7 @@ class Layer:
         set_(self, "sources", {})
         self._resolve_kind()
         self._resolve_affine()
+        self._resolve_fusion()
         if self.param_storage == "runtime" and not self.parameter_arrays():
             raise NormgenError(
                 f"layer {self.name!r}: param_storage = 'runtime' passes parameters at run time, but the layer has"
@@ -409,6 +418,29 @@ class Layer:
 
     def _resolve_kind(self) -> None:  # overridden per kind
         pass
+
+    def _resolve_fusion(self) -> None:
+        """residual, residual_out, activation and modulation (README "Fused forms")."""
+        where = f"layer {self.name!r}"
+        for f in ("residual", "residual_out"):
+            value = getattr(self, f)
+            if not isinstance(value, (bool, np.bool_)):
+                raise NormgenError(f"{where}: {f} must be true or false, got {_short(value)}")
+            object.__setattr__(self, f, bool(value))
+        if self.residual_out and not self.residual:
+            raise NormgenError(f"{where}: residual_out = true writes h = x + residual; it needs residual = true")
+        _choice(self.activation, f"{where}: activation", ACTIVATIONS)
+        _choice(self.modulation, f"{where}: modulation", MODULATIONS)
+
+    @property
+    def fused(self) -> bool:
+        """Whether any fused form is on (the functions then take more arguments)."""
+        return self.residual or self.activation != "none" or self.modulation != "none"
+
+    @property
+    def modulation_count(self) -> int:
+        """Values of shift and scale per sample (modulation): one per channel."""
+        return self.channels
 
     #: The default of ``bias`` (RMSNorm: False).
     default_bias: ClassVar[bool] = True
@@ -564,6 +596,9 @@ class Layer:
         items += self._kind_fields()
         if self.affine != "channel" or self.bias != self.default_bias:
             items += [("affine", self.affine), ("bias", str(self.bias).lower())]
+        if self.fused:
+            items += [("residual", str(self.residual).lower()), ("residual_out", str(self.residual_out).lower()),
+                      ("activation", self.activation), ("modulation", self.modulation)]
         items += [
             ("param_storage", self.param_storage),
             ("parallel", self.parallel),

@@ -38,6 +38,7 @@ COMMON_KEYS = (
     "name", "kind", "format", "matlab_format", "shape", "num_channels", "dtype", "epsilon",
     "scale_learn_rate_factor", "offset_learn_rate_factor", "scale_l2_factor", "offset_l2_factor",
     "param_storage", "parallel", "params", "affine", "bias",
+    "residual", "residual_out", "activation", "modulation",
 )
 KIND_KEYS = {
     "batchnorm": ("mean_decay", "variance_decay", "running_variance"),

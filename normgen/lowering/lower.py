@@ -5,11 +5,20 @@ from __future__ import annotations
 import dataclasses
 
 from ..description.layers import Layer
+from .fusion import core_function, lower_fusion
 from .plan import Plan, lower_forward
 from .train import lower_train
 
 
 def lower(layer: Layer, target: str = "c") -> Plan:
-    """Resolve a layer into the plan every target renders (``target`` picks the element types)."""
+    """Resolve a layer into the plan every target renders (``target`` picks the element types);
+    a fused layer's stages wrap its core functions (lowering/fusion.py)."""
     plan = lower_forward(layer, target)
-    return dataclasses.replace(plan, train=lower_train(plan))
+    plan = dataclasses.replace(plan, train=lower_train(plan))
+    fusion = lower_fusion(layer, plan)
+    if fusion is None:
+        return plan
+    train = plan.train
+    kept = [core_function(f, fusion) for f in train.functions if f.role not in fusion.dropped]
+    return dataclasses.replace(plan, fusion=fusion, core_roles=fusion.wrapped,
+                               train=dataclasses.replace(train, functions=kept))

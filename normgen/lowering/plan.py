@@ -188,10 +188,20 @@ class Function:
     pointers: list[str]  # arguments checked against NULL
     doc: str
     uses: list[str]  # parameter arrays the body reads
+    static: bool = False  # a fused layer's core, called by its public function (lowering/fusion.py)
 
     @property
     def signature(self) -> str:
         return f"{self.name}({', '.join(self.args)})"
+
+    @property
+    def linkage(self) -> str:
+        return "static " if self.static else ""
+
+
+def as_core(f: Function) -> Function:
+    """A function as a fused layer's core: static, named NAME_<role>_core."""
+    return Function(f.role, f"{f.name}_core", f.args, f.pointers, f.doc, f.uses, static=True)
 
 
 @dataclass(frozen=True)
@@ -257,6 +267,10 @@ class Plan:
     #: The training half (backward, update, population statistics): normgen/lowering/train.py,
     #: attached by :func:`normgen.lowering.lower`.
     train: Any = None
+    #: The fused forms' stages and public functions (normgen/lowering/fusion.py); None: a plain layer.
+    fusion: Any = None
+    #: The roles whose functions are a fused layer's static cores (``NAME_<role>_core``).
+    core_roles: tuple[str, ...] = ()
 
     @property
     def size_args(self) -> list[str]:
@@ -339,7 +353,7 @@ class Plan:
         """Batch-norm predict's statement for element ``i`` of the run at o0 (apply_run);
         ``target``: where y goes instead of y[o0 + i], a buffer that is streamed out."""
         a, b, c = self.fold_ref["a"], self.fold_ref["b"], self.apply_channel_expr
-        return [f"{target or f'y[o0 + {i}]'} = x[o0 + {i}] * {a}[{c}] + {b}[{c}];"]
+        return [f"{target or f'y[o0 + {i}]'} = {self.activate(f'x[o0 + {i}] * {a}[{c}] + {b}[{c}]')};"]
 
     @property
     def apply_rotate(self) -> bool:
@@ -361,11 +375,11 @@ class Plan:
         """Batch-norm predict's statement for element ``i`` of the row at xr, yr (apply_rotation;
         ``target`` as in apply_body)."""
         a, b = self.fold_ref["a"], self.fold_ref["b"]
-        return [f"{target or f'yr[{i}]'} = xr[{i}] * {a}[{i}] + {b}[{i}];"]
+        return [f"{target or f'yr[{i}]'} = {self.activate(f'xr[{i}] * {a}[{i}] + {b}[{i}]')};"]
 
     def apply_rotated(self, i: str, target: str = "") -> list[str]:
         """apply_row with the rotated copies a_r, b_r of the folded constants."""
-        return [f"{target or f'yr[{i}]'} = xr[{i}] * a_r[{i}] + b_r[{i}];"]
+        return [f"{target or f'yr[{i}]'} = {self.activate(f'xr[{i}] * a_r[{i}] + b_r[{i}]')};"]
 
     @property
     def guard(self) -> str:
@@ -451,19 +465,45 @@ class Plan:
                     ["scale", "offset"],
                 )
             )
-        return fns
+        return [as_core(f) if f.role in self.core_roles else f for f in fns]
+
+    @property
+    def act_fn(self) -> str:
+        """The function the core's normalize step applies to each output (a fused activation
+        without a modulation: lowering/fusion.py), or ""."""
+        return f"{self.name}_act" if self.fusion is not None and self.fusion.act_in_core else ""
+
+    def activate(self, expr: str) -> str:
+        return f"{self.act_fn}({expr})" if self.act_fn else expr
+
+    def declared(self, train: bool) -> list[Function]:
+        """The public functions of the header's forward (``train`` False: predict, train_forward)
+        or training part."""
+        return [f for f in self.public_functions if (f.role not in ("predict", "train_forward")) == train]
+
+    @property
+    def public_functions(self) -> list[Function]:
+        """Every function the header declares: the plain ones, or a fused layer's public ones and
+        the training functions it does not wrap."""
+        every = self.functions + self.train.functions
+        if self.fusion is None:
+            return every
+        return [*self.fusion.functions, *(f for f in every if not f.static)]
+
+    @property
+    def _used(self) -> set[str]:
+        fused = self.fusion.functions if self.fusion is not None else []
+        return {name for f in self.functions + self.train.functions + fused for name in f.uses}
 
     @property
     def embedded_params(self) -> dict[str, list[str]]:
         """The parameter arrays some function reads, embedded as static const arrays."""
-        used = {name for f in self.functions + self.train.functions for name in f.uses}
-        return {k: v for k, v in self.params.items() if k in used}
+        return {k: v for k, v in self.params.items() if k in self._used}
 
     @property
     def used_constants(self) -> dict[str, list[str]]:
         """The affine constants some function reads."""
-        used = {name for f in self.functions + self.train.functions for name in f.uses}
-        return {k: v for k, v in self.constants.items() if k in used}
+        return {k: v for k, v in self.constants.items() if k in self._used}
 
     @property
     def stat_loops(self) -> list[Loop]:

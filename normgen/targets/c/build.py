@@ -25,6 +25,7 @@ from ...errors import NormgenError
 from ...lowering import lower
 from ...lowering.plan import Plan
 from ..cache import cache_dir, key
+from ..calls import NamedCalls, argument_kinds
 from ..render import emit
 from .training import CTraining
 
@@ -55,28 +56,19 @@ def opt_flags() -> list[str]:
     return shlex.split(env) if env else list(DEFAULT_OPT)
 
 
-def train_cdef(plan: Plan) -> str:
-    """The cffi declarations of the training half (the population struct and every entry point)."""
-    train = plan.train
-    lines = []
-    if train.population:
-        lines.append(
-            f"typedef struct {{\n    double count;\n    double mean[{plan.channels}];\n"
-            f"    double m2[{plan.channels}];\n}} {train.stats_type};"
-        )
-    lines += [f"int {f.signature};" for f in train.functions]
-    return "\n".join(lines) + "\n"
-
-
 def cdef(plan: Plan) -> str:
-    """The declarations cffi needs: the params struct and every entry point."""
+    """The declarations cffi needs: the params and population structs and every public function."""
     lines = []
     if plan.runtime_params:
         members = "".join(f"    {plan.ctype} {p}[{plan.channels}];\n" for p in plan.params)
         lines.append(f"typedef struct {{\n{members}}} {plan.name}_params;")
         lines.append(f"int {plan.name}_params_init({plan.name}_params *params);")
-    lines += [f"int {f.signature};" for f in plan.functions]
-    lines.append(train_cdef(plan))
+    if plan.train.population:
+        lines.append(
+            f"typedef struct {{\n    double count;\n    double mean[{plan.channels}];\n"
+            f"    double m2[{plan.channels}];\n}} {plan.train.stats_type};"
+        )
+    lines += [f"int {f.signature};" for f in plan.public_functions]
     return "\n".join(lines) + "\n"
 
 
@@ -127,7 +119,7 @@ def compile_c(layer: Layer, *, flags: list[str] | None = None):
     return module, plan
 
 
-class CompiledLayer(CTraining):
+class CompiledLayer(CTraining, NamedCalls):
     """A layer compiled for the C target, run on NumPy arrays shaped in the layer's format.
 
     ``running_mean`` / ``running_var`` (batch norm) start at the trained statistics and are
@@ -189,8 +181,18 @@ class CompiledLayer(CTraining):
             for name in self.plan.params
         }
 
+    def _invoke(self, f, values: dict) -> None:
+        """NamedCalls: call public function ``f`` with each argument's array or integer."""
+        call = []
+        for a in argument_kinds(f.args):
+            v = values[a.name]
+            if a.pointer and isinstance(v, np.ndarray):
+                v = self.ffi.cast(f"{a.ctype} *", self.ffi.from_buffer(v))
+            call.append(v)
+        self._check(getattr(self._lib, f.name)(*call), f.role)
+
     def predict(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Inference on x; ``out`` may be x itself (in place)."""
+        """Inference on x; ``out`` may be x itself (in place). A fused layer: :meth:`run`."""
         x, dims = self._input(x)
         y = np.empty_like(x) if out is None else out
         fn = getattr(self._lib, f"{self.layer.name}_predict")

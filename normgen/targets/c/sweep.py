@@ -130,6 +130,8 @@ class Sweep:
     #: rows, one thread: block sb + 1's statistics sweep is fused with block sb's normalize pass
     #: (the statistic loops flattened into one index sb, ``stat_blocks`` of them)
     pipelined: bool = False
+    #: the function applied to each output (a fused activation, Plan.act_fn), or ""
+    act: str = ""
     stat_blocks: str = "1"
     stat_index: tuple[str, ...] = ()  # statements giving the statistic loops' variables from sb
     stat_first: tuple[str, ...] = ()  # ... their values for block 0
@@ -214,7 +216,11 @@ class Sweep:
 
     def norm_lane(self, x: str) -> str:
         """Pass 2's expression for blocked run element ``run.var + l`` (the fused sweep)."""
-        return self.norm_stmt(x, self.channel_lane)
+        return self._act(self.norm_stmt(x, self.channel_lane))
+
+    def _act(self, expr: str) -> str:
+        """The output: the normalized element, activated where the layer fuses an activation."""
+        return f"{self.act}({expr})" if self.act else expr
 
     # ---- pass 2, y = (x - mean) * rstd * scale[c] + offset[c], four ways:
     # "rows": one statistic, the channel varies along the run:
@@ -299,7 +305,7 @@ class Sweep:
     def norm_body(self, i: str, target: str = "") -> list[str]:
         """Pass 2's statement for run element ``i`` (``target``: where y goes instead of yr[i],
         a buffer that is streamed out)."""
-        return [f"{target or f'yr[{i}]'} = {self.norm_stmt(f'xr[{i}]')};"]
+        return [f"{target or f'yr[{i}]'} = {self._act(self.norm_stmt(f'xr[{i}]'))};"]
 
     @property
     def rotation(self) -> Rotation | None:
@@ -314,7 +320,7 @@ class Sweep:
     def norm_rotated(self, i: str, target: str = "") -> list[str]:
         """norm_body reading the rotated copies of the per-column values (``rotate``) for column
         ``i`` of a row."""
-        return [f"{target or f'yr[{i}]'} = {self.norm_stmt(f'xr[{i}]', lanes=ROTATED, column=i)};"]
+        return [f"{target or f'yr[{i}]'} = {self._act(self.norm_stmt(f'xr[{i}]', lanes=ROTATED, column=i))};"]
 
     def norm_stmt(self, x: str, channel: str = "", lanes: str = "", column: str = "j") -> str:
         """Pass 2's expression for the element x (of channel ``channel``: channel_expr by default;
@@ -727,7 +733,7 @@ def sweep_of(plan: Plan) -> Sweep:
             apply_rotation=plan.apply_rotation(omp_apply_chunk),
             statistic="shifted" if plan.centered else "mean_square",
             per_acc_tail_expr=plan.per_acc_tail.expr(),
-            offset="offset" in plan.params,
+            offset="offset" in plan.params, act=plan.act_fn,
             **_pipeline(plan, openmp),
         )
     first, inner = domain[0], domain[1:]
@@ -762,5 +768,5 @@ def sweep_of(plan: Plan) -> Sweep:
         apply_rotation=plan.apply_rotation(omp_apply_chunk),
         statistic="shifted" if plan.centered else "mean_square",
         per_acc_tail=plan.per_acc_tail.static,
-        offset="offset" in plan.params,
+        offset="offset" in plan.params, act=plan.act_fn,
     )
