@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from .description.kinds import reduced_letters, semantics  # kind semantics: description/kinds.py
+from .description.dtypes import round_to
 from .description.layers import Layer
 from .errors import NormgenError
 
@@ -405,7 +406,8 @@ def activation_grad(name: str, z: np.ndarray) -> np.ndarray:
 
 
 def fused_input(layer: Layer, x: np.ndarray, residual: np.ndarray | None) -> np.ndarray:
-    """What a layer normalizes, in float64: x, or h = x + residual (``residual``)."""
+    """What a layer normalizes, in float64: x, or h = x + residual (``residual``), rounded to the
+    layer's dtype as the tensor h it is (and as PyTorch's x + residual is)."""
     x = np.asarray(x, dtype=np.float64)
     if not layer.residual:
         if residual is not None:
@@ -414,7 +416,7 @@ def fused_input(layer: Layer, x: np.ndarray, residual: np.ndarray | None) -> np.
     if residual is None or np.shape(residual) != x.shape:
         raise NormgenError(f"layer {layer.name!r} has residual = true: residual must be shaped like x {tuple(x.shape)}"
                            f"{'' if residual is None else f', got {tuple(np.shape(residual))}'}")
-    return x + np.asarray(residual, dtype=np.float64)
+    return round_to(x + np.asarray(residual, dtype=np.float64), layer.dtype)
 
 
 def _batch_channel_shape(layer: Layer, ndim: int) -> tuple[int, ...]:

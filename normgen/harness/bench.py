@@ -142,7 +142,9 @@ BYTES_DOC = (
     "bytes = every tensor byte read plus every tensor byte written, each once: predict reads x and "
     "writes y (2*N*s for N elements of s bytes); train_forward also reads and writes the running "
     "mean and variance (+4*C*s); backward reads x and dy and writes dx, dscale and doffset "
-    "(3*N*s + 2*C*s). Parameter reads (scale, offset, folded constants: C values) are not counted. "
+    "(3*N*s + 2*C*s). Fused forms add their tensors: residual read and h written (N*s each), "
+    "mod_shift and mod_scale read (2*batch*C*s), dh read. "
+    "Parameter reads (scale, offset, folded constants: C values) are not counted. "
     "copy = a plain copy of a buffer of bytes/2, so it reads and writes the same number of bytes."
 )
 
@@ -151,12 +153,13 @@ def traffic(layer: Layer, role: str, batch: int) -> int:
     """Bytes a function moves (see BYTES_DOC)."""
     s = np.dtype(NUMPY_DTYPES.get(layer.dtype, np.float32)).itemsize if layer.dtype != "bfloat16" else 2
     n = int(np.prod(reference.full_shape(layer, batch)))
+    mod = 2 * batch * layer.channels * s if layer.modulation != "none" else 0
     if role == "predict":
-        return 2 * n * s
+        return (2 + layer.residual + layer.residual_out) * n * s + mod
     if role == "train_forward":
-        return 2 * n * s + 4 * layer.channels * s
+        return (2 + layer.residual + layer.residual_out) * n * s + mod + 4 * layer.channels * s
     if role == "backward":
-        return 3 * n * s + 2 * layer.channels * s
+        return (3 + layer.residual_out) * n * s + 2 * layer.channels * s
     raise NormgenError(f"unknown function role {role!r}")
 
 
@@ -419,15 +422,61 @@ class CFunctions:
         return ptr
 
     def roles(self) -> list[str]:
-        roles = [f.role for f in self.compiled.plan.functions]
+        roles = [f.role for f in self.compiled.plan.public_functions]
         train = getattr(self.compiled.plan, "train", None)
         if hasattr(self.compiled, "backward") and train is not None and "backward" in train.roles:
             roles.append("backward")
         return [r for r in ROLES if r in roles]
 
+    def fused_inputs(self) -> dict[str, np.ndarray]:
+        """A fused layer's other inputs (residual, mod_shift, mod_scale), drawn once."""
+        if not hasattr(self, "_fused"):
+            rng = np.random.default_rng(2)
+            self._fused = {}
+            if self.layer.residual:
+                self._fused["residual"] = aligned_copy(rng.standard_normal(self.x.shape), self.x.dtype)
+            if self.layer.modulation != "none":
+                for k in ("mod_shift", "mod_scale"):
+                    self._fused[k] = aligned_copy(0.5 * rng.standard_normal(self.batch * self.layer.channels), self.x.dtype)
+        return self._fused
+
+    def _named_call(self, role: str) -> Callable[[], object]:
+        """A fused layer's public function on preallocated buffers, its arguments by name
+        (normgen/targets/calls.py)."""
+        from ..targets.calls import SAVED, X_SHAPED, argument_kinds
+
+        f = self.compiled.public(role)
+        arrays = {"x": self.x, "y": self.y, **self.fused_inputs(), "running_mean": self.rm, "running_var": self.rv}
+        sizes = dict(zip(["batch", *self.layer.sizes], self.dims, strict=True))
+        args = []
+        for a in argument_kinds(f.args):
+            if not a.pointer:
+                args.append(sizes[a.name])
+            elif a.name == "params":
+                args.append(self.compiled.params)
+            else:
+                if a.name not in arrays:
+                    shape = self.x.shape if a.name in X_SHAPED else self.compiled._count(a.name, self.x, self.batch, self.dims)
+                    arrays[a.name] = (aligned_copy(np.random.default_rng(3).standard_normal(shape), self.x.dtype)
+                                      if a.const else aligned_empty(shape, np.float64 if a.name in SAVED else self.x.dtype))
+                ptr = self.ffi.cast(f"{a.ctype} *", self.ffi.from_buffer(arrays[a.name]))
+                self._keep.append(ptr)
+                args.append(ptr)
+        fn = getattr(self.lib, f.name)
+        self._arrays = arrays
+
+        def go(fn=fn, args=args):
+            rc = fn(*args)
+            if rc:
+                raise NormgenError(f"{f.name} returned {rc}")
+
+        return go
+
     def call(self, role: str) -> Callable[[], object]:
         name = self.layer.name
         lead = list(self.compiled._lead)
+        if self.layer.fused:
+            return self._named_call(role)
         if role == "predict":
             fn = getattr(self.lib, f"{name}_predict")
             args = [*lead, self._p(self.x), self._p(self.y), *self.dims]
@@ -484,8 +533,11 @@ def _torch_logical(layer: Layer, x: np.ndarray, device: str = "cpu"):
     return v
 
 
-def torch_case(layer: Layer, role: str, x: np.ndarray, device: str = "cpu") -> tuple[Callable[[], object] | None, str]:
-    """A zero-argument callable running PyTorch's version of one generated function, and a note."""
+def torch_case(layer: Layer, role: str, x: np.ndarray, device: str = "cpu",
+               fused: dict[str, np.ndarray] | None = None) -> tuple[Callable[[], object] | None, str]:
+    """A zero-argument callable running PyTorch's version of one generated function, and a note.
+    A fused layer (README "Fused forms") runs as PyTorch composes it: x + residual, the norm,
+    then z * (1 + mod_scale) + mod_shift and the activation (``fused``: those inputs by name)."""
     try:
         import torch
         import torch.nn.functional as F
@@ -496,7 +548,9 @@ def torch_case(layer: Layer, role: str, x: np.ndarray, device: str = "cpu") -> t
     letters = layer.fmt.letters
     dt = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}[layer.dtype]
+    fused = fused or {}
     v = _torch_logical(layer, x, device).to(dt)
+    rv = _torch_logical(layer, fused["residual"], device).to(dt) if "residual" in fused else None
 
     def vec(a):
         return torch.tensor(np.array(a, dtype=np.float64), device=device).to(dt)
@@ -506,44 +560,92 @@ def torch_case(layer: Layer, role: str, x: np.ndarray, device: str = "cpu") -> t
     eps = layer.epsilon
     note = "channels_last" if v.dim() >= 3 and not v.is_contiguous() and v.is_contiguous(
         memory_format=torch.channels_last if v.dim() == 4 else torch.contiguous_format) else ""
+    # the logical tensor's letters: B, C, then the rest in format order
+    order = [ch for ch in "BC" if ch in letters] + [ch for ch in letters if ch not in "BC"]
+    if "B" not in letters:
+        order = ["B"] + order
+    op, how = _torch_op(layer, role, v, w, b, eps, F)
+    if op is None:
+        if layer.affine == "element" or getattr(layer, "resolved_dimension", "") == "channel-only":
+            # PyTorch's normalized_shape: the normalized dimensions moved to the end, in format order
+            t = torch.from_numpy(aligned_copy(np.asarray(x))).to(device).to(dt)
+            pos = [i for i, ch in enumerate(letters) if ch != "B" and ch in layer.normalized_letters()]
+            dest = list(range(t.dim() - len(pos), t.dim()))
+            v = t.movedim(pos, dest)
+            if rv is not None:
+                rv = torch.from_numpy(aligned_copy(np.asarray(fused["residual"]))).to(device).to(dt).movedim(pos, dest)
+            shape = tuple(v.shape[t.dim() - len(pos):])
+            ws = w.reshape(shape) if w is not None else None
+            bs = b.reshape(shape) if b is not None else None
+            how = "" if v.is_contiguous() else ", strided"
+            keep = [ch for i, ch in enumerate(letters) if i not in pos]
+            order = keep + [letters[i] for i in pos]
+            if layer.kind == "rmsnorm":
+                op, how = (lambda t: F.rms_norm(t, shape, ws, eps)), "rms_norm" + how
+            else:
+                op, how = (lambda t: F.layer_norm(t, shape, ws, bs, eps)), "layer_norm" + how
+        else:
+            return None, how
+    note = ", ".join(n for n in (note, how) if n)
+    if not layer.fused:
+        return (lambda: op(v)), note
+    pre = (lambda: v + rv) if rv is not None else (lambda: v)
+    post = _torch_post(layer, fused, order, device, dt, torch, F)
+    return (lambda: post(op(pre()))), ", ".join(n for n in (note, "composed") if n)
+
+
+def _torch_op(layer: Layer, role: str, v, w, b, eps, F):
+    """(the PyTorch function of the logical tensor, a note); (None, why) where it takes the
+    normalized dimensions last (layer norm, RMSNorm: torch_case does those) or has none."""
     if layer.kind == "batchnorm":
-        rm, rv = vec(layer.trained_mean_values), vec(layer.trained_variance_values)
+        import torch
+
+        dt, device = v.dtype, v.device
+        rm = torch.tensor(np.array(layer.trained_mean_values), device=device).to(dt)
+        rv = torch.tensor(np.array(layer.trained_variance_values), device=device).to(dt)
         if role == "predict":
-            return (lambda: F.batch_norm(v, rm, rv, w, b, False, 0.0, eps)), note
-        return (lambda: F.batch_norm(v, rm, rv, w, b, True, layer.mean_decay, eps)), note
+            return (lambda t: F.batch_norm(t, rm, rv, w, b, False, 0.0, eps)), ""
+        return (lambda t: F.batch_norm(t, rm, rv, w, b, True, layer.mean_decay, eps)), ""
     if role != "predict":
         return None, "no such function"
     if layer.kind == "groupnorm":
-        return (lambda: F.group_norm(v, layer.groups, w, b, eps)), note
+        return (lambda t: F.group_norm(t, layer.groups, w, b, eps)), ""
     if layer.kind == "instancenorm":
         if v.dim() < 3:
             return None, "instance norm needs a dimension besides B and C"
-        return (lambda: F.instance_norm(v, weight=w, bias=b, eps=eps)), note
+        return (lambda t: F.instance_norm(t, weight=w, bias=b, eps=eps)), ""
     od = layer.resolved_dimension
     if layer.affine == "element" or od == "channel-only":
-        # PyTorch's normalized_shape: the normalized dimensions moved to the end, in format order
-        t = torch.from_numpy(aligned_copy(np.asarray(x))).to(device).to(dt)
-        pos = [i for i, ch in enumerate(letters) if ch != "B" and ch in layer.normalized_letters()]
-        u = t.movedim(pos, list(range(t.dim() - len(pos), t.dim())))
-        shape = tuple(u.shape[t.dim() - len(pos):])
-        ws = w.reshape(shape) if w is not None else None
-        bs = b.reshape(shape) if b is not None else None
-        how = "" if u.is_contiguous() else ", strided"
-        if layer.kind == "rmsnorm":
-            return (lambda: F.rms_norm(u, shape, ws, eps)), "rms_norm" + how
-        return (lambda: F.layer_norm(u, shape, ws, bs, eps)), "layer_norm" + how
+        return None, ""
     if layer.kind == "rmsnorm":
         return None, "per-channel RMSNorm over several dimensions has no PyTorch op"
-    if od == "spatial-channel" and "T" in letters:
+    if od == "spatial-channel" and "T" in layer.fmt.letters:
         return None, "spatial-channel with T has no PyTorch op"
     # spatial-channel (no T) and batch-excluded: one statistic per batch with per-channel affine
-    return (lambda: F.group_norm(v, 1, w, b, eps)), "group_norm(G=1)"
+    return (lambda t: F.group_norm(t, 1, w, b, eps)), "group_norm(G=1)"
+
+
+def _torch_post(layer: Layer, fused: dict, order: list[str], device: str, dt, torch, F):
+    """The modulation and the activation, as PyTorch code would write them after the norm."""
+    acts = {"none": lambda t: t, "relu": F.relu, "silu": F.silu, "gelu": F.gelu,
+            "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
+    act = acts[layer.activation]
+    if layer.modulation == "none":
+        return act
+    shape = [-1 if ch == "B" else layer.channels if ch == "C" else 1 for ch in order]
+    shift, scale = (torch.from_numpy(np.asarray(fused[k]).reshape(-1, layer.channels)).to(device).to(dt)
+                    for k in ("mod_shift", "mod_scale"))
+    if order.index("C") < order.index("B"):
+        shift, scale = shift.T, scale.T
+    shift, scale = shift.reshape(shape), scale.reshape(shape)
+    return lambda t: act(t * (1 + scale) + shift)
 
 
 # ---- ONNX Runtime --------------------------------------------------------------------------------
 
 
-def ort_case(layer: Layer, role: str, x: np.ndarray, threads: int) -> tuple[Callable[[], object] | None, str]:
+def ort_case(layer: Layer, role: str, x: np.ndarray, threads: int,
+             fused: dict[str, np.ndarray] | None = None) -> tuple[Callable[[], object] | None, str]:
     """ONNX Runtime's version of a function: a one-node model run with preallocated outputs."""
     try:
         import onnxruntime as ort
@@ -554,6 +656,8 @@ def ort_case(layer: Layer, role: str, x: np.ndarray, threads: int) -> tuple[Call
         return None, "not compared"
     if layer.dtype not in ("float32", "float64"):
         return None, f"{layer.dtype} not compared"
+    if layer.fused:
+        return _ort_skip_case(layer, role, x, threads, fused or {})
     letters = layer.fmt.letters
     channel_first = letters.startswith("BC") or (not layer.fmt.has_batch and letters.startswith("C"))
     xin = x if layer.fmt.has_batch else x[None]
@@ -619,15 +723,9 @@ def ort_case(layer: Layer, role: str, x: np.ndarray, threads: int) -> tuple[Call
         [numpy_helper.from_array(a, n) for n, a in inits.items()],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = min(model.ir_version, 10)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    try:
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-        return None, f"onnxruntime rejected the model: {str(exc).splitlines()[0][:80]}"
+    sess = _ort_session(model, threads)
+    if isinstance(sess, str):
+        return None, sess
     xo = aligned_copy(np.asarray(xin), np_t)
     y = aligned_empty(xo.shape, np_t)
     binding = sess.io_binding()
@@ -643,6 +741,64 @@ def ort_case(layer: Layer, role: str, x: np.ndarray, threads: int) -> tuple[Call
         sess.run_with_iobinding(binding)
 
     return go, f"opset {opset}"
+
+
+def _ort_session(model, threads: int):
+    """An ONNX Runtime session of ``model`` on one CPU thread pool of ``threads``, or why not."""
+    import onnxruntime as ort
+
+    model.ir_version = min(model.ir_version, 10)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    try:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        return f"onnxruntime rejected the model: {str(exc).splitlines()[0][:80]}"
+
+
+def _ort_skip_case(layer: Layer, role: str, x: np.ndarray, threads: int,
+                   fused: dict[str, np.ndarray]) -> tuple[Callable[[], object] | None, str]:
+    """Residual + layer norm / RMSNorm over the last dimension: ONNX Runtime's contrib
+    SkipLayerNormalization / SkipSimplifiedLayerNormalization (h as its input_skip_bias_sum)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if role != "predict" or not layer.residual or layer.activation != "none" or layer.modulation != "none":
+        return None, "no ONNX Runtime op for this fused form"
+    if (layer.kind not in ("layernorm", "rmsnorm") or layer.resolved_dimension != "channel-only"
+            or not layer.fmt.letters.endswith("C") or layer.affine != "channel" or layer.dtype != "float32"
+            or x.ndim != 3):
+        return None, "SkipLayerNormalization: float32 [batch, sequence, hidden] normalized over hidden"
+    op = "SkipLayerNormalization" if layer.kind == "layernorm" else "SkipSimplifiedLayerNormalization"
+    inits = {"s": np.asarray(layer.scale_values, dtype=np.float32)}
+    if layer.kind == "layernorm":
+        inits["b"] = np.asarray(layer.offset_values, dtype=np.float32)
+    outputs = ["y", "", "", "h"] if layer.residual_out else ["y"]
+    node = helper.make_node(op, ["x", "r", *inits], outputs, domain="com.microsoft", epsilon=layer.epsilon)
+    tp = TensorProto.FLOAT
+    graph = helper.make_graph(
+        [node], layer.name, [helper.make_tensor_value_info(n, tp, list(x.shape)) for n in ("x", "r")],
+        [helper.make_tensor_value_info(o, tp, None) for o in outputs if o],
+        [numpy_helper.from_array(a, n) for n, a in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    sess = _ort_session(model, threads)
+    if isinstance(sess, str):
+        return None, sess
+    keep = [aligned_copy(x, np.float32), aligned_copy(fused["residual"], np.float32)]
+    binding = sess.io_binding()
+    for name, arr in zip(("x", "r"), keep, strict=True):
+        binding.bind_cpu_input(name, arr)
+    for o in (o for o in outputs if o):
+        buf = aligned_empty(x.shape, np.float32)
+        keep.append(buf)
+        binding.bind_output(o, "cpu", 0, np.float32, list(x.shape), buf.ctypes.data)
+
+    def go(sess=sess, binding=binding, keep=keep):
+        sess.run_with_iobinding(binding)
+
+    return go, f"com.microsoft {op}"
 
 
 def _keep_freed_memory() -> None:
@@ -719,7 +875,7 @@ def bench_c(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) -> 
                              t_copy, nbytes / t_copy / 1e9, t_copy / t_ours, samples=args.repeat)
                 if have_torch:
                     progress.step(f"{where}: normgen vs PyTorch")
-                    fn, res.torch_note = torch_case(fixed, role, fns.x)
+                    fn, res.torch_note = torch_case(fixed, role, fns.x, fused=fns.fused_inputs())
                     if fn is not None:
                         res.time_vs_torch_s, res.torch_time_s = time_interleaved([ours, fn], args.repeat, args.warmup)
                         res.torch_speedup = res.torch_time_s / res.time_vs_torch_s
@@ -727,7 +883,7 @@ def bench_c(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) -> 
                     res.torch_note = "skipped" if args.no_torch else "torch not importable"
                 if have_ort:
                     progress.step(f"{where}: normgen vs ONNX Runtime")
-                    fn, res.ort_note = ort_case(fixed, role, fns.x, args.threads)
+                    fn, res.ort_note = ort_case(fixed, role, fns.x, args.threads, fused=fns.fused_inputs())
                     if fn is not None:
                         res.time_vs_ort_s, res.ort_time_s = time_interleaved([ours, fn], args.repeat, args.warmup)
                         res.ort_speedup = res.ort_time_s / res.time_vs_ort_s
@@ -790,7 +946,8 @@ def _torch_reused(layers: list[Layer], cfg: BenchConfig, report: Report, args: a
         if fns is None or fns.layer.name != res.layer:
             fns = None  # the previous layer's buffers freed before this layer's are allocated
             fns = CFunctions(layer, flags, res.batch, rng, cfg.sizes.get(layer.name))
-        fn, _ = torch_case(layer.at_sizes(cfg.sizes.get(layer.name, {})), res.function, fns.x)
+        fn, _ = torch_case(layer.at_sizes(cfg.sizes.get(layer.name, {})), res.function, fns.x,
+                           fused=fns.fused_inputs())
         if fn is not None:
             res.time_vs_torch_reuse_s, res.torch_reuse_time_s = time_interleaved(
                 [fns.call(res.function), fn], args.repeat, args.warmup)

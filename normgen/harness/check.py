@@ -162,6 +162,9 @@ def _check_at(compiled, layer: Layer, batches, seed: int, training: bool, sizes:
     for batch in batches if layer.fmt.has_batch else (1,):
         x = random_input(layer, batch, rng, sizes)
         x = compiled.quantize(x) if hasattr(compiled, "quantize") else x.astype(storage)
+        if layer.fused:
+            results += _check_fused(compiled, layer, batch, x, rng, training, storage)
+            continue
         results.append(compare(layer.name, "predict", layer.dtype, batch, compiled.predict(x), reference.predict(layer, x)))
         if training:
             dy = rng.standard_normal(x.shape)
@@ -180,6 +183,55 @@ def _check_at(compiled, layer: Layer, batches, seed: int, training: bool, sizes:
             results.append(compare(layer.name, "train_forward", layer.dtype, batch, y, ry))
             results.append(compare(layer.name, "running_mean", layer.dtype, batch, compiled.running_mean, rm))
             results.append(compare(layer.name, "running_var", layer.dtype, batch, compiled.running_var, rv))
+    return results
+
+
+def _check_fused(compiled, layer: Layer, batch: int, x: np.ndarray, rng: np.random.Generator, training: bool,
+                 storage: np.dtype) -> list[Comparison]:
+    """A fused layer (README "Fused forms"): each public function's outputs, by name, against the
+    reference given the same inputs (residual, mod_shift, mod_scale; dy, dh for the backward)."""
+    from ..targets.calls import fused_reference
+
+    def draw(shape, spread=1.0):
+        a = spread * rng.standard_normal(shape)
+        return compiled.quantize(a) if hasattr(compiled, "quantize") else a.astype(storage)
+
+    inputs = {"x": x}
+    if layer.residual:
+        inputs["residual"] = draw(x.shape)
+    if layer.modulation != "none":
+        inputs["mod_shift"] = draw(batch * layer.channels)
+        inputs["mod_scale"] = draw(batch * layer.channels, 0.5)
+    roles = [f.role for f in compiled.plan.public_functions]
+    results = []
+    saved = None
+    forward = ["predict", "train_forward"] + (["train_forward_save"] if training else [])
+    for role in (r for r in forward if r in roles):
+        if (layer.kind == "batchnorm" and role != "predict" and layer.running_variance == "unbiased"
+                and reference.count(layer, batch, layer.sizes_of(x.shape)) < 2):
+            continue
+        running = (np.array(compiled.running_mean, dtype=np.float64), np.array(compiled.running_var, dtype=np.float64)) \
+            if layer.kind == "batchnorm" else None
+        got = compiled.run(role, **inputs)
+        want = fused_reference(layer, role, inputs, running)
+        results += [compare(layer.name, f"{role}:{k}", layer.dtype, batch, got[k], want[k]) for k in got]
+        if role == "train_forward_save":
+            saved = got
+    if not training:
+        return results
+    h = reference.fused_input(layer, x, inputs.get("residual"))
+    back = {"h" if layer.residual else "x": compiled.quantize(h) if hasattr(compiled, "quantize") else h.astype(storage),
+            "dy": draw(x.shape), **{k: inputs[k] for k in ("mod_shift", "mod_scale") if k in inputs}}
+    if layer.residual_out:
+        back["dh"] = draw(x.shape)
+    for role in ("backward", "backward_saved", "backward_frozen"):
+        if role not in roles or (role == "backward_saved" and saved is None):
+            continue
+        args = dict(back, **({"saved_mean": saved["saved_mean"], "saved_invstd": saved["saved_invstd"]}
+                             if role == "backward_saved" else {}))
+        got = compiled.run(role, **args)
+        want = fused_reference(layer, role, args)
+        results += [compare(layer.name, f"{role}:{k}", layer.dtype, batch, got[k], want[k]) for k in got]
     return results
 
 

@@ -35,7 +35,8 @@ WRAPPED = ("predict", "train_forward", "train_forward_save", "backward", "backwa
 NEEDS_PLAIN_OUTPUT = ("backward", "backward_frozen")
 
 #: Each activation as statements of a function of ``v``: (element type: float, double) for the
-#: forward, and its derivative in the accumulation type (double).
+#: forward, and its derivative in the accumulation type (double). ``{exp}``: the float exponential
+#: below (EXPF), which the compiler vectorizes where libm's expf is a call per element.
 ACTIVATIONS = {
     "relu": {
         "float": ["return v < 0 ? 0.0f : v;"],
@@ -43,17 +44,28 @@ ACTIVATIONS = {
         "grad": ["return v > 0 ? 1.0 : 0.0;"],
     },
     "silu": {
-        "float": ["return v / (1.0f + expf(-v));"],
+        "float": ["return v / (1.0f + {exp}(-v));"],
         "double": ["return v / (1.0 + exp(-v));"],
         "grad": ["const double s = 1.0 / (1.0 + exp(-v));", "return s * (1.0 + v * (1.0 - s));"],
     },
     "gelu": {
-        "float": ["return 0.5f * v * (1.0f + erff(v * 0.707106781186547524f));"],
+        "float": [
+            "/* erf(|v| / sqrt(2)) as Abramowitz and Stegun 7.1.26 (absolute error < 1.5e-7) */",
+            "const float a = fabsf(v) * 0.707106781186547524f;",
+            "const float t = 1.0f / (1.0f + 0.3275911f * a);",
+            "const float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));",
+            "const float e = copysignf(1.0f - poly * {exp}(-a * a), v);",
+            "return 0.5f * v * (1.0f + e);",
+        ],
         "double": ["return 0.5 * v * (1.0 + erf(v * 0.707106781186547524));"],
         "grad": ["return 0.5 * (1.0 + erf(v * 0.707106781186547524)) + v * exp(-0.5 * v * v) * 0.398942280401432678;"],
     },
     "gelu_tanh": {
-        "float": ["return 0.5f * v * (1.0f + tanhf(0.797884560802865356f * (v + 0.044715f * v * v * v)));"],
+        "float": [
+            "/* tanh(u) = 1 - 2 / (1 + e^(2u)) */",
+            "const float u = 0.797884560802865356f * (v + 0.044715f * v * v * v);",
+            "return 0.5f * v * (2.0f - 2.0f / (1.0f + {exp}(2.0f * u)));",
+        ],
         "double": ["return 0.5 * v * (1.0 + tanh(0.797884560802865356 * (v + 0.044715 * v * v * v)));"],
         "grad": [
             "const double t = tanh(0.797884560802865356 * (v + 0.044715 * v * v * v));",
@@ -61,6 +73,24 @@ ACTIVATIONS = {
         ],
     },
 }
+
+#: e^v in float (relative error below 2.5e-7 where the result is a normal float): 2^n * e^r with
+#: n = round(v * log2(e)) (by adding and subtracting 1.5 * 2^23), r = v - n * ln 2 in two parts (|r| <= ln 2 / 2), e^r by its Taylor
+#: polynomial to degree 7, 2^n built in the exponent bits; v clamped to the normal range.
+EXPF = [
+    "v = v < -87.33654f ? -87.33654f : v;",
+    "v = v > 88.3762589f ? 88.3762589f : v;",
+    "const float n = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* rounded: 1.5 * 2^23 */",
+    "const float r = (v - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;",
+    "const float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.66666667e-1f + r * (4.16666667e-2f"
+    " + r * (8.33333333e-3f + r * (1.38888889e-3f + r * 1.98412698e-4f))))));",
+    "union {",
+    "    int32_t i;",
+    "    float f;",
+    "} s;",
+    "s.i = ((int32_t)n + 127) * 8388608;",
+    "return p * s.f;",
+]
 
 
 @dataclass(frozen=True)
@@ -103,6 +133,7 @@ class Fusion:
     dropped: tuple[str, ...]  # roles a fused layer does not have
     functions: list[FusedFunction]
     act: list[str]  # NAME_act's body (element type)
+    expf: list[str]  # NAME_expf's body, where the float activation uses it
     act_grad: list[str]  # NAME_act_grad's body (double)
     total: str  # elements of x (C expression after the size locals)
     mod_loops: list[Loop]  # the epilogue: every element in memory order
@@ -196,7 +227,8 @@ def lower_fusion(layer: Layer, plan) -> Fusion | None:
         act_in_core=act != "none" and layer.modulation == "none",
         wrapped=tuple(r for r in WRAPPED if r not in dropped), dropped=dropped,
         functions=[f for f in fns if f is not None],
-        act=ACTIVATIONS[act][t] if act != "none" else [],
+        act=[line.format(exp=f"{plan.name}_expf") for line in ACTIVATIONS[act][t]] if act != "none" else [],
+        expf=EXPF if act != "none" and any("{exp}" in line for line in ACTIVATIONS[act][t]) else [],
         act_grad=ACTIVATIONS[act]["grad"] if act != "none" else [],
         total=plan.elements.expr(),
         mod_loops=[Loop(ax.var, "0", ax.extent.expr()) for ax in axes], mod_offset=_offset(axes),

@@ -473,6 +473,13 @@ class Plan:
         without a modulation: lowering/fusion.py), or ""."""
         return f"{self.name}_act" if self.fusion is not None and self.fusion.act_in_core else ""
 
+    @property
+    def lane_pragma(self) -> list[str]:
+        """Before a loop over a block of lanes whose body applies the activation: a loop, not
+        unrolled into straight-line code, so that the compiler vectorizes the activation's
+        comparisons (NAME_LANE_LOOP, defined by the fused forms' helpers)."""
+        return [f"{self.upper}_LANE_LOOP"] if self.act_fn else []
+
     def activate(self, expr: str) -> str:
         return f"{self.act_fn}({expr})" if self.act_fn else expr
 

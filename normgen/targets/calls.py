@@ -123,7 +123,7 @@ def fused_reference(layer, role: str, arrays: dict[str, np.ndarray], running=Non
         res = arrays.get("residual")
         out = {}
         if layer.residual_out:
-            out["h"] = np.asarray(x, dtype=np.float64) + np.asarray(res, dtype=np.float64)
+            out["h"] = reference.fused_input(layer, x, res)
         if role == "predict":
             out["y"] = reference.predict(layer, x, residual=res, **mod)
             return out
