@@ -10,8 +10,8 @@ import math
 
 import numpy as np
 
-from .description.kinds import reduced_letters, semantics  # kind semantics: description/kinds.py
 from .description.dtypes import round_to
+from .description.kinds import reduced_letters, semantics  # kind semantics: description/kinds.py
 from .description.layers import Layer
 from .errors import NormgenError
 

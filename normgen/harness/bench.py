@@ -648,7 +648,7 @@ def ort_case(layer: Layer, role: str, x: np.ndarray, threads: int,
              fused: dict[str, np.ndarray] | None = None) -> tuple[Callable[[], object] | None, str]:
     """ONNX Runtime's version of a function: a one-node model run with preallocated outputs."""
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401 (availability: _ort_session uses it)
         from onnx import TensorProto, helper, numpy_helper
     except ImportError:
         return None, "onnxruntime/onnx not importable"
