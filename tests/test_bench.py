@@ -50,7 +50,7 @@ RESULT_FIELDS = {
     "torch_reuse_time_s", "torch_reuse_speedup", "torch_note", "ort_time_s", "ort_speedup", "ort_note",
     "time_vs_torch_s", "time_vs_torch_reuse_s", "time_vs_ort_s",
     "torch_compile_time_s", "torch_compile_speedup", "time_vs_torch_compile_s", "torch_compile_build_s",
-    "torch_compile_note",
+    "torch_compile_note", "torch_compile_reuse_time_s", "torch_compile_reuse_speedup", "time_vs_torch_compile_reuse_s",
 }
 
 
@@ -89,7 +89,7 @@ def test_bench_writes_json(tiny_spec, tmp_path, capsys):
         assert r["gbps"] == pytest.approx(r["bytes"] / r["time_s"] / 1e9)
         assert r["fraction_of_copy"] == pytest.approx(r["copy_time_s"] / r["time_s"])
         # each speed-up divides by normgen's time sampled in turn with the other side
-        for side in ("torch", "torch_reuse", "torch_compile", "ort"):
+        for side in ("torch", "torch_reuse", "torch_compile", "torch_compile_reuse", "ort"):
             if r[f"{side}_time_s"] is not None:
                 assert r[f"time_vs_{side}_s"] > 0
                 assert r[f"{side}_speedup"] == pytest.approx(r[f"{side}_time_s"] / r[f"time_vs_{side}_s"])
@@ -102,6 +102,7 @@ def test_bench_writes_json(tiny_spec, tmp_path, capsys):
         # every function PyTorch is timed on is also timed through torch.compile, compiled before timing
         for r in results:
             assert (r["torch_compile_time_s"] is None) == (r["torch_time_s"] is None), r
+            assert (r["torch_compile_reuse_time_s"] is None) == (r["torch_time_s"] is None), r
             if r["torch_compile_time_s"] is not None:
                 assert r["torch_compile_build_s"] > 0
         assert "x comp" in text

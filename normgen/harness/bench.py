@@ -134,6 +134,9 @@ class Result:
     time_vs_torch_compile_s: float | None = None
     torch_compile_build_s: float | None = None
     torch_compile_note: str = ""
+    torch_compile_reuse_time_s: float | None = None  # with freed memory reused, as torch_reuse_time_s
+    torch_compile_reuse_speedup: float | None = None
+    time_vs_torch_compile_reuse_s: float | None = None
 
 
 @dataclass
@@ -823,14 +826,14 @@ def _total(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) -> i
 
 def _torch_reused(layers: list[Layer], cfg: BenchConfig, report: Report, args: argparse.Namespace,
                   progress: Progress, flags: list[str]) -> None:
-    """PyTorch again, once glibc keeps freed memory (see _keep_freed_memory): its kernel's time
+    """PyTorch (and its torch.compile) again, once glibc keeps freed memory (see _keep_freed_memory): its kernel's time
     without the page faults of a fresh output, sampled in turn with the generated function (built
     again: its build is cached) on the same data. Run after everything else because glibc's
     settings cannot be put back."""
     _keep_freed_memory()
     by_name = {layer.name: layer for layer in layers}
     rng = np.random.default_rng(0)
-    progress.extend(sum(res.torch_time_s is not None for res in report.results))
+    progress.extend(sum((res.torch_time_s is not None) + (res.torch_compile_time_s is not None) for res in report.results))
     fns: CFunctions | None = None
     for res in report.results:
         if res.torch_time_s is None:
@@ -846,6 +849,15 @@ def _torch_reused(layers: list[Layer], cfg: BenchConfig, report: Report, args: a
                 [fns.call(res.function), fn], args.repeat, args.warmup)
             res.torch_reuse_speedup = res.torch_reuse_time_s / res.time_vs_torch_reuse_s
         progress.advance()
+        if res.torch_compile_time_s is not None:
+            progress.step(f"{res.layer}.{res.function}: normgen vs torch.compile, freed memory reused")
+            fn, _, _ = torch_compile_case(layer.at_sizes(cfg.sizes.get(layer.name, {})), res.function, fns.x)
+            if fn is not None:
+                res.time_vs_torch_compile_reuse_s, res.torch_compile_reuse_time_s = time_interleaved(
+                    [fns.call(res.function), fn], args.repeat, args.warmup)
+                res.torch_compile_reuse_speedup = res.torch_compile_reuse_time_s / res.time_vs_torch_compile_reuse_s
+            del fn
+            progress.advance()
 
 
 def _importable(name: str) -> bool:
@@ -970,7 +982,7 @@ def print_table(report: Report, out=None) -> None:
     print(f"normgen {report.normgen_version} bench, target {report.target}, {where}, "
           f"{report.threads} thread(s), flags {report.flags!r}", file=out)
     head = (f"{'workload':34} {'shape':18} {'MB':>6} {'us':>9} {'GB/s':>6} {'copy':>6} {'%copy':>5} "
-            f"{'torch us':>9} {'x torch':>7} {'x reuse':>7} {'compile us':>10} {'x comp':>6} {'ort us':>9} {'x ort':>6}")
+            f"{'torch us':>9} {'x torch':>7} {'x reuse':>7} {'compile us':>10} {'x comp':>6} {'x reuse':>7} {'ort us':>9} {'x ort':>6}")
     print(head, file=out)
     print("-" * len(head), file=out)
     for r in report.results:
@@ -980,12 +992,12 @@ def print_table(report: Report, out=None) -> None:
               f"{_fmt(r.torch_time_s and r.torch_time_s * 1e6, '9.1f'):>9} {_fmt(r.torch_speedup, '6.2f'):>7} "
               f"{_fmt(r.torch_reuse_speedup, '6.2f'):>7} "
               f"{_fmt(r.torch_compile_time_s and r.torch_compile_time_s * 1e6, '10.1f'):>10} "
-              f"{_fmt(r.torch_compile_speedup, '5.2f'):>6} "
+              f"{_fmt(r.torch_compile_speedup, '5.2f'):>6} {_fmt(r.torch_compile_reuse_speedup, '6.2f'):>7} "
               f"{_fmt(r.ort_time_s and r.ort_time_s * 1e6, '9.1f'):>9} {_fmt(r.ort_speedup, '5.2f'):>6}", file=out)
     print("GB/s: bytes read + written / median time; copy: a plain copy of the same bytes, sampled in turn "
           "with normgen; x torch / x comp / x ort: their time / normgen's, the two sampled in turn (> 1: "
           "normgen faster; comp: the PyTorch expression through torch.compile, compiled before timing); "
-          "x reuse: the same with PyTorch's freed memory reused (no page faults for its fresh output)", file=out)
+          "x reuse: the column before it again with freed memory reused (no page faults for PyTorch's fresh output)", file=out)
     notes = sorted({r.torch_compile_note for r in report.results if r.torch_compile_time_s is None
                     and r.torch_compile_note.startswith("torch.compile")})
     for note in notes:
