@@ -356,7 +356,7 @@ def _umask() -> int:
 
 
 @pytest.mark.parametrize("case", [
-    "missing-weights", "extra-key", "no-weight", "wrong-shape", "bias-shape", "not-npz", "groupnorm",
+    "missing-weights", "weights-dir", "extra-key", "no-weight", "wrong-shape", "bias-shape", "not-npz", "groupnorm",
     "several-layers", "unknown-layer", "bad-axis", "output-dir", "output-folder-missing",
 ])
 def test_cli_errors(case, tmp_path, capsys):
@@ -364,13 +364,16 @@ def test_cli_errors(case, tmp_path, capsys):
     out = tmp_path / "out.npz"
     extra: list[str] = []
     expect = {
-        "missing-weights": "nothere.npz", "extra-key": "'kernel'", "no-weight": "no array 'weight'",
+        "missing-weights": "nothere.npz", "weights-dir": "is not a file", "extra-key": "'kernel'", "no-weight": "no array 'weight'",
         "wrong-shape": "4 channels", "bias-shape": "bias shape (5,)", "not-npz": "not a readable .npz",
         "groupnorm": "groupnorm", "several-layers": "--layer", "unknown-layer": "'nope'", "bad-axis": "axis 4",
         "output-dir": "is a directory", "output-folder-missing": "cannot write",
     }[case]
     if case == "missing-weights":
         w = tmp_path / "nothere.npz"
+    elif case == "weights-dir":
+        w.unlink()
+        w.mkdir()
     elif case == "extra-key":
         np.savez(w, weight=np.ones((4, 3)), kernel=np.ones((4, 3)))
     elif case == "no-weight":

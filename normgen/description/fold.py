@@ -79,7 +79,7 @@ def read_weights(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     """``weight`` and (if present) ``bias`` of a .npz file; any other array is an error."""
     path = Path(path)
     if not path.is_file():
-        raise NormgenError(f"weights file {str(path)!r} does not exist")
+        raise NormgenError(f"weights file {str(path)!r} " + ("is not a file" if path.exists() else "does not exist"))
     try:
         with np.load(path, allow_pickle=False) as data:
             if not hasattr(data, "files"):
