@@ -7,6 +7,7 @@ test bench checked against :mod:`normgen.reference`.
 __version__ = "0.1.0"
 
 from . import reference  # noqa: E402
+from .description.fold import fold  # noqa: E402
 from .description.layers import BatchNorm, GroupNorm, InstanceNorm, Layer, LayerNorm, RMSNorm  # noqa: E402
 from .description.spec import load_spec  # noqa: E402
 from .errors import NormgenError  # noqa: E402
@@ -16,5 +17,5 @@ from .targets.render import emit  # noqa: E402
 
 __all__ = [
     "BatchNorm", "GroupNorm", "InstanceNorm", "Layer", "LayerNorm", "NormgenError", "RMSNorm",
-    "build", "emit", "from_keras", "from_onnx", "from_torch", "load_spec", "reference", "__version__",
+    "build", "emit", "fold", "from_keras", "from_onnx", "from_torch", "load_spec", "reference", "__version__",
 ]

@@ -1,4 +1,4 @@
-"""The ``normgen`` command: emit, check, show, bench."""
+"""The ``normgen`` command: emit, check, show, bench, import, fold."""
 
 from __future__ import annotations
 
@@ -291,6 +291,33 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fold(args: argparse.Namespace) -> int:
+    from .description.fold import fold, read_weights, weights_npz
+
+    layers = _load(args.spec)
+    names = [layer.name for layer in layers]
+    if args.layer is not None:
+        if args.layer not in names:
+            raise NormgenError(f"--layer {args.layer!r}: the spec has layers {', '.join(names)}")
+        layer = layers[names.index(args.layer)]
+    elif len(layers) == 1:
+        layer = layers[0]
+    else:
+        raise NormgenError(f"the spec has {len(layers)} layers ({', '.join(names)}): name the batch norm with --layer")
+    weight, bias = read_weights(args.weights)
+    folded_weight, folded_bias = fold(layer, weight, bias, axis=args.axis)
+    out = Path(args.output)
+    if out.is_dir():
+        raise NormgenError(f"output {str(out)!r} is a directory; give the .npz file to write")
+    try:
+        write_atomic(out, weights_npz(folded_weight, folded_bias))
+    except OSError as exc:
+        raise NormgenError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from None
+    print(f"wrote     {out} (weight {folded_weight.shape} {folded_weight.dtype}, bias {folded_bias.shape};"
+          f" batch norm {layer.name!r} folded along axis {args.axis})")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .harness import bench
 
@@ -350,6 +377,16 @@ def parser() -> argparse.ArgumentParser:
 
     s = add("show", "say what each layer computes: format, statistics, parameter counts")
     s.set_defaults(func=cmd_show)
+
+    f = add("fold", "fold a batch norm's trained statistics into the weight and bias of the layer before it")
+    f.add_argument("--weights", required=True, metavar="W.npz",
+                   help="the conv/linear layer's arrays: 'weight' and optionally 'bias' (one value per output channel)")
+    f.add_argument("-o", "--output", required=True, metavar="OUT.npz", help="where to write the folded weight and bias")
+    f.add_argument("--layer", default=None, metavar="NAME", help="the batch norm of the spec (needed when it has several layers)")
+    f.add_argument("--axis", type=int, default=0, metavar="K",
+                   help="the weight's output-channel axis: 0 PyTorch Conv/Linear, MATLAB fullyConnectedLayer (default);"
+                        " 1 PyTorch ConvTranspose; -1 Keras kernels, MATLAB convolution2dLayer")
+    f.set_defaults(func=cmd_fold)
 
     b = add("bench", "time the generated functions against memcpy/device copy bandwidth and PyTorch")
     try:

@@ -49,6 +49,8 @@ RESULT_FIELDS = {
     "time_s", "gbps", "copy_time_s", "copy_gbps", "fraction_of_copy", "torch_time_s", "torch_speedup",
     "torch_reuse_time_s", "torch_reuse_speedup", "torch_note", "ort_time_s", "ort_speedup", "ort_note",
     "time_vs_torch_s", "time_vs_torch_reuse_s", "time_vs_ort_s",
+    "torch_compile_time_s", "torch_compile_speedup", "time_vs_torch_compile_s", "torch_compile_build_s",
+    "torch_compile_note", "torch_compile_reuse_time_s", "torch_compile_reuse_speedup", "time_vs_torch_compile_reuse_s",
 }
 
 
@@ -87,7 +89,7 @@ def test_bench_writes_json(tiny_spec, tmp_path, capsys):
         assert r["gbps"] == pytest.approx(r["bytes"] / r["time_s"] / 1e9)
         assert r["fraction_of_copy"] == pytest.approx(r["copy_time_s"] / r["time_s"])
         # each speed-up divides by normgen's time sampled in turn with the other side
-        for side in ("torch", "torch_reuse", "ort"):
+        for side in ("torch", "torch_reuse", "torch_compile", "torch_compile_reuse", "ort"):
             if r[f"{side}_time_s"] is not None:
                 assert r[f"time_vs_{side}_s"] > 0
                 assert r[f"{side}_speedup"] == pytest.approx(r[f"{side}_time_s"] / r[f"time_vs_{side}_s"])
@@ -96,6 +98,64 @@ def test_bench_writes_json(tiny_spec, tmp_path, capsys):
     bn = next(r for r in results if r["layer"] == "tbn" and r["function"] == "predict")
     assert bn["bytes"] == 2 * 2 * 6 * 5 * 4 * 4  # x read + y written, float32
     assert bn["shape"] == [2, 6, 5, 4]
+    if _torch_compile_works():
+        # every function PyTorch is timed on is also timed through torch.compile, compiled before timing
+        for r in results:
+            assert (r["torch_compile_time_s"] is None) == (r["torch_time_s"] is None), r
+            assert (r["torch_compile_reuse_time_s"] is None) == (r["torch_time_s"] is None), r
+            if r["torch_compile_time_s"] is not None:
+                assert r["torch_compile_build_s"] > 0
+        assert "x comp" in text
+
+
+def _torch_compile_works() -> bool:
+    """Whether torch.compile runs here (inductor needs a C++ compiler)."""
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    try:
+        return bool(torch.compile(lambda t: t * 2.0 + 1.0, fullgraph=True)(torch.ones(3)).sum() == 9.0)
+    except Exception:  # noqa: BLE001 - whatever dynamo/inductor raise where they cannot run
+        return False
+
+
+def test_bench_torch_compile_column_skipped_when_it_fails(tiny_spec, tmp_path, capsys, monkeypatch):
+    """A torch.compile that fails (no C++ compiler, an unsupported Python) or computes something else
+    leaves its column empty with a note; everything else is measured; --no-compile skips it."""
+    torch = pytest.importorskip("torch", reason="the torch.compile column needs torch")
+
+    def broken(fn, **kw):
+        def call():
+            raise RuntimeError("InductorError: no working C++ compiler found\nmore")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    out = tmp_path / "b.json"
+    rc, text = _bench([str(tiny_spec), "--batch", "1", "--repeat", "1", "--no-ort", "--layer", "tbn", "--json", str(out)],
+                      capsys)
+    assert rc == 0
+    results = json.loads(out.read_text())["results"]
+    compared = [r for r in results if r["torch_time_s"] is not None]
+    assert compared
+    for r in compared:
+        assert r["torch_compile_time_s"] is None and r["torch_compile_speedup"] is None
+        assert r["torch_compile_note"] == "torch.compile failed: RuntimeError: InductorError: no working C++ compiler found"
+    assert "torch.compile column skipped: torch.compile failed: RuntimeError" in text
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: (lambda: fn() + 1.0))
+    from normgen.harness.bench import torch_compile_case
+
+    layer = LayerNorm(name="ln", format="BTC", shape=[3, 8])
+    fn, note, build_s = torch_compile_case(layer, "predict", np.ones((2, 3, 8), dtype=np.float32))
+    assert fn is None and build_s is None and "differs from eager" in note
+    monkeypatch.undo()
+
+    rc, _ = _bench([str(tiny_spec), "--batch", "1", "--repeat", "1", "--no-ort", "--no-compile", "--layer", "tln",
+                    "--json", str(out)], capsys)
+    assert rc == 0
+    assert all(r["torch_compile_note"] == "skipped" and r["torch_compile_time_s"] is None
+               for r in json.loads(out.read_text())["results"])
 
 
 def test_bench_sidecar_batches_and_functions(tiny_spec, tmp_path, capsys):

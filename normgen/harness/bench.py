@@ -12,10 +12,11 @@ For every layer of a spec and every generated function (``predict``; batch norm'
   holding half the bytes, one thread; CUDA: a device-to-device ``memcpy``), and the fraction
   of it the generated function reaches;
 * PyTorch's time for the same operation (``torch.nn.functional`` in the matching memory
-  format, ``torch.set_num_threads(threads)``) and ONNX Runtime's (a one-node model built with
-  ``onnx.helper``, ``intra_op_num_threads = threads``) when they are importable, each sampled
-  in turn with the generated function as the copy is, and their time divided by the generated
-  function's in that same stretch (> 1: normgen is faster).
+  format, ``torch.set_num_threads(threads)``), the same PyTorch expression through
+  ``torch.compile`` (C target; compiled once, before timing) and ONNX Runtime's (a one-node model
+  built with ``onnx.helper``, ``intra_op_num_threads = threads``) when they are importable, each
+  sampled in turn with the generated function as the copy is, and their time divided by the
+  generated function's in that same stretch (> 1: normgen is faster).
 
 Batch sizes are run-time arguments, so the spec cannot hold them: ``--batch N`` sets every
 layer's batch; otherwise the sidecar file ``SPEC.bench.toml`` beside the spec (or ``--config``)
@@ -84,6 +85,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--function", action="append", choices=ROLES, default=None,
                    help="bench only this function (repeatable)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip the torch.compile comparison (C target: it compiles each PyTorch expression once)")
     p.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime comparison")
     p.add_argument("--json", default=None, metavar="FILE", help="write every result as JSON")
     p.add_argument("--plot", default=None, metavar="FILE.png",
@@ -124,6 +127,16 @@ class Result:
     time_vs_torch_s: float | None = None
     time_vs_torch_reuse_s: float | None = None
     time_vs_ort_s: float | None = None
+    #: the PyTorch expression through torch.compile (inductor, fullgraph): its time per call, the
+    #: speed-up against it, normgen's time sampled in turn with it, and the seconds its compile took
+    torch_compile_time_s: float | None = None
+    torch_compile_speedup: float | None = None
+    time_vs_torch_compile_s: float | None = None
+    torch_compile_build_s: float | None = None
+    torch_compile_note: str = ""
+    torch_compile_reuse_time_s: float | None = None  # with freed memory reused, as torch_reuse_time_s
+    torch_compile_reuse_speedup: float | None = None
+    time_vs_torch_compile_reuse_s: float | None = None
 
 
 @dataclass
@@ -641,6 +654,34 @@ def _torch_post(layer: Layer, fused: dict, order: list[str], device: str, dt, to
     return lambda t: act(t * (1 + scale) + shift)
 
 
+def torch_compile_case(layer: Layer, role: str, x: np.ndarray) -> tuple[Callable[[], object] | None, str, float | None]:
+    """:func:`torch_case`'s expression through ``torch.compile`` (inductor, ``fullgraph=True``,
+    static shapes), compiled here by its first call, outside any timing, and checked against the
+    eager result: (the compiled callable, a note, seconds the compile took). None where torch.compile
+    is missing or fails on this machine (inductor needs a C++ compiler), with the reason."""
+    fn, note = torch_case(layer, role, x)
+    if fn is None:
+        return None, note, None
+    import torch
+
+    if not hasattr(torch, "compile"):
+        return None, "torch.compile not available", None
+    want = fn()
+    try:
+        torch.compiler.reset()  # each workload compiled afresh, not recompiled past dynamo's cache limit
+        compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+        t0 = time.perf_counter()
+        got = compiled()
+        build_s = time.perf_counter() - t0
+    except Exception as exc:  # noqa: BLE001 - dynamo and inductor raise many types; the column is skipped
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return None, f"torch.compile failed: {type(exc).__name__}: {first[:80]}", None
+    pairs = zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,), strict=True)
+    if not all(torch.allclose(g.double(), w.double(), rtol=1e-4, atol=1e-4) for g, w in pairs):
+        return None, "torch.compile's output differs from eager PyTorch's", None
+    return compiled, note, build_s
+
+
 # ---- ONNX Runtime --------------------------------------------------------------------------------
 
 
@@ -844,6 +885,7 @@ def bench_c(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) -> 
     progress = Progress(_total(plans, cfg, args))
     have_torch = not args.no_torch and _importable("torch")
     have_ort = not args.no_ort and _importable("onnxruntime")
+    have_compile = have_torch and not args.no_compile
     if have_torch:
         import torch
 
@@ -889,6 +931,17 @@ def bench_c(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) -> 
                         res.ort_speedup = res.ort_time_s / res.time_vs_ort_s
                 else:
                     res.ort_note = "skipped" if args.no_ort else "onnxruntime not importable"
+                if have_compile:
+                    progress.step(f"{where}: normgen vs torch.compile (compiling)")
+                    fn, res.torch_compile_note, res.torch_compile_build_s = torch_compile_case(fixed, role, fns.x)
+                    if fn is not None:
+                        progress.step(f"{where}: normgen vs torch.compile")
+                        res.time_vs_torch_compile_s, res.torch_compile_time_s = time_interleaved(
+                            [ours, fn], args.repeat, args.warmup)
+                        res.torch_compile_speedup = res.torch_compile_time_s / res.time_vs_torch_compile_s
+                    del fn
+                else:
+                    res.torch_compile_note = "skipped" if args.no_compile or args.no_torch else "torch not importable"
                 report.results.append(res)
                 progress.advance()
             del fns
@@ -929,14 +982,14 @@ def _total(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) -> i
 
 def _torch_reused(layers: list[Layer], cfg: BenchConfig, report: Report, args: argparse.Namespace,
                   progress: Progress, flags: list[str]) -> None:
-    """PyTorch again, once glibc keeps freed memory (see _keep_freed_memory): its kernel's time
+    """PyTorch (and its torch.compile) again, once glibc keeps freed memory (see _keep_freed_memory): its kernel's time
     without the page faults of a fresh output, sampled in turn with the generated function (built
     again: its build is cached) on the same data. Run after everything else because glibc's
     settings cannot be put back."""
     _keep_freed_memory()
     by_name = {layer.name: layer for layer in layers}
     rng = np.random.default_rng(0)
-    progress.extend(sum(res.torch_time_s is not None for res in report.results))
+    progress.extend(sum((res.torch_time_s is not None) + (res.torch_compile_time_s is not None) for res in report.results))
     fns: CFunctions | None = None
     for res in report.results:
         if res.torch_time_s is None:
@@ -953,6 +1006,15 @@ def _torch_reused(layers: list[Layer], cfg: BenchConfig, report: Report, args: a
                 [fns.call(res.function), fn], args.repeat, args.warmup)
             res.torch_reuse_speedup = res.torch_reuse_time_s / res.time_vs_torch_reuse_s
         progress.advance()
+        if res.torch_compile_time_s is not None:
+            progress.step(f"{res.layer}.{res.function}: normgen vs torch.compile, freed memory reused")
+            fn, _, _ = torch_compile_case(layer.at_sizes(cfg.sizes.get(layer.name, {})), res.function, fns.x)
+            if fn is not None:
+                res.time_vs_torch_compile_reuse_s, res.torch_compile_reuse_time_s = time_interleaved(
+                    [fns.call(res.function), fn], args.repeat, args.warmup)
+                res.torch_compile_reuse_speedup = res.torch_compile_reuse_time_s / res.time_vs_torch_compile_reuse_s
+            del fn
+            progress.advance()
 
 
 def _importable(name: str) -> bool:
@@ -1025,7 +1087,8 @@ def bench_cuda(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) 
                 dst.free()
                 res = Result(layer.name, role, layer.kind, layer.fmt.letters, list(x.shape), layer.dtype, batch,
                              "cuda", 0, nbytes, t_ours, nbytes / t_ours / 1e9, t_copy, nbytes / t_copy / 1e9,
-                             t_copy / t_ours, samples=args.repeat, ort_note="not compared on cuda")
+                             t_copy / t_ours, samples=args.repeat, ort_note="not compared on cuda",
+                             torch_compile_note="not compared on cuda")
                 if have_torch:
                     import torch
 
@@ -1076,7 +1139,7 @@ def print_table(report: Report, out=None) -> None:
     print(f"normgen {report.normgen_version} bench, target {report.target}, {where}, "
           f"{report.threads} thread(s), flags {report.flags!r}", file=out)
     head = (f"{'workload':34} {'shape':18} {'MB':>6} {'us':>9} {'GB/s':>6} {'copy':>6} {'%copy':>5} "
-            f"{'torch us':>9} {'x torch':>7} {'x reuse':>7} {'ort us':>9} {'x ort':>6}")
+            f"{'torch us':>9} {'x torch':>7} {'x reuse':>7} {'compile us':>10} {'x comp':>6} {'x reuse':>7} {'ort us':>9} {'x ort':>6}")
     print(head, file=out)
     print("-" * len(head), file=out)
     for r in report.results:
@@ -1085,11 +1148,17 @@ def print_table(report: Report, out=None) -> None:
               f"{r.gbps:6.2f} {r.copy_gbps:6.2f} {100 * r.fraction_of_copy:4.0f}% "
               f"{_fmt(r.torch_time_s and r.torch_time_s * 1e6, '9.1f'):>9} {_fmt(r.torch_speedup, '6.2f'):>7} "
               f"{_fmt(r.torch_reuse_speedup, '6.2f'):>7} "
+              f"{_fmt(r.torch_compile_time_s and r.torch_compile_time_s * 1e6, '10.1f'):>10} "
+              f"{_fmt(r.torch_compile_speedup, '5.2f'):>6} {_fmt(r.torch_compile_reuse_speedup, '6.2f'):>7} "
               f"{_fmt(r.ort_time_s and r.ort_time_s * 1e6, '9.1f'):>9} {_fmt(r.ort_speedup, '5.2f'):>6}", file=out)
     print("GB/s: bytes read + written / median time; copy: a plain copy of the same bytes, sampled in turn "
-          "with normgen; x torch / x ort: their time / normgen's, the two sampled in turn (> 1: normgen "
-          "faster); x reuse: the same with PyTorch's freed memory reused (no page faults for its fresh "
-          "output)", file=out)
+          "with normgen; x torch / x comp / x ort: their time / normgen's, the two sampled in turn (> 1: "
+          "normgen faster; comp: the PyTorch expression through torch.compile, compiled before timing); "
+          "x reuse: the column before it again with freed memory reused (no page faults for PyTorch's fresh output)", file=out)
+    notes = sorted({r.torch_compile_note for r in report.results if r.torch_compile_time_s is None
+                    and r.torch_compile_note.startswith("torch.compile")})
+    for note in notes:
+        print(f"torch.compile column skipped: {note}", file=out)
 
 
 def write_plot(report: Report, path: str) -> None:
@@ -1105,6 +1174,9 @@ def write_plot(report: Report, path: str) -> None:
     series = [("normgen", [r.gbps for r in rs]), ("copy", [r.copy_gbps for r in rs])]
     if any(r.torch_time_s for r in rs):
         series.append(("PyTorch", [r.bytes / r.torch_time_s / 1e9 if r.torch_time_s else 0.0 for r in rs]))
+    if any(r.torch_compile_time_s for r in rs):
+        series.append(("torch.compile", [r.bytes / r.torch_compile_time_s / 1e9 if r.torch_compile_time_s else 0.0
+                                         for r in rs]))
     if any(r.ort_time_s for r in rs):
         series.append(("ONNX Runtime", [r.bytes / r.ort_time_s / 1e9 if r.ort_time_s else 0.0 for r in rs]))
     width = 0.8 / len(series)
