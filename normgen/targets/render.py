@@ -18,6 +18,8 @@ from .mex import mex_plan
 
 #: What each target is: ``mex`` is the C target's files plus a MEX gateway over them.
 TARGETS = ("c", "cuda", "mex")
+#: The targets normgen.build compiles and loads (``normgen check``): the mex target's C is the C target's.
+BUILT = ("c", "cuda")
 #: The target whose plan (element types) each target renders from.
 LOWERED_AS = {"c": "c", "cuda": "cuda", "mex": "c"}
 

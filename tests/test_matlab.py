@@ -323,3 +323,18 @@ def test_error_identifiers(session, k):
     assert ident == f"normgen:{name}:{what}", f"{stmt}: {ident}: {message}"
     for w in words:
         assert w in message, f"{stmt}: {w!r} not in {message!r}"
+
+
+def test_gateways_compile_warning_free(session):
+    """Every gateway compiles with -std=c99 -Wall -Wextra -pedantic -Werror against Octave's mex.h
+    (its headers as system headers: their own warnings are not the gateway's)."""
+    folder, _ = session
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    inc = subprocess.run([MKOCTFILE, "-p", "INCFLAGS"], capture_output=True, text=True, check=True).stdout.split()
+    system = [f"-isystem{flag[2:]}" for flag in inc if flag.startswith("-I")]
+    for layer in LAYERS:
+        proc = subprocess.run([cc, "-std=c99", "-Wall", "-Wextra", "-pedantic", "-Werror", *system, "-c",
+                               f"{layer.name}_mex.c", "-o", os.devnull], cwd=folder, capture_output=True, text=True)
+        assert proc.returncode == 0, f"{layer.name}_mex.c:\n{proc.stderr}"
