@@ -65,6 +65,8 @@ def _layers() -> list:
         # per-element scale and offset, MATLAB-shaped [5 4 6]
         LayerNorm(name="lne_32", matlab_format="SSCB", shape=[5, 4, 6], operation_dimension="spatial-channel",
                   affine="element", scale=rng.normal(1, 0.3, (6, 4, 5)), offset=rng.normal(0, 0.3, (6, 4, 5))),
+        # no B: batch 1, x is [5 4 6]
+        InstanceNorm(name="inb_64", matlab_format="SSC", shape=[5, 4, 6], dtype="float64", **_params(6, 5)),
         # run-time parameters: params_init, the params struct, update
         LayerNorm(name="lnr_64", matlab_format="CB", shape=[7], dtype="float64", param_storage="runtime",
                   **_params(7, 3)),
@@ -98,10 +100,14 @@ def _m_size(shape) -> str:
     return "[" + " ".join(str(d) for d in dims) + "]"
 
 
+def _batch(layer) -> int:
+    return BATCH if layer.fmt.has_batch else 1
+
+
 def _inputs(layer, rng) -> tuple[dict[str, np.ndarray], dict]:
     """The arrays Octave starts from, in format order, and the run-time sizes of x."""
     sizes = {n: 5 for n in layer.sizes}
-    shape = reference.full_shape(layer, BATCH, sizes)
+    shape = reference.full_shape(layer, _batch(layer), sizes)
     dt = np.dtype(layer.dtype)
     c = layer.channels
     ns = {
@@ -284,7 +290,7 @@ def test_every_function_against_the_reference(session, name):
     ns, sizes = state[name]
     ns = {k: np.asarray(v, dtype=np.float64) for k, v in ns.items()}
     mp = mex_plan(lower(layer, "c"))
-    x_size = [int(d) for d in _m_size(reference.full_shape(layer, BATCH, sizes))[1:-1].split()]
+    x_size = [int(d) for d in _m_size(reference.full_shape(layer, _batch(layer), sizes))[1:-1].split()]
     checked = []
     for f in mp.functions:
         for out, (want, sums) in _expected(layer, f.role, ns).items():

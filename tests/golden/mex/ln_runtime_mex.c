@@ -128,6 +128,7 @@ static const void *ln_runtime_mex_input_x(const char *fn, const char *what, cons
     mwSize i;
     if (first) {
         int ok = 1;
+        shape->batch = 1; /* a format without B: batch 1 */
         for (i = layout_nd; i < nd; ++i) {
             ok = ok && dims[i] == 1;
         }
