@@ -254,6 +254,11 @@ def test_unknown_argument_is_an_error():
         _function(plan, fn)
 
 
+def test_name_must_begin_with_a_letter():
+    with pytest.raises(NormgenError, match="begins with a letter.*'_bn'"):
+        normgen.emit(BatchNorm(name="_bn", format="BC", shape=[3]), "mex")
+
+
 def test_gateway_covers_every_function_and_is_deterministic():
     layer = BatchNorm(name="bnr", format="BTC", shape=["tokens", 6], param_storage="runtime")
     plan = lower(layer, "c")

@@ -202,6 +202,9 @@ def _x_dims(plan: Plan) -> list[int | str]:
 
 def mex_plan(plan: Plan) -> MexPlan:
     """The gateway of a C plan."""
+    if not plan.name[:1].isalpha():
+        raise NormgenError(f"the mex target needs a layer name that begins with a letter, as MATLAB's function names"
+                           f" and message identifiers do (NAME_mex, normgen:NAME:...); got {plan.name!r}")
     cls, cls_name = MX_CLASSES[plan.ctype]
     x_dims = _x_dims(plan)
     layout = ["0" if d == "batch" else f"-{plan.sizes.index(d) + 1}" if isinstance(d, str) else str(d) for d in x_dims]
