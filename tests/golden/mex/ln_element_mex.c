@@ -30,7 +30,7 @@
  * x is MATLAB's single array [4 4 3 batch] (matlab_format SSCB, column-major),
  * passed to the C functions as it is. Outputs are new arrays: MATLAB's values are never changed.
  * Errors: mexErrMsgIdAndTxt with the identifiers normgen:ln_element:function, :nargin, :nargout,
- * :class, :size and :return (a nonzero return code of the C function).
+ * :class, :size, :field (run-time parameters) and :return (a nonzero return code of the C function).
  */
 #include <stdarg.h>
 #include <stdint.h>

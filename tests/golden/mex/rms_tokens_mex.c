@@ -28,7 +28,7 @@
  * x is MATLAB's single array [8 tokens batch] (matlab_format CTB, column-major),
  * passed to the C functions as it is. Outputs are new arrays: MATLAB's values are never changed.
  * Errors: mexErrMsgIdAndTxt with the identifiers normgen:rms_tokens:function, :nargin, :nargout,
- * :class, :size and :return (a nonzero return code of the C function).
+ * :class, :size, :field (run-time parameters) and :return (a nonzero return code of the C function).
  */
 #include <stdarg.h>
 #include <stdint.h>
