@@ -11,6 +11,7 @@ mkoctfile (``apt-get install octave liboctave-dev``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -19,6 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: each xdist worker runs its own session
+    fcntl = None
 
 from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm, emit, reference
 from normgen.harness.check import TOLERANCES
@@ -212,19 +218,37 @@ def _error_script(folder: Path, rng) -> str:
     return "\n".join(lines + ["fclose(fid);"]) + "\n"
 
 
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """Hold a lock on ``path`` (pytest-xdist's workers share the session: the first builds it)."""
+    with open(path, "w") as fh:
+        if fcntl is not None:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.fixture(scope="module")
 def session(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("mex")
-    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
-        failures = [f for f in pool.map(lambda layer: _build(layer, folder), LAYERS + list(ERROR_LAYERS.values())) if f]
-    assert not failures, "\n".join(failures)
-    rng = np.random.default_rng(2024)
-    script, state = _script(folder, rng)
-    script += _error_script(folder, rng)
-    (folder / "run_all.m").write_text(script)
-    proc = subprocess.run([OCTAVE, "--no-gui", "--norc", "--quiet", "--no-window-system", "run_all.m"], cwd=folder,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "error:" not in proc.stdout, proc.stdout + proc.stderr
+    """Build every gateway and run the one Octave session, once for all xdist workers."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER") and fcntl is not None:
+        base = base.parent
+    folder = base / "matlab_mex"
+    with _exclusive(base / "matlab_mex.lock"):
+        folder.mkdir(exist_ok=True)
+        rng = np.random.default_rng(2024)
+        script, state = _script(folder, rng)  # the same inputs (and files) in every worker
+        script += _error_script(folder, rng)
+        if not (folder / "done").exists():
+            with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+                failures = [f for f in pool.map(lambda layer: _build(layer, folder),
+                                                LAYERS + list(ERROR_LAYERS.values())) if f]
+            assert not failures, "\n".join(failures)
+            (folder / "run_all.m").write_text(script)
+            proc = subprocess.run([OCTAVE, "--no-gui", "--norc", "--quiet", "--no-window-system", "run_all.m"],
+                                  cwd=folder, capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0 and "error:" not in proc.stdout, proc.stdout + proc.stderr
+            (folder / "done").write_text("")
     return folder, state
 
 
