@@ -12,7 +12,7 @@ from . import __version__
 from .description.layers import MAX_SIZE
 from .errors import NormgenError
 from .importers.writer import umask
-from .targets.render import TARGETS
+from .targets.render import BUILT, TARGETS
 
 SPEC_HELP = """\
 spec files (TOML), one [[layer]] table per layer:
@@ -37,6 +37,8 @@ spec files (TOML), one [[layer]] table per layer:
   parallel = "none"            # none | openmp (C target)
   params = "bn1.npz"           # arrays scale, offset, trained_mean, trained_variance
                                # (path relative to the spec; missing arrays: ones/zeros/zeros/ones)
+                               # or "bn1.mat": a MATLAB MAT-file with every array the layer has
+                               # (TrainedMean, TrainedVariance, Scale, Offset; or in a struct)
 
   Also: num_channels ("auto" or a number matching the shape), scale_learn_rate_factor,
   offset_learn_rate_factor, scale_l2_factor, offset_l2_factor (MATLAB's factors, default 1).
@@ -340,14 +342,15 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("spec", help="the TOML spec file")
         return sp
 
-    e = add("emit", "write NAME.h/NAME.c (or NAME.cuh/NAME.cu) for every layer of a spec")
+    e = add("emit", "write NAME.h/NAME.c (or NAME.cuh/NAME.cu; --target mex: NAME.h/NAME.c and the MEX gateway"
+                    " NAME_mex.c with its help NAME_mex.m) for every layer of a spec")
     e.add_argument("--target", choices=TARGETS, default="c")
     e.add_argument("-o", "--output", default="out", help="output folder (default: out)")
     e.set_defaults(func=cmd_emit)
 
     c = add("check", "compile every layer, run it on random inputs, compare with the NumPy reference"
                      " (MODEL.onnx: with ONNX Runtime's output of each node)")
-    c.add_argument("--target", choices=TARGETS, default="c")
+    c.add_argument("--target", choices=BUILT, default="c")
     c.add_argument("--batch", default="1,2,5", help="comma-separated batch sizes (default 1,2,5)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--no-training", dest="training", action="store_false",

@@ -31,11 +31,16 @@ LAYERS = {
                             affine="element", bias=False, scale=np.linspace(0.5, 1.5, 48).reshape(3, 4, 4)),
 }
 CASES = [(name, "c") for name in LAYERS] + ([(name, "cuda") for name in LAYERS] if CUDA else [])
+#: The mex target's own files (its NAME.h, NAME.c are the C target's, compared above).
+CASES += [(name, "mex") for name in ("bn_nchw", "ln_runtime", "rms_tokens", "ln_element")]
 
 
 @pytest.mark.parametrize("name,target", CASES)
 def test_golden(name, target):
     files = emit(LAYERS[name], target)
+    if target == "mex":
+        assert {f: t for f, t in files.items() if not f.startswith(f"{name}_mex.")} == emit(LAYERS[name], "c")
+        files = {f: t for f, t in files.items() if f.startswith(f"{name}_mex.")}
     for fname, text in files.items():
         path = GOLDEN / target / fname
         if REGENERATE:

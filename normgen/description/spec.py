@@ -13,7 +13,9 @@ Keys (all but ``name``, ``kind``, a format and ``shape`` optional)::
 batch norm, ``trained_mean`` and ``trained_variance``; arrays it lacks take the initializers
 (scale ones, offset zeros, trained mean zeros, trained variance ones). With ``affine =
 "element"`` scale and offset have the normalized dimensions' shape; with ``bias = false`` (or
-``affine = "none"``) the file must not have the arrays the layer lacks.
+``affine = "none"``) the file must not have the arrays the layer lacks. A ``.mat`` path is a
+MATLAB MAT-file, read by the reader :mod:`normgen.importers.matlab` adds to ``PARAM_READERS``
+(it must hold every array the layer has).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import difflib
 import math
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +51,10 @@ KIND_KEYS = {
     "rmsnorm": ("operation_dimension",),
 }
 ALL_KEYS = set(COMMON_KEYS).union(*KIND_KEYS.values())
+#: Readers of parameter files other than .npz, by suffix: (path, layer, where) → the layer's
+#: arrays, shaped as its constructor takes them. The importers add theirs (normgen.importers.matlab:
+#: ".mat"); the description does not import them.
+PARAM_READERS: dict[str, Callable[[Path, Layer, str], dict[str, np.ndarray]]] = {}
 PARAM_ARRAYS = {
     "batchnorm": ("scale", "offset", "trained_mean", "trained_variance"),
     "groupnorm": ("scale", "offset"),
@@ -135,14 +142,38 @@ def layer_from_table(table: dict, base: Path, where: str) -> Layer:
             if key in keys and key not in KIND_KEYS[kind] and other != kind:
                 raise NormgenError(f"{where}: key {key!r} is for {other} layers, not {kind}")
     args = {k: v for k, v in table.items() if k not in ("kind", "params")}
+    reader = None
     if "params" in table:
         if not isinstance(table["params"], str):
-            raise NormgenError(f"{where}: params must be a path to a .npz file, got {table['params']!r}")
-        args.update(_load_params(base / table["params"], kind, where))
+            raise NormgenError(f"{where}: params must be a path to a .npz or .mat file, got {table['params']!r}")
+        path = base / table["params"]
+        reader = PARAM_READERS.get(path.suffix.lower())
+        if reader is None:
+            args.update(_load_params(path, kind, where))
     try:
-        return KINDS[kind](**args)
+        layer = KINDS[kind](**args)
     except NormgenError as exc:
         raise NormgenError(f"{where}: {exc}") from None
+    if reader is None:
+        return layer
+    # a reader that checks shapes against the layer: the layer first, its arrays after
+    arrays = reader(path, layer, where)
+    try:
+        return layer.replace(**arrays)
+    except NormgenError as exc:
+        raise NormgenError(f"{where}: params file {table['params']!r}: {exc}") from None
+
+
+def load_params(path: str | Path, layer: Layer) -> dict[str, np.ndarray]:
+    """The arrays of a parameter file for ``layer``, keyed and shaped as its constructor takes them:
+    ``layer.replace(**normgen.load_params("bn.mat", layer))``. A ``.mat`` file (MATLAB, read by
+    :mod:`normgen.importers.matlab`) must hold every array the layer has; a ``.npz`` file any of them."""
+    path = Path(path)
+    reader = PARAM_READERS.get(path.suffix.lower())
+    where = f"layer {layer.name!r}"
+    if reader is not None:
+        return reader(path, layer, where)
+    return _load_params(path, layer.kind, where)
 
 
 def load_spec(path: str | Path) -> list[Layer]:

@@ -262,6 +262,8 @@ class Plan:
     affine: str = "channel"
     #: The run-time sizes (names, in format order): int32_t arguments after batch.
     sizes: tuple[str, ...] = ()
+    #: The size of each non-B dimension in format order (a name for a run-time size).
+    dims: tuple[int | str, ...] = ()
     #: What one value of scale (offset, their gradients) belongs to, for the documentation.
     param_per: str = "one per channel, summed over everything sharing the channel"
     #: The training half (backward, update, population statistics): normgen/lowering/train.py,
@@ -783,6 +785,7 @@ def lower_forward(layer: Layer, target: str = "c") -> Plan:
         has_batch=layer.fmt.has_batch,
         semantics=sem,
         sizes=layer.sizes,
+        dims=layer.dims,
         constants=constants,
         affine=layer.affine,
         param_per=(f"one per element of the normalized dimensions {layer.normalized_letters()}"

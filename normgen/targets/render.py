@@ -14,8 +14,14 @@ from ..lowering.plan import Plan
 from .c.sweep import sweep_of
 from .cuda.plan import derive
 from .cuda.train import lower_train_cuda
+from .mex import mex_plan
 
-TARGETS = ("c", "cuda")
+#: What each target is: ``mex`` is the C target's files plus a MEX gateway over them.
+TARGETS = ("c", "cuda", "mex")
+#: The targets normgen.build compiles and loads (``normgen check``): the mex target's C is the C target's.
+BUILT = ("c", "cuda")
+#: The target whose plan (element types) each target renders from.
+LOWERED_AS = {"c": "c", "cuda": "cuda", "mex": "c"}
 
 
 def template_dir() -> Path:
@@ -46,6 +52,7 @@ FILES = {
     "c": (("{name}.h", "c/layer.h.j2"), ("{name}.c", "c/layer.c.j2")),
     "cuda": (("{name}.cuh", "cuda/layer.cuh.j2"), ("{name}.cu", "cuda/layer.cu.j2")),
 }
+FILES["mex"] = FILES["c"] + (("{name}_mex.c", "mex/gateway.c.j2"), ("{name}_mex.m", "mex/help.m.j2"))
 
 
 #: What each target adds to the plan before its templates see it (its plan extension), by name.
@@ -53,6 +60,7 @@ EXTENSIONS = {
     "c": lambda plan: {"sweep_plan": sweep_of(plan)},
     "cuda": lambda plan: {"cp": derive(plan), "tc": lower_train_cuda(plan)},
 }
+EXTENSIONS["mex"] = lambda plan: {**EXTENSIONS["c"](plan), "mex": mex_plan(plan)}
 
 
 def render(plan: Plan, target: str) -> dict[str, str]:
@@ -67,4 +75,4 @@ def emit(layer: Layer, target: str = "c") -> dict[str, str]:
     if target not in TARGETS:
         raise NormgenError(f"target {target!r} is not one of {', '.join(TARGETS)}")
     check_source_name(layer.name)
-    return render(lower(layer, target), target)
+    return render(lower(layer, LOWERED_AS[target]), target)
