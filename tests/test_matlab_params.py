@@ -227,20 +227,19 @@ def test_files_octave_writes(tmp_path):
 
 def test_roles_of_fused_arguments():
     """A fused form's extra arguments take their roles from the table: residual x-shaped in, h
-    x-shaped out, shift and scale [batch, C] (C-by-batch in MATLAB)."""
-    plan = lower(GroupNorm(name="gn", matlab_format="SSCB", shape=[4, 4, 6], num_groups=3), "c")
-    fn = Function("predict_fused", "gn_predict_fused",
-                  ["const float *x", "const float *residual", "const float *shift", "const float *scale", "float *y",
-                   "float *h", "int32_t batch"], ["x", "residual", "shift", "scale", "y", "h"], "Fused.", [])
+    x-shaped out, mod_shift and mod_scale [batch, C] (C-by-batch in MATLAB)."""
+    plan = lower(GroupNorm(name="gn", matlab_format="SSCB", shape=[4, 4, 6], num_groups=3, residual=True,
+                           residual_out=True, modulation="adaln"), "c")
+    fn = next(f for f in plan.public_functions if f.role == "predict")
     mf = _function(plan, fn)
-    assert mf.inputs == ["x", "residual", "shift", "scale"] and mf.outputs == ["y", "h"]
+    assert mf.inputs == ["x", "residual", "mod_shift", "mod_scale"] and mf.outputs == ["y", "h"]
     roles = {a.name: (a.shape, a.direction) for a in mf.args}
-    assert roles == {"x": ("x", "in"), "residual": ("x", "in"), "shift": ("rows", "in"), "scale": ("rows", "in"),
-                     "y": ("x", "out"), "h": ("x", "out")}
+    assert roles == {"x": ("x", "in"), "residual": ("x", "in"), "mod_shift": ("rows", "in"),
+                     "mod_scale": ("rows", "in"), "y": ("x", "out"), "h": ("x", "out")}
     assert mf.args[0].first and not mf.args[1].first
     assert "{6, (mwSize)shape.batch}" in {a.want for a in mf.args}
-    assert mf.call == "a_x, a_residual, a_shift, a_scale, a_y, a_h, shape.batch"
-    assert mf.usage == "[y, h] = gn_mex('predict_fused', x, residual, shift, scale)"
+    assert mf.call == "a_x, a_residual, a_mod_shift, a_mod_scale, a_y, a_h, shape.batch"
+    assert mf.usage == "[y, h] = gn_mex('predict', x, residual, mod_shift, mod_scale)"
 
 
 def test_unknown_argument_is_an_error():

@@ -114,7 +114,7 @@ def _codes(plan: Plan) -> list[tuple[str, str]]:
 
 
 def _gateway_functions(plan: Plan) -> list[Function]:
-    fns = list(plan.functions) + list(plan.train.functions)
+    fns = list(plan.public_functions)
     if plan.runtime_params:
         fns.insert(0, Function("params_init", f"{plan.name}_params_init", [f"{plan.name}_params *params"], ["params"],
                                "The parameters of the description this gateway was generated from.", []))
