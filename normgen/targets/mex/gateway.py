@@ -130,8 +130,9 @@ def _function(plan: Plan, fn: Function) -> MexFunction:
     layout = _size_vector(_x_dims(plan))
     sizes_call = {n: f"shape.sizes[{k}]" for k, n in enumerate(plan.sizes)}
     saved = f"{plan.upper}_SAVED_STATISTICS({', '.join(['shape.batch', *sizes_call.values()])})"
+    c = plan.dims[plan.format.replace("B", "").index("C")]  # the layer's channels (plan.channels: its parameters)
     wants = {
-        "rows": (f"{{{plan.channels}, (mwSize)shape.batch}}", 2, f"{cls_name} [{plan.channels} batch]"),
+        "rows": (f"{{{c}, (mwSize)shape.batch}}", 2, f"{cls_name} [{c} batch]"),
         "param": (f"{{{', '.join(map(str, param))}}}", len(param), f"{cls_name} {_size_vector(param)}"),
         "channel": (f"{{{plan.channels}, 1}}", 2, f"{cls_name} [{plan.channels} 1]"),
         "stats": (f"{{(mwSize){saved}, 1}}", 2,
