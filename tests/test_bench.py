@@ -15,7 +15,7 @@ import pytest
 
 from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, build, load_spec, reference
 from normgen.cli import main
-from normgen.harness.bench import load_config, sidecar_path, traffic
+from normgen.harness.bench import load_config, sidecar_path, torch_case, traffic
 from normgen.harness.check import check_layer
 from normgen.targets.c.build import STRICT_FLAGS, cc
 from normgen.targets.render import emit
@@ -319,3 +319,36 @@ def test_progress_never_counts_past_its_total(tiny_spec, capsys):
     for step in steps:
         done, total = map(int, step.split("/"))
         assert 1 <= done <= total, step
+
+
+def test_traffic_counts_fused_tensors():
+    """residual read and h written (N each), mod_shift and mod_scale read (2 * batch * C)."""
+    ln = LayerNorm(name="l", format="BTC", shape=[4, 8], residual=True, residual_out=True)
+    assert traffic(ln, "predict", 2) == 4 * 64 * 4
+    dit = LayerNorm(name="d", format="BTC", shape=[4, 8], modulation="adaln")
+    assert traffic(dit, "predict", 2) == 2 * 64 * 4 + 2 * 2 * 8 * 4
+
+
+@pytest.mark.parametrize("layer, to_logical", [
+    (LayerNorm(name="l", format="BTC", shape=[5, 16], residual=True, residual_out=True), lambda a: a),
+    (GroupNorm(name="g", format="BCSS", shape=[8, 3, 4], num_groups=4, activation="silu"), lambda a: a),
+    (BatchNorm(name="b", format="BSSC", shape=[3, 4, 8], activation="relu"), lambda a: np.moveaxis(a, -1, 1)),
+    (LayerNorm(name="d", format="BTC", shape=[6, 8], affine="none", modulation="adaln", activation="gelu_tanh"),
+     lambda a: a),
+])
+def test_torch_composition_of_a_fused_layer_is_the_reference(layer, to_logical):
+    """The PyTorch column of a fused row times what the layer computes: x + residual, the norm,
+    DiT's modulate, the activation."""
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(reference.full_shape(layer, 2)).astype(np.float32)
+    fused = {}
+    if layer.residual:
+        fused["residual"] = rng.standard_normal(x.shape).astype(np.float32)
+    if layer.modulation != "none":
+        fused["mod_shift"], fused["mod_scale"] = (rng.standard_normal(2 * layer.channels).astype(np.float32)
+                                                  for _ in range(2))
+    fn, note = torch_case(layer, "predict", x, fused=fused)
+    assert fn is not None and "composed" in note
+    want = to_logical(reference.predict(layer, x, **fused))
+    assert np.abs(fn().numpy() - want).max() < 2e-5 * (1 + np.abs(want).max())

@@ -654,12 +654,13 @@ def _torch_post(layer: Layer, fused: dict, order: list[str], device: str, dt, to
     return lambda t: act(t * (1 + scale) + shift)
 
 
-def torch_compile_case(layer: Layer, role: str, x: np.ndarray) -> tuple[Callable[[], object] | None, str, float | None]:
+def torch_compile_case(layer: Layer, role: str, x: np.ndarray, fused: dict[str, np.ndarray] | None = None,
+                       ) -> tuple[Callable[[], object] | None, str, float | None]:
     """:func:`torch_case`'s expression through ``torch.compile`` (inductor, ``fullgraph=True``,
     static shapes), compiled here by its first call, outside any timing, and checked against the
     eager result: (the compiled callable, a note, seconds the compile took). None where torch.compile
     is missing or fails on this machine (inductor needs a C++ compiler), with the reason."""
-    fn, note = torch_case(layer, role, x)
+    fn, note = torch_case(layer, role, x, fused=fused)
     if fn is None:
         return None, note, None
     import torch
@@ -933,7 +934,8 @@ def bench_c(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) -> 
                     res.ort_note = "skipped" if args.no_ort else "onnxruntime not importable"
                 if have_compile:
                     progress.step(f"{where}: normgen vs torch.compile (compiling)")
-                    fn, res.torch_compile_note, res.torch_compile_build_s = torch_compile_case(fixed, role, fns.x)
+                    fn, res.torch_compile_note, res.torch_compile_build_s = torch_compile_case(
+                        fixed, role, fns.x, fns.fused_inputs())
                     if fn is not None:
                         progress.step(f"{where}: normgen vs torch.compile")
                         res.time_vs_torch_compile_s, res.torch_compile_time_s = time_interleaved(
@@ -1008,7 +1010,8 @@ def _torch_reused(layers: list[Layer], cfg: BenchConfig, report: Report, args: a
         progress.advance()
         if res.torch_compile_time_s is not None:
             progress.step(f"{res.layer}.{res.function}: normgen vs torch.compile, freed memory reused")
-            fn, _, _ = torch_compile_case(layer.at_sizes(cfg.sizes.get(layer.name, {})), res.function, fns.x)
+            fn, _, _ = torch_compile_case(layer.at_sizes(cfg.sizes.get(layer.name, {})), res.function, fns.x,
+                                          fns.fused_inputs())
             if fn is not None:
                 res.time_vs_torch_compile_reuse_s, res.torch_compile_reuse_time_s = time_interleaved(
                     [fns.call(res.function), fn], args.repeat, args.warmup)
