@@ -286,3 +286,40 @@ def test_fused_reference_names_every_output():
     out = fused_reference(layer, "train_forward_save", {"x": x, "residual": x},
                           (np.zeros(4), np.ones(4)))
     assert set(out) == {"h", "y", "running_mean", "running_var", "saved_mean", "saved_invstd"}
+
+
+def test_mex_gateway_of_a_fused_layer_under_octave(tmp_path):
+    """`--target mex` over a fused layer: MATLAB's C x T x B arrays (and C-by-batch modulation)
+    through the gateway built with mkoctfile, against the reference."""
+    import shutil
+
+    if not (shutil.which("octave") and shutil.which("mkoctfile")):
+        pytest.skip("octave and mkoctfile are not installed (apt-get install octave liboctave-dev)")
+    sio = pytest.importorskip("scipy.io")
+    layer = normgen.LayerNorm(name="fmx", format="BTC", shape=["T", 8], residual=True, residual_out=True,
+                              activation="gelu", modulation="adaln")
+    for name, text in emit(layer, "mex").items():
+        (tmp_path / name).write_text(text)
+    subprocess.run(["mkoctfile", "--mex", "fmx_mex.c", "fmx.c", "-o", "fmx_mex"], cwd=tmp_path, check=True,
+                   capture_output=True)
+    rng = np.random.default_rng(7)
+    b, t, c = 2, 5, 8
+    x, r, dy, dh = (rng.standard_normal((b, t, c)).astype(np.float32) for _ in range(4))
+    ms, mc = (rng.standard_normal((b, c)).astype(np.float32) for _ in range(2))
+    m = {"x": x, "r": r, "dy": dy, "dh": dh}
+    sio.savemat(tmp_path / "in.mat", {**{k: np.asfortranarray(v.transpose(2, 1, 0)) for k, v in m.items()},
+                                      "ms": np.asfortranarray(ms.T), "mc": np.asfortranarray(mc.T)})
+    script = ("load in.mat; [y, h, sm, si] = fmx_mex('train_forward_save', x, r, ms, mc);"
+              " [dx, ds, doff, dms, dmc] = fmx_mex('backward_saved', h, dy, dh, ms, mc, sm, si);"
+              " save('-v7', 'out.mat', 'y', 'h', 'dx', 'dms', 'dmc');")
+    subprocess.run(["octave", "--no-gui", "-q", "--eval", script], cwd=tmp_path, check=True, capture_output=True)
+    out = sio.loadmat(tmp_path / "out.mat")
+    got = {k: out[k].transpose(2, 1, 0) for k in ("y", "h", "dx")}
+    bound = layer.at_sizes({"T": t})
+    assert np.abs(got["y"] - reference.predict(bound, x, residual=r, mod_shift=ms, mod_scale=mc)).max() < 1e-5
+    assert np.array_equal(got["h"], x + r)
+    h = (x + r).astype(np.float64)
+    mean, inv = reference.saved_statistics(bound, h)
+    dx, _, _, dms, dmc = reference.backward_saved(bound, h, dy, mean, inv, dh=dh, mod_shift=ms, mod_scale=mc)
+    assert np.abs(got["dx"] - dx).max() < 1e-4
+    assert np.abs(out["dms"].T.reshape(-1) - dms).max() < 1e-4 and np.abs(out["dmc"].T.reshape(-1) - dmc).max() < 1e-4
