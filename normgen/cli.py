@@ -35,6 +35,10 @@ spec files (TOML), one [[layer]] table per layer:
   running_variance = "unbiased"  # batchnorm: unbiased (PyTorch) | biased
   param_storage = "embedded"   # embedded (static const arrays) | runtime (a params struct)
   parallel = "none"            # none | openmp (C target)
+  residual = false             # true: normalize h = x + residual (README "Fused forms")
+  residual_out = false         # true: also write h
+  activation = "none"          # none | relu | silu | gelu | gelu_tanh, applied to the output
+  modulation = "none"          # adaln: y = z * (1 + mod_scale[b, c]) + mod_shift[b, c]
   params = "bn1.npz"           # arrays scale, offset, trained_mean, trained_variance
                                # (path relative to the spec; missing arrays: ones/zeros/zeros/ones)
                                # or "bn1.mat": a MATLAB MAT-file with every array the layer has
@@ -283,6 +287,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         learn = ", ".join(f"{k} {shape}" for k in layer.learnable_arrays()) or "none"
         print(f"  affine       {layer.affine}, bias {str(layer.bias).lower()}: {plan.param_per.rsplit(', summed', 1)[0]}"
               if layer.has_scale else f"  affine       {layer.affine}: y is not scaled or shifted")
+        if layer.fused:
+            parts = (["h = x + residual" + (", written" if layer.residual_out else "")] if layer.residual else [])
+            parts += ["y = z * (1 + mod_scale[b, c]) + mod_shift[b, c]"] if layer.modulation != "none" else []
+            parts += [f"{layer.activation}(y)"] if layer.activation != "none" else []
+            print(f"  fused        {'; '.join(parts)}")
         print(f"  learnable    {layer.learnable_count} ({learn})")
         if layer.state_count:
             print(f"  state        {layer.state_count} (trained_mean {c}, trained_variance {c})")
