@@ -1,7 +1,9 @@
 """Each fused workload of benchmarks/cpu.toml against its plain counterpart, call for call: the two
 built as cpu.toml has them, called in turn on the same x (alternating which goes first), and the
 median of the per-pair time ratios taken, so that a drift of the machine between two rows of a
-`normgen bench` table cancels out. The activations are also tried on the group-norm workload.
+`normgen bench` table cancels out. Each call is timed in CPU time of this process (one thread), so
+that other processes sharing the cores stretch neither. The activations are also tried on the
+group-norm workload.
 
     python3 benchmarks/fused_ab.py [PAIRS]      # from the repository root; default 101 pairs
 """
@@ -29,9 +31,9 @@ def _ratio(a: CFunctions, b: CFunctions, pairs: int) -> tuple[float, float, floa
     times: list[list[float]] = [[], []]
     for i in range(pairs + 2):
         for k in (0, 1) if i % 2 else (1, 0):
-            t = time.perf_counter()
+            t = time.process_time()
             calls[k]()
-            times[k].append(time.perf_counter() - t)
+            times[k].append(time.process_time() - t)
     ta, tb = np.array(times[0][2:]), np.array(times[1][2:])  # the first pair warms up
     return float(np.median(ta)), float(np.median(tb)), float(np.median(tb / ta))
 
