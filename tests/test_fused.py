@@ -323,3 +323,20 @@ def test_mex_gateway_of_a_fused_layer_under_octave(tmp_path):
     dx, _, _, dms, dmc = reference.backward_saved(bound, h, dy, mean, inv, dh=dh, mod_shift=ms, mod_scale=mc)
     assert np.abs(got["dx"] - dx).max() < 1e-4
     assert np.abs(out["dms"].T.reshape(-1) - dms).max() < 1e-4 and np.abs(out["dmc"].T.reshape(-1) - dmc).max() < 1e-4
+
+
+def test_c_backward_saved_in_place_on_dy():
+    """An activated layer's backward_saved with dx == dy (its documented aliasing)."""
+    rng = np.random.default_rng(8)
+    layer = normgen.LayerNorm(name="alias", format="BTC", shape=[6, 16], activation="silu")
+    c = _compiled(layer)
+    x = rng.standard_normal((2, 6, 16)).astype(np.float32)
+    saved = c.run("train_forward_save", x=x)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    want = c.run("backward_saved", x=x, dy=dy, saved_mean=saved["saved_mean"], saved_invstd=saved["saved_invstd"])
+    buf = dy.copy()
+    ds, do = np.empty(16, np.float32), np.empty(16, np.float32)
+    acc = c._acc_ptr
+    rc = c._lib.alias_backward_saved(c._ptr(x), c._ptr(buf), acc(saved["saved_mean"]), acc(saved["saved_invstd"]),
+                                     c._ptr(buf), c._ptr(ds), c._ptr(do), 2)
+    assert rc == 0 and np.array_equal(buf, want["dx"]) and np.array_equal(ds, want["dscale"])

@@ -314,7 +314,9 @@ def _fused_doc(role: str, layer: Layer) -> str:
             parts.append("h is what the forward normalized (x + residual); dx is the gradient of x and of residual"
                          + (", dh (the gradient reaching h) added" if layer.residual_out else ""))
         if layer.activation != "none" or layer.modulation != "none":
-            parts.append("dy is the gradient of the activated, modulated output")
+            src = "h" if layer.residual else "x"
+            parts.append(f"dy is the gradient of the activated, modulated output; dx may be dy, not {src}"
+                         f" (dx holds that gradient while {src} is still read)")
         if layer.modulation != "none":
             parts.append("dmod_shift, dmod_scale: the gradients of mod_shift, mod_scale ([batch, C])")
     return "\n * Fused: " + ";\n * ".join(parts) + "." if parts else ""
