@@ -6,10 +6,12 @@ import dataclasses
 
 from ..description.layers import Layer
 from .plan import Plan, lower_forward
+from .sync import lower_sync
 from .train import lower_train
 
 
 def lower(layer: Layer, target: str = "c") -> Plan:
     """Resolve a layer into the plan every target renders (``target`` picks the element types)."""
     plan = lower_forward(layer, target)
-    return dataclasses.replace(plan, train=lower_train(plan))
+    train = dataclasses.replace(lower_train(plan), sync=lower_sync(plan))
+    return dataclasses.replace(plan, train=train)

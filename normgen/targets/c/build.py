@@ -65,6 +65,7 @@ def train_cdef(plan: Plan) -> str:
             f"    double m2[{plan.channels}];\n}} {train.stats_type};"
         )
     lines += [f"int {f.signature};" for f in train.functions]
+    lines += [f"int {f.signature};" for f in (train.sync.functions if train.sync else [])]
     return "\n".join(lines) + "\n"
 
 
