@@ -13,6 +13,7 @@ from ..lowering import lower
 from ..lowering.plan import Plan
 from .c.sweep import sweep_of
 from .cuda.plan import derive
+from .cuda.sync import lower_sync_cuda
 from .cuda.train import lower_train_cuda
 
 TARGETS = ("c", "cuda")
@@ -51,7 +52,7 @@ FILES = {
 #: What each target adds to the plan before its templates see it (its plan extension), by name.
 EXTENSIONS = {
     "c": lambda plan: {"sweep_plan": sweep_of(plan)},
-    "cuda": lambda plan: {"cp": derive(plan), "tc": lower_train_cuda(plan)},
+    "cuda": lambda plan: {"cp": derive(plan), "tc": lower_train_cuda(plan), "sc": lower_sync_cuda(plan)},
 }
 
 
