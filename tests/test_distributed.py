@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 
 import normgen
-from normgen import BatchNorm, NormgenError, distributed, reference
-
 from helpers import bn_stats, params
+from normgen import BatchNorm, NormgenError, distributed, reference
 
 #: (layer keywords, shard sizes): uneven shards, a shard of one sample and an empty one.
 CASES = {
@@ -41,9 +40,10 @@ def _data(layer: BatchNorm, shards: list[int], seed: int) -> tuple[np.ndarray, n
     """x (mean far from 0), a second training batch x2 and dy, in the layer's format and dtype."""
     rng = np.random.default_rng(seed)
     shape = reference.full_shape(layer, sum(shards), {n: 7 for n in layer.sizes})
-    x = (rng.standard_normal(shape) * 1.5 + 4.0).astype(layer.dtype)
-    x2 = (rng.standard_normal(shape) * 0.5 - 1.0).astype(layer.dtype)
-    dy = rng.standard_normal(shape).astype(layer.dtype)
+    dt = layer.dtype if layer.dtype in ("float32", "float64") else "float64"  # CUDA's 16-bit: rounded by the caller
+    x = (rng.standard_normal(shape) * 1.5 + 4.0).astype(dt)
+    x2 = (rng.standard_normal(shape) * 0.5 - 1.0).astype(dt)
+    dy = rng.standard_normal(shape).astype(dt)
     return x, x2, dy
 
 
@@ -142,15 +142,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out: str, backend: str, keys: list[str]) -> None:
+def _worker(rank: int, world: int, port: int, out: str, backend: str, shards_of: dict[str, list[int]]) -> None:
+    import torch
     import torch.distributed as dist
 
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         results = {}
-        for key in keys:
+        for key, shards in shards_of.items():
             layer = _layer(key)
-            shards = CASES[key][1]
             m = normgen.build(layer, target="cuda" if backend == "nccl" else "c")
             x, x2, dy = (_split(layer, a, shards)[rank] for a in _data(layer, shards, 1))
             results[f"{key}/y1"] = distributed.train_forward(m, x)
@@ -166,12 +168,13 @@ def _worker(rank: int, world: int, port: int, out: str, backend: str, keys: list
         dist.destroy_process_group()
 
 
-def _run(tmp_path, backend: str, keys: list[str]) -> list[dict]:
+def _run(tmp_path, backend: str, shards_of: dict[str, list[int]]) -> list[dict]:
     mp = pytest.importorskip("torch.multiprocessing")
-    for key in keys:  # compiled once here, loaded from the cache by every process
+    for key in shards_of:  # compiled once here, loaded from the cache by every process
         normgen.build(_layer(key), target="cuda" if backend == "nccl" else "c")
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp_path), backend, keys), nprocs=WORLD, join=True)
-    return [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(WORLD)]
+    world = len(next(iter(shards_of.values())))
+    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path), backend, shards_of), nprocs=world, join=True)
+    return [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(world)]
 
 
 def _to_torch_layout(layer: BatchNorm, a: np.ndarray) -> np.ndarray:
@@ -210,7 +213,7 @@ def test_gloo_processes_match_one_process_and_pytorch(tmp_path):
     statistics and gradients bit-identical on every process."""
     pytest.importorskip("torch.distributed")
     keys = sorted(CASES)
-    ranks = _run(tmp_path, "gloo", keys)
+    ranks = _run(tmp_path, "gloo", {k: CASES[k][1] for k in keys})
     for key in keys:
         layer = _layer(key)
         shards = CASES[key][1]
@@ -238,17 +241,135 @@ def test_gloo_processes_match_one_process_and_pytorch(tmp_path):
 
 @pytest.mark.gpu
 def test_nccl_processes_on_gpus(tmp_path):
-    """The same over NCCL with the CUDA target, where there are GPUs (one per process)."""
+    """The same over NCCL with the CUDA target (pycuda), one process per GPU (up to 3; the shards
+    regrouped to the processes there are)."""
     torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available() or torch.cuda.device_count() < WORLD:
-        pytest.skip(f"NCCL needs {WORLD} CUDA GPUs; this machine has {torch.cuda.device_count()}")
+    if not torch.cuda.is_available() or not torch.distributed.is_nccl_available():
+        pytest.skip("NCCL needs CUDA GPUs and a PyTorch built with NCCL")
     pytest.importorskip("pycuda")
-    ranks = _run(tmp_path, "nccl", ["nchw64", "nhwc32"])
-    for key in ("nchw64", "nhwc32"):
+    world = min(WORLD, torch.cuda.device_count())
+    keys = ["nchw64", "nhwc32", "tokens32"]
+    shards_of = {k: CASES[k][1][: world - 1] + [sum(CASES[k][1][world - 1 :])] for k in keys}
+    ranks = _run(tmp_path, "nccl", shards_of)
+    for key in keys:
         layer = _layer(key)
-        x, x2, dy = _data(layer, CASES[key][1], 1)
+        x, x2, dy = _data(layer, shards_of[key], 1)
         axis = layer.fmt.letters.index("B")
         want = _expected(layer, x, x2, dy)
-        _close(f"{key} y2", np.concatenate([r[f"{key}/y2"] for r in ranks], axis=axis), want["y2"], layer.dtype)
-        _close(f"{key} dx", np.concatenate([r[f"{key}/dx"] for r in ranks], axis=axis), want["dx"], layer.dtype)
-        _close(f"{key} rv", ranks[1][f"{key}/rv"], want["rv"], layer.dtype)
+        for k in ("y1", "y2", "dx"):
+            _cuda_tol_close(f"{key} {k}", np.concatenate([r[f"{key}/{k}"] for r in ranks], axis=axis), want[k], layer)
+        for k in ("rm", "rv", "dscale", "doffset"):
+            if want[k] is not None:
+                for r in ranks:
+                    np.testing.assert_array_equal(r[f"{key}/{k}"], ranks[0][f"{key}/{k}"])
+                _cuda_tol_close(f"{key} {k}", ranks[0][f"{key}/{k}"], want[k], layer)
+
+
+def _cuda_tol_close(name, got, want, layer):
+    """The CUDA training tolerance (tests/test_training.py): float64 1e-9, float32 2e-4, scaled."""
+    tol = {"float64": 1e-9, "float32": 2e-4}[layer.dtype]
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert np.abs(got - want).max() / (1.0 + np.abs(want).max()) <= tol, name
+
+
+# ---- CUDA: nvcc, and the launchers under the CPU emulator (tests/cuda_emu) ----------------------
+
+CUDA_LAYERS = {
+    "cu_nchw32": (dict(format="BCSS", shape=[4, 5, 3]), [2, 0, 1, 3]),
+    "cu_nhwc16": (dict(format="BSSC", shape=[3, 5, 4], dtype="float16", param_storage="runtime"), [1, 3, 0, 2]),
+    "cu_bct64": (dict(format="BCT", shape=[4, "t"], dtype="float64", bias=False, running_variance="biased"),
+                 [3, 1, 2, 1]),
+    "cu_tbc_bf": (dict(format="TBC", shape=[3, 4], dtype="bfloat16", affine="none"), [0, 2, 2, 1]),
+}
+
+
+def _cuda_layer(key: str) -> BatchNorm:
+    kw, _ = CUDA_LAYERS[key]
+    channels = kw["shape"][kw["format"].replace("B", "").index("C")]
+    extra = {} if kw.get("affine") == "none" else params(channels, 11)
+    if kw.get("bias") is False:
+        extra.pop("offset", None)
+    return BatchNorm(name=key, **kw, **extra, **bn_stats(channels, 11))
+
+
+def test_cuda_sync_compiles_warning_free(tmp_path):
+    from test_training import NVCC, _nvcc_check
+
+    if NVCC is None:
+        pytest.skip("nvcc is not on the PATH")
+    for key in ("cu_nhwc16", "cu_bct64"):
+        layer = _cuda_layer(key)
+        rc, err, syms = _nvcc_check(layer, tmp_path)
+        assert rc == 0, err[:4000]
+        assert {f"{key}_{r}" for r in ("sync_stats", "stats_merge", "sync_finish", "sync_normalize",
+                                       "sync_backward_sums", "sync_backward")} <= syms
+
+
+def test_cuda_sync_under_emulator(tmp_path_factory):
+    """Each shard's launchers on the CPU emulator, merged and summed as the collectives would,
+    against the whole batch's reference (float16/bfloat16 storage included, an empty shard)."""
+    import ctypes
+
+    from test_training import EmulatedLayer, _cuda_close, emulated_library
+
+    layers = [_cuda_layer(k) for k in CUDA_LAYERS]
+    lib = emulated_library(layers, tmp_path_factory, tag="sync")
+    for layer in layers:
+        emu = EmulatedLayer(lib, layer)
+        shards = CUDA_LAYERS[layer.name][1]
+        x, x2, dy = _data(layer, shards, 5)
+        x = emu.load(emu.store(x))  # the values the kernels see
+        dy = emu.load(emu.store(dy))
+        sizes = [7] * len(layer.sizes)
+        axis = layer.fmt.letters.index("B")
+        parts, dys = _split(layer, x, shards), _split(layer, dy, shards)
+        c = layer.channels
+        acc = np.zeros(1 + 2 * c)
+        for p in parts:
+            st = np.full(1 + 2 * c, np.nan)
+            assert emu.fn("sync_stats")(emu.p(emu.store(p)), emu.p(st), p.shape[axis], *sizes, None) == 0
+            assert emu.fn("stats_merge")(emu.p(acc), emu.p(st), None) == 0
+        rm, rv = emu.store(layer.trained_mean_values), emu.store(layer.trained_variance_values)
+        mean, inv = np.empty(c), np.empty(c)
+        assert emu.fn("sync_finish")(emu.p(acc), emu.p(rm), emu.p(rv), emu.p(mean), emu.p(inv), None) == 0
+        y = []
+        for p in parts:
+            out = emu.store(p)
+            assert emu.fn("sync_normalize")(*emu.lead, emu.p(emu.store(p)), emu.p(mean), emu.p(inv), emu.p(out),
+                                            p.shape[axis], *sizes, None) == 0
+            y.append(emu.load(out))
+        y_ref, rm_ref, rv_ref = reference.train_forward(layer, x, layer.trained_mean_values,
+                                                        layer.trained_variance_values)
+        _cuda_close(np.concatenate(y, axis=axis), y_ref, layer, "y")
+        _cuda_close(emu.load(rm), rm_ref, layer, "running_mean")
+        _cuda_close(emu.load(rv), rv_ref, layer, "running_var")
+        sums = np.zeros(2 * c)
+        for p, d in zip(parts, dys, strict=True):
+            s = np.full(2 * c, np.nan)
+            assert emu.fn("sync_backward_sums")(emu.p(emu.store(p)), emu.p(emu.store(d)), emu.p(mean), emu.p(s),
+                                                p.shape[axis], *sizes, None) == 0
+            sums += s
+        dx = []
+        grads = [g for g, _ in lower_plan(layer).gradients]
+        for p, d in zip(parts, dys, strict=True):
+            out = emu.store(p)
+            gs = [np.full(c, np.nan, emu.acc) for _ in grads]
+            assert emu.fn("sync_backward")(*emu.lead, emu.p(emu.store(p)), emu.p(emu.store(d)), emu.p(mean),
+                                           emu.p(inv), emu.p(sums), ctypes.c_double(acc[0]), emu.p(out),
+                                           *[emu.p(g) for g in gs], p.shape[axis], *sizes, None) == 0
+            dx.append(emu.load(out))
+        want = _expected_one_step(layer, x, dy)
+        _cuda_close(np.concatenate(dx, axis=axis), want["dx"], layer, "dx")
+        for g, got in zip(grads, gs, strict=True):
+            _cuda_close(got, want[g], layer, g)
+
+
+def lower_plan(layer):
+    from normgen.lowering import lower
+
+    return lower(layer, "cuda")
+
+
+def _expected_one_step(layer, x, dy):
+    dx, ds, do = reference.backward(layer, x, dy)
+    return {"dx": dx, "dscale": ds, "doffset": do}

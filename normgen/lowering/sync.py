@@ -65,7 +65,7 @@ def lower_sync(plan: Plan) -> SyncPlan | None:
             f"{name}_sync_stats",
             [f"const {t} *x", f"{st} *local", "int32_t batch", *plan.size_args],
             ["x", "local"],
-            f"Data-parallel step 1: this shard's count, mean and M2 per channel, in double (batch may be\n"
+            "Data-parallel step 1: this shard's count, mean and M2 per channel, in double (batch may be\n"
             " * 0: an empty shard, count 0). Gather every shard's and merge them with " + f"{name}_stats_merge.",
             [],
         ),
