@@ -4,7 +4,12 @@ against normgen.reference and PyTorch's batch_norm and autograd on the concatena
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import socket
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -373,3 +378,38 @@ def lower_plan(layer):
 def _expected_one_step(layer, x, dy):
     dx, ds, do = reference.backward(layer, x, dy)
     return {"dx": dx, "dscale": ds, "doffset": do}
+
+
+# ---- the MPI example (examples/mpi_bn) -----------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_mpi_example_three_processes(tmp_path):
+    """examples/mpi_bn built with mpicc against generated/c/cnn_block and run on 3 processes
+    (shards of 1, 0 and 3 samples): each matches one process with the whole batch, and the
+    running statistics and gradients are the same bits on every process."""
+    mpicc, mpirun = shutil.which("mpicc"), shutil.which("mpirun")
+    if mpicc is None or mpirun is None:
+        pytest.skip("mpicc/mpirun not on the PATH (apt-get install openmpi-bin libopenmpi-dev)")
+    gen = ROOT / "generated" / "c" / "cnn_block"
+    exe = tmp_path / "mpi_bn"
+    build = subprocess.run([mpicc, "-std=c99", "-Wall", "-Wextra", "-pedantic", "-Werror", "-O2", f"-I{gen}", "-o",
+                            str(exe), str(ROOT / "examples" / "mpi_bn" / "main.c"), str(gen / "stem_bn.c"), "-lm"],
+                           capture_output=True, text=True)  # fmt: skip
+    if build.returncode and "mpi.h" in build.stderr:
+        pytest.skip("mpicc has no MPI headers (apt-get install libopenmpi-dev)")
+    assert build.returncode == 0, build.stderr
+    version = subprocess.run([mpirun, "--version"], capture_output=True, text=True).stdout
+    extra = ["--oversubscribe"] if "Open MPI" in version else []
+    if "Open MPI" in version and os.geteuid() == 0:
+        extra.append("--allow-run-as-root")
+    run = subprocess.run([mpirun, *extra, "-np", "3", str(exe)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = re.findall(r"^rank (\d) batch (\d+) rc=(\d+) identical=(\d) (.*)$", run.stdout, re.M)
+    assert sorted((int(r), int(b)) for r, b, *_ in rows) == [(0, 1), (1, 0), (2, 3)]
+    for _, _, rc, same, errs in rows:
+        assert rc == "0" and same == "1"
+        for what, value in re.findall(r"(\w+)=(\S+)", errs):
+            assert float(value) <= 2e-6, (what, value)
+    assert re.search(r"^OK: 3 processes, global batch 4", run.stdout, re.M)
