@@ -128,6 +128,24 @@ def test_merge_is_chan_and_handles_empty_parts():
     np.testing.assert_array_equal(m.running_mean, before)
 
 
+@pytest.mark.parametrize("fmt,shape", [("BCSS", [3, 16, 16]), ("BSSC", [16, 16, 3])])
+def test_large_mean_float32_over_shards(fmt, shape):
+    """x = 1e4 + N(0, 1e-2) in float32 over shards of 2, 1 and 3 samples: the merged statistics and
+    x - mean (hi + lo) stay accurate, as in the fused train_forward (tests/test_c_numeric.py)."""
+    layer = BatchNorm(name=f"dp_big_{fmt.lower()}", format=fmt, shape=shape)
+    m = normgen.build(layer)
+    rng = np.random.default_rng(2)
+    x = (1e4 + rng.normal(0, 1e-2, reference.full_shape(layer, 6))).astype(np.float32)
+    parts = _split(layer, x, [2, 1, 3])
+    mean, inv = m.sync_finish(m.stats_merge(np.stack([m.sync_stats(p) for p in parts])))
+    got = np.concatenate([m.sync_normalize(p, mean, inv) for p in parts], axis=layer.fmt.letters.index("B"))
+    want, rm, rv = reference.train_forward(layer, x)
+    assert np.abs(want).max() > 0.5
+    assert np.abs(got - want).max() < 1e-4
+    np.testing.assert_allclose(m.running_mean, rm, rtol=1e-6)
+    np.testing.assert_allclose(m.running_var, rv, rtol=1e-3, atol=1e-7)
+
+
 def test_errors_without_process_group_or_for_other_kinds():
     pytest.importorskip("torch")
     m = normgen.build(_layer("feat64"))

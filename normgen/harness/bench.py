@@ -1,7 +1,8 @@
 """``normgen bench``: time the generated functions against copy bandwidth, PyTorch and ONNX Runtime.
 
 For every layer of a spec and every generated function (``predict``; batch norm's
-``train_forward``; ``backward`` where the layer has one) the bench reports:
+``train_forward`` and ``train_forward_sync``; ``backward`` where the layer has one) the bench
+reports:
 
 * the median time of one call, over ``--repeat`` samples taken after a warm-up;
 * GB/s = bytes moved / time, counting each tensor byte read and each tensor byte written
@@ -15,7 +16,11 @@ For every layer of a spec and every generated function (``predict``; batch norm'
   format, ``torch.set_num_threads(threads)``) and ONNX Runtime's (a one-node model built with
   ``onnx.helper``, ``intra_op_num_threads = threads``) when they are importable, each sampled
   in turn with the generated function as the copy is, and their time divided by the generated
-  function's in that same stretch (> 1: normgen is faster).
+  function's in that same stretch (> 1: normgen is faster);
+* ``train_forward_sync`` (C, batch norm) is the data-parallel training forward on one process:
+  ``NAME_sync_stats`` + ``NAME_stats_merge`` + ``NAME_sync_finish`` + ``NAME_sync_normalize``
+  with no collective between them; ``split_cost`` is its time over the fused ``train_forward``'s,
+  the two sampled in turn: what cutting the forward at its reduction costs before any network.
 
 Batch sizes are run-time arguments, so the spec cannot hold them: ``--batch N`` sets every
 layer's batch; otherwise the sidecar file ``SPEC.bench.toml`` beside the spec (or ``--config``)
@@ -57,7 +62,7 @@ else:  # pragma: no cover
 DEFAULT_FLAGS = "-O3 -march=native"
 #: A timing sample lasts at least this long (short functions are called several times per sample).
 MIN_SAMPLE_S = 2e-3
-ROLES = ("predict", "train_forward", "backward")
+ROLES = ("predict", "train_forward", "train_forward_sync", "backward")
 NUMPY_DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16}
 
 
@@ -124,6 +129,11 @@ class Result:
     time_vs_torch_s: float | None = None
     time_vs_torch_reuse_s: float | None = None
     time_vs_ort_s: float | None = None
+    #: train_forward_sync: the fused train_forward's time, normgen's split sampled in turn with it,
+    #: and split_cost = time_vs_fused_s / fused_time_s (> 1: the split is slower)
+    fused_time_s: float | None = None
+    time_vs_fused_s: float | None = None
+    split_cost: float | None = None
 
 
 @dataclass
@@ -141,7 +151,7 @@ class Report:
 BYTES_DOC = (
     "bytes = every tensor byte read plus every tensor byte written, each once: predict reads x and "
     "writes y (2*N*s for N elements of s bytes); train_forward also reads and writes the running "
-    "mean and variance (+4*C*s); backward reads x and dy and writes dx, dscale and doffset "
+    "mean and variance (+4*C*s), and so does train_forward_sync; backward reads x and dy and writes dx, dscale and doffset "
     "(3*N*s + 2*C*s). Parameter reads (scale, offset, folded constants: C values) are not counted. "
     "copy = a plain copy of a buffer of bytes/2, so it reads and writes the same number of bytes."
 )
@@ -153,7 +163,7 @@ def traffic(layer: Layer, role: str, batch: int) -> int:
     n = int(np.prod(reference.full_shape(layer, batch)))
     if role == "predict":
         return 2 * n * s
-    if role == "train_forward":
+    if role in ("train_forward", "train_forward_sync"):
         return 2 * n * s + 4 * layer.channels * s
     if role == "backward":
         return 3 * n * s + 2 * layer.channels * s
@@ -423,6 +433,8 @@ class CFunctions:
         train = getattr(self.compiled.plan, "train", None)
         if hasattr(self.compiled, "backward") and train is not None and "backward" in train.roles:
             roles.append("backward")
+        if train is not None and train.sync is not None:
+            roles.append("train_forward_sync")
         return [r for r in ROLES if r in roles]
 
     def call(self, role: str) -> Callable[[], object]:
@@ -436,6 +448,8 @@ class CFunctions:
             args = [*lead, self._p(self.x), self._p(self.y), *self.dims, self._p(self.rm), self._p(self.rv)]
         elif role == "backward":
             return self._backward()
+        elif role == "train_forward_sync":
+            return self._sync_forward()
         else:  # pragma: no cover
             raise NormgenError(f"unknown function role {role!r}")
 
@@ -462,6 +476,30 @@ class CFunctions:
             rc = fn(*args)
             if rc:
                 raise NormgenError(f"{name}_backward returned {rc}")
+
+        return go
+
+
+    def _sync_forward(self) -> Callable[[], object]:
+        """The data-parallel training forward on one process (normgen/lowering/sync.py): the shard's
+        statistics, merged (one part), finished (running update) and applied, on preallocated buffers."""
+        name, c = self.layer.name, self.compiled.plan.channels
+        stats, acc = np.zeros(1 + 2 * c), np.zeros(1 + 2 * c)
+        mean, inv = np.empty(c), np.empty(c)
+        self._keep += [stats, acc, mean, inv]
+        st = self.ffi.cast(f"{name}_stats *", self.ffi.from_buffer(stats))
+        ac = self.ffi.cast(f"{name}_stats *", self.ffi.from_buffer(acc))
+        mp, ip = (self.ffi.cast("double *", self.ffi.from_buffer(a)) for a in (mean, inv))
+        fn = {r: getattr(self.lib, f"{name}_{r}") for r in ("sync_stats", "stats_merge", "sync_finish", "sync_normalize")}
+        x, y, rm, rv = self._p(self.x), self._p(self.y), self._p(self.rm), self._p(self.rv)
+        lead, dims = list(self.compiled._lead), self.dims
+
+        def go():
+            acc.fill(0.0)
+            rc = (fn["sync_stats"](x, st, *dims) or fn["stats_merge"](ac, st) or fn["sync_finish"](ac, rm, rv, mp, ip)
+                  or fn["sync_normalize"](*lead, x, mp, ip, y, *dims))
+            if rc:
+                raise NormgenError(f"{name}'s synchronized forward returned {rc}")
 
         return go
 
@@ -717,6 +755,11 @@ def bench_c(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) -> 
                 res = Result(layer.name, role, layer.kind, layer.fmt.letters, list(fns.x.shape), layer.dtype,
                              fns.batch, layer.parallel, threads, nbytes, t_ours, nbytes / t_ours / 1e9,
                              t_copy, nbytes / t_copy / 1e9, t_copy / t_ours, samples=args.repeat)
+                if role == "train_forward_sync":
+                    progress.step(f"{where}: split vs fused train_forward")
+                    res.time_vs_fused_s, res.fused_time_s = time_interleaved([ours, fns.call("train_forward")],
+                                                                             args.repeat, args.warmup)
+                    res.split_cost = res.time_vs_fused_s / res.fused_time_s
                 if have_torch:
                     progress.step(f"{where}: normgen vs PyTorch")
                     fn, res.torch_note = torch_case(fixed, role, fns.x)
@@ -727,7 +770,8 @@ def bench_c(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) -> 
                     res.torch_note = "skipped" if args.no_torch else "torch not importable"
                 if have_ort:
                     progress.step(f"{where}: normgen vs ONNX Runtime")
-                    fn, res.ort_note = ort_case(fixed, role, fns.x, args.threads)
+                    fn, res.ort_note = ort_case(fixed, "train_forward" if role == "train_forward_sync" else role,
+                                                fns.x, args.threads)
                     if fn is not None:
                         res.time_vs_ort_s, res.ort_time_s = time_interleaved([ours, fn], args.repeat, args.warmup)
                         res.ort_speedup = res.ort_time_s / res.time_vs_ort_s
@@ -759,6 +803,8 @@ def _roles(layer: Layer, target: str) -> list[str]:
     roles = {f.role for f in plan.functions}
     try:
         roles.update(plan.train.roles if target == "c" else [])
+        if target == "c" and plan.train.sync is not None:
+            roles.add("train_forward_sync")
     except (AttributeError, ImportError, NormgenError):  # no training half
         pass
     return [r for r in ROLES if r in roles]
@@ -933,6 +979,10 @@ def print_table(report: Report, out=None) -> None:
           "with normgen; x torch / x ort: their time / normgen's, the two sampled in turn (> 1: normgen "
           "faster); x reuse: the same with PyTorch's freed memory reused (no page faults for its fresh "
           "output)", file=out)
+    for r in report.results:
+        if r.split_cost is not None:
+            print(f"{r.layer}.train_forward_sync: {r.time_vs_fused_s * 1e6:.1f} us against the fused train_forward's "
+                  f"{r.fused_time_s * 1e6:.1f} us, sampled in turn: split cost x{r.split_cost:.2f}", file=out)
 
 
 def write_plot(report: Report, path: str) -> None:

@@ -2086,18 +2086,21 @@ int head_bn_sync_normalize(const double *x, const double *saved_mean, const doub
     const size_t nb = (size_t)batch;
     const double *scale = head_bn_scale;
     const double *offset = head_bn_offset;
-    double a[64], b[64];
+    double hi[64], lo[64], a[64], b[64];
     for (size_t c = 0; c < 64; ++c) {
-        a[c] = (double)scale[c] * saved_invstd[c];
-        b[c] = (double)offset[c];
+        hi[c] = (double)saved_mean[c];
+        lo[c] = (double)(saved_mean[c] - (double)hi[c]);
+        a[c] = (double)((double)scale[c] * saved_invstd[c]);
+        b[c] = offset[c];
     }
-    /* y = (x - mean) * scale / sqrt(var + epsilon) + offset, x - mean in double */
+    /* y = (x - mean) * scale / sqrt(var + epsilon) + offset, with the mean as hi + lo (double) so that
+     * x - mean stays exact where the mean is large against the spread */
     for (size_t j0 = 0; j0 < nb; ++j0) {
         for (size_t j1 = 0; j1 < 64; ++j1) {
             for (size_t j2 = 0; j2 < 49; ++j2) {
                 const size_t o = j0 * 3136 + j1 * 49 + j2;
                 const size_t ch = j1;
-                y[o] = (double)(((double)x[o] - saved_mean[ch]) * a[ch] + b[ch]);
+                y[o] = ((x[o] - hi[ch]) - lo[ch]) * a[ch] + b[ch];
             }
         }
     }
@@ -2189,19 +2192,22 @@ int head_bn_sync_backward(const double *x, const double *dy, const double *saved
     /* per channel, with s1 = sum(dy), s2 = sum(dy * (x - mean)) over the global batch of count values:
      * dx = dy * w + (x - mean) * q + r, w = scale * invstd, q = -w * invstd^2 * s2 / count, r = -w * s1 / count */
     const double inv_n = count > 0 ? 1 / count : 0;
-    double w[64], q[64], r[64];
+    double hi[64], lo[64], w[64], q[64], r[64];
     for (size_t c = 0; c < 64; ++c) {
         const double inv = saved_invstd[c];
-        w[c] = (double)scale[c] * inv;
-        q[c] = -w[c] * inv * inv * sums[64 + c] * inv_n;
-        r[c] = -w[c] * sums[c] * inv_n;
+        const double wc = (double)scale[c] * inv;
+        hi[c] = (double)saved_mean[c];
+        lo[c] = (double)(saved_mean[c] - (double)hi[c]);
+        w[c] = (double)wc;
+        q[c] = (double)(-wc * inv * inv * sums[64 + c] * inv_n);
+        r[c] = (double)(-wc * sums[c] * inv_n);
     }
     for (size_t j0 = 0; j0 < nb; ++j0) {
         for (size_t j1 = 0; j1 < 64; ++j1) {
             for (size_t j2 = 0; j2 < 49; ++j2) {
                 const size_t o = j0 * 3136 + j1 * 49 + j2;
                 const size_t ch = j1;
-                dx[o] = (double)((double)dy[o] * w[ch] + ((double)x[o] - saved_mean[ch]) * q[ch] + r[ch]);
+                dx[o] = dy[o] * w[ch] + ((x[o] - hi[ch]) - lo[ch]) * q[ch] + r[ch];
             }
         }
     }

@@ -1790,18 +1790,21 @@ int bn_nchw_sync_normalize(const float *x, const double *saved_mean, const doubl
     const size_t nb = (size_t)batch;
     const float *scale = bn_nchw_scale;
     const float *offset = bn_nchw_offset;
-    double a[3], b[3];
+    float hi[3], lo[3], a[3], b[3];
     for (size_t c = 0; c < 3; ++c) {
-        a[c] = (double)scale[c] * saved_invstd[c];
-        b[c] = (double)offset[c];
+        hi[c] = (float)saved_mean[c];
+        lo[c] = (float)(saved_mean[c] - (double)hi[c]);
+        a[c] = (float)((double)scale[c] * saved_invstd[c]);
+        b[c] = offset[c];
     }
-    /* y = (x - mean) * scale / sqrt(var + epsilon) + offset, x - mean in double */
+    /* y = (x - mean) * scale / sqrt(var + epsilon) + offset, with the mean as hi + lo (float) so that
+     * x - mean stays exact where the mean is large against the spread */
     for (size_t j0 = 0; j0 < nb; ++j0) {
         for (size_t j1 = 0; j1 < 3; ++j1) {
             for (size_t j2 = 0; j2 < 16; ++j2) {
                 const size_t o = j0 * 48 + j1 * 16 + j2;
                 const size_t ch = j1;
-                y[o] = (float)(((double)x[o] - saved_mean[ch]) * a[ch] + b[ch]);
+                y[o] = ((x[o] - hi[ch]) - lo[ch]) * a[ch] + b[ch];
             }
         }
     }
@@ -1893,19 +1896,22 @@ int bn_nchw_sync_backward(const float *x, const float *dy, const double *saved_m
     /* per channel, with s1 = sum(dy), s2 = sum(dy * (x - mean)) over the global batch of count values:
      * dx = dy * w + (x - mean) * q + r, w = scale * invstd, q = -w * invstd^2 * s2 / count, r = -w * s1 / count */
     const double inv_n = count > 0 ? 1 / count : 0;
-    double w[3], q[3], r[3];
+    float hi[3], lo[3], w[3], q[3], r[3];
     for (size_t c = 0; c < 3; ++c) {
         const double inv = saved_invstd[c];
-        w[c] = (double)scale[c] * inv;
-        q[c] = -w[c] * inv * inv * sums[3 + c] * inv_n;
-        r[c] = -w[c] * sums[c] * inv_n;
+        const double wc = (double)scale[c] * inv;
+        hi[c] = (float)saved_mean[c];
+        lo[c] = (float)(saved_mean[c] - (double)hi[c]);
+        w[c] = (float)wc;
+        q[c] = (float)(-wc * inv * inv * sums[3 + c] * inv_n);
+        r[c] = (float)(-wc * sums[c] * inv_n);
     }
     for (size_t j0 = 0; j0 < nb; ++j0) {
         for (size_t j1 = 0; j1 < 3; ++j1) {
             for (size_t j2 = 0; j2 < 16; ++j2) {
                 const size_t o = j0 * 48 + j1 * 16 + j2;
                 const size_t ch = j1;
-                dx[o] = (float)((double)dy[o] * w[ch] + ((double)x[o] - saved_mean[ch]) * q[ch] + r[ch]);
+                dx[o] = dy[o] * w[ch] + ((x[o] - hi[ch]) - lo[ch]) * q[ch] + r[ch];
             }
         }
     }
