@@ -2010,7 +2010,7 @@ extern "C" int head_bn_sync_backward(const double *x, const double *dy, const do
         return HEAD_BN_ERR_BATCH;
     }
     int b = batch;
-    if (!(count >= (double)(nb == 0 ? 0 : nb * 49)) || !(count > 0)) {
+    if (!(count >= (double)(nb == 0 ? 0 : nb * 49))) {
         return HEAD_BN_ERR_COUNT;
     }
     void *pargs[] = {(void *)&saved_invstd, (void *)&sums, (void *)&dscale, (void *)&doffset};

@@ -1982,7 +1982,7 @@ extern "C" int stem_bn_sync_backward(const float *x, const float *dy, const doub
         return STEM_BN_ERR_BATCH;
     }
     int b = batch;
-    if (!(count >= (double)(nb == 0 ? 0 : nb * 784)) || !(count > 0)) {
+    if (!(count >= (double)(nb == 0 ? 0 : nb * 784))) {
         return STEM_BN_ERR_COUNT;
     }
     void *pargs[] = {(void *)&saved_invstd, (void *)&sums, (void *)&dscale, (void *)&doffset};

@@ -2002,7 +2002,7 @@ extern "C" int bn_nchw_sync_backward(const float *x, const float *dy, const doub
         return BN_NCHW_ERR_BATCH;
     }
     int b = batch;
-    if (!(count >= (double)(nb == 0 ? 0 : nb * 16)) || !(count > 0)) {
+    if (!(count >= (double)(nb == 0 ? 0 : nb * 16))) {
         return BN_NCHW_ERR_COUNT;
     }
     void *pargs[] = {(void *)&saved_invstd, (void *)&sums, (void *)&dscale, (void *)&doffset};
