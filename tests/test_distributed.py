@@ -431,3 +431,112 @@ def test_mpi_example_three_processes(tmp_path):
         for what, value in re.findall(r"(\w+)=(\S+)", errs):
             assert float(value) <= 2e-6, (what, value)
     assert re.search(r"^OK: 3 processes, global batch 4", run.stdout, re.M)
+
+
+# ---- AddressSanitizer and UBSan: every synchronized function on exact-size heap buffers ----------
+
+ASAN_DRIVER = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "{name}.h"
+#define C {C}
+#define PER {per}
+static const int shards[3] = {{2, 0, 1}};
+
+static {T} *copy_of(const {T} *src, size_t n)
+{{
+    {T} *p = malloc(n ? n * sizeof *p : 1);  /* exact size: ASan catches any access past it */
+    if (n) memcpy(p, src, n * sizeof *p);
+    return p;
+}}
+
+int main(void)
+{{
+    const int total = 3;
+    static {T} x[3 * PER], dy[3 * PER], y[3 * PER], dx[3 * PER];
+    FILE *f = fopen("in.bin", "rb");
+    if (!f || fread(x, sizeof x[0], 3 * PER, f) != 3 * PER || fread(dy, sizeof dy[0], 3 * PER, f) != 3 * PER) return 10;
+    fclose(f);
+    {name}_stats *acc = calloc(1, sizeof *acc), *part = malloc(sizeof *part);
+    double *mean = malloc(C * sizeof *mean), *inv = malloc(C * sizeof *inv), *sums = malloc(2 * C * sizeof *sums);
+    double *total_sums = calloc(2 * C, sizeof *total_sums);
+    {T} *rm = malloc(C * sizeof *rm), *rv = malloc(C * sizeof *rv), *ds = malloc(C * sizeof *ds), *dof = malloc(C * sizeof *dof);
+    for (int c = 0; c < C; ++c) {{ rm[c] = 0; rv[c] = 1; }}
+    int first = 0;
+    for (int s = 0; s < 3; ++s) {{
+        {T} *xs = copy_of(x + (size_t)first * PER, (size_t)shards[s] * PER);
+        if ({name}_sync_stats(xs, part, shards[s]) != 0) return 20;
+        if ({name}_stats_merge(acc, part) != 0) return 21;
+        free(xs);
+        first += shards[s];
+    }}
+    if ({name}_sync_finish(acc, rm, rv, mean, inv) != 0) return 22;
+    first = 0;
+    for (int s = 0; s < 3; ++s) {{
+        const size_t n = (size_t)shards[s] * PER;
+        {T} *xs = copy_of(x + (size_t)first * PER, n), *ys = copy_of(x + (size_t)first * PER, n);
+        {T} *dys = copy_of(dy + (size_t)first * PER, n);
+        if ({name}_sync_normalize(xs, mean, inv, ys, shards[s]) != 0) return 23;
+        if ({name}_sync_normalize(xs, mean, inv, xs, shards[s]) != 0) return 24;  /* in place */
+        if (n && memcmp(xs, ys, n * sizeof *xs)) return 25;
+        if (n) memcpy(y + (size_t)first * PER, ys, n * sizeof *ys);
+        memcpy(xs, x + (size_t)first * PER, n * sizeof *xs);
+        if ({name}_sync_backward_sums(xs, dys, mean, sums, shards[s]) != 0) return 26;
+        for (int i = 0; i < 2 * C; ++i) total_sums[i] += sums[i];
+        free(xs); free(ys); free(dys);
+        first += shards[s];
+    }}
+    first = 0;
+    for (int s = 0; s < 3; ++s) {{
+        const size_t n = (size_t)shards[s] * PER;
+        {T} *xs = copy_of(x + (size_t)first * PER, n), *dys = copy_of(dy + (size_t)first * PER, n);
+        if ({name}_sync_backward(xs, dys, mean, inv, total_sums, acc->count, dys, ds, dof, shards[s]) != 0) return 27;
+        if (n) memcpy(dx + (size_t)first * PER, dys, n * sizeof *dys);
+        free(xs); free(dys);
+        first += shards[s];
+    }}
+    if ({name}_sync_stats(NULL, part, 1) != 1 || {name}_sync_normalize(x, mean, inv, y, -1) != 2) return 30;
+    f = fopen("out.bin", "wb");
+    fwrite(y, sizeof y[0], (size_t)total * PER, f);
+    fwrite(dx, sizeof dx[0], (size_t)total * PER, f);
+    fwrite(rm, sizeof rm[0], C, f);
+    fwrite(rv, sizeof rv[0], C, f);
+    fwrite(ds, sizeof ds[0], C, f);
+    fwrite(dof, sizeof dof[0], C, f);
+    fclose(f);
+    free(acc); free(part); free(mean); free(inv); free(sums); free(total_sums); free(rm); free(rv); free(ds); free(dof);
+    return 0;
+}}
+"""
+
+
+@pytest.mark.parametrize("fmt,shape,dtype", [("BCSS", [3, 5, 7], "float32"), ("BSSC", [5, 7, 3], "float64")])
+def test_sync_functions_under_asan_ubsan(fmt, shape, dtype, tmp_path):
+    """Shards of 2, 0 and 1 samples on heap buffers of their exact size (an empty shard's of none),
+    normalize in place, dx in place of dy, two error codes; the results against the reference."""
+    layer = BatchNorm(name="dp_asan", format=fmt, shape=shape, dtype=dtype, **params(3, 4), **bn_stats(3, 4))
+    for fname, text in normgen.emit(layer, "c").items():
+        (tmp_path / fname).write_text(text)
+    T = "float" if dtype == "float32" else "double"
+    per = int(np.prod(shape))
+    (tmp_path / "driver.c").write_text(ASAN_DRIVER.format(name=layer.name, C=3, per=per, T=T))
+    flags = ["-std=c99", "-Wall", "-Wextra", "-pedantic", "-Werror", "-O1", "-g", "-fsanitize=address,undefined",
+             "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+    subprocess.run(["gcc", *flags, "-o", "driver", "driver.c", f"{layer.name}.c", "-lm"], cwd=tmp_path, check=True,
+                   capture_output=True, text=True)
+    rng = np.random.default_rng(6)
+    x = rng.normal(2.0, 1.5, reference.full_shape(layer, 3)).astype(dtype)
+    dy = rng.normal(0.0, 1.0, x.shape).astype(dtype)
+    np.concatenate([x.reshape(-1), dy.reshape(-1)]).tofile(tmp_path / "in.bin")
+    proc = subprocess.run(["./driver"], cwd=tmp_path, capture_output=True, text=True,
+                          env={"ASAN_OPTIONS": "detect_leaks=1", "UBSAN_OPTIONS": "print_stacktrace=1"})
+    assert proc.returncode == 0, proc.stderr
+    out = np.fromfile(tmp_path / "out.bin", dtype=dtype)
+    n = x.size
+    y, rm, rv = reference.train_forward(layer, x, np.zeros(3), np.ones(3))
+    dx, ds, do = reference.backward(layer, x, dy)
+    got = {"y": out[:n], "dx": out[n:2 * n], "rm": out[2 * n:2 * n + 3], "rv": out[2 * n + 3:2 * n + 6],
+           "dscale": out[2 * n + 6:2 * n + 9], "doffset": out[2 * n + 9:]}
+    for k, want in (("y", y), ("dx", dx), ("rm", rm), ("rv", rv), ("dscale", ds), ("doffset", do)):
+        _close(k, got[k], np.asarray(want).reshape(-1), dtype)
