@@ -2086,21 +2086,21 @@ int head_bn_sync_normalize(const double *x, const double *saved_mean, const doub
     const size_t nb = (size_t)batch;
     const double *scale = head_bn_scale;
     const double *offset = head_bn_offset;
-    double hi[64], lo[64], a[64], b[64];
+    double mhi[64], mlo[64], fold_a[64], fold_b[64];
     for (size_t c = 0; c < 64; ++c) {
-        hi[c] = (double)saved_mean[c];
-        lo[c] = (double)(saved_mean[c] - (double)hi[c]);
-        a[c] = (double)((double)scale[c] * saved_invstd[c]);
-        b[c] = offset[c];
+        mhi[c] = (double)saved_mean[c];
+        mlo[c] = (double)(saved_mean[c] - (double)mhi[c]);
+        fold_a[c] = (double)((double)scale[c] * saved_invstd[c]);
+        fold_b[c] = offset[c];
     }
-    /* y = (x - mean) * scale / sqrt(var + epsilon) + offset, with the mean as hi + lo (double) so that
+    /* y = (x - mean) * scale / sqrt(var + epsilon) + offset, with the mean as mhi + mlo (double) so that
      * x - mean stays exact where the mean is large against the spread */
     for (size_t j0 = 0; j0 < nb; ++j0) {
         for (size_t j1 = 0; j1 < 64; ++j1) {
             for (size_t j2 = 0; j2 < 49; ++j2) {
                 const size_t o = j0 * 3136 + j1 * 49 + j2;
                 const size_t ch = j1;
-                y[o] = ((x[o] - hi[ch]) - lo[ch]) * a[ch] + b[ch];
+                y[o] = ((x[o] - mhi[ch]) - mlo[ch]) * fold_a[ch] + fold_b[ch];
             }
         }
     }
@@ -2128,10 +2128,10 @@ int head_bn_sync_backward_sums(const double *x, const double *dy, const double *
         return HEAD_BN_ERR_BATCH;
     }
     const size_t nb = (size_t)batch;
-    double sa[64], sb[64];
+    double goffset[64], gscale[64];
     for (size_t c = 0; c < 64; ++c) {
-        sa[c] = 0;
-        sb[c] = 0;
+        goffset[c] = 0;
+        gscale[c] = 0;
     }
     /* per channel: sum(dy), sum(dy * (x - mean)) */
     for (size_t j0 = 0; j0 < nb; ++j0) {
@@ -2140,14 +2140,14 @@ int head_bn_sync_backward_sums(const double *x, const double *dy, const double *
                 const size_t o = j0 * 3136 + j1 * 49 + j2;
                 const size_t ch = j1;
                 const double g = (double)dy[o];
-                sa[ch] += g;
-                sb[ch] += g * ((double)x[o] - saved_mean[ch]);
+                goffset[ch] += g;
+                gscale[ch] += g * ((double)x[o] - saved_mean[ch]);
             }
         }
     }
     for (size_t c = 0; c < 64; ++c) {
-        sums[c] = sa[c];
-        sums[64 + c] = sb[c];
+        sums[c] = goffset[c];
+        sums[64 + c] = gscale[c];
     }
     return HEAD_BN_OK;
 }
@@ -2190,24 +2190,25 @@ int head_bn_sync_backward(const double *x, const double *dy, const double *saved
         return HEAD_BN_ERR_COUNT;
     }
     /* per channel, with s1 = sum(dy), s2 = sum(dy * (x - mean)) over the global batch of count values:
-     * dx = dy * w + (x - mean) * q + r, w = scale * invstd, q = -w * invstd^2 * s2 / count, r = -w * s1 / count */
+     * dx = dy * dx_w + (x - mean) * dx_q + dx_r, dx_w = scale * invstd, dx_q = -dx_w * invstd^2 * s2 / count,
+     * dx_r = -dx_w * s1 / count */
     const double inv_n = count > 0 ? 1 / count : 0;
-    double hi[64], lo[64], w[64], q[64], r[64];
+    double mhi[64], mlo[64], dx_w[64], dx_q[64], dx_r[64];
     for (size_t c = 0; c < 64; ++c) {
         const double inv = saved_invstd[c];
         const double wc = (double)scale[c] * inv;
-        hi[c] = (double)saved_mean[c];
-        lo[c] = (double)(saved_mean[c] - (double)hi[c]);
-        w[c] = (double)wc;
-        q[c] = (double)(-wc * inv * inv * sums[64 + c] * inv_n);
-        r[c] = (double)(-wc * sums[c] * inv_n);
+        mhi[c] = (double)saved_mean[c];
+        mlo[c] = (double)(saved_mean[c] - (double)mhi[c]);
+        dx_w[c] = (double)wc;
+        dx_q[c] = (double)(-wc * inv * inv * sums[64 + c] * inv_n);
+        dx_r[c] = (double)(-wc * sums[c] * inv_n);
     }
     for (size_t j0 = 0; j0 < nb; ++j0) {
         for (size_t j1 = 0; j1 < 64; ++j1) {
             for (size_t j2 = 0; j2 < 49; ++j2) {
                 const size_t o = j0 * 3136 + j1 * 49 + j2;
                 const size_t ch = j1;
-                dx[o] = dy[o] * w[ch] + ((x[o] - hi[ch]) - lo[ch]) * q[ch] + r[ch];
+                dx[o] = dy[o] * dx_w[ch] + ((x[o] - mhi[ch]) - mlo[ch]) * dx_q[ch] + dx_r[ch];
             }
         }
     }

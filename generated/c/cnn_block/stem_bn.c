@@ -2057,21 +2057,21 @@ int stem_bn_sync_normalize(const float *x, const double *saved_mean, const doubl
     const size_t nb = (size_t)batch;
     const float *scale = stem_bn_scale;
     const float *offset = stem_bn_offset;
-    float hi[32], lo[32], a[32], b[32];
+    float mhi[32], mlo[32], fold_a[32], fold_b[32];
     for (size_t c = 0; c < 32; ++c) {
-        hi[c] = (float)saved_mean[c];
-        lo[c] = (float)(saved_mean[c] - (double)hi[c]);
-        a[c] = (float)((double)scale[c] * saved_invstd[c]);
-        b[c] = offset[c];
+        mhi[c] = (float)saved_mean[c];
+        mlo[c] = (float)(saved_mean[c] - (double)mhi[c]);
+        fold_a[c] = (float)((double)scale[c] * saved_invstd[c]);
+        fold_b[c] = offset[c];
     }
-    /* y = (x - mean) * scale / sqrt(var + epsilon) + offset, with the mean as hi + lo (float) so that
+    /* y = (x - mean) * scale / sqrt(var + epsilon) + offset, with the mean as mhi + mlo (float) so that
      * x - mean stays exact where the mean is large against the spread */
     for (size_t j0 = 0; j0 < nb; ++j0) {
         for (size_t j1 = 0; j1 < 32; ++j1) {
             for (size_t j2 = 0; j2 < 784; ++j2) {
                 const size_t o = j0 * 25088 + j1 * 784 + j2;
                 const size_t ch = j1;
-                y[o] = ((x[o] - hi[ch]) - lo[ch]) * a[ch] + b[ch];
+                y[o] = ((x[o] - mhi[ch]) - mlo[ch]) * fold_a[ch] + fold_b[ch];
             }
         }
     }
@@ -2099,10 +2099,10 @@ int stem_bn_sync_backward_sums(const float *x, const float *dy, const double *sa
         return STEM_BN_ERR_BATCH;
     }
     const size_t nb = (size_t)batch;
-    double sa[32], sb[32];
+    double goffset[32], gscale[32];
     for (size_t c = 0; c < 32; ++c) {
-        sa[c] = 0;
-        sb[c] = 0;
+        goffset[c] = 0;
+        gscale[c] = 0;
     }
     /* per channel: sum(dy), sum(dy * (x - mean)) */
     for (size_t j0 = 0; j0 < nb; ++j0) {
@@ -2111,14 +2111,14 @@ int stem_bn_sync_backward_sums(const float *x, const float *dy, const double *sa
                 const size_t o = j0 * 25088 + j1 * 784 + j2;
                 const size_t ch = j1;
                 const double g = (double)dy[o];
-                sa[ch] += g;
-                sb[ch] += g * ((double)x[o] - saved_mean[ch]);
+                goffset[ch] += g;
+                gscale[ch] += g * ((double)x[o] - saved_mean[ch]);
             }
         }
     }
     for (size_t c = 0; c < 32; ++c) {
-        sums[c] = sa[c];
-        sums[32 + c] = sb[c];
+        sums[c] = goffset[c];
+        sums[32 + c] = gscale[c];
     }
     return STEM_BN_OK;
 }
@@ -2161,24 +2161,25 @@ int stem_bn_sync_backward(const float *x, const float *dy, const double *saved_m
         return STEM_BN_ERR_COUNT;
     }
     /* per channel, with s1 = sum(dy), s2 = sum(dy * (x - mean)) over the global batch of count values:
-     * dx = dy * w + (x - mean) * q + r, w = scale * invstd, q = -w * invstd^2 * s2 / count, r = -w * s1 / count */
+     * dx = dy * dx_w + (x - mean) * dx_q + dx_r, dx_w = scale * invstd, dx_q = -dx_w * invstd^2 * s2 / count,
+     * dx_r = -dx_w * s1 / count */
     const double inv_n = count > 0 ? 1 / count : 0;
-    float hi[32], lo[32], w[32], q[32], r[32];
+    float mhi[32], mlo[32], dx_w[32], dx_q[32], dx_r[32];
     for (size_t c = 0; c < 32; ++c) {
         const double inv = saved_invstd[c];
         const double wc = (double)scale[c] * inv;
-        hi[c] = (float)saved_mean[c];
-        lo[c] = (float)(saved_mean[c] - (double)hi[c]);
-        w[c] = (float)wc;
-        q[c] = (float)(-wc * inv * inv * sums[32 + c] * inv_n);
-        r[c] = (float)(-wc * sums[c] * inv_n);
+        mhi[c] = (float)saved_mean[c];
+        mlo[c] = (float)(saved_mean[c] - (double)mhi[c]);
+        dx_w[c] = (float)wc;
+        dx_q[c] = (float)(-wc * inv * inv * sums[32 + c] * inv_n);
+        dx_r[c] = (float)(-wc * sums[c] * inv_n);
     }
     for (size_t j0 = 0; j0 < nb; ++j0) {
         for (size_t j1 = 0; j1 < 32; ++j1) {
             for (size_t j2 = 0; j2 < 784; ++j2) {
                 const size_t o = j0 * 25088 + j1 * 784 + j2;
                 const size_t ch = j1;
-                dx[o] = dy[o] * w[ch] + ((x[o] - hi[ch]) - lo[ch]) * q[ch] + r[ch];
+                dx[o] = dy[o] * dx_w[ch] + ((x[o] - mhi[ch]) - mlo[ch]) * dx_q[ch] + dx_r[ch];
             }
         }
     }

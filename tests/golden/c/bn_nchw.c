@@ -1790,21 +1790,21 @@ int bn_nchw_sync_normalize(const float *x, const double *saved_mean, const doubl
     const size_t nb = (size_t)batch;
     const float *scale = bn_nchw_scale;
     const float *offset = bn_nchw_offset;
-    float hi[3], lo[3], a[3], b[3];
+    float mhi[3], mlo[3], fold_a[3], fold_b[3];
     for (size_t c = 0; c < 3; ++c) {
-        hi[c] = (float)saved_mean[c];
-        lo[c] = (float)(saved_mean[c] - (double)hi[c]);
-        a[c] = (float)((double)scale[c] * saved_invstd[c]);
-        b[c] = offset[c];
+        mhi[c] = (float)saved_mean[c];
+        mlo[c] = (float)(saved_mean[c] - (double)mhi[c]);
+        fold_a[c] = (float)((double)scale[c] * saved_invstd[c]);
+        fold_b[c] = offset[c];
     }
-    /* y = (x - mean) * scale / sqrt(var + epsilon) + offset, with the mean as hi + lo (float) so that
+    /* y = (x - mean) * scale / sqrt(var + epsilon) + offset, with the mean as mhi + mlo (float) so that
      * x - mean stays exact where the mean is large against the spread */
     for (size_t j0 = 0; j0 < nb; ++j0) {
         for (size_t j1 = 0; j1 < 3; ++j1) {
             for (size_t j2 = 0; j2 < 16; ++j2) {
                 const size_t o = j0 * 48 + j1 * 16 + j2;
                 const size_t ch = j1;
-                y[o] = ((x[o] - hi[ch]) - lo[ch]) * a[ch] + b[ch];
+                y[o] = ((x[o] - mhi[ch]) - mlo[ch]) * fold_a[ch] + fold_b[ch];
             }
         }
     }
@@ -1832,10 +1832,10 @@ int bn_nchw_sync_backward_sums(const float *x, const float *dy, const double *sa
         return BN_NCHW_ERR_BATCH;
     }
     const size_t nb = (size_t)batch;
-    double sa[3], sb[3];
+    double goffset[3], gscale[3];
     for (size_t c = 0; c < 3; ++c) {
-        sa[c] = 0;
-        sb[c] = 0;
+        goffset[c] = 0;
+        gscale[c] = 0;
     }
     /* per channel: sum(dy), sum(dy * (x - mean)) */
     for (size_t j0 = 0; j0 < nb; ++j0) {
@@ -1844,14 +1844,14 @@ int bn_nchw_sync_backward_sums(const float *x, const float *dy, const double *sa
                 const size_t o = j0 * 48 + j1 * 16 + j2;
                 const size_t ch = j1;
                 const double g = (double)dy[o];
-                sa[ch] += g;
-                sb[ch] += g * ((double)x[o] - saved_mean[ch]);
+                goffset[ch] += g;
+                gscale[ch] += g * ((double)x[o] - saved_mean[ch]);
             }
         }
     }
     for (size_t c = 0; c < 3; ++c) {
-        sums[c] = sa[c];
-        sums[3 + c] = sb[c];
+        sums[c] = goffset[c];
+        sums[3 + c] = gscale[c];
     }
     return BN_NCHW_OK;
 }
@@ -1894,24 +1894,25 @@ int bn_nchw_sync_backward(const float *x, const float *dy, const double *saved_m
         return BN_NCHW_ERR_COUNT;
     }
     /* per channel, with s1 = sum(dy), s2 = sum(dy * (x - mean)) over the global batch of count values:
-     * dx = dy * w + (x - mean) * q + r, w = scale * invstd, q = -w * invstd^2 * s2 / count, r = -w * s1 / count */
+     * dx = dy * dx_w + (x - mean) * dx_q + dx_r, dx_w = scale * invstd, dx_q = -dx_w * invstd^2 * s2 / count,
+     * dx_r = -dx_w * s1 / count */
     const double inv_n = count > 0 ? 1 / count : 0;
-    float hi[3], lo[3], w[3], q[3], r[3];
+    float mhi[3], mlo[3], dx_w[3], dx_q[3], dx_r[3];
     for (size_t c = 0; c < 3; ++c) {
         const double inv = saved_invstd[c];
         const double wc = (double)scale[c] * inv;
-        hi[c] = (float)saved_mean[c];
-        lo[c] = (float)(saved_mean[c] - (double)hi[c]);
-        w[c] = (float)wc;
-        q[c] = (float)(-wc * inv * inv * sums[3 + c] * inv_n);
-        r[c] = (float)(-wc * sums[c] * inv_n);
+        mhi[c] = (float)saved_mean[c];
+        mlo[c] = (float)(saved_mean[c] - (double)mhi[c]);
+        dx_w[c] = (float)wc;
+        dx_q[c] = (float)(-wc * inv * inv * sums[3 + c] * inv_n);
+        dx_r[c] = (float)(-wc * sums[c] * inv_n);
     }
     for (size_t j0 = 0; j0 < nb; ++j0) {
         for (size_t j1 = 0; j1 < 3; ++j1) {
             for (size_t j2 = 0; j2 < 16; ++j2) {
                 const size_t o = j0 * 48 + j1 * 16 + j2;
                 const size_t ch = j1;
-                dx[o] = dy[o] * w[ch] + ((x[o] - hi[ch]) - lo[ch]) * q[ch] + r[ch];
+                dx[o] = dy[o] * dx_w[ch] + ((x[o] - mhi[ch]) - mlo[ch]) * dx_q[ch] + dx_r[ch];
             }
         }
     }
