@@ -418,7 +418,9 @@ def guard_calls(header: str, name: str, big_batch: int | None, big_size: int | N
             return f"{fn}({', '.join(out)})"
 
         cases = [(call(null=i), f"{upper}_ERR_NULL") for i in pointers]
-        cases += [(call(batch=b), f"{upper}_ERR_BATCH") for b in ("0", "-1", "INT32_MIN")]
+        # batch norm's data-parallel functions on a shard (NAME_sync_*) take batch 0: an empty shard
+        bad = ("-1", "INT32_MIN") if fn.startswith(f"{name}_sync_") else ("0", "-1", "INT32_MIN")
+        cases += [(call(batch=b), f"{upper}_ERR_BATCH") for b in bad]
         if big_batch:
             cases.append((call(batch=str(big_batch)), f"{upper}_ERR_BATCH"))
         for i in sizes:

@@ -76,7 +76,7 @@ _SIZE_RESERVED = set(
     """x y dx dy batch nb params running_mean running_var saved_mean saved_invstd dscale doffset acc
     trained_mean trained_variance velocity_scale velocity_offset learn_rate l2 momentum scale offset
     fold_a fold_b a_r b_r at fa fb fill goffset gscale i inv line n0 r rows stream total ws workspace
-    workspace_bytes residual shift""".split()
+    workspace_bytes residual shift local part global sums count mhi mlo dx_w dx_q dx_r inv_n""".split()
 )
 
 

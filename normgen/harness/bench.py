@@ -1,7 +1,8 @@
 """``normgen bench``: time the generated functions against copy bandwidth, PyTorch and ONNX Runtime.
 
 For every layer of a spec and every generated function (``predict``; batch norm's
-``train_forward``; ``backward`` where the layer has one) the bench reports:
+``train_forward`` and ``train_forward_sync``; ``backward`` where the layer has one) the bench
+reports:
 
 * the median time of one call, over ``--repeat`` samples taken after a warm-up;
 * GB/s = bytes moved / time, counting each tensor byte read and each tensor byte written
@@ -16,7 +17,11 @@ For every layer of a spec and every generated function (``predict``; batch norm'
   ``torch.compile`` (C target; compiled once, before timing) and ONNX Runtime's (a one-node model
   built with ``onnx.helper``, ``intra_op_num_threads = threads``) when they are importable, each
   sampled in turn with the generated function as the copy is, and their time divided by the
-  generated function's in that same stretch (> 1: normgen is faster).
+  generated function's in that same stretch (> 1: normgen is faster);
+* ``train_forward_sync`` (C, batch norm) is the data-parallel training forward on one process:
+  ``NAME_sync_stats`` + ``NAME_stats_merge`` + ``NAME_sync_finish`` + ``NAME_sync_normalize``
+  with no collective between them; ``split_cost`` is its time over the fused ``train_forward``'s,
+  the two sampled in turn: what cutting the forward at its reduction costs before any network.
 
 Batch sizes are run-time arguments, so the spec cannot hold them: ``--batch N`` sets every
 layer's batch; otherwise the sidecar file ``SPEC.bench.toml`` beside the spec (or ``--config``)
@@ -58,7 +63,7 @@ else:  # pragma: no cover
 DEFAULT_FLAGS = "-O3 -march=native"
 #: A timing sample lasts at least this long (short functions are called several times per sample).
 MIN_SAMPLE_S = 2e-3
-ROLES = ("predict", "train_forward", "backward")
+ROLES = ("predict", "train_forward", "train_forward_sync", "backward")
 NUMPY_DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16}
 
 
@@ -137,6 +142,11 @@ class Result:
     torch_compile_reuse_time_s: float | None = None  # with freed memory reused, as torch_reuse_time_s
     torch_compile_reuse_speedup: float | None = None
     time_vs_torch_compile_reuse_s: float | None = None
+    #: train_forward_sync: the fused train_forward's time, normgen's split sampled in turn with it,
+    #: and split_cost = time_vs_fused_s / fused_time_s (> 1: the split is slower)
+    fused_time_s: float | None = None
+    time_vs_fused_s: float | None = None
+    split_cost: float | None = None
 
 
 @dataclass
@@ -154,8 +164,8 @@ class Report:
 BYTES_DOC = (
     "bytes = every tensor byte read plus every tensor byte written, each once: predict reads x and "
     "writes y (2*N*s for N elements of s bytes); train_forward also reads and writes the running "
-    "mean and variance (+4*C*s); backward reads x and dy and writes dx, dscale and doffset "
-    "(3*N*s + 2*C*s). Fused forms add their tensors: residual read and h written (N*s each), "
+    "mean and variance (+4*C*s), and so does train_forward_sync; backward reads x and dy and writes dx, dscale and "
+    "doffset (3*N*s + 2*C*s). Fused forms add their tensors: residual read and h written (N*s each), "
     "mod_shift and mod_scale read (2*batch*C*s), dh read. "
     "Parameter reads (scale, offset, folded constants: C values) are not counted. "
     "copy = a plain copy of a buffer of bytes/2, so it reads and writes the same number of bytes."
@@ -169,7 +179,7 @@ def traffic(layer: Layer, role: str, batch: int) -> int:
     mod = 2 * batch * layer.channels * s if layer.modulation != "none" else 0
     if role == "predict":
         return (2 + layer.residual + layer.residual_out) * n * s + mod
-    if role == "train_forward":
+    if role in ("train_forward", "train_forward_sync"):
         return (2 + layer.residual + layer.residual_out) * n * s + mod + 4 * layer.channels * s
     if role == "backward":
         return (3 + layer.residual_out) * n * s + 2 * layer.channels * s
@@ -439,6 +449,8 @@ class CFunctions:
         train = getattr(self.compiled.plan, "train", None)
         if hasattr(self.compiled, "backward") and train is not None and "backward" in train.roles:
             roles.append("backward")
+        if train is not None and train.sync is not None:
+            roles.append("train_forward_sync")
         return [r for r in ROLES if r in roles]
 
     def fused_inputs(self) -> dict[str, np.ndarray]:
@@ -498,6 +510,8 @@ class CFunctions:
             args = [*lead, self._p(self.x), self._p(self.y), *self.dims, self._p(self.rm), self._p(self.rv)]
         elif role == "backward":
             return self._backward()
+        elif role == "train_forward_sync":
+            return self._sync_forward()
         else:  # pragma: no cover
             raise NormgenError(f"unknown function role {role!r}")
 
@@ -524,6 +538,30 @@ class CFunctions:
             rc = fn(*args)
             if rc:
                 raise NormgenError(f"{name}_backward returned {rc}")
+
+        return go
+
+
+    def _sync_forward(self) -> Callable[[], object]:
+        """The data-parallel training forward on one process (normgen/lowering/sync.py): the shard's
+        statistics, merged (one part), finished (running update) and applied, on preallocated buffers."""
+        name, c = self.layer.name, self.compiled.plan.channels
+        stats, acc = np.zeros(1 + 2 * c), np.zeros(1 + 2 * c)
+        mean, inv = np.empty(c), np.empty(c)
+        self._keep += [stats, acc, mean, inv]
+        st = self.ffi.cast(f"{name}_stats *", self.ffi.from_buffer(stats))
+        ac = self.ffi.cast(f"{name}_stats *", self.ffi.from_buffer(acc))
+        mp, ip = (self.ffi.cast("double *", self.ffi.from_buffer(a)) for a in (mean, inv))
+        fn = {r: getattr(self.lib, f"{name}_{r}") for r in ("sync_stats", "stats_merge", "sync_finish", "sync_normalize")}
+        x, y, rm, rv = self._p(self.x), self._p(self.y), self._p(self.rm), self._p(self.rv)
+        lead, dims = list(self.compiled._lead), self.dims
+
+        def go():
+            acc.fill(0.0)
+            rc = (fn["sync_stats"](x, st, *dims) or fn["stats_merge"](ac, st) or fn["sync_finish"](ac, rm, rv, mp, ip)
+                  or fn["sync_normalize"](*lead, x, mp, ip, y, *dims))
+            if rc:
+                raise NormgenError(f"{name}'s synchronized forward returned {rc}")
 
         return go
 
@@ -916,6 +954,11 @@ def bench_c(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) -> 
                 res = Result(layer.name, role, layer.kind, layer.fmt.letters, list(fns.x.shape), layer.dtype,
                              fns.batch, layer.parallel, threads, nbytes, t_ours, nbytes / t_ours / 1e9,
                              t_copy, nbytes / t_copy / 1e9, t_copy / t_ours, samples=args.repeat)
+                if role == "train_forward_sync":
+                    progress.step(f"{where}: split vs fused train_forward")
+                    res.time_vs_fused_s, res.fused_time_s = time_interleaved([ours, fns.call("train_forward")],
+                                                                             args.repeat, args.warmup)
+                    res.split_cost = res.time_vs_fused_s / res.fused_time_s
                 if have_torch:
                     progress.step(f"{where}: normgen vs PyTorch")
                     fn, res.torch_note = torch_case(fixed, role, fns.x, fused=fns.fused_inputs())
@@ -926,7 +969,8 @@ def bench_c(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) -> 
                     res.torch_note = "skipped" if args.no_torch else "torch not importable"
                 if have_ort:
                     progress.step(f"{where}: normgen vs ONNX Runtime")
-                    fn, res.ort_note = ort_case(fixed, role, fns.x, args.threads, fused=fns.fused_inputs())
+                    fn, res.ort_note = ort_case(fixed, "train_forward" if role == "train_forward_sync" else role,
+                                                fns.x, args.threads, fused=fns.fused_inputs())
                     if fn is not None:
                         res.time_vs_ort_s, res.ort_time_s = time_interleaved([ours, fn], args.repeat, args.warmup)
                         res.ort_speedup = res.ort_time_s / res.time_vs_ort_s
@@ -970,6 +1014,8 @@ def _roles(layer: Layer, target: str) -> list[str]:
     roles = {f.role for f in plan.functions}
     try:
         roles.update(plan.train.roles if target == "c" else [])
+        if target == "c" and plan.train.sync is not None:
+            roles.add("train_forward_sync")
     except (AttributeError, ImportError, NormgenError):  # no training half
         pass
     return [r for r in ROLES if r in roles]
@@ -1162,6 +1208,10 @@ def print_table(report: Report, out=None) -> None:
                     and r.torch_compile_note.startswith("torch.compile")})
     for note in notes:
         print(f"torch.compile column skipped: {note}", file=out)
+    for r in report.results:
+        if r.split_cost is not None:
+            print(f"{r.layer}.train_forward_sync: {r.time_vs_fused_s * 1e6:.1f} us against the fused train_forward's "
+                  f"{r.fused_time_s * 1e6:.1f} us, sampled in turn: split cost x{r.split_cost:.2f}", file=out)
 
 
 def write_plot(report: Report, path: str) -> None:

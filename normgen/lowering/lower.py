@@ -7,6 +7,7 @@ import dataclasses
 from ..description.layers import Layer
 from .fusion import core_function, lower_fusion
 from .plan import Plan, lower_forward
+from .sync import lower_sync
 from .train import lower_train
 
 
@@ -17,7 +18,8 @@ def lower(layer: Layer, target: str = "c") -> Plan:
     plan = dataclasses.replace(plan, train=lower_train(plan))
     fusion = lower_fusion(layer, plan)
     if fusion is None:
-        return plan
+        return dataclasses.replace(plan, train=dataclasses.replace(plan.train, sync=lower_sync(plan)))
+    # a fused layer's synchronized statistics are not generated: its stages wrap whole functions
     train = plan.train
     kept = [core_function(f, fusion) for f in train.functions if f.role not in fusion.dropped]
     return dataclasses.replace(plan, fusion=fusion, core_roles=fusion.wrapped,

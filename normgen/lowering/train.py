@@ -38,6 +38,8 @@ class TrainPlan:
     #: (saved, population) are the accumulator type's, so their partial sums are too; backward
     #: recomputes its statistics as the forward does, in lanes of the element type.
     save_lane_type: str = "double"
+    #: Batch norm's synchronized (data-parallel) functions: normgen/lowering/sync.py (None otherwise).
+    sync: object = None
 
     def function(self, role: str) -> Function:
         return next(f for f in self.functions if f.role == role)

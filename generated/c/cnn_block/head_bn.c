@@ -1849,3 +1849,374 @@ int head_bn_finalize(const head_bn_stats *acc, double *trained_mean, double *tra
     return HEAD_BN_OK;
 }
 
+/* Data-parallel step 1: this shard's count, mean and M2 per channel, in double (batch may be
+ * 0: an empty shard, count 0). Gather every shard's and merge them with head_bn_stats_merge. */
+int head_bn_sync_stats(const double *x, head_bn_stats *local, int32_t batch)
+{
+    if (x == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (local == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (batch < 0 || (size_t)batch > SIZE_MAX / 3136u) {
+        return HEAD_BN_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    local->count = 0;
+    for (size_t c = 0; c < 64; ++c) {
+        local->mean[c] = 0;
+        local->m2[c] = 0;
+    }
+    if (nb == 0) {
+        return HEAD_BN_OK;
+    }
+    for (size_t i1 = 0; i1 < 64; ++i1) {
+        {
+            double mean[1], m2[1];
+            double lane[16], lane2[16];
+            double n = 0;
+            mean[0] = 0;
+            m2[0] = 0;
+            /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
+             * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
+             * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
+             * from the chunk's mean; then Chan's merge of the chunks in double */
+            for (size_t c0 = 0; c0 < nb; c0 += 167) {
+                const size_t c1 = c0 + 167 < nb ? c0 + 167 : nb;
+                const double nc = (double)((c1 - c0) * 49);
+                double K = (double)mean[0];
+                if (c0 == 0) {
+                    /* the block's first chunk: K is the mean of its first 8 elements */
+                    K = 0;
+                    for (size_t q = 0; q < 8; ++q) {
+                        K += x[i1 * 49 + q];
+                    }
+                    K /= 8;
+                }
+                for (size_t l = 0; l < 16; ++l) {
+                    lane[l] = 0;
+                    lane2[l] = 0;
+                }
+                /* one sweep: d = x - K and d^2 in 16 independent lanes; meanwhile the next chunk is fetched */
+                for (size_t i0 = c0; i0 < c1; ++i0) {
+                    const double *xr = x + i0 * 3136 + i1 * 49;
+                    const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
+                    for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                        if (i0 + 167 < nb) {
+                            HEAD_BN_PREFETCH(xr + i2 + 523712);
+                            HEAD_BN_PREFETCH(xr + i2 + 523712 + 8);
+                        }
+                        for (size_t l = 0; l < 16; ++l) {
+                            const double dev = xr[i2 + l] - K;
+                            lane[l] += dev;
+                            lane2[l] += dev * dev;
+                        }
+                    }
+                    {
+                        const size_t i2 = blocks_end;
+                        for (size_t l = 0; l < 49 - i2; ++l) {
+                            const double dev = xr[i2 + l] - K;
+                            lane[l] += dev;
+                            lane2[l] += dev * dev;
+                        }
+                    }
+                }
+                double s1 = 0, s2 = 0;
+                for (size_t l = 0; l < 16; ++l) {
+                    s1 += lane[l];
+                    s2 += lane2[l];
+                }
+                double shift = (double)K;
+                if (!(s1 * s1 <= 0.5 * nc * s2)) {
+                    /* K is more than one standard deviation from the chunk's mean: the chunk again, from
+                     * cache, as a corrected two-pass (its mean m, then d = x - m) */
+                    for (size_t l = 0; l < 16; ++l) {
+                        lane[l] = 0;
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const double *xr = x + i0 * 3136 + i1 * 49;
+                        const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
+                        for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                            for (size_t l = 0; l < 16; ++l) {
+                                lane[l] += xr[i2 + l];
+                            }
+                        }
+                        {
+                            const size_t i2 = blocks_end;
+                            for (size_t l = 0; l < 49 - i2; ++l) {
+                                lane[l] += xr[i2 + l];
+                            }
+                        }
+                    }
+                    double sum = 0;
+                    for (size_t l = 0; l < 16; ++l) {
+                        sum += lane[l];
+                        lane[l] = 0;
+                        lane2[l] = 0;
+                    }
+                    const double m = (double)(sum / nc);
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const double *xr = x + i0 * 3136 + i1 * 49;
+                        const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
+                        for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                            for (size_t l = 0; l < 16; ++l) {
+                                const double dev = xr[i2 + l] - m;
+                                lane[l] += dev;
+                                lane2[l] += dev * dev;
+                            }
+                        }
+                        {
+                            const size_t i2 = blocks_end;
+                            for (size_t l = 0; l < 49 - i2; ++l) {
+                                const double dev = xr[i2 + l] - m;
+                                lane[l] += dev;
+                                lane2[l] += dev * dev;
+                            }
+                        }
+                    }
+                    s1 = 0;
+                    s2 = 0;
+                    for (size_t l = 0; l < 16; ++l) {
+                        s1 += lane[l];
+                        s2 += lane2[l];
+                    }
+                    shift = (double)m;
+                }
+                const double total = n + nc;
+                const double cm2 = s2 - s1 * s1 / nc;
+                const double delta = (shift + s1 / nc) - mean[0];
+                mean[0] += delta * (nc / total);
+                m2[0] += cm2 + delta * delta * (n * nc / total);
+                n = total;
+            }
+            for (size_t k = 0; k < 1; ++k) {
+                const size_t ch = i1;
+                local->mean[ch] = mean[k];
+                local->m2[ch] = m2[k];
+            }
+        }
+    }
+    local->count = (double)(nb * 49);
+    return HEAD_BN_OK;
+}
+
+/* Data-parallel step 2: merge part into acc (Chan's formula, per channel, in double):
+ *   n = na + nb, delta = mean_b - mean_a, mean = mean_a + delta * nb / n,
+ *   M2 = M2_a + M2_b + delta^2 * na * nb / n
+ * exact and stable; a part with count 0 leaves acc as it is. Merge the gathered parts in the same
+ * order on every process (rank order, into a zeroed acc) and every process gets the same bits. */
+int head_bn_stats_merge(head_bn_stats *acc, const head_bn_stats *part)
+{
+    if (acc == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (part == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (part->count > 0) {
+        const double total = acc->count + part->count;
+        const double wmean = part->count / total, wm2 = acc->count * part->count / total;
+        for (size_t c = 0; c < 64; ++c) {
+            const double delta = part->mean[c] - acc->mean[c];
+            acc->mean[c] += delta * wmean;
+            acc->m2[c] += part->m2[c] + delta * delta * wm2;
+        }
+        acc->count = total;
+    }
+    return HEAD_BN_OK;
+}
+
+/* Data-parallel step 3: from the merged statistics, each channel's mean and 1/sqrt(var + epsilon)
+ * (saved_mean, saved_invstd: what sync_normalize and the backward take) and the running update
+ * as train_forward makes it for the whole batch (unbiased: M2 / (count - 1) with the global count).
+ * running_mean and running_var may both be NULL: no running update (the backward's statistics).
+ * With fewer than 2 values per channel merged it returns HEAD_BN_ERR_COUNT and writes nothing. */
+int head_bn_sync_finish(const head_bn_stats *global, double *running_mean, double *running_var, double *saved_mean, double *saved_invstd)
+{
+    if (global == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (saved_mean == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (saved_invstd == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if ((running_mean == NULL) != (running_var == NULL)) {
+        return HEAD_BN_ERR_NULL;
+    }
+    const double n = global->count;
+    if (!(n >= 2)) {
+        return HEAD_BN_ERR_COUNT;
+    }
+    for (size_t c = 0; c < 64; ++c) {
+        const double m2 = global->m2[c];
+        const double var = m2 > 0 ? m2 / n : 0;
+        saved_mean[c] = global->mean[c];
+        saved_invstd[c] = 1 / sqrt(var + 0.001);
+        if (running_mean != NULL) {
+            const double batch_var = n > 1 ? m2 / (n - 1) : var;
+            running_mean[c] = (double)(0.1 * global->mean[c] + (1 - 0.1) * (double)running_mean[c]);
+            running_var[c] = (double)(0.1 * batch_var + (1 - 0.1) * (double)running_var[c]);
+        }
+    }
+    return HEAD_BN_OK;
+}
+
+/* Data-parallel step 4: y of this shard, normalized with the merged statistics (batch may be 0: an empty shard).
+ * y may be x. */
+int head_bn_sync_normalize(const double *x, const double *saved_mean, const double *saved_invstd, double *y, int32_t batch)
+{
+    if (x == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (saved_mean == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (saved_invstd == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (y == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (batch < 0 || (size_t)batch > SIZE_MAX / 3136u) {
+        return HEAD_BN_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    const double *scale = head_bn_scale;
+    const double *offset = head_bn_offset;
+    double mhi[64], mlo[64], fold_a[64], fold_b[64];
+    for (size_t c = 0; c < 64; ++c) {
+        mhi[c] = (double)saved_mean[c];
+        mlo[c] = (double)(saved_mean[c] - (double)mhi[c]);
+        fold_a[c] = (double)((double)scale[c] * saved_invstd[c]);
+        fold_b[c] = offset[c];
+    }
+    /* y = (x - mean) * scale / sqrt(var + epsilon) + offset, with the mean as mhi + mlo (double) so that
+     * x - mean stays exact where the mean is large against the spread */
+    for (size_t j0 = 0; j0 < nb; ++j0) {
+        for (size_t j1 = 0; j1 < 64; ++j1) {
+            for (size_t j2 = 0; j2 < 49; ++j2) {
+                const size_t o = j0 * 3136 + j1 * 49 + j2;
+                const size_t ch = j1;
+                y[o] = ((x[o] - mhi[ch]) - mlo[ch]) * fold_a[ch] + fold_b[ch];
+            }
+        }
+    }
+    return HEAD_BN_OK;
+}
+
+/* Data-parallel backward step 1: this shard's sums per channel, in double: sums[c] = sum(dy),
+ * sums[64 + c] = sum(dy * (x - saved_mean[c])) (batch 0: zeros). All-reduce them (sum) over
+ * the processes, then head_bn_sync_backward. */
+int head_bn_sync_backward_sums(const double *x, const double *dy, const double *saved_mean, double *sums, int32_t batch)
+{
+    if (x == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (dy == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (saved_mean == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (sums == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (batch < 0 || (size_t)batch > SIZE_MAX / 3136u) {
+        return HEAD_BN_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    double goffset[64], gscale[64];
+    for (size_t c = 0; c < 64; ++c) {
+        goffset[c] = 0;
+        gscale[c] = 0;
+    }
+    /* per channel: sum(dy), sum(dy * (x - mean)) */
+    for (size_t j0 = 0; j0 < nb; ++j0) {
+        for (size_t j1 = 0; j1 < 64; ++j1) {
+            for (size_t j2 = 0; j2 < 49; ++j2) {
+                const size_t o = j0 * 3136 + j1 * 49 + j2;
+                const size_t ch = j1;
+                const double g = (double)dy[o];
+                goffset[ch] += g;
+                gscale[ch] += g * ((double)x[o] - saved_mean[ch]);
+            }
+        }
+    }
+    for (size_t c = 0; c < 64; ++c) {
+        sums[c] = goffset[c];
+        sums[64 + c] = gscale[c];
+    }
+    return HEAD_BN_OK;
+}
+
+/* Data-parallel backward step 2: dx of this shard from the all-reduced sums and count, the merged
+ * statistics' count; dscale/doffset from the sums (every process gets the same).
+ * batch may be 0: an empty shard; dx may be x or dy. */
+int head_bn_sync_backward(const double *x, const double *dy, const double *saved_mean, const double *saved_invstd, const double *sums, double count, double *dx, double *dscale, double *doffset, int32_t batch)
+{
+    if (x == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (dy == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (saved_mean == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (saved_invstd == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (sums == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (dx == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (dscale == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (doffset == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (batch < 0 || (size_t)batch > SIZE_MAX / 3136u) {
+        return HEAD_BN_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    const double *scale = head_bn_scale;
+    if (!(count >= (double)(nb * 49))) {
+        return HEAD_BN_ERR_COUNT;
+    }
+    /* per channel, with s1 = sum(dy), s2 = sum(dy * (x - mean)) over the global batch of count values:
+     * dx = dy * dx_w + (x - mean) * dx_q + dx_r, dx_w = scale * invstd, dx_q = -dx_w * invstd^2 * s2 / count,
+     * dx_r = -dx_w * s1 / count */
+    const double inv_n = count > 0 ? 1 / count : 0;
+    double mhi[64], mlo[64], dx_w[64], dx_q[64], dx_r[64];
+    for (size_t c = 0; c < 64; ++c) {
+        const double inv = saved_invstd[c];
+        const double wc = (double)scale[c] * inv;
+        mhi[c] = (double)saved_mean[c];
+        mlo[c] = (double)(saved_mean[c] - (double)mhi[c]);
+        dx_w[c] = (double)wc;
+        dx_q[c] = (double)(-wc * inv * inv * sums[64 + c] * inv_n);
+        dx_r[c] = (double)(-wc * sums[c] * inv_n);
+    }
+    for (size_t j0 = 0; j0 < nb; ++j0) {
+        for (size_t j1 = 0; j1 < 64; ++j1) {
+            for (size_t j2 = 0; j2 < 49; ++j2) {
+                const size_t o = j0 * 3136 + j1 * 49 + j2;
+                const size_t ch = j1;
+                dx[o] = dy[o] * dx_w[ch] + ((x[o] - mhi[ch]) - mlo[ch]) * dx_q[ch] + dx_r[ch];
+            }
+        }
+    }
+    /* dscale = sum(dy * xhat) = invstd * s2, doffset = sum(dy) */
+    for (size_t c = 0; c < 64; ++c) {
+        dscale[c] = (double)(sums[64 + c] * saved_invstd[c]);
+        doffset[c] = (double)(sums[c]);
+    }
+    return HEAD_BN_OK;
+}
+

@@ -98,6 +98,53 @@ int head_bn_accumulate(head_bn_stats *acc, const double *x, int32_t batch);
  * one per channel. */
 int head_bn_finalize(const head_bn_stats *acc, double *trained_mean, double *trained_variance);
 
+/* ---- Data-parallel training: batch-norm statistics over the global batch ----
+ *
+ * The batch is split over processes (shards of any size, 0 included); the training forward and
+ * backward are cut at their reductions and a collective carries what each shard summed:
+ *   forward:  head_bn_sync_stats -> all-gather the head_bn_stats (129 doubles, 1032 bytes a process)
+ *             -> head_bn_stats_merge each, in rank order, into a zeroed one -> head_bn_sync_finish
+ *             (running update, mean and invstd) -> head_bn_sync_normalize
+ *   backward: head_bn_sync_backward_sums -> all-reduce (sum) the 128 doubles (1024 bytes)
+ *             -> head_bn_sync_backward (count: the merged statistics' count)
+ * Every process then has the running statistics and gradients of one process that saw the whole
+ * batch (the unbiased running variance uses the global count), the same bits on each.
+ */
+#define HEAD_BN_SYNC_STATS_DOUBLES 129
+#define HEAD_BN_SYNC_SUMS_DOUBLES 128
+
+/* Data-parallel step 1: this shard's count, mean and M2 per channel, in double (batch may be
+ * 0: an empty shard, count 0). Gather every shard's and merge them with head_bn_stats_merge. */
+int head_bn_sync_stats(const double *x, head_bn_stats *local, int32_t batch);
+
+/* Data-parallel step 2: merge part into acc (Chan's formula, per channel, in double):
+ *   n = na + nb, delta = mean_b - mean_a, mean = mean_a + delta * nb / n,
+ *   M2 = M2_a + M2_b + delta^2 * na * nb / n
+ * exact and stable; a part with count 0 leaves acc as it is. Merge the gathered parts in the same
+ * order on every process (rank order, into a zeroed acc) and every process gets the same bits. */
+int head_bn_stats_merge(head_bn_stats *acc, const head_bn_stats *part);
+
+/* Data-parallel step 3: from the merged statistics, each channel's mean and 1/sqrt(var + epsilon)
+ * (saved_mean, saved_invstd: what sync_normalize and the backward take) and the running update
+ * as train_forward makes it for the whole batch (unbiased: M2 / (count - 1) with the global count).
+ * running_mean and running_var may both be NULL: no running update (the backward's statistics).
+ * With fewer than 2 values per channel merged it returns HEAD_BN_ERR_COUNT and writes nothing. */
+int head_bn_sync_finish(const head_bn_stats *global, double *running_mean, double *running_var, double *saved_mean, double *saved_invstd);
+
+/* Data-parallel step 4: y of this shard, normalized with the merged statistics (batch may be 0: an empty shard).
+ * y may be x. */
+int head_bn_sync_normalize(const double *x, const double *saved_mean, const double *saved_invstd, double *y, int32_t batch);
+
+/* Data-parallel backward step 1: this shard's sums per channel, in double: sums[c] = sum(dy),
+ * sums[64 + c] = sum(dy * (x - saved_mean[c])) (batch 0: zeros). All-reduce them (sum) over
+ * the processes, then head_bn_sync_backward. */
+int head_bn_sync_backward_sums(const double *x, const double *dy, const double *saved_mean, double *sums, int32_t batch);
+
+/* Data-parallel backward step 2: dx of this shard from the all-reduced sums and count, the merged
+ * statistics' count; dscale/doffset from the sums (every process gets the same).
+ * batch may be 0: an empty shard; dx may be x or dy. */
+int head_bn_sync_backward(const double *x, const double *dy, const double *saved_mean, const double *saved_invstd, const double *sums, double count, double *dx, double *dscale, double *doffset, int32_t batch);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1584,3 +1584,446 @@ extern "C" int head_bn_finalize(const head_bn_stats *acc, double *trained_mean, 
     return HEAD_BN_OK;
 }
 
+
+/* ---- data-parallel batch norm: statistics over the global batch ----
+ * Kernels (extern "C"):
+ *   head_bn_sync_stats_kernel
+ *   head_bn_stats_merge_kernel
+ *   head_bn_sync_finish_kernel
+ *   head_bn_sync_normalize_kernel
+ *   head_bn_sync_backward_sums_kernel
+ *   head_bn_sync_backward_dx
+ *   head_bn_sync_backward_params
+ */
+
+namespace normgen_head_bn {
+
+/* sync_stats: one block per channel: the shard's mean and M2 (shifted two-pass, double). */
+extern "C" __global__ void __launch_bounds__(256) head_bn_sync_stats_kernel(head_bn_stats *local, const elem_t *x, int batch)
+{
+    const size_t nb = (size_t)batch;
+    (void)nb;
+    const size_t s = blockIdx.x;
+    size_t base = 0;
+    size_t cs = 0;
+    {
+        size_t rem = s;
+        {
+            const size_t i = rem % 64;
+            rem /= 64;
+            base += i * 49;
+            cs += i * 1;
+        }
+    }
+    (void)cs;
+    const size_t count = nb == 0 ? 0 : nb * 49;
+    double mean = 0, m2 = 0;
+    if (count > 0) {
+        const double shift = (double)to_acc(x[base]);
+        double sum = 0;
+        for (size_t e = threadIdx.x; e < count; e += blockDim.x) {
+            size_t off = base;
+            {
+                size_t rem = e;
+                {
+                    const size_t i = rem % 49;
+                    rem /= 49;
+                    off += i * 1;
+                }
+                {
+                    const size_t i = rem % nb;
+                    rem /= nb;
+                    off += i * 3136;
+                }
+            }
+
+            sum += (double)to_acc(x[off]) - shift;
+        }
+        const double lo = train_block_sum(sum) / (double)count;
+        double sq = 0;
+        for (size_t e = threadIdx.x; e < count; e += blockDim.x) {
+            size_t off = base;
+            {
+                size_t rem = e;
+                {
+                    const size_t i = rem % 49;
+                    rem /= 49;
+                    off += i * 1;
+                }
+                {
+                    const size_t i = rem % nb;
+                    rem /= nb;
+                    off += i * 3136;
+                }
+            }
+
+            const double d = ((double)to_acc(x[off]) - shift) - lo;
+            sq += d * d;
+        }
+        m2 = train_block_sum(sq);
+        mean = shift + lo;
+    }
+    if (threadIdx.x == 0) {
+        local->mean[cs] = mean;
+        local->m2[cs] = m2;
+        if (s == 0) {
+            local->count = (double)count;
+        }
+    }
+}
+
+/* stats_merge: one block: Chan's merge of part into acc, per channel, then the count. */
+extern "C" __global__ void __launch_bounds__(256) head_bn_stats_merge_kernel(head_bn_stats *acc, const head_bn_stats *part)
+{
+    const double na = acc->count, nb = part->count;
+    if (nb > 0) {
+        const double total = na + nb;
+        const double wmean = nb / total, wm2 = na * nb / total;
+        for (size_t c = threadIdx.x; c < 64; c += blockDim.x) {
+            const double delta = part->mean[c] - acc->mean[c];
+            acc->mean[c] += delta * wmean;
+            acc->m2[c] += part->m2[c] + delta * delta * wm2;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0 && nb > 0) {
+        acc->count = na + nb;
+    }
+}
+
+/* sync_finish: one thread per channel: saved mean and invstd, the running update (global count). */
+extern "C" __global__ void __launch_bounds__(256) head_bn_sync_finish_kernel(const head_bn_stats *global, elem_t *running_mean, elem_t *running_var, double *saved_mean, double *saved_invstd)
+{
+    const size_t c = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const double n = global->count;
+    if (c < 64 && n >= 2) {
+        const double m2 = global->m2[c];
+        const double var = m2 > 0 ? m2 / n : 0;
+        saved_mean[c] = global->mean[c];
+        saved_invstd[c] = 1 / sqrt(var + 0.001);
+        if (running_mean != NULL) {
+            const double batch_var = n > 1 ? m2 / (n - 1) : var;
+            running_mean[c] = to_elem((acc_t)(0.1 * global->mean[c] + (1 - 0.1) * (double)to_acc(running_mean[c])));
+            running_var[c] = to_elem((acc_t)(0.1 * batch_var + (1 - 0.1) * (double)to_acc(running_var[c])));
+        }
+    }
+}
+
+/* sync_normalize: element-wise, x - mean as (x - hi) - lo in acc_t. */
+extern "C" __global__ void __launch_bounds__(256) head_bn_sync_normalize_kernel(const elem_t *x, const double *saved_mean, const double *saved_invstd, elem_t *y, int batch)
+{
+    const size_t nb = (size_t)batch;
+    (void)nb;
+    const size_t n = nb * 3136;
+    const size_t step = (size_t)gridDim.x * blockDim.x;
+    for (size_t o = (size_t)blockIdx.x * blockDim.x + threadIdx.x; o < n; o += step) {
+        size_t c = 0;
+        {
+            size_t rem = o;
+            rem /= 49;
+            {
+                const size_t i = rem % 64;
+                rem /= 64;
+                c += i * 1;
+            }
+        }
+        const acc_t hi = (acc_t)saved_mean[c];
+        const acc_t lo = (acc_t)(saved_mean[c] - (double)hi);
+        y[o] = to_elem(fma((to_acc(x[o]) - hi) - lo, scale[c] * (acc_t)saved_invstd[c], offset[c]));
+    }
+}
+
+/* sync_backward_sums: one block per channel: sum(dy), sum(dy * (x - mean)) in double. */
+extern "C" __global__ void __launch_bounds__(256) head_bn_sync_backward_sums_kernel(const elem_t *x, const elem_t *dy, const double *saved_mean, double *sums, int batch)
+{
+    const size_t nb = (size_t)batch;
+    (void)nb;
+    const size_t c = blockIdx.x;
+    size_t cbase = 0;
+    size_t cstat = 0;
+    {
+        const size_t i = (c / 1) % 64;
+        cbase += i * 49;
+        cstat += i * 1;
+    }
+    (void)cstat;
+    const size_t per = nb == 0 ? 0 : nb * 49;
+    const double mu = saved_mean[c];
+    double sa = 0, sb = 0;
+    for (size_t e = threadIdx.x; e < per; e += blockDim.x) {
+        size_t off = cbase;
+        {
+            size_t rem = e;
+            {
+                const size_t i = rem % 49;
+                rem /= 49;
+                off += i * 1;
+            }
+            {
+                const size_t i = rem % nb;
+                rem /= nb;
+                off += i * 3136;
+            }
+        }
+
+        const double g = (double)to_acc(dy[off]);
+        sa += g;
+        sb += g * ((double)to_acc(x[off]) - mu);
+    }
+    sa = train_block_sum(sa);
+    sb = train_block_sum(sb);
+    if (threadIdx.x == 0) {
+        sums[c] = sa;
+        sums[64 + c] = sb;
+    }
+}
+
+/* sync_backward 1 of 2: element-wise dx = dy * w + (x - mean) * q + r from the global sums. */
+extern "C" __global__ void __launch_bounds__(256) head_bn_sync_backward_dx(const elem_t *x, const elem_t *dy, const double *saved_mean, const double *saved_invstd, const double *sums, double count, elem_t *dx, int batch)
+{
+    const size_t nb = (size_t)batch;
+    (void)nb;
+    const size_t n = nb * 3136;
+    const size_t step = (size_t)gridDim.x * blockDim.x;
+    for (size_t o = (size_t)blockIdx.x * blockDim.x + threadIdx.x; o < n; o += step) {
+        size_t c = 0;
+        {
+            size_t rem = o;
+            rem /= 49;
+            {
+                const size_t i = rem % 64;
+                rem /= 64;
+                c += i * 1;
+            }
+        }
+        const double inv = saved_invstd[c];
+        const double w = (double)scale[c] * inv;
+        const acc_t hi = (acc_t)saved_mean[c];
+        const acc_t lo = (acc_t)(saved_mean[c] - (double)hi);
+        const acc_t q = (acc_t)(-w * inv * inv * sums[64 + c] / count);
+        const acc_t r = (acc_t)(-w * sums[c] / count);
+        dx[o] = to_elem(to_acc(dy[o]) * (acc_t)w + ((to_acc(x[o]) - hi) - lo) * q + r);
+    }
+}
+
+/* sync_backward 2 of 2: one thread per channel: dscale, doffset from the global sums. */
+extern "C" __global__ void __launch_bounds__(256) head_bn_sync_backward_params(const double *saved_invstd, const double *sums, acc_t *dscale, acc_t *doffset)
+{
+    const size_t c = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c < 64) {
+        dscale[c] = (acc_t)(sums[64 + c] * saved_invstd[c]);
+        doffset[c] = (acc_t)(sums[c]);
+    }
+}
+
+} /* namespace normgen_head_bn */
+
+/* ---- data-parallel launchers ---------------------------------------------------------------- */
+/* Data-parallel step 1: this shard's count, mean and M2 per channel, in double (batch may be
+ * 0: an empty shard, count 0). Gather every shard's and merge them with head_bn_stats_merge.
+ * All pointers are device pointers; the kernels are queued on stream. */
+extern "C" int head_bn_sync_stats(const double *x, head_bn_stats *local, int32_t batch, cudaStream_t stream)
+{
+    using namespace normgen_head_bn;
+    if (x == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (local == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (batch < 0) {
+        return HEAD_BN_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    (void)nb;
+    if (nb > 0 && (nb * 3136) / 256 > 2147483647u) {
+        return HEAD_BN_ERR_BATCH;
+    }
+    int b = batch;
+    void *args[] = {(void *)&local, (void *)&x, (void *)&b};
+    if (train_launch_failed(cudaLaunchKernel(head_bn_sync_stats_kernel, dim3(64), dim3(256), args, 0, stream))) {
+        return HEAD_BN_ERR_LAUNCH;
+    }
+    return HEAD_BN_OK;
+}
+
+/* Data-parallel step 2: merge part into acc (Chan's formula, per channel, in double):
+ *   n = na + nb, delta = mean_b - mean_a, mean = mean_a + delta * nb / n,
+ *   M2 = M2_a + M2_b + delta^2 * na * nb / n
+ * exact and stable; a part with count 0 leaves acc as it is. Merge the gathered parts in the same
+ * order on every process (rank order, into a zeroed acc) and every process gets the same bits.
+ * All pointers are device pointers; the kernels are queued on stream. */
+extern "C" int head_bn_stats_merge(head_bn_stats *acc, const head_bn_stats *part, cudaStream_t stream)
+{
+    using namespace normgen_head_bn;
+    if (acc == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (part == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    void *args[] = {(void *)&acc, (void *)&part};
+    if (train_launch_failed(cudaLaunchKernel(head_bn_stats_merge_kernel, dim3(1), dim3(256), args, 0, stream))) {
+        return HEAD_BN_ERR_LAUNCH;
+    }
+    return HEAD_BN_OK;
+}
+
+/* Data-parallel step 3: from the merged statistics, each channel's mean and 1/sqrt(var + epsilon)
+ * (saved_mean, saved_invstd: what sync_normalize and the backward take) and the running update
+ * as train_forward makes it for the whole batch (unbiased: M2 / (count - 1) with the global count).
+ * running_mean and running_var may both be NULL: no running update (the backward's statistics).
+ * With fewer than 2 values per channel merged the outputs are left untouched (the count lives on the
+ * device: the launcher does not synchronize to report it).
+ * All pointers are device pointers; the kernels are queued on stream. */
+extern "C" int head_bn_sync_finish(const head_bn_stats *global, double *running_mean, double *running_var, double *saved_mean, double *saved_invstd, cudaStream_t stream)
+{
+    using namespace normgen_head_bn;
+    if (global == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (saved_mean == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (saved_invstd == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if ((running_mean == NULL) != (running_var == NULL)) {
+        return HEAD_BN_ERR_NULL;
+    }
+    void *args[] = {(void *)&global, (void *)&running_mean, (void *)&running_var, (void *)&saved_mean, (void *)&saved_invstd};
+    if (train_launch_failed(cudaLaunchKernel(head_bn_sync_finish_kernel, dim3(1), dim3(256), args, 0, stream))) {
+        return HEAD_BN_ERR_LAUNCH;
+    }
+    return HEAD_BN_OK;
+}
+
+/* Data-parallel step 4: y of this shard, normalized with the merged statistics (batch may be 0: an empty shard).
+ * y may be x.
+ * All pointers are device pointers; the kernels are queued on stream. */
+extern "C" int head_bn_sync_normalize(const double *x, const double *saved_mean, const double *saved_invstd, double *y, int32_t batch, cudaStream_t stream)
+{
+    using namespace normgen_head_bn;
+    if (x == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (saved_mean == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (saved_invstd == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (y == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (batch < 0) {
+        return HEAD_BN_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    (void)nb;
+    if (nb > 0 && (nb * 3136) / 256 > 2147483647u) {
+        return HEAD_BN_ERR_BATCH;
+    }
+    int b = batch;
+    if (nb == 0) {
+        return HEAD_BN_OK;
+    }
+    void *args[] = {(void *)&x, (void *)&saved_mean, (void *)&saved_invstd, (void *)&y, (void *)&b};
+    if (train_launch_failed(cudaLaunchKernel(head_bn_sync_normalize_kernel, dim3((unsigned int)train_elem_grid(nb)), dim3(256), args, 0, stream))) {
+        return HEAD_BN_ERR_LAUNCH;
+    }
+    return HEAD_BN_OK;
+}
+
+/* Data-parallel backward step 1: this shard's sums per channel, in double: sums[c] = sum(dy),
+ * sums[64 + c] = sum(dy * (x - saved_mean[c])) (batch 0: zeros). All-reduce them (sum) over
+ * the processes, then head_bn_sync_backward.
+ * All pointers are device pointers; the kernels are queued on stream. */
+extern "C" int head_bn_sync_backward_sums(const double *x, const double *dy, const double *saved_mean, double *sums, int32_t batch, cudaStream_t stream)
+{
+    using namespace normgen_head_bn;
+    if (x == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (dy == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (saved_mean == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (sums == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (batch < 0) {
+        return HEAD_BN_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    (void)nb;
+    if (nb > 0 && (nb * 3136) / 256 > 2147483647u) {
+        return HEAD_BN_ERR_BATCH;
+    }
+    int b = batch;
+    void *args[] = {(void *)&x, (void *)&dy, (void *)&saved_mean, (void *)&sums, (void *)&b};
+    if (train_launch_failed(cudaLaunchKernel(head_bn_sync_backward_sums_kernel, dim3(64), dim3(256), args, 0, stream))) {
+        return HEAD_BN_ERR_LAUNCH;
+    }
+    return HEAD_BN_OK;
+}
+
+/* Data-parallel backward step 2: dx of this shard from the all-reduced sums and count, the merged
+ * statistics' count; dscale/doffset from the sums (every process gets the same).
+ * batch may be 0: an empty shard; dx may be x or dy.
+ * All pointers are device pointers; the kernels are queued on stream. */
+extern "C" int head_bn_sync_backward(const double *x, const double *dy, const double *saved_mean, const double *saved_invstd, const double *sums, double count, double *dx, double *dscale, double *doffset, int32_t batch, cudaStream_t stream)
+{
+    using namespace normgen_head_bn;
+    if (x == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (dy == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (saved_mean == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (saved_invstd == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (sums == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (dx == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (dscale == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (doffset == NULL) {
+        return HEAD_BN_ERR_NULL;
+    }
+    if (batch < 0) {
+        return HEAD_BN_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    (void)nb;
+    if (nb > 0 && (nb * 3136) / 256 > 2147483647u) {
+        return HEAD_BN_ERR_BATCH;
+    }
+    int b = batch;
+    if (!(count >= (double)(nb == 0 ? 0 : nb * 49))) {
+        return HEAD_BN_ERR_COUNT;
+    }
+    void *pargs[] = {(void *)&saved_invstd, (void *)&sums, (void *)&dscale, (void *)&doffset};
+    if (train_launch_failed(cudaLaunchKernel(head_bn_sync_backward_params, dim3(1), dim3(256), pargs, 0, stream))) {
+        return HEAD_BN_ERR_LAUNCH;
+    }
+    if (nb == 0) {
+        return HEAD_BN_OK;
+    }
+    void *dargs[] = {(void *)&x, (void *)&dy, (void *)&saved_mean, (void *)&saved_invstd, (void *)&sums, (void *)&count, (void *)&dx, (void *)&b};
+    if (train_launch_failed(cudaLaunchKernel(head_bn_sync_backward_dx, dim3((unsigned int)train_elem_grid(nb)), dim3(256), dargs, 0, stream))) {
+        return HEAD_BN_ERR_LAUNCH;
+    }
+    return HEAD_BN_OK;
+}
+

@@ -126,6 +126,60 @@ int stem_bn_accumulate(stem_bn_stats *acc, const float *x, int32_t batch, cudaSt
  * All pointers are device pointers; the kernels are queued on stream. */
 int stem_bn_finalize(const stem_bn_stats *acc, float *trained_mean, float *trained_variance, cudaStream_t stream);
 
+/* ---- Data-parallel training: batch-norm statistics over the global batch ----
+ *
+ * The batch is split over processes (shards of any size, 0 included); the training forward and
+ * backward are cut at their reductions and a collective (NCCL, MPI) carries what each shard summed:
+ *   forward:  stem_bn_sync_stats -> all-gather the stem_bn_stats (65 doubles, 520 bytes a process)
+ *             -> stem_bn_stats_merge each, in rank order, into a zeroed one -> stem_bn_sync_finish
+ *             (running update, mean and invstd) -> stem_bn_sync_normalize
+ *   backward: stem_bn_sync_backward_sums -> all-reduce (sum) the 64 doubles (512 bytes)
+ *             -> stem_bn_sync_backward (count: the merged statistics' count)
+ * Every process then has the running statistics and gradients of one process that saw the whole
+ * batch (the unbiased running variance uses the global count), the same bits on each.
+ */
+#define STEM_BN_SYNC_STATS_DOUBLES 65
+#define STEM_BN_SYNC_SUMS_DOUBLES 64
+
+/* Data-parallel step 1: this shard's count, mean and M2 per channel, in double (batch may be
+ * 0: an empty shard, count 0). Gather every shard's and merge them with stem_bn_stats_merge.
+ * All pointers are device pointers; the kernels are queued on stream. */
+int stem_bn_sync_stats(const float *x, stem_bn_stats *local, int32_t batch, cudaStream_t stream);
+
+/* Data-parallel step 2: merge part into acc (Chan's formula, per channel, in double):
+ *   n = na + nb, delta = mean_b - mean_a, mean = mean_a + delta * nb / n,
+ *   M2 = M2_a + M2_b + delta^2 * na * nb / n
+ * exact and stable; a part with count 0 leaves acc as it is. Merge the gathered parts in the same
+ * order on every process (rank order, into a zeroed acc) and every process gets the same bits.
+ * All pointers are device pointers; the kernels are queued on stream. */
+int stem_bn_stats_merge(stem_bn_stats *acc, const stem_bn_stats *part, cudaStream_t stream);
+
+/* Data-parallel step 3: from the merged statistics, each channel's mean and 1/sqrt(var + epsilon)
+ * (saved_mean, saved_invstd: what sync_normalize and the backward take) and the running update
+ * as train_forward makes it for the whole batch (unbiased: M2 / (count - 1) with the global count).
+ * running_mean and running_var may both be NULL: no running update (the backward's statistics).
+ * With fewer than 2 values per channel merged the outputs are left untouched (the count lives on the
+ * device: the launcher does not synchronize to report it).
+ * All pointers are device pointers; the kernels are queued on stream. */
+int stem_bn_sync_finish(const stem_bn_stats *global, float *running_mean, float *running_var, double *saved_mean, double *saved_invstd, cudaStream_t stream);
+
+/* Data-parallel step 4: y of this shard, normalized with the merged statistics (batch may be 0: an empty shard).
+ * y may be x.
+ * All pointers are device pointers; the kernels are queued on stream. */
+int stem_bn_sync_normalize(const float *x, const double *saved_mean, const double *saved_invstd, float *y, int32_t batch, cudaStream_t stream);
+
+/* Data-parallel backward step 1: this shard's sums per channel, in double: sums[c] = sum(dy),
+ * sums[32 + c] = sum(dy * (x - saved_mean[c])) (batch 0: zeros). All-reduce them (sum) over
+ * the processes, then stem_bn_sync_backward.
+ * All pointers are device pointers; the kernels are queued on stream. */
+int stem_bn_sync_backward_sums(const float *x, const float *dy, const double *saved_mean, double *sums, int32_t batch, cudaStream_t stream);
+
+/* Data-parallel backward step 2: dx of this shard from the all-reduced sums and count, the merged
+ * statistics' count; dscale/doffset from the sums (every process gets the same).
+ * batch may be 0: an empty shard; dx may be x or dy.
+ * All pointers are device pointers; the kernels are queued on stream. */
+int stem_bn_sync_backward(const float *x, const float *dy, const double *saved_mean, const double *saved_invstd, const double *sums, double count, float *dx, float *dscale, float *doffset, int32_t batch, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -69,6 +69,7 @@ def cdef(plan: Plan) -> str:
             f"    double m2[{plan.channels}];\n}} {plan.train.stats_type};"
         )
     lines += [f"int {f.signature};" for f in plan.public_functions]
+    lines += [f"int {f.signature};" for f in (plan.train.sync.functions if plan.train.sync else [])]
     return "\n".join(lines) + "\n"
 
 

@@ -7,9 +7,10 @@ import numpy as np
 
 from ...errors import NormgenError
 from ..training import SGDM_DEFAULTS, TRAIN_ERRORS, TrainingBench
+from .sync import CSync
 
 
-class CTraining(TrainingBench):
+class CTraining(CSync, TrainingBench):
     """Training methods of :class:`normgen.targets.c.build.CompiledLayer` (mixed in)."""
 
     def _train_fn(self, role: str):

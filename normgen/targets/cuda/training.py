@@ -9,10 +9,11 @@ from ... import reference
 from ...errors import NormgenError
 from ..training import SGDM_DEFAULTS, TRAIN_ERRORS, TrainingBench
 from .storage import from_storage, to_storage
+from .sync import CudaSync
 from .train import lower_train_cuda
 
 
-class CudaTraining(TrainingBench):
+class CudaTraining(CudaSync, TrainingBench):
     """Training methods of :class:`normgen.targets.cuda.module.CudaLayer` (mixed in): the training kernels are
     called through pycuda with the launch shapes of :class:`normgen.targets.cuda.train.TrainCuda`, the
     numbers the generated launchers use. NumPy arrays in and out; saved statistics float64,

@@ -1482,3 +1482,445 @@ int bn_nchw_finalize(const bn_nchw_stats *acc, float *trained_mean, float *train
     return BN_NCHW_OK;
 }
 
+/* Data-parallel step 1: this shard's count, mean and M2 per channel, in double (batch may be
+ * 0: an empty shard, count 0). Gather every shard's and merge them with bn_nchw_stats_merge. */
+int bn_nchw_sync_stats(const float *x, bn_nchw_stats *local, int32_t batch)
+{
+    if (x == NULL) {
+        return BN_NCHW_ERR_NULL;
+    }
+    if (local == NULL) {
+        return BN_NCHW_ERR_NULL;
+    }
+    if (batch < 0 || (size_t)batch > SIZE_MAX / 48u) {
+        return BN_NCHW_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    local->count = 0;
+    for (size_t c = 0; c < 3; ++c) {
+        local->mean[c] = 0;
+        local->m2[c] = 0;
+    }
+    if (nb == 0) {
+        return BN_NCHW_OK;
+    }
+    {
+        double mean[3], m2[3];
+        double lane[48], lane2[48];
+        double colmean[48], colm2[48];
+        double lmean[48];
+        double n = 0; /* rows of the block seen so far */
+        for (size_t j = 0; j < 48; ++j) {
+            colmean[j] = 0;
+            colm2[j] = 0;
+        }
+        /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
+         * the sums of d = x - K and d^2 in one sweep about K, each column's mean so far (mean = K + sum(d) / n,
+         * M2 = sum(d^2) - sum(d)^2 / n); in the first chunk, and where K is too far from a column's chunk
+         * mean, two passes over the chunk from cache instead (the second corrects the first's mean m:
+         * d = x - m); then Chan's merge of each column's chunks in double */
+        for (size_t c0 = 0; c0 < nb; c0 += 256) {
+            const size_t c1 = c0 + 256 < nb ? c0 + 256 : nb;
+            const double nc = (double)(c1 - c0);
+            const double inv_nc = 1 / nc;
+            int redo = c0 == 0;
+            if (!redo) {
+                /* one sweep about K = each column's mean so far (lmean), 32 columns at a time
+                 * summed in registers over the chunk's rows, the same columns 16 rows on fetched meanwhile */
+                for (size_t j = 0; j < 48; ++j) {
+                    lmean[j] = (double)colmean[j];
+                }
+                for (size_t j0 = 0; j0 < 32; j0 += 32) {
+                    double a[32], q[32], k[32];
+                    for (size_t l = 0; l < 32; ++l) {
+                        a[l] = 0;
+                        q[l] = 0;
+                        k[l] = lmean[j0 + l];
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 48 + j0;
+                        if (i0 + 16 < nb) {
+                            BN_NCHW_PREFETCH(xr + 768);
+                            BN_NCHW_PREFETCH(xr + 768 + 16);
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            const double dev = xr[l] - k[l];
+                            a[l] += dev;
+                            q[l] += dev * dev;
+                        }
+                    }
+                    for (size_t l = 0; l < 32; ++l) {
+                        lane[j0 + l] = a[l];
+                        lane2[j0 + l] = q[l];
+                    }
+                }
+                {
+                    const size_t j0 = 32; /* the last 16 columns */
+                    double a[16], q[16], k[16];
+                    for (size_t l = 0; l < 16; ++l) {
+                        a[l] = 0;
+                        q[l] = 0;
+                        k[l] = lmean[j0 + l];
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 48 + j0;
+                        if (i0 + 16 < nb) {
+                            BN_NCHW_PREFETCH(xr + 768);
+                        }
+                        for (size_t l = 0; l < 16; ++l) {
+                            const double dev = xr[l] - k[l];
+                            a[l] += dev;
+                            q[l] += dev * dev;
+                        }
+                    }
+                    for (size_t l = 0; l < 16; ++l) {
+                        lane[j0 + l] = a[l];
+                        lane2[j0 + l] = q[l];
+                    }
+                }
+                for (size_t j = 0; j < 48; ++j) {
+                    redo |= !((double)lane[j] * (double)lane[j] <= 0.5 * nc * (double)lane2[j]);
+                }
+            }
+            if (redo) {
+                /* the first chunk, or a K more than one standard deviation from a column's chunk mean:
+                 * the corrected two-pass, from cache: the chunk's sum of each column, ... */
+                for (size_t j0 = 0; j0 < 32; j0 += 32) {
+                    double a[32];
+                    for (size_t l = 0; l < 32; ++l) {
+                        a[l] = 0;
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 48 + j0;
+                        if (i0 + 16 < nb) {
+                            BN_NCHW_PREFETCH(xr + 768);
+                            BN_NCHW_PREFETCH(xr + 768 + 16);
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            a[l] += xr[l];
+                        }
+                    }
+                    for (size_t l = 0; l < 32; ++l) {
+                        lane[j0 + l] = a[l];
+                    }
+                }
+                {
+                    const size_t j0 = 32; /* the last 16 columns */
+                    double a[16];
+                    for (size_t l = 0; l < 16; ++l) {
+                        a[l] = 0;
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 48 + j0;
+                        if (i0 + 16 < nb) {
+                            BN_NCHW_PREFETCH(xr + 768);
+                        }
+                        for (size_t l = 0; l < 16; ++l) {
+                            a[l] += xr[l];
+                        }
+                    }
+                    for (size_t l = 0; l < 16; ++l) {
+                        lane[j0 + l] = a[l];
+                    }
+                }
+                for (size_t j = 0; j < 48; ++j) {
+                    lmean[j] = (double)(lane[j] * inv_nc);
+                }
+                /* ... then the deviations from that mean and their squares */
+                for (size_t j0 = 0; j0 < 32; j0 += 32) {
+                    double a[32], q[32], k[32];
+                    for (size_t l = 0; l < 32; ++l) {
+                        a[l] = 0;
+                        q[l] = 0;
+                        k[l] = lmean[j0 + l];
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 48 + j0;
+                        for (size_t l = 0; l < 32; ++l) {
+                            const double dev = xr[l] - k[l];
+                            a[l] += dev;
+                            q[l] += dev * dev;
+                        }
+                    }
+                    for (size_t l = 0; l < 32; ++l) {
+                        lane[j0 + l] = a[l];
+                        lane2[j0 + l] = q[l];
+                    }
+                }
+                {
+                    const size_t j0 = 32; /* the last 16 columns */
+                    double a[16], q[16], k[16];
+                    for (size_t l = 0; l < 16; ++l) {
+                        a[l] = 0;
+                        q[l] = 0;
+                        k[l] = lmean[j0 + l];
+                    }
+                    for (size_t i0 = c0; i0 < c1; ++i0) {
+                        const float *xr = x + i0 * 48 + j0;
+                        for (size_t l = 0; l < 16; ++l) {
+                            const double dev = xr[l] - k[l];
+                            a[l] += dev;
+                            q[l] += dev * dev;
+                        }
+                    }
+                    for (size_t l = 0; l < 16; ++l) {
+                        lane[j0 + l] = a[l];
+                        lane2[j0 + l] = q[l];
+                    }
+                }
+            }
+            const double total = n + nc;
+            const double wmean = nc / total, wm2 = n * nc / total;
+            for (size_t j = 0; j < 48; ++j) {
+                const double s1 = lane[j];
+                const double delta = ((double)lmean[j] + s1 * inv_nc) - colmean[j];
+                colmean[j] += delta * wmean;
+                colm2[j] += ((double)lane2[j] - s1 * s1 * inv_nc) + delta * delta * wm2;
+            }
+            n = total;
+        }
+        /* the columns of each statistic merged: 16 column(s) of n values each */
+        for (size_t k = 0; k < 3; ++k) {
+            mean[k] = 0;
+            m2[k] = 0;
+        }
+        for (size_t j = 0; j < 48; ++j) {
+            mean[j / 16] += colmean[j];
+        }
+        for (size_t k = 0; k < 3; ++k) {
+            mean[k] /= 16;
+        }
+        for (size_t j = 0; j < 48; ++j) {
+            const double dm = colmean[j] - mean[j / 16];
+            m2[j / 16] += colm2[j] + n * dm * dm;
+        }
+        n *= 16;
+        for (size_t k = 0; k < 3; ++k) {
+            const size_t ch = k;
+            local->mean[ch] = mean[k];
+            local->m2[ch] = m2[k];
+        }
+    }
+    local->count = (double)(nb * 16);
+    return BN_NCHW_OK;
+}
+
+/* Data-parallel step 2: merge part into acc (Chan's formula, per channel, in double):
+ *   n = na + nb, delta = mean_b - mean_a, mean = mean_a + delta * nb / n,
+ *   M2 = M2_a + M2_b + delta^2 * na * nb / n
+ * exact and stable; a part with count 0 leaves acc as it is. Merge the gathered parts in the same
+ * order on every process (rank order, into a zeroed acc) and every process gets the same bits. */
+int bn_nchw_stats_merge(bn_nchw_stats *acc, const bn_nchw_stats *part)
+{
+    if (acc == NULL) {
+        return BN_NCHW_ERR_NULL;
+    }
+    if (part == NULL) {
+        return BN_NCHW_ERR_NULL;
+    }
+    if (part->count > 0) {
+        const double total = acc->count + part->count;
+        const double wmean = part->count / total, wm2 = acc->count * part->count / total;
+        for (size_t c = 0; c < 3; ++c) {
+            const double delta = part->mean[c] - acc->mean[c];
+            acc->mean[c] += delta * wmean;
+            acc->m2[c] += part->m2[c] + delta * delta * wm2;
+        }
+        acc->count = total;
+    }
+    return BN_NCHW_OK;
+}
+
+/* Data-parallel step 3: from the merged statistics, each channel's mean and 1/sqrt(var + epsilon)
+ * (saved_mean, saved_invstd: what sync_normalize and the backward take) and the running update
+ * as train_forward makes it for the whole batch (unbiased: M2 / (count - 1) with the global count).
+ * running_mean and running_var may both be NULL: no running update (the backward's statistics).
+ * With fewer than 2 values per channel merged it returns BN_NCHW_ERR_COUNT and writes nothing. */
+int bn_nchw_sync_finish(const bn_nchw_stats *global, float *running_mean, float *running_var, double *saved_mean, double *saved_invstd)
+{
+    if (global == NULL) {
+        return BN_NCHW_ERR_NULL;
+    }
+    if (saved_mean == NULL) {
+        return BN_NCHW_ERR_NULL;
+    }
+    if (saved_invstd == NULL) {
+        return BN_NCHW_ERR_NULL;
+    }
+    if ((running_mean == NULL) != (running_var == NULL)) {
+        return BN_NCHW_ERR_NULL;
+    }
+    const double n = global->count;
+    if (!(n >= 2)) {
+        return BN_NCHW_ERR_COUNT;
+    }
+    for (size_t c = 0; c < 3; ++c) {
+        const double m2 = global->m2[c];
+        const double var = m2 > 0 ? m2 / n : 0;
+        saved_mean[c] = global->mean[c];
+        saved_invstd[c] = 1 / sqrt(var + 1e-05);
+        if (running_mean != NULL) {
+            const double batch_var = n > 1 ? m2 / (n - 1) : var;
+            running_mean[c] = (float)(0.1 * global->mean[c] + (1 - 0.1) * (double)running_mean[c]);
+            running_var[c] = (float)(0.1 * batch_var + (1 - 0.1) * (double)running_var[c]);
+        }
+    }
+    return BN_NCHW_OK;
+}
+
+/* Data-parallel step 4: y of this shard, normalized with the merged statistics (batch may be 0: an empty shard).
+ * y may be x. */
+int bn_nchw_sync_normalize(const float *x, const double *saved_mean, const double *saved_invstd, float *y, int32_t batch)
+{
+    if (x == NULL) {
+        return BN_NCHW_ERR_NULL;
+    }
+    if (saved_mean == NULL) {
+        return BN_NCHW_ERR_NULL;
+    }
+    if (saved_invstd == NULL) {
+        return BN_NCHW_ERR_NULL;
+    }
+    if (y == NULL) {
+        return BN_NCHW_ERR_NULL;
+    }
+    if (batch < 0 || (size_t)batch > SIZE_MAX / 48u) {
+        return BN_NCHW_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    const float *scale = bn_nchw_scale;
+    const float *offset = bn_nchw_offset;
+    float mhi[3], mlo[3], fold_a[3], fold_b[3];
+    for (size_t c = 0; c < 3; ++c) {
+        mhi[c] = (float)saved_mean[c];
+        mlo[c] = (float)(saved_mean[c] - (double)mhi[c]);
+        fold_a[c] = (float)((double)scale[c] * saved_invstd[c]);
+        fold_b[c] = offset[c];
+    }
+    /* y = (x - mean) * scale / sqrt(var + epsilon) + offset, with the mean as mhi + mlo (float) so that
+     * x - mean stays exact where the mean is large against the spread */
+    for (size_t j0 = 0; j0 < nb; ++j0) {
+        for (size_t j1 = 0; j1 < 3; ++j1) {
+            for (size_t j2 = 0; j2 < 16; ++j2) {
+                const size_t o = j0 * 48 + j1 * 16 + j2;
+                const size_t ch = j1;
+                y[o] = ((x[o] - mhi[ch]) - mlo[ch]) * fold_a[ch] + fold_b[ch];
+            }
+        }
+    }
+    return BN_NCHW_OK;
+}
+
+/* Data-parallel backward step 1: this shard's sums per channel, in double: sums[c] = sum(dy),
+ * sums[3 + c] = sum(dy * (x - saved_mean[c])) (batch 0: zeros). All-reduce them (sum) over
+ * the processes, then bn_nchw_sync_backward. */
+int bn_nchw_sync_backward_sums(const float *x, const float *dy, const double *saved_mean, double *sums, int32_t batch)
+{
+    if (x == NULL) {
+        return BN_NCHW_ERR_NULL;
+    }
+    if (dy == NULL) {
+        return BN_NCHW_ERR_NULL;
+    }
+    if (saved_mean == NULL) {
+        return BN_NCHW_ERR_NULL;
+    }
+    if (sums == NULL) {
+        return BN_NCHW_ERR_NULL;
+    }
+    if (batch < 0 || (size_t)batch > SIZE_MAX / 48u) {
+        return BN_NCHW_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    double goffset[3], gscale[3];
+    for (size_t c = 0; c < 3; ++c) {
+        goffset[c] = 0;
+        gscale[c] = 0;
+    }
+    /* per channel: sum(dy), sum(dy * (x - mean)) */
+    for (size_t j0 = 0; j0 < nb; ++j0) {
+        for (size_t j1 = 0; j1 < 3; ++j1) {
+            for (size_t j2 = 0; j2 < 16; ++j2) {
+                const size_t o = j0 * 48 + j1 * 16 + j2;
+                const size_t ch = j1;
+                const double g = (double)dy[o];
+                goffset[ch] += g;
+                gscale[ch] += g * ((double)x[o] - saved_mean[ch]);
+            }
+        }
+    }
+    for (size_t c = 0; c < 3; ++c) {
+        sums[c] = goffset[c];
+        sums[3 + c] = gscale[c];
+    }
+    return BN_NCHW_OK;
+}
+
+/* Data-parallel backward step 2: dx of this shard from the all-reduced sums and count, the merged
+ * statistics' count; dscale/doffset from the sums (every process gets the same).
+ * batch may be 0: an empty shard; dx may be x or dy. */
+int bn_nchw_sync_backward(const float *x, const float *dy, const double *saved_mean, const double *saved_invstd, const double *sums, double count, float *dx, float *dscale, float *doffset, int32_t batch)
+{
+    if (x == NULL) {
+        return BN_NCHW_ERR_NULL;
+    }
+    if (dy == NULL) {
+        return BN_NCHW_ERR_NULL;
+    }
+    if (saved_mean == NULL) {
+        return BN_NCHW_ERR_NULL;
+    }
+    if (saved_invstd == NULL) {
+        return BN_NCHW_ERR_NULL;
+    }
+    if (sums == NULL) {
+        return BN_NCHW_ERR_NULL;
+    }
+    if (dx == NULL) {
+        return BN_NCHW_ERR_NULL;
+    }
+    if (dscale == NULL) {
+        return BN_NCHW_ERR_NULL;
+    }
+    if (doffset == NULL) {
+        return BN_NCHW_ERR_NULL;
+    }
+    if (batch < 0 || (size_t)batch > SIZE_MAX / 48u) {
+        return BN_NCHW_ERR_BATCH;
+    }
+    const size_t nb = (size_t)batch;
+    const float *scale = bn_nchw_scale;
+    if (!(count >= (double)(nb * 16))) {
+        return BN_NCHW_ERR_COUNT;
+    }
+    /* per channel, with s1 = sum(dy), s2 = sum(dy * (x - mean)) over the global batch of count values:
+     * dx = dy * dx_w + (x - mean) * dx_q + dx_r, dx_w = scale * invstd, dx_q = -dx_w * invstd^2 * s2 / count,
+     * dx_r = -dx_w * s1 / count */
+    const double inv_n = count > 0 ? 1 / count : 0;
+    float mhi[3], mlo[3], dx_w[3], dx_q[3], dx_r[3];
+    for (size_t c = 0; c < 3; ++c) {
+        const double inv = saved_invstd[c];
+        const double wc = (double)scale[c] * inv;
+        mhi[c] = (float)saved_mean[c];
+        mlo[c] = (float)(saved_mean[c] - (double)mhi[c]);
+        dx_w[c] = (float)wc;
+        dx_q[c] = (float)(-wc * inv * inv * sums[3 + c] * inv_n);
+        dx_r[c] = (float)(-wc * sums[c] * inv_n);
+    }
+    for (size_t j0 = 0; j0 < nb; ++j0) {
+        for (size_t j1 = 0; j1 < 3; ++j1) {
+            for (size_t j2 = 0; j2 < 16; ++j2) {
+                const size_t o = j0 * 48 + j1 * 16 + j2;
+                const size_t ch = j1;
+                dx[o] = dy[o] * dx_w[ch] + ((x[o] - mhi[ch]) - mlo[ch]) * dx_q[ch] + dx_r[ch];
+            }
+        }
+    }
+    /* dscale = sum(dy * xhat) = invstd * s2, doffset = sum(dy) */
+    for (size_t c = 0; c < 3; ++c) {
+        dscale[c] = (float)(sums[3 + c] * saved_invstd[c]);
+        doffset[c] = (float)(sums[c]);
+    }
+    return BN_NCHW_OK;
+}
+
