@@ -142,7 +142,9 @@ BYTES_DOC = (
     "bytes = every tensor byte read plus every tensor byte written, each once: predict reads x and "
     "writes y (2*N*s for N elements of s bytes); train_forward also reads and writes the running "
     "mean and variance (+4*C*s); backward reads x and dy and writes dx, dscale and doffset "
-    "(3*N*s + 2*C*s). Parameter reads (scale, offset, folded constants: C values) are not counted. "
+    "(3*N*s + 2*C*s). A fused layer's forward also reads the residual (+N*s), writes h (+N*s) and "
+    "reads the modulation's shift and scale (+2*B*C*s) where it has them. "
+    "Parameter reads (scale, offset, folded constants: C values) are not counted. "
     "copy = a plain copy of a buffer of bytes/2, so it reads and writes the same number of bytes."
 )
 
@@ -151,10 +153,12 @@ def traffic(layer: Layer, role: str, batch: int) -> int:
     """Bytes a function moves (see BYTES_DOC)."""
     s = np.dtype(NUMPY_DTYPES.get(layer.dtype, np.float32)).itemsize if layer.dtype != "bfloat16" else 2
     n = int(np.prod(reference.full_shape(layer, batch)))
+    fused = (n * s * (layer.residual + layer.residual_out)
+             + (2 * batch * layer.channels * s if layer.modulation != "none" else 0))
     if role == "predict":
-        return 2 * n * s
+        return 2 * n * s + fused
     if role == "train_forward":
-        return 2 * n * s + 4 * layer.channels * s
+        return 2 * n * s + 4 * layer.channels * s + fused
     if role == "backward":
         return 3 * n * s + 2 * layer.channels * s
     raise NormgenError(f"unknown function role {role!r}")
@@ -853,14 +857,20 @@ def bench_cuda(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) 
             x_gpu = gpuarray.to_gpu(to_storage(x, layer.dtype))
             fixed = layer.at_sizes(cfg.sizes.get(layer.name, {}))  # what these calls compute
             roles = ["predict"] + (["train_forward"] if layer.kind == "batchnorm" else [])
+            inputs = fused_inputs(layer, x, rng) if layer.fused else {}
             for role in roles:
                 if not _wanted(args, cfg, layer.name, role):
                     continue
                 where = f"{layer.name}.{role} (batch {batch})"
                 nbytes = traffic(fixed, role, batch)
                 progress.step(f"{where}: CUDA kernels vs device copy")
-                cl.time(role, x_gpu, repeat=2, warmup=max(1, args.warmup))
-                t_ours = statistics.median(cl.time(role, x_gpu, repeat=calls, warmup=0) for _ in range(args.repeat))
+                if layer.fused:
+                    # the public launcher's stages and core kernels, on device copies of its inputs
+                    t_ours = events_time(cl.on_device(role, **inputs))
+                else:
+                    cl.time(role, x_gpu, repeat=2, warmup=max(1, args.warmup))
+                    t_ours = statistics.median(cl.time(role, x_gpu, repeat=calls, warmup=0)
+                                               for _ in range(args.repeat))
                 half = nbytes // 2
                 src, dst = drv.mem_alloc(half), drv.mem_alloc(half)
                 t_copy = events_time(lambda src=src, dst=dst, half=half: drv.memcpy_dtod(dst, src, half))
@@ -869,7 +879,9 @@ def bench_cuda(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) 
                 res = Result(layer.name, role, layer.kind, layer.fmt.letters, list(x.shape), layer.dtype, batch,
                              "cuda", 0, nbytes, t_ours, nbytes / t_ours / 1e9, t_copy, nbytes / t_copy / 1e9,
                              t_copy / t_ours, samples=args.repeat, ort_note="not compared on cuda")
-                if have_torch:
+                if layer.fused:
+                    res.torch_note = "fused forms: not compared"
+                elif have_torch:
                     import torch
 
                     progress.step(f"{where}: torch.cuda")
@@ -885,6 +897,19 @@ def bench_cuda(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) 
     finally:
         progress.close()
     return report
+
+
+def fused_inputs(layer: Layer, x: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The named inputs of a fused layer's forward launchers (README "Fused forms"): x, and the
+    residual and the modulation's shift and scale ([batch, C]) where it has them."""
+    out = {"x": x}
+    if layer.residual:
+        out["residual"] = rng.standard_normal(x.shape)
+    if layer.modulation != "none":
+        batch = reference.batch_of(layer, x)
+        out["mod_shift"] = 0.1 * rng.standard_normal((batch, layer.channels))
+        out["mod_scale"] = 0.1 * rng.standard_normal((batch, layer.channels))
+    return out
 
 
 def _torch_cuda_time(torch, fn: Callable[[], object], repeat: int, warmup: int, calls: int = 20) -> float:

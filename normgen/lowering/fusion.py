@@ -196,7 +196,7 @@ def lower_fusion(layer: Layer, plan) -> Fusion | None:
         act_in_core=act != "none" and layer.modulation == "none",
         wrapped=tuple(r for r in WRAPPED if r not in dropped), dropped=dropped,
         functions=[f for f in fns if f is not None],
-        act=ACTIVATIONS[act][t] if act != "none" else [],
+        act=ACTIVATIONS[act][t if t in ("float", "double") else plan.acc_type] if act != "none" else [],
         act_grad=ACTIVATIONS[act]["grad"] if act != "none" else [],
         total=plan.elements.expr(),
         mod_loops=[Loop(ax.var, "0", ax.extent.expr()) for ax in axes], mod_offset=_offset(axes),

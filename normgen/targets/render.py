@@ -12,6 +12,7 @@ from ..errors import NormgenError
 from ..lowering import lower
 from ..lowering.plan import Plan
 from .c.sweep import sweep_of
+from .cuda.fused import fused_cuda
 from .cuda.plan import derive
 from .cuda.train import lower_train_cuda
 
@@ -51,8 +52,12 @@ FILES = {
 #: What each target adds to the plan before its templates see it (its plan extension), by name.
 EXTENSIONS = {
     "c": lambda plan: {"sweep_plan": sweep_of(plan)},
-    "cuda": lambda plan: {"cp": derive(plan), "tc": lower_train_cuda(plan)},
+    "cuda": lambda plan: _cuda(derive(plan), lower_train_cuda(plan)),
 }
+
+
+def _cuda(cp, tc) -> dict:
+    return {"cp": cp, "tc": tc, "fc": fused_cuda(cp.plan, cp, tc)}
 
 
 def render(plan: Plan, target: str) -> dict[str, str]:
