@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...lowering.fusion import _fused
-from ...lowering.plan import ONE, Extent, Plan
+from ...lowering.plan import ONE, Extent, Plan, size_local
 from .plan import CudaPlan
 from .train import CUDA_BLOCK, CUDA_ELEM_MAX_BLOCKS, CUDA_MAX_GRID, TrainCuda
 
@@ -110,7 +110,7 @@ class FusedCuda:
         a = self._letter(ch)
         q = o if a.stride == ONE else f"{o} / {_op(a.stride)}"
         outer = self.letters[0] is a
-        return q if outer else f"({q}) % {_op(a.extent)}"
+        return q if outer else f"{_op_text(q)} % {_op(a.extent)}"
 
     @property
     def bc_of_offset(self) -> str:
@@ -185,7 +185,7 @@ class FusedCuda:
         """A stage grid in the launchers (after the size locals; nb the batch as size_t)."""
         if grid == "bc":
             return f"(unsigned int)({'nb * ' if self.has_batch else ''}{self.channels})"
-        return f"(unsigned int)train_elem_grid(nb{''.join(f', n_{n}' for n in self.sizes)})"
+        return f"(unsigned int)train_elem_grid(nb{''.join(f', {size_local(n)}' for n in self.sizes)})"
 
     @property
     def bc_guard(self) -> str:
@@ -194,7 +194,7 @@ class FusedCuda:
 
     def c_args(self, stage: Stage) -> str:
         """The launcher's C argument array (between the braces) of a stage kernel."""
-        names = [C_NAMES.get(a, f"n_{a}" if a in self.sizes else a) for a in stage.args]
+        names = [C_NAMES.get(a, size_local(a) if a in self.sizes else a) for a in stage.args]
         return ", ".join(f"(void *)&{n}" for n in names)
 
     def arg_code(self, arg: str) -> str:
@@ -216,7 +216,11 @@ class FusedCuda:
 
 
 def _op(e: Extent) -> str:
-    text = e.expr("nb")
+    return _op_text(e.expr("nb"))
+
+
+def _op_text(text: str) -> str:
+    """An expression as an operand of / or % (parenthesized unless it is one name or number)."""
     return f"({text})" if " " in text else text
 
 
