@@ -50,10 +50,11 @@ RES = dict(residual=True)
 RES_OUT = dict(residual=True, residual_out=True)
 ADALN = dict(modulation="adaln")
 
-#: The covering subset: every kind; NCHW, NHWC, BTC, TBC, BC, CB, TC (no B), BCT with a run-time
-#: size; every activation; the modulation with and without an activation; the residual into y and
-#: written out; all four dtypes; per-channel, per-element and no affine; embedded and run-time
-#: parameters; the affine (batch-norm predict), segments, columns and split (_ws) kernel families.
+#: The covering subset: every kind; NCHW, NHWC, BTC, TBC, BC, CB, TC (no B), SBSC, BCT with a
+#: run-time size; every activation; the modulation with and without an activation; the residual
+#: into y and written out; all four dtypes; per-channel, per-element and no affine; embedded and
+#: run-time parameters; every kernel family: batch-norm predict's affine (uniform, consecutive,
+#: general), segments (register-cached, looping, split), columns (single, split) and generic.
 FUSED = [
     BatchNorm(name="fbn_nchw_relu", format="BCSS", shape=[3, 4, 5], activation="relu", **_p(1, 3), **_bn(3, 1)),
     BatchNorm(name="fbn_nhwc_silu16", format="BSSC", shape=[3, 5, 8], dtype="float16", activation="silu", **RES,
@@ -93,6 +94,11 @@ FUSED = [
             scale=np.linspace(0.5, 1.5, 64)),
     RMSNorm(name="frms_mod_bf", format="BTC", shape=[4, 24], dtype="bfloat16", **ADALN, activation="gelu_tanh",
             **RES_OUT, scale=np.linspace(0.5, 1.5, 24)),
+    BatchNorm(name="fbn_c3_general", format="BCSS", shape=[3, 3, 3], activation="silu", **_p(19, 3), **_bn(3, 19)),
+    BatchNorm(name="fbn_nhwc_split", format="BSSC", shape=[32, 32, 4], activation="relu", **RES_OUT, **_p(20, 4),
+              **_bn(4, 20)),
+    InstanceNorm(name="fin_sbsc_generic", format="SBSC", shape=[3, 4, 6], **ADALN, activation="gelu", **RES,
+                 **_p(21, 6)),
     InstanceNorm(name="fin_nchw_mod", format="BCSS", shape=[4, 5, 5], **ADALN, activation="relu", **_p(17, 4)),
     InstanceNorm(name="fin_nhwc_gelu64", format="BSSC", shape=[3, 3, 8], dtype="float64", activation="gelu",
                  **RES_OUT, **_p(18, 8)),
