@@ -456,6 +456,11 @@ def test_bench_run_launches_what_the_launcher_launches(fused_lib, monkeypatch, t
     want = _emulated_launches(fused_lib)
     assert any(c[0].endswith("_fused_dz") for c in want) and calls == want
     assert "dx" in out
+    # the methods named after a function run the plain kernels: a fused layer has run() instead
+    for method, args in (("predict", (arrays["x"],)), ("train_forward_save", (arrays["x"],)),
+                         ("backward_saved", (arrays["x"], arrays["x"], sm, si))):
+        with pytest.raises(NormgenError, match="has fused forms: call run"):
+            getattr(cl, method)(*args)
 
 
 @needs_gpu

@@ -309,6 +309,7 @@ class CudaLayer(CudaTraining, CudaCalls):
         return batch, self.layer.sizes_of(shape)
 
     def _run(self, role: str, x, out=None):
+        self._require_unfused(role)
         on_gpu = _is_gpuarray(x)
         batch, sizes = self._dims(x)
         if on_gpu:
@@ -359,6 +360,7 @@ class CudaLayer(CudaTraining, CudaCalls):
         CUDA events around ``repeat`` back-to-back calls (kernels only: no copies)."""
         if not _is_gpuarray(x_gpu):
             raise NormgenError("time() takes a pycuda GPUArray (copies would be timed otherwise)")
+        self._require_unfused(fn_name)
         batch, sizes = self._dims(x_gpu)
         y_gpu = self._gpuarray.empty_like(x_gpu)
         for _ in range(warmup):
