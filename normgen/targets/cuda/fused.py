@@ -42,6 +42,10 @@ FLOAT_GRADS = {
 }
 #: Kernel arguments the launchers pass by another name (the batch as an int, sizes as size_t locals).
 C_NAMES = {"batch": "b"}
+#: The modulated dz stage where C is innermost: a block is DZ_TILE channels (threadIdx.x, reads
+#: coalesced along C) x DZ_ROWS row lanes (threadIdx.y) of one sample.
+DZ_TILE = 32
+DZ_ROWS = 8
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,51 @@ class FusedCuda:
         return " + ".join(terms)
 
     @property
+    def dz_tiled(self) -> bool:
+        """The modulated dz stage reads tiles of DZ_TILE channels (C is innermost), else one (b, c)
+        per block."""
+        return self.modulated and self._letter("C").stride == ONE
+
+    @property
+    def dz_per_sample(self) -> int:
+        """Blocks of the modulated dz stage per sample."""
+        return -(-self.channels // DZ_TILE) if self.dz_tiled else self.channels
+
+    @property
+    def dz_sample(self) -> str:
+        """The tiled dz block's sample."""
+        return "blockIdx.x" if self.dz_per_sample == 1 else f"blockIdx.x / {self.dz_per_sample}"
+
+    @property
+    def dz_channel(self) -> str:
+        """The tiled dz thread's channel."""
+        if self.dz_per_sample == 1:
+            return "threadIdx.x"
+        return f"(blockIdx.x % {self.dz_per_sample}) * {DZ_TILE} + threadIdx.x"
+
+    @property
+    def batch_offset(self) -> str:
+        """The offset of sample ``b``'s first element (0 without B)."""
+        b = self._letter("B")
+        if b is None:
+            return "0"
+        return "b" if b.stride == ONE else f"b * {_op(b.stride)}"
+
+    @property
+    def dz_tile(self) -> int:
+        return DZ_TILE
+
+    @property
+    def dz_rows(self) -> int:
+        return DZ_ROWS
+
+    def block(self, stage: Stage) -> tuple[int, int, int]:
+        """The block of a stage kernel."""
+        if stage.kind == "dz" and self.dz_tiled:
+            return (DZ_TILE, DZ_ROWS, 1)
+        return (CUDA_BLOCK, 1, 1)
+
+    @property
     def rest(self) -> list[Letter]:
         """The letters other than B and C, innermost first (the dz block's element decoding)."""
         return [a for a in reversed(self.letters) if a.letter not in "BC"]
@@ -177,20 +226,20 @@ class FusedCuda:
 
     def grid_value(self, grid: str, batch: int, sizes: dict[str, int] | None = None) -> int:
         if grid == "bc":
-            return (batch if self.has_batch else 1) * self.channels
+            return (batch if self.has_batch else 1) * self.dz_per_sample
         n = self.elements.value(batch, sizes)
         return max(1, min(-(-n // CUDA_BLOCK), CUDA_ELEM_MAX_BLOCKS))
 
     def grid_expr(self, grid: str) -> str:
         """A stage grid in the launchers (after the size locals; nb the batch as size_t)."""
         if grid == "bc":
-            return f"(unsigned int)({'nb * ' if self.has_batch else ''}{self.channels})"
+            return f"(unsigned int)({'nb * ' if self.has_batch else ''}{self.dz_per_sample})"
         return f"(unsigned int)train_elem_grid(nb{''.join(f', {size_local(n)}' for n in self.sizes)})"
 
     @property
     def bc_guard(self) -> str:
-        """The dz grid's check in the launchers (one block per (b, c))."""
-        return f"nb * {self.channels} > {CUDA_MAX_GRID}u" if self.has_batch else ""
+        """The modulated dz grid's check in the launchers."""
+        return f"nb * {self.dz_per_sample} > {CUDA_MAX_GRID}u" if self.has_batch else ""
 
     def c_args(self, stage: Stage) -> str:
         """The launcher's C argument array (between the braces) of a stage kernel."""

@@ -39,7 +39,6 @@ from ..render import emit
 from .calls import CudaCalls
 from .plan import ERRORS, CudaPlan, derive
 from .storage import from_storage, round_to, storage_dtype, to_storage  # noqa: F401  (re-exported)
-from .train import CUDA_BLOCK
 from .training import CudaTraining
 
 #: nvcc flags of every build (the architecture is added per device).
@@ -244,7 +243,7 @@ class CudaLayer(CudaTraining, CudaCalls):
         scalars = {"batch": np.int32(batch), "params": self._params, **{n: np.uint64(v) for n, v in sizes.items()}}
         args = [scalars[a] if a in scalars else dev[a].gpudata for a in stage.args]
         fn = self._function(fc.kernel(stage.kind), stage.args)
-        fn.prepared_async_call((fc.grid_value(stage.grid, batch, sizes), 1), (CUDA_BLOCK, 1, 1), None, *args)
+        fn.prepared_async_call((fc.grid_value(stage.grid, batch, sizes), 1), fc.block(stage), None, *args)
 
     def _core(self, role: str, names: dict[str, str], dev: dict, batch: int, sizes: dict[str, int]) -> None:
         """The core launcher of ``role`` on the stage buffers (``names``: its argument → the public
