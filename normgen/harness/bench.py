@@ -1121,14 +1121,20 @@ def bench_cuda(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) 
             x_gpu = gpuarray.to_gpu(to_storage(x, layer.dtype))
             fixed = layer.at_sizes(cfg.sizes.get(layer.name, {}))  # what these calls compute
             roles = ["predict"] + (["train_forward"] if layer.kind == "batchnorm" else [])
+            inputs = fused_inputs(layer, x, rng) if layer.fused else {}
             for role in roles:
                 if not _wanted(args, cfg, layer.name, role):
                     continue
                 where = f"{layer.name}.{role} (batch {batch})"
                 nbytes = traffic(fixed, role, batch)
                 progress.step(f"{where}: CUDA kernels vs device copy")
-                cl.time(role, x_gpu, repeat=2, warmup=max(1, args.warmup))
-                t_ours = statistics.median(cl.time(role, x_gpu, repeat=calls, warmup=0) for _ in range(args.repeat))
+                if layer.fused:
+                    # the public launcher's stages and core kernels, on device copies of its inputs
+                    t_ours = events_time(cl.on_device(role, **inputs))
+                else:
+                    cl.time(role, x_gpu, repeat=2, warmup=max(1, args.warmup))
+                    t_ours = statistics.median(cl.time(role, x_gpu, repeat=calls, warmup=0)
+                                               for _ in range(args.repeat))
                 half = nbytes // 2
                 src, dst = drv.mem_alloc(half), drv.mem_alloc(half)
                 t_copy = events_time(lambda src=src, dst=dst, half=half: drv.memcpy_dtod(dst, src, half))
@@ -1138,7 +1144,9 @@ def bench_cuda(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) 
                              "cuda", 0, nbytes, t_ours, nbytes / t_ours / 1e9, t_copy, nbytes / t_copy / 1e9,
                              t_copy / t_ours, samples=args.repeat, ort_note="not compared on cuda",
                              torch_compile_note="not compared on cuda")
-                if have_torch:
+                if layer.fused:
+                    res.torch_note = "fused forms: not compared"
+                elif have_torch:
                     import torch
 
                     progress.step(f"{where}: torch.cuda")
@@ -1154,6 +1162,19 @@ def bench_cuda(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) 
     finally:
         progress.close()
     return report
+
+
+def fused_inputs(layer: Layer, x: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The named inputs of a fused layer's forward launchers (README "Fused forms"): x, and the
+    residual and the modulation's shift and scale ([batch, C]) where it has them."""
+    out = {"x": x}
+    if layer.residual:
+        out["residual"] = rng.standard_normal(x.shape)
+    if layer.modulation != "none":
+        batch = reference.batch_of(layer, x)
+        out["mod_shift"] = 0.1 * rng.standard_normal((batch, layer.channels))
+        out["mod_scale"] = 0.1 * rng.standard_normal((batch, layer.channels))
+    return out
 
 
 def _torch_cuda_time(torch, fn: Callable[[], object], repeat: int, warmup: int, calls: int = 20) -> float:

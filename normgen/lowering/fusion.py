@@ -198,6 +198,7 @@ def lower_fusion(layer: Layer, plan) -> Fusion | None:
         return None
     t = plan.ctype
     act = layer.activation
+    key = t if t in ("float", "double") else plan.acc_type  # CUDA's half types compute in float
     plain_out = act == "none" and layer.modulation == "none"
     dropped = () if plain_out else NEEDS_PLAIN_OUTPUT
     axes = _letter_axes(layer)
@@ -221,14 +222,14 @@ def lower_fusion(layer: Layer, plan) -> Fusion | None:
         param = _row_major([(ax.var, ax.extent) for ax in axes if ax.letter in layer.normalized_letters()])
     else:
         param = c
-    fns = [_fused(f, layer, plan, dropped) for f in [*plan.functions, *plan.train.functions]]
+    fns = [fused_function(f, layer, plan, dropped) for f in [*plan.functions, *plan.train.functions]]
     return Fusion(
         residual=layer.residual, residual_out=layer.residual_out, activation=act, modulation=layer.modulation,
         act_in_core=act != "none" and layer.modulation == "none",
         wrapped=tuple(r for r in WRAPPED if r not in dropped), dropped=dropped,
         functions=[f for f in fns if f is not None],
-        act=[line.format(exp=f"{plan.name}_expf") for line in ACTIVATIONS[act][t]] if act != "none" else [],
-        expf=EXPF if act != "none" and any("{exp}" in line for line in ACTIVATIONS[act][t]) else [],
+        act=[line.format(exp=f"{plan.name}_expf") for line in ACTIVATIONS[act][key]] if act != "none" else [],
+        expf=EXPF if act != "none" and any("{exp}" in line for line in ACTIVATIONS[act][key]) else [],
         act_grad=ACTIVATIONS[act]["grad"] if act != "none" else [],
         total=plan.elements.expr(),
         mod_loops=[Loop(ax.var, "0", ax.extent.expr()) for ax in axes], mod_offset=_offset(axes),
@@ -240,7 +241,7 @@ def lower_fusion(layer: Layer, plan) -> Fusion | None:
     )
 
 
-def _fused(f: Function, layer: Layer, plan, dropped: tuple[str, ...]) -> FusedFunction | None:
+def fused_function(f: Function, layer: Layer, plan, dropped: tuple[str, ...]) -> FusedFunction | None:
     """The public function wrapping core function ``f`` (None: a role the layer does not have,
     or ``f`` itself where it is not wrapped)."""
     if f.role in dropped:

@@ -50,6 +50,14 @@ class NamedCalls:
     values)`` (the call, given each argument's NumPy array or integer, outputs filled in place) and
     the attributes every bench has (layer, plan, dtype, running_mean/var, _lead, _input)."""
 
+    #: Arguments the target's ``_invoke`` passes itself (the CUDA workspace and stream): ``run``
+    #: leaves them out of ``values``.
+    SUPPLIED: tuple[str, ...] = ()
+
+    def _host_dtype(self, a: Argument) -> np.dtype:
+        """The NumPy dtype of argument ``a``'s array on the bench (saved statistics: float64)."""
+        return np.dtype(np.float64 if a.name in SAVED else self.dtype)
+
     def public(self, role: str):
         for f in self.plan.public_functions:
             if f.role == role:
@@ -60,6 +68,14 @@ class NamedCalls:
     def run(self, role: str, **arrays: np.ndarray) -> dict[str, np.ndarray]:
         """Call the layer's public function ``role`` with the named input arrays; returns its
         outputs by name (running statistics are updated on the bench, as train_forward does)."""
+        f, values, outputs = self.arguments(role, **arrays)
+        self._invoke(f, values)
+        outputs.update({a.name: np.array(getattr(self, a.name)) for a in argument_kinds(f.args) if a.name in RUNNING})
+        return outputs
+
+    def arguments(self, role: str, **arrays: np.ndarray) -> tuple[object, dict, dict[str, np.ndarray]]:
+        """(the public function ``role``, every argument's value by name, the output arrays by
+        name) for a call with the named input arrays, checked."""
         f = self.public(role)
         args = argument_kinds(f.args)
         first = next((a.name for a in args if a.name in X_SHAPED and a.const), None)
@@ -74,13 +90,15 @@ class NamedCalls:
         values: dict[str, object] = {}
         outputs: dict[str, np.ndarray] = {}
         for a in args:
+            if a.name in self.SUPPLIED:
+                continue
             if not a.pointer:
                 values[a.name] = batch if a.name == "batch" else sizes[a.name]
                 continue
             if a.name == "params":
                 values[a.name] = self.params
                 continue
-            dtype = np.float64 if a.name in SAVED else self.dtype
+            dtype = self._host_dtype(a)
             count = self._count(a.name, x, batch, dims)
             if a.name in RUNNING:
                 values[a.name] = getattr(self, a.name)
@@ -96,9 +114,7 @@ class NamedCalls:
             else:
                 arr = np.empty(x.shape if a.name in X_SHAPED else count, dtype=dtype)
                 values[a.name] = outputs[a.name] = arr
-        self._invoke(f, values)
-        outputs.update({a.name: np.array(getattr(self, a.name)) for a in args if a.name in RUNNING})
-        return outputs
+        return f, values, outputs
 
     def _count(self, name: str, x: np.ndarray, batch: int, dims) -> int:
         if name in X_SHAPED:

@@ -12,6 +12,7 @@ from ..errors import NormgenError
 from ..lowering import lower
 from ..lowering.plan import Plan
 from .c.sweep import sweep_of
+from .cuda.fused import fused_cuda
 from .cuda.plan import derive
 from .cuda.sync import lower_sync_cuda
 from .cuda.train import lower_train_cuda
@@ -59,9 +60,13 @@ FILES["mex"] = FILES["c"] + (("{name}_mex.c", "mex/gateway.c.j2"), ("{name}_mex.
 #: What each target adds to the plan before its templates see it (its plan extension), by name.
 EXTENSIONS = {
     "c": lambda plan: {"sweep_plan": sweep_of(plan)},
-    "cuda": lambda plan: {"cp": derive(plan), "tc": lower_train_cuda(plan), "sc": lower_sync_cuda(plan)},
+    "cuda": lambda plan: _cuda(derive(plan), lower_train_cuda(plan), lower_sync_cuda(plan)),
 }
 EXTENSIONS["mex"] = lambda plan: {**EXTENSIONS["c"](plan), "mex": mex_plan(plan)}
+
+
+def _cuda(cp, tc, sc) -> dict:
+    return {"cp": cp, "tc": tc, "sc": sc, "fc": fused_cuda(cp.plan, cp, tc)}
 
 
 def render(plan: Plan, target: str) -> dict[str, str]:

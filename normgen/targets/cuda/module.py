@@ -24,6 +24,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,9 @@ from ...description.layers import Layer
 from ...errors import NormgenError
 from ...lowering import lower
 from ..cache import cache_dir, key
+from ..calls import argument_kinds
 from ..render import emit
+from .calls import CudaCalls
 from .plan import ERRORS, CudaPlan, derive
 from .storage import from_storage, round_to, storage_dtype, to_storage  # noqa: F401  (re-exported)
 from .training import CudaTraining
@@ -119,11 +122,13 @@ def _is_gpuarray(x) -> bool:
     return hasattr(x, "gpudata") and hasattr(x, "shape")
 
 
-class CudaLayer(CudaTraining):
+class CudaLayer(CudaTraining, CudaCalls):
     """A layer compiled for the CUDA target, its kernels called through pycuda.
 
     ``workspace=True`` (the default) runs what the ``_ws`` launchers run (split reductions when
-    there are few statistics); ``workspace=False`` what the plain launchers run.
+    there are few statistics); ``workspace=False`` what the plain launchers run. A fused layer's
+    public launchers (README "Fused forms") run by name: ``run(role, **arrays)`` (NamedCalls), each
+    stage kernel and core launch as the generated launcher queues them.
     """
 
     ERRORS = ERRORS
@@ -192,6 +197,71 @@ class CudaLayer(CudaTraining):
             return {k: v.copy() for k, v in self.layer.parameter_arrays().items()}
         return {k: v.copy() for k, v in self._param_values.items()}
 
+    @property
+    def params(self):
+        """The device ``NAME_params`` struct (run-time parameters), or None."""
+        return self._params
+
+    # ---- calls by name (NamedCalls): a public launcher's stages and cores --------------------------
+    def _invoke(self, f, values: dict) -> None:
+        """Run public launcher ``f`` on device copies of ``values`` (NumPy arrays by argument name,
+        and the batch and sizes); its outputs are copied back into those arrays."""
+        queue, dev, kinds = self._queued(f, values)
+        queue()
+        self._drv.Context.synchronize()
+        for n, a in kinds.items():
+            if a.output:
+                host = values[n]
+                host[...] = self.from_device_values(a, dev[n].get()).reshape(host.shape)
+
+    def _queued(self, f, values: dict):
+        """(a function queueing launcher ``f``'s stages and cores on the default stream, the device
+        copies of its arrays by name, their arguments by name)."""
+        batch = int(values["batch"])
+        sizes = {n: int(values[n]) for n in self.plan.sizes}
+        kinds = {a.name: a for a in argument_kinds(f.args) if a.pointer and a.name in values and a.name != "params"}
+        dev = {n: self._gpuarray.to_gpu(self.to_device_values(a, values[n])) for n, a in kinds.items()}
+
+        def queue() -> None:
+            for stage in self.stages_of(f):
+                if stage.launches:
+                    self._stage(stage, dev, batch, sizes)
+                else:
+                    self._core(f.role, self.core_arguments(stage, f), dev, batch, sizes)
+
+        return queue, dev, kinds
+
+    def on_device(self, role: str, **arrays: np.ndarray) -> Callable[[], None]:
+        """Public launcher ``role`` on device copies of the named ``arrays`` (copied once): each
+        call of the result queues its kernels, nothing copied and nothing synchronized (the
+        bench times it)."""
+        f, values, _ = self.arguments(role, **arrays)
+        return self._queued(f, values)[0]
+
+    def _stage(self, stage, dev: dict, batch: int, sizes: dict[str, int]) -> None:
+        fc = self.fused_cuda
+        scalars = {"batch": np.int32(batch), "params": self._params, **{n: np.uint64(v) for n, v in sizes.items()}}
+        args = [scalars[a] if a in scalars else dev[a].gpudata for a in stage.args]
+        fn = self._function(fc.kernel(stage.kind), stage.args)
+        fn.prepared_async_call((fc.grid_value(stage.grid, batch, sizes), 1), fc.block(stage), None, *args)
+
+    def _core(self, role: str, names: dict[str, str], dev: dict, batch: int, sizes: dict[str, int]) -> None:
+        """The core launcher of ``role`` on the stage buffers (``names``: its argument → the public
+        launcher's buffer)."""
+        if role in ("predict", "train_forward"):
+            kept = getattr(self, "_rm", None), getattr(self, "_rv", None)
+            if role == "train_forward":
+                self._rm, self._rv = dev[names["running_mean"]], dev[names["running_var"]]
+            try:
+                self._launch(role, dev[names["x"]], dev[names["y"]], batch, sizes=sizes)
+            finally:
+                self._rm, self._rv = kept
+            return
+        values = {core: dev[public].gpudata for core, public in names.items() if public in dev}
+        if "workspace" in names:
+            values["workspace"] = self._drv.mem_alloc(max(16, self._tc().workspace_size(batch, sizes)))
+        self._train_launch(role, batch, values, sizes)
+
     # ---- launching -----------------------------------------------------------------------------
     def _function(self, name: str, args: tuple[str, ...]):
         fn = self._functions.get(name)
@@ -238,6 +308,7 @@ class CudaLayer(CudaTraining):
         return batch, self.layer.sizes_of(shape)
 
     def _run(self, role: str, x, out=None):
+        self._require_unfused(role)
         on_gpu = _is_gpuarray(x)
         batch, sizes = self._dims(x)
         if on_gpu:
@@ -288,6 +359,7 @@ class CudaLayer(CudaTraining):
         CUDA events around ``repeat`` back-to-back calls (kernels only: no copies)."""
         if not _is_gpuarray(x_gpu):
             raise NormgenError("time() takes a pycuda GPUArray (copies would be timed otherwise)")
+        self._require_unfused(fn_name)
         batch, sizes = self._dims(x_gpu)
         y_gpu = self._gpuarray.empty_like(x_gpu)
         for _ in range(warmup):

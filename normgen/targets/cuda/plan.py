@@ -39,6 +39,7 @@ like a channel.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -222,10 +223,15 @@ class Launcher:
     doc: str
     workspace: bool  # the _ws variant
     reduces: bool  # runs the reduction kernels (else the affine kernel)
+    static: bool = False  # a fused layer's core (normgen/targets/cuda/fused.py): NAME_<fn>_core
 
     @property
     def signature(self) -> str:
         return f"{self.name}({', '.join(self.args)})"
+
+    @property
+    def linkage(self) -> str:
+        return "static " if self.static else 'extern "C" '
 
 
 @dataclass(frozen=True)
@@ -601,10 +607,18 @@ class CudaPlan:
 
     @property
     def launchers(self) -> list[Launcher]:
+        """The host functions the .cu defines: :attr:`plain_launchers`, those of the roles a fused
+        layer wraps made its static cores (``NAME_<fn>_core``, normgen/targets/cuda/fused.py)."""
+        wrapped = self.plan.fusion.wrapped if self.plan.fusion is not None else ()
+        return [dataclasses.replace(f, name=f"{f.name}_core", static=True) if f.role in wrapped else f
+                for f in self.plain_launchers]
+
+    @property
+    def plain_launchers(self) -> list[Launcher]:
         """Host entry points: every plan function taking a stream, and a ``_ws`` variant (with a
         workspace) of the function that reduces."""
         out = []
-        for f in self.plan.functions:
+        for f in dataclasses.replace(self.plan, core_roles=()).functions:
             reduces = f.role == self.reduce_role
             ptrs = "x, y" + (", running_mean, running_var" if f.role == "train_forward" else "")
             doc = f"{f.doc}\n * {ptrs} are device pointers; the kernels are queued on stream."

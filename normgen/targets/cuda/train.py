@@ -10,10 +10,10 @@ its learnables (``plan.learnables``) select the kernels' sums and arguments here
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ...errors import NormgenError
-from ...lowering.plan import ONE, Extent, Function, Plan, size_local
+from ...lowering.plan import ONE, Extent, Function, Plan, as_core, size_local
 from ...lowering.train import stat_index
 from .plan import param_unit
 
@@ -132,6 +132,9 @@ class TrainCuda:
     param_unit: str = "channel"
     #: the run-time sizes (plan.sizes): kernel and launch arguments after batch, in format order
     sizes: tuple[str, ...] = ()
+    #: the launchers before a fused layer wraps them (``launchers``: its static cores, named
+    #: NAME_<role>_core, and the ones it keeps; normgen/targets/cuda/fused.py)
+    plain: list[Function] = field(default_factory=list)
 
     @property
     def params_type(self) -> str:
@@ -553,6 +556,9 @@ def lower_train_cuda(plan: Plan) -> TrainCuda:
                 [],
             )
         )
+    plain = fns
+    if plan.fusion is not None:
+        fns = [as_core(f) if f.role in plan.fusion.wrapped else f for f in fns if f.role not in plan.fusion.dropped]
     return TrainCuda(
         name=name,
         T=T,
@@ -574,4 +580,5 @@ def lower_train_cuda(plan: Plan) -> TrainCuda:
         centered=plan.centered,
         param_unit=unit,
         sizes=tuple(plan.sizes),
+        plain=plain,
     )

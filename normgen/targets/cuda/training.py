@@ -23,6 +23,14 @@ class CudaTraining(CudaSync, TrainingBench):
     def _tc(self):
         return lower_train_cuda(self.plan)
 
+    def _require_unfused(self, role: str) -> None:
+        """The methods named after a function call its plain kernels: a fused layer's public
+        launcher of ``role`` takes more arguments and runs its stages too (``run``)."""
+        fusion = self.plan.fusion
+        if fusion is not None and (role in fusion.wrapped or role in fusion.dropped):
+            raise NormgenError(f"layer {self.layer.name!r} has fused forms: call run({role!r}, **arrays) with its"
+                               " named inputs")
+
     def _acc_dtype(self) -> np.dtype:
         return np.dtype(np.float64 if self._tc().A == "double" else np.float32)
 
@@ -52,6 +60,7 @@ class CudaTraining(CudaSync, TrainingBench):
 
     def train_forward_save(self, x):
         """(y, saved_mean, saved_invstd); batch norm also updates running_mean/running_var."""
+        self._require_unfused("train_forward_save")
         x_gpu, batch, sizes = self._x(x)
         y_gpu = self._gpuarray.empty_like(x_gpu)
         n = self.saved_count(batch, *sizes.values())
@@ -72,6 +81,7 @@ class CudaTraining(CudaSync, TrainingBench):
 
     def _backward(self, role: str, x, dy, saved=()):
         """(dx, dscale, doffset); a gradient the layer has no parameter for is None."""
+        self._require_unfused(role)
         x_gpu, batch, sizes = self._x(x)
         if np.shape(dy) != np.shape(x):
             raise NormgenError(f"layer {self.layer.name!r}: dy has shape {np.shape(dy)}, x has {np.shape(x)}")
