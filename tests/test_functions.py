@@ -78,8 +78,10 @@ def test_order_and_repeats_do_not_matter():
 @pytest.mark.parametrize("layer, functions, message", [
     (LAYERS["gn"], ["predict", "train_forward"], "this groupnorm layer has no train_forward function"),
     (LAYERS["bn"], ["predcit"], "'predcit' is no function role (did you mean 'predict'?)"),
-    (LAYERS["bn"], ["update"], "this batchnorm layer has no update function"),
-    (LAYERS["lnf"], ["backward"], "this layernorm layer has no backward function"),
+    (LAYERS["bn"], ["update"], "this batchnorm layer has no update function (it updates run-time parameters"),
+    (LAYERS["lnf"], ["backward"], "this layernorm layer has no backward function (an activation or modulation"
+                                  " needs the saved statistics: backward_saved); it has predict, train_forward_save,"
+                                  " backward_saved"),
     (LAYERS["bn"], [], "functions is empty"),
     (LAYERS["bn"], 3, "must be a list of function roles"),
 ])

@@ -36,6 +36,16 @@ AFFINES = ("channel", "element", "none")
 #: and a per-sample modulation y = z * (1 + scale[b, c]) + shift[b, c] (adaLN).
 ACTIVATIONS = ("none", "relu", "silu", "gelu", "gelu_tanh")
 MODULATIONS = ("none", "adaln")
+#: Why a layer may lack a role (Layer.roles).
+_MISSING_ROLE = {
+    "train_forward": " (batchnorm only)",
+    "backward": " (an activation or modulation needs the saved statistics: backward_saved)",
+    "backward_frozen": " (batchnorm only; with an activation or modulation, backward_saved)",
+    "stats_reset": " (batchnorm only)",
+    "accumulate": " (batchnorm only)",
+    "finalize": " (batchnorm only)",
+    "update": " (it updates run-time parameters: param_storage = 'runtime' with a scale or offset)",
+}
 #: The generated functions, by role, in the order they are emitted (which of them a layer has:
 #: :attr:`Layer.roles`; ``functions`` keeps some of them).
 ROLES = ("predict", "train_forward", "train_forward_save", "backward", "backward_saved", "backward_frozen",
@@ -461,7 +471,7 @@ class Layer:
         for n in names:
             if not isinstance(n, str) or n not in have:
                 if isinstance(n, str) and n in ROLES:
-                    why = f"this {self.kind} layer has no {n} function"
+                    why = f"this {self.kind} layer has no {n} function" + _MISSING_ROLE.get(n, "")
                 else:
                     close = difflib.get_close_matches(str(n), ROLES, n=1) if isinstance(n, str) else []
                     why = f"{_short(n)} is no function role" + (f" (did you mean {close[0]!r}?)" if close else "")
