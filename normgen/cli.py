@@ -45,7 +45,9 @@ spec files (TOML), one [[layer]] table per layer:
                                # (TrainedMean, TrainedVariance, Scale, Offset; or in a struct)
 
   Also: num_channels ("auto" or a number matching the shape), scale_learn_rate_factor,
-  offset_learn_rate_factor, scale_l2_factor, offset_l2_factor (MATLAB's factors, default 1).
+  offset_learn_rate_factor, scale_l2_factor, offset_l2_factor (MATLAB's factors, default 1),
+  functions (the functions to generate: ["predict"], ["predict", "train_forward"], ...;
+  default every one).
   Letters: S spatial, C channel (exactly one), B batch (at most one), T time (at most one),
   U unspecified. The batch size is a run-time argument of every generated function.
 """
@@ -94,6 +96,8 @@ def cmd_emit(args: argparse.Namespace) -> int:
     from .targets.render import emit
 
     layers = _load(args.spec)
+    if args.functions is not None:
+        layers = [layer.replace(functions=args.functions) for layer in layers]
     files: dict[str, str] = {}
     for layer in layers:
         files.update(emit(layer, args.target))
@@ -355,6 +359,9 @@ def parser() -> argparse.ArgumentParser:
                     " NAME_mex.c with its help NAME_mex.m) for every layer of a spec")
     e.add_argument("--target", choices=TARGETS, default="c")
     e.add_argument("-o", "--output", default="out", help="output folder (default: out)")
+    e.add_argument("--functions", default=None, metavar="ROLE[,ROLE...]",
+                   help="generate only these functions of every layer (and what they need), e.g. predict or"
+                        " predict,train_forward; overrides the spec's functions (default: every one)")
     e.set_defaults(func=cmd_emit)
 
     c = add("check", "compile every layer, run it on random inputs, compare with the NumPy reference"

@@ -36,6 +36,20 @@ AFFINES = ("channel", "element", "none")
 #: and a per-sample modulation y = z * (1 + scale[b, c]) + shift[b, c] (adaLN).
 ACTIVATIONS = ("none", "relu", "silu", "gelu", "gelu_tanh")
 MODULATIONS = ("none", "adaln")
+#: Why a layer may lack a role (Layer.roles).
+_MISSING_ROLE = {
+    "train_forward": " (batchnorm only)",
+    "backward": " (an activation or modulation needs the saved statistics: backward_saved)",
+    "backward_frozen": " (batchnorm only; with an activation or modulation, backward_saved)",
+    "stats_reset": " (batchnorm only)",
+    "accumulate": " (batchnorm only)",
+    "finalize": " (batchnorm only)",
+    "update": " (it updates run-time parameters: param_storage = 'runtime' with a scale or offset)",
+}
+#: The generated functions, by role, in the order they are emitted (which of them a layer has:
+#: :attr:`Layer.roles`; ``functions`` keeps some of them).
+ROLES = ("predict", "train_forward", "train_forward_save", "backward", "backward_saved", "backward_frozen",
+         "stats_reset", "accumulate", "finalize", "update", "sync")
 
 # C99/C11 keywords and C++ keywords (the CUDA target is C++), plus identifiers the
 # generated code itself declares.
@@ -322,6 +336,8 @@ class Layer:
     residual_out: bool = False
     activation: str = "none"
     modulation: str = "none"
+    #: The functions to generate, by role (None: every one the layer has, :attr:`roles`).
+    functions: Sequence[str] | None = None
 
     # Resolved on construction (not arguments).
     fmt: Format = field(init=False, repr=False)
@@ -415,6 +431,54 @@ class Layer:
                 f"layer {self.name!r}: param_storage = 'runtime' passes parameters at run time, but the layer has"
                 " none (affine = 'none'); use 'embedded'"
             )
+        self._resolve_functions()
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The roles of every function this layer has (``functions`` keeps some), in ROLES order:
+        batch norm's train_forward, frozen backward and population statistics; no plain backwards
+        behind an activation or modulation; the update step with run-time parameters to learn."""
+        bn = self.kind == "batchnorm"
+        plain_out = self.activation == "none" and self.modulation == "none"
+        have = {
+            "predict": True,
+            "train_forward": bn,
+            "train_forward_save": True,
+            "backward": plain_out,
+            "backward_saved": True,
+            "backward_frozen": bn and plain_out,
+            "stats_reset": bn,
+            "accumulate": bn,
+            "finalize": bn,
+            "update": self.param_storage == "runtime" and (self.has_scale or self.has_offset),
+            # batch norm's data-parallel functions (NAME_sync_*, README "Data-parallel training")
+            "sync": bn and not self.fused,
+        }
+        return tuple(r for r in ROLES if have[r])
+
+    def _resolve_functions(self) -> None:
+        """``functions``: None, or role names (a list, or one comma-separated string) that the layer has."""
+        if self.functions is None:
+            return
+        where = f"layer {self.name!r}: functions"
+        names = self.functions
+        if isinstance(names, str):
+            names = [n.strip() for n in names.split(",")]
+        if isinstance(names, (bytes, dict)) or not isinstance(names, (Sequence, np.ndarray)):
+            raise NormgenError(f"{where} must be a list of function roles, got {_short(names)}")
+        names = list(names)
+        if not names:
+            raise NormgenError(f"{where} is empty; give at least one of {', '.join(self.roles)}")
+        have = self.roles
+        for n in names:
+            if not isinstance(n, str) or n not in have:
+                if isinstance(n, str) and n in ROLES:
+                    why = f"this {self.kind} layer has no {n} function" + _MISSING_ROLE.get(n, "")
+                else:
+                    close = difflib.get_close_matches(str(n), ROLES, n=1) if isinstance(n, str) else []
+                    why = f"{_short(n)} is no function role" + (f" (did you mean {close[0]!r}?)" if close else "")
+                raise NormgenError(f"{where}: {why}; it has {', '.join(have)}")
+        object.__setattr__(self, "functions", tuple(r for r in have if r in names))
 
     def _resolve_kind(self) -> None:  # overridden per kind
         pass
@@ -599,6 +663,8 @@ class Layer:
         if self.fused:
             items += [("residual", str(self.residual).lower()), ("residual_out", str(self.residual_out).lower()),
                       ("activation", self.activation), ("modulation", self.modulation)]
+        if self.functions is not None:
+            items.append(("functions", ", ".join(self.functions)))
         items += [
             ("param_storage", self.param_storage),
             ("parallel", self.parallel),

@@ -273,6 +273,8 @@ class Plan:
     fusion: Any = None
     #: The roles whose functions are a fused layer's static cores (``NAME_<role>_core``).
     core_roles: tuple[str, ...] = ()
+    #: The roles of the functions generated (the layer's ``functions``); None: every one it has.
+    kept_roles: tuple[str, ...] | None = None
 
     @property
     def size_args(self) -> list[str]:
@@ -467,7 +469,17 @@ class Plan:
                     ["scale", "offset"],
                 )
             )
-        return [as_core(f) if f.role in self.core_roles else f for f in fns]
+        return [as_core(f) if f.role in self.core_roles else f for f in fns if self.keeps(f.role)]
+
+    def keeps(self, role: str) -> bool:
+        """Whether the function of ``role`` is generated (the layer's ``functions``)."""
+        return self.kept_roles is None or role in self.kept_roles
+
+    @property
+    def fold_embedded(self) -> bool:
+        """Batch norm's folded predict constants (NAME_fold_a, NAME_fold_b) are static arrays:
+        embedded parameters, and a predict that reads them."""
+        return self.kind == "batchnorm" and not self.runtime_params and self.keeps("predict")
 
     @property
     def act_fn(self) -> str:
@@ -491,6 +503,12 @@ class Plan:
         return [f for f in self.public_functions if (f.role not in ("predict", "train_forward")) == train]
 
     @property
+    def roles(self) -> tuple[str, ...]:
+        """The roles of the functions generated: the public functions', and "sync" for batch
+        norm's data-parallel group (NAME_sync_*, lowering/sync.py)."""
+        return (*(f.role for f in self.public_functions), *(("sync",) if self.train.sync is not None else ()))
+
+    @property
     def public_functions(self) -> list[Function]:
         """Every function the header declares: the plain ones, or a fused layer's public ones and
         the training functions it does not wrap."""
@@ -502,7 +520,8 @@ class Plan:
     @property
     def _used(self) -> set[str]:
         fused = self.fusion.functions if self.fusion is not None else []
-        return {name for f in self.functions + self.train.functions + fused for name in f.uses}
+        sync = self.train.sync.functions if self.train.sync is not None else []
+        return {name for f in self.functions + self.train.functions + fused + sync for name in f.uses}
 
     @property
     def embedded_params(self) -> dict[str, list[str]]:
@@ -784,6 +803,7 @@ def lower_forward(layer: Layer, target: str = "c") -> Plan:
         format=layer.fmt.letters,
         has_batch=layer.fmt.has_batch,
         semantics=sem,
+        kept_roles=layer.functions,
         sizes=layer.sizes,
         dims=layer.dims,
         constants=constants,

@@ -31,8 +31,8 @@ class TrainPlan:
     stat_count: Extent  # statistics per call (times the batch when B is kept)
     factors: dict[str, str]  # FACTORS → literals in the accumulator type
     stats_type: str  # batch norm's population accumulator struct
-    population: bool  # batch norm: stats_reset/accumulate/finalize and backward_frozen
-    update: bool  # run-time parameters: the SGD-with-momentum step
+    population: bool  # batch norm: stats_reset/accumulate/finalize (some of them), and the stats struct
+    update: bool  # run-time parameters: the SGD-with-momentum step (the layer's ``functions`` keep it)
     min_population: int  # values per channel finalize needs (2 for an unbiased variance)
     #: C: the lanes train_forward_save and accumulate sum a chunk in. The statistics they hand out
     #: (saved, population) are the accumulator type's, so their partial sums are too; backward
@@ -203,14 +203,16 @@ def lower_train(plan: Plan) -> TrainPlan:
                 [],
             )
         )
+    fns = [f for f in fns if plan.keeps(f.role)]
+    kept = {f.role for f in fns}
     return TrainPlan(
         functions=fns,
         stat_index_expr=index,
         stat_count=count,
         factors={f: literal(plan.learn_factors[f], a) for f in FACTORS},
         stats_type=f"{name}_stats",
-        population=bn,
-        update=plan.runtime_params and bool(learn),
+        population=bn and (bool(kept & {"stats_reset", "accumulate", "finalize"}) or plan.keeps("sync")),
+        update="update" in kept,
         min_population=2 if plan.running_unbiased else 1,
         save_lane_type=plan.acc_type,
     )

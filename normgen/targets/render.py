@@ -22,6 +22,8 @@ from .mex import mex_plan
 TARGETS = ("c", "cuda", "mex")
 #: The targets normgen.build compiles and loads (``normgen check``): the mex target's C is the C target's.
 BUILT = ("c", "cuda")
+#: The targets that generate only a layer's ``functions`` where it names some.
+FILTERED = ("c", "mex")
 #: The target whose plan (element types) each target renders from.
 LOWERED_AS = {"c": "c", "cuda": "cuda", "mex": "c"}
 
@@ -81,4 +83,7 @@ def emit(layer: Layer, target: str = "c") -> dict[str, str]:
     if target not in TARGETS:
         raise NormgenError(f"target {target!r} is not one of {', '.join(TARGETS)}")
     check_source_name(layer.name)
+    if layer.functions is not None and target not in FILTERED:
+        raise NormgenError(f"layer {layer.name!r}: functions (only some functions generated) is for the"
+                           f" {' and '.join(FILTERED)} targets, not {target}")
     return render(lower(layer, LOWERED_AS[target]), target)

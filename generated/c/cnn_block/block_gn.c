@@ -278,7 +278,7 @@ int block_gn_predict(const float *x, float *y, int32_t batch)
                         }
                     }
                     for (size_t j = 0; j < 64; ++j) {
-                        lmean[j] = (float)(lane[j] * inv_nc);
+                        lmean[j] = (float)((double)lane[j] * inv_nc);
                     }
                     /* ... then the deviations from that mean and their squares */
                     for (size_t j0 = 0; j0 < 64; j0 += 32) {
@@ -695,7 +695,7 @@ int block_gn_backward(const float *x, const float *dy, float *dx, float *dscale,
                 }
                 const double inv_nc = 1 / nc;
                 for (size_t j = 0; j < 64; ++j) {
-                    lmean[j] = (float)(lane[j] * inv_nc);
+                    lmean[j] = (float)((double)lane[j] * inv_nc);
                     lane[j] = 0;
                     lane2[j] = 0;
                 }

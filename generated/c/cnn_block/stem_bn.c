@@ -347,8 +347,8 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                 }
                 double s1 = 0, s2 = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    s1 += lane[l];
-                    s2 += lane2[l];
+                    s1 += (double)lane[l];
+                    s2 += (double)lane2[l];
                 }
                 double shift = (double)K;
                 if (!(s1 * s1 <= 0.5 * nc * s2)) {
@@ -374,7 +374,7 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                     }
                     double sum = 0;
                     for (size_t l = 0; l < 32; ++l) {
-                        sum += lane[l];
+                        sum += (double)lane[l];
                         lane[l] = 0;
                         lane2[l] = 0;
                     }
@@ -401,8 +401,8 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                     s1 = 0;
                     s2 = 0;
                     for (size_t l = 0; l < 32; ++l) {
-                        s1 += lane[l];
-                        s2 += lane2[l];
+                        s1 += (double)lane[l];
+                        s2 += (double)lane2[l];
                     }
                     shift = (double)m;
                 }
@@ -481,8 +481,8 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                         }
                         double s1 = 0, s2 = 0;
                         for (size_t l = 0; l < 32; ++l) {
-                            s1 += lane[l];
-                            s2 += lane2[l];
+                            s1 += (double)lane[l];
+                            s2 += (double)lane2[l];
                         }
                         double shift = (double)K;
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
@@ -508,7 +508,7 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                             }
                             double sum = 0;
                             for (size_t l = 0; l < 32; ++l) {
-                                sum += lane[l];
+                                sum += (double)lane[l];
                                 lane[l] = 0;
                                 lane2[l] = 0;
                             }
@@ -535,8 +535,8 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                             s1 = 0;
                             s2 = 0;
                             for (size_t l = 0; l < 32; ++l) {
-                                s1 += lane[l];
-                                s2 += lane2[l];
+                                s1 += (double)lane[l];
+                                s2 += (double)lane2[l];
                             }
                             shift = (double)m;
                         }
@@ -617,8 +617,8 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                         }
                         double s1 = 0, s2 = 0;
                         for (size_t l = 0; l < 32; ++l) {
-                            s1 += lane[l];
-                            s2 += lane2[l];
+                            s1 += (double)lane[l];
+                            s2 += (double)lane2[l];
                         }
                         double shift = (double)K;
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
@@ -644,7 +644,7 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                             }
                             double sum = 0;
                             for (size_t l = 0; l < 32; ++l) {
-                                sum += lane[l];
+                                sum += (double)lane[l];
                                 lane[l] = 0;
                                 lane2[l] = 0;
                             }
@@ -671,8 +671,8 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                             s1 = 0;
                             s2 = 0;
                             for (size_t l = 0; l < 32; ++l) {
-                                s1 += lane[l];
-                                s2 += lane2[l];
+                                s1 += (double)lane[l];
+                                s2 += (double)lane2[l];
                             }
                             shift = (double)m;
                         }
@@ -1261,7 +1261,7 @@ int stem_bn_backward(const float *x, const float *dy, float *dx, float *dscale, 
                 }
                 double sum = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    sum += lane[l];
+                    sum += (double)lane[l];
                     lane[l] = 0;
                     lane2[l] = 0;
                 }
@@ -1334,8 +1334,8 @@ int stem_bn_backward(const float *x, const float *dy, float *dx, float *dscale, 
                 const double total = n + nc;
                 double s1 = 0, s2 = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    s1 += lane[l];
-                    s2 += lane2[l];
+                    s1 += (double)lane[l];
+                    s2 += (double)lane2[l];
                 }
                 const double cm2 = s2 - s1 * s1 / nc;
                 const double delta = ((double)m + s1 / nc) - mean[0];

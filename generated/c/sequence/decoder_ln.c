@@ -282,8 +282,8 @@ int decoder_ln_predict(const float *x, float *y, int32_t batch)
                 }
                 double s1 = 0, s2 = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    s1 += lane[l];
-                    s2 += lane2[l];
+                    s1 += (double)lane[l];
+                    s2 += (double)lane2[l];
                 }
                 double shift = (double)K;
                 if (!(s1 * s1 <= 0.5 * nc * s2)) {
@@ -309,7 +309,7 @@ int decoder_ln_predict(const float *x, float *y, int32_t batch)
                     }
                     double sum = 0;
                     for (size_t l = 0; l < 32; ++l) {
-                        sum += lane[l];
+                        sum += (double)lane[l];
                         lane[l] = 0;
                         lane2[l] = 0;
                     }
@@ -336,8 +336,8 @@ int decoder_ln_predict(const float *x, float *y, int32_t batch)
                     s1 = 0;
                     s2 = 0;
                     for (size_t l = 0; l < 32; ++l) {
-                        s1 += lane[l];
-                        s2 += lane2[l];
+                        s1 += (double)lane[l];
+                        s2 += (double)lane2[l];
                     }
                     shift = (double)m;
                 }
@@ -412,8 +412,8 @@ int decoder_ln_predict(const float *x, float *y, int32_t batch)
                         }
                         double s1 = 0, s2 = 0;
                         for (size_t l = 0; l < 32; ++l) {
-                            s1 += lane[l];
-                            s2 += lane2[l];
+                            s1 += (double)lane[l];
+                            s2 += (double)lane2[l];
                         }
                         double shift = (double)K;
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
@@ -439,7 +439,7 @@ int decoder_ln_predict(const float *x, float *y, int32_t batch)
                             }
                             double sum = 0;
                             for (size_t l = 0; l < 32; ++l) {
-                                sum += lane[l];
+                                sum += (double)lane[l];
                                 lane[l] = 0;
                                 lane2[l] = 0;
                             }
@@ -466,8 +466,8 @@ int decoder_ln_predict(const float *x, float *y, int32_t batch)
                             s1 = 0;
                             s2 = 0;
                             for (size_t l = 0; l < 32; ++l) {
-                                s1 += lane[l];
-                                s2 += lane2[l];
+                                s1 += (double)lane[l];
+                                s2 += (double)lane2[l];
                             }
                             shift = (double)m;
                         }
@@ -544,8 +544,8 @@ int decoder_ln_predict(const float *x, float *y, int32_t batch)
                         }
                         double s1 = 0, s2 = 0;
                         for (size_t l = 0; l < 32; ++l) {
-                            s1 += lane[l];
-                            s2 += lane2[l];
+                            s1 += (double)lane[l];
+                            s2 += (double)lane2[l];
                         }
                         double shift = (double)K;
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
@@ -571,7 +571,7 @@ int decoder_ln_predict(const float *x, float *y, int32_t batch)
                             }
                             double sum = 0;
                             for (size_t l = 0; l < 32; ++l) {
-                                sum += lane[l];
+                                sum += (double)lane[l];
                                 lane[l] = 0;
                                 lane2[l] = 0;
                             }
@@ -598,8 +598,8 @@ int decoder_ln_predict(const float *x, float *y, int32_t batch)
                             s1 = 0;
                             s2 = 0;
                             for (size_t l = 0; l < 32; ++l) {
-                                s1 += lane[l];
-                                s2 += lane2[l];
+                                s1 += (double)lane[l];
+                                s2 += (double)lane2[l];
                             }
                             shift = (double)m;
                         }
@@ -1172,7 +1172,7 @@ int decoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
                 }
                 double sum = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    sum += lane[l];
+                    sum += (double)lane[l];
                     lane[l] = 0;
                     lane2[l] = 0;
                 }
@@ -1239,8 +1239,8 @@ int decoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
                 const double total = n + nc;
                 double s1 = 0, s2 = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    s1 += lane[l];
-                    s2 += lane2[l];
+                    s1 += (double)lane[l];
+                    s2 += (double)lane2[l];
                 }
                 const double cm2 = s2 - s1 * s1 / nc;
                 const double delta = ((double)m + s1 / nc) - mean[0];

@@ -324,8 +324,8 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
                 }
                 double s1 = 0, s2 = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    s1 += lane[l];
-                    s2 += lane2[l];
+                    s1 += (double)lane[l];
+                    s2 += (double)lane2[l];
                 }
                 double shift = (double)K;
                 if (!(s1 * s1 <= 0.5 * nc * s2)) {
@@ -351,7 +351,7 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
                     }
                     double sum = 0;
                     for (size_t l = 0; l < 32; ++l) {
-                        sum += lane[l];
+                        sum += (double)lane[l];
                         lane[l] = 0;
                         lane2[l] = 0;
                     }
@@ -378,8 +378,8 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
                     s1 = 0;
                     s2 = 0;
                     for (size_t l = 0; l < 32; ++l) {
-                        s1 += lane[l];
-                        s2 += lane2[l];
+                        s1 += (double)lane[l];
+                        s2 += (double)lane2[l];
                     }
                     shift = (double)m;
                 }
@@ -454,8 +454,8 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
                         }
                         double s1 = 0, s2 = 0;
                         for (size_t l = 0; l < 32; ++l) {
-                            s1 += lane[l];
-                            s2 += lane2[l];
+                            s1 += (double)lane[l];
+                            s2 += (double)lane2[l];
                         }
                         double shift = (double)K;
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
@@ -481,7 +481,7 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
                             }
                             double sum = 0;
                             for (size_t l = 0; l < 32; ++l) {
-                                sum += lane[l];
+                                sum += (double)lane[l];
                                 lane[l] = 0;
                                 lane2[l] = 0;
                             }
@@ -508,8 +508,8 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
                             s1 = 0;
                             s2 = 0;
                             for (size_t l = 0; l < 32; ++l) {
-                                s1 += lane[l];
-                                s2 += lane2[l];
+                                s1 += (double)lane[l];
+                                s2 += (double)lane2[l];
                             }
                             shift = (double)m;
                         }
@@ -586,8 +586,8 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
                         }
                         double s1 = 0, s2 = 0;
                         for (size_t l = 0; l < 32; ++l) {
-                            s1 += lane[l];
-                            s2 += lane2[l];
+                            s1 += (double)lane[l];
+                            s2 += (double)lane2[l];
                         }
                         double shift = (double)K;
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
@@ -613,7 +613,7 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
                             }
                             double sum = 0;
                             for (size_t l = 0; l < 32; ++l) {
-                                sum += lane[l];
+                                sum += (double)lane[l];
                                 lane[l] = 0;
                                 lane2[l] = 0;
                             }
@@ -640,8 +640,8 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
                             s1 = 0;
                             s2 = 0;
                             for (size_t l = 0; l < 32; ++l) {
-                                s1 += lane[l];
-                                s2 += lane2[l];
+                                s1 += (double)lane[l];
+                                s2 += (double)lane2[l];
                             }
                             shift = (double)m;
                         }
@@ -1214,7 +1214,7 @@ int encoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
                 }
                 double sum = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    sum += lane[l];
+                    sum += (double)lane[l];
                     lane[l] = 0;
                     lane2[l] = 0;
                 }
@@ -1281,8 +1281,8 @@ int encoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
                 const double total = n + nc;
                 double s1 = 0, s2 = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    s1 += lane[l];
-                    s2 += lane2[l];
+                    s1 += (double)lane[l];
+                    s2 += (double)lane2[l];
                 }
                 const double cm2 = s2 - s1 * s1 / nc;
                 const double delta = ((double)m + s1 / nc) - mean[0];

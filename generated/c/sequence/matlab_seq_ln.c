@@ -271,8 +271,8 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
                 }
                 double s1 = 0, s2 = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    s1 += lane[l];
-                    s2 += lane2[l];
+                    s1 += (double)lane[l];
+                    s2 += (double)lane2[l];
                 }
                 double shift = (double)K;
                 if (!(s1 * s1 <= 0.5 * nc * s2)) {
@@ -298,7 +298,7 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
                     }
                     double sum = 0;
                     for (size_t l = 0; l < 32; ++l) {
-                        sum += lane[l];
+                        sum += (double)lane[l];
                         lane[l] = 0;
                         lane2[l] = 0;
                     }
@@ -325,8 +325,8 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
                     s1 = 0;
                     s2 = 0;
                     for (size_t l = 0; l < 32; ++l) {
-                        s1 += lane[l];
-                        s2 += lane2[l];
+                        s1 += (double)lane[l];
+                        s2 += (double)lane2[l];
                     }
                     shift = (double)m;
                 }
@@ -401,8 +401,8 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
                         }
                         double s1 = 0, s2 = 0;
                         for (size_t l = 0; l < 32; ++l) {
-                            s1 += lane[l];
-                            s2 += lane2[l];
+                            s1 += (double)lane[l];
+                            s2 += (double)lane2[l];
                         }
                         double shift = (double)K;
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
@@ -428,7 +428,7 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
                             }
                             double sum = 0;
                             for (size_t l = 0; l < 32; ++l) {
-                                sum += lane[l];
+                                sum += (double)lane[l];
                                 lane[l] = 0;
                                 lane2[l] = 0;
                             }
@@ -455,8 +455,8 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
                             s1 = 0;
                             s2 = 0;
                             for (size_t l = 0; l < 32; ++l) {
-                                s1 += lane[l];
-                                s2 += lane2[l];
+                                s1 += (double)lane[l];
+                                s2 += (double)lane2[l];
                             }
                             shift = (double)m;
                         }
@@ -533,8 +533,8 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
                         }
                         double s1 = 0, s2 = 0;
                         for (size_t l = 0; l < 32; ++l) {
-                            s1 += lane[l];
-                            s2 += lane2[l];
+                            s1 += (double)lane[l];
+                            s2 += (double)lane2[l];
                         }
                         double shift = (double)K;
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
@@ -560,7 +560,7 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
                             }
                             double sum = 0;
                             for (size_t l = 0; l < 32; ++l) {
-                                sum += lane[l];
+                                sum += (double)lane[l];
                                 lane[l] = 0;
                                 lane2[l] = 0;
                             }
@@ -587,8 +587,8 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
                             s1 = 0;
                             s2 = 0;
                             for (size_t l = 0; l < 32; ++l) {
-                                s1 += lane[l];
-                                s2 += lane2[l];
+                                s1 += (double)lane[l];
+                                s2 += (double)lane2[l];
                             }
                             shift = (double)m;
                         }
@@ -1161,7 +1161,7 @@ int matlab_seq_ln_backward(const float *x, const float *dy, float *dx, float *ds
                 }
                 double sum = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    sum += lane[l];
+                    sum += (double)lane[l];
                     lane[l] = 0;
                     lane2[l] = 0;
                 }
@@ -1228,8 +1228,8 @@ int matlab_seq_ln_backward(const float *x, const float *dy, float *dx, float *ds
                 const double total = n + nc;
                 double s1 = 0, s2 = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    s1 += lane[l];
-                    s2 += lane2[l];
+                    s1 += (double)lane[l];
+                    s2 += (double)lane2[l];
                 }
                 const double cm2 = s2 - s1 * s1 / nc;
                 const double delta = ((double)m + s1 / nc) - mean[0];

@@ -377,7 +377,7 @@ int bn_nchw_train_forward(const float *x, float *y, int32_t batch, float *runnin
                     }
                 }
                 for (size_t j = 0; j < 48; ++j) {
-                    lmean[j] = (float)(lane[j] * inv_nc);
+                    lmean[j] = (float)((double)lane[j] * inv_nc);
                 }
                 /* ... then the deviations from that mean and their squares */
                 for (size_t j0 = 0; j0 < 32; j0 += 32) {
@@ -892,7 +892,7 @@ int bn_nchw_backward(const float *x, const float *dy, float *dx, float *dscale, 
             }
             const double inv_nc = 1 / nc;
             for (size_t j = 0; j < 48; ++j) {
-                lmean[j] = (float)(lane[j] * inv_nc);
+                lmean[j] = (float)((double)lane[j] * inv_nc);
                 lane[j] = 0;
                 lane2[j] = 0;
             }

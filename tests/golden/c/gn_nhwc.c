@@ -258,7 +258,7 @@ int gn_nhwc_predict(const float *x, float *y, int32_t batch)
                         }
                     }
                     for (size_t j = 0; j < 6; ++j) {
-                        lmean[j] = (float)(lane[j] * inv_nc);
+                        lmean[j] = (float)((double)lane[j] * inv_nc);
                     }
                     /* ... then the deviations from that mean and their squares */
                     {
@@ -631,7 +631,7 @@ int gn_nhwc_backward(const float *x, const float *dy, float *dx, float *dscale, 
                 }
                 const double inv_nc = 1 / nc;
                 for (size_t j = 0; j < 6; ++j) {
-                    lmean[j] = (float)(lane[j] * inv_nc);
+                    lmean[j] = (float)((double)lane[j] * inv_nc);
                     lane[j] = 0;
                     lane2[j] = 0;
                 }

@@ -255,8 +255,8 @@ int ln_element_predict(const float *x, float *y, int32_t batch)
                 }
                 double s1 = 0, s2 = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    s1 += lane[l];
-                    s2 += lane2[l];
+                    s1 += (double)lane[l];
+                    s2 += (double)lane2[l];
                 }
                 double shift = (double)K;
                 if (!(s1 * s1 <= 0.5 * nc * s2)) {
@@ -282,7 +282,7 @@ int ln_element_predict(const float *x, float *y, int32_t batch)
                     }
                     double sum = 0;
                     for (size_t l = 0; l < 32; ++l) {
-                        sum += lane[l];
+                        sum += (double)lane[l];
                         lane[l] = 0;
                         lane2[l] = 0;
                     }
@@ -309,8 +309,8 @@ int ln_element_predict(const float *x, float *y, int32_t batch)
                     s1 = 0;
                     s2 = 0;
                     for (size_t l = 0; l < 32; ++l) {
-                        s1 += lane[l];
-                        s2 += lane2[l];
+                        s1 += (double)lane[l];
+                        s2 += (double)lane2[l];
                     }
                     shift = (double)m;
                 }
@@ -385,8 +385,8 @@ int ln_element_predict(const float *x, float *y, int32_t batch)
                         }
                         double s1 = 0, s2 = 0;
                         for (size_t l = 0; l < 32; ++l) {
-                            s1 += lane[l];
-                            s2 += lane2[l];
+                            s1 += (double)lane[l];
+                            s2 += (double)lane2[l];
                         }
                         double shift = (double)K;
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
@@ -412,7 +412,7 @@ int ln_element_predict(const float *x, float *y, int32_t batch)
                             }
                             double sum = 0;
                             for (size_t l = 0; l < 32; ++l) {
-                                sum += lane[l];
+                                sum += (double)lane[l];
                                 lane[l] = 0;
                                 lane2[l] = 0;
                             }
@@ -439,8 +439,8 @@ int ln_element_predict(const float *x, float *y, int32_t batch)
                             s1 = 0;
                             s2 = 0;
                             for (size_t l = 0; l < 32; ++l) {
-                                s1 += lane[l];
-                                s2 += lane2[l];
+                                s1 += (double)lane[l];
+                                s2 += (double)lane2[l];
                             }
                             shift = (double)m;
                         }
@@ -517,8 +517,8 @@ int ln_element_predict(const float *x, float *y, int32_t batch)
                         }
                         double s1 = 0, s2 = 0;
                         for (size_t l = 0; l < 32; ++l) {
-                            s1 += lane[l];
-                            s2 += lane2[l];
+                            s1 += (double)lane[l];
+                            s2 += (double)lane2[l];
                         }
                         double shift = (double)K;
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
@@ -544,7 +544,7 @@ int ln_element_predict(const float *x, float *y, int32_t batch)
                             }
                             double sum = 0;
                             for (size_t l = 0; l < 32; ++l) {
-                                sum += lane[l];
+                                sum += (double)lane[l];
                                 lane[l] = 0;
                                 lane2[l] = 0;
                             }
@@ -571,8 +571,8 @@ int ln_element_predict(const float *x, float *y, int32_t batch)
                             s1 = 0;
                             s2 = 0;
                             for (size_t l = 0; l < 32; ++l) {
-                                s1 += lane[l];
-                                s2 += lane2[l];
+                                s1 += (double)lane[l];
+                                s2 += (double)lane2[l];
                             }
                             shift = (double)m;
                         }
@@ -1142,7 +1142,7 @@ int ln_element_backward(const float *x, const float *dy, float *dx, float *dscal
                 }
                 double sum = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    sum += lane[l];
+                    sum += (double)lane[l];
                     lane[l] = 0;
                     lane2[l] = 0;
                 }
@@ -1209,8 +1209,8 @@ int ln_element_backward(const float *x, const float *dy, float *dx, float *dscal
                 const double total = n + nc;
                 double s1 = 0, s2 = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    s1 += lane[l];
-                    s2 += lane2[l];
+                    s1 += (double)lane[l];
+                    s2 += (double)lane2[l];
                 }
                 const double cm2 = s2 - s1 * s1 / nc;
                 const double delta = ((double)m + s1 / nc) - mean[0];

@@ -1,0 +1,158 @@
+"""Firmware: predict-only layers of every kind cross-compiled for Cortex-M0, M4F and M7 with
+strict warnings, their stack measured (-fstack-usage), and run bare-metal under QEMU (semihosting),
+their outputs compared with normgen.reference.
+
+Needs the GNU Arm Embedded toolchain with newlib (Debian: gcc-arm-none-eabi,
+libnewlib-arm-none-eabi) and, for the runs, qemu-system-arm; without them these tests skip.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import bn_stats, params
+from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm, emit, reference
+from normgen.harness.check import compare, random_input
+from normgen.lowering import lower
+from normgen.targets.c.build import STRICT_FLAGS
+
+GCC = shutil.which("arm-none-eabi-gcc")
+QEMU = shutil.which("qemu-system-arm")
+HERE = Path(__file__).resolve().parent / "firmware"
+
+#: Each core: its compiler flags and the QEMU board that runs its code (an385 is a Cortex-M3,
+#: which runs the M0's ARMv6-M code).
+CPUS = {
+    "m0": (["-mcpu=cortex-m0", "-mthumb"], "mps2-an385"),
+    "m4f": (["-mcpu=cortex-m4", "-mfpu=fpv4-sp-d16", "-mfloat-abi=hard"], "mps2-an386"),
+    "m7": (["-mcpu=cortex-m7", "-mfpu=fpv5-d16", "-mfloat-abi=hard"], "mps2-an500"),
+}
+#: The warnings firmware projects add; a predict-only file has none of them.
+FIRMWARE_WARNINGS = ["-Wdouble-promotion", "-Wshadow", "-Wconversion", "-Wcast-align", "-Wundef", "-Wvla"]
+#: The stack of a predict function (bytes, -fstack-usage on the M4F) that firmware budgets for.
+PREDICT_STACK = 512
+BATCH = 3
+
+
+def _newlib() -> bool:
+    if GCC is None:
+        return False
+    out = subprocess.run([GCC, "-print-file-name=rdimon.specs"], capture_output=True, text=True).stdout.strip()
+    return Path(out).is_file()
+
+
+pytestmark = pytest.mark.skipif(not _newlib(), reason="no arm-none-eabi-gcc with newlib (gcc-arm-none-eabi,"
+                                " libnewlib-arm-none-eabi)")
+
+
+def layers():
+    """One predict-only float32 layer of every kind, with random parameters."""
+    bc = dict(format="BCSS", shape=[8, 4, 4], functions=["predict"])
+    seq = dict(format="BTC", shape=[6, 16], functions=["predict"])
+    yield BatchNorm(name="fw_bn", **bc, **params(8, 1), **bn_stats(8, 1))
+    yield GroupNorm(name="fw_gn", **bc, num_groups=2, **params(8, 2))
+    yield LayerNorm(name="fw_ln", **seq, **params(16, 3))
+    yield InstanceNorm(name="fw_in", **bc, **params(8, 4))
+    yield RMSNorm(name="fw_rms", **seq, scale=params(16, 5)["scale"])
+
+
+LAYERS = list(layers())
+#: A fused layer (residual, adaLN modulation, GELU), compiled but not run.
+FUSED = LayerNorm(name="fw_lnf", format="BTC", shape=[6, 16], residual=True, activation="gelu",
+                  modulation="adaln", functions=["predict"])
+
+
+def cross_compile(layer, cpu: str, out: Path, warnings: tuple[str, ...] = ()) -> dict[str, tuple[int, str]]:
+    """NAME.c compiled with -Os, the strict flags and ``warnings`` (errors too); each function's stack:
+    {name: (bytes, qualifier)}."""
+    for fname, text in emit(layer).items():
+        (out / fname).write_text(text)
+    obj = out / f"{layer.name}_{cpu}.o"
+    cmd = [GCC, *CPUS[cpu][0], "-Os", *STRICT_FLAGS, *warnings, "-fstack-usage", "-c", str(out / f"{layer.name}.c"), "-o", str(obj)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    stacks = {}
+    for line in obj.with_suffix(".su").read_text().splitlines():
+        where, size, qualifier = line.split("\t")
+        stacks[where.rsplit(":", 1)[-1]] = (int(size), qualifier)
+    return stacks
+
+
+@pytest.mark.parametrize("cpu", sorted(CPUS))
+def test_predict_cross_compiles_free_of_firmware_warnings_with_a_small_stack(cpu, tmp_path):
+    for layer in [*LAYERS, FUSED]:
+        stacks = cross_compile(layer, cpu, tmp_path, tuple(FIRMWARE_WARNINGS))
+        size, qualifier = stacks[f"{layer.name}_predict"]
+        assert qualifier == "static", (layer.name, qualifier)  # no VLA, no alloca: a bound known at build time
+        assert size <= PREDICT_STACK, (layer.name, cpu, size)
+
+
+def test_every_function_has_a_stack_known_at_build_time(tmp_path):
+    """Every function of a layer (M4F): no VLA or alloca. The issue's 1 KiB goal for the training
+    functions is not met yet (README "Firmware" has the figures), so only the bound is checked."""
+    for layer in (LAYERS[0].replace(functions=None), LAYERS[2].replace(functions=None)):
+        stacks = cross_compile(layer, "m4f", tmp_path)
+        plan = lower(layer, "c")
+        sync = plan.train.sync.functions if plan.train.sync is not None else []
+        assert len(stacks) == len(plan.public_functions) + len(sync)
+        for name, (_, qualifier) in stacks.items():
+            assert qualifier == "static", (name, qualifier)
+
+
+def _bits(a: np.ndarray) -> str:
+    words = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).reshape(-1)
+    return ",\n".join(", ".join(f"0x{w:08x}u" for w in words[i:i + 6]) for i in range(0, len(words), 6))
+
+
+def _main(inputs: dict[str, np.ndarray]) -> str:
+    """main.c: each layer's predict on its input (as float bits), y printed as bits."""
+    lines = ["#include <stdint.h>", "#include <stdio.h>", "#include <string.h>"]
+    lines += [f'#include "{layer.name}.h"' for layer in LAYERS]
+    for layer in LAYERS:
+        n = inputs[layer.name].size
+        lines += [f"static const uint32_t {layer.name}_x[{n}] = {{", _bits(inputs[layer.name]), "};",
+                  f"static float {layer.name}_buf[{n}];"]
+    lines += ["", "static void print_bits(const float *y, int n)", "{", "    for (int i = 0; i < n; ++i) {",
+              "        uint32_t b;", "        memcpy(&b, &y[i], sizeof b);", '        printf("%08lx\\n", (unsigned long)b);',
+              "    }", "}", "", "int main(void)", "{"]
+    for layer in LAYERS:
+        n, p = inputs[layer.name].size, layer.name
+        lines += [f"    memcpy({p}_buf, {p}_x, sizeof {p}_buf);",
+                  f'    printf("{p} %d\\n", {p}_predict({p}_buf, {p}_buf, {BATCH}));',
+                  f"    print_bits({p}_buf, {n});"]
+    return "\n".join([*lines, "    return 0;", "}", ""])
+
+
+@pytest.mark.skipif(QEMU is None, reason="qemu-system-arm is not installed")
+@pytest.mark.parametrize("cpu", sorted(CPUS))
+def test_runs_under_qemu_and_matches_the_reference(cpu, tmp_path):
+    """Every kind's predict, in place, bare-metal on the board of the core, through semihosting."""
+    rng = np.random.default_rng(11)
+    inputs = {layer.name: random_input(layer, BATCH, rng).astype(np.float32) for layer in LAYERS}
+    for layer in LAYERS:
+        cross_compile(layer, cpu, tmp_path)
+    (tmp_path / "main.c").write_text(_main(inputs))
+    flags, board = CPUS[cpu]
+    elf = tmp_path / "test.elf"
+    cmd = [GCC, *flags, "-Os", "-std=c99", "-Wall", "-Wextra", "-Werror", "-nostartfiles", "--specs=rdimon.specs",
+           "-T", str(HERE / "link.ld"), str(HERE / "start.c"), str(tmp_path / "main.c"),
+           *(str(tmp_path / f"{layer.name}_{cpu}.o") for layer in LAYERS), "-lm", "-o", str(elf)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    run = subprocess.run([QEMU, "-M", board, "-nographic", "-monitor", "none", "-serial", "none",
+                          "-semihosting-config", "enable=on,target=native", "-kernel", str(elf)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, (run.returncode, run.stdout[-2000:], run.stderr[-2000:])
+    out = iter(run.stdout.splitlines())
+    for layer in LAYERS:
+        assert next(out) == f"{layer.name} 0"
+        x = inputs[layer.name]
+        got = np.array([int(next(out), 16) for _ in range(x.size)], dtype=np.uint32).view(np.float32)
+        result = compare(layer.name, "predict", layer.dtype, BATCH, got.reshape(x.shape), reference.predict(layer, x))
+        assert result.ok, result
+    assert next(out, None) is None
