@@ -615,7 +615,7 @@ def torch_case(layer: Layer, role: str, x: np.ndarray, device: str = "cpu",
     order = [ch for ch in "BC" if ch in letters] + [ch for ch in letters if ch not in "BC"]
     if "B" not in letters:
         order = ["B"] + order
-    op, how = _torch_op(layer, role, v, w, b, eps, F)
+    op, how = _torch_op(layer, role, v, w, b, eps, F, vec)
     if op is None:
         if layer.affine == "element" or getattr(layer, "resolved_dimension", "") == "channel-only":
             # PyTorch's normalized_shape: the normalized dimensions moved to the end, in format order
@@ -645,15 +645,12 @@ def torch_case(layer: Layer, role: str, x: np.ndarray, device: str = "cpu",
     return (lambda: post(op(pre()))), ", ".join(n for n in (note, "composed") if n)
 
 
-def _torch_op(layer: Layer, role: str, v, w, b, eps, F):
+def _torch_op(layer: Layer, role: str, v, w, b, eps, F, vec):
     """(the PyTorch function of the logical tensor, a note); (None, why) where it takes the
-    normalized dimensions last (layer norm, RMSNorm: torch_case does those) or has none."""
+    normalized dimensions last (layer norm, RMSNorm: torch_case does those) or has none.
+    ``vec``: a parameter array as a tensor of the layer's dtype."""
     if layer.kind == "batchnorm":
-        import torch
-
-        dt, device = v.dtype, v.device
-        rm = torch.tensor(np.array(layer.trained_mean_values), device=device).to(dt)
-        rv = torch.tensor(np.array(layer.trained_variance_values), device=device).to(dt)
+        rm, rv = vec(layer.trained_mean_values), vec(layer.trained_variance_values)
         if role == "predict":
             return (lambda t: F.batch_norm(t, rm, rv, w, b, False, 0.0, eps)), ""
         return (lambda t: F.batch_norm(t, rm, rv, w, b, True, layer.mean_decay, eps)), ""

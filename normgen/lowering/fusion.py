@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from ..description.kinds import semantics
 from ..description.layers import Layer
-from .plan import Extent, Function, Loop, as_core
+from .plan import Extent, Function, Loop, as_core, extent_of
 
 #: The roles a fused layer wraps in stages (the others stay as they are: population statistics
 #: take h for a residual layer, the update step takes gradients).
@@ -114,7 +114,7 @@ class FusedFunction(Function):
 
 @dataclass(frozen=True)
 class Axis1:
-    """One format letter as a loop of a stage."""
+    """One format letter as a loop of a stage: its loop variable, extent and row-major stride."""
 
     letter: str
     var: str
@@ -145,6 +145,7 @@ class Fusion:
     stat_index: str  # the dz stage: the saved statistic of the element
     param_index: str  # the dz stage: the element's scale/offset
     bc_count: str  # values of mod_shift/mod_scale: batch * C
+    letters: tuple[Axis1, ...] = ()  # every format letter, memory order (the loops above are built on them)
 
     @property
     def modulated(self) -> bool:
@@ -163,8 +164,7 @@ def _letter_axes(layer: Layer) -> list[Axis1]:
         if ch == "B":
             raw.append((ch, Extent(1, True)))
         else:
-            d = next(dims)
-            raw.append((ch, Extent(1, sizes=(d,)) if isinstance(d, str) else Extent(d)))
+            raw.append((ch, extent_of(next(dims))))
     out: list[Axis1] = []
     stride = Extent(1)
     for k, (ch, ext) in reversed(list(enumerate(raw))):
@@ -237,7 +237,7 @@ def lower_fusion(layer: Layer, plan) -> Fusion | None:
         bc_head=[Loop(ax.var, "0", ax.extent.expr()) for ax in bc_axes if ax.letter in "BC"],
         bc_rest=[Loop(ax.var, "0", ax.extent.expr()) for ax in rest], bc_offset=_offset(bc_axes),
         stat_index=_row_major(kept), param_index=param,
-        bc_count=f"{'nb * ' if 'B' in by else ''}{layer.channels}",
+        bc_count=f"{'nb * ' if 'B' in by else ''}{layer.channels}", letters=tuple(axes),
     )
 
 

@@ -585,7 +585,7 @@ def literal(value: float, ctype: str) -> str:
     return text + ("f" if ctype == "float" else "")
 
 
-def _extent(size: int | str) -> Extent:
+def extent_of(size: int | str) -> Extent:
     """A dimension's size: a number, or the name of a run-time size."""
     return Extent(1, sizes=(size,)) if isinstance(size, str) else Extent(size)
 
@@ -614,7 +614,7 @@ def _axes(layer: Layer) -> list[Axis]:
             raw.append(("G", Extent(g), True, True))
             raw.append(("g", Extent(size // g), False, True))
         else:
-            raw.append((ch, _extent(size), ch not in reduce, ch == "C" and not element))
+            raw.append((ch, extent_of(size), ch not in reduce, ch == "C" and not element))
     # Drop static size-1 dimensions (they do not move the offset) unless they carry the channel.
     raw = [r for r in raw if r[1].dynamic or r[1].static > 1 or r[3]]
     merged: list[list] = []
@@ -648,7 +648,7 @@ def _apply_axes(layer: Layer) -> list[Axis]:
     dims = iter(layer.dims)
     sizes = []
     for ch in letters:
-        sizes.append(Extent(1, True) if ch == "B" else _extent(next(dims)))
+        sizes.append(Extent(1, True) if ch == "B" else extent_of(next(dims)))
     for rng, is_ch in ((range(0, c), False), (range(c, c + 1), True), (range(c + 1, len(letters)), False)):
         ext = ONE
         for i in rng:

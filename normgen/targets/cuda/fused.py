@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...lowering.fusion import ACTIVATIONS, fused_function
+from ...lowering.fusion import ACTIVATIONS, Axis1, fused_function
 from ...lowering.plan import ONE, Extent, Plan, size_local
 from .plan import CudaPlan
 from .train import CUDA_BLOCK, CUDA_ELEM_MAX_BLOCKS, CUDA_MAX_GRID, TrainCuda
@@ -65,15 +65,6 @@ class Stage:
 
 
 @dataclass(frozen=True)
-class Letter:
-    """One format letter: its extent and row-major stride, as C expressions of the kernels."""
-
-    letter: str
-    extent: Extent
-    stride: Extent
-
-
-@dataclass(frozen=True)
 class FusedCuda:
     """The fused forms of one layer for the CUDA templates and the pycuda bench (``fused`` False:
     a plain layer, whose declared launchers are the plain ones)."""
@@ -89,7 +80,7 @@ class FusedCuda:
     act: tuple[str, ...] = ()  # NAME_act's body (acc_t)
     act_grad: tuple[str, ...] = ()  # NAME_act_grad's body (acc_t), where a dz stage needs it
     channels: int = 0
-    letters: tuple[Letter, ...] = ()
+    letters: tuple[Axis1, ...] = ()
     elements: Extent = ONE
     #: the dz stage: lines computing s (saved statistic) and p (scale/offset index) of offset o
     element_index: tuple[str, ...] = ()
@@ -103,7 +94,7 @@ class FusedCuda:
         return self.training if train else self.forward
 
     # ---- (b, c) of an element ---------------------------------------------------------------------
-    def _letter(self, ch: str) -> Letter | None:
+    def _letter(self, ch: str) -> Axis1 | None:
         return next((a for a in self.letters if a.letter == ch), None)
 
     @property
@@ -180,7 +171,7 @@ class FusedCuda:
         return (CUDA_BLOCK, 1, 1)
 
     @property
-    def rest(self) -> list[Letter]:
+    def rest(self) -> list[Axis1]:
         """The letters other than B and C, innermost first (the dz block's element decoding)."""
         return [a for a in reversed(self.letters) if a.letter not in "BC"]
 
@@ -273,26 +264,6 @@ def _op_text(text: str) -> str:
     return f"({text})" if " " in text else text
 
 
-def _extent(stop: str) -> Extent:
-    """A letter's extent from its loop bound in the plan's fusion (``nb``, ``n_NAME`` or a number)."""
-    if stop == "nb":
-        return Extent(1, True)
-    if stop.startswith("n_"):
-        return Extent(1, sizes=(stop[2:],))
-    return Extent(int(stop))
-
-
-def _letters(plan: Plan) -> tuple[Letter, ...]:
-    """Every format letter, memory order, with its extent and row-major stride."""
-    raw = [(ch, _extent(loop.stop)) for ch, loop in zip(plan.format, plan.fusion.mod_loops, strict=True)]
-    out = []
-    stride = ONE
-    for ch, ext in reversed(raw):
-        out.append(Letter(ch, ext, stride))
-        stride = stride * ext
-    return tuple(reversed(out))
-
-
 def _element_index(plan: Plan) -> tuple[str, ...]:
     """s (the saved statistic, row-major over the kept axes) and p (the channel, or the element of
     the normalized dimensions) of element offset o, by mixed radix over the plan's axes."""
@@ -335,7 +306,7 @@ def fused_cuda(plan: Plan, cp: CudaPlan, tc: TrainCuda) -> FusedCuda:
     grad: tuple[str, ...] = ()
     if fusion.activation != "none" and has_dz:
         grad = tuple(fusion.act_grad) if cp.A == "double" else tuple(FLOAT_GRADS[fusion.activation])
-    letters = _letters(plan)
+    letters = plan.fusion.letters
     return FusedCuda(
         plan.name, True, public[:len(forward_plain)], public[len(forward_plain):], functions, cores,
         activation=fusion.activation, modulated=fusion.modulated, act=_act(fusion.activation, cp.A), act_grad=grad,
