@@ -7,7 +7,7 @@ Keys (all but ``name``, ``kind``, a format and ``shape`` optional)::
     mean_decay, variance_decay, running_variance (batchnorm),
     affine ("channel" | "element" | "none"), bias (true | false),
     scale_learn_rate_factor, offset_learn_rate_factor, scale_l2_factor, offset_l2_factor,
-    param_storage, parallel, params,
+    param_storage, parallel, statistics ("double" | "float"), params,
     functions (the functions to generate, by role: ["predict", ...]; default every one)
 
 ``params`` is a .npz path relative to the spec file with arrays ``scale``, ``offset`` and, for
@@ -41,7 +41,7 @@ else:  # pragma: no cover
 COMMON_KEYS = (
     "name", "kind", "format", "matlab_format", "shape", "num_channels", "dtype", "epsilon",
     "scale_learn_rate_factor", "offset_learn_rate_factor", "scale_l2_factor", "offset_l2_factor",
-    "param_storage", "parallel", "params", "affine", "bias",
+    "param_storage", "parallel", "statistics", "params", "affine", "bias",
     "residual", "residual_out", "activation", "modulation", "functions",
 )
 KIND_KEYS = {
