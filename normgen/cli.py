@@ -35,6 +35,7 @@ spec files (TOML), one [[layer]] table per layer:
   running_variance = "unbiased"  # batchnorm: unbiased (PyTorch) | biased
   param_storage = "embedded"   # embedded (static const arrays) | runtime (a params struct)
   parallel = "none"            # none | openmp (C target)
+  statistics = "double"       # float: float32 statistics in float, no double (README "Firmware")
   residual = false             # true: normalize h = x + residual (README "Fused forms")
   residual_out = false         # true: also write h
   activation = "none"          # none | relu | silu | gelu | gelu_tanh, applied to the output

@@ -485,7 +485,7 @@ int block_gn_train_forward_save(const float *x, float *y, int32_t batch, double 
                                 BLOCK_GN_PREFETCH(xr + 1024 + 16);
                             }
                             for (size_t l = 0; l < 32; ++l) {
-                                const double dev = xr[l] - k[l];
+                                const double dev = (double)xr[l] - k[l];
                                 a[l] += dev;
                                 q[l] += dev * dev;
                             }
@@ -514,7 +514,7 @@ int block_gn_train_forward_save(const float *x, float *y, int32_t batch, double 
                                 BLOCK_GN_PREFETCH(xr + 1024 + 16);
                             }
                             for (size_t l = 0; l < 32; ++l) {
-                                a[l] += xr[l];
+                                a[l] += (double)xr[l];
                             }
                         }
                         for (size_t l = 0; l < 32; ++l) {
@@ -541,7 +541,7 @@ int block_gn_train_forward_save(const float *x, float *y, int32_t batch, double 
                         for (size_t i1 = c0; i1 < c1; ++i1) {
                             const float *xr = x + i0 * 12544 + i1 * 64 + j0;
                             for (size_t l = 0; l < 32; ++l) {
-                                const double dev = xr[l] - k[l];
+                                const double dev = (double)xr[l] - k[l];
                                 a[l] += dev;
                                 q[l] += dev * dev;
                             }
@@ -764,8 +764,8 @@ int block_gn_backward(const float *x, const float *dy, float *dx, float *dscale,
                         lane[j] += dev;
                         lane2[j] += dev * dev;
                         const float d = dyr[j];
-                        ga[j] += d;
-                        gb[j] += d * dev;
+                        ga[j] += (double)d;
+                        gb[j] += (double)(d * dev);
                     }
                     if (i1 + 256 < 196) {
                         for (size_t p = 0; p < 64; p += 16) {
@@ -966,8 +966,8 @@ int block_gn_backward_saved(const float *x, const float *dy, const double *saved
                     for (size_t j = 0; j < 64; ++j) {
                         const float dev = xr[j] - lhi[j];
                         const float d = dyr[j];
-                        ga[j] += d;
-                        gb[j] += d * dev;
+                        ga[j] += (double)d;
+                        gb[j] += (double)(d * dev);
                     }
                 }
                 for (size_t j = 0; j < 64; ++j) {

@@ -1308,7 +1308,6 @@ int head_bn_backward(const double *x, const double *dy, double *dx, double *dsca
     for (size_t i1 = 0; i1 < 64; ++i1) {
         {
             double ga[16], gb[16];
-            double da[16], db[16];
             double ca[1], cb[1], ref[1];
             for (size_t j = 0; j < 1; ++j) {
                 ca[j] = 0;
@@ -1369,35 +1368,24 @@ int head_bn_backward(const double *x, const double *dy, double *dx, double *dsca
                 for (size_t l = 0; l < 16; ++l) {
                     ga[l] = 0;
                     gb[l] = 0;
-                    da[l] = 0;
-                    db[l] = 0;
                 }
                 /* deviations from that mean and their squares; dy and dy times the deviations (lanes ga, gb); meanwhile the next chunk is fetched */
                 for (size_t i0 = c0; i0 < c1; ++i0) {
                     const double *xr = x + i0 * 3136 + i1 * 49;
                     const double *dyr = dy + i0 * 3136 + i1 * 49;
                     const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
-                    for (size_t g0 = 0; g0 < blocks_end; g0 += 128) {
-                        const size_t g1 = g0 + 128 < blocks_end ? g0 + 128 : blocks_end;
-                        for (size_t i2 = g0; i2 < g1; i2 += 16) {
-                            if (i0 + 167 < nb) {
-                                HEAD_BN_PREFETCH(xr + i2 + 523712);
-                                HEAD_BN_PREFETCH(xr + i2 + 523712 + 8);
-                            }
-                            for (size_t l = 0; l < 16; ++l) {
-                                const double dev = xr[i2 + l] - m;
-                                lane[l] += dev;
-                                lane2[l] += dev * dev;
-                                const double d = dyr[i2 + l];
-                                ga[l] += d;
-                                gb[l] += d * dev;
-                            }
+                    for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                        if (i0 + 167 < nb) {
+                            HEAD_BN_PREFETCH(xr + i2 + 523712);
+                            HEAD_BN_PREFETCH(xr + i2 + 523712 + 8);
                         }
                         for (size_t l = 0; l < 16; ++l) {
-                            da[l] += ga[l];
-                            db[l] += gb[l];
-                            ga[l] = 0;
-                            gb[l] = 0;
+                            const double dev = xr[i2 + l] - m;
+                            lane[l] += dev;
+                            lane2[l] += dev * dev;
+                            const double d = dyr[i2 + l];
+                            ga[l] += d;
+                            gb[l] += (d * dev);
                         }
                     }
                     {
@@ -1408,20 +1396,14 @@ int head_bn_backward(const double *x, const double *dy, double *dx, double *dsca
                             lane2[l] += dev * dev;
                             const double d = dyr[i2 + l];
                             ga[l] += d;
-                            gb[l] += d * dev;
+                            gb[l] += (d * dev);
                         }
-                    }
-                    for (size_t l = 0; l < 16; ++l) {
-                        da[l] += ga[l];
-                        db[l] += gb[l];
-                        ga[l] = 0;
-                        gb[l] = 0;
                     }
                 }
                 double a = 0, b = 0;
                 for (size_t l = 0; l < 16; ++l) {
-                    a += da[l] + ga[l];
-                    b += db[l] + gb[l];
+                    a += ga[l];
+                    b += gb[l];
                 }
                 ca[0] += a;
                 cb[0] += b + ((double)m - ref[0]) * a;
@@ -1566,7 +1548,6 @@ int head_bn_backward_saved(const double *x, const double *dy, const double *save
                 s2[k] = 0;
             }
             double ga[16], gb[16];
-            double da[16], db[16];
             double ca[1], cb[1], ref[1];
             for (size_t j = 0; j < 1; ++j) {
                 ca[j] = 0;
@@ -1583,28 +1564,17 @@ int head_bn_backward_saved(const double *x, const double *dy, const double *save
                 for (size_t l = 0; l < 16; ++l) {
                     ga[l] = 0;
                     gb[l] = 0;
-                    da[l] = 0;
-                    db[l] = 0;
                 }
                 for (size_t i0 = c0; i0 < c1; ++i0) {
                     const double *xr = x + i0 * 3136 + i1 * 49;
                     const double *dyr = dy + i0 * 3136 + i1 * 49;
                     const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
-                    for (size_t g0 = 0; g0 < blocks_end; g0 += 128) {
-                        const size_t g1 = g0 + 128 < blocks_end ? g0 + 128 : blocks_end;
-                        for (size_t i2 = g0; i2 < g1; i2 += 16) {
-                            for (size_t l = 0; l < 16; ++l) {
-                                const double dev = xr[i2 + l] - mhi[0];
-                                const double d = dyr[i2 + l];
-                                ga[l] += d;
-                                gb[l] += d * dev;
-                            }
-                        }
+                    for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
                         for (size_t l = 0; l < 16; ++l) {
-                            da[l] += ga[l];
-                            db[l] += gb[l];
-                            ga[l] = 0;
-                            gb[l] = 0;
+                            const double dev = xr[i2 + l] - mhi[0];
+                            const double d = dyr[i2 + l];
+                            ga[l] += d;
+                            gb[l] += (d * dev);
                         }
                     }
                     {
@@ -1613,20 +1583,14 @@ int head_bn_backward_saved(const double *x, const double *dy, const double *save
                             const double dev = xr[i2 + l] - mhi[0];
                             const double d = dyr[i2 + l];
                             ga[l] += d;
-                            gb[l] += d * dev;
+                            gb[l] += (d * dev);
                         }
-                    }
-                    for (size_t l = 0; l < 16; ++l) {
-                        da[l] += ga[l];
-                        db[l] += gb[l];
-                        ga[l] = 0;
-                        gb[l] = 0;
                     }
                 }
                 double a = 0, b = 0;
                 for (size_t l = 0; l < 16; ++l) {
-                    a += da[l] + ga[l];
-                    b += db[l] + gb[l];
+                    a += ga[l];
+                    b += gb[l];
                 }
                 ca[0] += a;
                 cb[0] += b;

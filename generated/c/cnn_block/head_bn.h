@@ -56,7 +56,7 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
  * Saved statistics (train_forward_save -> backward_saved) are double: the mean and
  * 1/sqrt(var + epsilon) of each statistic (C), row-major over the kept
  * dimensions in format order; HEAD_BN_SAVED_STATISTICS(batch) of each.
- * Gradients are summed in double; backward keeps 1896 bytes of arrays on the stack
+ * Gradients are summed in double; backward keeps 1640 bytes of arrays on the stack
  * (backward_saved fewer), among them 128 double for the per-channel sums.
  * Aliasing: dx may be x or dy (element for element); dscale, doffset, the saved statistics and
  * the running statistics must not overlap any other argument.

@@ -807,7 +807,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
                     for (size_t q = 0; q < 8; ++q) {
-                        K += x[i1 * 784 + q];
+                        K += (double)x[i1 * 784 + q];
                     }
                     K /= 8;
                     kbase[0] = K; /* the block's base: its means are kept relative to it */
@@ -826,7 +826,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                             STEM_BN_PREFETCH(xr + i2 + 250880 + 16);
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            const double dev = xr[i2 + l] - K;
+                            const double dev = (double)xr[i2 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
@@ -834,7 +834,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                     {
                         const size_t i2 = blocks_end;
                         for (size_t l = 0; l < 784 - i2; ++l) {
-                            const double dev = xr[i2 + l] - K;
+                            const double dev = (double)xr[i2 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
@@ -857,13 +857,13 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                         const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
                         for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
                             for (size_t l = 0; l < 32; ++l) {
-                                lane[l] += xr[i2 + l];
+                                lane[l] += (double)xr[i2 + l];
                             }
                         }
                         {
                             const size_t i2 = blocks_end;
                             for (size_t l = 0; l < 784 - i2; ++l) {
-                                lane[l] += xr[i2 + l];
+                                lane[l] += (double)xr[i2 + l];
                             }
                         }
                     }
@@ -879,7 +879,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                         const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
                         for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
                             for (size_t l = 0; l < 32; ++l) {
-                                const double dev = xr[i2 + l] - m;
+                                const double dev = (double)xr[i2 + l] - m;
                                 lane[l] += dev;
                                 lane2[l] += dev * dev;
                             }
@@ -887,7 +887,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                         {
                             const size_t i2 = blocks_end;
                             for (size_t l = 0; l < 784 - i2; ++l) {
-                                const double dev = xr[i2 + l] - m;
+                                const double dev = (double)xr[i2 + l] - m;
                                 lane[l] += dev;
                                 lane2[l] += dev * dev;
                             }
@@ -955,7 +955,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
                             for (size_t q = 0; q < 8; ++q) {
-                                K += xn[i1 * 784 + q];
+                                K += (double)xn[i1 * 784 + q];
                             }
                             K /= 8;
                             kbase[0] = K; /* the block's base: its means are kept relative to it */
@@ -974,7 +974,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                                     STEM_BN_PREFETCH(xr + i2 + 250880 + 16);
                                 }
                                 for (size_t l = 0; l < 32; ++l) {
-                                    const double dev = xr[i2 + l] - K;
+                                    const double dev = (double)xr[i2 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -982,7 +982,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                             {
                                 const size_t i2 = blocks_end;
                                 for (size_t l = 0; l < 784 - i2; ++l) {
-                                    const double dev = xr[i2 + l] - K;
+                                    const double dev = (double)xr[i2 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -1005,13 +1005,13 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                                 const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
                                 for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
                                     for (size_t l = 0; l < 32; ++l) {
-                                        lane[l] += xr[i2 + l];
+                                        lane[l] += (double)xr[i2 + l];
                                     }
                                 }
                                 {
                                     const size_t i2 = blocks_end;
                                     for (size_t l = 0; l < 784 - i2; ++l) {
-                                        lane[l] += xr[i2 + l];
+                                        lane[l] += (double)xr[i2 + l];
                                     }
                                 }
                             }
@@ -1027,7 +1027,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                                 const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
                                 for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
                                     for (size_t l = 0; l < 32; ++l) {
-                                        const double dev = xr[i2 + l] - m;
+                                        const double dev = (double)xr[i2 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -1035,7 +1035,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                                 {
                                     const size_t i2 = blocks_end;
                                     for (size_t l = 0; l < 784 - i2; ++l) {
-                                        const double dev = xr[i2 + l] - m;
+                                        const double dev = (double)xr[i2 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -1095,7 +1095,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
                             for (size_t q = 0; q < 8; ++q) {
-                                K += xn[i1 * 784 + q];
+                                K += (double)xn[i1 * 784 + q];
                             }
                             K /= 8;
                             kbase[0] = K; /* the block's base: its means are kept relative to it */
@@ -1117,7 +1117,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                                     yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
                                 }
                                 for (size_t l = 0; l < 32; ++l) {
-                                    const double dev = xq[i2 + l] - K;
+                                    const double dev = (double)xq[i2 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -1128,7 +1128,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                                     yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
                                 }
                                 for (size_t l = 0; l < 784 - i2; ++l) {
-                                    const double dev = xq[i2 + l] - K;
+                                    const double dev = (double)xq[i2 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -1151,13 +1151,13 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                                 const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
                                 for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
                                     for (size_t l = 0; l < 32; ++l) {
-                                        lane[l] += xr[i2 + l];
+                                        lane[l] += (double)xr[i2 + l];
                                     }
                                 }
                                 {
                                     const size_t i2 = blocks_end;
                                     for (size_t l = 0; l < 784 - i2; ++l) {
-                                        lane[l] += xr[i2 + l];
+                                        lane[l] += (double)xr[i2 + l];
                                     }
                                 }
                             }
@@ -1173,7 +1173,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                                 const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
                                 for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
                                     for (size_t l = 0; l < 32; ++l) {
-                                        const double dev = xr[i2 + l] - m;
+                                        const double dev = (double)xr[i2 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -1181,7 +1181,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                                 {
                                     const size_t i2 = blocks_end;
                                     for (size_t l = 0; l < 784 - i2; ++l) {
-                                        const double dev = xr[i2 + l] - m;
+                                        const double dev = (double)xr[i2 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -1361,12 +1361,12 @@ int stem_bn_backward(const float *x, const float *dy, float *dx, float *dscale, 
                                 lane2[l] += dev * dev;
                                 const float d = dyr[i2 + l];
                                 ga[l] += d;
-                                gb[l] += d * dev;
+                                gb[l] += (d * dev);
                             }
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            da[l] += ga[l];
-                            db[l] += gb[l];
+                            da[l] += (double)ga[l];
+                            db[l] += (double)gb[l];
                             ga[l] = 0;
                             gb[l] = 0;
                         }
@@ -1379,20 +1379,20 @@ int stem_bn_backward(const float *x, const float *dy, float *dx, float *dscale, 
                             lane2[l] += dev * dev;
                             const float d = dyr[i2 + l];
                             ga[l] += d;
-                            gb[l] += d * dev;
+                            gb[l] += (d * dev);
                         }
                     }
                     for (size_t l = 0; l < 32; ++l) {
-                        da[l] += ga[l];
-                        db[l] += gb[l];
+                        da[l] += (double)ga[l];
+                        db[l] += (double)gb[l];
                         ga[l] = 0;
                         gb[l] = 0;
                     }
                 }
                 double a = 0, b = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    a += da[l] + ga[l];
-                    b += db[l] + gb[l];
+                    a += da[l] + (double)ga[l];
+                    b += db[l] + (double)gb[l];
                 }
                 ca[0] += a;
                 cb[0] += b + ((double)m - ref[0]) * a;
@@ -1568,12 +1568,12 @@ int stem_bn_backward_saved(const float *x, const float *dy, const double *saved_
                                 const float dev = xr[i2 + l] - mhi[0];
                                 const float d = dyr[i2 + l];
                                 ga[l] += d;
-                                gb[l] += d * dev;
+                                gb[l] += (d * dev);
                             }
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            da[l] += ga[l];
-                            db[l] += gb[l];
+                            da[l] += (double)ga[l];
+                            db[l] += (double)gb[l];
                             ga[l] = 0;
                             gb[l] = 0;
                         }
@@ -1584,20 +1584,20 @@ int stem_bn_backward_saved(const float *x, const float *dy, const double *saved_
                             const float dev = xr[i2 + l] - mhi[0];
                             const float d = dyr[i2 + l];
                             ga[l] += d;
-                            gb[l] += d * dev;
+                            gb[l] += (d * dev);
                         }
                     }
                     for (size_t l = 0; l < 32; ++l) {
-                        da[l] += ga[l];
-                        db[l] += gb[l];
+                        da[l] += (double)ga[l];
+                        db[l] += (double)gb[l];
                         ga[l] = 0;
                         gb[l] = 0;
                     }
                 }
                 double a = 0, b = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    a += da[l] + ga[l];
-                    b += db[l] + gb[l];
+                    a += da[l] + (double)ga[l];
+                    b += db[l] + (double)gb[l];
                 }
                 ca[0] += a;
                 cb[0] += b;
@@ -1760,7 +1760,7 @@ int stem_bn_accumulate(stem_bn_stats *acc, const float *x, int32_t batch)
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
                     for (size_t q = 0; q < 8; ++q) {
-                        K += x[i1 * 784 + q];
+                        K += (double)x[i1 * 784 + q];
                     }
                     K /= 8;
                     kbase[0] = K; /* the block's base: its means are kept relative to it */
@@ -1779,7 +1779,7 @@ int stem_bn_accumulate(stem_bn_stats *acc, const float *x, int32_t batch)
                             STEM_BN_PREFETCH(xr + i2 + 250880 + 16);
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            const double dev = xr[i2 + l] - K;
+                            const double dev = (double)xr[i2 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
@@ -1787,7 +1787,7 @@ int stem_bn_accumulate(stem_bn_stats *acc, const float *x, int32_t batch)
                     {
                         const size_t i2 = blocks_end;
                         for (size_t l = 0; l < 784 - i2; ++l) {
-                            const double dev = xr[i2 + l] - K;
+                            const double dev = (double)xr[i2 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
@@ -1810,13 +1810,13 @@ int stem_bn_accumulate(stem_bn_stats *acc, const float *x, int32_t batch)
                         const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
                         for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
                             for (size_t l = 0; l < 32; ++l) {
-                                lane[l] += xr[i2 + l];
+                                lane[l] += (double)xr[i2 + l];
                             }
                         }
                         {
                             const size_t i2 = blocks_end;
                             for (size_t l = 0; l < 784 - i2; ++l) {
-                                lane[l] += xr[i2 + l];
+                                lane[l] += (double)xr[i2 + l];
                             }
                         }
                     }
@@ -1832,7 +1832,7 @@ int stem_bn_accumulate(stem_bn_stats *acc, const float *x, int32_t batch)
                         const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
                         for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
                             for (size_t l = 0; l < 32; ++l) {
-                                const double dev = xr[i2 + l] - m;
+                                const double dev = (double)xr[i2 + l] - m;
                                 lane[l] += dev;
                                 lane2[l] += dev * dev;
                             }
@@ -1840,7 +1840,7 @@ int stem_bn_accumulate(stem_bn_stats *acc, const float *x, int32_t batch)
                         {
                             const size_t i2 = blocks_end;
                             for (size_t l = 0; l < 784 - i2; ++l) {
-                                const double dev = xr[i2 + l] - m;
+                                const double dev = (double)xr[i2 + l] - m;
                                 lane[l] += dev;
                                 lane2[l] += dev * dev;
                             }
@@ -1948,7 +1948,7 @@ int stem_bn_sync_stats(const float *x, stem_bn_stats *local, int32_t batch)
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
                     for (size_t q = 0; q < 8; ++q) {
-                        K += x[i1 * 784 + q];
+                        K += (double)x[i1 * 784 + q];
                     }
                     K /= 8;
                     kbase[0] = K; /* the block's base: its means are kept relative to it */
@@ -1967,7 +1967,7 @@ int stem_bn_sync_stats(const float *x, stem_bn_stats *local, int32_t batch)
                             STEM_BN_PREFETCH(xr + i2 + 250880 + 16);
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            const double dev = xr[i2 + l] - K;
+                            const double dev = (double)xr[i2 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
@@ -1975,7 +1975,7 @@ int stem_bn_sync_stats(const float *x, stem_bn_stats *local, int32_t batch)
                     {
                         const size_t i2 = blocks_end;
                         for (size_t l = 0; l < 784 - i2; ++l) {
-                            const double dev = xr[i2 + l] - K;
+                            const double dev = (double)xr[i2 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
@@ -1998,13 +1998,13 @@ int stem_bn_sync_stats(const float *x, stem_bn_stats *local, int32_t batch)
                         const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
                         for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
                             for (size_t l = 0; l < 32; ++l) {
-                                lane[l] += xr[i2 + l];
+                                lane[l] += (double)xr[i2 + l];
                             }
                         }
                         {
                             const size_t i2 = blocks_end;
                             for (size_t l = 0; l < 784 - i2; ++l) {
-                                lane[l] += xr[i2 + l];
+                                lane[l] += (double)xr[i2 + l];
                             }
                         }
                     }
@@ -2020,7 +2020,7 @@ int stem_bn_sync_stats(const float *x, stem_bn_stats *local, int32_t batch)
                         const size_t blocks_end = 0 + (784 - 0) / 32 * 32;
                         for (size_t i2 = 0; i2 < blocks_end; i2 += 32) {
                             for (size_t l = 0; l < 32; ++l) {
-                                const double dev = xr[i2 + l] - m;
+                                const double dev = (double)xr[i2 + l] - m;
                                 lane[l] += dev;
                                 lane2[l] += dev * dev;
                             }
@@ -2028,7 +2028,7 @@ int stem_bn_sync_stats(const float *x, stem_bn_stats *local, int32_t batch)
                         {
                             const size_t i2 = blocks_end;
                             for (size_t l = 0; l < 784 - i2; ++l) {
-                                const double dev = xr[i2 + l] - m;
+                                const double dev = (double)xr[i2 + l] - m;
                                 lane[l] += dev;
                                 lane2[l] += dev * dev;
                             }

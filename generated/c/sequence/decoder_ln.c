@@ -723,7 +723,7 @@ int decoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
                     for (size_t q = 0; q < 8; ++q) {
-                        K += x[i0 * 128 + q];
+                        K += (double)x[i0 * 128 + q];
                     }
                     K /= 8;
                     kbase[0] = K; /* the block's base: its means are kept relative to it */
@@ -742,7 +742,7 @@ int decoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                             DECODER_LN_PREFETCH(xr + i1 + 8192 + 16);
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            const double dev = xr[i1 + l] - K;
+                            const double dev = (double)xr[i1 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
@@ -750,7 +750,7 @@ int decoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                     {
                         const size_t i1 = blocks_end;
                         for (size_t l = 0; l < c1 - i1; ++l) {
-                            const double dev = xr[i1 + l] - K;
+                            const double dev = (double)xr[i1 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
@@ -773,13 +773,13 @@ int decoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                         const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                         for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                             for (size_t l = 0; l < 32; ++l) {
-                                lane[l] += xr[i1 + l];
+                                lane[l] += (double)xr[i1 + l];
                             }
                         }
                         {
                             const size_t i1 = blocks_end;
                             for (size_t l = 0; l < c1 - i1; ++l) {
-                                lane[l] += xr[i1 + l];
+                                lane[l] += (double)xr[i1 + l];
                             }
                         }
                     }
@@ -795,7 +795,7 @@ int decoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                         const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                         for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                             for (size_t l = 0; l < 32; ++l) {
-                                const double dev = xr[i1 + l] - m;
+                                const double dev = (double)xr[i1 + l] - m;
                                 lane[l] += dev;
                                 lane2[l] += dev * dev;
                             }
@@ -803,7 +803,7 @@ int decoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                         {
                             const size_t i1 = blocks_end;
                             for (size_t l = 0; l < c1 - i1; ++l) {
-                                const double dev = xr[i1 + l] - m;
+                                const double dev = (double)xr[i1 + l] - m;
                                 lane[l] += dev;
                                 lane2[l] += dev * dev;
                             }
@@ -867,7 +867,7 @@ int decoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
                             for (size_t q = 0; q < 8; ++q) {
-                                K += xn[i0 * 128 + q];
+                                K += (double)xn[i0 * 128 + q];
                             }
                             K /= 8;
                             kbase[0] = K; /* the block's base: its means are kept relative to it */
@@ -886,7 +886,7 @@ int decoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                     DECODER_LN_PREFETCH(xr + i1 + 8192 + 16);
                                 }
                                 for (size_t l = 0; l < 32; ++l) {
-                                    const double dev = xr[i1 + l] - K;
+                                    const double dev = (double)xr[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -894,7 +894,7 @@ int decoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                             {
                                 const size_t i1 = blocks_end;
                                 for (size_t l = 0; l < c1 - i1; ++l) {
-                                    const double dev = xr[i1 + l] - K;
+                                    const double dev = (double)xr[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -917,13 +917,13 @@ int decoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                 const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                                 for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                                     for (size_t l = 0; l < 32; ++l) {
-                                        lane[l] += xr[i1 + l];
+                                        lane[l] += (double)xr[i1 + l];
                                     }
                                 }
                                 {
                                     const size_t i1 = blocks_end;
                                     for (size_t l = 0; l < c1 - i1; ++l) {
-                                        lane[l] += xr[i1 + l];
+                                        lane[l] += (double)xr[i1 + l];
                                     }
                                 }
                             }
@@ -939,7 +939,7 @@ int decoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                 const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                                 for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                                     for (size_t l = 0; l < 32; ++l) {
-                                        const double dev = xr[i1 + l] - m;
+                                        const double dev = (double)xr[i1 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -947,7 +947,7 @@ int decoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                 {
                                     const size_t i1 = blocks_end;
                                     for (size_t l = 0; l < c1 - i1; ++l) {
-                                        const double dev = xr[i1 + l] - m;
+                                        const double dev = (double)xr[i1 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -1005,7 +1005,7 @@ int decoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
                             for (size_t q = 0; q < 8; ++q) {
-                                K += xn[i0 * 128 + q];
+                                K += (double)xn[i0 * 128 + q];
                             }
                             K /= 8;
                             kbase[0] = K; /* the block's base: its means are kept relative to it */
@@ -1025,7 +1025,7 @@ int decoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                     yr[i1 + l] = ((xr[i1 + l] - mhi[0]) - mlo[0]) * (rs[0] * scale[(i1 + l)]) + offset[(i1 + l)];
                                 }
                                 for (size_t l = 0; l < 32; ++l) {
-                                    const double dev = xq[i1 + l] - K;
+                                    const double dev = (double)xq[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -1036,7 +1036,7 @@ int decoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                     yr[i1 + l] = ((xr[i1 + l] - mhi[0]) - mlo[0]) * (rs[0] * scale[(i1 + l)]) + offset[(i1 + l)];
                                 }
                                 for (size_t l = 0; l < c1 - i1; ++l) {
-                                    const double dev = xq[i1 + l] - K;
+                                    const double dev = (double)xq[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -1059,13 +1059,13 @@ int decoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                 const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                                 for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                                     for (size_t l = 0; l < 32; ++l) {
-                                        lane[l] += xr[i1 + l];
+                                        lane[l] += (double)xr[i1 + l];
                                     }
                                 }
                                 {
                                     const size_t i1 = blocks_end;
                                     for (size_t l = 0; l < c1 - i1; ++l) {
-                                        lane[l] += xr[i1 + l];
+                                        lane[l] += (double)xr[i1 + l];
                                     }
                                 }
                             }
@@ -1081,7 +1081,7 @@ int decoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                 const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                                 for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                                     for (size_t l = 0; l < 32; ++l) {
-                                        const double dev = xr[i1 + l] - m;
+                                        const double dev = (double)xr[i1 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -1089,7 +1089,7 @@ int decoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                 {
                                     const size_t i1 = blocks_end;
                                     for (size_t l = 0; l < c1 - i1; ++l) {
-                                        const double dev = xr[i1 + l] - m;
+                                        const double dev = (double)xr[i1 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -1272,12 +1272,12 @@ int decoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
                                 lane2[l] += dev * dev;
                                 const float g = dyr[i1 + l] * scale[(i1 + l)];
                                 ga[l] += g;
-                                gb[l] += g * dev;
+                                gb[l] += (g * dev);
                             }
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            da[l] += ga[l];
-                            db[l] += gb[l];
+                            da[l] += (double)ga[l];
+                            db[l] += (double)gb[l];
                             ga[l] = 0;
                             gb[l] = 0;
                         }
@@ -1290,14 +1290,14 @@ int decoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
                             lane2[l] += dev * dev;
                             const float g = dyr[i1 + l] * scale[(i1 + l)];
                             ga[l] += g;
-                            gb[l] += g * dev;
+                            gb[l] += (g * dev);
                         }
                     }
                 }
                 double a = 0, b = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    a += da[l] + ga[l];
-                    b += db[l] + gb[l];
+                    a += da[l] + (double)ga[l];
+                    b += db[l] + (double)gb[l];
                 }
                 ca[0] += a;
                 cb[0] += b + ((double)m - ref[0]) * a;
@@ -1377,8 +1377,8 @@ int decoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
                 }
                 if (++fill == 16) {
                     for (size_t c = 0; c < 128; ++c) {
-                        gscale[c] += fb[c];
-                        goffset[c] += fa[c];
+                        gscale[c] += (double)fb[c];
+                        goffset[c] += (double)fa[c];
                         fa[c] = 0;
                         fb[c] = 0;
                     }
@@ -1388,8 +1388,8 @@ int decoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
         }
     }
     for (size_t c = 0; c < 128; ++c) {
-        gscale[c] += fb[c];
-        goffset[c] += fa[c];
+        gscale[c] += (double)fb[c];
+        goffset[c] += (double)fa[c];
         fa[c] = 0;
         fb[c] = 0;
     }
@@ -1497,12 +1497,12 @@ int decoder_ln_backward_saved(const float *x, const float *dy, const double *sav
                                 const float dev = xr[i1 + l] - mhi[0];
                                 const float g = dyr[i1 + l] * scale[(i1 + l)];
                                 ga[l] += g;
-                                gb[l] += g * dev;
+                                gb[l] += (g * dev);
                             }
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            da[l] += ga[l];
-                            db[l] += gb[l];
+                            da[l] += (double)ga[l];
+                            db[l] += (double)gb[l];
                             ga[l] = 0;
                             gb[l] = 0;
                         }
@@ -1513,14 +1513,14 @@ int decoder_ln_backward_saved(const float *x, const float *dy, const double *sav
                             const float dev = xr[i1 + l] - mhi[0];
                             const float g = dyr[i1 + l] * scale[(i1 + l)];
                             ga[l] += g;
-                            gb[l] += g * dev;
+                            gb[l] += (g * dev);
                         }
                     }
                 }
                 double a = 0, b = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    a += da[l] + ga[l];
-                    b += db[l] + gb[l];
+                    a += da[l] + (double)ga[l];
+                    b += db[l] + (double)gb[l];
                 }
                 ca[0] += a;
                 cb[0] += b;
@@ -1569,8 +1569,8 @@ int decoder_ln_backward_saved(const float *x, const float *dy, const double *sav
                 }
                 if (++fill == 16) {
                     for (size_t c = 0; c < 128; ++c) {
-                        gscale[c] += fb[c];
-                        goffset[c] += fa[c];
+                        gscale[c] += (double)fb[c];
+                        goffset[c] += (double)fa[c];
                         fa[c] = 0;
                         fb[c] = 0;
                     }
@@ -1580,8 +1580,8 @@ int decoder_ln_backward_saved(const float *x, const float *dy, const double *sav
         }
     }
     for (size_t c = 0; c < 128; ++c) {
-        gscale[c] += fb[c];
-        goffset[c] += fa[c];
+        gscale[c] += (double)fb[c];
+        goffset[c] += (double)fa[c];
         fa[c] = 0;
         fb[c] = 0;
     }

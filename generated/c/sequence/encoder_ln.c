@@ -765,7 +765,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
                     for (size_t q = 0; q < 8; ++q) {
-                        K += x[i0 * 256 + q];
+                        K += (double)x[i0 * 256 + q];
                     }
                     K /= 8;
                     kbase[0] = K; /* the block's base: its means are kept relative to it */
@@ -784,7 +784,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                             ENCODER_LN_PREFETCH(xr + i1 + 8192 + 16);
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            const double dev = xr[i1 + l] - K;
+                            const double dev = (double)xr[i1 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
@@ -792,7 +792,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                     {
                         const size_t i1 = blocks_end;
                         for (size_t l = 0; l < c1 - i1; ++l) {
-                            const double dev = xr[i1 + l] - K;
+                            const double dev = (double)xr[i1 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
@@ -815,13 +815,13 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                         const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                         for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                             for (size_t l = 0; l < 32; ++l) {
-                                lane[l] += xr[i1 + l];
+                                lane[l] += (double)xr[i1 + l];
                             }
                         }
                         {
                             const size_t i1 = blocks_end;
                             for (size_t l = 0; l < c1 - i1; ++l) {
-                                lane[l] += xr[i1 + l];
+                                lane[l] += (double)xr[i1 + l];
                             }
                         }
                     }
@@ -837,7 +837,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                         const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                         for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                             for (size_t l = 0; l < 32; ++l) {
-                                const double dev = xr[i1 + l] - m;
+                                const double dev = (double)xr[i1 + l] - m;
                                 lane[l] += dev;
                                 lane2[l] += dev * dev;
                             }
@@ -845,7 +845,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                         {
                             const size_t i1 = blocks_end;
                             for (size_t l = 0; l < c1 - i1; ++l) {
-                                const double dev = xr[i1 + l] - m;
+                                const double dev = (double)xr[i1 + l] - m;
                                 lane[l] += dev;
                                 lane2[l] += dev * dev;
                             }
@@ -909,7 +909,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
                             for (size_t q = 0; q < 8; ++q) {
-                                K += xn[i0 * 256 + q];
+                                K += (double)xn[i0 * 256 + q];
                             }
                             K /= 8;
                             kbase[0] = K; /* the block's base: its means are kept relative to it */
@@ -928,7 +928,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                     ENCODER_LN_PREFETCH(xr + i1 + 8192 + 16);
                                 }
                                 for (size_t l = 0; l < 32; ++l) {
-                                    const double dev = xr[i1 + l] - K;
+                                    const double dev = (double)xr[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -936,7 +936,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                             {
                                 const size_t i1 = blocks_end;
                                 for (size_t l = 0; l < c1 - i1; ++l) {
-                                    const double dev = xr[i1 + l] - K;
+                                    const double dev = (double)xr[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -959,13 +959,13 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                 const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                                 for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                                     for (size_t l = 0; l < 32; ++l) {
-                                        lane[l] += xr[i1 + l];
+                                        lane[l] += (double)xr[i1 + l];
                                     }
                                 }
                                 {
                                     const size_t i1 = blocks_end;
                                     for (size_t l = 0; l < c1 - i1; ++l) {
-                                        lane[l] += xr[i1 + l];
+                                        lane[l] += (double)xr[i1 + l];
                                     }
                                 }
                             }
@@ -981,7 +981,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                 const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                                 for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                                     for (size_t l = 0; l < 32; ++l) {
-                                        const double dev = xr[i1 + l] - m;
+                                        const double dev = (double)xr[i1 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -989,7 +989,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                 {
                                     const size_t i1 = blocks_end;
                                     for (size_t l = 0; l < c1 - i1; ++l) {
-                                        const double dev = xr[i1 + l] - m;
+                                        const double dev = (double)xr[i1 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -1047,7 +1047,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
                             for (size_t q = 0; q < 8; ++q) {
-                                K += xn[i0 * 256 + q];
+                                K += (double)xn[i0 * 256 + q];
                             }
                             K /= 8;
                             kbase[0] = K; /* the block's base: its means are kept relative to it */
@@ -1067,7 +1067,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                     yr[i1 + l] = ((xr[i1 + l] - mhi[0]) - mlo[0]) * (rs[0] * scale[(i1 + l)]) + offset[(i1 + l)];
                                 }
                                 for (size_t l = 0; l < 32; ++l) {
-                                    const double dev = xq[i1 + l] - K;
+                                    const double dev = (double)xq[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -1078,7 +1078,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                     yr[i1 + l] = ((xr[i1 + l] - mhi[0]) - mlo[0]) * (rs[0] * scale[(i1 + l)]) + offset[(i1 + l)];
                                 }
                                 for (size_t l = 0; l < c1 - i1; ++l) {
-                                    const double dev = xq[i1 + l] - K;
+                                    const double dev = (double)xq[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -1101,13 +1101,13 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                 const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                                 for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                                     for (size_t l = 0; l < 32; ++l) {
-                                        lane[l] += xr[i1 + l];
+                                        lane[l] += (double)xr[i1 + l];
                                     }
                                 }
                                 {
                                     const size_t i1 = blocks_end;
                                     for (size_t l = 0; l < c1 - i1; ++l) {
-                                        lane[l] += xr[i1 + l];
+                                        lane[l] += (double)xr[i1 + l];
                                     }
                                 }
                             }
@@ -1123,7 +1123,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                 const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                                 for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                                     for (size_t l = 0; l < 32; ++l) {
-                                        const double dev = xr[i1 + l] - m;
+                                        const double dev = (double)xr[i1 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -1131,7 +1131,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                 {
                                     const size_t i1 = blocks_end;
                                     for (size_t l = 0; l < c1 - i1; ++l) {
-                                        const double dev = xr[i1 + l] - m;
+                                        const double dev = (double)xr[i1 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -1314,12 +1314,12 @@ int encoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
                                 lane2[l] += dev * dev;
                                 const float g = dyr[i1 + l] * scale[(i1 + l)];
                                 ga[l] += g;
-                                gb[l] += g * dev;
+                                gb[l] += (g * dev);
                             }
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            da[l] += ga[l];
-                            db[l] += gb[l];
+                            da[l] += (double)ga[l];
+                            db[l] += (double)gb[l];
                             ga[l] = 0;
                             gb[l] = 0;
                         }
@@ -1332,14 +1332,14 @@ int encoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
                             lane2[l] += dev * dev;
                             const float g = dyr[i1 + l] * scale[(i1 + l)];
                             ga[l] += g;
-                            gb[l] += g * dev;
+                            gb[l] += (g * dev);
                         }
                     }
                 }
                 double a = 0, b = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    a += da[l] + ga[l];
-                    b += db[l] + gb[l];
+                    a += da[l] + (double)ga[l];
+                    b += db[l] + (double)gb[l];
                 }
                 ca[0] += a;
                 cb[0] += b + ((double)m - ref[0]) * a;
@@ -1419,8 +1419,8 @@ int encoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
                 }
                 if (++fill == 16) {
                     for (size_t c = 0; c < 256; ++c) {
-                        gscale[c] += fb[c];
-                        goffset[c] += fa[c];
+                        gscale[c] += (double)fb[c];
+                        goffset[c] += (double)fa[c];
                         fa[c] = 0;
                         fb[c] = 0;
                     }
@@ -1430,8 +1430,8 @@ int encoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
         }
     }
     for (size_t c = 0; c < 256; ++c) {
-        gscale[c] += fb[c];
-        goffset[c] += fa[c];
+        gscale[c] += (double)fb[c];
+        goffset[c] += (double)fa[c];
         fa[c] = 0;
         fb[c] = 0;
     }
@@ -1539,12 +1539,12 @@ int encoder_ln_backward_saved(const float *x, const float *dy, const double *sav
                                 const float dev = xr[i1 + l] - mhi[0];
                                 const float g = dyr[i1 + l] * scale[(i1 + l)];
                                 ga[l] += g;
-                                gb[l] += g * dev;
+                                gb[l] += (g * dev);
                             }
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            da[l] += ga[l];
-                            db[l] += gb[l];
+                            da[l] += (double)ga[l];
+                            db[l] += (double)gb[l];
                             ga[l] = 0;
                             gb[l] = 0;
                         }
@@ -1555,14 +1555,14 @@ int encoder_ln_backward_saved(const float *x, const float *dy, const double *sav
                             const float dev = xr[i1 + l] - mhi[0];
                             const float g = dyr[i1 + l] * scale[(i1 + l)];
                             ga[l] += g;
-                            gb[l] += g * dev;
+                            gb[l] += (g * dev);
                         }
                     }
                 }
                 double a = 0, b = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    a += da[l] + ga[l];
-                    b += db[l] + gb[l];
+                    a += da[l] + (double)ga[l];
+                    b += db[l] + (double)gb[l];
                 }
                 ca[0] += a;
                 cb[0] += b;
@@ -1611,8 +1611,8 @@ int encoder_ln_backward_saved(const float *x, const float *dy, const double *sav
                 }
                 if (++fill == 16) {
                     for (size_t c = 0; c < 256; ++c) {
-                        gscale[c] += fb[c];
-                        goffset[c] += fa[c];
+                        gscale[c] += (double)fb[c];
+                        goffset[c] += (double)fa[c];
                         fa[c] = 0;
                         fb[c] = 0;
                     }
@@ -1622,8 +1622,8 @@ int encoder_ln_backward_saved(const float *x, const float *dy, const double *sav
         }
     }
     for (size_t c = 0; c < 256; ++c) {
-        gscale[c] += fb[c];
-        goffset[c] += fa[c];
+        gscale[c] += (double)fb[c];
+        goffset[c] += (double)fa[c];
         fa[c] = 0;
         fb[c] = 0;
     }

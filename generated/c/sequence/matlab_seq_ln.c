@@ -712,7 +712,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
                     for (size_t q = 0; q < 8; ++q) {
-                        K += x[i0 * 96 + q];
+                        K += (double)x[i0 * 96 + q];
                     }
                     K /= 8;
                     kbase[0] = K; /* the block's base: its means are kept relative to it */
@@ -731,7 +731,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                             MATLAB_SEQ_LN_PREFETCH(xr + i1 + 8192 + 16);
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            const double dev = xr[i1 + l] - K;
+                            const double dev = (double)xr[i1 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
@@ -739,7 +739,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                     {
                         const size_t i1 = blocks_end;
                         for (size_t l = 0; l < c1 - i1; ++l) {
-                            const double dev = xr[i1 + l] - K;
+                            const double dev = (double)xr[i1 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
@@ -762,13 +762,13 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                         const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                         for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                             for (size_t l = 0; l < 32; ++l) {
-                                lane[l] += xr[i1 + l];
+                                lane[l] += (double)xr[i1 + l];
                             }
                         }
                         {
                             const size_t i1 = blocks_end;
                             for (size_t l = 0; l < c1 - i1; ++l) {
-                                lane[l] += xr[i1 + l];
+                                lane[l] += (double)xr[i1 + l];
                             }
                         }
                     }
@@ -784,7 +784,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                         const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                         for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                             for (size_t l = 0; l < 32; ++l) {
-                                const double dev = xr[i1 + l] - m;
+                                const double dev = (double)xr[i1 + l] - m;
                                 lane[l] += dev;
                                 lane2[l] += dev * dev;
                             }
@@ -792,7 +792,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                         {
                             const size_t i1 = blocks_end;
                             for (size_t l = 0; l < c1 - i1; ++l) {
-                                const double dev = xr[i1 + l] - m;
+                                const double dev = (double)xr[i1 + l] - m;
                                 lane[l] += dev;
                                 lane2[l] += dev * dev;
                             }
@@ -856,7 +856,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
                             for (size_t q = 0; q < 8; ++q) {
-                                K += xn[i0 * 96 + q];
+                                K += (double)xn[i0 * 96 + q];
                             }
                             K /= 8;
                             kbase[0] = K; /* the block's base: its means are kept relative to it */
@@ -875,7 +875,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                                     MATLAB_SEQ_LN_PREFETCH(xr + i1 + 8192 + 16);
                                 }
                                 for (size_t l = 0; l < 32; ++l) {
-                                    const double dev = xr[i1 + l] - K;
+                                    const double dev = (double)xr[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -883,7 +883,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                             {
                                 const size_t i1 = blocks_end;
                                 for (size_t l = 0; l < c1 - i1; ++l) {
-                                    const double dev = xr[i1 + l] - K;
+                                    const double dev = (double)xr[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -906,13 +906,13 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                                 const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                                 for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                                     for (size_t l = 0; l < 32; ++l) {
-                                        lane[l] += xr[i1 + l];
+                                        lane[l] += (double)xr[i1 + l];
                                     }
                                 }
                                 {
                                     const size_t i1 = blocks_end;
                                     for (size_t l = 0; l < c1 - i1; ++l) {
-                                        lane[l] += xr[i1 + l];
+                                        lane[l] += (double)xr[i1 + l];
                                     }
                                 }
                             }
@@ -928,7 +928,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                                 const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                                 for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                                     for (size_t l = 0; l < 32; ++l) {
-                                        const double dev = xr[i1 + l] - m;
+                                        const double dev = (double)xr[i1 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -936,7 +936,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                                 {
                                     const size_t i1 = blocks_end;
                                     for (size_t l = 0; l < c1 - i1; ++l) {
-                                        const double dev = xr[i1 + l] - m;
+                                        const double dev = (double)xr[i1 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -994,7 +994,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
                             for (size_t q = 0; q < 8; ++q) {
-                                K += xn[i0 * 96 + q];
+                                K += (double)xn[i0 * 96 + q];
                             }
                             K /= 8;
                             kbase[0] = K; /* the block's base: its means are kept relative to it */
@@ -1014,7 +1014,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                                     yr[i1 + l] = ((xr[i1 + l] - mhi[0]) - mlo[0]) * (rs[0] * scale[(i1 + l)]) + offset[(i1 + l)];
                                 }
                                 for (size_t l = 0; l < 32; ++l) {
-                                    const double dev = xq[i1 + l] - K;
+                                    const double dev = (double)xq[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -1025,7 +1025,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                                     yr[i1 + l] = ((xr[i1 + l] - mhi[0]) - mlo[0]) * (rs[0] * scale[(i1 + l)]) + offset[(i1 + l)];
                                 }
                                 for (size_t l = 0; l < c1 - i1; ++l) {
-                                    const double dev = xq[i1 + l] - K;
+                                    const double dev = (double)xq[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -1048,13 +1048,13 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                                 const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                                 for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                                     for (size_t l = 0; l < 32; ++l) {
-                                        lane[l] += xr[i1 + l];
+                                        lane[l] += (double)xr[i1 + l];
                                     }
                                 }
                                 {
                                     const size_t i1 = blocks_end;
                                     for (size_t l = 0; l < c1 - i1; ++l) {
-                                        lane[l] += xr[i1 + l];
+                                        lane[l] += (double)xr[i1 + l];
                                     }
                                 }
                             }
@@ -1070,7 +1070,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                                 const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                                 for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                                     for (size_t l = 0; l < 32; ++l) {
-                                        const double dev = xr[i1 + l] - m;
+                                        const double dev = (double)xr[i1 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -1078,7 +1078,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                                 {
                                     const size_t i1 = blocks_end;
                                     for (size_t l = 0; l < c1 - i1; ++l) {
-                                        const double dev = xr[i1 + l] - m;
+                                        const double dev = (double)xr[i1 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -1261,12 +1261,12 @@ int matlab_seq_ln_backward(const float *x, const float *dy, float *dx, float *ds
                                 lane2[l] += dev * dev;
                                 const float g = dyr[i1 + l] * scale[(i1 + l)];
                                 ga[l] += g;
-                                gb[l] += g * dev;
+                                gb[l] += (g * dev);
                             }
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            da[l] += ga[l];
-                            db[l] += gb[l];
+                            da[l] += (double)ga[l];
+                            db[l] += (double)gb[l];
                             ga[l] = 0;
                             gb[l] = 0;
                         }
@@ -1279,14 +1279,14 @@ int matlab_seq_ln_backward(const float *x, const float *dy, float *dx, float *ds
                             lane2[l] += dev * dev;
                             const float g = dyr[i1 + l] * scale[(i1 + l)];
                             ga[l] += g;
-                            gb[l] += g * dev;
+                            gb[l] += (g * dev);
                         }
                     }
                 }
                 double a = 0, b = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    a += da[l] + ga[l];
-                    b += db[l] + gb[l];
+                    a += da[l] + (double)ga[l];
+                    b += db[l] + (double)gb[l];
                 }
                 ca[0] += a;
                 cb[0] += b + ((double)m - ref[0]) * a;
@@ -1366,8 +1366,8 @@ int matlab_seq_ln_backward(const float *x, const float *dy, float *dx, float *ds
                 }
                 if (++fill == 16) {
                     for (size_t c = 0; c < 96; ++c) {
-                        gscale[c] += fb[c];
-                        goffset[c] += fa[c];
+                        gscale[c] += (double)fb[c];
+                        goffset[c] += (double)fa[c];
                         fa[c] = 0;
                         fb[c] = 0;
                     }
@@ -1377,8 +1377,8 @@ int matlab_seq_ln_backward(const float *x, const float *dy, float *dx, float *ds
         }
     }
     for (size_t c = 0; c < 96; ++c) {
-        gscale[c] += fb[c];
-        goffset[c] += fa[c];
+        gscale[c] += (double)fb[c];
+        goffset[c] += (double)fa[c];
         fa[c] = 0;
         fb[c] = 0;
     }
@@ -1486,12 +1486,12 @@ int matlab_seq_ln_backward_saved(const float *x, const float *dy, const double *
                                 const float dev = xr[i1 + l] - mhi[0];
                                 const float g = dyr[i1 + l] * scale[(i1 + l)];
                                 ga[l] += g;
-                                gb[l] += g * dev;
+                                gb[l] += (g * dev);
                             }
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            da[l] += ga[l];
-                            db[l] += gb[l];
+                            da[l] += (double)ga[l];
+                            db[l] += (double)gb[l];
                             ga[l] = 0;
                             gb[l] = 0;
                         }
@@ -1502,14 +1502,14 @@ int matlab_seq_ln_backward_saved(const float *x, const float *dy, const double *
                             const float dev = xr[i1 + l] - mhi[0];
                             const float g = dyr[i1 + l] * scale[(i1 + l)];
                             ga[l] += g;
-                            gb[l] += g * dev;
+                            gb[l] += (g * dev);
                         }
                     }
                 }
                 double a = 0, b = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    a += da[l] + ga[l];
-                    b += db[l] + gb[l];
+                    a += da[l] + (double)ga[l];
+                    b += db[l] + (double)gb[l];
                 }
                 ca[0] += a;
                 cb[0] += b;
@@ -1558,8 +1558,8 @@ int matlab_seq_ln_backward_saved(const float *x, const float *dy, const double *
                 }
                 if (++fill == 16) {
                     for (size_t c = 0; c < 96; ++c) {
-                        gscale[c] += fb[c];
-                        goffset[c] += fa[c];
+                        gscale[c] += (double)fb[c];
+                        goffset[c] += (double)fa[c];
                         fa[c] = 0;
                         fb[c] = 0;
                     }
@@ -1569,8 +1569,8 @@ int matlab_seq_ln_backward_saved(const float *x, const float *dy, const double *
         }
     }
     for (size_t c = 0; c < 96; ++c) {
-        gscale[c] += fb[c];
-        goffset[c] += fa[c];
+        gscale[c] += (double)fb[c];
+        goffset[c] += (double)fa[c];
         fa[c] = 0;
         fb[c] = 0;
     }

@@ -702,7 +702,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
                     for (size_t q = 0; q < 8; ++q) {
-                        K += x[i0 * 4800 + i1 * 100 + q];
+                        K += (double)x[i0 * 4800 + i1 * 100 + q];
                     }
                     K /= 8;
                     kbase[0] = K; /* the block's base: its means are kept relative to it */
@@ -721,7 +721,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                             SEQUENCE_IN_PREFETCH(xr + i2 + 8192 + 16);
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            const double dev = xr[i2 + l] - K;
+                            const double dev = (double)xr[i2 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
@@ -729,7 +729,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                     {
                         const size_t i2 = blocks_end;
                         for (size_t l = 0; l < c1 - i2; ++l) {
-                            const double dev = xr[i2 + l] - K;
+                            const double dev = (double)xr[i2 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
@@ -752,13 +752,13 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                         const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                         for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
                             for (size_t l = 0; l < 32; ++l) {
-                                lane[l] += xr[i2 + l];
+                                lane[l] += (double)xr[i2 + l];
                             }
                         }
                         {
                             const size_t i2 = blocks_end;
                             for (size_t l = 0; l < c1 - i2; ++l) {
-                                lane[l] += xr[i2 + l];
+                                lane[l] += (double)xr[i2 + l];
                             }
                         }
                     }
@@ -774,7 +774,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                         const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                         for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
                             for (size_t l = 0; l < 32; ++l) {
-                                const double dev = xr[i2 + l] - m;
+                                const double dev = (double)xr[i2 + l] - m;
                                 lane[l] += dev;
                                 lane2[l] += dev * dev;
                             }
@@ -782,7 +782,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                         {
                             const size_t i2 = blocks_end;
                             for (size_t l = 0; l < c1 - i2; ++l) {
-                                const double dev = xr[i2 + l] - m;
+                                const double dev = (double)xr[i2 + l] - m;
                                 lane[l] += dev;
                                 lane2[l] += dev * dev;
                             }
@@ -847,7 +847,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
                             for (size_t q = 0; q < 8; ++q) {
-                                K += xn[i0 * 4800 + i1 * 100 + q];
+                                K += (double)xn[i0 * 4800 + i1 * 100 + q];
                             }
                             K /= 8;
                             kbase[0] = K; /* the block's base: its means are kept relative to it */
@@ -866,7 +866,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                                     SEQUENCE_IN_PREFETCH(xr + i2 + 8192 + 16);
                                 }
                                 for (size_t l = 0; l < 32; ++l) {
-                                    const double dev = xr[i2 + l] - K;
+                                    const double dev = (double)xr[i2 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -874,7 +874,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                             {
                                 const size_t i2 = blocks_end;
                                 for (size_t l = 0; l < c1 - i2; ++l) {
-                                    const double dev = xr[i2 + l] - K;
+                                    const double dev = (double)xr[i2 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -897,13 +897,13 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                                 const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                                 for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
                                     for (size_t l = 0; l < 32; ++l) {
-                                        lane[l] += xr[i2 + l];
+                                        lane[l] += (double)xr[i2 + l];
                                     }
                                 }
                                 {
                                     const size_t i2 = blocks_end;
                                     for (size_t l = 0; l < c1 - i2; ++l) {
-                                        lane[l] += xr[i2 + l];
+                                        lane[l] += (double)xr[i2 + l];
                                     }
                                 }
                             }
@@ -919,7 +919,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                                 const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                                 for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
                                     for (size_t l = 0; l < 32; ++l) {
-                                        const double dev = xr[i2 + l] - m;
+                                        const double dev = (double)xr[i2 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -927,7 +927,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                                 {
                                     const size_t i2 = blocks_end;
                                     for (size_t l = 0; l < c1 - i2; ++l) {
-                                        const double dev = xr[i2 + l] - m;
+                                        const double dev = (double)xr[i2 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -987,7 +987,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
                             for (size_t q = 0; q < 8; ++q) {
-                                K += xn[i0 * 4800 + i1 * 100 + q];
+                                K += (double)xn[i0 * 4800 + i1 * 100 + q];
                             }
                             K /= 8;
                             kbase[0] = K; /* the block's base: its means are kept relative to it */
@@ -1009,7 +1009,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                                     yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
                                 }
                                 for (size_t l = 0; l < 32; ++l) {
-                                    const double dev = xq[i2 + l] - K;
+                                    const double dev = (double)xq[i2 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -1020,7 +1020,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                                     yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
                                 }
                                 for (size_t l = 0; l < c1 - i2; ++l) {
-                                    const double dev = xq[i2 + l] - K;
+                                    const double dev = (double)xq[i2 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -1043,13 +1043,13 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                                 const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                                 for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
                                     for (size_t l = 0; l < 32; ++l) {
-                                        lane[l] += xr[i2 + l];
+                                        lane[l] += (double)xr[i2 + l];
                                     }
                                 }
                                 {
                                     const size_t i2 = blocks_end;
                                     for (size_t l = 0; l < c1 - i2; ++l) {
-                                        lane[l] += xr[i2 + l];
+                                        lane[l] += (double)xr[i2 + l];
                                     }
                                 }
                             }
@@ -1065,7 +1065,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                                 const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                                 for (size_t i2 = c0; i2 < blocks_end; i2 += 32) {
                                     for (size_t l = 0; l < 32; ++l) {
-                                        const double dev = xr[i2 + l] - m;
+                                        const double dev = (double)xr[i2 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -1073,7 +1073,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                                 {
                                     const size_t i2 = blocks_end;
                                     for (size_t l = 0; l < c1 - i2; ++l) {
-                                        const double dev = xr[i2 + l] - m;
+                                        const double dev = (double)xr[i2 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -1254,12 +1254,12 @@ int sequence_in_backward(const float *x, const float *dy, float *dx, float *dsca
                                     lane2[l] += dev * dev;
                                     const float d = dyr[i2 + l];
                                     ga[l] += d;
-                                    gb[l] += d * dev;
+                                    gb[l] += (d * dev);
                                 }
                             }
                             for (size_t l = 0; l < 32; ++l) {
-                                da[l] += ga[l];
-                                db[l] += gb[l];
+                                da[l] += (double)ga[l];
+                                db[l] += (double)gb[l];
                                 ga[l] = 0;
                                 gb[l] = 0;
                             }
@@ -1272,20 +1272,20 @@ int sequence_in_backward(const float *x, const float *dy, float *dx, float *dsca
                                 lane2[l] += dev * dev;
                                 const float d = dyr[i2 + l];
                                 ga[l] += d;
-                                gb[l] += d * dev;
+                                gb[l] += (d * dev);
                             }
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            da[l] += ga[l];
-                            db[l] += gb[l];
+                            da[l] += (double)ga[l];
+                            db[l] += (double)gb[l];
                             ga[l] = 0;
                             gb[l] = 0;
                         }
                     }
                     double a = 0, b = 0;
                     for (size_t l = 0; l < 32; ++l) {
-                        a += da[l] + ga[l];
-                        b += db[l] + gb[l];
+                        a += da[l] + (double)ga[l];
+                        b += db[l] + (double)gb[l];
                     }
                     ca[0] += a;
                     cb[0] += b + ((double)m - ref[0]) * a;
@@ -1463,12 +1463,12 @@ int sequence_in_backward_saved(const float *x, const float *dy, const double *sa
                                     const float dev = xr[i2 + l] - mhi[0];
                                     const float d = dyr[i2 + l];
                                     ga[l] += d;
-                                    gb[l] += d * dev;
+                                    gb[l] += (d * dev);
                                 }
                             }
                             for (size_t l = 0; l < 32; ++l) {
-                                da[l] += ga[l];
-                                db[l] += gb[l];
+                                da[l] += (double)ga[l];
+                                db[l] += (double)gb[l];
                                 ga[l] = 0;
                                 gb[l] = 0;
                             }
@@ -1479,20 +1479,20 @@ int sequence_in_backward_saved(const float *x, const float *dy, const double *sa
                                 const float dev = xr[i2 + l] - mhi[0];
                                 const float d = dyr[i2 + l];
                                 ga[l] += d;
-                                gb[l] += d * dev;
+                                gb[l] += (d * dev);
                             }
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            da[l] += ga[l];
-                            db[l] += gb[l];
+                            da[l] += (double)ga[l];
+                            db[l] += (double)gb[l];
                             ga[l] = 0;
                             gb[l] = 0;
                         }
                     }
                     double a = 0, b = 0;
                     for (size_t l = 0; l < 32; ++l) {
-                        a += da[l] + ga[l];
-                        b += db[l] + gb[l];
+                        a += da[l] + (double)ga[l];
+                        b += db[l] + (double)gb[l];
                     }
                     ca[0] += a;
                     cb[0] += b;

@@ -2776,7 +2776,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
                     for (size_t q = 0; q < 8; ++q) {
-                        K += x[i0 * 6272 + q];
+                        K += (double)x[i0 * 6272 + q];
                     }
                     K /= 8;
                     kbase[0] = K; /* the block's base: its means are kept relative to it */
@@ -2795,7 +2795,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                             CONVNEXT_LN_PREFETCH(xr + i1 + 8192 + 16);
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            const double dev = xr[i1 + l] - K;
+                            const double dev = (double)xr[i1 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
@@ -2803,7 +2803,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                     {
                         const size_t i1 = blocks_end;
                         for (size_t l = 0; l < c1 - i1; ++l) {
-                            const double dev = xr[i1 + l] - K;
+                            const double dev = (double)xr[i1 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
@@ -2826,13 +2826,13 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                         const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                         for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                             for (size_t l = 0; l < 32; ++l) {
-                                lane[l] += xr[i1 + l];
+                                lane[l] += (double)xr[i1 + l];
                             }
                         }
                         {
                             const size_t i1 = blocks_end;
                             for (size_t l = 0; l < c1 - i1; ++l) {
-                                lane[l] += xr[i1 + l];
+                                lane[l] += (double)xr[i1 + l];
                             }
                         }
                     }
@@ -2848,7 +2848,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                         const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                         for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                             for (size_t l = 0; l < 32; ++l) {
-                                const double dev = xr[i1 + l] - m;
+                                const double dev = (double)xr[i1 + l] - m;
                                 lane[l] += dev;
                                 lane2[l] += dev * dev;
                             }
@@ -2856,7 +2856,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                         {
                             const size_t i1 = blocks_end;
                             for (size_t l = 0; l < c1 - i1; ++l) {
-                                const double dev = xr[i1 + l] - m;
+                                const double dev = (double)xr[i1 + l] - m;
                                 lane[l] += dev;
                                 lane2[l] += dev * dev;
                             }
@@ -2920,7 +2920,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
                             for (size_t q = 0; q < 8; ++q) {
-                                K += xn[i0 * 6272 + q];
+                                K += (double)xn[i0 * 6272 + q];
                             }
                             K /= 8;
                             kbase[0] = K; /* the block's base: its means are kept relative to it */
@@ -2939,7 +2939,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                                     CONVNEXT_LN_PREFETCH(xr + i1 + 8192 + 16);
                                 }
                                 for (size_t l = 0; l < 32; ++l) {
-                                    const double dev = xr[i1 + l] - K;
+                                    const double dev = (double)xr[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -2947,7 +2947,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                             {
                                 const size_t i1 = blocks_end;
                                 for (size_t l = 0; l < c1 - i1; ++l) {
-                                    const double dev = xr[i1 + l] - K;
+                                    const double dev = (double)xr[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -2970,13 +2970,13 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                                 const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                                 for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                                     for (size_t l = 0; l < 32; ++l) {
-                                        lane[l] += xr[i1 + l];
+                                        lane[l] += (double)xr[i1 + l];
                                     }
                                 }
                                 {
                                     const size_t i1 = blocks_end;
                                     for (size_t l = 0; l < c1 - i1; ++l) {
-                                        lane[l] += xr[i1 + l];
+                                        lane[l] += (double)xr[i1 + l];
                                     }
                                 }
                             }
@@ -2992,7 +2992,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                                 const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                                 for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                                     for (size_t l = 0; l < 32; ++l) {
-                                        const double dev = xr[i1 + l] - m;
+                                        const double dev = (double)xr[i1 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -3000,7 +3000,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                                 {
                                     const size_t i1 = blocks_end;
                                     for (size_t l = 0; l < c1 - i1; ++l) {
-                                        const double dev = xr[i1 + l] - m;
+                                        const double dev = (double)xr[i1 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -3060,7 +3060,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
                             for (size_t q = 0; q < 8; ++q) {
-                                K += xn[i0 * 6272 + q];
+                                K += (double)xn[i0 * 6272 + q];
                             }
                             K /= 8;
                             kbase[0] = K; /* the block's base: its means are kept relative to it */
@@ -3080,7 +3080,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                                     yr[i1 + l] = ((xr[i1 + l] - mhi[0]) - mlo[0]) * (rs[0] * scale[(i1 + l)]) + offset[(i1 + l)];
                                 }
                                 for (size_t l = 0; l < 32; ++l) {
-                                    const double dev = xq[i1 + l] - K;
+                                    const double dev = (double)xq[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -3091,7 +3091,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                                     yr[i1 + l] = ((xr[i1 + l] - mhi[0]) - mlo[0]) * (rs[0] * scale[(i1 + l)]) + offset[(i1 + l)];
                                 }
                                 for (size_t l = 0; l < c1 - i1; ++l) {
-                                    const double dev = xq[i1 + l] - K;
+                                    const double dev = (double)xq[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -3114,13 +3114,13 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                                 const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                                 for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                                     for (size_t l = 0; l < 32; ++l) {
-                                        lane[l] += xr[i1 + l];
+                                        lane[l] += (double)xr[i1 + l];
                                     }
                                 }
                                 {
                                     const size_t i1 = blocks_end;
                                     for (size_t l = 0; l < c1 - i1; ++l) {
-                                        lane[l] += xr[i1 + l];
+                                        lane[l] += (double)xr[i1 + l];
                                     }
                                 }
                             }
@@ -3136,7 +3136,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                                 const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                                 for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                                     for (size_t l = 0; l < 32; ++l) {
-                                        const double dev = xr[i1 + l] - m;
+                                        const double dev = (double)xr[i1 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -3144,7 +3144,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                                 {
                                     const size_t i1 = blocks_end;
                                     for (size_t l = 0; l < c1 - i1; ++l) {
-                                        const double dev = xr[i1 + l] - m;
+                                        const double dev = (double)xr[i1 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -3326,12 +3326,12 @@ int convnext_ln_backward(const float *x, const float *dy, float *dx, float *dsca
                                 lane2[l] += dev * dev;
                                 const float g = dyr[i1 + l] * scale[(i1 + l)];
                                 ga[l] += g;
-                                gb[l] += g * dev;
+                                gb[l] += (g * dev);
                             }
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            da[l] += ga[l];
-                            db[l] += gb[l];
+                            da[l] += (double)ga[l];
+                            db[l] += (double)gb[l];
                             ga[l] = 0;
                             gb[l] = 0;
                         }
@@ -3344,14 +3344,14 @@ int convnext_ln_backward(const float *x, const float *dy, float *dx, float *dsca
                             lane2[l] += dev * dev;
                             const float g = dyr[i1 + l] * scale[(i1 + l)];
                             ga[l] += g;
-                            gb[l] += g * dev;
+                            gb[l] += (g * dev);
                         }
                     }
                 }
                 double a = 0, b = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    a += da[l] + ga[l];
-                    b += db[l] + gb[l];
+                    a += da[l] + (double)ga[l];
+                    b += db[l] + (double)gb[l];
                 }
                 ca[0] += a;
                 cb[0] += b + ((double)m - ref[0]) * a;
@@ -3433,8 +3433,8 @@ int convnext_ln_backward(const float *x, const float *dy, float *dx, float *dsca
                 }
                 if (++fill == 16) {
                     for (size_t c = 0; c < 6272; ++c) {
-                        gscale[c] += fb[c];
-                        goffset[c] += fa[c];
+                        gscale[c] += (double)fb[c];
+                        goffset[c] += (double)fa[c];
                         fa[c] = 0;
                         fb[c] = 0;
                     }
@@ -3444,8 +3444,8 @@ int convnext_ln_backward(const float *x, const float *dy, float *dx, float *dsca
         }
     }
     for (size_t c = 0; c < 6272; ++c) {
-        gscale[c] += fb[c];
-        goffset[c] += fa[c];
+        gscale[c] += (double)fb[c];
+        goffset[c] += (double)fa[c];
         fa[c] = 0;
         fb[c] = 0;
     }
@@ -3549,12 +3549,12 @@ int convnext_ln_backward_saved(const float *x, const float *dy, const double *sa
                                 const float dev = xr[i1 + l] - mhi[0];
                                 const float g = dyr[i1 + l] * scale[(i1 + l)];
                                 ga[l] += g;
-                                gb[l] += g * dev;
+                                gb[l] += (g * dev);
                             }
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            da[l] += ga[l];
-                            db[l] += gb[l];
+                            da[l] += (double)ga[l];
+                            db[l] += (double)gb[l];
                             ga[l] = 0;
                             gb[l] = 0;
                         }
@@ -3565,14 +3565,14 @@ int convnext_ln_backward_saved(const float *x, const float *dy, const double *sa
                             const float dev = xr[i1 + l] - mhi[0];
                             const float g = dyr[i1 + l] * scale[(i1 + l)];
                             ga[l] += g;
-                            gb[l] += g * dev;
+                            gb[l] += (g * dev);
                         }
                     }
                 }
                 double a = 0, b = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    a += da[l] + ga[l];
-                    b += db[l] + gb[l];
+                    a += da[l] + (double)ga[l];
+                    b += db[l] + (double)gb[l];
                 }
                 ca[0] += a;
                 cb[0] += b;
@@ -3623,8 +3623,8 @@ int convnext_ln_backward_saved(const float *x, const float *dy, const double *sa
                 }
                 if (++fill == 16) {
                     for (size_t c = 0; c < 6272; ++c) {
-                        gscale[c] += fb[c];
-                        goffset[c] += fa[c];
+                        gscale[c] += (double)fb[c];
+                        goffset[c] += (double)fa[c];
                         fa[c] = 0;
                         fb[c] = 0;
                     }
@@ -3634,8 +3634,8 @@ int convnext_ln_backward_saved(const float *x, const float *dy, const double *sa
         }
     }
     for (size_t c = 0; c < 6272; ++c) {
-        gscale[c] += fb[c];
-        goffset[c] += fa[c];
+        gscale[c] += (double)fb[c];
+        goffset[c] += (double)fa[c];
         fa[c] = 0;
         fb[c] = 0;
     }

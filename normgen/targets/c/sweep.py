@@ -383,13 +383,19 @@ class Sweep:
         """References of a block: one per column in the columns strategy."""
         return 1 if self.blocked else self.lanes
 
+    def up(self, expr: str, into: str = "") -> str:
+        """``expr`` (of the element type) converted to ``into`` (the accumulation type) where the
+        two differ, spelled out (-Wdouble-promotion)."""
+        into = into or self.acc_type
+        return expr if into == self.ctype else f"({into}){expr}"
+
     def grad_body(self, dy: str, lane: str) -> list[str]:
         """Statements adding element dy (deviation ``dev``) into lane ``lane``."""
-        t = self.ctype
-        if self.norm in ("rows_const", "columns_fold"):
-            return [f"const {t} d = {dy};", f"ga[{lane}] += d;", f"gb[{lane}] += d * dev;"]
-        sc = f"scale[{self.channel_lane}]" if self.norm == "rows" else "sc"
-        return [f"const {t} g = {dy} * {sc};", f"ga[{lane}] += g;", f"gb[{lane}] += g * dev;"]
+        t, lt = self.ctype, self.grad_lane_type
+        d = "d" if self.norm in ("rows_const", "columns_fold") else "g"
+        head = ([f"const {t} d = {dy};"] if d == "d" else
+                [f"const {t} g = {dy} * {f'scale[{self.channel_lane}]' if self.norm == 'rows' else 'sc'};"])
+        return head + [f"ga[{lane}] += {self.up(d, lt)};", f"gb[{lane}] += {self.up(f'({d} * dev)', lt)};"]
 
     @property
     def grad_lane_type(self) -> str:
@@ -403,14 +409,21 @@ class Sweep:
 
     @property
     def grad_every(self) -> list[str]:
-        """rows: statements after every grad_blocks blocks of lanes: ga, gb moved into da, db."""
-        if not self.blocked:
+        """rows: statements after every grad_blocks blocks of lanes: ga, gb moved into da, db (none
+        where the element type is the accumulation type: the lanes are as wide already)."""
+        if not self._wide_lanes:
             return []
-        return [f"for (size_t l = 0; l < {self.lanes}; ++l) {{", "    da[l] += ga[l];", "    db[l] += gb[l];",
+        return [f"for (size_t l = 0; l < {self.lanes}; ++l) {{", f"    da[l] += {self.up('ga[l]')};",
+                f"    db[l] += {self.up('gb[l]')};",
                 "    ga[l] = 0;", "    gb[l] = 0;", "}"]
 
+    @property
+    def _wide_lanes(self) -> bool:
+        """rows: the gradient lanes of T are moved into lanes of A (da, db) every grad_blocks blocks."""
+        return self.blocked and self.ctype != self.acc_type
+
     def _zero_lanes(self, n: int, var: str) -> list[str]:
-        wide = ["    da[l] = 0;", "    db[l] = 0;"] if self.blocked else []
+        wide = ["    da[l] = 0;", "    db[l] = 0;"] if self._wide_lanes else []
         return [f"for (size_t {var} = 0; {var} < {n}; ++{var}) {{", f"    ga[{var}] = 0;", f"    gb[{var}] = 0;", *wide,
                 "}"]
 
@@ -438,8 +451,9 @@ class Sweep:
 
     def _add_lanes(self) -> list[str]:
         a = self.acc_type
-        return [f"{a} a = 0, b = 0;", f"for (size_t l = 0; l < {self.lanes}; ++l) {{", "    a += da[l] + ga[l];",
-                "    b += db[l] + gb[l];", "}"]
+        return [f"{a} a = 0, b = 0;", f"for (size_t l = 0; l < {self.lanes}; ++l) {{",
+                *((f"    a += da[l] + {self.up('ga[l]')};", f"    b += db[l] + {self.up('gb[l]')};") if self._wide_lanes
+                  else ("    a += ga[l];", "    b += gb[l];")), "}"]
 
     def grad_run_post(self, shift: str) -> list[str]:
         """Statements after each run of the gradient sums (``shift``: the chunk's shift, "" for
@@ -581,7 +595,7 @@ class Sweep:
         """rows: the partial sums of the current run's channels added into gscale, goffset and emptied."""
         start = "0" if self.partials_global else self.partials_from
         stop = f"{start} + {self.partials_len}" if start != "0" else str(self.partials_len)
-        return [f"for (size_t c = {start}; c < {stop}; ++c) {{", "    gscale[c] += fb[c];", "    goffset[c] += fa[c];",
+        return [f"for (size_t c = {start}; c < {stop}; ++c) {{", f"    gscale[c] += {self.up('fb[c]')};", f"    goffset[c] += {self.up('fa[c]')};",
                 "    fa[c] = 0;", "    fb[c] = 0;", "}"]
 
 def _digit(var: str, stride: int, extent: int, total: int) -> str:

@@ -616,7 +616,7 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
                             BN_NCHW_PREFETCH(xr + 768 + 16);
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            const double dev = xr[l] - k[l];
+                            const double dev = (double)xr[l] - k[l];
                             a[l] += dev;
                             q[l] += dev * dev;
                         }
@@ -640,7 +640,7 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
                             BN_NCHW_PREFETCH(xr + 768);
                         }
                         for (size_t l = 0; l < 16; ++l) {
-                            const double dev = xr[l] - k[l];
+                            const double dev = (double)xr[l] - k[l];
                             a[l] += dev;
                             q[l] += dev * dev;
                         }
@@ -669,7 +669,7 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
                             BN_NCHW_PREFETCH(xr + 768 + 16);
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            a[l] += xr[l];
+                            a[l] += (double)xr[l];
                         }
                     }
                     for (size_t l = 0; l < 32; ++l) {
@@ -688,7 +688,7 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
                             BN_NCHW_PREFETCH(xr + 768);
                         }
                         for (size_t l = 0; l < 16; ++l) {
-                            a[l] += xr[l];
+                            a[l] += (double)xr[l];
                         }
                     }
                     for (size_t l = 0; l < 16; ++l) {
@@ -715,7 +715,7 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
                     for (size_t i0 = c0; i0 < c1; ++i0) {
                         const float *xr = x + i0 * 48 + j0;
                         for (size_t l = 0; l < 32; ++l) {
-                            const double dev = xr[l] - k[l];
+                            const double dev = (double)xr[l] - k[l];
                             a[l] += dev;
                             q[l] += dev * dev;
                         }
@@ -736,7 +736,7 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
                     for (size_t i0 = c0; i0 < c1; ++i0) {
                         const float *xr = x + i0 * 48 + j0;
                         for (size_t l = 0; l < 16; ++l) {
-                            const double dev = xr[l] - k[l];
+                            const double dev = (double)xr[l] - k[l];
                             a[l] += dev;
                             q[l] += dev * dev;
                         }
@@ -961,8 +961,8 @@ int bn_nchw_backward(const float *x, const float *dy, float *dx, float *dscale, 
                     lane[j] += dev;
                     lane2[j] += dev * dev;
                     const float d = dyr[j];
-                    ga[j] += d;
-                    gb[j] += d * dev;
+                    ga[j] += (double)d;
+                    gb[j] += (double)(d * dev);
                 }
                 if (i0 + 256 < nb) {
                     for (size_t p = 0; p < 48; p += 16) {
@@ -1161,8 +1161,8 @@ int bn_nchw_backward_saved(const float *x, const float *dy, const double *saved_
                 for (size_t j = 0; j < 48; ++j) {
                     const float dev = xr[j] - lhi[j];
                     const float d = dyr[j];
-                    ga[j] += d;
-                    gb[j] += d * dev;
+                    ga[j] += (double)d;
+                    gb[j] += (double)(d * dev);
                 }
             }
             for (size_t j = 0; j < 48; ++j) {
@@ -1355,7 +1355,7 @@ int bn_nchw_accumulate(bn_nchw_stats *acc, const float *x, int32_t batch)
                             BN_NCHW_PREFETCH(xr + 768 + 16);
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            const double dev = xr[l] - k[l];
+                            const double dev = (double)xr[l] - k[l];
                             a[l] += dev;
                             q[l] += dev * dev;
                         }
@@ -1379,7 +1379,7 @@ int bn_nchw_accumulate(bn_nchw_stats *acc, const float *x, int32_t batch)
                             BN_NCHW_PREFETCH(xr + 768);
                         }
                         for (size_t l = 0; l < 16; ++l) {
-                            const double dev = xr[l] - k[l];
+                            const double dev = (double)xr[l] - k[l];
                             a[l] += dev;
                             q[l] += dev * dev;
                         }
@@ -1408,7 +1408,7 @@ int bn_nchw_accumulate(bn_nchw_stats *acc, const float *x, int32_t batch)
                             BN_NCHW_PREFETCH(xr + 768 + 16);
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            a[l] += xr[l];
+                            a[l] += (double)xr[l];
                         }
                     }
                     for (size_t l = 0; l < 32; ++l) {
@@ -1427,7 +1427,7 @@ int bn_nchw_accumulate(bn_nchw_stats *acc, const float *x, int32_t batch)
                             BN_NCHW_PREFETCH(xr + 768);
                         }
                         for (size_t l = 0; l < 16; ++l) {
-                            a[l] += xr[l];
+                            a[l] += (double)xr[l];
                         }
                     }
                     for (size_t l = 0; l < 16; ++l) {
@@ -1454,7 +1454,7 @@ int bn_nchw_accumulate(bn_nchw_stats *acc, const float *x, int32_t batch)
                     for (size_t i0 = c0; i0 < c1; ++i0) {
                         const float *xr = x + i0 * 48 + j0;
                         for (size_t l = 0; l < 32; ++l) {
-                            const double dev = xr[l] - k[l];
+                            const double dev = (double)xr[l] - k[l];
                             a[l] += dev;
                             q[l] += dev * dev;
                         }
@@ -1475,7 +1475,7 @@ int bn_nchw_accumulate(bn_nchw_stats *acc, const float *x, int32_t batch)
                     for (size_t i0 = c0; i0 < c1; ++i0) {
                         const float *xr = x + i0 * 48 + j0;
                         for (size_t l = 0; l < 16; ++l) {
-                            const double dev = xr[l] - k[l];
+                            const double dev = (double)xr[l] - k[l];
                             a[l] += dev;
                             q[l] += dev * dev;
                         }
@@ -1621,7 +1621,7 @@ int bn_nchw_sync_stats(const float *x, bn_nchw_stats *local, int32_t batch)
                             BN_NCHW_PREFETCH(xr + 768 + 16);
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            const double dev = xr[l] - k[l];
+                            const double dev = (double)xr[l] - k[l];
                             a[l] += dev;
                             q[l] += dev * dev;
                         }
@@ -1645,7 +1645,7 @@ int bn_nchw_sync_stats(const float *x, bn_nchw_stats *local, int32_t batch)
                             BN_NCHW_PREFETCH(xr + 768);
                         }
                         for (size_t l = 0; l < 16; ++l) {
-                            const double dev = xr[l] - k[l];
+                            const double dev = (double)xr[l] - k[l];
                             a[l] += dev;
                             q[l] += dev * dev;
                         }
@@ -1674,7 +1674,7 @@ int bn_nchw_sync_stats(const float *x, bn_nchw_stats *local, int32_t batch)
                             BN_NCHW_PREFETCH(xr + 768 + 16);
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            a[l] += xr[l];
+                            a[l] += (double)xr[l];
                         }
                     }
                     for (size_t l = 0; l < 32; ++l) {
@@ -1693,7 +1693,7 @@ int bn_nchw_sync_stats(const float *x, bn_nchw_stats *local, int32_t batch)
                             BN_NCHW_PREFETCH(xr + 768);
                         }
                         for (size_t l = 0; l < 16; ++l) {
-                            a[l] += xr[l];
+                            a[l] += (double)xr[l];
                         }
                     }
                     for (size_t l = 0; l < 16; ++l) {
@@ -1720,7 +1720,7 @@ int bn_nchw_sync_stats(const float *x, bn_nchw_stats *local, int32_t batch)
                     for (size_t i0 = c0; i0 < c1; ++i0) {
                         const float *xr = x + i0 * 48 + j0;
                         for (size_t l = 0; l < 32; ++l) {
-                            const double dev = xr[l] - k[l];
+                            const double dev = (double)xr[l] - k[l];
                             a[l] += dev;
                             q[l] += dev * dev;
                         }
@@ -1741,7 +1741,7 @@ int bn_nchw_sync_stats(const float *x, bn_nchw_stats *local, int32_t batch)
                     for (size_t i0 = c0; i0 < c1; ++i0) {
                         const float *xr = x + i0 * 48 + j0;
                         for (size_t l = 0; l < 16; ++l) {
-                            const double dev = xr[l] - k[l];
+                            const double dev = (double)xr[l] - k[l];
                             a[l] += dev;
                             q[l] += dev * dev;
                         }

@@ -443,7 +443,7 @@ int gn_nhwc_train_forward_save(const float *x, float *y, int32_t batch, double *
                                 GN_NHWC_PREFETCH(xr + 96);
                             }
                             for (size_t l = 0; l < 6; ++l) {
-                                const double dev = xr[l] - k[l];
+                                const double dev = (double)xr[l] - k[l];
                                 a[l] += dev;
                                 q[l] += dev * dev;
                             }
@@ -472,7 +472,7 @@ int gn_nhwc_train_forward_save(const float *x, float *y, int32_t batch, double *
                                 GN_NHWC_PREFETCH(xr + 96);
                             }
                             for (size_t l = 0; l < 6; ++l) {
-                                a[l] += xr[l];
+                                a[l] += (double)xr[l];
                             }
                         }
                         for (size_t l = 0; l < 6; ++l) {
@@ -500,7 +500,7 @@ int gn_nhwc_train_forward_save(const float *x, float *y, int32_t batch, double *
                         for (size_t i1 = c0; i1 < c1; ++i1) {
                             const float *xr = x + i0 * 96 + i1 * 6 + j0;
                             for (size_t l = 0; l < 6; ++l) {
-                                const double dev = xr[l] - k[l];
+                                const double dev = (double)xr[l] - k[l];
                                 a[l] += dev;
                                 q[l] += dev * dev;
                             }
@@ -700,8 +700,8 @@ int gn_nhwc_backward(const float *x, const float *dy, float *dx, float *dscale, 
                         lane[j] += dev;
                         lane2[j] += dev * dev;
                         const float d = dyr[j];
-                        ga[j] += d;
-                        gb[j] += d * dev;
+                        ga[j] += (double)d;
+                        gb[j] += (double)(d * dev);
                     }
                     if (i1 + 256 < 16) {
                         for (size_t p = 0; p < 6; p += 16) {
@@ -902,8 +902,8 @@ int gn_nhwc_backward_saved(const float *x, const float *dy, const double *saved_
                     for (size_t j = 0; j < 6; ++j) {
                         const float dev = xr[j] - lhi[j];
                         const float d = dyr[j];
-                        ga[j] += d;
-                        gb[j] += d * dev;
+                        ga[j] += (double)d;
+                        gb[j] += (double)(d * dev);
                     }
                 }
                 for (size_t j = 0; j < 6; ++j) {

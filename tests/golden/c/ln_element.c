@@ -696,7 +696,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
                     for (size_t q = 0; q < 8; ++q) {
-                        K += x[i0 * 48 + q];
+                        K += (double)x[i0 * 48 + q];
                     }
                     K /= 8;
                     kbase[0] = K; /* the block's base: its means are kept relative to it */
@@ -715,7 +715,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                             LN_ELEMENT_PREFETCH(xr + i1 + 8192 + 16);
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            const double dev = xr[i1 + l] - K;
+                            const double dev = (double)xr[i1 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
@@ -723,7 +723,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                     {
                         const size_t i1 = blocks_end;
                         for (size_t l = 0; l < c1 - i1; ++l) {
-                            const double dev = xr[i1 + l] - K;
+                            const double dev = (double)xr[i1 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
@@ -746,13 +746,13 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                         const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                         for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                             for (size_t l = 0; l < 32; ++l) {
-                                lane[l] += xr[i1 + l];
+                                lane[l] += (double)xr[i1 + l];
                             }
                         }
                         {
                             const size_t i1 = blocks_end;
                             for (size_t l = 0; l < c1 - i1; ++l) {
-                                lane[l] += xr[i1 + l];
+                                lane[l] += (double)xr[i1 + l];
                             }
                         }
                     }
@@ -768,7 +768,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                         const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                         for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                             for (size_t l = 0; l < 32; ++l) {
-                                const double dev = xr[i1 + l] - m;
+                                const double dev = (double)xr[i1 + l] - m;
                                 lane[l] += dev;
                                 lane2[l] += dev * dev;
                             }
@@ -776,7 +776,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                         {
                             const size_t i1 = blocks_end;
                             for (size_t l = 0; l < c1 - i1; ++l) {
-                                const double dev = xr[i1 + l] - m;
+                                const double dev = (double)xr[i1 + l] - m;
                                 lane[l] += dev;
                                 lane2[l] += dev * dev;
                             }
@@ -840,7 +840,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
                             for (size_t q = 0; q < 8; ++q) {
-                                K += xn[i0 * 48 + q];
+                                K += (double)xn[i0 * 48 + q];
                             }
                             K /= 8;
                             kbase[0] = K; /* the block's base: its means are kept relative to it */
@@ -859,7 +859,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                     LN_ELEMENT_PREFETCH(xr + i1 + 8192 + 16);
                                 }
                                 for (size_t l = 0; l < 32; ++l) {
-                                    const double dev = xr[i1 + l] - K;
+                                    const double dev = (double)xr[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -867,7 +867,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                             {
                                 const size_t i1 = blocks_end;
                                 for (size_t l = 0; l < c1 - i1; ++l) {
-                                    const double dev = xr[i1 + l] - K;
+                                    const double dev = (double)xr[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -890,13 +890,13 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                 const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                                 for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                                     for (size_t l = 0; l < 32; ++l) {
-                                        lane[l] += xr[i1 + l];
+                                        lane[l] += (double)xr[i1 + l];
                                     }
                                 }
                                 {
                                     const size_t i1 = blocks_end;
                                     for (size_t l = 0; l < c1 - i1; ++l) {
-                                        lane[l] += xr[i1 + l];
+                                        lane[l] += (double)xr[i1 + l];
                                     }
                                 }
                             }
@@ -912,7 +912,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                 const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                                 for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                                     for (size_t l = 0; l < 32; ++l) {
-                                        const double dev = xr[i1 + l] - m;
+                                        const double dev = (double)xr[i1 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -920,7 +920,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                 {
                                     const size_t i1 = blocks_end;
                                     for (size_t l = 0; l < c1 - i1; ++l) {
-                                        const double dev = xr[i1 + l] - m;
+                                        const double dev = (double)xr[i1 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -978,7 +978,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
                             for (size_t q = 0; q < 8; ++q) {
-                                K += xn[i0 * 48 + q];
+                                K += (double)xn[i0 * 48 + q];
                             }
                             K /= 8;
                             kbase[0] = K; /* the block's base: its means are kept relative to it */
@@ -998,7 +998,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                     yr[i1 + l] = ((xr[i1 + l] - mhi[0]) - mlo[0]) * (rs[0] * scale[(i1 + l)]) + offset[(i1 + l)];
                                 }
                                 for (size_t l = 0; l < 32; ++l) {
-                                    const double dev = xq[i1 + l] - K;
+                                    const double dev = (double)xq[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -1009,7 +1009,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                     yr[i1 + l] = ((xr[i1 + l] - mhi[0]) - mlo[0]) * (rs[0] * scale[(i1 + l)]) + offset[(i1 + l)];
                                 }
                                 for (size_t l = 0; l < c1 - i1; ++l) {
-                                    const double dev = xq[i1 + l] - K;
+                                    const double dev = (double)xq[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -1032,13 +1032,13 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                 const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                                 for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                                     for (size_t l = 0; l < 32; ++l) {
-                                        lane[l] += xr[i1 + l];
+                                        lane[l] += (double)xr[i1 + l];
                                     }
                                 }
                                 {
                                     const size_t i1 = blocks_end;
                                     for (size_t l = 0; l < c1 - i1; ++l) {
-                                        lane[l] += xr[i1 + l];
+                                        lane[l] += (double)xr[i1 + l];
                                     }
                                 }
                             }
@@ -1054,7 +1054,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                 const size_t blocks_end = c0 + (c1 - c0) / 32 * 32;
                                 for (size_t i1 = c0; i1 < blocks_end; i1 += 32) {
                                     for (size_t l = 0; l < 32; ++l) {
-                                        const double dev = xr[i1 + l] - m;
+                                        const double dev = (double)xr[i1 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -1062,7 +1062,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                 {
                                     const size_t i1 = blocks_end;
                                     for (size_t l = 0; l < c1 - i1; ++l) {
-                                        const double dev = xr[i1 + l] - m;
+                                        const double dev = (double)xr[i1 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -1242,12 +1242,12 @@ int ln_element_backward(const float *x, const float *dy, float *dx, float *dscal
                                 lane2[l] += dev * dev;
                                 const float g = dyr[i1 + l] * scale[(i1 + l)];
                                 ga[l] += g;
-                                gb[l] += g * dev;
+                                gb[l] += (g * dev);
                             }
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            da[l] += ga[l];
-                            db[l] += gb[l];
+                            da[l] += (double)ga[l];
+                            db[l] += (double)gb[l];
                             ga[l] = 0;
                             gb[l] = 0;
                         }
@@ -1260,14 +1260,14 @@ int ln_element_backward(const float *x, const float *dy, float *dx, float *dscal
                             lane2[l] += dev * dev;
                             const float g = dyr[i1 + l] * scale[(i1 + l)];
                             ga[l] += g;
-                            gb[l] += g * dev;
+                            gb[l] += (g * dev);
                         }
                     }
                 }
                 double a = 0, b = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    a += da[l] + ga[l];
-                    b += db[l] + gb[l];
+                    a += da[l] + (double)ga[l];
+                    b += db[l] + (double)gb[l];
                 }
                 ca[0] += a;
                 cb[0] += b + ((double)m - ref[0]) * a;
@@ -1347,8 +1347,8 @@ int ln_element_backward(const float *x, const float *dy, float *dx, float *dscal
                 }
                 if (++fill == 16) {
                     for (size_t c = 0; c < 48; ++c) {
-                        gscale[c] += fb[c];
-                        goffset[c] += fa[c];
+                        gscale[c] += (double)fb[c];
+                        goffset[c] += (double)fa[c];
                         fa[c] = 0;
                         fb[c] = 0;
                     }
@@ -1358,8 +1358,8 @@ int ln_element_backward(const float *x, const float *dy, float *dx, float *dscal
         }
     }
     for (size_t c = 0; c < 48; ++c) {
-        gscale[c] += fb[c];
-        goffset[c] += fa[c];
+        gscale[c] += (double)fb[c];
+        goffset[c] += (double)fa[c];
         fa[c] = 0;
         fb[c] = 0;
     }
@@ -1463,12 +1463,12 @@ int ln_element_backward_saved(const float *x, const float *dy, const double *sav
                                 const float dev = xr[i1 + l] - mhi[0];
                                 const float g = dyr[i1 + l] * scale[(i1 + l)];
                                 ga[l] += g;
-                                gb[l] += g * dev;
+                                gb[l] += (g * dev);
                             }
                         }
                         for (size_t l = 0; l < 32; ++l) {
-                            da[l] += ga[l];
-                            db[l] += gb[l];
+                            da[l] += (double)ga[l];
+                            db[l] += (double)gb[l];
                             ga[l] = 0;
                             gb[l] = 0;
                         }
@@ -1479,14 +1479,14 @@ int ln_element_backward_saved(const float *x, const float *dy, const double *sav
                             const float dev = xr[i1 + l] - mhi[0];
                             const float g = dyr[i1 + l] * scale[(i1 + l)];
                             ga[l] += g;
-                            gb[l] += g * dev;
+                            gb[l] += (g * dev);
                         }
                     }
                 }
                 double a = 0, b = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    a += da[l] + ga[l];
-                    b += db[l] + gb[l];
+                    a += da[l] + (double)ga[l];
+                    b += db[l] + (double)gb[l];
                 }
                 ca[0] += a;
                 cb[0] += b;
@@ -1535,8 +1535,8 @@ int ln_element_backward_saved(const float *x, const float *dy, const double *sav
                 }
                 if (++fill == 16) {
                     for (size_t c = 0; c < 48; ++c) {
-                        gscale[c] += fb[c];
-                        goffset[c] += fa[c];
+                        gscale[c] += (double)fb[c];
+                        goffset[c] += (double)fa[c];
                         fa[c] = 0;
                         fb[c] = 0;
                     }
@@ -1546,8 +1546,8 @@ int ln_element_backward_saved(const float *x, const float *dy, const double *sav
         }
     }
     for (size_t c = 0; c < 48; ++c) {
-        gscale[c] += fb[c];
-        goffset[c] += fa[c];
+        gscale[c] += (double)fb[c];
+        goffset[c] += (double)fa[c];
         fa[c] = 0;
         fb[c] = 0;
     }

@@ -630,7 +630,7 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
                     for (size_t q = 0; q < 8; ++q) {
-                        K += x[i0 * 8 + q];
+                        K += (double)x[i0 * 8 + q];
                     }
                     K /= 8;
                     kbase[0] = K; /* the block's base: its means are kept relative to it */
@@ -646,7 +646,7 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                         /* a run is shorter than a block of lanes */
                         const size_t i1 = c0;
                         for (size_t l = 0; l < c1 - i1; ++l) {
-                            const double dev = xr[i1 + l] - K;
+                            const double dev = (double)xr[i1 + l] - K;
                             lane[l] += dev;
                             lane2[l] += dev * dev;
                         }
@@ -670,7 +670,7 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                             /* a run is shorter than a block of lanes */
                             const size_t i1 = c0;
                             for (size_t l = 0; l < c1 - i1; ++l) {
-                                lane[l] += xr[i1 + l];
+                                lane[l] += (double)xr[i1 + l];
                             }
                         }
                     }
@@ -687,7 +687,7 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                             /* a run is shorter than a block of lanes */
                             const size_t i1 = c0;
                             for (size_t l = 0; l < c1 - i1; ++l) {
-                                const double dev = xr[i1 + l] - m;
+                                const double dev = (double)xr[i1 + l] - m;
                                 lane[l] += dev;
                                 lane2[l] += dev * dev;
                             }
@@ -751,7 +751,7 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
                             for (size_t q = 0; q < 8; ++q) {
-                                K += xn[i0 * 8 + q];
+                                K += (double)xn[i0 * 8 + q];
                             }
                             K /= 8;
                             kbase[0] = K; /* the block's base: its means are kept relative to it */
@@ -767,7 +767,7 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                                 /* a run is shorter than a block of lanes */
                                 const size_t i1 = c0;
                                 for (size_t l = 0; l < c1 - i1; ++l) {
-                                    const double dev = xr[i1 + l] - K;
+                                    const double dev = (double)xr[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -791,7 +791,7 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                                     /* a run is shorter than a block of lanes */
                                     const size_t i1 = c0;
                                     for (size_t l = 0; l < c1 - i1; ++l) {
-                                        lane[l] += xr[i1 + l];
+                                        lane[l] += (double)xr[i1 + l];
                                     }
                                 }
                             }
@@ -808,7 +808,7 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                                     /* a run is shorter than a block of lanes */
                                     const size_t i1 = c0;
                                     for (size_t l = 0; l < c1 - i1; ++l) {
-                                        const double dev = xr[i1 + l] - m;
+                                        const double dev = (double)xr[i1 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -866,7 +866,7 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
                             for (size_t q = 0; q < 8; ++q) {
-                                K += xn[i0 * 8 + q];
+                                K += (double)xn[i0 * 8 + q];
                             }
                             K /= 8;
                             kbase[0] = K; /* the block's base: its means are kept relative to it */
@@ -887,7 +887,7 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                                     yr[i1 + l] = ((xr[i1 + l] - mhi[0]) - mlo[0]) * (rs[0] * scale[(i1 + l)]) + offset[(i1 + l)];
                                 }
                                 for (size_t l = 0; l < c1 - i1; ++l) {
-                                    const double dev = xq[i1 + l] - K;
+                                    const double dev = (double)xq[i1 + l] - K;
                                     lane[l] += dev;
                                     lane2[l] += dev * dev;
                                 }
@@ -911,7 +911,7 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                                     /* a run is shorter than a block of lanes */
                                     const size_t i1 = c0;
                                     for (size_t l = 0; l < c1 - i1; ++l) {
-                                        lane[l] += xr[i1 + l];
+                                        lane[l] += (double)xr[i1 + l];
                                     }
                                 }
                             }
@@ -928,7 +928,7 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                                     /* a run is shorter than a block of lanes */
                                     const size_t i1 = c0;
                                     for (size_t l = 0; l < c1 - i1; ++l) {
-                                        const double dev = xr[i1 + l] - m;
+                                        const double dev = (double)xr[i1 + l] - m;
                                         lane[l] += dev;
                                         lane2[l] += dev * dev;
                                     }
@@ -1104,14 +1104,14 @@ int ln_runtime_backward(const ln_runtime_params *params, const float *x, const f
                             lane2[l] += dev * dev;
                             const float g = dyr[i1 + l] * scale[(i1 + l)];
                             ga[l] += g;
-                            gb[l] += g * dev;
+                            gb[l] += (g * dev);
                         }
                     }
                 }
                 double a = 0, b = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    a += da[l] + ga[l];
-                    b += db[l] + gb[l];
+                    a += da[l] + (double)ga[l];
+                    b += db[l] + (double)gb[l];
                 }
                 ca[0] += a;
                 cb[0] += b + ((double)m - ref[0]) * a;
@@ -1191,8 +1191,8 @@ int ln_runtime_backward(const ln_runtime_params *params, const float *x, const f
                 }
                 if (++fill == 16) {
                     for (size_t c = 0; c < 8; ++c) {
-                        gscale[c] += fb[c];
-                        goffset[c] += fa[c];
+                        gscale[c] += (double)fb[c];
+                        goffset[c] += (double)fa[c];
                         fa[c] = 0;
                         fb[c] = 0;
                     }
@@ -1202,8 +1202,8 @@ int ln_runtime_backward(const ln_runtime_params *params, const float *x, const f
         }
     }
     for (size_t c = 0; c < 8; ++c) {
-        gscale[c] += fb[c];
-        goffset[c] += fa[c];
+        gscale[c] += (double)fb[c];
+        goffset[c] += (double)fa[c];
         fa[c] = 0;
         fb[c] = 0;
     }
@@ -1313,14 +1313,14 @@ int ln_runtime_backward_saved(const ln_runtime_params *params, const float *x, c
                             const float dev = xr[i1 + l] - mhi[0];
                             const float g = dyr[i1 + l] * scale[(i1 + l)];
                             ga[l] += g;
-                            gb[l] += g * dev;
+                            gb[l] += (g * dev);
                         }
                     }
                 }
                 double a = 0, b = 0;
                 for (size_t l = 0; l < 32; ++l) {
-                    a += da[l] + ga[l];
-                    b += db[l] + gb[l];
+                    a += da[l] + (double)ga[l];
+                    b += db[l] + (double)gb[l];
                 }
                 ca[0] += a;
                 cb[0] += b;
@@ -1369,8 +1369,8 @@ int ln_runtime_backward_saved(const ln_runtime_params *params, const float *x, c
                 }
                 if (++fill == 16) {
                     for (size_t c = 0; c < 8; ++c) {
-                        gscale[c] += fb[c];
-                        goffset[c] += fa[c];
+                        gscale[c] += (double)fb[c];
+                        goffset[c] += (double)fa[c];
                         fa[c] = 0;
                         fb[c] = 0;
                     }
@@ -1380,8 +1380,8 @@ int ln_runtime_backward_saved(const ln_runtime_params *params, const float *x, c
         }
     }
     for (size_t c = 0; c < 8; ++c) {
-        gscale[c] += fb[c];
-        goffset[c] += fa[c];
+        gscale[c] += (double)fb[c];
+        goffset[c] += (double)fa[c];
         fa[c] = 0;
         fb[c] = 0;
     }
