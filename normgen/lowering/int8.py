@@ -43,6 +43,11 @@ def flt(value: float) -> str:
     return text + "f"
 
 
+def minus(zero_point: int) -> str:
+    """q less a zero point, as text: "q", "q - 4", "q + 7"."""
+    return "q" if zero_point == 0 else f"q {'-' if zero_point > 0 else '+'} {abs(zero_point)}"
+
+
 @dataclass(frozen=True)
 class Int8Plan:
     """Everything templates/c/int8.{h,c}.j2 need to spell out an int8 layer's predict."""
@@ -127,8 +132,8 @@ class Int8Plan:
             ["x", "y"],
             f"Inference on int8 tensors: y = quantize(normalize(dequantize(x))). x and y hold batch * {per}"
             f" elements in format {self.format}; y may be x.\n"
-            f" * x: real = {self.input_scale!r} * (q - ({self.input_zero_point}));"
-            f" y: real = {self.output_scale!r} * (q - ({self.output_zero_point})).",
+            f" * x: real = {self.input_scale!r} * ({minus(self.input_zero_point)});"
+            f" y: real = {self.output_scale!r} * ({minus(self.output_zero_point)}).",
             list(self.arrays))]
 
     @property
@@ -184,8 +189,22 @@ class Int8Plan:
         return self.count.expr()
 
     @property
+    def arithmetic(self) -> str:
+        """What runs in integers and what in float, for ``normgen show``."""
+        if self.folded:
+            return "x - zero_point in integers; one float multiply-add per element, rounded and saturated"
+        sums = "sum(q), sum(q^2)" if self.centered else "sum((q - zp)^2)"
+        return (f"statistics exact in integers ({sums}); 1/sqrt per statistic and one float multiply-add"
+                " per element, rounded (ties to even) and saturated")
+
+    @property
+    def normalize_comment(self) -> str:
+        d = "(n * q - S)" if self.centered else f"({minus(self.input_zero_point)})"
+        return f"y = {d} * t * g + h, quantized (g = scale / output_scale, h = offset / output_scale)"
+
+    @property
     def stat_comment(self) -> str:
-        what = "S = sum(q), Q = sum(q^2)" if self.centered else f"P = sum((q - {self.input_zero_point})^2)"
+        what = "S = sum(q), Q = sum(q^2)" if self.centered else f"P = sum(({minus(self.input_zero_point)})^2)"
         return f"{what} of each statistic {self.base.statistic_per} over {self.base.statistic_over}, in integers"
 
 
