@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
@@ -55,11 +56,15 @@ VARIANTS = [
 ]
 
 
+#: The same layers with arithmetic = "integer" (no float at run time).
+INTEGER = [layer.replace(name=f"{layer.name}_i", arithmetic="integer") for layer in GRID + VARIANTS]
+
+
 def _steps(got: np.ndarray, want: np.ndarray) -> np.ndarray:
     return np.abs(got.astype(np.int64) - want.astype(np.int64))
 
 
-@pytest.mark.parametrize("layer", GRID + VARIANTS, ids=lambda layer: layer.name)
+@pytest.mark.parametrize("layer", GRID + VARIANTS + INTEGER, ids=lambda layer: layer.name)
 def test_matches_the_reference_within_one_step(layer):
     """Every kind and format, full-range, narrow and all-equal inputs: exact or one step off."""
     compiled = build(layer)
@@ -79,10 +84,12 @@ def test_the_c_output_is_not_trivially_the_reference():
     assert _steps(build(other).predict(x), reference.predict(layer, x)).max() > 1
 
 
+@pytest.mark.parametrize("arithmetic", ["float", "integer"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_saturation(kind):
+def test_saturation(kind, arithmetic):
     """A huge scale drives outputs to both ends of the int8 range; they saturate as the reference does."""
-    layer = make(kind, "BTC", QUANT[0]).replace(scale=np.array([60.0, -60.0, 45.0, -30.0, 80.0, -90.0]))
+    layer = make(kind, "BTC", QUANT[0], arithmetic=arithmetic)
+    layer = layer.replace(scale=np.array([60.0, -60.0, 45.0, -30.0, 80.0, -90.0]))
     x = np.random.default_rng(1).integers(-128, 128, (4, 9, 6)).astype(np.int8)
     got, want = build(layer).predict(x), reference.predict(layer, x)
     assert (want == 127).sum() > 10 and (want == -128).sum() > 10
@@ -90,12 +97,13 @@ def test_saturation(kind):
     assert np.array_equal(got == 127, want == 127) and np.array_equal(got == -128, want == -128)
 
 
+@pytest.mark.parametrize("arithmetic", ["float", "integer"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_ties_round_to_even_before_the_zero_point(kind):
+def test_ties_round_to_even_before_the_zero_point(kind, arithmetic):
     """scale 0: y = offset exactly. Offsets on half steps round to the even neighbour, and only
     then is the (odd) output zero point added (adding it first would round the other way)."""
     halves = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5])
-    layer = make(kind, "BSSC", dict(input_scale=0.1, output_scale=0.25, output_zero_point=7))
+    layer = make(kind, "BSSC", dict(input_scale=0.1, output_scale=0.25, output_zero_point=7), arithmetic=arithmetic)
     layer = layer.replace(scale="zeros", offset=halves * 0.25, **({"bias": True} if kind == "rmsnorm" else {}))
     x = np.random.default_rng(2).integers(-128, 128, (2, 5, 4, 6)).astype(np.int8)
     lower = np.floor(halves)
@@ -105,10 +113,11 @@ def test_ties_round_to_even_before_the_zero_point(kind):
     assert np.array_equal(reference.predict(layer, x), got)
 
 
+@pytest.mark.parametrize("arithmetic", ["float", "integer"])
 @pytest.mark.parametrize("kind", ["groupnorm", "layernorm", "instancenorm"])
-def test_equal_values_give_the_offset(kind):
+def test_equal_values_give_the_offset(kind, arithmetic):
     """Every value of a statistic equal: variance 0, y = quantize(offset) per channel."""
-    layer = make(kind, "BCSS", QUANT[1])
+    layer = make(kind, "BCSS", QUANT[1], arithmetic=arithmetic)
     x = np.full((2, 6, 5, 4), -77, dtype=np.int8)
     want = layer.quantize(layer.offset_values).reshape(1, 6, 1, 1)
     assert np.array_equal(build(layer).predict(x), np.broadcast_to(want, x.shape))
@@ -138,6 +147,31 @@ def test_statistic_count_limit():
                    output_scale=1.0))  # batch norm's predict takes no statistics
 
 
+def test_integer_statistic_count_and_constant_limits():
+    """arithmetic = "integer": statistics of at most 2^16 elements (a fixed count when generated,
+    a run-time one by the function), folded constants below 2^24."""
+    q = dict(dtype="int8", input_scale=1.0, output_scale=1.0, arithmetic="integer")
+    with pytest.raises(NormgenError, match=r"at most 65536 elements \(2\^16 with arithmetic = 'integer'.*65537"):
+        emit(InstanceNorm(name="big", format="BCT", shape=[1, (1 << 16) + 1], **q))
+    emit(InstanceNorm(name="big", format="BCT", shape=[1, 1 << 16], **q))
+    compiled = build(VARIANTS[4].replace(arithmetic="integer"))
+    with pytest.raises(NormgenError, match="returned 4"):
+        compiled.predict(np.zeros((1, 3, (1 << 16) + 1), dtype=np.int8))
+    with pytest.raises(NormgenError, match=r"below 2\^24.*scale / output_scale is 2e\+24 at index 1"):
+        emit(LayerNorm(name="g", format="BTC", shape=[2, 3], scale=[1.0, 2e24, 1.0], **q))
+    with pytest.raises(NormgenError, match=r"below 2\^24.*folded offset"):
+        emit(BatchNorm(name="b", format="BTC", shape=[2, 3], trained_mean=[0.0, -1e30, 0.0], **q))
+
+
+@pytest.mark.parametrize("layer", [INTEGER[0], INTEGER[4], INTEGER[14], INTEGER[-2]], ids=lambda layer: layer.name)
+def test_integer_arithmetic_has_no_float(layer):
+    """No float type, literal or libm call in the generated code (its comments aside)."""
+    code = re.sub(r"/\*.*?\*/", "", emit(layer)[f"{layer.name}.c"], flags=re.S)  # the code, not its comments
+    assert "int8_t" in code and "_rsqrt(" in code or "_a[c]" in code
+    for pattern in (r"\bfloat\b", r"\bdouble\b", r"\bsqrtf?\(", "<math.h>", r"\d\.\d*f?\b", r"\d[eE][-+]?\d"):
+        assert not re.search(pattern, code), pattern
+
+
 def test_float_input_is_refused():
     layer = GRID[0]
     with pytest.raises(NormgenError, match="int8 values, got float64"):
@@ -150,7 +184,7 @@ def test_float_input_is_refused():
 def test_strict_warnings_and_byte_identical(tmp_path):
     """C99, no warning under -Wdouble-promotion -Wshadow -Wconversion as well; the same layer
     gives the same bytes."""
-    for layer in (GRID[0], GRID[4], GRID[14], VARIANTS[4]):
+    for layer in (GRID[0], GRID[4], GRID[14], VARIANTS[4], INTEGER[0], INTEGER[4], INTEGER[14], INTEGER[-2]):
         files = emit(layer)
         assert files == emit(layer)
         for name, text in files.items():

@@ -26,7 +26,10 @@ Initializer = str | Callable[[int], Any] | Sequence[float] | np.ndarray | None
 DTYPES = ("float32", "float64", "float16", "bfloat16", "int8")
 #: The quantization of an int8 layer's x and y (TFLite's asymmetric int8 scheme, per tensor):
 #: real = scale * (q - zero_point).
-QUANT_FIELDS = ("input_scale", "input_zero_point", "output_scale", "output_zero_point")
+QUANT_FIELDS = ("input_scale", "input_zero_point", "output_scale", "output_zero_point", "arithmetic")
+#: How an int8 layer's generated C normalizes: statistics in integers and the normalize step in
+#: float ("float"), or nothing in float at all ("integer": fixed point, for cores without an FPU).
+ARITHMETICS = ("float", "integer")
 INITIALIZERS = ("ones", "zeros", "narrownormal")
 RUNNING_VARIANCE = ("unbiased", "biased")
 PARAM_STORAGE = ("embedded", "runtime")
@@ -348,6 +351,8 @@ class Layer:
     input_zero_point: int | None = None
     output_scale: float | None = None
     output_zero_point: int | None = None
+    #: dtype "int8": "float" (default) or "integer" (ARITHMETICS).
+    arithmetic: str | None = None
 
     # Resolved on construction (not arguments).
     fmt: Format = field(init=False, repr=False)
@@ -500,7 +505,7 @@ class Layer:
         pass
 
     def _resolve_quantization(self) -> None:
-        """input_scale, input_zero_point, output_scale, output_zero_point: for dtype int8 only."""
+        """input_scale, input_zero_point, output_scale, output_zero_point, arithmetic: for dtype int8 only."""
         where = f"layer {self.name!r}"
         set_ = object.__setattr__
         if self.dtype != "int8":
@@ -524,6 +529,8 @@ class Layer:
                 raise NormgenError(f"{where}: {side}_zero_point must be an integer in [-128, 127] (an int8 value),"
                                    f" got {_short(zp)}")
             set_(self, f"{side}_zero_point", int(zp))
+        set_(self, "arithmetic", _choice("float" if self.arithmetic is None else self.arithmetic,
+                                         f"{where}: arithmetic", ARITHMETICS))
 
     def _check_int8(self) -> None:
         """What an int8 layer does not have: fused forms, run-time parameters, OpenMP."""

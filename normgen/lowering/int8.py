@@ -13,10 +13,21 @@ deviation but for ε, which is divided by input_scale² at generation time. Each
 with ε' = ε / input_scale², g = γ / output_scale, h = β / output_scale, and
 y = saturate(round_half_even(v) + output_zero_point). The statistics and the deviations are
 integers; t and the multiply-add are float (single precision: an FPU's float, no double).
+
+``arithmetic = "integer"`` computes the same in fixed point, with no float at run time (cores
+without an FPU). Both forms above are d / √M · g + h with an integer d and M: centered,
+d = n·q − S and M = n·Q − S² + n²·ε'; RMSNorm, d = n·(q − zp_in) and M = n·P + n²·ε'. Per
+statistic, M·2^16 (n²·ε'·2^16 from a fixed-point ε') is shifted left by 2s bits into
+[2^60, 2^62), its integer square root taken (in [2^30, 2^31)) and inverted (inv = 2^62 / √);
+per element x̂ = d·inv >> (32 − s) has 22 fraction bits, v = x̂·G >> SH + H has FRAC, with G
+(g, shared exponent) and H (h) fixed-point constants. Batch norm folds into v = (q − zp_in)·A + B.
+v is rounded to the nearest integer, ties to even, in integers. Every product fits int64_t for
+statistics of at most 2^16 elements and |g|, |h|, |a|, |b| below 2^24, which lowering checks.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +44,90 @@ MAX_COUNT = 1 << 24
 #: float, so that 1/√(var + ε') stays finite where the variance is 0 (ε' is clamped to them).
 FLT_MIN = float(np.finfo(np.float32).tiny)
 FLT_MAX = float(np.finfo(np.float32).max)
+#: arithmetic = "integer": most elements of one statistic (d below 2^24, n·Q below 2^46) and the
+#: bound on the folded constants' magnitudes (their fixed-point forms fit the products' int64_t).
+MAX_COUNT_INTEGER = 1 << 16
+MAX_CONSTANT = float(1 << 24)
+#: Fraction bits of x̂ and of v (v: the centered and RMS kinds; batch norm's are FOLD_FRAC at most).
+XHAT_FRAC = 22
+V_FRAC = 24
+FOLD_FRAC = 32
+#: The largest n²·ε'·2^16 added to M·2^16 (both fit uint64_t together).
+EPS_LIMIT = 1 << 62
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """The fixed-point constants of arithmetic = "integer" (module docstring)."""
+
+    arrays: dict[str, tuple[str, list[str]]]  # name → (C type, integer literals)
+    frac: int  # fraction bits of v
+    shift: int  # centered and RMS: x̂·G >> shift has frac fraction bits
+    eps_term: str  # C expression: n²·ε'·2^16 from n2 (uint64_t n·n), rounded
+    lo: str  # v is clamped to [lo, hi] (one step past the int8 range, less the zero point, in v's units)
+    hi: str
+    bias: str  # 512 in v's units: v + bias >= 0 after the clamp, and even, so parity is kept
+    half: str  # 2^(frac - 1)
+    mask: str  # 2^frac - 1
+
+
+def _int_literal(value: int, ctype: str) -> str:
+    suffix = {"int32_t": "", "int64_t": "LL"}[ctype]
+    if ctype == "int32_t":
+        return str(value) if value != -(1 << 31) else "(-2147483647 - 1)"
+    return f"{value}{suffix}" if value >= 0 else f"({value}{suffix})"
+
+
+def _exponent(values: np.ndarray) -> int:
+    """e with max |values| < 2^e (0 for none or all zero)."""
+    top = float(np.max(np.abs(values))) if values.size else 0.0
+    return math.frexp(top)[1] if top > 0 else 0
+
+
+def _fixed(layer: Layer, arrays: dict[str, np.ndarray], folded: bool, zp_out: int) -> Fixed:
+    where = f"layer {layer.name!r}: arithmetic 'integer'"
+    for name, arr in arrays.items():
+        big = np.flatnonzero(np.abs(arr) >= MAX_CONSTANT)
+        if big.size:
+            what = {"g": "scale / output_scale", "h": "offset / output_scale", "a": "the folded multiplier",
+                    "b": "the folded offset"}[name]
+            raise NormgenError(f"{where} takes constants below 2^24 in magnitude; {what} is {float(arr[big[0]])!r}"
+                               f" at index {big[0]} (use arithmetic = 'float')")
+    if folded:
+        frac = min(FOLD_FRAC, 30 - _exponent(arrays["a"]))
+        a = np.rint(arrays["a"] * 2.0**frac).astype(np.int64)
+        b = np.rint(arrays["b"] * 2.0**frac).astype(np.int64)
+        lits = {"a": ("int32_t", [_int_literal(int(v), "int32_t") for v in a]),
+                "b": ("int64_t", [_int_literal(int(v), "int64_t") for v in b])}
+        shift = 0
+        eps_term = "0"
+    else:
+        frac = V_FRAC
+        gfrac = min(60, 30 - _exponent(arrays["g"]))
+        g = np.rint(arrays["g"] * 2.0**gfrac).astype(np.int64)
+        h = np.rint(arrays["h"] * 2.0**frac).astype(np.int64)
+        lits = {"g": ("int32_t", [_int_literal(int(v), "int32_t") for v in g]),
+                "h": ("int64_t", [_int_literal(int(v), "int64_t") for v in h])}
+        shift = XHAT_FRAC + gfrac - frac
+        eps = layer.epsilon / (layer.input_scale * layer.input_scale) * 2.0**16
+        mant, exp = math.frexp(eps)  # eps = mant * 2^exp, mant in [0.5, 1)
+        em = int(round(mant * 2.0**31))
+        ke = 31 - exp
+        if em == 1 << 31:
+            em, ke = em >> 1, ke - 1
+        if ke >= 64:
+            eps_term = "0"
+        elif ke > 0:
+            eps_term = f"((n2 * {em}u + ((uint64_t)1 << {ke - 1})) >> {ke})"
+        elif ke == 0:
+            eps_term = f"(n2 * {em}u)"
+        else:
+            cap = EPS_LIMIT >> -ke
+            eps_term = f"(n2 * {em}u > {cap}u ? (uint64_t){EPS_LIMIT}u : (n2 * {em}u) << {-ke})"
+    one = 1 << frac
+    return Fixed(arrays=lits, frac=frac, shift=shift, eps_term=eps_term,
+                 lo=_int_literal((-129 - zp_out) * one, "int64_t"), hi=_int_literal((128 - zp_out) * one, "int64_t"),
+                 bias=_int_literal(512 * one, "int64_t"), half=f"{1 << (frac - 1)}u", mask=f"{one - 1}u")
 
 
 def flt(value: float) -> str:
@@ -67,9 +162,11 @@ class Int8Plan:
     count_guard: bool  # the count depends on run-time sizes: checked against MAX_COUNT at run time
     lo: str  # v is clamped to [lo, hi] before rounding: one step past the int8 range, less the zero point
     hi: str
+    #: arithmetic = "integer": the fixed-point constants; None: the normalize step in float
+    fixed: Fixed | None = None
 
+    max_count: int = MAX_COUNT  # most elements of one statistic (checked at run time where it is not fixed)
     version: str = __version__
-    max_count: int = MAX_COUNT
 
     # ---- names every C template shares -------------------------------------------------------
     @property
@@ -147,6 +244,11 @@ class Int8Plan:
 
     # ---- the loops ---------------------------------------------------------------------------
     @property
+    def template(self) -> str:
+        """The C template that spells the function out: float or fixed-point normalize step."""
+        return "c/int8.c.j2" if self.fixed is None else "c/int8_fixed.c.j2"
+
+    @property
     def folded(self) -> bool:
         return self.statistic == "folded"
 
@@ -191,6 +293,10 @@ class Int8Plan:
     @property
     def arithmetic(self) -> str:
         """What runs in integers and what in float, for ``normgen show``."""
+        if self.fixed is not None:
+            return ("integers only (arithmetic = 'integer'): " + ("a fixed-point multiply-add per element" if self.folded
+                    else "exact integer statistics, an integer square root per statistic, fixed-point normalize")
+                    + "; rounded (ties to even) and saturated")
         if self.folded:
             return "x - zero_point in integers; one float multiply-add per element, rounded and saturated"
         sums = "sum(q), sum(q^2)" if self.centered else "sum((q - zp)^2)"
@@ -227,10 +333,14 @@ def lower_int8(layer: Layer) -> Int8Plan:
     for a in base.axes:
         if not a.keep:
             count = count * a.extent
-    if statistic != "folded" and not count.dynamic and count.static > MAX_COUNT:
+    integer = layer.arithmetic == "integer"
+    most = MAX_COUNT_INTEGER if integer else MAX_COUNT
+    if statistic != "folded" and not count.dynamic and count.static > most:
+        why = ("2^16 with arithmetic = 'integer': its fixed-point products must fit int64_t" if integer else
+               "2^24: their integer sums n*sum(q^2) - sum(q)^2 must fit int64_t")
         raise NormgenError(
-            f"layer {layer.name!r}: dtype 'int8' takes statistics over at most {MAX_COUNT} elements (2^24: their"
-            f" integer sums n*sum(q^2) - sum(q)^2 must fit int64_t); each of this layer's covers {count.static}"
+            f"layer {layer.name!r}: dtype 'int8' takes statistics over at most {most} elements ({why}); each of"
+            f" this layer's covers {count.static}"
         )
     eps = min(max(layer.epsilon / (s_in * s_in), FLT_MIN), FLT_MAX)
     return Int8Plan(
@@ -247,4 +357,6 @@ def lower_int8(layer: Layer) -> Int8Plan:
         count_guard=statistic != "folded" and count.dynamic,
         lo=flt(-129 - zp_out),
         hi=flt(128 - zp_out),
+        fixed=_fixed(layer, arrays, statistic == "folded", zp_out) if integer else None,
+        max_count=most,
     )

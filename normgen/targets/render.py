@@ -58,7 +58,7 @@ FILES = {
     "cuda": (("{name}.cuh", "cuda/layer.cuh.j2"), ("{name}.cu", "cuda/layer.cu.j2")),
 }
 #: An int8 layer's files (C target only): its own templates (lowering/int8.py).
-INT8_FILES = (("{name}.h", "c/int8.h.j2"), ("{name}.c", "c/int8.c.j2"))
+INT8_FILES = (("{name}.h", "c/int8.h.j2"), ("{name}.c", "{template}"))
 FILES["mex"] = FILES["c"] + (("{name}_mex.c", "mex/gateway.c.j2"), ("{name}_mex.m", "mex/help.m.j2"))
 
 
@@ -78,7 +78,8 @@ def render(plan: Plan | Int8Plan, target: str) -> dict[str, str]:
     """A plan → {file name: text}."""
     env = environment()
     if isinstance(plan, Int8Plan):
-        return {pattern.format(name=plan.name): env.get_template(tpl).render(plan=plan) for pattern, tpl in INT8_FILES}
+        return {pattern.format(name=plan.name): env.get_template(tpl.format(template=plan.template)).render(plan=plan)
+                for pattern, tpl in INT8_FILES}
     context = {"plan": plan, **EXTENSIONS[target](plan)}
     return {pattern.format(name=plan.name): env.get_template(tpl).render(context) for pattern, tpl in FILES[target]}
 
