@@ -8,6 +8,8 @@ import subprocess
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import normgen.reference as reference
 from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, NormgenError, RMSNorm, build, emit, load_spec
@@ -393,3 +395,41 @@ def test_reference_matches_onnxruntime_qdq(kind):
     ours = reference.predict(layer, x)
     steps = _steps(ours, theirs)
     assert steps.max() <= 1 and (steps == 1).sum() <= max(2, steps.size // 100), (steps.max(), (steps == 1).sum())
+
+
+@st.composite
+def int8_layers(draw):
+    """A random format, sizes, kind, quantization and arithmetic."""
+    letters = ["C"] + draw(st.lists(st.sampled_from("SU"), max_size=3))
+    if draw(st.booleans()):
+        letters.append("B")
+    if draw(st.booleans()):
+        letters.append("T")
+    fmt = "".join(draw(st.permutations(letters)))
+    groups = draw(st.integers(1, 3))
+    channels = groups * draw(st.integers(1, 3))
+    shape = [channels if ch == "C" else draw(st.integers(1, 6)) for ch in fmt if ch != "B"]
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    kw = dict(name="h8", format=fmt, shape=shape, dtype="int8", epsilon=draw(st.sampled_from([1e-5, 1e-3, 0.5])),
+              input_scale=draw(st.floats(1e-3, 2.0)), input_zero_point=draw(st.integers(-128, 127)),
+              output_scale=draw(st.floats(1e-3, 2.0)), output_zero_point=draw(st.integers(-128, 127)),
+              arithmetic=draw(st.sampled_from(["float", "integer"])),
+              scale=rng.normal(0.0, 2.0, channels), offset=rng.normal(0.0, 2.0, channels))
+    kind = draw(st.sampled_from(KINDS))
+    if kind == "batchnorm":
+        return BatchNorm(**kw, trained_mean=rng.normal(0, 2, channels), trained_variance=rng.uniform(0, 3, channels))
+    if kind == "groupnorm":
+        return GroupNorm(**kw, num_groups=groups)
+    if kind == "layernorm":
+        return LayerNorm(**kw, operation_dimension=draw(
+            st.sampled_from(["auto", "channel-only", "spatial-channel", "batch-excluded"])))
+    if kind == "rmsnorm":
+        return RMSNorm(**kw, bias=True)
+    return InstanceNorm(**kw)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layer=int8_layers(), batch=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_hypothesis_shapes(layer, batch, seed):
+    results = check_layer(build(layer), layer, batches=(batch,), seed=seed)
+    assert results and all(r.ok for r in results), [r for r in results if not r.ok]
