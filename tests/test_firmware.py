@@ -76,6 +76,8 @@ INT8_LAYERS = [
     InstanceNorm(name="q8_in", format="BCSS", shape=[8, 4, 4], **QUANT, **params(8, 4)),
     RMSNorm(name="q8_rms", format="BTC", shape=[6, 16], **QUANT, scale=params(16, 5)["scale"]),
 ]
+#: The same with arithmetic = "integer": no float at run time.
+INT8_LAYERS += [layer.replace(name=f"{layer.name}_i", arithmetic="integer") for layer in INT8_LAYERS]
 
 
 def cross_compile(layer, cpu: str, out: Path, warnings: tuple[str, ...] = ()) -> dict[str, tuple[int, str]]:
@@ -175,6 +177,20 @@ def test_int8_cross_compiles_free_of_firmware_warnings_with_a_small_stack(cpu, t
         stacks = cross_compile(layer, cpu, tmp_path, tuple(FIRMWARE_WARNINGS))
         size, qualifier = stacks[f"{layer.name}_predict"]
         assert qualifier == "static" and size <= PREDICT_STACK, (layer.name, cpu, size, qualifier)
+
+
+def test_int8_integer_arithmetic_links_no_float_routine(tmp_path):
+    """arithmetic = "integer" on the M0 (no FPU): no soft-float routine of libgcc, no libm."""
+    nm = shutil.which("arm-none-eabi-nm")
+    if nm is None:
+        pytest.skip("no arm-none-eabi-nm")
+    for layer in INT8_LAYERS:
+        cross_compile(layer, "m0", tmp_path)
+        undefined = subprocess.run([nm, "-u", str(tmp_path / f"{layer.name}_m0.o")], capture_output=True,
+                                   text=True).stdout.split()
+        floats = [u for u in undefined if u.startswith(("__aeabi_f", "__aeabi_d", "__aeabi_l2f", "__aeabi_i2f"))
+                  or "sqrt" in u]
+        assert bool(floats) == (layer.arithmetic == "float"), (layer.name, undefined)
 
 
 def _int8_main(runs: list[tuple[str, str, np.ndarray]]) -> str:
