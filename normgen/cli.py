@@ -23,7 +23,12 @@ spec files (TOML), one [[layer]] table per layer:
   format = "BCSS"              # row-major letters, outermost first (PyTorch NCHW = "BCSS")
   # matlab_format = "SSCB"     # ...or MATLAB's column-major letters (same layout as "BCSS")
   shape = [64, 56, 56]         # sizes of the non-B dimensions, in the order written
-  dtype = "float32"            # float32 | float64 (cuda also float16 | bfloat16)
+  dtype = "float32"            # float32 | float64 (cuda also float16 | bfloat16; c also int8)
+  # input_scale = 0.05         # int8: real = scale * (q - zero_point), per tensor (scales required)
+  # input_zero_point = 0       # int8: integers in [-128, 127], default 0
+  # output_scale = 0.03
+  # output_zero_point = 0
+  # arithmetic = "float"       # int8: float (normalize step in float) | integer (no float at run time)
   epsilon = 1e-5
   num_groups = 32              # groupnorm: integer dividing C, "allchannels" or "channelwise"
   operation_dimension = "auto" # layernorm, rmsnorm: auto | channel-only | spatial-channel | batch-excluded
