@@ -433,3 +433,80 @@ def int8_layers(draw):
 def test_hypothesis_shapes(layer, batch, seed):
     results = check_layer(build(layer), layer, batches=(batch,), seed=seed)
     assert results and all(r.ok for r in results), [r for r in results if not r.ok]
+
+
+SAN_DRIVER = r"""
+#include <stdio.h>
+#include <string.h>
+#include "{name}.h"
+#define N ((size_t){batch} * {per})
+static int8_t x[N], y[N], z[N];
+int main(void)
+{{
+    FILE *f = fopen("x.bin", "rb");
+    if (!f || fread(x, 1, N, f) != N) return 10;
+    fclose(f);
+    if ({name}_predict(x, y, {batch}{sizes}) != 0) return 11;
+    memcpy(z, x, sizeof x);
+    if ({name}_predict(z, z, {batch}{sizes}) != 0) return 12;  /* in place */
+    if (memcmp(y, z, sizeof y) != 0) return 13;
+    f = fopen("y.bin", "wb");
+    fwrite(y, 1, N, f);
+    fclose(f);
+    return 0;
+}}
+"""
+
+
+def _extremes(layer, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Inputs at the int8 range's ends: the largest deviations, variances and sums there are."""
+    shape = reference.full_shape(layer, batch)
+    alternating = np.where(np.arange(int(np.prod(shape))) % 2 == 0, -128, 127).reshape(shape)
+    lone = np.full(shape, -128)
+    lone.reshape(-1)[:: max(1, lone.size // 3)] = 127  # a few far from the rest: |x̂| near √n
+    return {"alternating": alternating.astype(np.int8), "lone": lone.astype(np.int8),
+            "low": np.full(shape, -128, dtype=np.int8), "high": np.full(shape, 127, dtype=np.int8),
+            "random": rng.integers(-128, 128, shape).astype(np.int8)}
+
+
+SAN_LAYERS = [
+    # the largest statistic each arithmetic takes: every sum and product at its bound
+    InstanceNorm(name="san_in_i", format="BCT", shape=[2, 1 << 16], dtype="int8", input_scale=0.01,
+                 input_zero_point=-128, output_scale=0.002, output_zero_point=127, arithmetic="integer",
+                 scale=[1.0, -3.0], offset=[0.5, -0.25]),
+    RMSNorm(name="san_rms_i", format="BTC", shape=[2, 1 << 15], dtype="int8", input_scale=0.5, input_zero_point=127,
+            output_scale=0.01, output_zero_point=-128, arithmetic="integer", scale="narrownormal"),
+    LayerNorm(name="san_ln_f", format="BTC", shape=[2, 1 << 20], dtype="int8", input_scale=0.02, input_zero_point=-128,
+              output_scale=0.01, output_zero_point=127),
+    GroupNorm(name="san_gn_i", format="BSSC", shape=[7, 9, 12], num_groups=4, dtype="int8", input_scale=1e-3,
+              output_scale=5e-4, output_zero_point=-11, arithmetic="integer", epsilon=1e-6),
+    BatchNorm(name="san_bn_i", format="BCSS", shape=[4, 5, 5], dtype="int8", input_scale=0.3, input_zero_point=100,
+              output_scale=0.01, arithmetic="integer", scale=[1e3, -1e3, 1e-3, 0.0], trained_variance=[1, 2, 3, 1e-9]),
+]
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+@pytest.mark.parametrize("layer", SAN_LAYERS, ids=lambda layer: layer.name)
+def test_under_address_and_undefined_behaviour_sanitizers(layer, tmp_path):
+    """No overflow (UBSan: signed overflow, shifts), no stray access (ASan) at the bounds, and the
+    outputs of both calls (out of place, in place) equal and within one step of the reference."""
+    batch = 2
+    for name, text in emit(layer).items():
+        (tmp_path / name).write_text(text)
+    per = reference.full_shape(layer, 1)
+    (tmp_path / "main.c").write_text(SAN_DRIVER.format(name=layer.name, batch=batch, per=int(np.prod(per)), sizes=""))
+    exe = tmp_path / "run"
+    cmd = ["gcc", "-std=c99", "-Wall", "-Wextra", "-pedantic", "-Werror", "-O1", "-g", "-fsanitize=address,undefined",
+           "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", str(tmp_path / f"{layer.name}.c"),
+           str(tmp_path / "main.c"), "-o", str(exe), "-lm"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode and "sanitize" in proc.stderr:
+        pytest.skip(f"gcc cannot build with the sanitizers here: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stderr
+    for tag, x in _extremes(layer, batch, np.random.default_rng(8)).items():
+        (tmp_path / "x.bin").write_bytes(x.tobytes())
+        run = subprocess.run([str(exe)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, (tag, run.returncode, run.stderr[-3000:])
+        got = np.frombuffer((tmp_path / "y.bin").read_bytes(), dtype=np.int8).reshape(x.shape)
+        steps = _steps(got, reference.predict(layer, x))
+        assert steps.max() <= 1 and (steps == 1).sum() <= max(2, steps.size // 1000), (tag, steps.max())
