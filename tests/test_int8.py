@@ -298,6 +298,10 @@ def test_cli_check_and_show(tmp_path, capsys):
     assert "x: real = 0.05 * (q + 4), y: real = 0.03 * (q - 6)" in out and "exact in integers" in out
     assert main(["emit", str(spec), "--target", "cuda", "-o", str(tmp_path / "o")]) == 2
     assert "c target only" in capsys.readouterr().err
+    assert main(["emit", str(spec), "--functions", "predict,backward", "-o", str(tmp_path / "o")]) == 2
+    assert "an int8 layer has no backward function" in capsys.readouterr().err
+    assert main(["bench", str(spec), "--no-torch"]) == 2
+    assert "not int8" in capsys.readouterr().err
 
 
 # ---- outside oracles ---------------------------------------------------------------------------
