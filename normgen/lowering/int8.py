@@ -1,4 +1,5 @@
-"""Lowering an int8 layer (README "int8"): the plan templates/c/int8.c.j2 renders.
+"""Lowering an int8 layer (README "int8"): the plan that templates/c/int8.h.j2 and
+int8.c.j2 (float arithmetic) or int8_fixed.c.j2 (integer arithmetic) render.
 
 x and y are int8 with real = scale * (q - zero_point) (TFLite's asymmetric scheme, per tensor).
 The statistics are exact integer sums of the quantized values: S = Σq and Q = Σq² (RMSNorm:
@@ -19,8 +20,8 @@ without an FPU). Both forms above are d / √M · g + h with an integer d and M:
 d = n·q − S and M = n·Q − S² + n²·ε'; RMSNorm, d = n·(q − zp_in) and M = n·P + n²·ε'. Per
 statistic, M·2^16 (n²·ε'·2^16 from a fixed-point ε') is shifted left by 2s bits into
 [2^60, 2^62), its integer square root taken (in [2^30, 2^31)) and inverted (inv = 2^62 / √);
-per element x̂ = d·inv >> (32 − s) has 22 fraction bits, v = x̂·G >> SH + H has FRAC, with G
-(g, shared exponent) and H (h) fixed-point constants. Batch norm folds into v = (q − zp_in)·A + B.
+per element x̂ = d·inv >> (32 − s) has XHAT_FRAC (22) fraction bits and v = (x̂·G >> shift) + H
+has V_FRAC (24), with G (g, one exponent for all) and H (h) fixed-point constants. Batch norm folds into v = (q − zp_in)·A + B.
 v is rounded to the nearest integer, ties to even, in integers. Every product fits int64_t for
 statistics of at most 2^16 elements and |g|, |h|, |a|, |b| below 2^24, which lowering checks.
 """
@@ -159,7 +160,7 @@ class Int8Plan:
     arrays: dict[str, list[str]]  # name → float literals, plan.channels of them
     epsilon_literal: str  # ε' = ε / input_scale², clamped to [FLT_MIN, FLT_MAX], as a float
     count: Extent  # elements of one statistic
-    count_guard: bool  # the count depends on run-time sizes: checked against MAX_COUNT at run time
+    count_guard: bool  # the count depends on run-time sizes: checked against max_count at run time
     lo: str  # v is clamped to [lo, hi] before rounding: one step past the int8 range, less the zero point
     hi: str
     #: arithmetic = "integer": the fixed-point constants; None: the normalize step in float
@@ -305,8 +306,12 @@ class Int8Plan:
 
     @property
     def normalize_comment(self) -> str:
+        parts = "(g = scale / output_scale, h = offset / output_scale)"
+        if self.fixed is not None:
+            d = "n * q - S" if self.centered else f"n * ({minus(self.input_zero_point)})"
+            return f"y = d / sqrt(M) * g + h, quantized, d = {d} {parts}"
         d = "(n * q - S)" if self.centered else f"({minus(self.input_zero_point)})"
-        return f"y = {d} * t * g + h, quantized (g = scale / output_scale, h = offset / output_scale)"
+        return f"y = {d} * t * g + h, quantized {parts}"
 
     @property
     def stat_comment(self) -> str:
