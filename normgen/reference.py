@@ -78,8 +78,11 @@ def _channel_shape(layer: Layer, ndim: int) -> tuple[int, ...]:
 def statistics(layer: Layer, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and biased (1/n) variance of each statistic, with the reduced axes kept as size 1
     in the grouped view (so they broadcast against it). RMSNorm (statistic ``mean_square``):
-    a mean of 0 and the mean of x², so that every kind normalizes as (x − mean)/√(var + ε)."""
+    a mean of 0 and the mean of x², so that every kind normalizes as (x − mean)/√(var + ε).
+    An int8 layer's are those of the dequantized x."""
     layer = bind(layer, x)
+    if layer.dtype == "int8":
+        return statistics(_real(layer), layer.dequantize(int8_input(layer, x)))
     x = np.asarray(x, dtype=np.float64)
     view, axes, _ = grouped_view(layer, x)
     if not semantics(layer).centered:

@@ -125,6 +125,15 @@ def test_equal_values_give_the_offset(kind, arithmetic):
     assert np.array_equal(build(layer).predict(x), np.broadcast_to(want, x.shape))
 
 
+def test_statistics_are_the_dequantized_values():
+    layer = GRID[8]  # layernorm over C of BTC
+    x = np.random.default_rng(6).integers(-128, 128, reference.full_shape(layer, 2)).astype(np.int8)
+    real = layer.input_scale * (x.astype(np.float64) - layer.input_zero_point)
+    mean, var = reference.statistics(layer, x)
+    assert np.allclose(mean, real.mean(axis=-1, keepdims=True), rtol=1e-12, atol=1e-12)
+    assert np.allclose(var, real.var(axis=-1, keepdims=True), rtol=1e-12, atol=1e-12)
+
+
 def test_in_place():
     layer = GRID[4]
     x = np.random.default_rng(5).integers(-128, 128, reference.full_shape(layer, 3)).astype(np.int8)
