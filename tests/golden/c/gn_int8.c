@@ -28,15 +28,22 @@
  */
 #include "gn_int8.h"
 
+#include <float.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
 /* Rounding to nearest with ties to even adds and subtracts 1.5 * 2^23 in float: exact in the
- * default rounding mode for |v| < 2^22, which the clamp before it keeps. -ffast-math may fold
- * the two away. */
+ * default rounding mode for |v| < 2^22, which the clamp before it keeps. The sum must be rounded
+ * to float before the subtraction: where float arithmetic carries more precision (x87), it is
+ * stored through a volatile. -ffast-math may fold the two away. */
 #if defined(__FAST_MATH__)
 #error "gn_int8.c rounds with float arithmetic that -ffast-math may fold away: compile it without -ffast-math"
+#endif
+#if FLT_EVAL_METHOD == 0
+#define GN_INT8_ROUNDED const float
+#else
+#define GN_INT8_ROUNDED volatile float
 #endif
 
 /* g, one per channel */
@@ -54,7 +61,7 @@ static int8_t gn_int8_quantize(float v)
 {
     v = v > -134.0f ? v : -134.0f; /* also NaN */
     v = v < 123.0f ? v : 123.0f;
-    const float shifted = v + 12582912.0f;
+    GN_INT8_ROUNDED shifted = v + 12582912.0f;
     const float r = shifted - 12582912.0f;
     int32_t q = (int32_t)r + (5);
     q = q < -128 ? -128 : q;
