@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import subprocess
@@ -12,11 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import normgen.reference as reference
+from helpers import grid
 from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, NormgenError, RMSNorm, build, emit, load_spec
 from normgen.cli import main
 from normgen.harness.check import check_layer, int8_inputs
 from normgen.importers.writer import spec_files
-from normgen.lowering.int8 import MAX_COUNT
+from normgen.lowering.int8 import MAX_COUNT, lower_int8
 
 FORMATS = {"BCSS": [6, 5, 4], "BSSC": [5, 4, 6], "BTC": [9, 6]}
 QUANT = [
@@ -523,3 +525,54 @@ def test_under_address_and_undefined_behaviour_sanitizers(layer, tmp_path):
         got = np.frombuffer((tmp_path / "y.bin").read_bytes(), dtype=np.int8).reshape(x.shape)
         steps = _steps(got, reference.predict(layer, x))
         assert steps.max() <= 1 and (steps == 1).sum() <= max(2, steps.size // 1000), (tag, steps.max())
+
+
+# ---- tier 1: the int8 plan's loops, walked without compiling ----------------------------------
+def _int8_grid():
+    for layer in grid(dtypes=("float32",)):
+        try:
+            yield layer.replace(dtype="int8", input_scale=0.1, output_scale=0.05)
+        except NormgenError:  # what int8 lacks: run-time parameters, fused forms
+            continue
+
+
+def _value(expr: str, env: dict) -> int:
+    return int(eval(expr.replace(" / ", " // "), {}, env))  # noqa: S307 - expressions come from the plan
+
+
+@pytest.mark.parametrize("layer", list(_int8_grid()), ids=lambda layer: layer.name)
+def test_int8_loops_partition_like_the_reference(layer):
+    """Every element once; each statistic's loop visits exactly the elements the reference groups
+    together; the channel of each element is its C index (or its normalized-element index)."""
+    plan = lower_int8(layer)
+    batch = 2 if layer.fmt.has_batch else 1
+    shape = reference.full_shape(layer, batch)
+    offsets = np.arange(int(np.prod(shape))).reshape(shape)
+    view, axes, _ = reference.grouped_view(layer, offsets)
+    kept = [a for a in range(view.ndim) if a not in axes]
+    moved = np.moveaxis(view, kept, list(range(len(kept))))
+    groups = {frozenset(moved[idx].reshape(-1).tolist()) for idx in np.ndindex(*moved.shape[:len(kept)])}
+    channel = np.indices(shape)[layer.fmt.letters.index("C")].reshape(-1)
+    env = {"nb": batch}
+    seen = []
+    walked = set()
+    loops = plan.apply_loops if plan.folded else plan.stat_loops
+    for idx in itertools.product(*[range(_value(lp.stop, env)) for lp in loops]):
+        env.update({lp.var: i for lp, i in zip(loops, idx, strict=True)})
+        if plan.folded:
+            seen.append(_value(plan.apply_offset_expr, env))
+            assert _value(plan.apply_channel_expr, env) == channel[seen[-1]]
+            continue
+        block = []
+        for jdx in itertools.product(*[range(_value(lp.stop, env)) for lp in plan.reduced_loops]):
+            env.update({lp.var: j for lp, j in zip(plan.reduced_loops, jdx, strict=True)})
+            o = _value(plan.offset_expr, env)
+            block.append(o)
+            if layer.affine != "element":
+                assert _value(plan.channel_expr, env) == channel[o]
+        assert len(block) == _value(plan.count_expr, env)
+        walked.add(frozenset(block))
+        seen += block
+    assert sorted(seen) == list(range(offsets.size))
+    if not plan.folded:
+        assert walked == groups
