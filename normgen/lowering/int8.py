@@ -288,6 +288,12 @@ class Int8Plan:
         return self.base.apply_channel_expr
 
     @property
+    def deviation_type(self) -> str:
+        """The C type of n·q − S (at most 255·n in magnitude): int32_t where n is fixed and at most
+        2^23 (the conversion to float then vectorizes), int64_t otherwise."""
+        return "int32_t" if not self.count.dynamic and self.count.static <= 1 << 23 else "int64_t"
+
+    @property
     def count_expr(self) -> str:
         return self.count.expr()
 

@@ -86,6 +86,7 @@ int gn_int8_predict(const int8_t *x, int8_t *y, int32_t batch)
     /* n: the elements of one statistic */
     const float n = (float)(32);
     const int64_t n64 = (int64_t)(32);
+    const int32_t nd = (int32_t)(32); /* n * q - S fits it */
     for (size_t i0 = 0; i0 < nb; ++i0) {
         for (size_t i2 = 0; i2 < 3; ++i2) {
             /* pass 1: S = sum(q), Q = sum(q^2) of each statistic (B, group) over S, the 2 channels of each of 3 groups, in integers */
@@ -107,7 +108,7 @@ int gn_int8_predict(const int8_t *x, int8_t *y, int32_t batch)
                 for (size_t i3 = 0; i3 < 2; ++i3) {
                     const size_t o = i0 * 96 + i1 * 6 + i2 * 2 + i3;
                     const size_t c = i2 * 2 + i3;
-                    const int64_t d = n64 * x[o] - s;
+                    const int32_t d = nd * x[o] - s;
                     y[o] = gn_int8_quantize((float)d * t * gn_int8_g[c] + gn_int8_h[c]);
                 }
             }
