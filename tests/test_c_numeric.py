@@ -65,10 +65,12 @@ def test_hypothesis_shapes(layer, batch, seed):
     InstanceNorm(name="in_big", format="BCSS", shape=[4, 64, 64]),
     BatchNorm(name="bn_big", format="BSSC", shape=[16, 16, 8]),
 ], ids=lambda l: l.name)
-def test_large_mean_float32(layer):
+@pytest.mark.parametrize("statistics", ["double", "float"])
+def test_large_mean_float32(layer, statistics):
     """x = 1e4 + N(0, 1e-2) in float32: the statistics (shifted sums or a corrected two-pass per chunk, Chan's
-    merge in double) and x - mean (kept as hi + lo) stay accurate (about 3e-7 here);
-    E[x²] - E[x]² would lose every digit."""
+    merge of the means relative to the block's first shift) and x - mean (kept as hi + lo) stay accurate
+    (about 3e-7 here), in double and in float (statistics = "float"); E[x²] - E[x]² would lose every digit."""
+    layer = layer.replace(statistics=statistics)
     rng = np.random.default_rng(1)
     x = (1e4 + rng.normal(0, 1e-2, reference.full_shape(layer, 3))).astype(np.float32)
     compiled = build(layer)
@@ -202,13 +204,18 @@ def _assert_matches_reference(compiled, layer, case, x):
         assert err.max() <= tol, (case, float(err.max()))
 
 
+#: The element types and statistics types of the numerics cases (float32 with float statistics too).
+PRECISIONS = {"float32": ("float32", "double"), "float64": ("float64", "double"), "float32_fs": ("float32", "float")}
+
+
 @pytest.mark.parametrize("layer,first", ONE_SWEEP, ids=lambda v: getattr(v, "name", ""))
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_one_sweep_statistics_and_their_fallback(layer, first, dtype):
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_one_sweep_statistics_and_their_fallback(layer, first, precision):
     """The rows core's statistics (one sweep about a shift K, redone as a corrected two-pass
     from cache where K is more than a standard deviation off) match the reference on data
     that takes either path."""
-    layer = layer.replace(dtype=dtype)
+    dtype, statistics = PRECISIONS[precision]
+    layer = layer.replace(dtype=dtype, statistics=statistics)
     assert sweep_of(lower(layer)).pipelined
     compiled = build(layer)
     for case, x in _one_sweep_cases(layer, first, 2, np.dtype(dtype)).items():
@@ -241,12 +248,13 @@ def test_pipelined_core_gives_the_bits_of_the_plain_one(layer, first):
     BatchNorm(name="cs_bn", format="BSSC", shape=[10, 30, 24]),  # train_forward, rows across the batch
     LayerNorm(name="cs_ln", format="BCSS", shape=[600, 3, 5], operation_dimension="channel-only"),  # columns over C
 ], ids=lambda l: l.name)
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_columns_one_sweep_statistics(layer, dtype):
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_columns_one_sweep_statistics(layer, precision):
     """Channels-last statistics: the first chunk a two-pass, later chunks one sweep about each
     column's mean so far in register tiles (redone as a two-pass where that mean is more than a
     standard deviation off: the step case), against the reference."""
-    layer = layer.replace(dtype=dtype)
+    dtype, statistics = PRECISIONS[precision]
+    layer = layer.replace(dtype=dtype, statistics=statistics)
     plan = lower(layer)
     rows = plan.chunk_axis.extent.value(3)  # rows of a block; a row is sweep_of(plan).lanes contiguous columns
     assert plan.strategy == "columns" and rows > plan.chunk_iters  # several chunks

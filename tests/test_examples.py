@@ -38,6 +38,8 @@ def test_generated_folder_is_up_to_date(spec, target, tmp_path):
     """generated/TARGET/EXAMPLE holds `normgen emit` output; regenerate with
     NORMGEN_REGENERATE=1 python -m pytest tests/test_examples.py"""
     folder = ROOT / "generated" / target / spec.parent.name
+    if target == "cuda" and any(layer.functions is not None for layer in load_spec(spec)):
+        pytest.skip("a spec naming its functions (examples/firmware) is for the C target: CUDA generates every function")
     if REGENERATE:
         assert main(["emit", str(spec), "--target", target, "-o", str(folder)]) == 0
     assert main(["emit", str(spec), "--target", target, "-o", str(tmp_path)]) == 0

@@ -8,22 +8,24 @@ libnewlib-arm-none-eabi) and, for the runs, qemu-system-arm; without them these 
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from helpers import bn_stats, params
-from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm, emit, reference
+from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm, emit, load_spec, reference
 from normgen.harness.check import compare, compare_int8, int8_inputs, random_input
 from normgen.lowering import lower
 from normgen.targets.c.build import STRICT_FLAGS
 
 GCC = shutil.which("arm-none-eabi-gcc")
 QEMU = shutil.which("qemu-system-arm")
-HERE = Path(__file__).resolve().parent / "firmware"
+HERE = Path(__file__).resolve().parent.parent / "examples" / "firmware"
 
 #: Each core: its compiler flags and the QEMU board that runs its code (an385 is a Cortex-M3,
 #: which runs the M0's ARMv6-M code).
@@ -61,10 +63,16 @@ def layers():
     yield RMSNorm(name="fw_rms", **seq, scale=params(16, 5)["scale"])
 
 
+#: Every kind with its statistics in double (the default), then in float (statistics = "float").
 LAYERS = list(layers())
-#: A fused layer (residual, adaLN modulation, GELU), compiled but not run.
+LAYERS += [la.replace(name=f"{la.name}_f", statistics="float") for la in LAYERS]
+#: A fused layer (residual, adaLN modulation, GELU), compiled but not run, in double and in float.
 FUSED = LayerNorm(name="fw_lnf", format="BTC", shape=[6, 16], residual=True, activation="gelu",
                   modulation="adaln", functions=["predict"])
+FUSED_F = FUSED.replace(name="fw_lnf_f", statistics="float")
+#: The training functions' stack (bytes, M4F) that firmware budgets for.
+TRAINING_STACK = 1024
+NM = shutil.which("arm-none-eabi-nm")
 
 
 #: int8 layers of every kind (README "int8"): statistics in integers, the normalize step in float.
@@ -98,7 +106,7 @@ def cross_compile(layer, cpu: str, out: Path, warnings: tuple[str, ...] = ()) ->
 
 @pytest.mark.parametrize("cpu", sorted(CPUS))
 def test_predict_cross_compiles_free_of_firmware_warnings_with_a_small_stack(cpu, tmp_path):
-    for layer in [*LAYERS, FUSED]:
+    for layer in [*LAYERS, FUSED, FUSED_F]:
         stacks = cross_compile(layer, cpu, tmp_path, tuple(FIRMWARE_WARNINGS))
         size, qualifier = stacks[f"{layer.name}_predict"]
         assert qualifier == "static", (layer.name, qualifier)  # no VLA, no alloca: a bound known at build time
@@ -115,6 +123,50 @@ def test_every_function_has_a_stack_known_at_build_time(tmp_path):
         assert len(stacks) == len(plan.public_functions) + len(sync)
         for name, (_, qualifier) in stacks.items():
             assert qualifier == "static", (name, qualifier)
+
+
+def _soft_double(obj: Path) -> list[str]:
+    """The double-precision routines an object calls (libgcc's __aeabi_d*, libm's double functions)."""
+    out = subprocess.run([NM, "-u", str(obj)], capture_output=True, text=True, check=True).stdout.split()
+    return [s for s in out if s.startswith("__aeabi_d") or s.startswith("__aeabi_f2d")
+            or s in ("sqrt", "exp", "erf", "tanh", "fabs", "copysign")]
+
+
+FLOAT_TRAINING = [la.replace(functions=None) for la in LAYERS if la.statistics == "float"] + [
+    FUSED_F.replace(functions=None)]
+
+
+@pytest.mark.skipif(NM is None, reason="no arm-none-eabi-nm")
+@pytest.mark.parametrize("cpu", ["m0", "m4f"])
+def test_float_statistics_call_no_double_routine(cpu, tmp_path):
+    """statistics = "float": every function of every kind, built with the firmware warnings, calls no
+    soft-double routine (on the M4F everything is single-precision FPU code, on the M0 soft float);
+    the same layers with double statistics do (the check sees them)."""
+    for layer in FLOAT_TRAINING:
+        cross_compile(layer, cpu, tmp_path, tuple(FIRMWARE_WARNINGS))
+        assert _soft_double(tmp_path / f"{layer.name}_{cpu}.o") == [], layer.name
+    double = LAYERS[2].replace(name="fw_ln_d", functions=None)
+    cross_compile(double, cpu, tmp_path)
+    assert "__aeabi_dadd" in _soft_double(tmp_path / f"fw_ln_d_{cpu}.o")
+
+
+#: Functions whose stack is still above TRAINING_STACK on the M4F (README "Firmware" has the figures):
+#: batch norm's channels-last statistics keep a partial sum per column of a row (C x S values here),
+#: and layer norm's backward its gradient lanes next to the statistics' ones.
+OVER_BUDGET = {"fw_bn_f": ("train_forward", "train_forward_save", "backward", "backward_saved", "accumulate"),
+               "fw_ln_f": ("backward",)}
+
+
+def test_float_statistics_training_stacks(tmp_path):
+    """The training functions of float-statistics layers (M4F, -Os): at most 1 KiB of stack, except
+    the ones listed in OVER_BUDGET, which must still be over it (so the list is kept true)."""
+    for layer in FLOAT_TRAINING:
+        stacks = cross_compile(layer, "m4f", tmp_path, tuple(FIRMWARE_WARNINGS))
+        for name, (size, qualifier) in stacks.items():
+            role = name.removeprefix(f"{layer.name}_")
+            assert qualifier == "static", (name, qualifier)
+            over = role in OVER_BUDGET.get(layer.name, ())
+            assert (size > TRAINING_STACK) == over, (name, size)
 
 
 def _bits(a: np.ndarray) -> str:
@@ -242,3 +294,24 @@ def test_int8_runs_under_qemu_and_matches_the_reference(cpu, tmp_path):
         result = compare_int8(buf, "predict", BATCH, got, reference.predict(layer, x))
         assert result.ok and result.one_step <= 2, result
     assert next(out, None) is None
+
+
+@pytest.mark.skipif(QEMU is None or shutil.which("make") is None, reason="qemu-system-arm or make is not installed")
+def test_firmware_example_builds_and_runs(tmp_path):
+    """examples/firmware: `make run` generates the layer, builds it with the firmware warnings for the
+    M4F and runs it under QEMU; its output matches the reference."""
+    work = tmp_path / "firmware"
+    shutil.copytree(HERE, work)
+    root = HERE.parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run(["make", "-s", "run", f"NORMGEN={sys.executable} -m normgen"], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-2000:])
+    (layer,) = load_spec(work / "layer.toml")
+    lines = run.stdout.splitlines()
+    start = lines.index("fw_norm_predict 0")
+    got = np.array([int(v, 16) for v in lines[start + 1:]], dtype=np.uint32).view(np.float32)
+    x = (((np.arange(got.size) * 37) % 101).astype(np.float32) / np.float32(8) - np.float32(6))
+    x = x.reshape(reference.full_shape(layer, 2))
+    result = compare(layer.name, "predict", layer.dtype, 2, got.reshape(x.shape), reference.predict(layer, x))
+    assert result.ok, result

@@ -34,6 +34,8 @@ INITIALIZERS = ("ones", "zeros", "narrownormal")
 RUNNING_VARIANCE = ("unbiased", "biased")
 PARAM_STORAGE = ("embedded", "runtime")
 PARALLEL = ("none", "openmp")
+#: The type the C target computes statistics and gradient sums in (README "Firmware").
+STATISTICS = ("double", "float")
 OPERATION_DIMENSIONS = ("auto", "channel-only", "spatial-channel", "batch-excluded")
 #: How the learned scale (γ) and offset (β) are shaped: one per channel, one per element of a
 #: statistic's normalized dimensions (PyTorch/ONNX LayerNorm), or none at all.
@@ -338,6 +340,9 @@ class Layer:
     offset_l2_factor: float = 1.0
     param_storage: str = "embedded"
     parallel: str = "none"
+    #: "double" (the default) or "float": statistics, Chan merges and gradient sums of a float32
+    #: layer in float, so that no double is left in the generated C (single-precision FPUs).
+    statistics: str = "double"
     residual: bool = False
     residual_out: bool = False
     activation: str = "none"
@@ -438,6 +443,12 @@ class Layer:
             set_(self, f, _finite_number(getattr(self, f), f"layer {self.name!r}: {f}", lo=0.0))
         _choice(self.param_storage, f"layer {self.name!r}: param_storage", PARAM_STORAGE)
         _choice(self.parallel, f"layer {self.name!r}: parallel", PARALLEL)
+        _choice(self.statistics, f"layer {self.name!r}: statistics", STATISTICS)
+        if self.statistics == "float" and self.dtype != "float32":
+            raise NormgenError(
+                f"layer {self.name!r}: statistics = 'float' needs dtype float32, not {self.dtype!r} (a {self.dtype}"
+                " layer keeps its statistics in double)"
+            )
         set_(self, "sources", {})
         self._resolve_kind()
         self._resolve_affine()
@@ -471,7 +482,7 @@ class Layer:
             "finalize": bn,
             "update": self.param_storage == "runtime" and (self.has_scale or self.has_offset),
             # batch norm's data-parallel functions (NAME_sync_*, README "Data-parallel training")
-            "sync": bn and not self.fused,
+            "sync": bn and not self.fused and self.statistics == "double",
         }
         return tuple(r for r in ROLES if have[r])
 
@@ -744,6 +755,7 @@ class Layer:
         items += [
             ("param_storage", self.param_storage),
             ("parallel", self.parallel),
+            *([("statistics", self.statistics)] if self.statistics != "double" else []),
             ("scale_learn_rate_factor", repr(self.scale_learn_rate_factor)),
             ("offset_learn_rate_factor", repr(self.offset_learn_rate_factor)),
             ("scale_l2_factor", repr(self.scale_l2_factor)),

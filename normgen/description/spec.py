@@ -7,7 +7,7 @@ Keys (all but ``name``, ``kind``, a format and ``shape`` optional)::
     mean_decay, variance_decay, running_variance (batchnorm),
     affine ("channel" | "element" | "none"), bias (true | false),
     scale_learn_rate_factor, offset_learn_rate_factor, scale_l2_factor, offset_l2_factor,
-    param_storage, parallel, params,
+    param_storage, parallel, statistics ("double" | "float"), params,
     functions (the functions to generate, by role: ["predict", ...]; default every one),
     input_scale, input_zero_point, output_scale, output_zero_point (dtype "int8" only:
     real = scale * (q - zero_point); the scales required, the zero points default 0),
@@ -44,7 +44,7 @@ else:  # pragma: no cover
 COMMON_KEYS = (
     "name", "kind", "format", "matlab_format", "shape", "num_channels", "dtype", "epsilon",
     "scale_learn_rate_factor", "offset_learn_rate_factor", "scale_l2_factor", "offset_l2_factor",
-    "param_storage", "parallel", "params", "affine", "bias",
+    "param_storage", "parallel", "statistics", "params", "affine", "bias",
     "residual", "residual_out", "activation", "modulation", "functions",
     "input_scale", "input_zero_point", "output_scale", "output_zero_point", "arithmetic",
 )

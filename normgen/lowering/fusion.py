@@ -35,18 +35,20 @@ WRAPPED = ("predict", "train_forward", "train_forward_save", "backward", "backwa
 NEEDS_PLAIN_OUTPUT = ("backward", "backward_frozen")
 
 #: Each activation as statements of a function of ``v``: (element type: float, double) for the
-#: forward, and its derivative in the accumulation type (double). ``{exp}``: the float exponential
+#: forward, and its derivative in the accumulation type (double: "grad"; float: "grad_float"). ``{exp}``: the float exponential
 #: below (EXPF), which the compiler vectorizes where libm's expf is a call per element.
 ACTIVATIONS = {
     "relu": {
         "float": ["return v < 0 ? 0.0f : v;"],
         "double": ["return v < 0 ? 0.0 : v;"],
         "grad": ["return v > 0 ? 1.0 : 0.0;"],
+        "grad_float": ["return v > 0 ? 1.0f : 0.0f;"],
     },
     "silu": {
         "float": ["return v / (1.0f + {exp}(-v));"],
         "double": ["return v / (1.0 + exp(-v));"],
         "grad": ["const double s = 1.0 / (1.0 + exp(-v));", "return s * (1.0 + v * (1.0 - s));"],
+        "grad_float": ["const float s = 1.0f / (1.0f + expf(-v));", "return s * (1.0f + v * (1.0f - s));"],
     },
     "gelu": {
         "float": [
@@ -59,6 +61,7 @@ ACTIVATIONS = {
         ],
         "double": ["return 0.5 * v * (1.0 + erf(v * 0.707106781186547524));"],
         "grad": ["return 0.5 * (1.0 + erf(v * 0.707106781186547524)) + v * exp(-0.5 * v * v) * 0.398942280401432678;"],
+        "grad_float": ["return 0.5f * (1.0f + erff(v * 0.707106781f)) + v * expf(-0.5f * v * v) * 0.398942281f;"],
     },
     "gelu_tanh": {
         "float": [
@@ -70,6 +73,10 @@ ACTIVATIONS = {
         "grad": [
             "const double t = tanh(0.797884560802865356 * (v + 0.044715 * v * v * v));",
             "return 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * 0.797884560802865356 * (1.0 + 3.0 * 0.044715 * v * v);",
+        ],
+        "grad_float": [
+            "const float t = tanhf(0.797884561f * (v + 0.044715f * v * v * v));",
+            "return 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * 0.797884561f * (1.0f + 3.0f * 0.044715f * v * v);",
         ],
     },
 }
@@ -134,7 +141,7 @@ class Fusion:
     functions: list[FusedFunction]
     act: list[str]  # NAME_act's body (element type)
     expf: list[str]  # NAME_expf's body, where the float activation uses it
-    act_grad: list[str]  # NAME_act_grad's body (double)
+    act_grad: list[str]  # NAME_act_grad's body (the accumulation type)
     total: str  # elements of x (C expression after the size locals)
     mod_loops: list[Loop]  # the epilogue: every element in memory order
     mod_offset: str
@@ -230,7 +237,7 @@ def lower_fusion(layer: Layer, plan) -> Fusion | None:
         functions=[f for f in fns if f is not None],
         act=[line.format(exp=f"{plan.name}_expf") for line in ACTIVATIONS[act][key]] if act != "none" else [],
         expf=EXPF if act != "none" and any("{exp}" in line for line in ACTIVATIONS[act][key]) else [],
-        act_grad=ACTIVATIONS[act]["grad"] if act != "none" else [],
+        act_grad=ACTIVATIONS[act]["grad_float" if plan.acc_type == "float" else "grad"] if act != "none" else [],
         total=plan.elements.expr(),
         mod_loops=[Loop(ax.var, "0", ax.extent.expr()) for ax in axes], mod_offset=_offset(axes),
         mod_index=mod_index,

@@ -18,7 +18,7 @@ def lower(layer: Layer, target: str = "c") -> Plan:
     plan = dataclasses.replace(plan, train=lower_train(plan))
     fusion = lower_fusion(layer, plan)
     if fusion is None:
-        sync = lower_sync(plan) if plan.keeps("sync") else None
+        sync = lower_sync(plan) if "sync" in layer.roles and plan.keeps("sync") else None
         return dataclasses.replace(plan, train=dataclasses.replace(plan.train, sync=sync))
     # a fused layer's synchronized statistics are not generated: its stages wrap whole functions
     train = plan.train

@@ -315,6 +315,15 @@ class Plan:
         return f"({', '.join(self.sizes)})", f"({per.macro_expr()})"
 
     @property
+    def sqrt(self) -> str:
+        """The square root of the accumulation type (sqrtf in float: no double promotion)."""
+        return "sqrtf" if self.acc_type == "float" else "sqrt"
+
+    def acc_literal(self, value: float) -> str:
+        """A constant spelled in the accumulation type (0.5f in float)."""
+        return literal(value, self.acc_type)
+
+    @property
     def has_train_forward(self) -> bool:
         return self.kind == "batchnorm"
 
@@ -717,6 +726,8 @@ def lower_forward(layer: Layer, target: str = "c") -> Plan:
             f"(it supports {', '.join(ctypes)})"
         )
     ctype, acc = ctypes[layer.dtype]
+    if layer.statistics == "float":
+        acc = "float"  # float32 only (the description checks); CUDA's float32 accumulates in float anyway
     ptype = acc if target in PARAMS_IN_ACC else ctype  # how parameter literals are spelled
     sem = semantics(layer)
     axes = _axes(layer)

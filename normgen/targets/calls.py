@@ -21,6 +21,8 @@ PER_SAMPLE = ("mod_shift", "mod_scale", "dmod_shift", "dmod_scale")  # [batch, C
 PER_PARAM = ("dscale", "doffset")  # one per parameter value
 SAVED = ("saved_mean", "saved_invstd")  # one per statistic, accumulation type
 RUNNING = ("running_mean", "running_var")  # one per channel, read and updated
+#: The NumPy dtype of each accumulation type (the saved statistics, the population statistics).
+ACC_DTYPES = {"float": np.float32, "double": np.float64}
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,9 @@ class NamedCalls:
     SUPPLIED: tuple[str, ...] = ()
 
     def _host_dtype(self, a: Argument) -> np.dtype:
-        """The NumPy dtype of argument ``a``'s array on the bench (saved statistics: float64)."""
-        return np.dtype(np.float64 if a.name in SAVED else self.dtype)
+        """The NumPy dtype of argument ``a``'s array on the bench (saved statistics: the
+        accumulation type's)."""
+        return np.dtype(ACC_DTYPES[self.plan.acc_type] if a.name in SAVED else self.dtype)
 
     def public(self, role: str):
         for f in self.plan.public_functions:

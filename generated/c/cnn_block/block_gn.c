@@ -147,7 +147,7 @@ static BLOCK_GN_INLINE void block_gn_stream(block_gn_streamer *s, float *y, cons
 
 /* Whether a call on nb samples that moves k tensors' bytes streams its output; after one that did, its streaming
  * stores are ordered before the return (a fence). */
-#define BLOCK_GN_STREAMED(nb, k) (BLOCK_GN_STREAMS && (nb) * 12544u + 1 > BLOCK_GN_STREAM_BYTES / ((k) * sizeof(float)) + (BLOCK_GN_STREAM_BYTES % ((k) * sizeof(float)) != 0))
+#define BLOCK_GN_STREAMED(nb, k) (BLOCK_GN_STREAMS && (nb) * 12544u + 1 > BLOCK_GN_STREAM_BYTES / ((size_t)(k) * sizeof(float)) + (BLOCK_GN_STREAM_BYTES % ((size_t)(k) * sizeof(float)) != 0))
 #if BLOCK_GN_STREAMS
 #define BLOCK_GN_STREAM_FENCE() _mm_sfence()
 #else
@@ -202,7 +202,8 @@ int block_gn_predict(const float *x, float *y, int32_t batch)
     const int stream = BLOCK_GN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES) */
     for (size_t i0 = 0; i0 < nb; ++i0) {
         {
-            double mean[8], m2[8];
+            double mean[8], m2[8], mean_lo[8];
+            float kbase[8];
             float lane[64], lane2[64];
             double colmean[64], colm2[64];
             float lmean[64];
@@ -210,6 +211,9 @@ int block_gn_predict(const float *x, float *y, int32_t batch)
             for (size_t j = 0; j < 64; ++j) {
                 colmean[j] = 0;
                 colm2[j] = 0;
+            }
+            for (size_t k = 0; k < 8; ++k) {
+                kbase[k] = 0;
             }
             /* pass 1: mean and variance of each statistic (B, group) over S, the 8 channels of each of 8 groups, chunk by chunk:
              * the sums of d = x - K and d^2 in one sweep about K, each column's mean so far (mean = K + sum(d) / n,
@@ -225,7 +229,7 @@ int block_gn_predict(const float *x, float *y, int32_t batch)
                     /* one sweep about K = each column's mean so far (lmean), 32 columns at a time
                      * summed in registers over the chunk's rows, the same columns 16 rows on fetched meanwhile */
                     for (size_t j = 0; j < 64; ++j) {
-                        lmean[j] = (float)colmean[j];
+                        lmean[j] = (float)((double)kbase[j / 8] + colmean[j]);
                     }
                     for (size_t j0 = 0; j0 < 64; j0 += 32) {
                         float a[32], q[32], k[32];
@@ -280,6 +284,12 @@ int block_gn_predict(const float *x, float *y, int32_t batch)
                     for (size_t j = 0; j < 64; ++j) {
                         lmean[j] = (float)((double)lane[j] * inv_nc);
                     }
+                    if (c0 == 0) {
+                        /* each statistic's base (its means are kept relative to it): a column's first-chunk mean */
+                        for (size_t j = 0; j < 64; ++j) {
+                            kbase[j / 8] = lmean[j];
+                        }
+                    }
                     /* ... then the deviations from that mean and their squares */
                     for (size_t j0 = 0; j0 < 64; j0 += 32) {
                         float a[32], q[32], k[32];
@@ -306,7 +316,7 @@ int block_gn_predict(const float *x, float *y, int32_t batch)
                 const double wmean = nc / total, wm2 = n * nc / total;
                 for (size_t j = 0; j < 64; ++j) {
                     const double s1 = lane[j];
-                    const double delta = ((double)lmean[j] + s1 * inv_nc) - colmean[j];
+                    const double delta = (((double)lmean[j] - (double)kbase[j / 8]) + s1 * inv_nc) - colmean[j];
                     colmean[j] += delta * wmean;
                     colm2[j] += ((double)lane2[j] - s1 * s1 * inv_nc) + delta * delta * wm2;
                 }
@@ -328,6 +338,14 @@ int block_gn_predict(const float *x, float *y, int32_t batch)
                 m2[j / 8] += colm2[j] + n * dm * dm;
             }
             n *= 8;
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 8; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
+            }
             float mhi[8], mlo[8], rs[8];
             float lhi[64], lg[64], lb[64];
             /* per statistic: 1/sqrt(var + epsilon) and the mean as hi + lo */
@@ -335,7 +353,7 @@ int block_gn_predict(const float *x, float *y, int32_t batch)
                 const double var = m2[k] > 0 ? m2[k] / n : 0;
                 rs[k] = (float)(1 / sqrt(var + 1e-05));
                 mhi[k] = (float)mean[k];
-                mlo[k] = (float)(mean[k] - (double)mhi[k]);
+                mlo[k] = (float)((mean[k] - (double)mhi[k]) + mean_lo[k]);
             }
             /* the statistics of each column */
             for (size_t j = 0; j < 64; ++j) {
@@ -424,7 +442,8 @@ int block_gn_train_forward_save(const float *x, float *y, int32_t batch, double 
     const int stream = BLOCK_GN_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES) */
     for (size_t i0 = 0; i0 < nb; ++i0) {
         {
-            double mean[8], m2[8];
+            double mean[8], m2[8], mean_lo[8];
+            double kbase[8];
             double lane[64], lane2[64];
             double colmean[64], colm2[64];
             double lmean[64];
@@ -432,6 +451,9 @@ int block_gn_train_forward_save(const float *x, float *y, int32_t batch, double 
             for (size_t j = 0; j < 64; ++j) {
                 colmean[j] = 0;
                 colm2[j] = 0;
+            }
+            for (size_t k = 0; k < 8; ++k) {
+                kbase[k] = 0;
             }
             /* pass 1: mean and variance of each statistic (B, group) over S, the 8 channels of each of 8 groups, chunk by chunk:
              * the sums of d = x - K and d^2 in one sweep about K, each column's mean so far (mean = K + sum(d) / n,
@@ -447,7 +469,7 @@ int block_gn_train_forward_save(const float *x, float *y, int32_t batch, double 
                     /* one sweep about K = each column's mean so far (lmean), 32 columns at a time
                      * summed in registers over the chunk's rows, the same columns 16 rows on fetched meanwhile */
                     for (size_t j = 0; j < 64; ++j) {
-                        lmean[j] = (double)colmean[j];
+                        lmean[j] = (double)((double)kbase[j / 8] + colmean[j]);
                     }
                     for (size_t j0 = 0; j0 < 64; j0 += 32) {
                         double a[32], q[32], k[32];
@@ -502,6 +524,12 @@ int block_gn_train_forward_save(const float *x, float *y, int32_t batch, double 
                     for (size_t j = 0; j < 64; ++j) {
                         lmean[j] = (double)(lane[j] * inv_nc);
                     }
+                    if (c0 == 0) {
+                        /* each statistic's base (its means are kept relative to it): a column's first-chunk mean */
+                        for (size_t j = 0; j < 64; ++j) {
+                            kbase[j / 8] = lmean[j];
+                        }
+                    }
                     /* ... then the deviations from that mean and their squares */
                     for (size_t j0 = 0; j0 < 64; j0 += 32) {
                         double a[32], q[32], k[32];
@@ -528,7 +556,7 @@ int block_gn_train_forward_save(const float *x, float *y, int32_t batch, double 
                 const double wmean = nc / total, wm2 = n * nc / total;
                 for (size_t j = 0; j < 64; ++j) {
                     const double s1 = lane[j];
-                    const double delta = ((double)lmean[j] + s1 * inv_nc) - colmean[j];
+                    const double delta = (((double)lmean[j] - (double)kbase[j / 8]) + s1 * inv_nc) - colmean[j];
                     colmean[j] += delta * wmean;
                     colm2[j] += ((double)lane2[j] - s1 * s1 * inv_nc) + delta * delta * wm2;
                 }
@@ -550,6 +578,14 @@ int block_gn_train_forward_save(const float *x, float *y, int32_t batch, double 
                 m2[j / 8] += colm2[j] + n * dm * dm;
             }
             n *= 8;
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 8; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
+            }
             float mhi[8], mlo[8], rs[8];
             float lhi[64], lg[64], lb[64];
             /* per statistic: 1/sqrt(var + epsilon) and the mean as hi + lo; both saved */
@@ -561,7 +597,7 @@ int block_gn_train_forward_save(const float *x, float *y, int32_t batch, double 
                 saved_invstd[s] = inv;
                 rs[k] = (float)inv;
                 mhi[k] = (float)mean[k];
-                mlo[k] = (float)(mean[k] - (double)mhi[k]);
+                mlo[k] = (float)((mean[k] - (double)mhi[k]) + mean_lo[k]);
             }
             /* the statistics of each column */
             for (size_t j = 0; j < 64; ++j) {
@@ -667,7 +703,8 @@ int block_gn_backward(const float *x, const float *dy, float *dx, float *dscale,
             for (size_t j = 0; j < 64; ++j) {
                 ref[j] = 0;
             }
-            double mean[8], m2[8];
+            double mean[8], m2[8], mean_lo[8];
+            float kbase[8];
             float lane[64], lane2[64];
             double colmean[64], colm2[64];
             float lmean[64];
@@ -675,6 +712,9 @@ int block_gn_backward(const float *x, const float *dy, float *dx, float *dscale,
             for (size_t j = 0; j < 64; ++j) {
                 colmean[j] = 0;
                 colm2[j] = 0;
+            }
+            for (size_t k = 0; k < 8; ++k) {
+                kbase[k] = 0;
             }
             /* pass 1: mean and variance of each statistic (B, group) over S, the 8 channels of each of 8 groups, chunk by chunk:
              * two passes over a cache-sized chunk (the second corrects the first's mean m:
@@ -698,6 +738,12 @@ int block_gn_backward(const float *x, const float *dy, float *dx, float *dscale,
                     lmean[j] = (float)((double)lane[j] * inv_nc);
                     lane[j] = 0;
                     lane2[j] = 0;
+                }
+                if (c0 == 0) {
+                    /* each statistic's base (its means are kept relative to it): a column's first-chunk mean */
+                    for (size_t j = 0; j < 64; ++j) {
+                        kbase[j / 8] = lmean[j];
+                    }
                 }
                 if (c0 == 0) {
                     /* the block's reference: the first chunk's mean */
@@ -735,7 +781,7 @@ int block_gn_backward(const float *x, const float *dy, float *dx, float *dscale,
                 const double wmean = nc / total, wm2 = n * nc / total;
                 for (size_t j = 0; j < 64; ++j) {
                     const double s1 = lane[j];
-                    const double delta = ((double)lmean[j] + s1 * inv_nc) - colmean[j];
+                    const double delta = (((double)lmean[j] - (double)kbase[j / 8]) + s1 * inv_nc) - colmean[j];
                     colmean[j] += delta * wmean;
                     colm2[j] += ((double)lane2[j] - s1 * s1 * inv_nc) + delta * delta * wm2;
                 }
@@ -757,6 +803,14 @@ int block_gn_backward(const float *x, const float *dy, float *dx, float *dscale,
                 m2[j / 8] += colm2[j] + n * dm * dm;
             }
             n *= 8;
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 8; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
+            }
             double inv[8], corr[8], s1[8], s2[8];
             float mhi[8], pw[8], q[8], r[8];
             float lp[64], lhi[64], lq[64], lr[64];
@@ -764,7 +818,7 @@ int block_gn_backward(const float *x, const float *dy, float *dx, float *dscale,
             for (size_t k = 0; k < 8; ++k) {
                 inv[k] = 1 / sqrt((m2[k] > 0 ? m2[k] / n : 0) + 1e-05);
                 mhi[k] = (float)mean[k];
-                corr[k] = mean[k] - (double)mhi[k];
+                corr[k] = (mean[k] - (double)mhi[k]) + mean_lo[k];
                 s1[k] = 0;
                 s2[k] = 0;
             }
@@ -773,7 +827,7 @@ int block_gn_backward(const float *x, const float *dy, float *dx, float *dscale,
             for (size_t j = 0; j < 64; ++j) {
                 const size_t k = j / 8;
                 const size_t c = j;
-                const double dref = mean[k] - ref[j];
+                const double dref = (mean[k] - ref[j]) + mean_lo[k];
                 const double bx = inv[k] * (cb[j] - dref * ca[j]);
                 gscale[c] += bx;
                 goffset[c] += ca[j];
@@ -803,12 +857,12 @@ int block_gn_backward(const float *x, const float *dy, float *dx, float *dscale,
                 float *dxr = dx + i0 * 12544 + i1 * 64;
                 if (stream) {
                     {
-                        const size_t s0 = 0, s1 = 64;
+                        const size_t v0 = 0, v1 = 64;
                         float sv[64];
-                        for (size_t j = s0; j < s1; ++j) {
-                            sv[j - s0] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                        for (size_t j = v0; j < v1; ++j) {
+                            sv[j - v0] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
                         }
-                        block_gn_stream(&ws, dxr + s0, sv, s1 - s0);
+                        block_gn_stream(&ws, dxr + v0, sv, v1 - v0);
                     }
                 } else {
                     for (size_t j = 0; j < 64; ++j) {
@@ -869,7 +923,7 @@ int block_gn_backward_saved(const float *x, const float *dy, const double *saved
     for (size_t i0 = 0; i0 < nb; ++i0) {
         {
             const double n = (double)(1568);
-            double mean[8];
+            double mean[8], mean_lo[8];
             double inv[8], corr[8], s1[8], s2[8];
             float mhi[8], pw[8], q[8], r[8];
             float lp[64], lhi[64], lq[64], lr[64];
@@ -877,9 +931,10 @@ int block_gn_backward_saved(const float *x, const float *dy, const double *saved
             for (size_t k = 0; k < 8; ++k) {
                 const size_t s = i0 * 8 + k;
                 mean[k] = saved_mean[s];
+                mean_lo[k] = 0;
                 inv[k] = saved_invstd[s];
                 mhi[k] = (float)mean[k];
-                corr[k] = mean[k] - (double)mhi[k];
+                corr[k] = (mean[k] - (double)mhi[k]) + mean_lo[k];
                 s1[k] = 0;
                 s2[k] = 0;
             }
@@ -925,7 +980,7 @@ int block_gn_backward_saved(const float *x, const float *dy, const double *saved
             for (size_t j = 0; j < 64; ++j) {
                 const size_t k = j / 8;
                 const size_t c = j;
-                const double dref = mean[k] - ref[j];
+                const double dref = (mean[k] - ref[j]) + mean_lo[k];
                 const double bx = inv[k] * (cb[j] - dref * ca[j]);
                 gscale[c] += bx;
                 goffset[c] += ca[j];
@@ -955,12 +1010,12 @@ int block_gn_backward_saved(const float *x, const float *dy, const double *saved
                 float *dxr = dx + i0 * 12544 + i1 * 64;
                 if (stream) {
                     {
-                        const size_t s0 = 0, s1 = 64;
+                        const size_t v0 = 0, v1 = 64;
                         float sv[64];
-                        for (size_t j = s0; j < s1; ++j) {
-                            sv[j - s0] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                        for (size_t j = v0; j < v1; ++j) {
+                            sv[j - v0] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
                         }
-                        block_gn_stream(&ws, dxr + s0, sv, s1 - s0);
+                        block_gn_stream(&ws, dxr + v0, sv, v1 - v0);
                     }
                 } else {
                     for (size_t j = 0; j < 64; ++j) {

@@ -151,7 +151,7 @@ static HEAD_BN_INLINE void head_bn_stream(head_bn_streamer *s, double *y, const 
 
 /* Whether a call on nb samples that moves k tensors' bytes streams its output; after one that did, its streaming
  * stores are ordered before the return (a fence). */
-#define HEAD_BN_STREAMED(nb, k) (HEAD_BN_STREAMS && (nb) * 3136u + 1 > HEAD_BN_STREAM_BYTES / ((k) * sizeof(double)) + (HEAD_BN_STREAM_BYTES % ((k) * sizeof(double)) != 0))
+#define HEAD_BN_STREAMED(nb, k) (HEAD_BN_STREAMS && (nb) * 3136u + 1 > HEAD_BN_STREAM_BYTES / ((size_t)(k) * sizeof(double)) + (HEAD_BN_STREAM_BYTES % ((size_t)(k) * sizeof(double)) != 0))
 #if HEAD_BN_STREAMS
 #define HEAD_BN_STREAM_FENCE() _mm_sfence()
 #else
@@ -269,12 +269,12 @@ int head_bn_predict(const double *x, double *y, int32_t batch)
             const size_t o0 = j0 * 3136 + j1 * 49;
             if (stream) {
                 {
-                    const size_t s0 = 0, s1 = 49;
+                    const size_t v0 = 0, v1 = 49;
                     double sv[49];
-                    for (size_t j2 = s0; j2 < s1; ++j2) {
-                        sv[j2 - s0] = x[o0 + j2] * head_bn_fold_a[j1] + head_bn_fold_b[j1];
+                    for (size_t j2 = v0; j2 < v1; ++j2) {
+                        sv[j2 - v0] = x[o0 + j2] * head_bn_fold_a[j1] + head_bn_fold_b[j1];
                     }
-                    head_bn_stream(&ws, y + o0 + s0, sv, s1 - s0);
+                    head_bn_stream(&ws, y + o0 + v0, sv, v1 - v0);
                 }
             } else {
                 for (size_t j2 = 0; j2 < 49; ++j2) {
@@ -323,8 +323,8 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
          * normalized: x streams in from memory while y is written, and is read from memory once
          * wherever a block fits in cache */
-        double mean[1], m2[1], n;
-        double lane[16], lane2[16];
+        double mean[1], m2[1], mean_lo[1], n;
+        double kbase[1], lane[16], lane2[16];
         double mhi[1], rs[1];
         {
             /* block 0 */
@@ -332,6 +332,7 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
             n = 0;
             mean[0] = 0;
             m2[0] = 0;
+            kbase[0] = 0;
             /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
              * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
              * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -339,7 +340,7 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
             for (size_t c0 = 0; c0 < nb; c0 += 167) {
                 const size_t c1 = c0 + 167 < nb ? c0 + 167 : nb;
                 const double nc = (double)((c1 - c0) * 49);
-                double K = (double)mean[0];
+                double K = (double)((double)kbase[0] + mean[0]);
                 if (c0 == 0) {
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
@@ -347,6 +348,7 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                         K += x[i1 * 49 + q];
                     }
                     K /= 8;
+                    kbase[0] = K; /* the block's base: its means are kept relative to it */
                 }
                 for (size_t l = 0; l < 16; ++l) {
                     lane[l] = 0;
@@ -381,7 +383,7 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                     s1 += lane[l];
                     s2 += lane2[l];
                 }
-                double shift = (double)K;
+                double shift = (double)K - (double)kbase[0];
                 if (!(s1 * s1 <= 0.5 * nc * s2)) {
                     /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                      * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -435,7 +437,7 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                         s1 += lane[l];
                         s2 += lane2[l];
                     }
-                    shift = (double)m;
+                    shift = (double)m - (double)kbase[0];
                 }
                 const double total = n + nc;
                 const double cm2 = s2 - s1 * s1 / nc;
@@ -443,6 +445,14 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                 mean[0] += delta * (nc / total);
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
+            }
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 1; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
             }
         }
         for (size_t sb = 0; sb < 64; ++sb) {
@@ -455,7 +465,7 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                 running_mean[ch] = (double)(0.1 * mean[k] + (1 - 0.1) * (double)running_mean[ch]);
                 running_var[ch] = (double)(0.1 * batch_var + (1 - 0.1) * (double)running_var[ch]);
                 rs[k] = (double)(1 / sqrt(var + 0.001));
-                mhi[k] = (double)mean[k];
+                mhi[k] = (double)(mean[k] + mean_lo[k]);
             }
             if (sb + 1 < 64) {
                 /* block sb + 1, shifted to block sb's offsets */
@@ -465,6 +475,7 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -472,7 +483,7 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                     for (size_t c0 = 0; c0 < nb; c0 += 167) {
                         const size_t c1 = c0 + 167 < nb ? c0 + 167 : nb;
                         const double nc = (double)((c1 - c0) * 49);
-                        double K = (double)mean[0];
+                        double K = (double)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -480,6 +491,7 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                                 K += xn[i1 * 49 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 16; ++l) {
                             lane[l] = 0;
@@ -514,7 +526,7 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                             s1 += lane[l];
                             s2 += lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -568,7 +580,7 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                                 s1 += lane[l];
                                 s2 += lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -577,24 +589,33 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
                     }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
+                    }
                     for (size_t i0 = 0; i0 < nb; ++i0) {
                         const double *xr = x + i0 * 3136 + i1 * 49;
                         double *yr = y + i0 * 3136 + i1 * 49;
                         const double g = rs[0] * scale[i1];
                         const double b = offset[i1];
                         {
-                            const size_t s0 = 0, s1 = 49;
+                            const size_t v0 = 0, v1 = 49;
                             double sv[49];
-                            for (size_t i2 = s0; i2 < s1; ++i2) {
-                                sv[i2 - s0] = (xr[i2] - mhi[0]) * g + b;
+                            for (size_t i2 = v0; i2 < v1; ++i2) {
+                                sv[i2 - v0] = (xr[i2] - mhi[0]) * g + b;
                             }
-                            head_bn_stream(&ws, yr + s0, sv, s1 - s0);
+                            head_bn_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     }
 } else {
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -602,7 +623,7 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                     for (size_t c0 = 0; c0 < nb; c0 += 167) {
                         const size_t c1 = c0 + 167 < nb ? c0 + 167 : nb;
                         const double nc = (double)((c1 - c0) * 49);
-                        double K = (double)mean[0];
+                        double K = (double)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -610,6 +631,7 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                                 K += xn[i1 * 49 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 16; ++l) {
                             lane[l] = 0;
@@ -650,7 +672,7 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                             s1 += lane[l];
                             s2 += lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -704,7 +726,7 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                                 s1 += lane[l];
                                 s2 += lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -712,6 +734,14 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                         mean[0] += delta * (nc / total);
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
+                    }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
                     }
 }
             } else {
@@ -723,12 +753,12 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                     const double b = offset[i1];
                     if (stream) {
                         {
-                            const size_t s0 = 0, s1 = 49;
+                            const size_t v0 = 0, v1 = 49;
                             double sv[49];
-                            for (size_t i2 = s0; i2 < s1; ++i2) {
-                                sv[i2 - s0] = (xr[i2] - mhi[0]) * g + b;
+                            for (size_t i2 = v0; i2 < v1; ++i2) {
+                                sv[i2 - v0] = (xr[i2] - mhi[0]) * g + b;
                             }
-                            head_bn_stream(&ws, yr + s0, sv, s1 - s0);
+                            head_bn_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     } else {
                         for (size_t i2 = 0; i2 < 49; ++i2) {
@@ -785,8 +815,8 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
          * normalized: x streams in from memory while y is written, and is read from memory once
          * wherever a block fits in cache */
-        double mean[1], m2[1], n;
-        double lane[16], lane2[16];
+        double mean[1], m2[1], mean_lo[1], n;
+        double kbase[1], lane[16], lane2[16];
         double mhi[1], rs[1];
         {
             /* block 0 */
@@ -794,6 +824,7 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
             n = 0;
             mean[0] = 0;
             m2[0] = 0;
+            kbase[0] = 0;
             /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
              * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
              * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -801,7 +832,7 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
             for (size_t c0 = 0; c0 < nb; c0 += 167) {
                 const size_t c1 = c0 + 167 < nb ? c0 + 167 : nb;
                 const double nc = (double)((c1 - c0) * 49);
-                double K = (double)mean[0];
+                double K = (double)((double)kbase[0] + mean[0]);
                 if (c0 == 0) {
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
@@ -809,6 +840,7 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                         K += x[i1 * 49 + q];
                     }
                     K /= 8;
+                    kbase[0] = K; /* the block's base: its means are kept relative to it */
                 }
                 for (size_t l = 0; l < 16; ++l) {
                     lane[l] = 0;
@@ -843,7 +875,7 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                     s1 += lane[l];
                     s2 += lane2[l];
                 }
-                double shift = (double)K;
+                double shift = (double)K - (double)kbase[0];
                 if (!(s1 * s1 <= 0.5 * nc * s2)) {
                     /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                      * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -897,7 +929,7 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                         s1 += lane[l];
                         s2 += lane2[l];
                     }
-                    shift = (double)m;
+                    shift = (double)m - (double)kbase[0];
                 }
                 const double total = n + nc;
                 const double cm2 = s2 - s1 * s1 / nc;
@@ -905,6 +937,14 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                 mean[0] += delta * (nc / total);
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
+            }
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 1; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
             }
         }
         for (size_t sb = 0; sb < 64; ++sb) {
@@ -921,7 +961,7 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                 saved_mean[s] = mean[k];
                 saved_invstd[s] = inv;
                 rs[k] = (double)inv;
-                mhi[k] = (double)mean[k];
+                mhi[k] = (double)(mean[k] + mean_lo[k]);
             }
             if (sb + 1 < 64) {
                 /* block sb + 1, shifted to block sb's offsets */
@@ -931,6 +971,7 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -938,7 +979,7 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                     for (size_t c0 = 0; c0 < nb; c0 += 167) {
                         const size_t c1 = c0 + 167 < nb ? c0 + 167 : nb;
                         const double nc = (double)((c1 - c0) * 49);
-                        double K = (double)mean[0];
+                        double K = (double)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -946,6 +987,7 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                                 K += xn[i1 * 49 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 16; ++l) {
                             lane[l] = 0;
@@ -980,7 +1022,7 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                             s1 += lane[l];
                             s2 += lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -1034,7 +1076,7 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                                 s1 += lane[l];
                                 s2 += lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -1043,24 +1085,33 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
                     }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
+                    }
                     for (size_t i0 = 0; i0 < nb; ++i0) {
                         const double *xr = x + i0 * 3136 + i1 * 49;
                         double *yr = y + i0 * 3136 + i1 * 49;
                         const double g = rs[0] * scale[i1];
                         const double b = offset[i1];
                         {
-                            const size_t s0 = 0, s1 = 49;
+                            const size_t v0 = 0, v1 = 49;
                             double sv[49];
-                            for (size_t i2 = s0; i2 < s1; ++i2) {
-                                sv[i2 - s0] = (xr[i2] - mhi[0]) * g + b;
+                            for (size_t i2 = v0; i2 < v1; ++i2) {
+                                sv[i2 - v0] = (xr[i2] - mhi[0]) * g + b;
                             }
-                            head_bn_stream(&ws, yr + s0, sv, s1 - s0);
+                            head_bn_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     }
 } else {
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -1068,7 +1119,7 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                     for (size_t c0 = 0; c0 < nb; c0 += 167) {
                         const size_t c1 = c0 + 167 < nb ? c0 + 167 : nb;
                         const double nc = (double)((c1 - c0) * 49);
-                        double K = (double)mean[0];
+                        double K = (double)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -1076,6 +1127,7 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                                 K += xn[i1 * 49 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 16; ++l) {
                             lane[l] = 0;
@@ -1116,7 +1168,7 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                             s1 += lane[l];
                             s2 += lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -1170,7 +1222,7 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                                 s1 += lane[l];
                                 s2 += lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -1178,6 +1230,14 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                         mean[0] += delta * (nc / total);
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
+                    }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
                     }
 }
             } else {
@@ -1189,12 +1249,12 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                     const double b = offset[i1];
                     if (stream) {
                         {
-                            const size_t s0 = 0, s1 = 49;
+                            const size_t v0 = 0, v1 = 49;
                             double sv[49];
-                            for (size_t i2 = s0; i2 < s1; ++i2) {
-                                sv[i2 - s0] = (xr[i2] - mhi[0]) * g + b;
+                            for (size_t i2 = v0; i2 < v1; ++i2) {
+                                sv[i2 - v0] = (xr[i2] - mhi[0]) * g + b;
                             }
-                            head_bn_stream(&ws, yr + s0, sv, s1 - s0);
+                            head_bn_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     } else {
                         for (size_t i2 = 0; i2 < 49; ++i2) {
@@ -1257,11 +1317,13 @@ int head_bn_backward(const double *x, const double *dy, double *dx, double *dsca
             for (size_t j = 0; j < 1; ++j) {
                 ref[j] = 0;
             }
-            double mean[1], m2[1];
+            double mean[1], m2[1], mean_lo[1];
+            double kbase[1];
             double lane[16], lane2[16];
             double n = 0;
             mean[0] = 0;
             m2[0] = 0;
+            kbase[0] = 0;
             /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
              * two passes over a cache-sized chunk (the second corrects the first's mean m:
              * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
@@ -1295,6 +1357,9 @@ int head_bn_backward(const double *x, const double *dy, double *dx, double *dsca
                     lane2[l] = 0;
                 }
                 const double m = (double)(sum / nc);
+                if (c0 == 0) {
+                    kbase[0] = m; /* the block's base: its means are kept relative to it */
+                }
                 if (c0 == 0) {
                     /* the block's reference: the first chunk's mean */
                     for (size_t j = 0; j < 1; ++j) {
@@ -1367,10 +1432,18 @@ int head_bn_backward(const double *x, const double *dy, double *dx, double *dsca
                     s2 += lane2[l];
                 }
                 const double cm2 = s2 - s1 * s1 / nc;
-                const double delta = ((double)m + s1 / nc) - mean[0];
+                const double delta = (((double)m - (double)kbase[0]) + s1 / nc) - mean[0];
                 mean[0] += delta * (nc / total);
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
+            }
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 1; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
             }
             double inv[1], corr[1], s1[1], s2[1];
             double mhi[1], pw[1], q[1], r[1];
@@ -1378,7 +1451,7 @@ int head_bn_backward(const double *x, const double *dy, double *dx, double *dsca
             for (size_t k = 0; k < 1; ++k) {
                 inv[k] = 1 / sqrt((m2[k] > 0 ? m2[k] / n : 0) + 0.001);
                 mhi[k] = (double)mean[k];
-                corr[k] = mean[k] - (double)mhi[k];
+                corr[k] = (mean[k] - (double)mhi[k]) + mean_lo[k];
                 s1[k] = 0;
                 s2[k] = 0;
             }
@@ -1388,7 +1461,7 @@ int head_bn_backward(const double *x, const double *dy, double *dx, double *dsca
                 const size_t k = 0;
                 const size_t c = i1 + cl;
                 const size_t j = cl;
-                const double dref = mean[0] - ref[0];
+                const double dref = (mean[0] - ref[0]) + mean_lo[0];
                 const double bx = inv[k] * (cb[j] - dref * ca[j]);
                 gscale[c] += bx;
                 goffset[c] += ca[j];
@@ -1412,12 +1485,12 @@ int head_bn_backward(const double *x, const double *dy, double *dx, double *dsca
                 const double p = scale[i1] * pw[0];
                 if (stream) {
                     {
-                        const size_t s0 = 0, s1 = 49;
+                        const size_t v0 = 0, v1 = 49;
                         double sv[49];
-                        for (size_t i2 = s0; i2 < s1; ++i2) {
-                            sv[i2 - s0] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                        for (size_t i2 = v0; i2 < v1; ++i2) {
+                            sv[i2 - v0] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
                         }
-                        head_bn_stream(&ws, dxr + s0, sv, s1 - s0);
+                        head_bn_stream(&ws, dxr + v0, sv, v1 - v0);
                     }
                 } else {
                     for (size_t i2 = 0; i2 < 49; ++i2) {
@@ -1478,16 +1551,17 @@ int head_bn_backward_saved(const double *x, const double *dy, const double *save
     for (size_t i1 = 0; i1 < 64; ++i1) {
         {
             const double n = (double)(nb * 49);
-            double mean[1];
+            double mean[1], mean_lo[1];
             double inv[1], corr[1], s1[1], s2[1];
             double mhi[1], pw[1], q[1], r[1];
             /* per statistic: 1/sqrt(var + epsilon), the mean in double (mhi) and what that rounded off (corr) */
             for (size_t k = 0; k < 1; ++k) {
                 const size_t s = i1;
                 mean[k] = saved_mean[s];
+                mean_lo[k] = 0;
                 inv[k] = saved_invstd[s];
                 mhi[k] = (double)mean[k];
-                corr[k] = mean[k] - (double)mhi[k];
+                corr[k] = (mean[k] - (double)mhi[k]) + mean_lo[k];
                 s1[k] = 0;
                 s2[k] = 0;
             }
@@ -1563,7 +1637,7 @@ int head_bn_backward_saved(const double *x, const double *dy, const double *save
                 const size_t k = 0;
                 const size_t c = i1 + cl;
                 const size_t j = cl;
-                const double dref = mean[0] - ref[0];
+                const double dref = (mean[0] - ref[0]) + mean_lo[0];
                 const double bx = inv[k] * (cb[j] - dref * ca[j]);
                 gscale[c] += bx;
                 goffset[c] += ca[j];
@@ -1587,12 +1661,12 @@ int head_bn_backward_saved(const double *x, const double *dy, const double *save
                 const double p = scale[i1] * pw[0];
                 if (stream) {
                     {
-                        const size_t s0 = 0, s1 = 49;
+                        const size_t v0 = 0, v1 = 49;
                         double sv[49];
-                        for (size_t i2 = s0; i2 < s1; ++i2) {
-                            sv[i2 - s0] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                        for (size_t i2 = v0; i2 < v1; ++i2) {
+                            sv[i2 - v0] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
                         }
-                        head_bn_stream(&ws, dxr + s0, sv, s1 - s0);
+                        head_bn_stream(&ws, dxr + v0, sv, v1 - v0);
                     }
                 } else {
                     for (size_t i2 = 0; i2 < 49; ++i2) {
@@ -1693,14 +1767,16 @@ int head_bn_accumulate(head_bn_stats *acc, const double *x, int32_t batch)
     }
     const size_t nb = (size_t)batch;
     const double n0 = acc->count;
-    const double total = n0 + (double)(nb * 49);
+    const double count = n0 + (double)(nb * 49);
     for (size_t i1 = 0; i1 < 64; ++i1) {
         {
-            double mean[1], m2[1];
+            double mean[1], m2[1], mean_lo[1];
+            double kbase[1];
             double lane[16], lane2[16];
             double n = 0;
             mean[0] = 0;
             m2[0] = 0;
+            kbase[0] = 0;
             /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
              * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
              * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -1708,7 +1784,7 @@ int head_bn_accumulate(head_bn_stats *acc, const double *x, int32_t batch)
             for (size_t c0 = 0; c0 < nb; c0 += 167) {
                 const size_t c1 = c0 + 167 < nb ? c0 + 167 : nb;
                 const double nc = (double)((c1 - c0) * 49);
-                double K = (double)mean[0];
+                double K = (double)((double)kbase[0] + mean[0]);
                 if (c0 == 0) {
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
@@ -1716,6 +1792,7 @@ int head_bn_accumulate(head_bn_stats *acc, const double *x, int32_t batch)
                         K += x[i1 * 49 + q];
                     }
                     K /= 8;
+                    kbase[0] = K; /* the block's base: its means are kept relative to it */
                 }
                 for (size_t l = 0; l < 16; ++l) {
                     lane[l] = 0;
@@ -1750,7 +1827,7 @@ int head_bn_accumulate(head_bn_stats *acc, const double *x, int32_t batch)
                     s1 += lane[l];
                     s2 += lane2[l];
                 }
-                double shift = (double)K;
+                double shift = (double)K - (double)kbase[0];
                 if (!(s1 * s1 <= 0.5 * nc * s2)) {
                     /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                      * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -1804,7 +1881,7 @@ int head_bn_accumulate(head_bn_stats *acc, const double *x, int32_t batch)
                         s1 += lane[l];
                         s2 += lane2[l];
                     }
-                    shift = (double)m;
+                    shift = (double)m - (double)kbase[0];
                 }
                 const double total = n + nc;
                 const double cm2 = s2 - s1 * s1 / nc;
@@ -1813,16 +1890,24 @@ int head_bn_accumulate(head_bn_stats *acc, const double *x, int32_t batch)
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
             }
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 1; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
+            }
             /* Chan's merge of this batch's (n, mean, M2) into the totals */
             for (size_t k = 0; k < 1; ++k) {
                 const size_t ch = i1;
-                const double delta = mean[k] - acc->mean[ch];
-                acc->mean[ch] += delta * (n / total);
-                acc->m2[ch] += m2[k] + delta * delta * (n0 * n / total);
+                const double delta = (mean[k] - acc->mean[ch]) + mean_lo[k];
+                acc->mean[ch] += delta * (n / count);
+                acc->m2[ch] += m2[k] + delta * delta * (n0 * n / count);
             }
         }
     }
-    acc->count = total;
+    acc->count = count;
     return HEAD_BN_OK;
 }
 
@@ -1873,11 +1958,13 @@ int head_bn_sync_stats(const double *x, head_bn_stats *local, int32_t batch)
     }
     for (size_t i1 = 0; i1 < 64; ++i1) {
         {
-            double mean[1], m2[1];
+            double mean[1], m2[1], mean_lo[1];
+            double kbase[1];
             double lane[16], lane2[16];
             double n = 0;
             mean[0] = 0;
             m2[0] = 0;
+            kbase[0] = 0;
             /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
              * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
              * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -1885,7 +1972,7 @@ int head_bn_sync_stats(const double *x, head_bn_stats *local, int32_t batch)
             for (size_t c0 = 0; c0 < nb; c0 += 167) {
                 const size_t c1 = c0 + 167 < nb ? c0 + 167 : nb;
                 const double nc = (double)((c1 - c0) * 49);
-                double K = (double)mean[0];
+                double K = (double)((double)kbase[0] + mean[0]);
                 if (c0 == 0) {
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
@@ -1893,6 +1980,7 @@ int head_bn_sync_stats(const double *x, head_bn_stats *local, int32_t batch)
                         K += x[i1 * 49 + q];
                     }
                     K /= 8;
+                    kbase[0] = K; /* the block's base: its means are kept relative to it */
                 }
                 for (size_t l = 0; l < 16; ++l) {
                     lane[l] = 0;
@@ -1927,7 +2015,7 @@ int head_bn_sync_stats(const double *x, head_bn_stats *local, int32_t batch)
                     s1 += lane[l];
                     s2 += lane2[l];
                 }
-                double shift = (double)K;
+                double shift = (double)K - (double)kbase[0];
                 if (!(s1 * s1 <= 0.5 * nc * s2)) {
                     /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                      * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -1981,7 +2069,7 @@ int head_bn_sync_stats(const double *x, head_bn_stats *local, int32_t batch)
                         s1 += lane[l];
                         s2 += lane2[l];
                     }
-                    shift = (double)m;
+                    shift = (double)m - (double)kbase[0];
                 }
                 const double total = n + nc;
                 const double cm2 = s2 - s1 * s1 / nc;
@@ -1990,6 +2078,15 @@ int head_bn_sync_stats(const double *x, head_bn_stats *local, int32_t batch)
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
             }
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 1; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
+            }
+            (void)mean_lo; /* the mean rounded to double: its hi part */
             for (size_t k = 0; k < 1; ++k) {
                 const size_t ch = i1;
                 local->mean[ch] = mean[k];

@@ -150,7 +150,7 @@ static STEM_BN_INLINE void stem_bn_stream(stem_bn_streamer *s, float *y, const f
 
 /* Whether a call on nb samples that moves k tensors' bytes streams its output; after one that did, its streaming
  * stores are ordered before the return (a fence). */
-#define STEM_BN_STREAMED(nb, k) (STEM_BN_STREAMS && (nb) * 25088u + 1 > STEM_BN_STREAM_BYTES / ((k) * sizeof(float)) + (STEM_BN_STREAM_BYTES % ((k) * sizeof(float)) != 0))
+#define STEM_BN_STREAMED(nb, k) (STEM_BN_STREAMS && (nb) * 25088u + 1 > STEM_BN_STREAM_BYTES / ((size_t)(k) * sizeof(float)) + (STEM_BN_STREAM_BYTES % ((size_t)(k) * sizeof(float)) != 0))
 #if STEM_BN_STREAMS
 #define STEM_BN_STREAM_FENCE() _mm_sfence()
 #else
@@ -238,12 +238,12 @@ int stem_bn_predict(const float *x, float *y, int32_t batch)
             const size_t o0 = j0 * 25088 + j1 * 784;
             if (stream) {
                 {
-                    const size_t s0 = 0, s1 = 784;
+                    const size_t v0 = 0, v1 = 784;
                     float sv[784];
-                    for (size_t j2 = s0; j2 < s1; ++j2) {
-                        sv[j2 - s0] = x[o0 + j2] * stem_bn_fold_a[j1] + stem_bn_fold_b[j1];
+                    for (size_t j2 = v0; j2 < v1; ++j2) {
+                        sv[j2 - v0] = x[o0 + j2] * stem_bn_fold_a[j1] + stem_bn_fold_b[j1];
                     }
-                    stem_bn_stream(&ws, y + o0 + s0, sv, s1 - s0);
+                    stem_bn_stream(&ws, y + o0 + v0, sv, v1 - v0);
                 }
             } else {
                 for (size_t j2 = 0; j2 < 784; ++j2) {
@@ -292,8 +292,8 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
          * normalized: x streams in from memory while y is written, and is read from memory once
          * wherever a block fits in cache */
-        double mean[1], m2[1], n;
-        float lane[32], lane2[32];
+        double mean[1], m2[1], mean_lo[1], n;
+        float kbase[1], lane[32], lane2[32];
         float mhi[1], mlo[1], rs[1];
         {
             /* block 0 */
@@ -301,6 +301,7 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
             n = 0;
             mean[0] = 0;
             m2[0] = 0;
+            kbase[0] = 0;
             /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
              * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
              * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -308,7 +309,7 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
             for (size_t c0 = 0; c0 < nb; c0 += 10) {
                 const size_t c1 = c0 + 10 < nb ? c0 + 10 : nb;
                 const double nc = (double)((c1 - c0) * 784);
-                float K = (float)mean[0];
+                float K = (float)((double)kbase[0] + mean[0]);
                 if (c0 == 0) {
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
@@ -316,6 +317,7 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                         K += x[i1 * 784 + q];
                     }
                     K /= 8;
+                    kbase[0] = K; /* the block's base: its means are kept relative to it */
                 }
                 for (size_t l = 0; l < 32; ++l) {
                     lane[l] = 0;
@@ -350,7 +352,7 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                     s1 += (double)lane[l];
                     s2 += (double)lane2[l];
                 }
-                double shift = (double)K;
+                double shift = (double)K - (double)kbase[0];
                 if (!(s1 * s1 <= 0.5 * nc * s2)) {
                     /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                      * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -404,7 +406,7 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                         s1 += (double)lane[l];
                         s2 += (double)lane2[l];
                     }
-                    shift = (double)m;
+                    shift = (double)m - (double)kbase[0];
                 }
                 const double total = n + nc;
                 const double cm2 = s2 - s1 * s1 / nc;
@@ -412,6 +414,14 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                 mean[0] += delta * (nc / total);
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
+            }
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 1; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
             }
         }
         for (size_t sb = 0; sb < 32; ++sb) {
@@ -425,7 +435,7 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                 running_var[ch] = (float)(0.1 * batch_var + (1 - 0.1) * (double)running_var[ch]);
                 rs[k] = (float)(1 / sqrt(var + 1e-05));
                 mhi[k] = (float)mean[k];
-                mlo[k] = (float)(mean[k] - (double)mhi[k]);
+                mlo[k] = (float)((mean[k] - (double)mhi[k]) + mean_lo[k]);
             }
             if (sb + 1 < 32) {
                 /* block sb + 1, shifted to block sb's offsets */
@@ -435,6 +445,7 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -442,7 +453,7 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                     for (size_t c0 = 0; c0 < nb; c0 += 10) {
                         const size_t c1 = c0 + 10 < nb ? c0 + 10 : nb;
                         const double nc = (double)((c1 - c0) * 784);
-                        float K = (float)mean[0];
+                        float K = (float)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -450,6 +461,7 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                                 K += xn[i1 * 784 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 32; ++l) {
                             lane[l] = 0;
@@ -484,7 +496,7 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                             s1 += (double)lane[l];
                             s2 += (double)lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -538,7 +550,7 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                                 s1 += (double)lane[l];
                                 s2 += (double)lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -547,24 +559,33 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
                     }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
+                    }
                     for (size_t i0 = 0; i0 < nb; ++i0) {
                         const float *xr = x + i0 * 25088 + i1 * 784;
                         float *yr = y + i0 * 25088 + i1 * 784;
                         const float g = rs[0] * scale[i1];
                         const float b = offset[i1] - mlo[0] * g;
                         {
-                            const size_t s0 = 0, s1 = 784;
+                            const size_t v0 = 0, v1 = 784;
                             float sv[784];
-                            for (size_t i2 = s0; i2 < s1; ++i2) {
-                                sv[i2 - s0] = (xr[i2] - mhi[0]) * g + b;
+                            for (size_t i2 = v0; i2 < v1; ++i2) {
+                                sv[i2 - v0] = (xr[i2] - mhi[0]) * g + b;
                             }
-                            stem_bn_stream(&ws, yr + s0, sv, s1 - s0);
+                            stem_bn_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     }
 } else {
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -572,7 +593,7 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                     for (size_t c0 = 0; c0 < nb; c0 += 10) {
                         const size_t c1 = c0 + 10 < nb ? c0 + 10 : nb;
                         const double nc = (double)((c1 - c0) * 784);
-                        float K = (float)mean[0];
+                        float K = (float)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -580,6 +601,7 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                                 K += xn[i1 * 784 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 32; ++l) {
                             lane[l] = 0;
@@ -620,7 +642,7 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                             s1 += (double)lane[l];
                             s2 += (double)lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -674,7 +696,7 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                                 s1 += (double)lane[l];
                                 s2 += (double)lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -682,6 +704,14 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                         mean[0] += delta * (nc / total);
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
+                    }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
                     }
 }
             } else {
@@ -693,12 +723,12 @@ int stem_bn_train_forward(const float *x, float *y, int32_t batch, float *runnin
                     const float b = offset[i1] - mlo[0] * g;
                     if (stream) {
                         {
-                            const size_t s0 = 0, s1 = 784;
+                            const size_t v0 = 0, v1 = 784;
                             float sv[784];
-                            for (size_t i2 = s0; i2 < s1; ++i2) {
-                                sv[i2 - s0] = (xr[i2] - mhi[0]) * g + b;
+                            for (size_t i2 = v0; i2 < v1; ++i2) {
+                                sv[i2 - v0] = (xr[i2] - mhi[0]) * g + b;
                             }
-                            stem_bn_stream(&ws, yr + s0, sv, s1 - s0);
+                            stem_bn_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     } else {
                         for (size_t i2 = 0; i2 < 784; ++i2) {
@@ -755,8 +785,8 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
          * normalized: x streams in from memory while y is written, and is read from memory once
          * wherever a block fits in cache */
-        double mean[1], m2[1], n;
-        double lane[32], lane2[32];
+        double mean[1], m2[1], mean_lo[1], n;
+        double kbase[1], lane[32], lane2[32];
         float mhi[1], mlo[1], rs[1];
         {
             /* block 0 */
@@ -764,6 +794,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
             n = 0;
             mean[0] = 0;
             m2[0] = 0;
+            kbase[0] = 0;
             /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
              * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
              * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -771,7 +802,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
             for (size_t c0 = 0; c0 < nb; c0 += 10) {
                 const size_t c1 = c0 + 10 < nb ? c0 + 10 : nb;
                 const double nc = (double)((c1 - c0) * 784);
-                double K = (double)mean[0];
+                double K = (double)((double)kbase[0] + mean[0]);
                 if (c0 == 0) {
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
@@ -779,6 +810,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                         K += x[i1 * 784 + q];
                     }
                     K /= 8;
+                    kbase[0] = K; /* the block's base: its means are kept relative to it */
                 }
                 for (size_t l = 0; l < 32; ++l) {
                     lane[l] = 0;
@@ -813,7 +845,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                     s1 += lane[l];
                     s2 += lane2[l];
                 }
-                double shift = (double)K;
+                double shift = (double)K - (double)kbase[0];
                 if (!(s1 * s1 <= 0.5 * nc * s2)) {
                     /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                      * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -867,7 +899,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                         s1 += lane[l];
                         s2 += lane2[l];
                     }
-                    shift = (double)m;
+                    shift = (double)m - (double)kbase[0];
                 }
                 const double total = n + nc;
                 const double cm2 = s2 - s1 * s1 / nc;
@@ -875,6 +907,14 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                 mean[0] += delta * (nc / total);
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
+            }
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 1; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
             }
         }
         for (size_t sb = 0; sb < 32; ++sb) {
@@ -892,7 +932,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                 saved_invstd[s] = inv;
                 rs[k] = (float)inv;
                 mhi[k] = (float)mean[k];
-                mlo[k] = (float)(mean[k] - (double)mhi[k]);
+                mlo[k] = (float)((mean[k] - (double)mhi[k]) + mean_lo[k]);
             }
             if (sb + 1 < 32) {
                 /* block sb + 1, shifted to block sb's offsets */
@@ -902,6 +942,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -909,7 +950,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                     for (size_t c0 = 0; c0 < nb; c0 += 10) {
                         const size_t c1 = c0 + 10 < nb ? c0 + 10 : nb;
                         const double nc = (double)((c1 - c0) * 784);
-                        double K = (double)mean[0];
+                        double K = (double)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -917,6 +958,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                                 K += xn[i1 * 784 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 32; ++l) {
                             lane[l] = 0;
@@ -951,7 +993,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                             s1 += lane[l];
                             s2 += lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -1005,7 +1047,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                                 s1 += lane[l];
                                 s2 += lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -1014,24 +1056,33 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
                     }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
+                    }
                     for (size_t i0 = 0; i0 < nb; ++i0) {
                         const float *xr = x + i0 * 25088 + i1 * 784;
                         float *yr = y + i0 * 25088 + i1 * 784;
                         const float g = rs[0] * scale[i1];
                         const float b = offset[i1] - mlo[0] * g;
                         {
-                            const size_t s0 = 0, s1 = 784;
+                            const size_t v0 = 0, v1 = 784;
                             float sv[784];
-                            for (size_t i2 = s0; i2 < s1; ++i2) {
-                                sv[i2 - s0] = (xr[i2] - mhi[0]) * g + b;
+                            for (size_t i2 = v0; i2 < v1; ++i2) {
+                                sv[i2 - v0] = (xr[i2] - mhi[0]) * g + b;
                             }
-                            stem_bn_stream(&ws, yr + s0, sv, s1 - s0);
+                            stem_bn_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     }
 } else {
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -1039,7 +1090,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                     for (size_t c0 = 0; c0 < nb; c0 += 10) {
                         const size_t c1 = c0 + 10 < nb ? c0 + 10 : nb;
                         const double nc = (double)((c1 - c0) * 784);
-                        double K = (double)mean[0];
+                        double K = (double)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -1047,6 +1098,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                                 K += xn[i1 * 784 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 32; ++l) {
                             lane[l] = 0;
@@ -1087,7 +1139,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                             s1 += lane[l];
                             s2 += lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -1141,7 +1193,7 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                                 s1 += lane[l];
                                 s2 += lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -1149,6 +1201,14 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                         mean[0] += delta * (nc / total);
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
+                    }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
                     }
 }
             } else {
@@ -1160,12 +1220,12 @@ int stem_bn_train_forward_save(const float *x, float *y, int32_t batch, float *r
                     const float b = offset[i1] - mlo[0] * g;
                     if (stream) {
                         {
-                            const size_t s0 = 0, s1 = 784;
+                            const size_t v0 = 0, v1 = 784;
                             float sv[784];
-                            for (size_t i2 = s0; i2 < s1; ++i2) {
-                                sv[i2 - s0] = (xr[i2] - mhi[0]) * g + b;
+                            for (size_t i2 = v0; i2 < v1; ++i2) {
+                                sv[i2 - v0] = (xr[i2] - mhi[0]) * g + b;
                             }
-                            stem_bn_stream(&ws, yr + s0, sv, s1 - s0);
+                            stem_bn_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     } else {
                         for (size_t i2 = 0; i2 < 784; ++i2) {
@@ -1228,11 +1288,13 @@ int stem_bn_backward(const float *x, const float *dy, float *dx, float *dscale, 
             for (size_t j = 0; j < 1; ++j) {
                 ref[j] = 0;
             }
-            double mean[1], m2[1];
+            double mean[1], m2[1], mean_lo[1];
+            float kbase[1];
             float lane[32], lane2[32];
             double n = 0;
             mean[0] = 0;
             m2[0] = 0;
+            kbase[0] = 0;
             /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
              * two passes over a cache-sized chunk (the second corrects the first's mean m:
              * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
@@ -1266,6 +1328,9 @@ int stem_bn_backward(const float *x, const float *dy, float *dx, float *dscale, 
                     lane2[l] = 0;
                 }
                 const float m = (float)(sum / nc);
+                if (c0 == 0) {
+                    kbase[0] = m; /* the block's base: its means are kept relative to it */
+                }
                 if (c0 == 0) {
                     /* the block's reference: the first chunk's mean */
                     for (size_t j = 0; j < 1; ++j) {
@@ -1338,10 +1403,18 @@ int stem_bn_backward(const float *x, const float *dy, float *dx, float *dscale, 
                     s2 += (double)lane2[l];
                 }
                 const double cm2 = s2 - s1 * s1 / nc;
-                const double delta = ((double)m + s1 / nc) - mean[0];
+                const double delta = (((double)m - (double)kbase[0]) + s1 / nc) - mean[0];
                 mean[0] += delta * (nc / total);
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
+            }
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 1; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
             }
             double inv[1], corr[1], s1[1], s2[1];
             float mhi[1], pw[1], q[1], r[1];
@@ -1349,7 +1422,7 @@ int stem_bn_backward(const float *x, const float *dy, float *dx, float *dscale, 
             for (size_t k = 0; k < 1; ++k) {
                 inv[k] = 1 / sqrt((m2[k] > 0 ? m2[k] / n : 0) + 1e-05);
                 mhi[k] = (float)mean[k];
-                corr[k] = mean[k] - (double)mhi[k];
+                corr[k] = (mean[k] - (double)mhi[k]) + mean_lo[k];
                 s1[k] = 0;
                 s2[k] = 0;
             }
@@ -1359,7 +1432,7 @@ int stem_bn_backward(const float *x, const float *dy, float *dx, float *dscale, 
                 const size_t k = 0;
                 const size_t c = i1 + cl;
                 const size_t j = cl;
-                const double dref = mean[0] - ref[0];
+                const double dref = (mean[0] - ref[0]) + mean_lo[0];
                 const double bx = inv[k] * (cb[j] - dref * ca[j]);
                 gscale[c] += bx;
                 goffset[c] += ca[j];
@@ -1383,12 +1456,12 @@ int stem_bn_backward(const float *x, const float *dy, float *dx, float *dscale, 
                 const float p = scale[i1] * pw[0];
                 if (stream) {
                     {
-                        const size_t s0 = 0, s1 = 784;
+                        const size_t v0 = 0, v1 = 784;
                         float sv[784];
-                        for (size_t i2 = s0; i2 < s1; ++i2) {
-                            sv[i2 - s0] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                        for (size_t i2 = v0; i2 < v1; ++i2) {
+                            sv[i2 - v0] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
                         }
-                        stem_bn_stream(&ws, dxr + s0, sv, s1 - s0);
+                        stem_bn_stream(&ws, dxr + v0, sv, v1 - v0);
                     }
                 } else {
                     for (size_t i2 = 0; i2 < 784; ++i2) {
@@ -1449,16 +1522,17 @@ int stem_bn_backward_saved(const float *x, const float *dy, const double *saved_
     for (size_t i1 = 0; i1 < 32; ++i1) {
         {
             const double n = (double)(nb * 784);
-            double mean[1];
+            double mean[1], mean_lo[1];
             double inv[1], corr[1], s1[1], s2[1];
             float mhi[1], pw[1], q[1], r[1];
             /* per statistic: 1/sqrt(var + epsilon), the mean in float (mhi) and what that rounded off (corr) */
             for (size_t k = 0; k < 1; ++k) {
                 const size_t s = i1;
                 mean[k] = saved_mean[s];
+                mean_lo[k] = 0;
                 inv[k] = saved_invstd[s];
                 mhi[k] = (float)mean[k];
-                corr[k] = mean[k] - (double)mhi[k];
+                corr[k] = (mean[k] - (double)mhi[k]) + mean_lo[k];
                 s1[k] = 0;
                 s2[k] = 0;
             }
@@ -1534,7 +1608,7 @@ int stem_bn_backward_saved(const float *x, const float *dy, const double *saved_
                 const size_t k = 0;
                 const size_t c = i1 + cl;
                 const size_t j = cl;
-                const double dref = mean[0] - ref[0];
+                const double dref = (mean[0] - ref[0]) + mean_lo[0];
                 const double bx = inv[k] * (cb[j] - dref * ca[j]);
                 gscale[c] += bx;
                 goffset[c] += ca[j];
@@ -1558,12 +1632,12 @@ int stem_bn_backward_saved(const float *x, const float *dy, const double *saved_
                 const float p = scale[i1] * pw[0];
                 if (stream) {
                     {
-                        const size_t s0 = 0, s1 = 784;
+                        const size_t v0 = 0, v1 = 784;
                         float sv[784];
-                        for (size_t i2 = s0; i2 < s1; ++i2) {
-                            sv[i2 - s0] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                        for (size_t i2 = v0; i2 < v1; ++i2) {
+                            sv[i2 - v0] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
                         }
-                        stem_bn_stream(&ws, dxr + s0, sv, s1 - s0);
+                        stem_bn_stream(&ws, dxr + v0, sv, v1 - v0);
                     }
                 } else {
                     for (size_t i2 = 0; i2 < 784; ++i2) {
@@ -1664,14 +1738,16 @@ int stem_bn_accumulate(stem_bn_stats *acc, const float *x, int32_t batch)
     }
     const size_t nb = (size_t)batch;
     const double n0 = acc->count;
-    const double total = n0 + (double)(nb * 784);
+    const double count = n0 + (double)(nb * 784);
     for (size_t i1 = 0; i1 < 32; ++i1) {
         {
-            double mean[1], m2[1];
+            double mean[1], m2[1], mean_lo[1];
+            double kbase[1];
             double lane[32], lane2[32];
             double n = 0;
             mean[0] = 0;
             m2[0] = 0;
+            kbase[0] = 0;
             /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
              * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
              * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -1679,7 +1755,7 @@ int stem_bn_accumulate(stem_bn_stats *acc, const float *x, int32_t batch)
             for (size_t c0 = 0; c0 < nb; c0 += 10) {
                 const size_t c1 = c0 + 10 < nb ? c0 + 10 : nb;
                 const double nc = (double)((c1 - c0) * 784);
-                double K = (double)mean[0];
+                double K = (double)((double)kbase[0] + mean[0]);
                 if (c0 == 0) {
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
@@ -1687,6 +1763,7 @@ int stem_bn_accumulate(stem_bn_stats *acc, const float *x, int32_t batch)
                         K += x[i1 * 784 + q];
                     }
                     K /= 8;
+                    kbase[0] = K; /* the block's base: its means are kept relative to it */
                 }
                 for (size_t l = 0; l < 32; ++l) {
                     lane[l] = 0;
@@ -1721,7 +1798,7 @@ int stem_bn_accumulate(stem_bn_stats *acc, const float *x, int32_t batch)
                     s1 += lane[l];
                     s2 += lane2[l];
                 }
-                double shift = (double)K;
+                double shift = (double)K - (double)kbase[0];
                 if (!(s1 * s1 <= 0.5 * nc * s2)) {
                     /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                      * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -1775,7 +1852,7 @@ int stem_bn_accumulate(stem_bn_stats *acc, const float *x, int32_t batch)
                         s1 += lane[l];
                         s2 += lane2[l];
                     }
-                    shift = (double)m;
+                    shift = (double)m - (double)kbase[0];
                 }
                 const double total = n + nc;
                 const double cm2 = s2 - s1 * s1 / nc;
@@ -1784,16 +1861,24 @@ int stem_bn_accumulate(stem_bn_stats *acc, const float *x, int32_t batch)
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
             }
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 1; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
+            }
             /* Chan's merge of this batch's (n, mean, M2) into the totals */
             for (size_t k = 0; k < 1; ++k) {
                 const size_t ch = i1;
-                const double delta = mean[k] - acc->mean[ch];
-                acc->mean[ch] += delta * (n / total);
-                acc->m2[ch] += m2[k] + delta * delta * (n0 * n / total);
+                const double delta = (mean[k] - acc->mean[ch]) + mean_lo[k];
+                acc->mean[ch] += delta * (n / count);
+                acc->m2[ch] += m2[k] + delta * delta * (n0 * n / count);
             }
         }
     }
-    acc->count = total;
+    acc->count = count;
     return STEM_BN_OK;
 }
 
@@ -1844,11 +1929,13 @@ int stem_bn_sync_stats(const float *x, stem_bn_stats *local, int32_t batch)
     }
     for (size_t i1 = 0; i1 < 32; ++i1) {
         {
-            double mean[1], m2[1];
+            double mean[1], m2[1], mean_lo[1];
+            double kbase[1];
             double lane[32], lane2[32];
             double n = 0;
             mean[0] = 0;
             m2[0] = 0;
+            kbase[0] = 0;
             /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
              * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
              * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -1856,7 +1943,7 @@ int stem_bn_sync_stats(const float *x, stem_bn_stats *local, int32_t batch)
             for (size_t c0 = 0; c0 < nb; c0 += 10) {
                 const size_t c1 = c0 + 10 < nb ? c0 + 10 : nb;
                 const double nc = (double)((c1 - c0) * 784);
-                double K = (double)mean[0];
+                double K = (double)((double)kbase[0] + mean[0]);
                 if (c0 == 0) {
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
@@ -1864,6 +1951,7 @@ int stem_bn_sync_stats(const float *x, stem_bn_stats *local, int32_t batch)
                         K += x[i1 * 784 + q];
                     }
                     K /= 8;
+                    kbase[0] = K; /* the block's base: its means are kept relative to it */
                 }
                 for (size_t l = 0; l < 32; ++l) {
                     lane[l] = 0;
@@ -1898,7 +1986,7 @@ int stem_bn_sync_stats(const float *x, stem_bn_stats *local, int32_t batch)
                     s1 += lane[l];
                     s2 += lane2[l];
                 }
-                double shift = (double)K;
+                double shift = (double)K - (double)kbase[0];
                 if (!(s1 * s1 <= 0.5 * nc * s2)) {
                     /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                      * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -1952,7 +2040,7 @@ int stem_bn_sync_stats(const float *x, stem_bn_stats *local, int32_t batch)
                         s1 += lane[l];
                         s2 += lane2[l];
                     }
-                    shift = (double)m;
+                    shift = (double)m - (double)kbase[0];
                 }
                 const double total = n + nc;
                 const double cm2 = s2 - s1 * s1 / nc;
@@ -1961,6 +2049,15 @@ int stem_bn_sync_stats(const float *x, stem_bn_stats *local, int32_t batch)
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
             }
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 1; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
+            }
+            (void)mean_lo; /* the mean rounded to double: its hi part */
             for (size_t k = 0; k < 1; ++k) {
                 const size_t ch = i1;
                 local->mean[ch] = mean[k];

@@ -147,7 +147,7 @@ static ENCODER_LN_INLINE void encoder_ln_stream(encoder_ln_streamer *s, float *y
 
 /* Whether a call on nb samples that moves k tensors' bytes streams its output; after one that did, its streaming
  * stores are ordered before the return (a fence). */
-#define ENCODER_LN_STREAMED(nb, k) (ENCODER_LN_STREAMS && (nb) * 16384u + 1 > ENCODER_LN_STREAM_BYTES / ((k) * sizeof(float)) + (ENCODER_LN_STREAM_BYTES % ((k) * sizeof(float)) != 0))
+#define ENCODER_LN_STREAMED(nb, k) (ENCODER_LN_STREAMS && (nb) * 16384u + 1 > ENCODER_LN_STREAM_BYTES / ((size_t)(k) * sizeof(float)) + (ENCODER_LN_STREAM_BYTES % ((size_t)(k) * sizeof(float)) != 0))
 #if ENCODER_LN_STREAMS
 #define ENCODER_LN_STREAM_FENCE() _mm_sfence()
 #else
@@ -269,8 +269,8 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
          * normalized: x streams in from memory while y is written, and is read from memory once
          * wherever a block fits in cache */
-        double mean[1], m2[1], n;
-        float lane[32], lane2[32];
+        double mean[1], m2[1], mean_lo[1], n;
+        float kbase[1], lane[32], lane2[32];
         float mhi[1], mlo[1], rs[1];
         {
             /* block 0 */
@@ -278,6 +278,7 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
             n = 0;
             mean[0] = 0;
             m2[0] = 0;
+            kbase[0] = 0;
             /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
              * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
              * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -285,7 +286,7 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
             for (size_t c0 = 0; c0 < 256; c0 += 8192) {
                 const size_t c1 = c0 + 8192 < 256 ? c0 + 8192 : 256;
                 const double nc = (double)((c1 - c0) * 1);
-                float K = (float)mean[0];
+                float K = (float)((double)kbase[0] + mean[0]);
                 if (c0 == 0) {
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
@@ -293,6 +294,7 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
                         K += x[i0 * 256 + q];
                     }
                     K /= 8;
+                    kbase[0] = K; /* the block's base: its means are kept relative to it */
                 }
                 for (size_t l = 0; l < 32; ++l) {
                     lane[l] = 0;
@@ -327,7 +329,7 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
                     s1 += (double)lane[l];
                     s2 += (double)lane2[l];
                 }
-                double shift = (double)K;
+                double shift = (double)K - (double)kbase[0];
                 if (!(s1 * s1 <= 0.5 * nc * s2)) {
                     /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                      * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -381,7 +383,7 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
                         s1 += (double)lane[l];
                         s2 += (double)lane2[l];
                     }
-                    shift = (double)m;
+                    shift = (double)m - (double)kbase[0];
                 }
                 const double total = n + nc;
                 const double cm2 = s2 - s1 * s1 / nc;
@@ -389,6 +391,14 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
                 mean[0] += delta * (nc / total);
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
+            }
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 1; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
             }
         }
         for (size_t sb = 0; sb < nb * 64; ++sb) {
@@ -398,7 +408,7 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
                 const double var = m2[k] > 0 ? m2[k] / n : 0;
                 rs[k] = (float)(1 / sqrt(var + 1e-05));
                 mhi[k] = (float)mean[k];
-                mlo[k] = (float)(mean[k] - (double)mhi[k]);
+                mlo[k] = (float)((mean[k] - (double)mhi[k]) + mean_lo[k]);
             }
             if (sb + 1 < nb * 64) {
                 /* block sb + 1, shifted to block sb's offsets */
@@ -408,6 +418,7 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -415,7 +426,7 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
                     for (size_t c0 = 0; c0 < 256; c0 += 8192) {
                         const size_t c1 = c0 + 8192 < 256 ? c0 + 8192 : 256;
                         const double nc = (double)((c1 - c0) * 1);
-                        float K = (float)mean[0];
+                        float K = (float)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -423,6 +434,7 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
                                 K += xn[i0 * 256 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 32; ++l) {
                             lane[l] = 0;
@@ -457,7 +469,7 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
                             s1 += (double)lane[l];
                             s2 += (double)lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -511,7 +523,7 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
                                 s1 += (double)lane[l];
                                 s2 += (double)lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -520,22 +532,31 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
                     }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
+                    }
                     {
                         const float *xr = x + i0 * 256;
                         float *yr = y + i0 * 256;
                         {
-                            const size_t s0 = 0, s1 = 256;
+                            const size_t v0 = 0, v1 = 256;
                             float sv[256];
-                            for (size_t i1 = s0; i1 < s1; ++i1) {
-                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            for (size_t i1 = v0; i1 < v1; ++i1) {
+                                sv[i1 - v0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
                             }
-                            encoder_ln_stream(&ws, yr + s0, sv, s1 - s0);
+                            encoder_ln_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     }
 } else {
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -543,7 +564,7 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
                     for (size_t c0 = 0; c0 < 256; c0 += 8192) {
                         const size_t c1 = c0 + 8192 < 256 ? c0 + 8192 : 256;
                         const double nc = (double)((c1 - c0) * 1);
-                        float K = (float)mean[0];
+                        float K = (float)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -551,6 +572,7 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
                                 K += xn[i0 * 256 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 32; ++l) {
                             lane[l] = 0;
@@ -589,7 +611,7 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
                             s1 += (double)lane[l];
                             s2 += (double)lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -643,7 +665,7 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
                                 s1 += (double)lane[l];
                                 s2 += (double)lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -651,6 +673,14 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
                         mean[0] += delta * (nc / total);
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
+                    }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
                     }
 }
             } else {
@@ -660,12 +690,12 @@ int encoder_ln_predict(const float *x, float *y, int32_t batch)
                     float *yr = y + i0 * 256;
                     if (stream) {
                         {
-                            const size_t s0 = 0, s1 = 256;
+                            const size_t v0 = 0, v1 = 256;
                             float sv[256];
-                            for (size_t i1 = s0; i1 < s1; ++i1) {
-                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            for (size_t i1 = v0; i1 < v1; ++i1) {
+                                sv[i1 - v0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
                             }
-                            encoder_ln_stream(&ws, yr + s0, sv, s1 - s0);
+                            encoder_ln_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     } else {
                         for (size_t i1 = 0; i1 < 256; ++i1) {
@@ -713,8 +743,8 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
          * normalized: x streams in from memory while y is written, and is read from memory once
          * wherever a block fits in cache */
-        double mean[1], m2[1], n;
-        double lane[32], lane2[32];
+        double mean[1], m2[1], mean_lo[1], n;
+        double kbase[1], lane[32], lane2[32];
         float mhi[1], mlo[1], rs[1];
         {
             /* block 0 */
@@ -722,6 +752,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
             n = 0;
             mean[0] = 0;
             m2[0] = 0;
+            kbase[0] = 0;
             /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
              * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
              * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -729,7 +760,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
             for (size_t c0 = 0; c0 < 256; c0 += 8192) {
                 const size_t c1 = c0 + 8192 < 256 ? c0 + 8192 : 256;
                 const double nc = (double)((c1 - c0) * 1);
-                double K = (double)mean[0];
+                double K = (double)((double)kbase[0] + mean[0]);
                 if (c0 == 0) {
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
@@ -737,6 +768,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                         K += x[i0 * 256 + q];
                     }
                     K /= 8;
+                    kbase[0] = K; /* the block's base: its means are kept relative to it */
                 }
                 for (size_t l = 0; l < 32; ++l) {
                     lane[l] = 0;
@@ -771,7 +803,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                     s1 += lane[l];
                     s2 += lane2[l];
                 }
-                double shift = (double)K;
+                double shift = (double)K - (double)kbase[0];
                 if (!(s1 * s1 <= 0.5 * nc * s2)) {
                     /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                      * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -825,7 +857,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                         s1 += lane[l];
                         s2 += lane2[l];
                     }
-                    shift = (double)m;
+                    shift = (double)m - (double)kbase[0];
                 }
                 const double total = n + nc;
                 const double cm2 = s2 - s1 * s1 / nc;
@@ -833,6 +865,14 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                 mean[0] += delta * (nc / total);
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
+            }
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 1; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
             }
         }
         for (size_t sb = 0; sb < nb * 64; ++sb) {
@@ -846,7 +886,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                 saved_invstd[s] = inv;
                 rs[k] = (float)inv;
                 mhi[k] = (float)mean[k];
-                mlo[k] = (float)(mean[k] - (double)mhi[k]);
+                mlo[k] = (float)((mean[k] - (double)mhi[k]) + mean_lo[k]);
             }
             if (sb + 1 < nb * 64) {
                 /* block sb + 1, shifted to block sb's offsets */
@@ -856,6 +896,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -863,7 +904,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                     for (size_t c0 = 0; c0 < 256; c0 += 8192) {
                         const size_t c1 = c0 + 8192 < 256 ? c0 + 8192 : 256;
                         const double nc = (double)((c1 - c0) * 1);
-                        double K = (double)mean[0];
+                        double K = (double)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -871,6 +912,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                 K += xn[i0 * 256 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 32; ++l) {
                             lane[l] = 0;
@@ -905,7 +947,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                             s1 += lane[l];
                             s2 += lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -959,7 +1001,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                 s1 += lane[l];
                                 s2 += lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -968,22 +1010,31 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
                     }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
+                    }
                     {
                         const float *xr = x + i0 * 256;
                         float *yr = y + i0 * 256;
                         {
-                            const size_t s0 = 0, s1 = 256;
+                            const size_t v0 = 0, v1 = 256;
                             float sv[256];
-                            for (size_t i1 = s0; i1 < s1; ++i1) {
-                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            for (size_t i1 = v0; i1 < v1; ++i1) {
+                                sv[i1 - v0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
                             }
-                            encoder_ln_stream(&ws, yr + s0, sv, s1 - s0);
+                            encoder_ln_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     }
 } else {
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -991,7 +1042,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                     for (size_t c0 = 0; c0 < 256; c0 += 8192) {
                         const size_t c1 = c0 + 8192 < 256 ? c0 + 8192 : 256;
                         const double nc = (double)((c1 - c0) * 1);
-                        double K = (double)mean[0];
+                        double K = (double)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -999,6 +1050,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                 K += xn[i0 * 256 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 32; ++l) {
                             lane[l] = 0;
@@ -1037,7 +1089,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                             s1 += lane[l];
                             s2 += lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -1091,7 +1143,7 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                 s1 += lane[l];
                                 s2 += lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -1099,6 +1151,14 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                         mean[0] += delta * (nc / total);
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
+                    }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
                     }
 }
             } else {
@@ -1108,12 +1168,12 @@ int encoder_ln_train_forward_save(const float *x, float *y, int32_t batch, doubl
                     float *yr = y + i0 * 256;
                     if (stream) {
                         {
-                            const size_t s0 = 0, s1 = 256;
+                            const size_t v0 = 0, v1 = 256;
                             float sv[256];
-                            for (size_t i1 = s0; i1 < s1; ++i1) {
-                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            for (size_t i1 = v0; i1 < v1; ++i1) {
+                                sv[i1 - v0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
                             }
-                            encoder_ln_stream(&ws, yr + s0, sv, s1 - s0);
+                            encoder_ln_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     } else {
                         for (size_t i1 = 0; i1 < 256; ++i1) {
@@ -1181,11 +1241,13 @@ int encoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
             for (size_t j = 0; j < 1; ++j) {
                 ref[j] = 0;
             }
-            double mean[1], m2[1];
+            double mean[1], m2[1], mean_lo[1];
+            float kbase[1];
             float lane[32], lane2[32];
             double n = 0;
             mean[0] = 0;
             m2[0] = 0;
+            kbase[0] = 0;
             /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
              * two passes over a cache-sized chunk (the second corrects the first's mean m:
              * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
@@ -1219,6 +1281,9 @@ int encoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
                     lane2[l] = 0;
                 }
                 const float m = (float)(sum / nc);
+                if (c0 == 0) {
+                    kbase[0] = m; /* the block's base: its means are kept relative to it */
+                }
                 if (c0 == 0) {
                     /* the block's reference: the first chunk's mean */
                     for (size_t j = 0; j < 1; ++j) {
@@ -1285,10 +1350,18 @@ int encoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
                     s2 += (double)lane2[l];
                 }
                 const double cm2 = s2 - s1 * s1 / nc;
-                const double delta = ((double)m + s1 / nc) - mean[0];
+                const double delta = (((double)m - (double)kbase[0]) + s1 / nc) - mean[0];
                 mean[0] += delta * (nc / total);
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
+            }
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 1; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
             }
             double inv[1], corr[1], s1[1], s2[1];
             float mhi[1], mlo[1], rs[1], pw[1], q[1], r[1];
@@ -1296,7 +1369,7 @@ int encoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
             for (size_t k = 0; k < 1; ++k) {
                 inv[k] = 1 / sqrt((m2[k] > 0 ? m2[k] / n : 0) + 1e-05);
                 mhi[k] = (float)mean[k];
-                corr[k] = mean[k] - (double)mhi[k];
+                corr[k] = (mean[k] - (double)mhi[k]) + mean_lo[k];
                 mlo[k] = (float)corr[k];
                 rs[k] = (float)inv[k];
                 s1[k] = 0;
@@ -1305,7 +1378,7 @@ int encoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
             /* per statistic s1 = sum(g), s2 = sum(g * xhat) with g = scale * dy:
              * sum(dy * xhat) = inv * (cb - (mean - ref) * ca) */
             s1[0] = ca[0];
-            s2[0] = inv[0] * (cb[0] - (mean[0] - ref[0]) * ca[0]);
+            s2[0] = inv[0] * (cb[0] - ((mean[0] - ref[0]) + mean_lo[0]) * ca[0]);
             /* per statistic: dx = dy * scale * pw + ((x - mhi) * q + r), with pw = inv, q = -inv^2 * mean(g * xhat),
              * r = inv * (inv * mean(g * xhat) * corr - mean(g)); 0 for a statistic of one element (xhat = 0) */
             for (size_t k = 0; k < 1; ++k) {
@@ -1322,17 +1395,17 @@ int encoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
                 float *dxr = dx + i0 * 256;
                 if (stream) {
                     {
-                        const size_t s0 = 0, s1 = 256;
+                        const size_t v0 = 0, v1 = 256;
                         float sv[256];
-                        for (size_t i1 = s0; i1 < s1; ++i1) {
+                        for (size_t i1 = v0; i1 < v1; ++i1) {
                             const size_t c = i1;
                             const float d = dyr[i1];
                             const float dev = xr[i1] - mhi[0];
-                            sv[i1 - s0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                            sv[i1 - v0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
                             fa[c] += d;
                             fb[c] += d * ((dev - mlo[0]) * rs[0]);
                         }
-                        encoder_ln_stream(&ws, dxr + s0, sv, s1 - s0);
+                        encoder_ln_stream(&ws, dxr + v0, sv, v1 - v0);
                     }
                 } else {
                     for (size_t i1 = 0; i1 < 256; ++i1) {
@@ -1418,16 +1491,17 @@ int encoder_ln_backward_saved(const float *x, const float *dy, const double *sav
     for (size_t i0 = 0; i0 < nb * 64; ++i0) {
         {
             const double n = (double)(256);
-            double mean[1];
+            double mean[1], mean_lo[1];
             double inv[1], corr[1], s1[1], s2[1];
             float mhi[1], mlo[1], rs[1], pw[1], q[1], r[1];
             /* per statistic: 1/sqrt(var + epsilon), the mean in float (mhi) and what that rounded off (corr) */
             for (size_t k = 0; k < 1; ++k) {
                 const size_t s = i0;
                 mean[k] = saved_mean[s];
+                mean_lo[k] = 0;
                 inv[k] = saved_invstd[s];
                 mhi[k] = (float)mean[k];
-                corr[k] = mean[k] - (double)mhi[k];
+                corr[k] = (mean[k] - (double)mhi[k]) + mean_lo[k];
                 mlo[k] = (float)corr[k];
                 rs[k] = (float)inv[k];
                 s1[k] = 0;
@@ -1496,7 +1570,7 @@ int encoder_ln_backward_saved(const float *x, const float *dy, const double *sav
             /* per statistic s1 = sum(g), s2 = sum(g * xhat) with g = scale * dy:
              * sum(dy * xhat) = inv * (cb - (mean - ref) * ca) */
             s1[0] = ca[0];
-            s2[0] = inv[0] * (cb[0] - (mean[0] - ref[0]) * ca[0]);
+            s2[0] = inv[0] * (cb[0] - ((mean[0] - ref[0]) + mean_lo[0]) * ca[0]);
             /* per statistic: dx = dy * scale * pw + ((x - mhi) * q + r), with pw = inv, q = -inv^2 * mean(g * xhat),
              * r = inv * (inv * mean(g * xhat) * corr - mean(g)); 0 for a statistic of one element (xhat = 0) */
             for (size_t k = 0; k < 1; ++k) {
@@ -1513,17 +1587,17 @@ int encoder_ln_backward_saved(const float *x, const float *dy, const double *sav
                 float *dxr = dx + i0 * 256;
                 if (stream) {
                     {
-                        const size_t s0 = 0, s1 = 256;
+                        const size_t v0 = 0, v1 = 256;
                         float sv[256];
-                        for (size_t i1 = s0; i1 < s1; ++i1) {
+                        for (size_t i1 = v0; i1 < v1; ++i1) {
                             const size_t c = i1;
                             const float d = dyr[i1];
                             const float dev = xr[i1] - mhi[0];
-                            sv[i1 - s0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                            sv[i1 - v0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
                             fa[c] += d;
                             fb[c] += d * ((dev - mlo[0]) * rs[0]);
                         }
-                        encoder_ln_stream(&ws, dxr + s0, sv, s1 - s0);
+                        encoder_ln_stream(&ws, dxr + v0, sv, v1 - v0);
                     }
                 } else {
                     for (size_t i1 = 0; i1 < 256; ++i1) {

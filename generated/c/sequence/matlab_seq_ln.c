@@ -148,7 +148,7 @@ static MATLAB_SEQ_LN_INLINE void matlab_seq_ln_stream(matlab_seq_ln_streamer *s,
 
 /* Whether a call on nb samples that moves k tensors' bytes streams its output; after one that did, its streaming
  * stores are ordered before the return (a fence). */
-#define MATLAB_SEQ_LN_STREAMED(nb, k) (MATLAB_SEQ_LN_STREAMS && (nb) * 3840u + 1 > MATLAB_SEQ_LN_STREAM_BYTES / ((k) * sizeof(float)) + (MATLAB_SEQ_LN_STREAM_BYTES % ((k) * sizeof(float)) != 0))
+#define MATLAB_SEQ_LN_STREAMED(nb, k) (MATLAB_SEQ_LN_STREAMS && (nb) * 3840u + 1 > MATLAB_SEQ_LN_STREAM_BYTES / ((size_t)(k) * sizeof(float)) + (MATLAB_SEQ_LN_STREAM_BYTES % ((size_t)(k) * sizeof(float)) != 0))
 #if MATLAB_SEQ_LN_STREAMS
 #define MATLAB_SEQ_LN_STREAM_FENCE() _mm_sfence()
 #else
@@ -216,8 +216,8 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
          * normalized: x streams in from memory while y is written, and is read from memory once
          * wherever a block fits in cache */
-        double mean[1], m2[1], n;
-        float lane[32], lane2[32];
+        double mean[1], m2[1], mean_lo[1], n;
+        float kbase[1], lane[32], lane2[32];
         float mhi[1], mlo[1], rs[1];
         {
             /* block 0 */
@@ -225,6 +225,7 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
             n = 0;
             mean[0] = 0;
             m2[0] = 0;
+            kbase[0] = 0;
             /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
              * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
              * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -232,7 +233,7 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
             for (size_t c0 = 0; c0 < 96; c0 += 8192) {
                 const size_t c1 = c0 + 8192 < 96 ? c0 + 8192 : 96;
                 const double nc = (double)((c1 - c0) * 1);
-                float K = (float)mean[0];
+                float K = (float)((double)kbase[0] + mean[0]);
                 if (c0 == 0) {
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
@@ -240,6 +241,7 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
                         K += x[i0 * 96 + q];
                     }
                     K /= 8;
+                    kbase[0] = K; /* the block's base: its means are kept relative to it */
                 }
                 for (size_t l = 0; l < 32; ++l) {
                     lane[l] = 0;
@@ -274,7 +276,7 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
                     s1 += (double)lane[l];
                     s2 += (double)lane2[l];
                 }
-                double shift = (double)K;
+                double shift = (double)K - (double)kbase[0];
                 if (!(s1 * s1 <= 0.5 * nc * s2)) {
                     /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                      * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -328,7 +330,7 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
                         s1 += (double)lane[l];
                         s2 += (double)lane2[l];
                     }
-                    shift = (double)m;
+                    shift = (double)m - (double)kbase[0];
                 }
                 const double total = n + nc;
                 const double cm2 = s2 - s1 * s1 / nc;
@@ -336,6 +338,14 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
                 mean[0] += delta * (nc / total);
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
+            }
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 1; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
             }
         }
         for (size_t sb = 0; sb < nb * 40; ++sb) {
@@ -345,7 +355,7 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
                 const double var = m2[k] > 0 ? m2[k] / n : 0;
                 rs[k] = (float)(1 / sqrt(var + 1e-05));
                 mhi[k] = (float)mean[k];
-                mlo[k] = (float)(mean[k] - (double)mhi[k]);
+                mlo[k] = (float)((mean[k] - (double)mhi[k]) + mean_lo[k]);
             }
             if (sb + 1 < nb * 40) {
                 /* block sb + 1, shifted to block sb's offsets */
@@ -355,6 +365,7 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -362,7 +373,7 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
                     for (size_t c0 = 0; c0 < 96; c0 += 8192) {
                         const size_t c1 = c0 + 8192 < 96 ? c0 + 8192 : 96;
                         const double nc = (double)((c1 - c0) * 1);
-                        float K = (float)mean[0];
+                        float K = (float)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -370,6 +381,7 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
                                 K += xn[i0 * 96 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 32; ++l) {
                             lane[l] = 0;
@@ -404,7 +416,7 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
                             s1 += (double)lane[l];
                             s2 += (double)lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -458,7 +470,7 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
                                 s1 += (double)lane[l];
                                 s2 += (double)lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -467,22 +479,31 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
                     }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
+                    }
                     {
                         const float *xr = x + i0 * 96;
                         float *yr = y + i0 * 96;
                         {
-                            const size_t s0 = 0, s1 = 96;
+                            const size_t v0 = 0, v1 = 96;
                             float sv[96];
-                            for (size_t i1 = s0; i1 < s1; ++i1) {
-                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            for (size_t i1 = v0; i1 < v1; ++i1) {
+                                sv[i1 - v0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
                             }
-                            matlab_seq_ln_stream(&ws, yr + s0, sv, s1 - s0);
+                            matlab_seq_ln_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     }
 } else {
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -490,7 +511,7 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
                     for (size_t c0 = 0; c0 < 96; c0 += 8192) {
                         const size_t c1 = c0 + 8192 < 96 ? c0 + 8192 : 96;
                         const double nc = (double)((c1 - c0) * 1);
-                        float K = (float)mean[0];
+                        float K = (float)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -498,6 +519,7 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
                                 K += xn[i0 * 96 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 32; ++l) {
                             lane[l] = 0;
@@ -536,7 +558,7 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
                             s1 += (double)lane[l];
                             s2 += (double)lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -590,7 +612,7 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
                                 s1 += (double)lane[l];
                                 s2 += (double)lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -598,6 +620,14 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
                         mean[0] += delta * (nc / total);
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
+                    }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
                     }
 }
             } else {
@@ -607,12 +637,12 @@ int matlab_seq_ln_predict(const float *x, float *y, int32_t batch)
                     float *yr = y + i0 * 96;
                     if (stream) {
                         {
-                            const size_t s0 = 0, s1 = 96;
+                            const size_t v0 = 0, v1 = 96;
                             float sv[96];
-                            for (size_t i1 = s0; i1 < s1; ++i1) {
-                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            for (size_t i1 = v0; i1 < v1; ++i1) {
+                                sv[i1 - v0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
                             }
-                            matlab_seq_ln_stream(&ws, yr + s0, sv, s1 - s0);
+                            matlab_seq_ln_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     } else {
                         for (size_t i1 = 0; i1 < 96; ++i1) {
@@ -660,8 +690,8 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
          * normalized: x streams in from memory while y is written, and is read from memory once
          * wherever a block fits in cache */
-        double mean[1], m2[1], n;
-        double lane[32], lane2[32];
+        double mean[1], m2[1], mean_lo[1], n;
+        double kbase[1], lane[32], lane2[32];
         float mhi[1], mlo[1], rs[1];
         {
             /* block 0 */
@@ -669,6 +699,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
             n = 0;
             mean[0] = 0;
             m2[0] = 0;
+            kbase[0] = 0;
             /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
              * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
              * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -676,7 +707,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
             for (size_t c0 = 0; c0 < 96; c0 += 8192) {
                 const size_t c1 = c0 + 8192 < 96 ? c0 + 8192 : 96;
                 const double nc = (double)((c1 - c0) * 1);
-                double K = (double)mean[0];
+                double K = (double)((double)kbase[0] + mean[0]);
                 if (c0 == 0) {
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
@@ -684,6 +715,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                         K += x[i0 * 96 + q];
                     }
                     K /= 8;
+                    kbase[0] = K; /* the block's base: its means are kept relative to it */
                 }
                 for (size_t l = 0; l < 32; ++l) {
                     lane[l] = 0;
@@ -718,7 +750,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                     s1 += lane[l];
                     s2 += lane2[l];
                 }
-                double shift = (double)K;
+                double shift = (double)K - (double)kbase[0];
                 if (!(s1 * s1 <= 0.5 * nc * s2)) {
                     /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                      * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -772,7 +804,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                         s1 += lane[l];
                         s2 += lane2[l];
                     }
-                    shift = (double)m;
+                    shift = (double)m - (double)kbase[0];
                 }
                 const double total = n + nc;
                 const double cm2 = s2 - s1 * s1 / nc;
@@ -780,6 +812,14 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                 mean[0] += delta * (nc / total);
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
+            }
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 1; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
             }
         }
         for (size_t sb = 0; sb < nb * 40; ++sb) {
@@ -793,7 +833,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                 saved_invstd[s] = inv;
                 rs[k] = (float)inv;
                 mhi[k] = (float)mean[k];
-                mlo[k] = (float)(mean[k] - (double)mhi[k]);
+                mlo[k] = (float)((mean[k] - (double)mhi[k]) + mean_lo[k]);
             }
             if (sb + 1 < nb * 40) {
                 /* block sb + 1, shifted to block sb's offsets */
@@ -803,6 +843,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -810,7 +851,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                     for (size_t c0 = 0; c0 < 96; c0 += 8192) {
                         const size_t c1 = c0 + 8192 < 96 ? c0 + 8192 : 96;
                         const double nc = (double)((c1 - c0) * 1);
-                        double K = (double)mean[0];
+                        double K = (double)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -818,6 +859,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                                 K += xn[i0 * 96 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 32; ++l) {
                             lane[l] = 0;
@@ -852,7 +894,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                             s1 += lane[l];
                             s2 += lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -906,7 +948,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                                 s1 += lane[l];
                                 s2 += lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -915,22 +957,31 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
                     }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
+                    }
                     {
                         const float *xr = x + i0 * 96;
                         float *yr = y + i0 * 96;
                         {
-                            const size_t s0 = 0, s1 = 96;
+                            const size_t v0 = 0, v1 = 96;
                             float sv[96];
-                            for (size_t i1 = s0; i1 < s1; ++i1) {
-                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            for (size_t i1 = v0; i1 < v1; ++i1) {
+                                sv[i1 - v0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
                             }
-                            matlab_seq_ln_stream(&ws, yr + s0, sv, s1 - s0);
+                            matlab_seq_ln_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     }
 } else {
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -938,7 +989,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                     for (size_t c0 = 0; c0 < 96; c0 += 8192) {
                         const size_t c1 = c0 + 8192 < 96 ? c0 + 8192 : 96;
                         const double nc = (double)((c1 - c0) * 1);
-                        double K = (double)mean[0];
+                        double K = (double)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -946,6 +997,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                                 K += xn[i0 * 96 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 32; ++l) {
                             lane[l] = 0;
@@ -984,7 +1036,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                             s1 += lane[l];
                             s2 += lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -1038,7 +1090,7 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                                 s1 += lane[l];
                                 s2 += lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -1046,6 +1098,14 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                         mean[0] += delta * (nc / total);
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
+                    }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
                     }
 }
             } else {
@@ -1055,12 +1115,12 @@ int matlab_seq_ln_train_forward_save(const float *x, float *y, int32_t batch, do
                     float *yr = y + i0 * 96;
                     if (stream) {
                         {
-                            const size_t s0 = 0, s1 = 96;
+                            const size_t v0 = 0, v1 = 96;
                             float sv[96];
-                            for (size_t i1 = s0; i1 < s1; ++i1) {
-                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            for (size_t i1 = v0; i1 < v1; ++i1) {
+                                sv[i1 - v0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
                             }
-                            matlab_seq_ln_stream(&ws, yr + s0, sv, s1 - s0);
+                            matlab_seq_ln_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     } else {
                         for (size_t i1 = 0; i1 < 96; ++i1) {
@@ -1128,11 +1188,13 @@ int matlab_seq_ln_backward(const float *x, const float *dy, float *dx, float *ds
             for (size_t j = 0; j < 1; ++j) {
                 ref[j] = 0;
             }
-            double mean[1], m2[1];
+            double mean[1], m2[1], mean_lo[1];
+            float kbase[1];
             float lane[32], lane2[32];
             double n = 0;
             mean[0] = 0;
             m2[0] = 0;
+            kbase[0] = 0;
             /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
              * two passes over a cache-sized chunk (the second corrects the first's mean m:
              * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
@@ -1166,6 +1228,9 @@ int matlab_seq_ln_backward(const float *x, const float *dy, float *dx, float *ds
                     lane2[l] = 0;
                 }
                 const float m = (float)(sum / nc);
+                if (c0 == 0) {
+                    kbase[0] = m; /* the block's base: its means are kept relative to it */
+                }
                 if (c0 == 0) {
                     /* the block's reference: the first chunk's mean */
                     for (size_t j = 0; j < 1; ++j) {
@@ -1232,10 +1297,18 @@ int matlab_seq_ln_backward(const float *x, const float *dy, float *dx, float *ds
                     s2 += (double)lane2[l];
                 }
                 const double cm2 = s2 - s1 * s1 / nc;
-                const double delta = ((double)m + s1 / nc) - mean[0];
+                const double delta = (((double)m - (double)kbase[0]) + s1 / nc) - mean[0];
                 mean[0] += delta * (nc / total);
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
+            }
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 1; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
             }
             double inv[1], corr[1], s1[1], s2[1];
             float mhi[1], mlo[1], rs[1], pw[1], q[1], r[1];
@@ -1243,7 +1316,7 @@ int matlab_seq_ln_backward(const float *x, const float *dy, float *dx, float *ds
             for (size_t k = 0; k < 1; ++k) {
                 inv[k] = 1 / sqrt((m2[k] > 0 ? m2[k] / n : 0) + 1e-05);
                 mhi[k] = (float)mean[k];
-                corr[k] = mean[k] - (double)mhi[k];
+                corr[k] = (mean[k] - (double)mhi[k]) + mean_lo[k];
                 mlo[k] = (float)corr[k];
                 rs[k] = (float)inv[k];
                 s1[k] = 0;
@@ -1252,7 +1325,7 @@ int matlab_seq_ln_backward(const float *x, const float *dy, float *dx, float *ds
             /* per statistic s1 = sum(g), s2 = sum(g * xhat) with g = scale * dy:
              * sum(dy * xhat) = inv * (cb - (mean - ref) * ca) */
             s1[0] = ca[0];
-            s2[0] = inv[0] * (cb[0] - (mean[0] - ref[0]) * ca[0]);
+            s2[0] = inv[0] * (cb[0] - ((mean[0] - ref[0]) + mean_lo[0]) * ca[0]);
             /* per statistic: dx = dy * scale * pw + ((x - mhi) * q + r), with pw = inv, q = -inv^2 * mean(g * xhat),
              * r = inv * (inv * mean(g * xhat) * corr - mean(g)); 0 for a statistic of one element (xhat = 0) */
             for (size_t k = 0; k < 1; ++k) {
@@ -1269,17 +1342,17 @@ int matlab_seq_ln_backward(const float *x, const float *dy, float *dx, float *ds
                 float *dxr = dx + i0 * 96;
                 if (stream) {
                     {
-                        const size_t s0 = 0, s1 = 96;
+                        const size_t v0 = 0, v1 = 96;
                         float sv[96];
-                        for (size_t i1 = s0; i1 < s1; ++i1) {
+                        for (size_t i1 = v0; i1 < v1; ++i1) {
                             const size_t c = i1;
                             const float d = dyr[i1];
                             const float dev = xr[i1] - mhi[0];
-                            sv[i1 - s0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                            sv[i1 - v0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
                             fa[c] += d;
                             fb[c] += d * ((dev - mlo[0]) * rs[0]);
                         }
-                        matlab_seq_ln_stream(&ws, dxr + s0, sv, s1 - s0);
+                        matlab_seq_ln_stream(&ws, dxr + v0, sv, v1 - v0);
                     }
                 } else {
                     for (size_t i1 = 0; i1 < 96; ++i1) {
@@ -1365,16 +1438,17 @@ int matlab_seq_ln_backward_saved(const float *x, const float *dy, const double *
     for (size_t i0 = 0; i0 < nb * 40; ++i0) {
         {
             const double n = (double)(96);
-            double mean[1];
+            double mean[1], mean_lo[1];
             double inv[1], corr[1], s1[1], s2[1];
             float mhi[1], mlo[1], rs[1], pw[1], q[1], r[1];
             /* per statistic: 1/sqrt(var + epsilon), the mean in float (mhi) and what that rounded off (corr) */
             for (size_t k = 0; k < 1; ++k) {
                 const size_t s = i0;
                 mean[k] = saved_mean[s];
+                mean_lo[k] = 0;
                 inv[k] = saved_invstd[s];
                 mhi[k] = (float)mean[k];
-                corr[k] = mean[k] - (double)mhi[k];
+                corr[k] = (mean[k] - (double)mhi[k]) + mean_lo[k];
                 mlo[k] = (float)corr[k];
                 rs[k] = (float)inv[k];
                 s1[k] = 0;
@@ -1443,7 +1517,7 @@ int matlab_seq_ln_backward_saved(const float *x, const float *dy, const double *
             /* per statistic s1 = sum(g), s2 = sum(g * xhat) with g = scale * dy:
              * sum(dy * xhat) = inv * (cb - (mean - ref) * ca) */
             s1[0] = ca[0];
-            s2[0] = inv[0] * (cb[0] - (mean[0] - ref[0]) * ca[0]);
+            s2[0] = inv[0] * (cb[0] - ((mean[0] - ref[0]) + mean_lo[0]) * ca[0]);
             /* per statistic: dx = dy * scale * pw + ((x - mhi) * q + r), with pw = inv, q = -inv^2 * mean(g * xhat),
              * r = inv * (inv * mean(g * xhat) * corr - mean(g)); 0 for a statistic of one element (xhat = 0) */
             for (size_t k = 0; k < 1; ++k) {
@@ -1460,17 +1534,17 @@ int matlab_seq_ln_backward_saved(const float *x, const float *dy, const double *
                 float *dxr = dx + i0 * 96;
                 if (stream) {
                     {
-                        const size_t s0 = 0, s1 = 96;
+                        const size_t v0 = 0, v1 = 96;
                         float sv[96];
-                        for (size_t i1 = s0; i1 < s1; ++i1) {
+                        for (size_t i1 = v0; i1 < v1; ++i1) {
                             const size_t c = i1;
                             const float d = dyr[i1];
                             const float dev = xr[i1] - mhi[0];
-                            sv[i1 - s0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                            sv[i1 - v0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
                             fa[c] += d;
                             fb[c] += d * ((dev - mlo[0]) * rs[0]);
                         }
-                        matlab_seq_ln_stream(&ws, dxr + s0, sv, s1 - s0);
+                        matlab_seq_ln_stream(&ws, dxr + v0, sv, v1 - v0);
                     }
                 } else {
                     for (size_t i1 = 0; i1 < 96; ++i1) {

@@ -145,7 +145,7 @@ static SEQUENCE_IN_INLINE void sequence_in_stream(sequence_in_streamer *s, float
 
 /* Whether a call on nb samples that moves k tensors' bytes streams its output; after one that did, its streaming
  * stores are ordered before the return (a fence). */
-#define SEQUENCE_IN_STREAMED(nb, k) (SEQUENCE_IN_STREAMS && (nb) * 4800u + 1 > SEQUENCE_IN_STREAM_BYTES / ((k) * sizeof(float)) + (SEQUENCE_IN_STREAM_BYTES % ((k) * sizeof(float)) != 0))
+#define SEQUENCE_IN_STREAMED(nb, k) (SEQUENCE_IN_STREAMS && (nb) * 4800u + 1 > SEQUENCE_IN_STREAM_BYTES / ((size_t)(k) * sizeof(float)) + (SEQUENCE_IN_STREAM_BYTES % ((size_t)(k) * sizeof(float)) != 0))
 #if SEQUENCE_IN_STREAMS
 #define SEQUENCE_IN_STREAM_FENCE() _mm_sfence()
 #else
@@ -197,8 +197,8 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
          * normalized: x streams in from memory while y is written, and is read from memory once
          * wherever a block fits in cache */
-        double mean[1], m2[1], n;
-        float lane[32], lane2[32];
+        double mean[1], m2[1], mean_lo[1], n;
+        float kbase[1], lane[32], lane2[32];
         float mhi[1], mlo[1], rs[1];
         {
             /* block 0 */
@@ -207,6 +207,7 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
             n = 0;
             mean[0] = 0;
             m2[0] = 0;
+            kbase[0] = 0;
             /* pass 1: mean and variance of each statistic (B, C) over T, chunk by chunk:
              * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
              * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -214,7 +215,7 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
             for (size_t c0 = 0; c0 < 100; c0 += 8192) {
                 const size_t c1 = c0 + 8192 < 100 ? c0 + 8192 : 100;
                 const double nc = (double)((c1 - c0) * 1);
-                float K = (float)mean[0];
+                float K = (float)((double)kbase[0] + mean[0]);
                 if (c0 == 0) {
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
@@ -222,6 +223,7 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
                         K += x[i0 * 4800 + i1 * 100 + q];
                     }
                     K /= 8;
+                    kbase[0] = K; /* the block's base: its means are kept relative to it */
                 }
                 for (size_t l = 0; l < 32; ++l) {
                     lane[l] = 0;
@@ -256,7 +258,7 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
                     s1 += (double)lane[l];
                     s2 += (double)lane2[l];
                 }
-                double shift = (double)K;
+                double shift = (double)K - (double)kbase[0];
                 if (!(s1 * s1 <= 0.5 * nc * s2)) {
                     /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                      * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -310,7 +312,7 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
                         s1 += (double)lane[l];
                         s2 += (double)lane2[l];
                     }
-                    shift = (double)m;
+                    shift = (double)m - (double)kbase[0];
                 }
                 const double total = n + nc;
                 const double cm2 = s2 - s1 * s1 / nc;
@@ -318,6 +320,14 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
                 mean[0] += delta * (nc / total);
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
+            }
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 1; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
             }
         }
         for (size_t sb = 0; sb < nb * 48; ++sb) {
@@ -328,7 +338,7 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
                 const double var = m2[k] > 0 ? m2[k] / n : 0;
                 rs[k] = (float)(1 / sqrt(var + 1e-05));
                 mhi[k] = (float)mean[k];
-                mlo[k] = (float)(mean[k] - (double)mhi[k]);
+                mlo[k] = (float)((mean[k] - (double)mhi[k]) + mean_lo[k]);
             }
             if (sb + 1 < nb * 48) {
                 /* block sb + 1, shifted to block sb's offsets */
@@ -338,6 +348,7 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (B, C) over T, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -345,7 +356,7 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
                     for (size_t c0 = 0; c0 < 100; c0 += 8192) {
                         const size_t c1 = c0 + 8192 < 100 ? c0 + 8192 : 100;
                         const double nc = (double)((c1 - c0) * 1);
-                        float K = (float)mean[0];
+                        float K = (float)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -353,6 +364,7 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
                                 K += xn[i0 * 4800 + i1 * 100 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 32; ++l) {
                             lane[l] = 0;
@@ -387,7 +399,7 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
                             s1 += (double)lane[l];
                             s2 += (double)lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -441,7 +453,7 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
                                 s1 += (double)lane[l];
                                 s2 += (double)lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -450,24 +462,33 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
                     }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
+                    }
                     {
                         const float *xr = x + i0 * 4800 + i1 * 100;
                         float *yr = y + i0 * 4800 + i1 * 100;
                         const float g = rs[0] * scale[i1];
                         const float b = offset[i1] - mlo[0] * g;
                         {
-                            const size_t s0 = 0, s1 = 100;
+                            const size_t v0 = 0, v1 = 100;
                             float sv[100];
-                            for (size_t i2 = s0; i2 < s1; ++i2) {
-                                sv[i2 - s0] = (xr[i2] - mhi[0]) * g + b;
+                            for (size_t i2 = v0; i2 < v1; ++i2) {
+                                sv[i2 - v0] = (xr[i2] - mhi[0]) * g + b;
                             }
-                            sequence_in_stream(&ws, yr + s0, sv, s1 - s0);
+                            sequence_in_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     }
 } else {
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (B, C) over T, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -475,7 +496,7 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
                     for (size_t c0 = 0; c0 < 100; c0 += 8192) {
                         const size_t c1 = c0 + 8192 < 100 ? c0 + 8192 : 100;
                         const double nc = (double)((c1 - c0) * 1);
-                        float K = (float)mean[0];
+                        float K = (float)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -483,6 +504,7 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
                                 K += xn[i0 * 4800 + i1 * 100 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 32; ++l) {
                             lane[l] = 0;
@@ -523,7 +545,7 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
                             s1 += (double)lane[l];
                             s2 += (double)lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -577,7 +599,7 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
                                 s1 += (double)lane[l];
                                 s2 += (double)lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -585,6 +607,14 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
                         mean[0] += delta * (nc / total);
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
+                    }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
                     }
 }
             } else {
@@ -596,12 +626,12 @@ int sequence_in_predict(const float *x, float *y, int32_t batch)
                     const float b = offset[i1] - mlo[0] * g;
                     if (stream) {
                         {
-                            const size_t s0 = 0, s1 = 100;
+                            const size_t v0 = 0, v1 = 100;
                             float sv[100];
-                            for (size_t i2 = s0; i2 < s1; ++i2) {
-                                sv[i2 - s0] = (xr[i2] - mhi[0]) * g + b;
+                            for (size_t i2 = v0; i2 < v1; ++i2) {
+                                sv[i2 - v0] = (xr[i2] - mhi[0]) * g + b;
                             }
-                            sequence_in_stream(&ws, yr + s0, sv, s1 - s0);
+                            sequence_in_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     } else {
                         for (size_t i2 = 0; i2 < 100; ++i2) {
@@ -649,8 +679,8 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
          * normalized: x streams in from memory while y is written, and is read from memory once
          * wherever a block fits in cache */
-        double mean[1], m2[1], n;
-        double lane[32], lane2[32];
+        double mean[1], m2[1], mean_lo[1], n;
+        double kbase[1], lane[32], lane2[32];
         float mhi[1], mlo[1], rs[1];
         {
             /* block 0 */
@@ -659,6 +689,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
             n = 0;
             mean[0] = 0;
             m2[0] = 0;
+            kbase[0] = 0;
             /* pass 1: mean and variance of each statistic (B, C) over T, chunk by chunk:
              * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
              * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -666,7 +697,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
             for (size_t c0 = 0; c0 < 100; c0 += 8192) {
                 const size_t c1 = c0 + 8192 < 100 ? c0 + 8192 : 100;
                 const double nc = (double)((c1 - c0) * 1);
-                double K = (double)mean[0];
+                double K = (double)((double)kbase[0] + mean[0]);
                 if (c0 == 0) {
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
@@ -674,6 +705,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                         K += x[i0 * 4800 + i1 * 100 + q];
                     }
                     K /= 8;
+                    kbase[0] = K; /* the block's base: its means are kept relative to it */
                 }
                 for (size_t l = 0; l < 32; ++l) {
                     lane[l] = 0;
@@ -708,7 +740,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                     s1 += lane[l];
                     s2 += lane2[l];
                 }
-                double shift = (double)K;
+                double shift = (double)K - (double)kbase[0];
                 if (!(s1 * s1 <= 0.5 * nc * s2)) {
                     /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                      * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -762,7 +794,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                         s1 += lane[l];
                         s2 += lane2[l];
                     }
-                    shift = (double)m;
+                    shift = (double)m - (double)kbase[0];
                 }
                 const double total = n + nc;
                 const double cm2 = s2 - s1 * s1 / nc;
@@ -770,6 +802,14 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                 mean[0] += delta * (nc / total);
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
+            }
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 1; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
             }
         }
         for (size_t sb = 0; sb < nb * 48; ++sb) {
@@ -784,7 +824,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                 saved_invstd[s] = inv;
                 rs[k] = (float)inv;
                 mhi[k] = (float)mean[k];
-                mlo[k] = (float)(mean[k] - (double)mhi[k]);
+                mlo[k] = (float)((mean[k] - (double)mhi[k]) + mean_lo[k]);
             }
             if (sb + 1 < nb * 48) {
                 /* block sb + 1, shifted to block sb's offsets */
@@ -794,6 +834,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (B, C) over T, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -801,7 +842,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                     for (size_t c0 = 0; c0 < 100; c0 += 8192) {
                         const size_t c1 = c0 + 8192 < 100 ? c0 + 8192 : 100;
                         const double nc = (double)((c1 - c0) * 1);
-                        double K = (double)mean[0];
+                        double K = (double)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -809,6 +850,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                                 K += xn[i0 * 4800 + i1 * 100 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 32; ++l) {
                             lane[l] = 0;
@@ -843,7 +885,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                             s1 += lane[l];
                             s2 += lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -897,7 +939,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                                 s1 += lane[l];
                                 s2 += lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -906,24 +948,33 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
                     }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
+                    }
                     {
                         const float *xr = x + i0 * 4800 + i1 * 100;
                         float *yr = y + i0 * 4800 + i1 * 100;
                         const float g = rs[0] * scale[i1];
                         const float b = offset[i1] - mlo[0] * g;
                         {
-                            const size_t s0 = 0, s1 = 100;
+                            const size_t v0 = 0, v1 = 100;
                             float sv[100];
-                            for (size_t i2 = s0; i2 < s1; ++i2) {
-                                sv[i2 - s0] = (xr[i2] - mhi[0]) * g + b;
+                            for (size_t i2 = v0; i2 < v1; ++i2) {
+                                sv[i2 - v0] = (xr[i2] - mhi[0]) * g + b;
                             }
-                            sequence_in_stream(&ws, yr + s0, sv, s1 - s0);
+                            sequence_in_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     }
 } else {
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (B, C) over T, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -931,7 +982,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                     for (size_t c0 = 0; c0 < 100; c0 += 8192) {
                         const size_t c1 = c0 + 8192 < 100 ? c0 + 8192 : 100;
                         const double nc = (double)((c1 - c0) * 1);
-                        double K = (double)mean[0];
+                        double K = (double)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -939,6 +990,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                                 K += xn[i0 * 4800 + i1 * 100 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 32; ++l) {
                             lane[l] = 0;
@@ -979,7 +1031,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                             s1 += lane[l];
                             s2 += lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -1033,7 +1085,7 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                                 s1 += lane[l];
                                 s2 += lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -1041,6 +1093,14 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                         mean[0] += delta * (nc / total);
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
+                    }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
                     }
 }
             } else {
@@ -1052,12 +1112,12 @@ int sequence_in_train_forward_save(const float *x, float *y, int32_t batch, doub
                     const float b = offset[i1] - mlo[0] * g;
                     if (stream) {
                         {
-                            const size_t s0 = 0, s1 = 100;
+                            const size_t v0 = 0, v1 = 100;
                             float sv[100];
-                            for (size_t i2 = s0; i2 < s1; ++i2) {
-                                sv[i2 - s0] = (xr[i2] - mhi[0]) * g + b;
+                            for (size_t i2 = v0; i2 < v1; ++i2) {
+                                sv[i2 - v0] = (xr[i2] - mhi[0]) * g + b;
                             }
-                            sequence_in_stream(&ws, yr + s0, sv, s1 - s0);
+                            sequence_in_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     } else {
                         for (size_t i2 = 0; i2 < 100; ++i2) {
@@ -1121,11 +1181,13 @@ int sequence_in_backward(const float *x, const float *dy, float *dx, float *dsca
                 for (size_t j = 0; j < 1; ++j) {
                     ref[j] = 0;
                 }
-                double mean[1], m2[1];
+                double mean[1], m2[1], mean_lo[1];
+                float kbase[1];
                 float lane[32], lane2[32];
                 double n = 0;
                 mean[0] = 0;
                 m2[0] = 0;
+                kbase[0] = 0;
                 /* pass 1: mean and variance of each statistic (B, C) over T, chunk by chunk:
                  * two passes over a cache-sized chunk (the second corrects the first's mean m:
                  * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
@@ -1159,6 +1221,9 @@ int sequence_in_backward(const float *x, const float *dy, float *dx, float *dsca
                         lane2[l] = 0;
                     }
                     const float m = (float)(sum / nc);
+                    if (c0 == 0) {
+                        kbase[0] = m; /* the block's base: its means are kept relative to it */
+                    }
                     if (c0 == 0) {
                         /* the block's reference: the first chunk's mean */
                         for (size_t j = 0; j < 1; ++j) {
@@ -1231,10 +1296,18 @@ int sequence_in_backward(const float *x, const float *dy, float *dx, float *dsca
                         s2 += (double)lane2[l];
                     }
                     const double cm2 = s2 - s1 * s1 / nc;
-                    const double delta = ((double)m + s1 / nc) - mean[0];
+                    const double delta = (((double)m - (double)kbase[0]) + s1 / nc) - mean[0];
                     mean[0] += delta * (nc / total);
                     m2[0] += cm2 + delta * delta * (n * nc / total);
                     n = total;
+                }
+                /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                for (size_t k = 0; k < 1; ++k) {
+                    const double base = (double)kbase[k];
+                    const double hi = base + mean[k];
+                    const double part = hi - base;
+                    mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                    mean[k] = hi;
                 }
                 double inv[1], corr[1], s1[1], s2[1];
                 float mhi[1], pw[1], q[1], r[1];
@@ -1242,7 +1315,7 @@ int sequence_in_backward(const float *x, const float *dy, float *dx, float *dsca
                 for (size_t k = 0; k < 1; ++k) {
                     inv[k] = 1 / sqrt((m2[k] > 0 ? m2[k] / n : 0) + 1e-05);
                     mhi[k] = (float)mean[k];
-                    corr[k] = mean[k] - (double)mhi[k];
+                    corr[k] = (mean[k] - (double)mhi[k]) + mean_lo[k];
                     s1[k] = 0;
                     s2[k] = 0;
                 }
@@ -1252,7 +1325,7 @@ int sequence_in_backward(const float *x, const float *dy, float *dx, float *dsca
                     const size_t k = 0;
                     const size_t c = i1 + cl;
                     const size_t j = cl;
-                    const double dref = mean[0] - ref[0];
+                    const double dref = (mean[0] - ref[0]) + mean_lo[0];
                     const double bx = inv[k] * (cb[j] - dref * ca[j]);
                     gscale[c] += bx;
                     goffset[c] += ca[j];
@@ -1276,12 +1349,12 @@ int sequence_in_backward(const float *x, const float *dy, float *dx, float *dsca
                     const float p = scale[i1] * pw[0];
                     if (stream) {
                         {
-                            const size_t s0 = 0, s1 = 100;
+                            const size_t v0 = 0, v1 = 100;
                             float sv[100];
-                            for (size_t i2 = s0; i2 < s1; ++i2) {
-                                sv[i2 - s0] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                            for (size_t i2 = v0; i2 < v1; ++i2) {
+                                sv[i2 - v0] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
                             }
-                            sequence_in_stream(&ws, dxr + s0, sv, s1 - s0);
+                            sequence_in_stream(&ws, dxr + v0, sv, v1 - v0);
                         }
                     } else {
                         for (size_t i2 = 0; i2 < 100; ++i2) {
@@ -1344,16 +1417,17 @@ int sequence_in_backward_saved(const float *x, const float *dy, const double *sa
         for (size_t i1 = 0; i1 < 48; ++i1) {
             {
                 const double n = (double)(100);
-                double mean[1];
+                double mean[1], mean_lo[1];
                 double inv[1], corr[1], s1[1], s2[1];
                 float mhi[1], pw[1], q[1], r[1];
                 /* per statistic: 1/sqrt(var + epsilon), the mean in float (mhi) and what that rounded off (corr) */
                 for (size_t k = 0; k < 1; ++k) {
                     const size_t s = i0 * 48 + i1;
                     mean[k] = saved_mean[s];
+                    mean_lo[k] = 0;
                     inv[k] = saved_invstd[s];
                     mhi[k] = (float)mean[k];
-                    corr[k] = mean[k] - (double)mhi[k];
+                    corr[k] = (mean[k] - (double)mhi[k]) + mean_lo[k];
                     s1[k] = 0;
                     s2[k] = 0;
                 }
@@ -1429,7 +1503,7 @@ int sequence_in_backward_saved(const float *x, const float *dy, const double *sa
                     const size_t k = 0;
                     const size_t c = i1 + cl;
                     const size_t j = cl;
-                    const double dref = mean[0] - ref[0];
+                    const double dref = (mean[0] - ref[0]) + mean_lo[0];
                     const double bx = inv[k] * (cb[j] - dref * ca[j]);
                     gscale[c] += bx;
                     goffset[c] += ca[j];
@@ -1453,12 +1527,12 @@ int sequence_in_backward_saved(const float *x, const float *dy, const double *sa
                     const float p = scale[i1] * pw[0];
                     if (stream) {
                         {
-                            const size_t s0 = 0, s1 = 100;
+                            const size_t v0 = 0, v1 = 100;
                             float sv[100];
-                            for (size_t i2 = s0; i2 < s1; ++i2) {
-                                sv[i2 - s0] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
+                            for (size_t i2 = v0; i2 < v1; ++i2) {
+                                sv[i2 - v0] = dyr[i2] * p + ((xr[i2] - mhi[0]) * q[0] + r[0]);
                             }
-                            sequence_in_stream(&ws, dxr + s0, sv, s1 - s0);
+                            sequence_in_stream(&ws, dxr + v0, sv, v1 - v0);
                         }
                     } else {
                         for (size_t i2 = 0; i2 < 100; ++i2) {

@@ -148,7 +148,7 @@ static CONVNEXT_LN_INLINE void convnext_ln_stream(convnext_ln_streamer *s, float
 
 /* Whether a call on nb samples that moves k tensors' bytes streams its output; after one that did, its streaming
  * stores are ordered before the return (a fence). */
-#define CONVNEXT_LN_STREAMED(nb, k) (CONVNEXT_LN_STREAMS && (nb) * 6272u + 1 > CONVNEXT_LN_STREAM_BYTES / ((k) * sizeof(float)) + (CONVNEXT_LN_STREAM_BYTES % ((k) * sizeof(float)) != 0))
+#define CONVNEXT_LN_STREAMED(nb, k) (CONVNEXT_LN_STREAMS && (nb) * 6272u + 1 > CONVNEXT_LN_STREAM_BYTES / ((size_t)(k) * sizeof(float)) + (CONVNEXT_LN_STREAM_BYTES % ((size_t)(k) * sizeof(float)) != 0))
 #if CONVNEXT_LN_STREAMS
 #define CONVNEXT_LN_STREAM_FENCE() _mm_sfence()
 #else
@@ -2276,8 +2276,8 @@ int convnext_ln_predict(const float *x, float *y, int32_t batch)
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
          * normalized: x streams in from memory while y is written, and is read from memory once
          * wherever a block fits in cache */
-        double mean[1], m2[1], n;
-        float lane[32], lane2[32];
+        double mean[1], m2[1], mean_lo[1], n;
+        float kbase[1], lane[32], lane2[32];
         float mhi[1], mlo[1], rs[1];
         {
             /* block 0 */
@@ -2285,6 +2285,7 @@ int convnext_ln_predict(const float *x, float *y, int32_t batch)
             n = 0;
             mean[0] = 0;
             m2[0] = 0;
+            kbase[0] = 0;
             /* pass 1: mean and variance of each statistic (B) over C, S, chunk by chunk:
              * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
              * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -2292,7 +2293,7 @@ int convnext_ln_predict(const float *x, float *y, int32_t batch)
             for (size_t c0 = 0; c0 < 6272; c0 += 8192) {
                 const size_t c1 = c0 + 8192 < 6272 ? c0 + 8192 : 6272;
                 const double nc = (double)((c1 - c0) * 1);
-                float K = (float)mean[0];
+                float K = (float)((double)kbase[0] + mean[0]);
                 if (c0 == 0) {
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
@@ -2300,6 +2301,7 @@ int convnext_ln_predict(const float *x, float *y, int32_t batch)
                         K += x[i0 * 6272 + q];
                     }
                     K /= 8;
+                    kbase[0] = K; /* the block's base: its means are kept relative to it */
                 }
                 for (size_t l = 0; l < 32; ++l) {
                     lane[l] = 0;
@@ -2334,7 +2336,7 @@ int convnext_ln_predict(const float *x, float *y, int32_t batch)
                     s1 += (double)lane[l];
                     s2 += (double)lane2[l];
                 }
-                double shift = (double)K;
+                double shift = (double)K - (double)kbase[0];
                 if (!(s1 * s1 <= 0.5 * nc * s2)) {
                     /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                      * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -2388,7 +2390,7 @@ int convnext_ln_predict(const float *x, float *y, int32_t batch)
                         s1 += (double)lane[l];
                         s2 += (double)lane2[l];
                     }
-                    shift = (double)m;
+                    shift = (double)m - (double)kbase[0];
                 }
                 const double total = n + nc;
                 const double cm2 = s2 - s1 * s1 / nc;
@@ -2396,6 +2398,14 @@ int convnext_ln_predict(const float *x, float *y, int32_t batch)
                 mean[0] += delta * (nc / total);
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
+            }
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 1; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
             }
         }
         for (size_t sb = 0; sb < nb; ++sb) {
@@ -2405,7 +2415,7 @@ int convnext_ln_predict(const float *x, float *y, int32_t batch)
                 const double var = m2[k] > 0 ? m2[k] / n : 0;
                 rs[k] = (float)(1 / sqrt(var + 1e-05));
                 mhi[k] = (float)mean[k];
-                mlo[k] = (float)(mean[k] - (double)mhi[k]);
+                mlo[k] = (float)((mean[k] - (double)mhi[k]) + mean_lo[k]);
             }
             if (sb + 1 < nb) {
                 /* block sb + 1, shifted to block sb's offsets */
@@ -2415,6 +2425,7 @@ int convnext_ln_predict(const float *x, float *y, int32_t batch)
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (B) over C, S, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -2422,7 +2433,7 @@ int convnext_ln_predict(const float *x, float *y, int32_t batch)
                     for (size_t c0 = 0; c0 < 6272; c0 += 8192) {
                         const size_t c1 = c0 + 8192 < 6272 ? c0 + 8192 : 6272;
                         const double nc = (double)((c1 - c0) * 1);
-                        float K = (float)mean[0];
+                        float K = (float)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -2430,6 +2441,7 @@ int convnext_ln_predict(const float *x, float *y, int32_t batch)
                                 K += xn[i0 * 6272 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 32; ++l) {
                             lane[l] = 0;
@@ -2464,7 +2476,7 @@ int convnext_ln_predict(const float *x, float *y, int32_t batch)
                             s1 += (double)lane[l];
                             s2 += (double)lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -2518,7 +2530,7 @@ int convnext_ln_predict(const float *x, float *y, int32_t batch)
                                 s1 += (double)lane[l];
                                 s2 += (double)lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -2527,24 +2539,33 @@ int convnext_ln_predict(const float *x, float *y, int32_t batch)
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
                     }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
+                    }
                     {
                         const float *xr = x + i0 * 6272;
                         float *yr = y + i0 * 6272;
-                        for (size_t s0 = 0, s1; s0 < 6272; s0 = s1) {
+                        for (size_t v0 = 0, v1; v0 < 6272; v0 = v1) {
                             /* a chunk ends where one of the output's 64-byte lines begins: the next begins with it */
-                            s1 = s0 + 1024 - ((uintptr_t)(yr + s0) & 63u) / sizeof(float);
-                            s1 = s1 < 6272 ? s1 : 6272;
+                            v1 = v0 + 1024 - ((uintptr_t)(yr + v0) & 63u) / sizeof(float);
+                            v1 = v1 < 6272 ? v1 : 6272;
                             float sv[1024];
-                            for (size_t i1 = s0; i1 < s1; ++i1) {
-                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            for (size_t i1 = v0; i1 < v1; ++i1) {
+                                sv[i1 - v0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
                             }
-                            convnext_ln_stream(&ws, yr + s0, sv, s1 - s0);
+                            convnext_ln_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     }
 } else {
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (B) over C, S, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -2552,7 +2573,7 @@ int convnext_ln_predict(const float *x, float *y, int32_t batch)
                     for (size_t c0 = 0; c0 < 6272; c0 += 8192) {
                         const size_t c1 = c0 + 8192 < 6272 ? c0 + 8192 : 6272;
                         const double nc = (double)((c1 - c0) * 1);
-                        float K = (float)mean[0];
+                        float K = (float)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -2560,6 +2581,7 @@ int convnext_ln_predict(const float *x, float *y, int32_t batch)
                                 K += xn[i0 * 6272 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 32; ++l) {
                             lane[l] = 0;
@@ -2598,7 +2620,7 @@ int convnext_ln_predict(const float *x, float *y, int32_t batch)
                             s1 += (double)lane[l];
                             s2 += (double)lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -2652,7 +2674,7 @@ int convnext_ln_predict(const float *x, float *y, int32_t batch)
                                 s1 += (double)lane[l];
                                 s2 += (double)lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -2661,6 +2683,14 @@ int convnext_ln_predict(const float *x, float *y, int32_t batch)
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
                     }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
+                    }
 }
             } else {
                 /* pass 2 of the last block: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
@@ -2668,15 +2698,15 @@ int convnext_ln_predict(const float *x, float *y, int32_t batch)
                     const float *xr = x + i0 * 6272;
                     float *yr = y + i0 * 6272;
                     if (stream) {
-                        for (size_t s0 = 0, s1; s0 < 6272; s0 = s1) {
+                        for (size_t v0 = 0, v1; v0 < 6272; v0 = v1) {
                             /* a chunk ends where one of the output's 64-byte lines begins: the next begins with it */
-                            s1 = s0 + 1024 - ((uintptr_t)(yr + s0) & 63u) / sizeof(float);
-                            s1 = s1 < 6272 ? s1 : 6272;
+                            v1 = v0 + 1024 - ((uintptr_t)(yr + v0) & 63u) / sizeof(float);
+                            v1 = v1 < 6272 ? v1 : 6272;
                             float sv[1024];
-                            for (size_t i1 = s0; i1 < s1; ++i1) {
-                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            for (size_t i1 = v0; i1 < v1; ++i1) {
+                                sv[i1 - v0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
                             }
-                            convnext_ln_stream(&ws, yr + s0, sv, s1 - s0);
+                            convnext_ln_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     } else {
                         for (size_t i1 = 0; i1 < 6272; ++i1) {
@@ -2724,8 +2754,8 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
          * normalized: x streams in from memory while y is written, and is read from memory once
          * wherever a block fits in cache */
-        double mean[1], m2[1], n;
-        double lane[32], lane2[32];
+        double mean[1], m2[1], mean_lo[1], n;
+        double kbase[1], lane[32], lane2[32];
         float mhi[1], mlo[1], rs[1];
         {
             /* block 0 */
@@ -2733,6 +2763,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
             n = 0;
             mean[0] = 0;
             m2[0] = 0;
+            kbase[0] = 0;
             /* pass 1: mean and variance of each statistic (B) over C, S, chunk by chunk:
              * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
              * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -2740,7 +2771,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
             for (size_t c0 = 0; c0 < 6272; c0 += 8192) {
                 const size_t c1 = c0 + 8192 < 6272 ? c0 + 8192 : 6272;
                 const double nc = (double)((c1 - c0) * 1);
-                double K = (double)mean[0];
+                double K = (double)((double)kbase[0] + mean[0]);
                 if (c0 == 0) {
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
@@ -2748,6 +2779,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                         K += x[i0 * 6272 + q];
                     }
                     K /= 8;
+                    kbase[0] = K; /* the block's base: its means are kept relative to it */
                 }
                 for (size_t l = 0; l < 32; ++l) {
                     lane[l] = 0;
@@ -2782,7 +2814,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                     s1 += lane[l];
                     s2 += lane2[l];
                 }
-                double shift = (double)K;
+                double shift = (double)K - (double)kbase[0];
                 if (!(s1 * s1 <= 0.5 * nc * s2)) {
                     /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                      * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -2836,7 +2868,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                         s1 += lane[l];
                         s2 += lane2[l];
                     }
-                    shift = (double)m;
+                    shift = (double)m - (double)kbase[0];
                 }
                 const double total = n + nc;
                 const double cm2 = s2 - s1 * s1 / nc;
@@ -2844,6 +2876,14 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                 mean[0] += delta * (nc / total);
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
+            }
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 1; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
             }
         }
         for (size_t sb = 0; sb < nb; ++sb) {
@@ -2857,7 +2897,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                 saved_invstd[s] = inv;
                 rs[k] = (float)inv;
                 mhi[k] = (float)mean[k];
-                mlo[k] = (float)(mean[k] - (double)mhi[k]);
+                mlo[k] = (float)((mean[k] - (double)mhi[k]) + mean_lo[k]);
             }
             if (sb + 1 < nb) {
                 /* block sb + 1, shifted to block sb's offsets */
@@ -2867,6 +2907,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (B) over C, S, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -2874,7 +2915,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                     for (size_t c0 = 0; c0 < 6272; c0 += 8192) {
                         const size_t c1 = c0 + 8192 < 6272 ? c0 + 8192 : 6272;
                         const double nc = (double)((c1 - c0) * 1);
-                        double K = (double)mean[0];
+                        double K = (double)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -2882,6 +2923,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                                 K += xn[i0 * 6272 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 32; ++l) {
                             lane[l] = 0;
@@ -2916,7 +2958,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                             s1 += lane[l];
                             s2 += lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -2970,7 +3012,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                                 s1 += lane[l];
                                 s2 += lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -2979,24 +3021,33 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
                     }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
+                    }
                     {
                         const float *xr = x + i0 * 6272;
                         float *yr = y + i0 * 6272;
-                        for (size_t s0 = 0, s1; s0 < 6272; s0 = s1) {
+                        for (size_t v0 = 0, v1; v0 < 6272; v0 = v1) {
                             /* a chunk ends where one of the output's 64-byte lines begins: the next begins with it */
-                            s1 = s0 + 1024 - ((uintptr_t)(yr + s0) & 63u) / sizeof(float);
-                            s1 = s1 < 6272 ? s1 : 6272;
+                            v1 = v0 + 1024 - ((uintptr_t)(yr + v0) & 63u) / sizeof(float);
+                            v1 = v1 < 6272 ? v1 : 6272;
                             float sv[1024];
-                            for (size_t i1 = s0; i1 < s1; ++i1) {
-                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            for (size_t i1 = v0; i1 < v1; ++i1) {
+                                sv[i1 - v0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
                             }
-                            convnext_ln_stream(&ws, yr + s0, sv, s1 - s0);
+                            convnext_ln_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     }
 } else {
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (B) over C, S, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -3004,7 +3055,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                     for (size_t c0 = 0; c0 < 6272; c0 += 8192) {
                         const size_t c1 = c0 + 8192 < 6272 ? c0 + 8192 : 6272;
                         const double nc = (double)((c1 - c0) * 1);
-                        double K = (double)mean[0];
+                        double K = (double)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -3012,6 +3063,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                                 K += xn[i0 * 6272 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 32; ++l) {
                             lane[l] = 0;
@@ -3050,7 +3102,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                             s1 += lane[l];
                             s2 += lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -3104,7 +3156,7 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                                 s1 += lane[l];
                                 s2 += lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -3113,6 +3165,14 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
                     }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
+                    }
 }
             } else {
                 /* pass 2 of the last block: y = (x - mean) / sqrt(var + epsilon) * scale + offset */
@@ -3120,15 +3180,15 @@ int convnext_ln_train_forward_save(const float *x, float *y, int32_t batch, doub
                     const float *xr = x + i0 * 6272;
                     float *yr = y + i0 * 6272;
                     if (stream) {
-                        for (size_t s0 = 0, s1; s0 < 6272; s0 = s1) {
+                        for (size_t v0 = 0, v1; v0 < 6272; v0 = v1) {
                             /* a chunk ends where one of the output's 64-byte lines begins: the next begins with it */
-                            s1 = s0 + 1024 - ((uintptr_t)(yr + s0) & 63u) / sizeof(float);
-                            s1 = s1 < 6272 ? s1 : 6272;
+                            v1 = v0 + 1024 - ((uintptr_t)(yr + v0) & 63u) / sizeof(float);
+                            v1 = v1 < 6272 ? v1 : 6272;
                             float sv[1024];
-                            for (size_t i1 = s0; i1 < s1; ++i1) {
-                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            for (size_t i1 = v0; i1 < v1; ++i1) {
+                                sv[i1 - v0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
                             }
-                            convnext_ln_stream(&ws, yr + s0, sv, s1 - s0);
+                            convnext_ln_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     } else {
                         for (size_t i1 = 0; i1 < 6272; ++i1) {
@@ -3193,11 +3253,13 @@ int convnext_ln_backward(const float *x, const float *dy, float *dx, float *dsca
             for (size_t j = 0; j < 1; ++j) {
                 ref[j] = 0;
             }
-            double mean[1], m2[1];
+            double mean[1], m2[1], mean_lo[1];
+            float kbase[1];
             float lane[32], lane2[32];
             double n = 0;
             mean[0] = 0;
             m2[0] = 0;
+            kbase[0] = 0;
             /* pass 1: mean and variance of each statistic (B) over C, S, chunk by chunk:
              * two passes over a cache-sized chunk (the second corrects the first's mean m:
              * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
@@ -3231,6 +3293,9 @@ int convnext_ln_backward(const float *x, const float *dy, float *dx, float *dsca
                     lane2[l] = 0;
                 }
                 const float m = (float)(sum / nc);
+                if (c0 == 0) {
+                    kbase[0] = m; /* the block's base: its means are kept relative to it */
+                }
                 if (c0 == 0) {
                     /* the block's reference: the first chunk's mean */
                     for (size_t j = 0; j < 1; ++j) {
@@ -3297,10 +3362,18 @@ int convnext_ln_backward(const float *x, const float *dy, float *dx, float *dsca
                     s2 += (double)lane2[l];
                 }
                 const double cm2 = s2 - s1 * s1 / nc;
-                const double delta = ((double)m + s1 / nc) - mean[0];
+                const double delta = (((double)m - (double)kbase[0]) + s1 / nc) - mean[0];
                 mean[0] += delta * (nc / total);
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
+            }
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 1; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
             }
             double inv[1], corr[1], s1[1], s2[1];
             float mhi[1], mlo[1], rs[1], pw[1], q[1], r[1];
@@ -3308,7 +3381,7 @@ int convnext_ln_backward(const float *x, const float *dy, float *dx, float *dsca
             for (size_t k = 0; k < 1; ++k) {
                 inv[k] = 1 / sqrt((m2[k] > 0 ? m2[k] / n : 0) + 1e-05);
                 mhi[k] = (float)mean[k];
-                corr[k] = mean[k] - (double)mhi[k];
+                corr[k] = (mean[k] - (double)mhi[k]) + mean_lo[k];
                 mlo[k] = (float)corr[k];
                 rs[k] = (float)inv[k];
                 s1[k] = 0;
@@ -3317,7 +3390,7 @@ int convnext_ln_backward(const float *x, const float *dy, float *dx, float *dsca
             /* per statistic s1 = sum(g), s2 = sum(g * xhat) with g = scale * dy:
              * sum(dy * xhat) = inv * (cb - (mean - ref) * ca) */
             s1[0] = ca[0];
-            s2[0] = inv[0] * (cb[0] - (mean[0] - ref[0]) * ca[0]);
+            s2[0] = inv[0] * (cb[0] - ((mean[0] - ref[0]) + mean_lo[0]) * ca[0]);
             /* per statistic: dx = dy * scale * pw + ((x - mhi) * q + r), with pw = inv, q = -inv^2 * mean(g * xhat),
              * r = inv * (inv * mean(g * xhat) * corr - mean(g)); 0 for a statistic of one element (xhat = 0) */
             for (size_t k = 0; k < 1; ++k) {
@@ -3333,20 +3406,20 @@ int convnext_ln_backward(const float *x, const float *dy, float *dx, float *dsca
                 const float *dyr = dy + i0 * 6272;
                 float *dxr = dx + i0 * 6272;
                 if (stream) {
-                    for (size_t s0 = 0, s1; s0 < 6272; s0 = s1) {
+                    for (size_t v0 = 0, v1; v0 < 6272; v0 = v1) {
                         /* a chunk ends where one of the output's 64-byte lines begins: the next begins with it */
-                        s1 = s0 + 1024 - ((uintptr_t)(dxr + s0) & 63u) / sizeof(float);
-                        s1 = s1 < 6272 ? s1 : 6272;
+                        v1 = v0 + 1024 - ((uintptr_t)(dxr + v0) & 63u) / sizeof(float);
+                        v1 = v1 < 6272 ? v1 : 6272;
                         float sv[1024];
-                        for (size_t i1 = s0; i1 < s1; ++i1) {
+                        for (size_t i1 = v0; i1 < v1; ++i1) {
                             const size_t c = i1;
                             const float d = dyr[i1];
                             const float dev = xr[i1] - mhi[0];
-                            sv[i1 - s0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                            sv[i1 - v0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
                             fa[c] += d;
                             fb[c] += d * ((dev - mlo[0]) * rs[0]);
                         }
-                        convnext_ln_stream(&ws, dxr + s0, sv, s1 - s0);
+                        convnext_ln_stream(&ws, dxr + v0, sv, v1 - v0);
                     }
                 } else {
                     for (size_t i1 = 0; i1 < 6272; ++i1) {
@@ -3428,16 +3501,17 @@ int convnext_ln_backward_saved(const float *x, const float *dy, const double *sa
     for (size_t i0 = 0; i0 < nb; ++i0) {
         {
             const double n = (double)(6272);
-            double mean[1];
+            double mean[1], mean_lo[1];
             double inv[1], corr[1], s1[1], s2[1];
             float mhi[1], mlo[1], rs[1], pw[1], q[1], r[1];
             /* per statistic: 1/sqrt(var + epsilon), the mean in float (mhi) and what that rounded off (corr) */
             for (size_t k = 0; k < 1; ++k) {
                 const size_t s = i0;
                 mean[k] = saved_mean[s];
+                mean_lo[k] = 0;
                 inv[k] = saved_invstd[s];
                 mhi[k] = (float)mean[k];
-                corr[k] = mean[k] - (double)mhi[k];
+                corr[k] = (mean[k] - (double)mhi[k]) + mean_lo[k];
                 mlo[k] = (float)corr[k];
                 rs[k] = (float)inv[k];
                 s1[k] = 0;
@@ -3506,7 +3580,7 @@ int convnext_ln_backward_saved(const float *x, const float *dy, const double *sa
             /* per statistic s1 = sum(g), s2 = sum(g * xhat) with g = scale * dy:
              * sum(dy * xhat) = inv * (cb - (mean - ref) * ca) */
             s1[0] = ca[0];
-            s2[0] = inv[0] * (cb[0] - (mean[0] - ref[0]) * ca[0]);
+            s2[0] = inv[0] * (cb[0] - ((mean[0] - ref[0]) + mean_lo[0]) * ca[0]);
             /* per statistic: dx = dy * scale * pw + ((x - mhi) * q + r), with pw = inv, q = -inv^2 * mean(g * xhat),
              * r = inv * (inv * mean(g * xhat) * corr - mean(g)); 0 for a statistic of one element (xhat = 0) */
             for (size_t k = 0; k < 1; ++k) {
@@ -3522,20 +3596,20 @@ int convnext_ln_backward_saved(const float *x, const float *dy, const double *sa
                 const float *dyr = dy + i0 * 6272;
                 float *dxr = dx + i0 * 6272;
                 if (stream) {
-                    for (size_t s0 = 0, s1; s0 < 6272; s0 = s1) {
+                    for (size_t v0 = 0, v1; v0 < 6272; v0 = v1) {
                         /* a chunk ends where one of the output's 64-byte lines begins: the next begins with it */
-                        s1 = s0 + 1024 - ((uintptr_t)(dxr + s0) & 63u) / sizeof(float);
-                        s1 = s1 < 6272 ? s1 : 6272;
+                        v1 = v0 + 1024 - ((uintptr_t)(dxr + v0) & 63u) / sizeof(float);
+                        v1 = v1 < 6272 ? v1 : 6272;
                         float sv[1024];
-                        for (size_t i1 = s0; i1 < s1; ++i1) {
+                        for (size_t i1 = v0; i1 < v1; ++i1) {
                             const size_t c = i1;
                             const float d = dyr[i1];
                             const float dev = xr[i1] - mhi[0];
-                            sv[i1 - s0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                            sv[i1 - v0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
                             fa[c] += d;
                             fb[c] += d * ((dev - mlo[0]) * rs[0]);
                         }
-                        convnext_ln_stream(&ws, dxr + s0, sv, s1 - s0);
+                        convnext_ln_stream(&ws, dxr + v0, sv, v1 - v0);
                     }
                 } else {
                     for (size_t i1 = 0; i1 < 6272; ++i1) {

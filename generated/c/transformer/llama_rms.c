@@ -146,7 +146,7 @@ static LLAMA_RMS_INLINE void llama_rms_stream(llama_rms_streamer *s, float *y, c
 
 /* Whether a call on nb samples that moves k tensors' bytes streams its output; after one that did, its streaming
  * stores are ordered before the return (a fence). */
-#define LLAMA_RMS_STREAMED(nb, k) (LLAMA_RMS_STREAMS && (nb) * 512u + 1 > LLAMA_RMS_STREAM_BYTES / ((k) * sizeof(float)) + (LLAMA_RMS_STREAM_BYTES % ((k) * sizeof(float)) != 0))
+#define LLAMA_RMS_STREAMED(nb, k) (LLAMA_RMS_STREAMS && (nb) * 512u + 1 > LLAMA_RMS_STREAM_BYTES / ((size_t)(k) * sizeof(float)) + (LLAMA_RMS_STREAM_BYTES % ((size_t)(k) * sizeof(float)) != 0))
 #if LLAMA_RMS_STREAMS
 #define LLAMA_RMS_STREAM_FENCE() _mm_sfence()
 #else
@@ -325,12 +325,12 @@ int llama_rms_predict(const float *x, float *y, int32_t batch, int32_t tokens)
                 float *yr = y + i0 * 512;
                 if (stream) {
                     {
-                        const size_t s0 = 0, s1 = 512;
+                        const size_t v0 = 0, v1 = 512;
                         float sv[512];
-                        for (size_t i1 = s0; i1 < s1; ++i1) {
-                            sv[i1 - s0] = xr[i1] * (rs[0] * scale[i1]);
+                        for (size_t i1 = v0; i1 < v1; ++i1) {
+                            sv[i1 - v0] = xr[i1] * (rs[0] * scale[i1]);
                         }
-                        llama_rms_stream(&ws, yr + s0, sv, s1 - s0);
+                        llama_rms_stream(&ws, yr + v0, sv, v1 - v0);
                     }
                 } else {
                     for (size_t i1 = 0; i1 < 512; ++i1) {
@@ -442,12 +442,12 @@ int llama_rms_train_forward_save(const float *x, float *y, int32_t batch, int32_
                 float *yr = y + i0 * 512;
                 if (stream) {
                     {
-                        const size_t s0 = 0, s1 = 512;
+                        const size_t v0 = 0, v1 = 512;
                         float sv[512];
-                        for (size_t i1 = s0; i1 < s1; ++i1) {
-                            sv[i1 - s0] = xr[i1] * (rs[0] * scale[i1]);
+                        for (size_t i1 = v0; i1 < v1; ++i1) {
+                            sv[i1 - v0] = xr[i1] * (rs[0] * scale[i1]);
                         }
-                        llama_rms_stream(&ws, yr + s0, sv, s1 - s0);
+                        llama_rms_stream(&ws, yr + v0, sv, v1 - v0);
                     }
                 } else {
                     for (size_t i1 = 0; i1 < 512; ++i1) {
@@ -513,11 +513,12 @@ int llama_rms_backward(const float *x, const float *dy, float *dx, float *dscale
     }
     for (size_t i0 = 0; i0 < nb * n_tokens; ++i0) {
         {
-            double mean[1], m2[1];
+            double mean[1], mean_lo[1], m2[1];
             double lane2[32];
             double n = 0;
             for (size_t k = 0; k < 1; ++k) {
                 mean[k] = 0; /* the backward's mean: none is subtracted */
+                mean_lo[k] = 0;
                 m2[k] = 0;
             }
             /* pass 1: mean of x^2 of each statistic (every non-C position) over C, chunk by chunk: the sum of x^2 in double lanes */
@@ -560,7 +561,7 @@ int llama_rms_backward(const float *x, const float *dy, float *dx, float *dscale
             for (size_t k = 0; k < 1; ++k) {
                 inv[k] = 1 / sqrt((m2[k] > 0 ? m2[k] / n : 0) + 1e-06);
                 mhi[k] = (float)mean[k];
-                corr[k] = mean[k] - (double)mhi[k];
+                corr[k] = (mean[k] - (double)mhi[k]) + mean_lo[k];
                 mlo[k] = (float)corr[k];
                 rs[k] = (float)inv[k];
                 s1[k] = 0;
@@ -629,7 +630,7 @@ int llama_rms_backward(const float *x, const float *dy, float *dx, float *dscale
             /* per statistic s1 = sum(g), s2 = sum(g * xhat) with g = scale * dy:
              * sum(dy * xhat) = inv * (cb - (mean - ref) * ca) */
             s1[0] = ca[0];
-            s2[0] = inv[0] * (cb[0] - (mean[0] - ref[0]) * ca[0]);
+            s2[0] = inv[0] * (cb[0] - ((mean[0] - ref[0]) + mean_lo[0]) * ca[0]);
             /* per statistic: dx = dy * scale * pw + ((x - mhi) * q + r), with pw = inv, q = -inv^2 * mean(g * xhat),
              * r = inv * (inv * mean(g * xhat) * corr - mean(g)); 0 for a statistic of one element (xhat = 0) */
             for (size_t k = 0; k < 1; ++k) {
@@ -647,17 +648,17 @@ int llama_rms_backward(const float *x, const float *dy, float *dx, float *dscale
                 float *dxr = dx + i0 * 512;
                 if (stream) {
                     {
-                        const size_t s0 = 0, s1 = 512;
+                        const size_t v0 = 0, v1 = 512;
                         float sv[512];
-                        for (size_t i1 = s0; i1 < s1; ++i1) {
+                        for (size_t i1 = v0; i1 < v1; ++i1) {
                             const size_t c = i1;
                             const float d = dyr[i1];
                             const float dev = xr[i1] - mhi[0];
-                            sv[i1 - s0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                            sv[i1 - v0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
                             fa[c] += d;
                             fb[c] += d * ((dev - mlo[0]) * rs[0]);
                         }
-                        llama_rms_stream(&ws, dxr + s0, sv, s1 - s0);
+                        llama_rms_stream(&ws, dxr + v0, sv, v1 - v0);
                     }
                 } else {
                     for (size_t i1 = 0; i1 < 512; ++i1) {
@@ -751,16 +752,17 @@ int llama_rms_backward_saved(const float *x, const float *dy, const double *save
     for (size_t i0 = 0; i0 < nb * n_tokens; ++i0) {
         {
             const double n = (double)(512);
-            double mean[1];
+            double mean[1], mean_lo[1];
             double inv[1], corr[1], s1[1], s2[1];
             float mhi[1], mlo[1], rs[1], pw[1], q[1], r[1];
             /* per statistic: 1/sqrt(var + epsilon), the mean in float (mhi) and what that rounded off (corr) */
             for (size_t k = 0; k < 1; ++k) {
                 const size_t s = i0;
                 mean[k] = saved_mean[s];
+                mean_lo[k] = 0;
                 inv[k] = saved_invstd[s];
                 mhi[k] = (float)mean[k];
-                corr[k] = mean[k] - (double)mhi[k];
+                corr[k] = (mean[k] - (double)mhi[k]) + mean_lo[k];
                 mlo[k] = (float)corr[k];
                 rs[k] = (float)inv[k];
                 s1[k] = 0;
@@ -829,7 +831,7 @@ int llama_rms_backward_saved(const float *x, const float *dy, const double *save
             /* per statistic s1 = sum(g), s2 = sum(g * xhat) with g = scale * dy:
              * sum(dy * xhat) = inv * (cb - (mean - ref) * ca) */
             s1[0] = ca[0];
-            s2[0] = inv[0] * (cb[0] - (mean[0] - ref[0]) * ca[0]);
+            s2[0] = inv[0] * (cb[0] - ((mean[0] - ref[0]) + mean_lo[0]) * ca[0]);
             /* per statistic: dx = dy * scale * pw + ((x - mhi) * q + r), with pw = inv, q = -inv^2 * mean(g * xhat),
              * r = inv * (inv * mean(g * xhat) * corr - mean(g)); 0 for a statistic of one element (xhat = 0) */
             for (size_t k = 0; k < 1; ++k) {
@@ -847,17 +849,17 @@ int llama_rms_backward_saved(const float *x, const float *dy, const double *save
                 float *dxr = dx + i0 * 512;
                 if (stream) {
                     {
-                        const size_t s0 = 0, s1 = 512;
+                        const size_t v0 = 0, v1 = 512;
                         float sv[512];
-                        for (size_t i1 = s0; i1 < s1; ++i1) {
+                        for (size_t i1 = v0; i1 < v1; ++i1) {
                             const size_t c = i1;
                             const float d = dyr[i1];
                             const float dev = xr[i1] - mhi[0];
-                            sv[i1 - s0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                            sv[i1 - v0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
                             fa[c] += d;
                             fb[c] += d * ((dev - mlo[0]) * rs[0]);
                         }
-                        llama_rms_stream(&ws, dxr + s0, sv, s1 - s0);
+                        llama_rms_stream(&ws, dxr + v0, sv, v1 - v0);
                     }
                 } else {
                     for (size_t i1 = 0; i1 < 512; ++i1) {

@@ -68,8 +68,8 @@ def cdef(plan: Plan) -> str:
         lines.append(f"int {plan.name}_params_init({plan.name}_params *params);")
     if plan.train.population:
         lines.append(
-            f"typedef struct {{\n    double count;\n    double mean[{plan.channels}];\n"
-            f"    double m2[{plan.channels}];\n}} {plan.train.stats_type};"
+            f"typedef struct {{\n    {plan.acc_type} count;\n    {plan.acc_type} mean[{plan.channels}];\n"
+            f"    {plan.acc_type} m2[{plan.channels}];\n}} {plan.train.stats_type};"
         )
     lines += [f"int {f.signature};" for f in plan.public_functions]
     lines += [f"int {f.signature};" for f in (plan.train.sync.functions if plan.train.sync else [])]

@@ -248,7 +248,9 @@ class Sweep:
         t, a = self.ctype, self.acc_type
         if not self.centered:
             return []
-        return [f"mhi[k] = ({t})mean[k];"] + ([f"mlo[k] = ({t})(mean[k] - ({a})mhi[k]);"] if self.split_mean else [])
+        if not self.split_mean:
+            return [f"mhi[k] = ({t})(mean[k] + mean_lo[k]);"]
+        return [f"mhi[k] = ({t})mean[k];", f"mlo[k] = ({t})((mean[k] - ({a})mhi[k]) + mean_lo[k]);"]
 
     @property
     def dx_weight(self) -> str:
@@ -463,17 +465,17 @@ class Sweep:
         """Statements adding the gradient columns into s1, s2 (and gscale, goffset)."""
         a = self.acc_type
         if self.norm == "rows":
-            return ["s1[0] = ca[0];", "s2[0] = inv[0] * (cb[0] - (mean[0] - ref[0]) * ca[0]);"]
+            return ["s1[0] = ca[0];", "s2[0] = inv[0] * (cb[0] - ((mean[0] - ref[0]) + mean_lo[0]) * ca[0]);"]
         if self.norm == "columns":
             return [f"for (size_t j = 0; j < {self.lanes}; ++j) {{", f"    const size_t k = {self.lane_acc_expr};",
-                    "    s1[k] += ca[j];", "    s2[k] += inv[k] * (cb[j] - (mean[k] - ref[j]) * ca[j]);", "}"]
+                    "    s1[k] += ca[j];", "    s2[k] += inv[k] * (cb[j] - ((mean[k] - ref[j]) + mean_lo[k]) * ca[j]);", "}"]
         if self.norm == "rows_const":
             head = [f"for (size_t cl = 0; cl < {self.local_channels}; ++cl) {{", "    const size_t k = 0;",
                     f"    const size_t c = {self.stat_channel_expr}cl;", "    const size_t j = cl;",
-                    f"    const {a} dref = mean[0] - ref[0];"]
+                    f"    const {a} dref = (mean[0] - ref[0]) + mean_lo[0];"]
         else:
             head = [f"for (size_t j = 0; j < {self.lanes}; ++j) {{", f"    const size_t k = {self.lane_acc_expr};",
-                    f"    const size_t c = {self.channel_expr};", f"    const {a} dref = mean[k] - ref[j];"]
+                    f"    const size_t c = {self.channel_expr};", f"    const {a} dref = (mean[k] - ref[j]) + mean_lo[k];"]
         return head + [f"    const {a} bx = inv[k] * (cb[j] - dref * ca[j]);", "    gscale[c] += bx;",
                        "    goffset[c] += ca[j];", f"    s1[k] += ({a})scale[c] * ca[j];",
                        f"    s2[k] += ({a})scale[c] * bx;", "}"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import NormgenError
+from ..calls import ACC_DTYPES
 from ..training import SGDM_DEFAULTS, TRAIN_ERRORS, TrainingBench
 from .sync import CSync
 
@@ -25,12 +26,13 @@ class CTraining(CSync, TrainingBench):
 
     def train_forward_save(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Training forward that also returns the saved (mean, 1/sqrt(var + ε)) per statistic,
-        float64, laid out as :func:`normgen.reference.saved_statistics`. Batch norm also updates
+        in the accumulation type (float64; float32 with ``statistics = "float"``), laid out as :func:`normgen.reference.saved_statistics`. Batch norm also updates
         ``running_mean``/``running_var`` as :meth:`train_forward` does."""
         x, dims = self._input(x)
         y = np.empty_like(x)
         n = self.saved_count(*dims)
-        mean, inv = np.empty(n), np.empty(n)
+        acc = ACC_DTYPES[self.plan.acc_type]
+        mean, inv = np.empty(n, acc), np.empty(n, acc)
         running = [self._ptr(self.running_mean), self._ptr(self.running_var)] if self.layer.kind == "batchnorm" else []
         rc = self._train_fn("train_forward_save")(
             *self._lead, self._ptr(x), self._ptr(y), *dims, *running, self._acc_ptr(mean), self._acc_ptr(inv)
@@ -46,7 +48,7 @@ class CTraining(CSync, TrainingBench):
         grads = {g: np.empty(self.plan.channels, dtype=self.dtype) for g, _ in self.plan.gradients}
         extra = []
         for name, arr in zip(("saved_mean", "saved_invstd"), saved, strict=False):  # saved: () or both
-            arr = np.ascontiguousarray(arr, dtype=np.float64).reshape(-1)
+            arr = np.ascontiguousarray(arr, dtype=ACC_DTYPES[self.plan.acc_type]).reshape(-1)
             if arr.size != self.saved_count(*dims):
                 raise NormgenError(f"{name} needs {self.saved_count(*dims)} values for batch {dims[0]}, got {arr.size}")
             extra.append(arr)

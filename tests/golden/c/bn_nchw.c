@@ -150,7 +150,7 @@ static BN_NCHW_INLINE void bn_nchw_stream(bn_nchw_streamer *s, float *y, const f
 
 /* Whether a call on nb samples that moves k tensors' bytes streams its output; after one that did, its streaming
  * stores are ordered before the return (a fence). */
-#define BN_NCHW_STREAMED(nb, k) (BN_NCHW_STREAMS && (nb) * 48u + 1 > BN_NCHW_STREAM_BYTES / ((k) * sizeof(float)) + (BN_NCHW_STREAM_BYTES % ((k) * sizeof(float)) != 0))
+#define BN_NCHW_STREAMED(nb, k) (BN_NCHW_STREAMS && (nb) * 48u + 1 > BN_NCHW_STREAM_BYTES / ((size_t)(k) * sizeof(float)) + (BN_NCHW_STREAM_BYTES % ((size_t)(k) * sizeof(float)) != 0))
 #if BN_NCHW_STREAMS
 #define BN_NCHW_STREAM_FENCE() _mm_sfence()
 #else
@@ -208,12 +208,12 @@ int bn_nchw_predict(const float *x, float *y, int32_t batch)
             const size_t o0 = j0 * 48 + j1 * 16;
             if (stream) {
                 {
-                    const size_t s0 = 0, s1 = 16;
+                    const size_t v0 = 0, v1 = 16;
                     float sv[16];
-                    for (size_t j2 = s0; j2 < s1; ++j2) {
-                        sv[j2 - s0] = x[o0 + j2] * bn_nchw_fold_a[j1] + bn_nchw_fold_b[j1];
+                    for (size_t j2 = v0; j2 < v1; ++j2) {
+                        sv[j2 - v0] = x[o0 + j2] * bn_nchw_fold_a[j1] + bn_nchw_fold_b[j1];
                     }
-                    bn_nchw_stream(&ws, y + o0 + s0, sv, s1 - s0);
+                    bn_nchw_stream(&ws, y + o0 + v0, sv, v1 - v0);
                 }
             } else {
                 for (size_t j2 = 0; j2 < 16; ++j2) {
@@ -258,7 +258,8 @@ int bn_nchw_train_forward(const float *x, float *y, int32_t batch, float *runnin
     const float *offset = bn_nchw_offset;
     const int stream = BN_NCHW_STREAMED(nb, 2 + (nb * 192 > 1048576u)); /* y past the caches (NAME_STREAM_BYTES) */
     {
-        double mean[3], m2[3];
+        double mean[3], m2[3], mean_lo[3];
+        float kbase[3];
         float lane[48], lane2[48];
         double colmean[48], colm2[48];
         float lmean[48];
@@ -266,6 +267,9 @@ int bn_nchw_train_forward(const float *x, float *y, int32_t batch, float *runnin
         for (size_t j = 0; j < 48; ++j) {
             colmean[j] = 0;
             colm2[j] = 0;
+        }
+        for (size_t k = 0; k < 3; ++k) {
+            kbase[k] = 0;
         }
         /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
          * the sums of d = x - K and d^2 in one sweep about K, each column's mean so far (mean = K + sum(d) / n,
@@ -281,7 +285,7 @@ int bn_nchw_train_forward(const float *x, float *y, int32_t batch, float *runnin
                 /* one sweep about K = each column's mean so far (lmean), 32 columns at a time
                  * summed in registers over the chunk's rows, the same columns 16 rows on fetched meanwhile */
                 for (size_t j = 0; j < 48; ++j) {
-                    lmean[j] = (float)colmean[j];
+                    lmean[j] = (float)((double)kbase[j / 16] + colmean[j]);
                 }
                 for (size_t j0 = 0; j0 < 32; j0 += 32) {
                     float a[32], q[32], k[32];
@@ -379,6 +383,12 @@ int bn_nchw_train_forward(const float *x, float *y, int32_t batch, float *runnin
                 for (size_t j = 0; j < 48; ++j) {
                     lmean[j] = (float)((double)lane[j] * inv_nc);
                 }
+                if (c0 == 0) {
+                    /* each statistic's base (its means are kept relative to it): a column's first-chunk mean */
+                    for (size_t j = 0; j < 48; ++j) {
+                        kbase[j / 16] = lmean[j];
+                    }
+                }
                 /* ... then the deviations from that mean and their squares */
                 for (size_t j0 = 0; j0 < 32; j0 += 32) {
                     float a[32], q[32], k[32];
@@ -426,7 +436,7 @@ int bn_nchw_train_forward(const float *x, float *y, int32_t batch, float *runnin
             const double wmean = nc / total, wm2 = n * nc / total;
             for (size_t j = 0; j < 48; ++j) {
                 const double s1 = lane[j];
-                const double delta = ((double)lmean[j] + s1 * inv_nc) - colmean[j];
+                const double delta = (((double)lmean[j] - (double)kbase[j / 16]) + s1 * inv_nc) - colmean[j];
                 colmean[j] += delta * wmean;
                 colm2[j] += ((double)lane2[j] - s1 * s1 * inv_nc) + delta * delta * wm2;
             }
@@ -448,6 +458,14 @@ int bn_nchw_train_forward(const float *x, float *y, int32_t batch, float *runnin
             m2[j / 16] += colm2[j] + n * dm * dm;
         }
         n *= 16;
+        /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+        for (size_t k = 0; k < 3; ++k) {
+            const double base = (double)kbase[k];
+            const double hi = base + mean[k];
+            const double part = hi - base;
+            mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+            mean[k] = hi;
+        }
         float mhi[3], mlo[3], rs[3];
         float lhi[48], lg[48], lb[48];
         /* per statistic: 1/sqrt(var + epsilon) and the mean as hi + lo; the running statistics updated */
@@ -459,7 +477,7 @@ int bn_nchw_train_forward(const float *x, float *y, int32_t batch, float *runnin
             running_var[ch] = (float)(0.1 * batch_var + (1 - 0.1) * (double)running_var[ch]);
             rs[k] = (float)(1 / sqrt(var + 1e-05));
             mhi[k] = (float)mean[k];
-            mlo[k] = (float)(mean[k] - (double)mhi[k]);
+            mlo[k] = (float)((mean[k] - (double)mhi[k]) + mean_lo[k]);
         }
         /* the statistics of each column */
         for (size_t j = 0; j < 48; ++j) {
@@ -555,7 +573,8 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
     }
     const int stream = BN_NCHW_STREAMED(nb, 2 + (nb * 192 > 1048576u)); /* y past the caches (NAME_STREAM_BYTES) */
     {
-        double mean[3], m2[3];
+        double mean[3], m2[3], mean_lo[3];
+        double kbase[3];
         double lane[48], lane2[48];
         double colmean[48], colm2[48];
         double lmean[48];
@@ -563,6 +582,9 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
         for (size_t j = 0; j < 48; ++j) {
             colmean[j] = 0;
             colm2[j] = 0;
+        }
+        for (size_t k = 0; k < 3; ++k) {
+            kbase[k] = 0;
         }
         /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
          * the sums of d = x - K and d^2 in one sweep about K, each column's mean so far (mean = K + sum(d) / n,
@@ -578,7 +600,7 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
                 /* one sweep about K = each column's mean so far (lmean), 32 columns at a time
                  * summed in registers over the chunk's rows, the same columns 16 rows on fetched meanwhile */
                 for (size_t j = 0; j < 48; ++j) {
-                    lmean[j] = (double)colmean[j];
+                    lmean[j] = (double)((double)kbase[j / 16] + colmean[j]);
                 }
                 for (size_t j0 = 0; j0 < 32; j0 += 32) {
                     double a[32], q[32], k[32];
@@ -676,6 +698,12 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
                 for (size_t j = 0; j < 48; ++j) {
                     lmean[j] = (double)(lane[j] * inv_nc);
                 }
+                if (c0 == 0) {
+                    /* each statistic's base (its means are kept relative to it): a column's first-chunk mean */
+                    for (size_t j = 0; j < 48; ++j) {
+                        kbase[j / 16] = lmean[j];
+                    }
+                }
                 /* ... then the deviations from that mean and their squares */
                 for (size_t j0 = 0; j0 < 32; j0 += 32) {
                     double a[32], q[32], k[32];
@@ -723,7 +751,7 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
             const double wmean = nc / total, wm2 = n * nc / total;
             for (size_t j = 0; j < 48; ++j) {
                 const double s1 = lane[j];
-                const double delta = ((double)lmean[j] + s1 * inv_nc) - colmean[j];
+                const double delta = (((double)lmean[j] - (double)kbase[j / 16]) + s1 * inv_nc) - colmean[j];
                 colmean[j] += delta * wmean;
                 colm2[j] += ((double)lane2[j] - s1 * s1 * inv_nc) + delta * delta * wm2;
             }
@@ -745,6 +773,14 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
             m2[j / 16] += colm2[j] + n * dm * dm;
         }
         n *= 16;
+        /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+        for (size_t k = 0; k < 3; ++k) {
+            const double base = (double)kbase[k];
+            const double hi = base + mean[k];
+            const double part = hi - base;
+            mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+            mean[k] = hi;
+        }
         float mhi[3], mlo[3], rs[3];
         float lhi[48], lg[48], lb[48];
         /* per statistic: 1/sqrt(var + epsilon) and the mean as hi + lo; both saved; the running statistics updated */
@@ -760,7 +796,7 @@ int bn_nchw_train_forward_save(const float *x, float *y, int32_t batch, float *r
             saved_invstd[s] = inv;
             rs[k] = (float)inv;
             mhi[k] = (float)mean[k];
-            mlo[k] = (float)(mean[k] - (double)mhi[k]);
+            mlo[k] = (float)((mean[k] - (double)mhi[k]) + mean_lo[k]);
         }
         /* the statistics of each column */
         for (size_t j = 0; j < 48; ++j) {
@@ -864,7 +900,8 @@ int bn_nchw_backward(const float *x, const float *dy, float *dx, float *dscale, 
         for (size_t j = 0; j < 48; ++j) {
             ref[j] = 0;
         }
-        double mean[3], m2[3];
+        double mean[3], m2[3], mean_lo[3];
+        float kbase[3];
         float lane[48], lane2[48];
         double colmean[48], colm2[48];
         float lmean[48];
@@ -872,6 +909,9 @@ int bn_nchw_backward(const float *x, const float *dy, float *dx, float *dscale, 
         for (size_t j = 0; j < 48; ++j) {
             colmean[j] = 0;
             colm2[j] = 0;
+        }
+        for (size_t k = 0; k < 3; ++k) {
+            kbase[k] = 0;
         }
         /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
          * two passes over a cache-sized chunk (the second corrects the first's mean m:
@@ -895,6 +935,12 @@ int bn_nchw_backward(const float *x, const float *dy, float *dx, float *dscale, 
                 lmean[j] = (float)((double)lane[j] * inv_nc);
                 lane[j] = 0;
                 lane2[j] = 0;
+            }
+            if (c0 == 0) {
+                /* each statistic's base (its means are kept relative to it): a column's first-chunk mean */
+                for (size_t j = 0; j < 48; ++j) {
+                    kbase[j / 16] = lmean[j];
+                }
             }
             if (c0 == 0) {
                 /* the block's reference: the first chunk's mean */
@@ -932,7 +978,7 @@ int bn_nchw_backward(const float *x, const float *dy, float *dx, float *dscale, 
             const double wmean = nc / total, wm2 = n * nc / total;
             for (size_t j = 0; j < 48; ++j) {
                 const double s1 = lane[j];
-                const double delta = ((double)lmean[j] + s1 * inv_nc) - colmean[j];
+                const double delta = (((double)lmean[j] - (double)kbase[j / 16]) + s1 * inv_nc) - colmean[j];
                 colmean[j] += delta * wmean;
                 colm2[j] += ((double)lane2[j] - s1 * s1 * inv_nc) + delta * delta * wm2;
             }
@@ -954,6 +1000,14 @@ int bn_nchw_backward(const float *x, const float *dy, float *dx, float *dscale, 
             m2[j / 16] += colm2[j] + n * dm * dm;
         }
         n *= 16;
+        /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+        for (size_t k = 0; k < 3; ++k) {
+            const double base = (double)kbase[k];
+            const double hi = base + mean[k];
+            const double part = hi - base;
+            mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+            mean[k] = hi;
+        }
         double inv[3], corr[3], s1[3], s2[3];
         float mhi[3], pw[3], q[3], r[3];
         float lp[48], lhi[48], lq[48], lr[48];
@@ -961,7 +1015,7 @@ int bn_nchw_backward(const float *x, const float *dy, float *dx, float *dscale, 
         for (size_t k = 0; k < 3; ++k) {
             inv[k] = 1 / sqrt((m2[k] > 0 ? m2[k] / n : 0) + 1e-05);
             mhi[k] = (float)mean[k];
-            corr[k] = mean[k] - (double)mhi[k];
+            corr[k] = (mean[k] - (double)mhi[k]) + mean_lo[k];
             s1[k] = 0;
             s2[k] = 0;
         }
@@ -970,7 +1024,7 @@ int bn_nchw_backward(const float *x, const float *dy, float *dx, float *dscale, 
         for (size_t j = 0; j < 48; ++j) {
             const size_t k = j / 16;
             const size_t c = j / 16;
-            const double dref = mean[k] - ref[j];
+            const double dref = (mean[k] - ref[j]) + mean_lo[k];
             const double bx = inv[k] * (cb[j] - dref * ca[j]);
             gscale[c] += bx;
             goffset[c] += ca[j];
@@ -1000,12 +1054,12 @@ int bn_nchw_backward(const float *x, const float *dy, float *dx, float *dscale, 
             float *dxr = dx + i0 * 48;
             if (stream) {
                 {
-                    const size_t s0 = 0, s1 = 48;
+                    const size_t v0 = 0, v1 = 48;
                     float sv[48];
-                    for (size_t j = s0; j < s1; ++j) {
-                        sv[j - s0] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                    for (size_t j = v0; j < v1; ++j) {
+                        sv[j - v0] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
                     }
-                    bn_nchw_stream(&ws, dxr + s0, sv, s1 - s0);
+                    bn_nchw_stream(&ws, dxr + v0, sv, v1 - v0);
                 }
             } else {
                 for (size_t j = 0; j < 48; ++j) {
@@ -1064,7 +1118,7 @@ int bn_nchw_backward_saved(const float *x, const float *dy, const double *saved_
     }
     {
         const double n = (double)(nb * 16);
-        double mean[3];
+        double mean[3], mean_lo[3];
         double inv[3], corr[3], s1[3], s2[3];
         float mhi[3], pw[3], q[3], r[3];
         float lp[48], lhi[48], lq[48], lr[48];
@@ -1072,9 +1126,10 @@ int bn_nchw_backward_saved(const float *x, const float *dy, const double *saved_
         for (size_t k = 0; k < 3; ++k) {
             const size_t s = k;
             mean[k] = saved_mean[s];
+            mean_lo[k] = 0;
             inv[k] = saved_invstd[s];
             mhi[k] = (float)mean[k];
-            corr[k] = mean[k] - (double)mhi[k];
+            corr[k] = (mean[k] - (double)mhi[k]) + mean_lo[k];
             s1[k] = 0;
             s2[k] = 0;
         }
@@ -1120,7 +1175,7 @@ int bn_nchw_backward_saved(const float *x, const float *dy, const double *saved_
         for (size_t j = 0; j < 48; ++j) {
             const size_t k = j / 16;
             const size_t c = j / 16;
-            const double dref = mean[k] - ref[j];
+            const double dref = (mean[k] - ref[j]) + mean_lo[k];
             const double bx = inv[k] * (cb[j] - dref * ca[j]);
             gscale[c] += bx;
             goffset[c] += ca[j];
@@ -1150,12 +1205,12 @@ int bn_nchw_backward_saved(const float *x, const float *dy, const double *saved_
             float *dxr = dx + i0 * 48;
             if (stream) {
                 {
-                    const size_t s0 = 0, s1 = 48;
+                    const size_t v0 = 0, v1 = 48;
                     float sv[48];
-                    for (size_t j = s0; j < s1; ++j) {
-                        sv[j - s0] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                    for (size_t j = v0; j < v1; ++j) {
+                        sv[j - v0] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
                     }
-                    bn_nchw_stream(&ws, dxr + s0, sv, s1 - s0);
+                    bn_nchw_stream(&ws, dxr + v0, sv, v1 - v0);
                 }
             } else {
                 for (size_t j = 0; j < 48; ++j) {
@@ -1255,9 +1310,10 @@ int bn_nchw_accumulate(bn_nchw_stats *acc, const float *x, int32_t batch)
     }
     const size_t nb = (size_t)batch;
     const double n0 = acc->count;
-    const double total = n0 + (double)(nb * 16);
+    const double count = n0 + (double)(nb * 16);
     {
-        double mean[3], m2[3];
+        double mean[3], m2[3], mean_lo[3];
+        double kbase[3];
         double lane[48], lane2[48];
         double colmean[48], colm2[48];
         double lmean[48];
@@ -1265,6 +1321,9 @@ int bn_nchw_accumulate(bn_nchw_stats *acc, const float *x, int32_t batch)
         for (size_t j = 0; j < 48; ++j) {
             colmean[j] = 0;
             colm2[j] = 0;
+        }
+        for (size_t k = 0; k < 3; ++k) {
+            kbase[k] = 0;
         }
         /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
          * the sums of d = x - K and d^2 in one sweep about K, each column's mean so far (mean = K + sum(d) / n,
@@ -1280,7 +1339,7 @@ int bn_nchw_accumulate(bn_nchw_stats *acc, const float *x, int32_t batch)
                 /* one sweep about K = each column's mean so far (lmean), 32 columns at a time
                  * summed in registers over the chunk's rows, the same columns 16 rows on fetched meanwhile */
                 for (size_t j = 0; j < 48; ++j) {
-                    lmean[j] = (double)colmean[j];
+                    lmean[j] = (double)((double)kbase[j / 16] + colmean[j]);
                 }
                 for (size_t j0 = 0; j0 < 32; j0 += 32) {
                     double a[32], q[32], k[32];
@@ -1378,6 +1437,12 @@ int bn_nchw_accumulate(bn_nchw_stats *acc, const float *x, int32_t batch)
                 for (size_t j = 0; j < 48; ++j) {
                     lmean[j] = (double)(lane[j] * inv_nc);
                 }
+                if (c0 == 0) {
+                    /* each statistic's base (its means are kept relative to it): a column's first-chunk mean */
+                    for (size_t j = 0; j < 48; ++j) {
+                        kbase[j / 16] = lmean[j];
+                    }
+                }
                 /* ... then the deviations from that mean and their squares */
                 for (size_t j0 = 0; j0 < 32; j0 += 32) {
                     double a[32], q[32], k[32];
@@ -1425,7 +1490,7 @@ int bn_nchw_accumulate(bn_nchw_stats *acc, const float *x, int32_t batch)
             const double wmean = nc / total, wm2 = n * nc / total;
             for (size_t j = 0; j < 48; ++j) {
                 const double s1 = lane[j];
-                const double delta = ((double)lmean[j] + s1 * inv_nc) - colmean[j];
+                const double delta = (((double)lmean[j] - (double)kbase[j / 16]) + s1 * inv_nc) - colmean[j];
                 colmean[j] += delta * wmean;
                 colm2[j] += ((double)lane2[j] - s1 * s1 * inv_nc) + delta * delta * wm2;
             }
@@ -1447,15 +1512,23 @@ int bn_nchw_accumulate(bn_nchw_stats *acc, const float *x, int32_t batch)
             m2[j / 16] += colm2[j] + n * dm * dm;
         }
         n *= 16;
+        /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+        for (size_t k = 0; k < 3; ++k) {
+            const double base = (double)kbase[k];
+            const double hi = base + mean[k];
+            const double part = hi - base;
+            mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+            mean[k] = hi;
+        }
         /* Chan's merge of this batch's (n, mean, M2) into the totals */
         for (size_t k = 0; k < 3; ++k) {
             const size_t ch = k;
-            const double delta = mean[k] - acc->mean[ch];
-            acc->mean[ch] += delta * (n / total);
-            acc->m2[ch] += m2[k] + delta * delta * (n0 * n / total);
+            const double delta = (mean[k] - acc->mean[ch]) + mean_lo[k];
+            acc->mean[ch] += delta * (n / count);
+            acc->m2[ch] += m2[k] + delta * delta * (n0 * n / count);
         }
     }
-    acc->count = total;
+    acc->count = count;
     return BN_NCHW_OK;
 }
 
@@ -1505,7 +1578,8 @@ int bn_nchw_sync_stats(const float *x, bn_nchw_stats *local, int32_t batch)
         return BN_NCHW_OK;
     }
     {
-        double mean[3], m2[3];
+        double mean[3], m2[3], mean_lo[3];
+        double kbase[3];
         double lane[48], lane2[48];
         double colmean[48], colm2[48];
         double lmean[48];
@@ -1513,6 +1587,9 @@ int bn_nchw_sync_stats(const float *x, bn_nchw_stats *local, int32_t batch)
         for (size_t j = 0; j < 48; ++j) {
             colmean[j] = 0;
             colm2[j] = 0;
+        }
+        for (size_t k = 0; k < 3; ++k) {
+            kbase[k] = 0;
         }
         /* pass 1: mean and variance of each statistic (C) over B, S, chunk by chunk:
          * the sums of d = x - K and d^2 in one sweep about K, each column's mean so far (mean = K + sum(d) / n,
@@ -1528,7 +1605,7 @@ int bn_nchw_sync_stats(const float *x, bn_nchw_stats *local, int32_t batch)
                 /* one sweep about K = each column's mean so far (lmean), 32 columns at a time
                  * summed in registers over the chunk's rows, the same columns 16 rows on fetched meanwhile */
                 for (size_t j = 0; j < 48; ++j) {
-                    lmean[j] = (double)colmean[j];
+                    lmean[j] = (double)((double)kbase[j / 16] + colmean[j]);
                 }
                 for (size_t j0 = 0; j0 < 32; j0 += 32) {
                     double a[32], q[32], k[32];
@@ -1626,6 +1703,12 @@ int bn_nchw_sync_stats(const float *x, bn_nchw_stats *local, int32_t batch)
                 for (size_t j = 0; j < 48; ++j) {
                     lmean[j] = (double)(lane[j] * inv_nc);
                 }
+                if (c0 == 0) {
+                    /* each statistic's base (its means are kept relative to it): a column's first-chunk mean */
+                    for (size_t j = 0; j < 48; ++j) {
+                        kbase[j / 16] = lmean[j];
+                    }
+                }
                 /* ... then the deviations from that mean and their squares */
                 for (size_t j0 = 0; j0 < 32; j0 += 32) {
                     double a[32], q[32], k[32];
@@ -1673,7 +1756,7 @@ int bn_nchw_sync_stats(const float *x, bn_nchw_stats *local, int32_t batch)
             const double wmean = nc / total, wm2 = n * nc / total;
             for (size_t j = 0; j < 48; ++j) {
                 const double s1 = lane[j];
-                const double delta = ((double)lmean[j] + s1 * inv_nc) - colmean[j];
+                const double delta = (((double)lmean[j] - (double)kbase[j / 16]) + s1 * inv_nc) - colmean[j];
                 colmean[j] += delta * wmean;
                 colm2[j] += ((double)lane2[j] - s1 * s1 * inv_nc) + delta * delta * wm2;
             }
@@ -1695,6 +1778,15 @@ int bn_nchw_sync_stats(const float *x, bn_nchw_stats *local, int32_t batch)
             m2[j / 16] += colm2[j] + n * dm * dm;
         }
         n *= 16;
+        /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+        for (size_t k = 0; k < 3; ++k) {
+            const double base = (double)kbase[k];
+            const double hi = base + mean[k];
+            const double part = hi - base;
+            mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+            mean[k] = hi;
+        }
+        (void)mean_lo; /* the mean rounded to double: its hi part */
         for (size_t k = 0; k < 3; ++k) {
             const size_t ch = k;
             local->mean[ch] = mean[k];

@@ -147,7 +147,7 @@ static GN_NHWC_INLINE void gn_nhwc_stream(gn_nhwc_streamer *s, float *y, const f
 
 /* Whether a call on nb samples that moves k tensors' bytes streams its output; after one that did, its streaming
  * stores are ordered before the return (a fence). */
-#define GN_NHWC_STREAMED(nb, k) (GN_NHWC_STREAMS && (nb) * 96u + 1 > GN_NHWC_STREAM_BYTES / ((k) * sizeof(float)) + (GN_NHWC_STREAM_BYTES % ((k) * sizeof(float)) != 0))
+#define GN_NHWC_STREAMED(nb, k) (GN_NHWC_STREAMS && (nb) * 96u + 1 > GN_NHWC_STREAM_BYTES / ((size_t)(k) * sizeof(float)) + (GN_NHWC_STREAM_BYTES % ((size_t)(k) * sizeof(float)) != 0))
 #if GN_NHWC_STREAMS
 #define GN_NHWC_STREAM_FENCE() _mm_sfence()
 #else
@@ -182,7 +182,8 @@ int gn_nhwc_predict(const float *x, float *y, int32_t batch)
     const int stream = GN_NHWC_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES) */
     for (size_t i0 = 0; i0 < nb; ++i0) {
         {
-            double mean[3], m2[3];
+            double mean[3], m2[3], mean_lo[3];
+            float kbase[3];
             float lane[6], lane2[6];
             double colmean[6], colm2[6];
             float lmean[6];
@@ -190,6 +191,9 @@ int gn_nhwc_predict(const float *x, float *y, int32_t batch)
             for (size_t j = 0; j < 6; ++j) {
                 colmean[j] = 0;
                 colm2[j] = 0;
+            }
+            for (size_t k = 0; k < 3; ++k) {
+                kbase[k] = 0;
             }
             /* pass 1: mean and variance of each statistic (B, group) over S, the 2 channels of each of 3 groups, chunk by chunk:
              * the sums of d = x - K and d^2 in one sweep about K, each column's mean so far (mean = K + sum(d) / n,
@@ -205,7 +209,7 @@ int gn_nhwc_predict(const float *x, float *y, int32_t batch)
                     /* one sweep about K = each column's mean so far (lmean), 32 columns at a time
                      * summed in registers over the chunk's rows, the same columns 16 rows on fetched meanwhile */
                     for (size_t j = 0; j < 6; ++j) {
-                        lmean[j] = (float)colmean[j];
+                        lmean[j] = (float)((double)kbase[j / 2] + colmean[j]);
                     }
                     {
                         const size_t j0 = 0; /* the last 6 columns */
@@ -260,6 +264,12 @@ int gn_nhwc_predict(const float *x, float *y, int32_t batch)
                     for (size_t j = 0; j < 6; ++j) {
                         lmean[j] = (float)((double)lane[j] * inv_nc);
                     }
+                    if (c0 == 0) {
+                        /* each statistic's base (its means are kept relative to it): a column's first-chunk mean */
+                        for (size_t j = 0; j < 6; ++j) {
+                            kbase[j / 2] = lmean[j];
+                        }
+                    }
                     /* ... then the deviations from that mean and their squares */
                     {
                         const size_t j0 = 0; /* the last 6 columns */
@@ -287,7 +297,7 @@ int gn_nhwc_predict(const float *x, float *y, int32_t batch)
                 const double wmean = nc / total, wm2 = n * nc / total;
                 for (size_t j = 0; j < 6; ++j) {
                     const double s1 = lane[j];
-                    const double delta = ((double)lmean[j] + s1 * inv_nc) - colmean[j];
+                    const double delta = (((double)lmean[j] - (double)kbase[j / 2]) + s1 * inv_nc) - colmean[j];
                     colmean[j] += delta * wmean;
                     colm2[j] += ((double)lane2[j] - s1 * s1 * inv_nc) + delta * delta * wm2;
                 }
@@ -309,6 +319,14 @@ int gn_nhwc_predict(const float *x, float *y, int32_t batch)
                 m2[j / 2] += colm2[j] + n * dm * dm;
             }
             n *= 2;
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 3; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
+            }
             float mhi[3], mlo[3], rs[3];
             float lhi[6], lg[6], lb[6];
             /* per statistic: 1/sqrt(var + epsilon) and the mean as hi + lo */
@@ -316,7 +334,7 @@ int gn_nhwc_predict(const float *x, float *y, int32_t batch)
                 const double var = m2[k] > 0 ? m2[k] / n : 0;
                 rs[k] = (float)(1 / sqrt(var + 1e-05));
                 mhi[k] = (float)mean[k];
-                mlo[k] = (float)(mean[k] - (double)mhi[k]);
+                mlo[k] = (float)((mean[k] - (double)mhi[k]) + mean_lo[k]);
             }
             /* the statistics of each column */
             for (size_t j = 0; j < 6; ++j) {
@@ -333,12 +351,12 @@ int gn_nhwc_predict(const float *x, float *y, int32_t batch)
                 float *yr = y + i0 * 96 + i1 * 6;
                 if (stream) {
                     {
-                        const size_t s0 = 0, s1 = 6;
+                        const size_t v0 = 0, v1 = 6;
                         float sv[6];
-                        for (size_t j = s0; j < s1; ++j) {
-                            sv[j - s0] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                        for (size_t j = v0; j < v1; ++j) {
+                            sv[j - v0] = (xr[j] - lhi[j]) * lg[j] + lb[j];
                         }
-                        gn_nhwc_stream(&ws, yr + s0, sv, s1 - s0);
+                        gn_nhwc_stream(&ws, yr + v0, sv, v1 - v0);
                     }
                 } else {
                     for (size_t j = 0; j < 6; ++j) {
@@ -382,7 +400,8 @@ int gn_nhwc_train_forward_save(const float *x, float *y, int32_t batch, double *
     const int stream = GN_NHWC_STREAMED(nb, 2); /* y past the caches (NAME_STREAM_BYTES) */
     for (size_t i0 = 0; i0 < nb; ++i0) {
         {
-            double mean[3], m2[3];
+            double mean[3], m2[3], mean_lo[3];
+            double kbase[3];
             double lane[6], lane2[6];
             double colmean[6], colm2[6];
             double lmean[6];
@@ -390,6 +409,9 @@ int gn_nhwc_train_forward_save(const float *x, float *y, int32_t batch, double *
             for (size_t j = 0; j < 6; ++j) {
                 colmean[j] = 0;
                 colm2[j] = 0;
+            }
+            for (size_t k = 0; k < 3; ++k) {
+                kbase[k] = 0;
             }
             /* pass 1: mean and variance of each statistic (B, group) over S, the 2 channels of each of 3 groups, chunk by chunk:
              * the sums of d = x - K and d^2 in one sweep about K, each column's mean so far (mean = K + sum(d) / n,
@@ -405,7 +427,7 @@ int gn_nhwc_train_forward_save(const float *x, float *y, int32_t batch, double *
                     /* one sweep about K = each column's mean so far (lmean), 32 columns at a time
                      * summed in registers over the chunk's rows, the same columns 16 rows on fetched meanwhile */
                     for (size_t j = 0; j < 6; ++j) {
-                        lmean[j] = (double)colmean[j];
+                        lmean[j] = (double)((double)kbase[j / 2] + colmean[j]);
                     }
                     {
                         const size_t j0 = 0; /* the last 6 columns */
@@ -460,6 +482,12 @@ int gn_nhwc_train_forward_save(const float *x, float *y, int32_t batch, double *
                     for (size_t j = 0; j < 6; ++j) {
                         lmean[j] = (double)(lane[j] * inv_nc);
                     }
+                    if (c0 == 0) {
+                        /* each statistic's base (its means are kept relative to it): a column's first-chunk mean */
+                        for (size_t j = 0; j < 6; ++j) {
+                            kbase[j / 2] = lmean[j];
+                        }
+                    }
                     /* ... then the deviations from that mean and their squares */
                     {
                         const size_t j0 = 0; /* the last 6 columns */
@@ -487,7 +515,7 @@ int gn_nhwc_train_forward_save(const float *x, float *y, int32_t batch, double *
                 const double wmean = nc / total, wm2 = n * nc / total;
                 for (size_t j = 0; j < 6; ++j) {
                     const double s1 = lane[j];
-                    const double delta = ((double)lmean[j] + s1 * inv_nc) - colmean[j];
+                    const double delta = (((double)lmean[j] - (double)kbase[j / 2]) + s1 * inv_nc) - colmean[j];
                     colmean[j] += delta * wmean;
                     colm2[j] += ((double)lane2[j] - s1 * s1 * inv_nc) + delta * delta * wm2;
                 }
@@ -509,6 +537,14 @@ int gn_nhwc_train_forward_save(const float *x, float *y, int32_t batch, double *
                 m2[j / 2] += colm2[j] + n * dm * dm;
             }
             n *= 2;
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 3; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
+            }
             float mhi[3], mlo[3], rs[3];
             float lhi[6], lg[6], lb[6];
             /* per statistic: 1/sqrt(var + epsilon) and the mean as hi + lo; both saved */
@@ -520,7 +556,7 @@ int gn_nhwc_train_forward_save(const float *x, float *y, int32_t batch, double *
                 saved_invstd[s] = inv;
                 rs[k] = (float)inv;
                 mhi[k] = (float)mean[k];
-                mlo[k] = (float)(mean[k] - (double)mhi[k]);
+                mlo[k] = (float)((mean[k] - (double)mhi[k]) + mean_lo[k]);
             }
             /* the statistics of each column */
             for (size_t j = 0; j < 6; ++j) {
@@ -537,12 +573,12 @@ int gn_nhwc_train_forward_save(const float *x, float *y, int32_t batch, double *
                 float *yr = y + i0 * 96 + i1 * 6;
                 if (stream) {
                     {
-                        const size_t s0 = 0, s1 = 6;
+                        const size_t v0 = 0, v1 = 6;
                         float sv[6];
-                        for (size_t j = s0; j < s1; ++j) {
-                            sv[j - s0] = (xr[j] - lhi[j]) * lg[j] + lb[j];
+                        for (size_t j = v0; j < v1; ++j) {
+                            sv[j - v0] = (xr[j] - lhi[j]) * lg[j] + lb[j];
                         }
-                        gn_nhwc_stream(&ws, yr + s0, sv, s1 - s0);
+                        gn_nhwc_stream(&ws, yr + v0, sv, v1 - v0);
                     }
                 } else {
                     for (size_t j = 0; j < 6; ++j) {
@@ -603,7 +639,8 @@ int gn_nhwc_backward(const float *x, const float *dy, float *dx, float *dscale, 
             for (size_t j = 0; j < 6; ++j) {
                 ref[j] = 0;
             }
-            double mean[3], m2[3];
+            double mean[3], m2[3], mean_lo[3];
+            float kbase[3];
             float lane[6], lane2[6];
             double colmean[6], colm2[6];
             float lmean[6];
@@ -611,6 +648,9 @@ int gn_nhwc_backward(const float *x, const float *dy, float *dx, float *dscale, 
             for (size_t j = 0; j < 6; ++j) {
                 colmean[j] = 0;
                 colm2[j] = 0;
+            }
+            for (size_t k = 0; k < 3; ++k) {
+                kbase[k] = 0;
             }
             /* pass 1: mean and variance of each statistic (B, group) over S, the 2 channels of each of 3 groups, chunk by chunk:
              * two passes over a cache-sized chunk (the second corrects the first's mean m:
@@ -634,6 +674,12 @@ int gn_nhwc_backward(const float *x, const float *dy, float *dx, float *dscale, 
                     lmean[j] = (float)((double)lane[j] * inv_nc);
                     lane[j] = 0;
                     lane2[j] = 0;
+                }
+                if (c0 == 0) {
+                    /* each statistic's base (its means are kept relative to it): a column's first-chunk mean */
+                    for (size_t j = 0; j < 6; ++j) {
+                        kbase[j / 2] = lmean[j];
+                    }
                 }
                 if (c0 == 0) {
                     /* the block's reference: the first chunk's mean */
@@ -671,7 +717,7 @@ int gn_nhwc_backward(const float *x, const float *dy, float *dx, float *dscale, 
                 const double wmean = nc / total, wm2 = n * nc / total;
                 for (size_t j = 0; j < 6; ++j) {
                     const double s1 = lane[j];
-                    const double delta = ((double)lmean[j] + s1 * inv_nc) - colmean[j];
+                    const double delta = (((double)lmean[j] - (double)kbase[j / 2]) + s1 * inv_nc) - colmean[j];
                     colmean[j] += delta * wmean;
                     colm2[j] += ((double)lane2[j] - s1 * s1 * inv_nc) + delta * delta * wm2;
                 }
@@ -693,6 +739,14 @@ int gn_nhwc_backward(const float *x, const float *dy, float *dx, float *dscale, 
                 m2[j / 2] += colm2[j] + n * dm * dm;
             }
             n *= 2;
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 3; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
+            }
             double inv[3], corr[3], s1[3], s2[3];
             float mhi[3], pw[3], q[3], r[3];
             float lp[6], lhi[6], lq[6], lr[6];
@@ -700,7 +754,7 @@ int gn_nhwc_backward(const float *x, const float *dy, float *dx, float *dscale, 
             for (size_t k = 0; k < 3; ++k) {
                 inv[k] = 1 / sqrt((m2[k] > 0 ? m2[k] / n : 0) + 1e-05);
                 mhi[k] = (float)mean[k];
-                corr[k] = mean[k] - (double)mhi[k];
+                corr[k] = (mean[k] - (double)mhi[k]) + mean_lo[k];
                 s1[k] = 0;
                 s2[k] = 0;
             }
@@ -709,7 +763,7 @@ int gn_nhwc_backward(const float *x, const float *dy, float *dx, float *dscale, 
             for (size_t j = 0; j < 6; ++j) {
                 const size_t k = j / 2;
                 const size_t c = j;
-                const double dref = mean[k] - ref[j];
+                const double dref = (mean[k] - ref[j]) + mean_lo[k];
                 const double bx = inv[k] * (cb[j] - dref * ca[j]);
                 gscale[c] += bx;
                 goffset[c] += ca[j];
@@ -739,12 +793,12 @@ int gn_nhwc_backward(const float *x, const float *dy, float *dx, float *dscale, 
                 float *dxr = dx + i0 * 96 + i1 * 6;
                 if (stream) {
                     {
-                        const size_t s0 = 0, s1 = 6;
+                        const size_t v0 = 0, v1 = 6;
                         float sv[6];
-                        for (size_t j = s0; j < s1; ++j) {
-                            sv[j - s0] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                        for (size_t j = v0; j < v1; ++j) {
+                            sv[j - v0] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
                         }
-                        gn_nhwc_stream(&ws, dxr + s0, sv, s1 - s0);
+                        gn_nhwc_stream(&ws, dxr + v0, sv, v1 - v0);
                     }
                 } else {
                     for (size_t j = 0; j < 6; ++j) {
@@ -805,7 +859,7 @@ int gn_nhwc_backward_saved(const float *x, const float *dy, const double *saved_
     for (size_t i0 = 0; i0 < nb; ++i0) {
         {
             const double n = (double)(32);
-            double mean[3];
+            double mean[3], mean_lo[3];
             double inv[3], corr[3], s1[3], s2[3];
             float mhi[3], pw[3], q[3], r[3];
             float lp[6], lhi[6], lq[6], lr[6];
@@ -813,9 +867,10 @@ int gn_nhwc_backward_saved(const float *x, const float *dy, const double *saved_
             for (size_t k = 0; k < 3; ++k) {
                 const size_t s = i0 * 3 + k;
                 mean[k] = saved_mean[s];
+                mean_lo[k] = 0;
                 inv[k] = saved_invstd[s];
                 mhi[k] = (float)mean[k];
-                corr[k] = mean[k] - (double)mhi[k];
+                corr[k] = (mean[k] - (double)mhi[k]) + mean_lo[k];
                 s1[k] = 0;
                 s2[k] = 0;
             }
@@ -861,7 +916,7 @@ int gn_nhwc_backward_saved(const float *x, const float *dy, const double *saved_
             for (size_t j = 0; j < 6; ++j) {
                 const size_t k = j / 2;
                 const size_t c = j;
-                const double dref = mean[k] - ref[j];
+                const double dref = (mean[k] - ref[j]) + mean_lo[k];
                 const double bx = inv[k] * (cb[j] - dref * ca[j]);
                 gscale[c] += bx;
                 goffset[c] += ca[j];
@@ -891,12 +946,12 @@ int gn_nhwc_backward_saved(const float *x, const float *dy, const double *saved_
                 float *dxr = dx + i0 * 96 + i1 * 6;
                 if (stream) {
                     {
-                        const size_t s0 = 0, s1 = 6;
+                        const size_t v0 = 0, v1 = 6;
                         float sv[6];
-                        for (size_t j = s0; j < s1; ++j) {
-                            sv[j - s0] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
+                        for (size_t j = v0; j < v1; ++j) {
+                            sv[j - v0] = dyr[j] * lp[j] + ((xr[j] - lhi[j]) * lq[j] + lr[j]);
                         }
-                        gn_nhwc_stream(&ws, dxr + s0, sv, s1 - s0);
+                        gn_nhwc_stream(&ws, dxr + v0, sv, v1 - v0);
                     }
                 } else {
                     for (size_t j = 0; j < 6; ++j) {

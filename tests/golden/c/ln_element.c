@@ -148,7 +148,7 @@ static LN_ELEMENT_INLINE void ln_element_stream(ln_element_streamer *s, float *y
 
 /* Whether a call on nb samples that moves k tensors' bytes streams its output; after one that did, its streaming
  * stores are ordered before the return (a fence). */
-#define LN_ELEMENT_STREAMED(nb, k) (LN_ELEMENT_STREAMS && (nb) * 48u + 1 > LN_ELEMENT_STREAM_BYTES / ((k) * sizeof(float)) + (LN_ELEMENT_STREAM_BYTES % ((k) * sizeof(float)) != 0))
+#define LN_ELEMENT_STREAMED(nb, k) (LN_ELEMENT_STREAMS && (nb) * 48u + 1 > LN_ELEMENT_STREAM_BYTES / ((size_t)(k) * sizeof(float)) + (LN_ELEMENT_STREAM_BYTES % ((size_t)(k) * sizeof(float)) != 0))
 #if LN_ELEMENT_STREAMS
 #define LN_ELEMENT_STREAM_FENCE() _mm_sfence()
 #else
@@ -200,8 +200,8 @@ int ln_element_predict(const float *x, float *y, int32_t batch)
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
          * normalized: x streams in from memory while y is written, and is read from memory once
          * wherever a block fits in cache */
-        double mean[1], m2[1], n;
-        float lane[32], lane2[32];
+        double mean[1], m2[1], mean_lo[1], n;
+        float kbase[1], lane[32], lane2[32];
         float mhi[1], mlo[1], rs[1];
         {
             /* block 0 */
@@ -209,6 +209,7 @@ int ln_element_predict(const float *x, float *y, int32_t batch)
             n = 0;
             mean[0] = 0;
             m2[0] = 0;
+            kbase[0] = 0;
             /* pass 1: mean and variance of each statistic (B) over C, S, chunk by chunk:
              * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
              * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -216,7 +217,7 @@ int ln_element_predict(const float *x, float *y, int32_t batch)
             for (size_t c0 = 0; c0 < 48; c0 += 8192) {
                 const size_t c1 = c0 + 8192 < 48 ? c0 + 8192 : 48;
                 const double nc = (double)((c1 - c0) * 1);
-                float K = (float)mean[0];
+                float K = (float)((double)kbase[0] + mean[0]);
                 if (c0 == 0) {
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
@@ -224,6 +225,7 @@ int ln_element_predict(const float *x, float *y, int32_t batch)
                         K += x[i0 * 48 + q];
                     }
                     K /= 8;
+                    kbase[0] = K; /* the block's base: its means are kept relative to it */
                 }
                 for (size_t l = 0; l < 32; ++l) {
                     lane[l] = 0;
@@ -258,7 +260,7 @@ int ln_element_predict(const float *x, float *y, int32_t batch)
                     s1 += (double)lane[l];
                     s2 += (double)lane2[l];
                 }
-                double shift = (double)K;
+                double shift = (double)K - (double)kbase[0];
                 if (!(s1 * s1 <= 0.5 * nc * s2)) {
                     /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                      * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -312,7 +314,7 @@ int ln_element_predict(const float *x, float *y, int32_t batch)
                         s1 += (double)lane[l];
                         s2 += (double)lane2[l];
                     }
-                    shift = (double)m;
+                    shift = (double)m - (double)kbase[0];
                 }
                 const double total = n + nc;
                 const double cm2 = s2 - s1 * s1 / nc;
@@ -320,6 +322,14 @@ int ln_element_predict(const float *x, float *y, int32_t batch)
                 mean[0] += delta * (nc / total);
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
+            }
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 1; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
             }
         }
         for (size_t sb = 0; sb < nb; ++sb) {
@@ -329,7 +339,7 @@ int ln_element_predict(const float *x, float *y, int32_t batch)
                 const double var = m2[k] > 0 ? m2[k] / n : 0;
                 rs[k] = (float)(1 / sqrt(var + 1e-05));
                 mhi[k] = (float)mean[k];
-                mlo[k] = (float)(mean[k] - (double)mhi[k]);
+                mlo[k] = (float)((mean[k] - (double)mhi[k]) + mean_lo[k]);
             }
             if (sb + 1 < nb) {
                 /* block sb + 1, shifted to block sb's offsets */
@@ -339,6 +349,7 @@ int ln_element_predict(const float *x, float *y, int32_t batch)
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (B) over C, S, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -346,7 +357,7 @@ int ln_element_predict(const float *x, float *y, int32_t batch)
                     for (size_t c0 = 0; c0 < 48; c0 += 8192) {
                         const size_t c1 = c0 + 8192 < 48 ? c0 + 8192 : 48;
                         const double nc = (double)((c1 - c0) * 1);
-                        float K = (float)mean[0];
+                        float K = (float)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -354,6 +365,7 @@ int ln_element_predict(const float *x, float *y, int32_t batch)
                                 K += xn[i0 * 48 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 32; ++l) {
                             lane[l] = 0;
@@ -388,7 +400,7 @@ int ln_element_predict(const float *x, float *y, int32_t batch)
                             s1 += (double)lane[l];
                             s2 += (double)lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -442,7 +454,7 @@ int ln_element_predict(const float *x, float *y, int32_t batch)
                                 s1 += (double)lane[l];
                                 s2 += (double)lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -451,22 +463,31 @@ int ln_element_predict(const float *x, float *y, int32_t batch)
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
                     }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
+                    }
                     {
                         const float *xr = x + i0 * 48;
                         float *yr = y + i0 * 48;
                         {
-                            const size_t s0 = 0, s1 = 48;
+                            const size_t v0 = 0, v1 = 48;
                             float sv[48];
-                            for (size_t i1 = s0; i1 < s1; ++i1) {
-                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            for (size_t i1 = v0; i1 < v1; ++i1) {
+                                sv[i1 - v0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
                             }
-                            ln_element_stream(&ws, yr + s0, sv, s1 - s0);
+                            ln_element_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     }
 } else {
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (B) over C, S, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -474,7 +495,7 @@ int ln_element_predict(const float *x, float *y, int32_t batch)
                     for (size_t c0 = 0; c0 < 48; c0 += 8192) {
                         const size_t c1 = c0 + 8192 < 48 ? c0 + 8192 : 48;
                         const double nc = (double)((c1 - c0) * 1);
-                        float K = (float)mean[0];
+                        float K = (float)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -482,6 +503,7 @@ int ln_element_predict(const float *x, float *y, int32_t batch)
                                 K += xn[i0 * 48 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 32; ++l) {
                             lane[l] = 0;
@@ -520,7 +542,7 @@ int ln_element_predict(const float *x, float *y, int32_t batch)
                             s1 += (double)lane[l];
                             s2 += (double)lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -574,7 +596,7 @@ int ln_element_predict(const float *x, float *y, int32_t batch)
                                 s1 += (double)lane[l];
                                 s2 += (double)lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -582,6 +604,14 @@ int ln_element_predict(const float *x, float *y, int32_t batch)
                         mean[0] += delta * (nc / total);
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
+                    }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
                     }
 }
             } else {
@@ -591,12 +621,12 @@ int ln_element_predict(const float *x, float *y, int32_t batch)
                     float *yr = y + i0 * 48;
                     if (stream) {
                         {
-                            const size_t s0 = 0, s1 = 48;
+                            const size_t v0 = 0, v1 = 48;
                             float sv[48];
-                            for (size_t i1 = s0; i1 < s1; ++i1) {
-                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            for (size_t i1 = v0; i1 < v1; ++i1) {
+                                sv[i1 - v0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
                             }
-                            ln_element_stream(&ws, yr + s0, sv, s1 - s0);
+                            ln_element_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     } else {
                         for (size_t i1 = 0; i1 < 48; ++i1) {
@@ -644,8 +674,8 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
          * normalized: x streams in from memory while y is written, and is read from memory once
          * wherever a block fits in cache */
-        double mean[1], m2[1], n;
-        double lane[32], lane2[32];
+        double mean[1], m2[1], mean_lo[1], n;
+        double kbase[1], lane[32], lane2[32];
         float mhi[1], mlo[1], rs[1];
         {
             /* block 0 */
@@ -653,6 +683,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
             n = 0;
             mean[0] = 0;
             m2[0] = 0;
+            kbase[0] = 0;
             /* pass 1: mean and variance of each statistic (B) over C, S, chunk by chunk:
              * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
              * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -660,7 +691,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
             for (size_t c0 = 0; c0 < 48; c0 += 8192) {
                 const size_t c1 = c0 + 8192 < 48 ? c0 + 8192 : 48;
                 const double nc = (double)((c1 - c0) * 1);
-                double K = (double)mean[0];
+                double K = (double)((double)kbase[0] + mean[0]);
                 if (c0 == 0) {
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
@@ -668,6 +699,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                         K += x[i0 * 48 + q];
                     }
                     K /= 8;
+                    kbase[0] = K; /* the block's base: its means are kept relative to it */
                 }
                 for (size_t l = 0; l < 32; ++l) {
                     lane[l] = 0;
@@ -702,7 +734,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                     s1 += lane[l];
                     s2 += lane2[l];
                 }
-                double shift = (double)K;
+                double shift = (double)K - (double)kbase[0];
                 if (!(s1 * s1 <= 0.5 * nc * s2)) {
                     /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                      * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -756,7 +788,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                         s1 += lane[l];
                         s2 += lane2[l];
                     }
-                    shift = (double)m;
+                    shift = (double)m - (double)kbase[0];
                 }
                 const double total = n + nc;
                 const double cm2 = s2 - s1 * s1 / nc;
@@ -764,6 +796,14 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                 mean[0] += delta * (nc / total);
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
+            }
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 1; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
             }
         }
         for (size_t sb = 0; sb < nb; ++sb) {
@@ -777,7 +817,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                 saved_invstd[s] = inv;
                 rs[k] = (float)inv;
                 mhi[k] = (float)mean[k];
-                mlo[k] = (float)(mean[k] - (double)mhi[k]);
+                mlo[k] = (float)((mean[k] - (double)mhi[k]) + mean_lo[k]);
             }
             if (sb + 1 < nb) {
                 /* block sb + 1, shifted to block sb's offsets */
@@ -787,6 +827,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (B) over C, S, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -794,7 +835,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                     for (size_t c0 = 0; c0 < 48; c0 += 8192) {
                         const size_t c1 = c0 + 8192 < 48 ? c0 + 8192 : 48;
                         const double nc = (double)((c1 - c0) * 1);
-                        double K = (double)mean[0];
+                        double K = (double)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -802,6 +843,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                 K += xn[i0 * 48 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 32; ++l) {
                             lane[l] = 0;
@@ -836,7 +878,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                             s1 += lane[l];
                             s2 += lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -890,7 +932,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                 s1 += lane[l];
                                 s2 += lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -899,22 +941,31 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
                     }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
+                    }
                     {
                         const float *xr = x + i0 * 48;
                         float *yr = y + i0 * 48;
                         {
-                            const size_t s0 = 0, s1 = 48;
+                            const size_t v0 = 0, v1 = 48;
                             float sv[48];
-                            for (size_t i1 = s0; i1 < s1; ++i1) {
-                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            for (size_t i1 = v0; i1 < v1; ++i1) {
+                                sv[i1 - v0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
                             }
-                            ln_element_stream(&ws, yr + s0, sv, s1 - s0);
+                            ln_element_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     }
 } else {
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (B) over C, S, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -922,7 +973,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                     for (size_t c0 = 0; c0 < 48; c0 += 8192) {
                         const size_t c1 = c0 + 8192 < 48 ? c0 + 8192 : 48;
                         const double nc = (double)((c1 - c0) * 1);
-                        double K = (double)mean[0];
+                        double K = (double)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -930,6 +981,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                 K += xn[i0 * 48 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 32; ++l) {
                             lane[l] = 0;
@@ -968,7 +1020,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                             s1 += lane[l];
                             s2 += lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -1022,7 +1074,7 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                                 s1 += lane[l];
                                 s2 += lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -1030,6 +1082,14 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                         mean[0] += delta * (nc / total);
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
+                    }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
                     }
 }
             } else {
@@ -1039,12 +1099,12 @@ int ln_element_train_forward_save(const float *x, float *y, int32_t batch, doubl
                     float *yr = y + i0 * 48;
                     if (stream) {
                         {
-                            const size_t s0 = 0, s1 = 48;
+                            const size_t v0 = 0, v1 = 48;
                             float sv[48];
-                            for (size_t i1 = s0; i1 < s1; ++i1) {
-                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            for (size_t i1 = v0; i1 < v1; ++i1) {
+                                sv[i1 - v0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
                             }
-                            ln_element_stream(&ws, yr + s0, sv, s1 - s0);
+                            ln_element_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     } else {
                         for (size_t i1 = 0; i1 < 48; ++i1) {
@@ -1109,11 +1169,13 @@ int ln_element_backward(const float *x, const float *dy, float *dx, float *dscal
             for (size_t j = 0; j < 1; ++j) {
                 ref[j] = 0;
             }
-            double mean[1], m2[1];
+            double mean[1], m2[1], mean_lo[1];
+            float kbase[1];
             float lane[32], lane2[32];
             double n = 0;
             mean[0] = 0;
             m2[0] = 0;
+            kbase[0] = 0;
             /* pass 1: mean and variance of each statistic (B) over C, S, chunk by chunk:
              * two passes over a cache-sized chunk (the second corrects the first's mean m:
              * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
@@ -1147,6 +1209,9 @@ int ln_element_backward(const float *x, const float *dy, float *dx, float *dscal
                     lane2[l] = 0;
                 }
                 const float m = (float)(sum / nc);
+                if (c0 == 0) {
+                    kbase[0] = m; /* the block's base: its means are kept relative to it */
+                }
                 if (c0 == 0) {
                     /* the block's reference: the first chunk's mean */
                     for (size_t j = 0; j < 1; ++j) {
@@ -1213,10 +1278,18 @@ int ln_element_backward(const float *x, const float *dy, float *dx, float *dscal
                     s2 += (double)lane2[l];
                 }
                 const double cm2 = s2 - s1 * s1 / nc;
-                const double delta = ((double)m + s1 / nc) - mean[0];
+                const double delta = (((double)m - (double)kbase[0]) + s1 / nc) - mean[0];
                 mean[0] += delta * (nc / total);
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
+            }
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 1; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
             }
             double inv[1], corr[1], s1[1], s2[1];
             float mhi[1], mlo[1], rs[1], pw[1], q[1], r[1];
@@ -1224,7 +1297,7 @@ int ln_element_backward(const float *x, const float *dy, float *dx, float *dscal
             for (size_t k = 0; k < 1; ++k) {
                 inv[k] = 1 / sqrt((m2[k] > 0 ? m2[k] / n : 0) + 1e-05);
                 mhi[k] = (float)mean[k];
-                corr[k] = mean[k] - (double)mhi[k];
+                corr[k] = (mean[k] - (double)mhi[k]) + mean_lo[k];
                 mlo[k] = (float)corr[k];
                 rs[k] = (float)inv[k];
                 s1[k] = 0;
@@ -1233,7 +1306,7 @@ int ln_element_backward(const float *x, const float *dy, float *dx, float *dscal
             /* per statistic s1 = sum(g), s2 = sum(g * xhat) with g = scale * dy:
              * sum(dy * xhat) = inv * (cb - (mean - ref) * ca) */
             s1[0] = ca[0];
-            s2[0] = inv[0] * (cb[0] - (mean[0] - ref[0]) * ca[0]);
+            s2[0] = inv[0] * (cb[0] - ((mean[0] - ref[0]) + mean_lo[0]) * ca[0]);
             /* per statistic: dx = dy * scale * pw + ((x - mhi) * q + r), with pw = inv, q = -inv^2 * mean(g * xhat),
              * r = inv * (inv * mean(g * xhat) * corr - mean(g)); 0 for a statistic of one element (xhat = 0) */
             for (size_t k = 0; k < 1; ++k) {
@@ -1250,17 +1323,17 @@ int ln_element_backward(const float *x, const float *dy, float *dx, float *dscal
                 float *dxr = dx + i0 * 48;
                 if (stream) {
                     {
-                        const size_t s0 = 0, s1 = 48;
+                        const size_t v0 = 0, v1 = 48;
                         float sv[48];
-                        for (size_t i1 = s0; i1 < s1; ++i1) {
+                        for (size_t i1 = v0; i1 < v1; ++i1) {
                             const size_t c = i1;
                             const float d = dyr[i1];
                             const float dev = xr[i1] - mhi[0];
-                            sv[i1 - s0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                            sv[i1 - v0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
                             fa[c] += d;
                             fb[c] += d * ((dev - mlo[0]) * rs[0]);
                         }
-                        ln_element_stream(&ws, dxr + s0, sv, s1 - s0);
+                        ln_element_stream(&ws, dxr + v0, sv, v1 - v0);
                     }
                 } else {
                     for (size_t i1 = 0; i1 < 48; ++i1) {
@@ -1342,16 +1415,17 @@ int ln_element_backward_saved(const float *x, const float *dy, const double *sav
     for (size_t i0 = 0; i0 < nb; ++i0) {
         {
             const double n = (double)(48);
-            double mean[1];
+            double mean[1], mean_lo[1];
             double inv[1], corr[1], s1[1], s2[1];
             float mhi[1], mlo[1], rs[1], pw[1], q[1], r[1];
             /* per statistic: 1/sqrt(var + epsilon), the mean in float (mhi) and what that rounded off (corr) */
             for (size_t k = 0; k < 1; ++k) {
                 const size_t s = i0;
                 mean[k] = saved_mean[s];
+                mean_lo[k] = 0;
                 inv[k] = saved_invstd[s];
                 mhi[k] = (float)mean[k];
-                corr[k] = mean[k] - (double)mhi[k];
+                corr[k] = (mean[k] - (double)mhi[k]) + mean_lo[k];
                 mlo[k] = (float)corr[k];
                 rs[k] = (float)inv[k];
                 s1[k] = 0;
@@ -1420,7 +1494,7 @@ int ln_element_backward_saved(const float *x, const float *dy, const double *sav
             /* per statistic s1 = sum(g), s2 = sum(g * xhat) with g = scale * dy:
              * sum(dy * xhat) = inv * (cb - (mean - ref) * ca) */
             s1[0] = ca[0];
-            s2[0] = inv[0] * (cb[0] - (mean[0] - ref[0]) * ca[0]);
+            s2[0] = inv[0] * (cb[0] - ((mean[0] - ref[0]) + mean_lo[0]) * ca[0]);
             /* per statistic: dx = dy * scale * pw + ((x - mhi) * q + r), with pw = inv, q = -inv^2 * mean(g * xhat),
              * r = inv * (inv * mean(g * xhat) * corr - mean(g)); 0 for a statistic of one element (xhat = 0) */
             for (size_t k = 0; k < 1; ++k) {
@@ -1437,17 +1511,17 @@ int ln_element_backward_saved(const float *x, const float *dy, const double *sav
                 float *dxr = dx + i0 * 48;
                 if (stream) {
                     {
-                        const size_t s0 = 0, s1 = 48;
+                        const size_t v0 = 0, v1 = 48;
                         float sv[48];
-                        for (size_t i1 = s0; i1 < s1; ++i1) {
+                        for (size_t i1 = v0; i1 < v1; ++i1) {
                             const size_t c = i1;
                             const float d = dyr[i1];
                             const float dev = xr[i1] - mhi[0];
-                            sv[i1 - s0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                            sv[i1 - v0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
                             fa[c] += d;
                             fb[c] += d * ((dev - mlo[0]) * rs[0]);
                         }
-                        ln_element_stream(&ws, dxr + s0, sv, s1 - s0);
+                        ln_element_stream(&ws, dxr + v0, sv, v1 - v0);
                     }
                 } else {
                     for (size_t i1 = 0; i1 < 48; ++i1) {

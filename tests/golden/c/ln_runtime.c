@@ -147,7 +147,7 @@ static LN_RUNTIME_INLINE void ln_runtime_stream(ln_runtime_streamer *s, float *y
 
 /* Whether a call on nb samples that moves k tensors' bytes streams its output; after one that did, its streaming
  * stores are ordered before the return (a fence). */
-#define LN_RUNTIME_STREAMED(nb, k) (LN_RUNTIME_STREAMS && (nb) * 128u + 1 > LN_RUNTIME_STREAM_BYTES / ((k) * sizeof(float)) + (LN_RUNTIME_STREAM_BYTES % ((k) * sizeof(float)) != 0))
+#define LN_RUNTIME_STREAMED(nb, k) (LN_RUNTIME_STREAMS && (nb) * 128u + 1 > LN_RUNTIME_STREAM_BYTES / ((size_t)(k) * sizeof(float)) + (LN_RUNTIME_STREAM_BYTES % ((size_t)(k) * sizeof(float)) != 0))
 #if LN_RUNTIME_STREAMS
 #define LN_RUNTIME_STREAM_FENCE() _mm_sfence()
 #else
@@ -199,8 +199,8 @@ int ln_runtime_predict(const ln_runtime_params *params, const float *x, float *y
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
          * normalized: x streams in from memory while y is written, and is read from memory once
          * wherever a block fits in cache */
-        double mean[1], m2[1], n;
-        float lane[32], lane2[32];
+        double mean[1], m2[1], mean_lo[1], n;
+        float kbase[1], lane[32], lane2[32];
         float mhi[1], mlo[1], rs[1];
         {
             /* block 0 */
@@ -208,6 +208,7 @@ int ln_runtime_predict(const ln_runtime_params *params, const float *x, float *y
             n = 0;
             mean[0] = 0;
             m2[0] = 0;
+            kbase[0] = 0;
             /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
              * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
              * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -215,7 +216,7 @@ int ln_runtime_predict(const ln_runtime_params *params, const float *x, float *y
             for (size_t c0 = 0; c0 < 8; c0 += 8192) {
                 const size_t c1 = c0 + 8192 < 8 ? c0 + 8192 : 8;
                 const double nc = (double)((c1 - c0) * 1);
-                float K = (float)mean[0];
+                float K = (float)((double)kbase[0] + mean[0]);
                 if (c0 == 0) {
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
@@ -223,6 +224,7 @@ int ln_runtime_predict(const ln_runtime_params *params, const float *x, float *y
                         K += x[i0 * 8 + q];
                     }
                     K /= 8;
+                    kbase[0] = K; /* the block's base: its means are kept relative to it */
                 }
                 for (size_t l = 0; l < 32; ++l) {
                     lane[l] = 0;
@@ -246,7 +248,7 @@ int ln_runtime_predict(const ln_runtime_params *params, const float *x, float *y
                     s1 += (double)lane[l];
                     s2 += (double)lane2[l];
                 }
-                double shift = (double)K;
+                double shift = (double)K - (double)kbase[0];
                 if (!(s1 * s1 <= 0.5 * nc * s2)) {
                     /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                      * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -288,7 +290,7 @@ int ln_runtime_predict(const ln_runtime_params *params, const float *x, float *y
                         s1 += (double)lane[l];
                         s2 += (double)lane2[l];
                     }
-                    shift = (double)m;
+                    shift = (double)m - (double)kbase[0];
                 }
                 const double total = n + nc;
                 const double cm2 = s2 - s1 * s1 / nc;
@@ -296,6 +298,14 @@ int ln_runtime_predict(const ln_runtime_params *params, const float *x, float *y
                 mean[0] += delta * (nc / total);
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
+            }
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 1; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
             }
         }
         for (size_t sb = 0; sb < nb * 16; ++sb) {
@@ -305,7 +315,7 @@ int ln_runtime_predict(const ln_runtime_params *params, const float *x, float *y
                 const double var = m2[k] > 0 ? m2[k] / n : 0;
                 rs[k] = (float)(1 / sqrt(var + 1e-06));
                 mhi[k] = (float)mean[k];
-                mlo[k] = (float)(mean[k] - (double)mhi[k]);
+                mlo[k] = (float)((mean[k] - (double)mhi[k]) + mean_lo[k]);
             }
             if (sb + 1 < nb * 16) {
                 /* block sb + 1, shifted to block sb's offsets */
@@ -315,6 +325,7 @@ int ln_runtime_predict(const ln_runtime_params *params, const float *x, float *y
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -322,7 +333,7 @@ int ln_runtime_predict(const ln_runtime_params *params, const float *x, float *y
                     for (size_t c0 = 0; c0 < 8; c0 += 8192) {
                         const size_t c1 = c0 + 8192 < 8 ? c0 + 8192 : 8;
                         const double nc = (double)((c1 - c0) * 1);
-                        float K = (float)mean[0];
+                        float K = (float)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -330,6 +341,7 @@ int ln_runtime_predict(const ln_runtime_params *params, const float *x, float *y
                                 K += xn[i0 * 8 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 32; ++l) {
                             lane[l] = 0;
@@ -353,7 +365,7 @@ int ln_runtime_predict(const ln_runtime_params *params, const float *x, float *y
                             s1 += (double)lane[l];
                             s2 += (double)lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -395,7 +407,7 @@ int ln_runtime_predict(const ln_runtime_params *params, const float *x, float *y
                                 s1 += (double)lane[l];
                                 s2 += (double)lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -404,22 +416,31 @@ int ln_runtime_predict(const ln_runtime_params *params, const float *x, float *y
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
                     }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
+                    }
                     {
                         const float *xr = x + i0 * 8;
                         float *yr = y + i0 * 8;
                         {
-                            const size_t s0 = 0, s1 = 8;
+                            const size_t v0 = 0, v1 = 8;
                             float sv[8];
-                            for (size_t i1 = s0; i1 < s1; ++i1) {
-                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            for (size_t i1 = v0; i1 < v1; ++i1) {
+                                sv[i1 - v0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
                             }
-                            ln_runtime_stream(&ws, yr + s0, sv, s1 - s0);
+                            ln_runtime_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     }
 } else {
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -427,7 +448,7 @@ int ln_runtime_predict(const ln_runtime_params *params, const float *x, float *y
                     for (size_t c0 = 0; c0 < 8; c0 += 8192) {
                         const size_t c1 = c0 + 8192 < 8 ? c0 + 8192 : 8;
                         const double nc = (double)((c1 - c0) * 1);
-                        float K = (float)mean[0];
+                        float K = (float)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -435,6 +456,7 @@ int ln_runtime_predict(const ln_runtime_params *params, const float *x, float *y
                                 K += xn[i0 * 8 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 32; ++l) {
                             lane[l] = 0;
@@ -463,7 +485,7 @@ int ln_runtime_predict(const ln_runtime_params *params, const float *x, float *y
                             s1 += (double)lane[l];
                             s2 += (double)lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -505,7 +527,7 @@ int ln_runtime_predict(const ln_runtime_params *params, const float *x, float *y
                                 s1 += (double)lane[l];
                                 s2 += (double)lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -513,6 +535,14 @@ int ln_runtime_predict(const ln_runtime_params *params, const float *x, float *y
                         mean[0] += delta * (nc / total);
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
+                    }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
                     }
 }
             } else {
@@ -522,12 +552,12 @@ int ln_runtime_predict(const ln_runtime_params *params, const float *x, float *y
                     float *yr = y + i0 * 8;
                     if (stream) {
                         {
-                            const size_t s0 = 0, s1 = 8;
+                            const size_t v0 = 0, v1 = 8;
                             float sv[8];
-                            for (size_t i1 = s0; i1 < s1; ++i1) {
-                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            for (size_t i1 = v0; i1 < v1; ++i1) {
+                                sv[i1 - v0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
                             }
-                            ln_runtime_stream(&ws, yr + s0, sv, s1 - s0);
+                            ln_runtime_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     } else {
                         for (size_t i1 = 0; i1 < 8; ++i1) {
@@ -578,8 +608,8 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
         /* the statistic blocks in turn, block sb + 1's statistics swept while block sb is
          * normalized: x streams in from memory while y is written, and is read from memory once
          * wherever a block fits in cache */
-        double mean[1], m2[1], n;
-        double lane[32], lane2[32];
+        double mean[1], m2[1], mean_lo[1], n;
+        double kbase[1], lane[32], lane2[32];
         float mhi[1], mlo[1], rs[1];
         {
             /* block 0 */
@@ -587,6 +617,7 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
             n = 0;
             mean[0] = 0;
             m2[0] = 0;
+            kbase[0] = 0;
             /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
              * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
              * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -594,7 +625,7 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
             for (size_t c0 = 0; c0 < 8; c0 += 8192) {
                 const size_t c1 = c0 + 8192 < 8 ? c0 + 8192 : 8;
                 const double nc = (double)((c1 - c0) * 1);
-                double K = (double)mean[0];
+                double K = (double)((double)kbase[0] + mean[0]);
                 if (c0 == 0) {
                     /* the block's first chunk: K is the mean of its first 8 elements */
                     K = 0;
@@ -602,6 +633,7 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                         K += x[i0 * 8 + q];
                     }
                     K /= 8;
+                    kbase[0] = K; /* the block's base: its means are kept relative to it */
                 }
                 for (size_t l = 0; l < 32; ++l) {
                     lane[l] = 0;
@@ -625,7 +657,7 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                     s1 += lane[l];
                     s2 += lane2[l];
                 }
-                double shift = (double)K;
+                double shift = (double)K - (double)kbase[0];
                 if (!(s1 * s1 <= 0.5 * nc * s2)) {
                     /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                      * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -667,7 +699,7 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                         s1 += lane[l];
                         s2 += lane2[l];
                     }
-                    shift = (double)m;
+                    shift = (double)m - (double)kbase[0];
                 }
                 const double total = n + nc;
                 const double cm2 = s2 - s1 * s1 / nc;
@@ -675,6 +707,14 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                 mean[0] += delta * (nc / total);
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
+            }
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 1; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
             }
         }
         for (size_t sb = 0; sb < nb * 16; ++sb) {
@@ -688,7 +728,7 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                 saved_invstd[s] = inv;
                 rs[k] = (float)inv;
                 mhi[k] = (float)mean[k];
-                mlo[k] = (float)(mean[k] - (double)mhi[k]);
+                mlo[k] = (float)((mean[k] - (double)mhi[k]) + mean_lo[k]);
             }
             if (sb + 1 < nb * 16) {
                 /* block sb + 1, shifted to block sb's offsets */
@@ -698,6 +738,7 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -705,7 +746,7 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                     for (size_t c0 = 0; c0 < 8; c0 += 8192) {
                         const size_t c1 = c0 + 8192 < 8 ? c0 + 8192 : 8;
                         const double nc = (double)((c1 - c0) * 1);
-                        double K = (double)mean[0];
+                        double K = (double)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -713,6 +754,7 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                                 K += xn[i0 * 8 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 32; ++l) {
                             lane[l] = 0;
@@ -736,7 +778,7 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                             s1 += lane[l];
                             s2 += lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -778,7 +820,7 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                                 s1 += lane[l];
                                 s2 += lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -787,22 +829,31 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
                     }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
+                    }
                     {
                         const float *xr = x + i0 * 8;
                         float *yr = y + i0 * 8;
                         {
-                            const size_t s0 = 0, s1 = 8;
+                            const size_t v0 = 0, v1 = 8;
                             float sv[8];
-                            for (size_t i1 = s0; i1 < s1; ++i1) {
-                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            for (size_t i1 = v0; i1 < v1; ++i1) {
+                                sv[i1 - v0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
                             }
-                            ln_runtime_stream(&ws, yr + s0, sv, s1 - s0);
+                            ln_runtime_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     }
 } else {
                     n = 0;
                     mean[0] = 0;
                     m2[0] = 0;
+                    kbase[0] = 0;
                     /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
                      * the sums of d = x - K and d^2 in one sweep over a cache-sized chunk (mean = K + sum(d) / n,
                      * M2 = sum(d^2) - sum(d)^2 / n), redone as a corrected two-pass from cache when K is too far
@@ -810,7 +861,7 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                     for (size_t c0 = 0; c0 < 8; c0 += 8192) {
                         const size_t c1 = c0 + 8192 < 8 ? c0 + 8192 : 8;
                         const double nc = (double)((c1 - c0) * 1);
-                        double K = (double)mean[0];
+                        double K = (double)((double)kbase[0] + mean[0]);
                         if (c0 == 0) {
                             /* the block's first chunk: K is the mean of its first 8 elements */
                             K = 0;
@@ -818,6 +869,7 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                                 K += xn[i0 * 8 + q];
                             }
                             K /= 8;
+                            kbase[0] = K; /* the block's base: its means are kept relative to it */
                         }
                         for (size_t l = 0; l < 32; ++l) {
                             lane[l] = 0;
@@ -846,7 +898,7 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                             s1 += lane[l];
                             s2 += lane2[l];
                         }
-                        double shift = (double)K;
+                        double shift = (double)K - (double)kbase[0];
                         if (!(s1 * s1 <= 0.5 * nc * s2)) {
                             /* K is more than one standard deviation from the chunk's mean: the chunk again, from
                              * cache, as a corrected two-pass (its mean m, then d = x - m) */
@@ -888,7 +940,7 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                                 s1 += lane[l];
                                 s2 += lane2[l];
                             }
-                            shift = (double)m;
+                            shift = (double)m - (double)kbase[0];
                         }
                         const double total = n + nc;
                         const double cm2 = s2 - s1 * s1 / nc;
@@ -896,6 +948,14 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                         mean[0] += delta * (nc / total);
                         m2[0] += cm2 + delta * delta * (n * nc / total);
                         n = total;
+                    }
+                    /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+                    for (size_t k = 0; k < 1; ++k) {
+                        const double base = (double)kbase[k];
+                        const double hi = base + mean[k];
+                        const double part = hi - base;
+                        mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                        mean[k] = hi;
                     }
 }
             } else {
@@ -905,12 +965,12 @@ int ln_runtime_train_forward_save(const ln_runtime_params *params, const float *
                     float *yr = y + i0 * 8;
                     if (stream) {
                         {
-                            const size_t s0 = 0, s1 = 8;
+                            const size_t v0 = 0, v1 = 8;
                             float sv[8];
-                            for (size_t i1 = s0; i1 < s1; ++i1) {
-                                sv[i1 - s0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
+                            for (size_t i1 = v0; i1 < v1; ++i1) {
+                                sv[i1 - v0] = ((xr[i1] - mhi[0]) - mlo[0]) * (rs[0] * scale[i1]) + offset[i1];
                             }
-                            ln_runtime_stream(&ws, yr + s0, sv, s1 - s0);
+                            ln_runtime_stream(&ws, yr + v0, sv, v1 - v0);
                         }
                     } else {
                         for (size_t i1 = 0; i1 < 8; ++i1) {
@@ -981,11 +1041,13 @@ int ln_runtime_backward(const ln_runtime_params *params, const float *x, const f
             for (size_t j = 0; j < 1; ++j) {
                 ref[j] = 0;
             }
-            double mean[1], m2[1];
+            double mean[1], m2[1], mean_lo[1];
+            float kbase[1];
             float lane[32], lane2[32];
             double n = 0;
             mean[0] = 0;
             m2[0] = 0;
+            kbase[0] = 0;
             /* pass 1: mean and variance of each statistic (every non-C position) over C, chunk by chunk:
              * two passes over a cache-sized chunk (the second corrects the first's mean m:
              * mean = m + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n with d = x - m), then
@@ -1014,6 +1076,9 @@ int ln_runtime_backward(const ln_runtime_params *params, const float *x, const f
                     lane2[l] = 0;
                 }
                 const float m = (float)(sum / nc);
+                if (c0 == 0) {
+                    kbase[0] = m; /* the block's base: its means are kept relative to it */
+                }
                 if (c0 == 0) {
                     /* the block's reference: the first chunk's mean */
                     for (size_t j = 0; j < 1; ++j) {
@@ -1057,10 +1122,18 @@ int ln_runtime_backward(const ln_runtime_params *params, const float *x, const f
                     s2 += (double)lane2[l];
                 }
                 const double cm2 = s2 - s1 * s1 / nc;
-                const double delta = ((double)m + s1 / nc) - mean[0];
+                const double delta = (((double)m - (double)kbase[0]) + s1 / nc) - mean[0];
                 mean[0] += delta * (nc / total);
                 m2[0] += cm2 + delta * delta * (n * nc / total);
                 n = total;
+            }
+            /* each mean, kept relative to its base, as hi + lo: kbase[k] + mean[k] exactly (TwoSum) */
+            for (size_t k = 0; k < 1; ++k) {
+                const double base = (double)kbase[k];
+                const double hi = base + mean[k];
+                const double part = hi - base;
+                mean_lo[k] = (base - (hi - part)) + (mean[k] - part);
+                mean[k] = hi;
             }
             double inv[1], corr[1], s1[1], s2[1];
             float mhi[1], mlo[1], rs[1], pw[1], q[1], r[1];
@@ -1068,7 +1141,7 @@ int ln_runtime_backward(const ln_runtime_params *params, const float *x, const f
             for (size_t k = 0; k < 1; ++k) {
                 inv[k] = 1 / sqrt((m2[k] > 0 ? m2[k] / n : 0) + 1e-06);
                 mhi[k] = (float)mean[k];
-                corr[k] = mean[k] - (double)mhi[k];
+                corr[k] = (mean[k] - (double)mhi[k]) + mean_lo[k];
                 mlo[k] = (float)corr[k];
                 rs[k] = (float)inv[k];
                 s1[k] = 0;
@@ -1077,7 +1150,7 @@ int ln_runtime_backward(const ln_runtime_params *params, const float *x, const f
             /* per statistic s1 = sum(g), s2 = sum(g * xhat) with g = scale * dy:
              * sum(dy * xhat) = inv * (cb - (mean - ref) * ca) */
             s1[0] = ca[0];
-            s2[0] = inv[0] * (cb[0] - (mean[0] - ref[0]) * ca[0]);
+            s2[0] = inv[0] * (cb[0] - ((mean[0] - ref[0]) + mean_lo[0]) * ca[0]);
             /* per statistic: dx = dy * scale * pw + ((x - mhi) * q + r), with pw = inv, q = -inv^2 * mean(g * xhat),
              * r = inv * (inv * mean(g * xhat) * corr - mean(g)); 0 for a statistic of one element (xhat = 0) */
             for (size_t k = 0; k < 1; ++k) {
@@ -1094,17 +1167,17 @@ int ln_runtime_backward(const ln_runtime_params *params, const float *x, const f
                 float *dxr = dx + i0 * 8;
                 if (stream) {
                     {
-                        const size_t s0 = 0, s1 = 8;
+                        const size_t v0 = 0, v1 = 8;
                         float sv[8];
-                        for (size_t i1 = s0; i1 < s1; ++i1) {
+                        for (size_t i1 = v0; i1 < v1; ++i1) {
                             const size_t c = i1;
                             const float d = dyr[i1];
                             const float dev = xr[i1] - mhi[0];
-                            sv[i1 - s0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                            sv[i1 - v0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
                             fa[c] += d;
                             fb[c] += d * ((dev - mlo[0]) * rs[0]);
                         }
-                        ln_runtime_stream(&ws, dxr + s0, sv, s1 - s0);
+                        ln_runtime_stream(&ws, dxr + v0, sv, v1 - v0);
                     }
                 } else {
                     for (size_t i1 = 0; i1 < 8; ++i1) {
@@ -1193,16 +1266,17 @@ int ln_runtime_backward_saved(const ln_runtime_params *params, const float *x, c
     for (size_t i0 = 0; i0 < nb * 16; ++i0) {
         {
             const double n = (double)(8);
-            double mean[1];
+            double mean[1], mean_lo[1];
             double inv[1], corr[1], s1[1], s2[1];
             float mhi[1], mlo[1], rs[1], pw[1], q[1], r[1];
             /* per statistic: 1/sqrt(var + epsilon), the mean in float (mhi) and what that rounded off (corr) */
             for (size_t k = 0; k < 1; ++k) {
                 const size_t s = i0;
                 mean[k] = saved_mean[s];
+                mean_lo[k] = 0;
                 inv[k] = saved_invstd[s];
                 mhi[k] = (float)mean[k];
-                corr[k] = mean[k] - (double)mhi[k];
+                corr[k] = (mean[k] - (double)mhi[k]) + mean_lo[k];
                 mlo[k] = (float)corr[k];
                 rs[k] = (float)inv[k];
                 s1[k] = 0;
@@ -1254,7 +1328,7 @@ int ln_runtime_backward_saved(const ln_runtime_params *params, const float *x, c
             /* per statistic s1 = sum(g), s2 = sum(g * xhat) with g = scale * dy:
              * sum(dy * xhat) = inv * (cb - (mean - ref) * ca) */
             s1[0] = ca[0];
-            s2[0] = inv[0] * (cb[0] - (mean[0] - ref[0]) * ca[0]);
+            s2[0] = inv[0] * (cb[0] - ((mean[0] - ref[0]) + mean_lo[0]) * ca[0]);
             /* per statistic: dx = dy * scale * pw + ((x - mhi) * q + r), with pw = inv, q = -inv^2 * mean(g * xhat),
              * r = inv * (inv * mean(g * xhat) * corr - mean(g)); 0 for a statistic of one element (xhat = 0) */
             for (size_t k = 0; k < 1; ++k) {
@@ -1271,17 +1345,17 @@ int ln_runtime_backward_saved(const ln_runtime_params *params, const float *x, c
                 float *dxr = dx + i0 * 8;
                 if (stream) {
                     {
-                        const size_t s0 = 0, s1 = 8;
+                        const size_t v0 = 0, v1 = 8;
                         float sv[8];
-                        for (size_t i1 = s0; i1 < s1; ++i1) {
+                        for (size_t i1 = v0; i1 < v1; ++i1) {
                             const size_t c = i1;
                             const float d = dyr[i1];
                             const float dev = xr[i1] - mhi[0];
-                            sv[i1 - s0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                            sv[i1 - v0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
                             fa[c] += d;
                             fb[c] += d * ((dev - mlo[0]) * rs[0]);
                         }
-                        ln_runtime_stream(&ws, dxr + s0, sv, s1 - s0);
+                        ln_runtime_stream(&ws, dxr + v0, sv, v1 - v0);
                     }
                 } else {
                     for (size_t i1 = 0; i1 < 8; ++i1) {

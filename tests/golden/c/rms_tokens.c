@@ -146,7 +146,7 @@ static RMS_TOKENS_INLINE void rms_tokens_stream(rms_tokens_streamer *s, float *y
 
 /* Whether a call on nb samples that moves k tensors' bytes streams its output; after one that did, its streaming
  * stores are ordered before the return (a fence). */
-#define RMS_TOKENS_STREAMED(nb, k) (RMS_TOKENS_STREAMS && (nb) * 8u + 1 > RMS_TOKENS_STREAM_BYTES / ((k) * sizeof(float)) + (RMS_TOKENS_STREAM_BYTES % ((k) * sizeof(float)) != 0))
+#define RMS_TOKENS_STREAMED(nb, k) (RMS_TOKENS_STREAMS && (nb) * 8u + 1 > RMS_TOKENS_STREAM_BYTES / ((size_t)(k) * sizeof(float)) + (RMS_TOKENS_STREAM_BYTES % ((size_t)(k) * sizeof(float)) != 0))
 #if RMS_TOKENS_STREAMS
 #define RMS_TOKENS_STREAM_FENCE() _mm_sfence()
 #else
@@ -231,12 +231,12 @@ int rms_tokens_predict(const float *x, float *y, int32_t batch, int32_t tokens)
                 float *yr = y + i0 * 8;
                 if (stream) {
                     {
-                        const size_t s0 = 0, s1 = 8;
+                        const size_t v0 = 0, v1 = 8;
                         float sv[8];
-                        for (size_t i1 = s0; i1 < s1; ++i1) {
-                            sv[i1 - s0] = xr[i1] * (rs[0] * scale[i1]);
+                        for (size_t i1 = v0; i1 < v1; ++i1) {
+                            sv[i1 - v0] = xr[i1] * (rs[0] * scale[i1]);
                         }
-                        rms_tokens_stream(&ws, yr + s0, sv, s1 - s0);
+                        rms_tokens_stream(&ws, yr + v0, sv, v1 - v0);
                     }
                 } else {
                     for (size_t i1 = 0; i1 < 8; ++i1) {
@@ -338,12 +338,12 @@ int rms_tokens_train_forward_save(const float *x, float *y, int32_t batch, int32
                 float *yr = y + i0 * 8;
                 if (stream) {
                     {
-                        const size_t s0 = 0, s1 = 8;
+                        const size_t v0 = 0, v1 = 8;
                         float sv[8];
-                        for (size_t i1 = s0; i1 < s1; ++i1) {
-                            sv[i1 - s0] = xr[i1] * (rs[0] * scale[i1]);
+                        for (size_t i1 = v0; i1 < v1; ++i1) {
+                            sv[i1 - v0] = xr[i1] * (rs[0] * scale[i1]);
                         }
-                        rms_tokens_stream(&ws, yr + s0, sv, s1 - s0);
+                        rms_tokens_stream(&ws, yr + v0, sv, v1 - v0);
                     }
                 } else {
                     for (size_t i1 = 0; i1 < 8; ++i1) {
@@ -409,11 +409,12 @@ int rms_tokens_backward(const float *x, const float *dy, float *dx, float *dscal
     }
     for (size_t i0 = 0; i0 < nb * n_tokens; ++i0) {
         {
-            double mean[1], m2[1];
+            double mean[1], mean_lo[1], m2[1];
             double lane2[32];
             double n = 0;
             for (size_t k = 0; k < 1; ++k) {
                 mean[k] = 0; /* the backward's mean: none is subtracted */
+                mean_lo[k] = 0;
                 m2[k] = 0;
             }
             /* pass 1: mean of x^2 of each statistic (every non-C position) over C, chunk by chunk: the sum of x^2 in double lanes */
@@ -446,7 +447,7 @@ int rms_tokens_backward(const float *x, const float *dy, float *dx, float *dscal
             for (size_t k = 0; k < 1; ++k) {
                 inv[k] = 1 / sqrt((m2[k] > 0 ? m2[k] / n : 0) + 1e-05);
                 mhi[k] = (float)mean[k];
-                corr[k] = mean[k] - (double)mhi[k];
+                corr[k] = (mean[k] - (double)mhi[k]) + mean_lo[k];
                 mlo[k] = (float)corr[k];
                 rs[k] = (float)inv[k];
                 s1[k] = 0;
@@ -498,7 +499,7 @@ int rms_tokens_backward(const float *x, const float *dy, float *dx, float *dscal
             /* per statistic s1 = sum(g), s2 = sum(g * xhat) with g = scale * dy:
              * sum(dy * xhat) = inv * (cb - (mean - ref) * ca) */
             s1[0] = ca[0];
-            s2[0] = inv[0] * (cb[0] - (mean[0] - ref[0]) * ca[0]);
+            s2[0] = inv[0] * (cb[0] - ((mean[0] - ref[0]) + mean_lo[0]) * ca[0]);
             /* per statistic: dx = dy * scale * pw + ((x - mhi) * q + r), with pw = inv, q = -inv^2 * mean(g * xhat),
              * r = inv * (inv * mean(g * xhat) * corr - mean(g)); 0 for a statistic of one element (xhat = 0) */
             for (size_t k = 0; k < 1; ++k) {
@@ -516,17 +517,17 @@ int rms_tokens_backward(const float *x, const float *dy, float *dx, float *dscal
                 float *dxr = dx + i0 * 8;
                 if (stream) {
                     {
-                        const size_t s0 = 0, s1 = 8;
+                        const size_t v0 = 0, v1 = 8;
                         float sv[8];
-                        for (size_t i1 = s0; i1 < s1; ++i1) {
+                        for (size_t i1 = v0; i1 < v1; ++i1) {
                             const size_t c = i1;
                             const float d = dyr[i1];
                             const float dev = xr[i1] - mhi[0];
-                            sv[i1 - s0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                            sv[i1 - v0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
                             fa[c] += d;
                             fb[c] += d * ((dev - mlo[0]) * rs[0]);
                         }
-                        rms_tokens_stream(&ws, dxr + s0, sv, s1 - s0);
+                        rms_tokens_stream(&ws, dxr + v0, sv, v1 - v0);
                     }
                 } else {
                     for (size_t i1 = 0; i1 < 8; ++i1) {
@@ -620,16 +621,17 @@ int rms_tokens_backward_saved(const float *x, const float *dy, const double *sav
     for (size_t i0 = 0; i0 < nb * n_tokens; ++i0) {
         {
             const double n = (double)(8);
-            double mean[1];
+            double mean[1], mean_lo[1];
             double inv[1], corr[1], s1[1], s2[1];
             float mhi[1], mlo[1], rs[1], pw[1], q[1], r[1];
             /* per statistic: 1/sqrt(var + epsilon), the mean in float (mhi) and what that rounded off (corr) */
             for (size_t k = 0; k < 1; ++k) {
                 const size_t s = i0;
                 mean[k] = saved_mean[s];
+                mean_lo[k] = 0;
                 inv[k] = saved_invstd[s];
                 mhi[k] = (float)mean[k];
-                corr[k] = mean[k] - (double)mhi[k];
+                corr[k] = (mean[k] - (double)mhi[k]) + mean_lo[k];
                 mlo[k] = (float)corr[k];
                 rs[k] = (float)inv[k];
                 s1[k] = 0;
@@ -681,7 +683,7 @@ int rms_tokens_backward_saved(const float *x, const float *dy, const double *sav
             /* per statistic s1 = sum(g), s2 = sum(g * xhat) with g = scale * dy:
              * sum(dy * xhat) = inv * (cb - (mean - ref) * ca) */
             s1[0] = ca[0];
-            s2[0] = inv[0] * (cb[0] - (mean[0] - ref[0]) * ca[0]);
+            s2[0] = inv[0] * (cb[0] - ((mean[0] - ref[0]) + mean_lo[0]) * ca[0]);
             /* per statistic: dx = dy * scale * pw + ((x - mhi) * q + r), with pw = inv, q = -inv^2 * mean(g * xhat),
              * r = inv * (inv * mean(g * xhat) * corr - mean(g)); 0 for a statistic of one element (xhat = 0) */
             for (size_t k = 0; k < 1; ++k) {
@@ -699,17 +701,17 @@ int rms_tokens_backward_saved(const float *x, const float *dy, const double *sav
                 float *dxr = dx + i0 * 8;
                 if (stream) {
                     {
-                        const size_t s0 = 0, s1 = 8;
+                        const size_t v0 = 0, v1 = 8;
                         float sv[8];
-                        for (size_t i1 = s0; i1 < s1; ++i1) {
+                        for (size_t i1 = v0; i1 < v1; ++i1) {
                             const size_t c = i1;
                             const float d = dyr[i1];
                             const float dev = xr[i1] - mhi[0];
-                            sv[i1 - s0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
+                            sv[i1 - v0] = d * (scale[c] * pw[0]) + (dev * q[0] + r[0]);
                             fa[c] += d;
                             fb[c] += d * ((dev - mlo[0]) * rs[0]);
                         }
-                        rms_tokens_stream(&ws, dxr + s0, sv, s1 - s0);
+                        rms_tokens_stream(&ws, dxr + v0, sv, v1 - v0);
                     }
                 } else {
                     for (size_t i1 = 0; i1 < 8; ++i1) {

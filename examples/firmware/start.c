@@ -1,4 +1,4 @@
-/* Bare-metal start-up for the Cortex-M tests under QEMU (mps2-an385, mps2-an386, mps2-an500):
+/* Bare-metal start-up for Cortex-M under QEMU (mps2-an385, mps2-an386, mps2-an500):
  * the vector table at address 0, the FPU turned on where the build uses it, .bss cleared, then
  * main, its return value the exit status (newlib's rdimon: semihosting). */
 #include <stdint.h>
