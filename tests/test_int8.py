@@ -244,6 +244,7 @@ def test_quantization_only_with_int8():
     (dict(param_storage="runtime"), "param_storage must be 'embedded'"),
     (dict(parallel="openmp"), "parallel must be 'none'"),
     (dict(activation="relu"), "no fused forms"),
+    (dict(statistics="float"), "an int8 layer's statistics are exact integer sums"),
 ])
 def test_what_int8_lacks(extra, needle):
     with pytest.raises(NormgenError, match=needle.replace("(", r"\(").replace(")", r"\)")):

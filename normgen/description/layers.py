@@ -444,6 +444,11 @@ class Layer:
         _choice(self.param_storage, f"layer {self.name!r}: param_storage", PARAM_STORAGE)
         _choice(self.parallel, f"layer {self.name!r}: parallel", PARALLEL)
         _choice(self.statistics, f"layer {self.name!r}: statistics", STATISTICS)
+        if self.statistics == "float" and self.dtype == "int8":
+            raise NormgenError(
+                f"layer {self.name!r}: statistics = 'float' is for float32 layers; an int8 layer's statistics are"
+                " exact integer sums (its arithmetic = 'float' or 'integer' chooses the normalize step)"
+            )
         if self.statistics == "float" and self.dtype != "float32":
             raise NormgenError(
                 f"layer {self.name!r}: statistics = 'float' needs dtype float32, not {self.dtype!r} (a {self.dtype}"
