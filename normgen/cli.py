@@ -23,7 +23,12 @@ spec files (TOML), one [[layer]] table per layer:
   format = "BCSS"              # row-major letters, outermost first (PyTorch NCHW = "BCSS")
   # matlab_format = "SSCB"     # ...or MATLAB's column-major letters (same layout as "BCSS")
   shape = [64, 56, 56]         # sizes of the non-B dimensions, in the order written
-  dtype = "float32"            # float32 | float64 (cuda also float16 | bfloat16)
+  dtype = "float32"            # float32 | float64 (cuda also float16 | bfloat16; c also int8)
+  # input_scale = 0.05         # int8: real = scale * (q - zero_point), per tensor (scales required)
+  # input_zero_point = 0       # int8: integers in [-128, 127], default 0
+  # output_scale = 0.03
+  # output_zero_point = 0
+  # arithmetic = "float"       # int8: float (normalize step in float) | integer (no float at run time)
   epsilon = 1e-5
   num_groups = 32              # groupnorm: integer dividing C, "allchannels" or "channelwise"
   operation_dimension = "auto" # layernorm, rmsnorm: auto | channel-only | spatial-channel | batch-excluded
@@ -121,6 +126,11 @@ def _print_table(rows, header_line: str) -> int:
         print(f"{r.layer:16} {r.function:24} {r.dtype:9} {r.batch:5d} {r.max_abs:12.3e} {r.max_rel:12.3e}  "
               f"{'pass' if r.ok else 'FAIL'}")
     failed = sum(not r.ok for r in rows)
+    quantized = [r for r in rows if r.one_step is not None]
+    if quantized:
+        total, off = sum(r.count for r in quantized), sum(r.one_step for r in quantized)
+        print(f"int8 rows: errors in quantization steps (pass: at most 1); {total - off} of {total} outputs exact,"
+              f" {off} one step off")
     print(f"{len(rows) - failed} passed, {failed} failed")
     return 1 if failed else 0
 
@@ -258,9 +268,11 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     from .lowering import lower
+    from .lowering.int8 import lower_int8, minus
 
     for i, layer in enumerate(_load(args.spec)):
-        plan = lower(layer, "c" if layer.dtype in ("float32", "float64") else "cuda")
+        quant = lower_int8(layer) if layer.dtype == "int8" else None
+        plan = quant.base if quant else lower(layer, "c" if layer.dtype in ("float32", "float64") else "cuda")
         letters = layer.fmt.letters
         sizes = []
         it = iter(layer.dims)
@@ -271,6 +283,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"layer {layer.name}: {layer.kind}")
         print(f"  format       {letters} (row-major, outermost first; MATLAB {letters[::-1]!r}); shape {' x '.join(sizes)}")
         print(f"  dtype        {layer.dtype}; epsilon {layer.epsilon!r}")
+        if quant:
+            print(f"  quantized    x: real = {layer.input_scale!r} * ({minus(layer.input_zero_point)}),"
+                  f" y: real = {layer.output_scale!r} * ({minus(layer.output_zero_point)}); int8, predict only")
+            print(f"  int8 math    {quant.arithmetic}")
         if layer.kind == "groupnorm":
             print(f"  groups       {layer.groups} of {layer.channels // layer.groups} channels (num_groups = {layer.num_groups!r})")
         if layer.kind in ("layernorm", "rmsnorm"):
@@ -283,7 +299,9 @@ def cmd_show(args: argparse.Namespace) -> int:
             n1 = plan.per_acc_total.value(1)  # from the plan: reference.count would allocate a sample
             per = f"{n1} values" + (" x batch" if layer.kind == "batchnorm" and layer.fmt.has_batch else "")
         print(f"  statistics   one per {plan.statistic_per}, over {plan.statistic_over} ({per} each)")
-        if layer.kind == "batchnorm":
+        if layer.kind == "batchnorm" and quant:
+            print("  predict      trained statistics and both scales, folded: y = q((x - zp) * a[c] + b[c])")
+        elif layer.kind == "batchnorm":
             print("  predict      trained statistics, folded: y = x * a[c] + b[c]")
             print(f"  train        batch statistics; running = decay * batch + (1 - decay) * running "
                   f"(mean_decay {layer.mean_decay!r}, variance_decay {layer.variance_decay!r}, {layer.running_variance} variance)")

@@ -12,7 +12,7 @@ import numpy as np
 
 from .description.dtypes import round_to
 from .description.kinds import reduced_letters, semantics  # kind semantics: description/kinds.py
-from .description.layers import Layer
+from .description.layers import QUANT_FIELDS, Layer
 from .errors import NormgenError
 
 
@@ -78,8 +78,11 @@ def _channel_shape(layer: Layer, ndim: int) -> tuple[int, ...]:
 def statistics(layer: Layer, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and biased (1/n) variance of each statistic, with the reduced axes kept as size 1
     in the grouped view (so they broadcast against it). RMSNorm (statistic ``mean_square``):
-    a mean of 0 and the mean of x², so that every kind normalizes as (x − mean)/√(var + ε)."""
+    a mean of 0 and the mean of x², so that every kind normalizes as (x − mean)/√(var + ε).
+    An int8 layer's are those of the dequantized x."""
     layer = bind(layer, x)
+    if layer.dtype == "int8":
+        return statistics(_real(layer), layer.dequantize(int8_input(layer, x)))
     x = np.asarray(x, dtype=np.float64)
     view, axes, _ = grouped_view(layer, x)
     if not semantics(layer).centered:
@@ -129,8 +132,14 @@ def predict(layer: Layer, x: np.ndarray, *, residual: np.ndarray | None = None,
             mod_shift: np.ndarray | None = None, mod_scale: np.ndarray | None = None) -> np.ndarray:
     """Inference: batch norm with its trained statistics; the other kinds with each
     instance's own statistics. A fused layer (README "Fused forms") normalizes h = x + residual
-    and applies its modulation and activation after the affine (:func:`fused_output`)."""
+    and applies its modulation and activation after the affine (:func:`fused_output`).
+
+    An int8 layer (README "int8") takes and returns int8 arrays: x is dequantized in float64
+    (input_scale * (q - input_zero_point)), normalized as above, and y quantized (y / output_scale
+    rounded to nearest, ties to even, plus output_zero_point, saturated to [-128, 127])."""
     layer = bind(layer, x)
+    if layer.dtype == "int8":
+        return layer.quantize(predict(_real(layer), layer.dequantize(int8_input(layer, x))))
     x = fused_input(layer, x, residual)
     mod = modulation_inputs(layer, x, mod_shift, mod_scale)
     if semantics(layer).trained_statistics:
@@ -140,6 +149,25 @@ def predict(layer: Layer, x: np.ndarray, *, residual: np.ndarray | None = None,
         return fused_output(layer, _normalize(layer, x, mean, var), *mod)
     mean, var = statistics(layer, x)
     return fused_output(layer, _normalize(layer, x, mean, var), *mod)
+
+
+def int8_input(layer: Layer, q: np.ndarray) -> np.ndarray:
+    """An int8 layer's x: int8 values (any integer type holding values in [-128, 127])."""
+    q = np.asarray(q)
+    if q.dtype.kind not in "iu" or (q.size and (int(q.min()) < -128 or int(q.max()) > 127)):
+        what = f"{q.dtype} values" if q.dtype.kind not in "iu" else f"values from {int(q.min())} to {int(q.max())}"
+        raise NormgenError(f"layer {layer.name!r} has dtype 'int8': x must hold int8 values, got {what}")
+    return q
+
+
+def _real(layer: Layer) -> Layer:
+    """The float64 layer an int8 layer computes between its dequantized x and its quantized y."""
+    return layer.replace(dtype="float64", **dict.fromkeys(QUANT_FIELDS))
+
+
+def _float_only(layer: Layer, function: str) -> None:
+    if layer.dtype == "int8":
+        raise NormgenError(f"layer {layer.name!r} has dtype 'int8', an inference format: it has predict only, not {function}")
 
 
 def train_forward(
@@ -156,6 +184,7 @@ def train_forward(
     """
     if layer.kind != "batchnorm":
         raise NormgenError(f"train_forward is for batch norm; layer {layer.name!r} is {layer.kind}")
+    _float_only(layer, "train_forward")
     batch = batch_of(layer, x)
     layer = bind(layer, x)
     x = fused_input(layer, x, residual)
@@ -214,6 +243,7 @@ def backward_saved(
     other use) where the layer has residual_out; with an activation or a modulation, dy is the
     gradient of the activated output, and with a modulation the result also holds
     (dmod_shift, dmod_scale), the gradients of mod_shift and mod_scale ([batch, C])."""
+    _float_only(layer, "a backward")
     layer = bind(layer, x)
     x, dy = _pair(layer, x, dy)
     mean0, _ = statistics(layer, x)  # only for its broadcast shape
@@ -274,6 +304,7 @@ def backward_frozen(layer: Layer, x: np.ndarray, dy: np.ndarray, *,
     A residual layer: x is h, and ``dh`` adds to dx (residual_out), as :func:`backward_saved`."""
     if layer.kind != "batchnorm":
         raise NormgenError(f"backward_frozen is for batch norm; layer {layer.name!r} is {layer.kind}")
+    _float_only(layer, "backward_frozen")
     layer = bind(layer, x)
     x, dy = _pair(layer, x, dy)
     cs = _channel_shape(layer, x.ndim)

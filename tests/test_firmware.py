@@ -19,7 +19,7 @@ import pytest
 
 from helpers import bn_stats, params
 from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm, emit, load_spec, reference
-from normgen.harness.check import compare, random_input
+from normgen.harness.check import compare, compare_int8, int8_inputs, random_input
 from normgen.lowering import lower
 from normgen.targets.c.build import STRICT_FLAGS
 
@@ -73,6 +73,19 @@ FUSED_F = FUSED.replace(name="fw_lnf_f", statistics="float")
 #: The training functions' stack (bytes, M4F) that firmware budgets for.
 TRAINING_STACK = 1024
 NM = shutil.which("arm-none-eabi-nm")
+
+
+#: int8 layers of every kind (README "int8"): statistics in integers, the normalize step in float.
+QUANT = dict(dtype="int8", input_scale=0.05, input_zero_point=-3, output_scale=0.03, output_zero_point=5)
+INT8_LAYERS = [
+    BatchNorm(name="q8_bn", format="BCSS", shape=[8, 4, 4], **QUANT, **params(8, 1), **bn_stats(8, 1)),
+    GroupNorm(name="q8_gn", format="BSSC", shape=[4, 4, 8], num_groups=2, **QUANT, **params(8, 2)),
+    LayerNorm(name="q8_ln", format="BTC", shape=[6, 16], **QUANT, **params(16, 3)),
+    InstanceNorm(name="q8_in", format="BCSS", shape=[8, 4, 4], **QUANT, **params(8, 4)),
+    RMSNorm(name="q8_rms", format="BTC", shape=[6, 16], **QUANT, scale=params(16, 5)["scale"]),
+]
+#: The same with arithmetic = "integer": no float at run time.
+INT8_LAYERS += [layer.replace(name=f"{layer.name}_i", arithmetic="integer") for layer in INT8_LAYERS]
 
 
 def cross_compile(layer, cpu: str, out: Path, warnings: tuple[str, ...] = ()) -> dict[str, tuple[int, str]]:
@@ -206,6 +219,79 @@ def test_runs_under_qemu_and_matches_the_reference(cpu, tmp_path):
         got = np.array([int(next(out), 16) for _ in range(x.size)], dtype=np.uint32).view(np.float32)
         result = compare(layer.name, "predict", layer.dtype, BATCH, got.reshape(x.shape), reference.predict(layer, x))
         assert result.ok, result
+    assert next(out, None) is None
+
+
+@pytest.mark.parametrize("cpu", sorted(CPUS))
+def test_int8_cross_compiles_free_of_firmware_warnings_with_a_small_stack(cpu, tmp_path):
+    for layer in INT8_LAYERS:
+        stacks = cross_compile(layer, cpu, tmp_path, tuple(FIRMWARE_WARNINGS))
+        size, qualifier = stacks[f"{layer.name}_predict"]
+        assert qualifier == "static" and size <= PREDICT_STACK, (layer.name, cpu, size, qualifier)
+
+
+def test_int8_integer_arithmetic_links_no_float_routine(tmp_path):
+    """arithmetic = "integer" on the M0 (no FPU): no soft-float routine of libgcc, no libm."""
+    nm = shutil.which("arm-none-eabi-nm")
+    if nm is None:
+        pytest.skip("no arm-none-eabi-nm")
+    for layer in INT8_LAYERS:
+        cross_compile(layer, "m0", tmp_path)
+        undefined = subprocess.run([nm, "-u", str(tmp_path / f"{layer.name}_m0.o")], capture_output=True,
+                                   text=True).stdout.split()
+        floats = [u for u in undefined if u.startswith(("__aeabi_f", "__aeabi_d", "__aeabi_l2f", "__aeabi_i2f"))
+                  or "sqrt" in u]
+        assert bool(floats) == (layer.arithmetic == "float"), (layer.name, undefined)
+
+
+def _int8_main(runs: list[tuple[str, str, np.ndarray]]) -> str:
+    """main.c: each (buffer, layer, x) run: the layer's predict on x, in place, y printed as integers."""
+    lines = ["#include <stdint.h>", "#include <stdio.h>", "#include <string.h>"]
+    lines += [f'#include "{name}.h"' for name in dict.fromkeys(name for _, name, _ in runs)]
+    for buf, _, x in runs:
+        values = x.reshape(-1)
+        lines += [f"static const int8_t {buf}_x[{values.size}] = {{",
+                  ",\n".join(", ".join(str(int(v)) for v in values[i:i + 16]) for i in range(0, values.size, 16)),
+                  "};", f"static int8_t {buf}[{values.size}];"]
+    lines += ["", "int main(void)", "{"]
+    for buf, name, x in runs:
+        lines += [f"    memcpy({buf}, {buf}_x, sizeof {buf});",
+                  f'    printf("{buf} %d\\n", {name}_predict({buf}, {buf}, {BATCH}));',
+                  f"    for (int i = 0; i < {x.size}; ++i) {{",
+                  f'        printf("%d\\n", (int){buf}[i]);',
+                  "    }"]
+    return "\n".join([*lines, "    return 0;", "}", ""])
+
+
+@pytest.mark.skipif(QEMU is None, reason="qemu-system-arm is not installed")
+@pytest.mark.parametrize("cpu", sorted(CPUS))
+def test_int8_runs_under_qemu_and_matches_the_reference(cpu, tmp_path):
+    """Every kind's int8 predict bare-metal (the M0 without an FPU), in place, on full-range and
+    all-equal inputs: exact or one step off."""
+    rng = np.random.default_rng(12)
+    runs = []
+    for layer in INT8_LAYERS:
+        drawn = int8_inputs(layer, BATCH, rng)
+        runs += [(f"{layer.name}_full", layer, drawn[""]), (f"{layer.name}_equal", layer, drawn[":equal"])]
+        cross_compile(layer, cpu, tmp_path)
+    (tmp_path / "main.c").write_text(_int8_main([(buf, layer.name, x) for buf, layer, x in runs]))
+    flags, board = CPUS[cpu]
+    elf = tmp_path / "test.elf"
+    cmd = [GCC, *flags, "-Os", "-std=c99", "-Wall", "-Wextra", "-Werror", "-nostartfiles", "--specs=rdimon.specs",
+           "-T", str(HERE / "link.ld"), str(HERE / "start.c"), str(tmp_path / "main.c"),
+           *(str(tmp_path / f"{layer.name}_{cpu}.o") for layer in INT8_LAYERS), "-lm", "-o", str(elf)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    run = subprocess.run([QEMU, "-M", board, "-nographic", "-monitor", "none", "-serial", "none",
+                          "-semihosting-config", "enable=on,target=native", "-kernel", str(elf)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, (run.returncode, run.stdout[-2000:], run.stderr[-2000:])
+    out = iter(run.stdout.splitlines())
+    for buf, layer, x in runs:
+        assert next(out) == f"{buf} 0"
+        got = np.array([int(next(out)) for _ in range(x.size)], dtype=np.int8).reshape(x.shape)
+        result = compare_int8(buf, "predict", BATCH, got, reference.predict(layer, x))
+        assert result.ok and result.one_step <= 2, result
     assert next(out, None) is None
 
 

@@ -96,7 +96,8 @@ KINDS = ["batchnorm", "groupnorm", "layernorm", "instancenorm", "rmsnorm"]
 FORMATS = ["BC", "BCSS", "BSSC", "BTC", "TBC", "BCT", "CSS", "BCU", "BCSSS"]
 KEYS = ["name", "kind", "format", "matlab_format", "shape", "num_channels", "dtype", "epsilon", "num_groups",
         "operation_dimension", "affine", "bias", "mean_decay", "variance_decay", "running_variance",
-        "param_storage", "parallel", "scale_learn_rate_factor", "offset_l2_factor", "params"]
+        "param_storage", "parallel", "scale_learn_rate_factor", "offset_l2_factor", "params", "input_scale",
+        "input_zero_point", "output_scale", "output_zero_point", "arithmetic"]
 
 HUGE = st.sampled_from([0, -1, 2**24 + 1, 2**31 - 1, 2**31, 3_000_000_000, 4_000_000_000, 2**62, 2**63 - 1])
 JUNK = st.recursive(
@@ -140,6 +141,9 @@ def tables(draw, valid_bias: float = 0.7) -> dict:
         "parallel": st.sampled_from(["none", "openmp"]),
         "scale_learn_rate_factor": st.floats(allow_nan=True),
         "offset_l2_factor": st.integers(-2, 2),
+        "input_scale": st.floats(allow_nan=True, allow_infinity=True) | st.just(0.05),
+        "output_zero_point": st.integers(-200, 200),
+        "arithmetic": st.sampled_from(["float", "integer", "fixed"]),
     }
     for key in draw(st.lists(st.sampled_from(sorted(plausible)), max_size=4, unique=True)):
         t[key] = draw(plausible[key]) if draw(st.floats(0, 1)) < valid_bias else draw(JUNK)
@@ -194,6 +198,10 @@ def clean_tables(draw) -> dict:
     }
     for key in draw(st.lists(st.sampled_from(sorted(optional)), max_size=4, unique=True)):
         t[key] = draw(optional[key])
+    if draw(st.integers(0, 3)) == 0:  # int8 (README "int8")
+        t.update(dtype="int8", input_scale=draw(st.floats(1e-3, 10.0)), output_scale=draw(st.floats(1e-3, 10.0)),
+                 input_zero_point=draw(st.integers(-128, 127)), output_zero_point=draw(st.integers(-128, 127)),
+                 arithmetic=draw(st.sampled_from(["float", "integer"])))
     return t
 
 

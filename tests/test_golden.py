@@ -30,14 +30,22 @@ LAYERS = {
     "ln_element": LayerNorm(name="ln_element", format="BCSS", shape=[3, 4, 4], operation_dimension="spatial-channel",
                             affine="element", bias=False, scale=np.linspace(0.5, 1.5, 48).reshape(3, 4, 4)),
 }
-CASES = [(name, "c") for name in LAYERS] + ([(name, "cuda") for name in LAYERS] if CUDA else [])
+#: int8 layers (C target only): float arithmetic, and integer arithmetic over run-time tokens.
+INT8 = {
+    "gn_int8": GroupNorm(name="gn_int8", format="BSSC", shape=[4, 4, 6], num_groups=3, dtype="int8", input_scale=0.05,
+                         input_zero_point=-3, output_scale=0.03, output_zero_point=5, scale=np.linspace(0.5, 1.5, 6),
+                         offset=np.linspace(-0.5, 0.5, 6)),
+    "rms_int8": RMSNorm(name="rms_int8", format="BTC", shape=["tokens", 8], dtype="int8", input_scale=0.1,
+                        output_scale=0.02, arithmetic="integer", scale=np.linspace(0.5, 1.5, 8)),
+}
+CASES = [(name, "c") for name in [*LAYERS, *INT8]] + ([(name, "cuda") for name in LAYERS] if CUDA else [])
 #: The mex target's own files (its NAME.h, NAME.c are the C target's, compared above).
 CASES += [(name, "mex") for name in ("bn_nchw", "ln_runtime", "rms_tokens", "ln_element")]
 
 
 @pytest.mark.parametrize("name,target", CASES)
 def test_golden(name, target):
-    files = emit(LAYERS[name], target)
+    files = emit({**LAYERS, **INT8}[name], target)
     if target == "mex":
         assert {f: t for f, t in files.items() if not f.startswith(f"{name}_mex.")} == emit(LAYERS[name], "c")
         files = {f: t for f, t in files.items() if f.startswith(f"{name}_mex.")}

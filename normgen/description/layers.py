@@ -23,7 +23,13 @@ from .kinds import semantics
 
 Initializer = str | Callable[[int], Any] | Sequence[float] | np.ndarray | None
 
-DTYPES = ("float32", "float64", "float16", "bfloat16")
+DTYPES = ("float32", "float64", "float16", "bfloat16", "int8")
+#: The quantization of an int8 layer's x and y (TFLite's asymmetric int8 scheme, per tensor):
+#: real = scale * (q - zero_point).
+QUANT_FIELDS = ("input_scale", "input_zero_point", "output_scale", "output_zero_point", "arithmetic")
+#: How an int8 layer's generated C normalizes: statistics in integers and the normalize step in
+#: float ("float"), or nothing in float at all ("integer": fixed point, for cores without an FPU).
+ARITHMETICS = ("float", "integer")
 INITIALIZERS = ("ones", "zeros", "narrownormal")
 RUNNING_VARIANCE = ("unbiased", "biased")
 PARAM_STORAGE = ("embedded", "runtime")
@@ -343,6 +349,15 @@ class Layer:
     modulation: str = "none"
     #: The functions to generate, by role (None: every one the layer has, :attr:`roles`).
     functions: Sequence[str] | None = None
+    #: dtype "int8": x and y are int8 with real = scale * (q - zero_point) (TFLite's asymmetric
+    #: scheme, one scale and zero point per tensor). The scales are required; the zero points
+    #: default to 0.
+    input_scale: float | None = None
+    input_zero_point: int | None = None
+    output_scale: float | None = None
+    output_zero_point: int | None = None
+    #: dtype "int8": "float" (default) or "integer" (ARITHMETICS).
+    arithmetic: str | None = None
 
     # Resolved on construction (not arguments).
     fmt: Format = field(init=False, repr=False)
@@ -422,12 +437,18 @@ class Layer:
                 )
         set_(self, "channels", channels)
         set_(self, "dtype", _dtype_name(self.dtype))
+        self._resolve_quantization()
         set_(self, "epsilon", _finite_number(self.epsilon, f"layer {self.name!r}: epsilon", positive=True))
         for f in ("scale_learn_rate_factor", "offset_learn_rate_factor", "scale_l2_factor", "offset_l2_factor"):
             set_(self, f, _finite_number(getattr(self, f), f"layer {self.name!r}: {f}", lo=0.0))
         _choice(self.param_storage, f"layer {self.name!r}: param_storage", PARAM_STORAGE)
         _choice(self.parallel, f"layer {self.name!r}: parallel", PARALLEL)
         _choice(self.statistics, f"layer {self.name!r}: statistics", STATISTICS)
+        if self.statistics == "float" and self.dtype == "int8":
+            raise NormgenError(
+                f"layer {self.name!r}: statistics = 'float' is for float32 layers; an int8 layer's statistics are"
+                " exact integer sums (its arithmetic = 'float' or 'integer' chooses the normalize step)"
+            )
         if self.statistics == "float" and self.dtype != "float32":
             raise NormgenError(
                 f"layer {self.name!r}: statistics = 'float' needs dtype float32, not {self.dtype!r} (a {self.dtype}"
@@ -437,6 +458,7 @@ class Layer:
         self._resolve_kind()
         self._resolve_affine()
         self._resolve_fusion()
+        self._check_int8()
         if self.param_storage == "runtime" and not self.parameter_arrays():
             raise NormgenError(
                 f"layer {self.name!r}: param_storage = 'runtime' passes parameters at run time, but the layer has"
@@ -449,6 +471,8 @@ class Layer:
         """The roles of every function this layer has (``functions`` keeps some), in ROLES order:
         batch norm's train_forward, frozen backward and population statistics; no plain backwards
         behind an activation or modulation; the update step with run-time parameters to learn."""
+        if self.dtype == "int8":
+            return ("predict",)  # an inference format: no training functions
         bn = self.kind == "batchnorm"
         plain_out = self.activation == "none" and self.modulation == "none"
         have = {
@@ -483,7 +507,9 @@ class Layer:
         have = self.roles
         for n in names:
             if not isinstance(n, str) or n not in have:
-                if isinstance(n, str) and n in ROLES:
+                if isinstance(n, str) and n in ROLES and self.dtype == "int8":
+                    why = f"an int8 layer has no {n} function (int8 is an inference format)"
+                elif isinstance(n, str) and n in ROLES:
                     why = f"this {self.kind} layer has no {n} function" + _MISSING_ROLE.get(n, "")
                 else:
                     close = difflib.get_close_matches(str(n), ROLES, n=1) if isinstance(n, str) else []
@@ -493,6 +519,59 @@ class Layer:
 
     def _resolve_kind(self) -> None:  # overridden per kind
         pass
+
+    def _resolve_quantization(self) -> None:
+        """input_scale, input_zero_point, output_scale, output_zero_point, arithmetic: for dtype int8 only."""
+        where = f"layer {self.name!r}"
+        set_ = object.__setattr__
+        if self.dtype != "int8":
+            given = [f for f in QUANT_FIELDS if getattr(self, f) is not None]
+            if given:
+                raise NormgenError(f"{where}: {given[0]} = {_short(getattr(self, given[0]))} is for dtype 'int8'"
+                                   f" (quantized x and y); this layer's dtype is {self.dtype!r}")
+            return
+        for side in ("input", "output"):
+            scale = getattr(self, f"{side}_scale")
+            if scale is None:
+                raise NormgenError(f"{where}: dtype 'int8' needs {side}_scale (real = {side}_scale *"
+                                   f" (q - {side}_zero_point)), a finite number > 0")
+            set_(self, f"{side}_scale", _finite_number(scale, f"{where}: {side}_scale", positive=True))
+            zp = getattr(self, f"{side}_zero_point")
+            if zp is None:
+                zp = 0
+            elif isinstance(zp, (float, np.floating)) and float(zp).is_integer():
+                zp = int(zp)
+            if isinstance(zp, bool) or not isinstance(zp, (int, np.integer)) or not -128 <= zp <= 127:
+                raise NormgenError(f"{where}: {side}_zero_point must be an integer in [-128, 127] (an int8 value),"
+                                   f" got {_short(zp)}")
+            set_(self, f"{side}_zero_point", int(zp))
+        set_(self, "arithmetic", _choice("float" if self.arithmetic is None else self.arithmetic,
+                                         f"{where}: arithmetic", ARITHMETICS))
+
+    def _check_int8(self) -> None:
+        """What an int8 layer does not have: fused forms, run-time parameters, OpenMP."""
+        if self.dtype != "int8":
+            return
+        where = f"layer {self.name!r}: dtype 'int8'"
+        if self.fused:
+            raise NormgenError(f"{where} has no fused forms (residual, activation, modulation); use float32")
+        if self.param_storage != "embedded":
+            raise NormgenError(f"{where} embeds its parameters (folded with the quantization when the code is"
+                               f" generated): param_storage must be 'embedded', got {self.param_storage!r}")
+        if self.parallel != "none":
+            raise NormgenError(f"{where} runs on one thread: parallel must be 'none', got {self.parallel!r}")
+
+    def quantize(self, y: np.ndarray, side: str = "output") -> np.ndarray:
+        """Real values → int8 (dtype int8): round to nearest, ties to even, plus the zero point,
+        saturated to [-128, 127]."""
+        scale, zp = getattr(self, f"{side}_scale"), getattr(self, f"{side}_zero_point")
+        q = np.rint(np.asarray(y, dtype=np.float64) / scale) + zp
+        return np.clip(q, -128, 127).astype(np.int8)
+
+    def dequantize(self, q: np.ndarray, side: str = "input") -> np.ndarray:
+        """int8 → the real values they stand for, in float64: scale * (q - zero_point)."""
+        scale, zp = getattr(self, f"{side}_scale"), getattr(self, f"{side}_zero_point")
+        return scale * (np.asarray(q).astype(np.float64) - zp)
 
     def _resolve_fusion(self) -> None:
         """residual, residual_out, activation and modulation (README "Fused forms")."""
@@ -669,6 +748,8 @@ class Layer:
             ("epsilon", repr(self.epsilon)),
         ]
         items += self._kind_fields()
+        if self.dtype == "int8":
+            items += [(f, repr(getattr(self, f))) for f in QUANT_FIELDS]
         if self.affine != "channel" or self.bias != self.default_bias:
             items += [("affine", self.affine), ("bias", str(self.bias).lower())]
         if self.fused:

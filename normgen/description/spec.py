@@ -8,7 +8,10 @@ Keys (all but ``name``, ``kind``, a format and ``shape`` optional)::
     affine ("channel" | "element" | "none"), bias (true | false),
     scale_learn_rate_factor, offset_learn_rate_factor, scale_l2_factor, offset_l2_factor,
     param_storage, parallel, statistics ("double" | "float"), params,
-    functions (the functions to generate, by role: ["predict", ...]; default every one)
+    functions (the functions to generate, by role: ["predict", ...]; default every one),
+    input_scale, input_zero_point, output_scale, output_zero_point (dtype "int8" only:
+    real = scale * (q - zero_point); the scales required, the zero points default 0),
+    arithmetic (dtype "int8": "float", the default, or "integer": no float at run time)
 
 ``params`` is a .npz path relative to the spec file with arrays ``scale``, ``offset`` and, for
 batch norm, ``trained_mean`` and ``trained_variance``; arrays it lacks take the initializers
@@ -43,6 +46,7 @@ COMMON_KEYS = (
     "scale_learn_rate_factor", "offset_learn_rate_factor", "scale_l2_factor", "offset_l2_factor",
     "param_storage", "parallel", "statistics", "params", "affine", "bias",
     "residual", "residual_out", "activation", "modulation", "functions",
+    "input_scale", "input_zero_point", "output_scale", "output_zero_point", "arithmetic",
 )
 KIND_KEYS = {
     "batchnorm": ("mean_decay", "variance_decay", "running_variance"),

@@ -913,6 +913,9 @@ def bench_c(layers: list[Layer], cfg: BenchConfig, args: argparse.Namespace) -> 
     rng = np.random.default_rng(0)
     plans = []
     for layer in layers:
+        if layer.dtype == "int8":
+            raise NormgenError(f"layer {layer.name!r}: normgen bench times float32 and float64 layers, not int8"
+                               " (normgen check compiles and runs it)")
         if layer.dtype not in ("float32", "float64"):
             raise NormgenError(f"layer {layer.name!r}: dtype {layer.dtype} is not supported by the c target")
         if args.openmp and layer.parallel != "openmp":

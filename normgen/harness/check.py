@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import resource
@@ -33,6 +34,9 @@ class Comparison:
     max_abs: float
     max_rel: float  # max |y - ref| / max |ref|
     ok: bool
+    #: int8: the outputs compared and how many of them are one quantization step off (None: a float layer)
+    count: int = 0
+    one_step: int | None = None
 
 
 def compare(name: str, function: str, dtype: str, batch: int, got: np.ndarray, want: np.ndarray) -> Comparison:
@@ -44,6 +48,28 @@ def compare(name: str, function: str, dtype: str, batch: int, got: np.ndarray, w
     scale = float(np.abs(want).max()) if want.size else 0.0
     ok = bool(np.all(err <= atol + rtol * np.abs(want))) and bool(np.all(np.isfinite(got)))
     return Comparison(name, function, dtype, batch, max_abs, max_abs / scale if scale else max_abs, ok)
+
+
+def compare_int8(name: str, function: str, batch: int, got: np.ndarray, want: np.ndarray) -> Comparison:
+    """int8 outputs pass when each is the reference's exactly or one quantization step off."""
+    diff = np.abs(np.asarray(got).astype(np.int64) - np.asarray(want).astype(np.int64))
+    worst = int(diff.max()) if diff.size else 0
+    scale = float(np.abs(np.asarray(want).astype(np.float64)).max()) if diff.size else 0.0
+    return Comparison(name, function, "int8", batch, float(worst), worst / scale if scale else float(worst),
+                      worst <= 1, int(diff.size), int(np.count_nonzero(diff == 1)))
+
+
+def int8_inputs(layer: Layer, batch: int, rng: np.random.Generator,
+                sizes: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Inputs of an int8 layer, by name: the full range uniformly; a narrow range (a few steps
+    around a random centre); every value equal (each statistic's variance 0: y is the offset)."""
+    shape = reference.full_shape(layer, batch, sizes)
+    centre = int(rng.integers(-120, 121))
+    return {
+        "": rng.integers(-128, 128, shape).astype(np.int8),
+        ":narrow": np.clip(centre + rng.integers(-3, 4, shape), -128, 127).astype(np.int8),
+        ":equal": np.full(shape, centre, dtype=np.int8),
+    }
 
 
 def random_input(layer: Layer, batch: int, rng: np.random.Generator, sizes: dict[str, int] | None = None) -> np.ndarray:
@@ -151,7 +177,7 @@ def check_layer(
     for named in sizes or default_sizes(layer):
         tag = "[" + ",".join(f"{k}={v}" for k, v in named.items()) + "]" if named else ""
         for r in _check_at(compiled, layer, batches, seed, training, named):
-            results.append(Comparison(r.layer, r.function + tag, r.dtype, r.batch, r.max_abs, r.max_rel, r.ok))
+            results.append(dataclasses.replace(r, function=r.function + tag))
     return results
 
 
@@ -160,6 +186,11 @@ def _check_at(compiled, layer: Layer, batches, seed: int, training: bool, sizes:
     results = []
     storage = np.dtype(np.float32) if layer.dtype in ("float16", "bfloat16") else np.dtype(layer.dtype)
     for batch in batches if layer.fmt.has_batch else (1,):
+        if layer.dtype == "int8":  # predict only, on int8 data: exact or one step off
+            for tag, q in int8_inputs(layer, batch, rng, sizes).items():
+                results.append(compare_int8(layer.name, f"predict{tag}", batch, compiled.predict(q),
+                                            reference.predict(layer, q)))
+            continue
         x = random_input(layer, batch, rng, sizes)
         x = compiled.quantize(x) if hasattr(compiled, "quantize") else x.astype(storage)
         if layer.fused:

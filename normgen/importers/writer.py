@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..description.layers import Layer
+from ..description.layers import QUANT_FIELDS, Layer
 from ..errors import NormgenError
 
 
@@ -47,6 +47,8 @@ def table(layer: Layer, params: str | None) -> dict[str, object]:
         keys["operation_dimension"] = layer.resolved_dimension
     keys["affine"] = layer.affine
     keys["bias"] = layer.bias
+    if layer.dtype == "int8":
+        keys.update((f, getattr(layer, f)) for f in QUANT_FIELDS)
     if layer.kind == "batchnorm":
         keys.update(mean_decay=layer.mean_decay, variance_decay=layer.variance_decay,
                     running_variance=layer.running_variance)

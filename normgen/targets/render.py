@@ -10,6 +10,7 @@ import jinja2
 from ..description.layers import Layer, check_source_name
 from ..errors import NormgenError
 from ..lowering import lower
+from ..lowering.int8 import Int8Plan, lower_int8
 from ..lowering.plan import Plan
 from .c.sweep import sweep_of
 from .cuda.fused import fused_cuda
@@ -56,6 +57,8 @@ FILES = {
     "c": (("{name}.h", "c/layer.h.j2"), ("{name}.c", "c/layer.c.j2")),
     "cuda": (("{name}.cuh", "cuda/layer.cuh.j2"), ("{name}.cu", "cuda/layer.cu.j2")),
 }
+#: An int8 layer's files (C target only): its own templates (lowering/int8.py).
+INT8_FILES = (("{name}.h", "c/int8.h.j2"), ("{name}.c", "{template}"))
 FILES["mex"] = FILES["c"] + (("{name}_mex.c", "mex/gateway.c.j2"), ("{name}_mex.m", "mex/help.m.j2"))
 
 
@@ -71,9 +74,12 @@ def _cuda(cp, tc, sc) -> dict:
     return {"cp": cp, "tc": tc, "sc": sc, "fc": fused_cuda(cp.plan, cp, tc)}
 
 
-def render(plan: Plan, target: str) -> dict[str, str]:
+def render(plan: Plan | Int8Plan, target: str) -> dict[str, str]:
     """A plan → {file name: text}."""
     env = environment()
+    if isinstance(plan, Int8Plan):
+        return {pattern.format(name=plan.name): env.get_template(tpl.format(template=plan.template)).render(plan=plan)
+                for pattern, tpl in INT8_FILES}
     context = {"plan": plan, **EXTENSIONS[target](plan)}
     return {pattern.format(name=plan.name): env.get_template(tpl).render(context) for pattern, tpl in FILES[target]}
 
@@ -86,4 +92,8 @@ def emit(layer: Layer, target: str = "c") -> dict[str, str]:
     if layer.functions is not None and target not in FILTERED:
         raise NormgenError(f"layer {layer.name!r}: functions (only some functions generated) is for the"
                            f" {' and '.join(FILTERED)} targets, not {target}")
+    if layer.dtype == "int8":
+        if target != "c":
+            raise NormgenError(f"layer {layer.name!r}: dtype 'int8' is generated for the c target only, not {target}")
+        return render(lower_int8(layer), target)
     return render(lower(layer, LOWERED_AS[target]), target)

@@ -23,6 +23,7 @@ from ... import reference
 from ...description.layers import Layer
 from ...errors import NormgenError
 from ...lowering import lower
+from ...lowering.int8 import lower_int8
 from ...lowering.plan import Plan
 from ..cache import cache_dir, key
 from ..calls import NamedCalls, argument_kinds
@@ -31,7 +32,7 @@ from .training import CTraining
 
 STRICT_FLAGS = ["-std=c99", "-Wall", "-Wextra", "-pedantic", "-Werror"]
 DEFAULT_OPT = ["-O2"]
-NUMPY_DTYPES = {"float32": np.float32, "float64": np.float64}
+NUMPY_DTYPES = {"float32": np.float32, "float64": np.float64, "int8": np.int8}
 
 
 class BuildError(NormgenError):
@@ -59,6 +60,8 @@ def opt_flags() -> list[str]:
 def cdef(plan: Plan) -> str:
     """The declarations cffi needs: the params and population structs and every public function."""
     lines = []
+    if plan.ctype == "int8_t":  # an int8 layer's plan (lowering/int8.py): its predict only
+        return "".join(f"int {f.signature};\n" for f in plan.public_functions)
     if plan.runtime_params:
         members = "".join(f"    {plan.ctype} {p}[{plan.channels}];\n" for p in plan.params)
         lines.append(f"typedef struct {{\n{members}}} {plan.name}_params;")
@@ -77,7 +80,7 @@ def compile_c(layer: Layer, *, flags: list[str] | None = None):
     """Compile a layer's generated C into a cffi module (cached); returns (module, plan)."""
     import cffi
 
-    plan = lower(layer, "c")
+    plan = lower_int8(layer) if layer.dtype == "int8" else lower(layer, "c")
     files = emit(layer, "c")
     flags = opt_flags() if flags is None else flags
     if plan.parallel == "openmp" and "-fopenmp" not in flags:
@@ -158,6 +161,8 @@ class CompiledLayer(CTraining, NamedCalls):
     def _input(self, x: np.ndarray) -> tuple[np.ndarray, int]:
         """x as the functions take it, and their size arguments: (batch, run-time sizes...)."""
         batch = reference.batch_of(self.layer, x)
+        if self.layer.dtype == "int8":
+            reference.int8_input(self.layer, x)  # int8 values, never a float array cast
         sizes = self.layer.sizes_of(np.shape(x))
         return np.ascontiguousarray(x, dtype=self.dtype), (batch, *(sizes[n] for n in self.layer.sizes))
 
