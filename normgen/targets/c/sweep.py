@@ -59,6 +59,7 @@ compute them, and one more elementwise pass writes dx.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ...lowering.plan import CTYPE_SIZES, Axis, Extent, Loop, Plan, Rotation, _offset, rows_of_whole_lines
@@ -159,6 +160,12 @@ class Sweep:
     statistic: str = "shifted"
     per_acc_tail: int = 1  # columns: the columns of one statistic
     offset: bool = True  # the layer has an offset (RMSNorm's pass 2 leaves out a fixed offset of 0)
+    #: batch norm's backward_frozen, where the channel is fixed along the contiguous innermost run
+    #: (NCHW): dscale's and doffset's sums over a run go through this many independent lanes of the
+    #: accumulator type, added into the channel's sums in lane order at the run's end, so that
+    #: the compiler vectorizes them without reassociating (0: the channel varies along the run,
+    #: and each element adds into its channel's sums directly)
+    frozen_lanes: int = 0
 
     @property
     def centered(self) -> bool:
@@ -666,6 +673,15 @@ def _pipeline(plan: Plan, openmp: bool) -> dict:
     )
 
 
+def _frozen_lanes(plan: Plan) -> int:
+    """Sweep.frozen_lanes: LANE_BYTES of accumulator-type lanes where batch norm's innermost apply
+    loop is a contiguous run along which the channel does not change."""
+    run = plan.apply_run
+    if plan.kind != "batchnorm" or run is None or run[0] in re.findall(r"\w+", plan.apply_channel_expr):
+        return 0
+    return LANE_BYTES // LANE_SIZES[plan.acc_type]
+
+
 def sweep_of(plan: Plan) -> Sweep:
     openmp = plan.parallel == "openmp"
     domain = plan.domain_axes
@@ -733,7 +749,7 @@ def sweep_of(plan: Plan) -> Sweep:
             apply_rotation=plan.apply_rotation(omp_apply_chunk),
             statistic="shifted" if plan.centered else "mean_square",
             per_acc_tail_expr=plan.per_acc_tail.expr(),
-            offset="offset" in plan.params, act=plan.act_fn,
+            offset="offset" in plan.params, act=plan.act_fn, frozen_lanes=_frozen_lanes(plan),
             **_pipeline(plan, openmp),
         )
     first, inner = domain[0], domain[1:]
@@ -761,7 +777,7 @@ def sweep_of(plan: Plan) -> Sweep:
         norm="columns" if first.channel_mul else "columns_fold",
         prefetch_shift=shift, prefetch_if=more, line=line,
         acc_type=plan.acc_type, channel_lane=_sum(channel), channels=plan.channels, nacc=plan.nacc,
-        tile=lanes, tile_ahead=TILE_PREFETCH_ROWS,
+        tile=lanes, tile_ahead=TILE_PREFETCH_ROWS, frozen_lanes=_frozen_lanes(plan),
         tile_shift=(first.stride * Extent(TILE_PREFETCH_ROWS)).expr(),
         rotate=not first.channel_mul and rows_of_whole_lines(width, first.stride, plan.itemsize),
         block_first=plan.stat_offset_expr,
