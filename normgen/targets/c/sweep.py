@@ -75,6 +75,12 @@ SHIFT_PROBE = 8
 ROTATED = "_r"
 #: Columns: the statistics tiles fetch the same columns this many rows ahead.
 TILE_PREFETCH_ROWS = 16
+#: Rows: a lane loop of at most this many iterations is kept a loop (NAME_LANE_LOOP, GCC's
+#: ``unroll 1``). GCC unrolls such a short loop completely (16 is its limit for a complete peel)
+#: and then vectorizes the run loop around the straight-line lanes, transposing each group of
+#: blocks with permutations: float64 rows (16 double lanes of 128 bytes) ran 1.6x slower that way
+#: than with the lane loop vectorized (benchmarks/README.md). Unrolling changes no arithmetic.
+UNROLLED_LANES = 16
 #: Elements an OpenMP thread takes at a time (schedule(dynamic, n)).
 OMP_GRAIN = 16384
 #: Backward, rows strategy with the channel along the run: runs whose dy and dy * xhat the per-channel
@@ -166,6 +172,10 @@ class Sweep:
     #: the compiler vectorizes them without reassociating (0: the channel varies along the run,
     #: and each element adds into its channel's sums directly)
     frozen_lanes: int = 0
+    #: rows: lines before each loop over a block of lanes (UNROLLED_LANES), and whether the layer's
+    #: file defines NAME_LANE_LOOP for them (a fused activation's helpers define it otherwise)
+    lane_loop: tuple[str, ...] = ()
+    define_lane_loop: bool = False
 
     @property
     def centered(self) -> bool:
@@ -750,6 +760,8 @@ def sweep_of(plan: Plan) -> Sweep:
             statistic="shifted" if plan.centered else "mean_square",
             per_acc_tail_expr=plan.per_acc_tail.expr(),
             offset="offset" in plan.params, act=plan.act_fn, frozen_lanes=_frozen_lanes(plan),
+            lane_loop=(f"{plan.upper}_LANE_LOOP",) if lanes <= UNROLLED_LANES else (),
+            define_lane_loop=lanes <= UNROLLED_LANES and not plan.lane_pragma,
             **_pipeline(plan, openmp),
         )
     first, inner = domain[0], domain[1:]
