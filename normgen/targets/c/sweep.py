@@ -86,6 +86,14 @@ TILE_PREFETCH_NEXT_BYTES = 4096
 #: blocks with permutations: float64 rows (16 double lanes of 128 bytes) ran 1.6x slower that way
 #: than with the lane loop vectorized (benchmarks/README.md). Unrolling changes no arithmetic.
 UNROLLED_LANES = 16
+#: backward_saved: its one sweep of x and dy fetches the next chunk of both meanwhile where the
+#: hardware prefetchers do not follow the chunks: rows whose next chunk is not the next memory
+#: (batch norm NCHW: a channel's chunks are samples apart), or columns whose rows are at least
+#: this many bytes and less than TILE_PREFETCH_NEXT_BYTES (channels-last group norm's 1280-byte
+#: rows). Measured (benchmarks/README.md): 8-12 % and 31-34 % faster there; 0-6 % slower with the
+#: next chunk adjacent (group norm NCHW), 11-17 % with channels-last batch norm's 256-byte rows and
+#: 8-10 % with float64 rows of 8 KB, which keep their code.
+SAVED_PREFETCH_ROW_BYTES = 1024
 #: Elements an OpenMP thread takes at a time (schedule(dynamic, n)).
 OMP_GRAIN = 16384
 #: Backward, rows strategy with the channel along the run: runs whose dy and dy * xhat the per-channel
@@ -160,6 +168,8 @@ class Sweep:
     tile_ahead: int = 0
     tile_shift: str = "0"
     tile_next: bool = False  # ... and the next tile's columns of the same row (TILE_PREFETCH_NEXT_BYTES)
+    #: backward_saved's sweep fetches the next chunk of x and dy (SAVED_PREFETCH_ROW_BYTES)
+    saved_prefetch: bool = False
     #: columns, where pass 2 reads per-column values only ("columns_fold") and the block's rows
     #: lie back to back as whole 64-byte lines: pass 2 walks the block as rows that
     #: begin on y's first line, with the per-column values rotated to match (``norm_rotated``), so
@@ -766,6 +776,8 @@ def sweep_of(plan: Plan) -> Sweep:
             statistic="shifted" if plan.centered else "mean_square",
             per_acc_tail_expr=plan.per_acc_tail.expr(),
             offset="offset" in plan.params, act=plan.act_fn, frozen_lanes=_frozen_lanes(plan),
+            saved_prefetch=run_axis.step == "1" and len(domain) > 1 and not domain[0].stride.dynamic
+            and domain[0].stride.static != _static_elems(domain[1:]),
             lane_loop=(f"{plan.upper}_LANE_LOOP",) if lanes <= UNROLLED_LANES else (),
             define_lane_loop=lanes <= UNROLLED_LANES and not plan.lane_pragma,
             **_pipeline(plan, openmp),
@@ -797,6 +809,8 @@ def sweep_of(plan: Plan) -> Sweep:
         acc_type=plan.acc_type, channel_lane=_sum(channel), channels=plan.channels, nacc=plan.nacc,
         tile=lanes, tile_ahead=TILE_PREFETCH_ROWS, frozen_lanes=_frozen_lanes(plan),
         tile_next=not first.stride.dynamic and first.stride.static * plan.itemsize >= TILE_PREFETCH_NEXT_BYTES,
+        saved_prefetch=not first.stride.dynamic
+        and SAVED_PREFETCH_ROW_BYTES <= first.stride.static * plan.itemsize < TILE_PREFETCH_NEXT_BYTES,
         tile_shift=(first.stride * Extent(TILE_PREFETCH_ROWS)).expr(),
         rotate=not first.channel_mul and rows_of_whole_lines(width, first.stride, plan.itemsize),
         block_first=plan.stat_offset_expr,

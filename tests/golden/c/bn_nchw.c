@@ -921,6 +921,7 @@ int bn_nchw_backward(const float *x, const float *dy, float *dx, float *dscale, 
                 if (i0 + 256 < nb) {
                     for (size_t p = 0; p < 48; p += 16) {
                         BN_NCHW_PREFETCH(xr + 12288 + p);
+                        BN_NCHW_PREFETCH(dyr + 12288 + p);
                     }
                 }
             }
