@@ -541,7 +541,8 @@ class CFunctions:
             self.dx = aligned_empty(self.x.shape, self.x.dtype)
             self.grads = [aligned_empty(plan.channels, self.x.dtype) for _ in plan.gradients]
             n = self.compiled.saved_count(*self.dims)
-            self.saved = [aligned_empty(n, np.float64) for _ in range(2)]
+            acc = np.float64 if plan.acc_type == "double" else np.float32  # the saved statistics' type
+            self.saved = [aligned_empty(n, acc) for _ in range(2)]
             self.compiled.train_forward_save(self.x, out=(self.y, *self.saved))
         acc = [self.ffi.cast(f"{plan.acc_type} *", self.ffi.from_buffer(a)) for a in self.saved]
         self._keep += acc

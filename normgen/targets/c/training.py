@@ -59,8 +59,9 @@ class CTraining(CSync, TrainingBench):
         ``(y, saved_mean, saved_invstd)`` (any of them None: allocated here); y may be x."""
         x, dims = self._input(x)
         n = self.saved_count(*dims)
-        y, mean, inv = self._outputs(out, [("y", x.shape, self.dtype), ("saved_mean", (n,), np.dtype(np.float64)),
-                                           ("saved_invstd", (n,), np.dtype(np.float64))])
+        acc = np.dtype(np.float64 if self.plan.acc_type == "double" else np.float32)  # the saved statistics' type
+        y, mean, inv = self._outputs(out, [("y", x.shape, self.dtype), ("saved_mean", (n,), acc),
+                                           ("saved_invstd", (n,), acc)])
         running = [self._ptr(self.running_mean), self._ptr(self.running_var)] if self.layer.kind == "batchnorm" else []
         rc = self._train_fn("train_forward_save")(
             *self._lead, self._ptr(x), self._ptr(y), *dims, *running, self._acc_ptr(mean), self._acc_ptr(inv)
