@@ -15,7 +15,8 @@ import pytest
 
 from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, build, load_spec, reference
 from normgen.cli import main
-from normgen.harness.bench import load_config, sidecar_path, torch_case, traffic
+from normgen.errors import NormgenError
+from normgen.harness.bench import BACKWARD_ROLES, Progress, load_config, sidecar_path, torch_case, traffic
 from normgen.harness.check import check_layer
 from normgen.targets.c.build import STRICT_FLAGS, cc
 from normgen.targets.render import emit
@@ -101,6 +102,9 @@ def test_bench_writes_json(tiny_spec, tmp_path, capsys):
     if _torch_compile_works():
         # every function PyTorch is timed on is also timed through torch.compile, compiled before timing
         for r in results:
+            if r["function"] in BACKWARD_ROLES:  # autograd's backward is not compiled
+                assert r["torch_compile_time_s"] is None and "gradient" in r["torch_compile_note"], r
+                continue
             assert (r["torch_compile_time_s"] is None) == (r["torch_time_s"] is None), r
             assert (r["torch_compile_reuse_time_s"] is None) == (r["torch_time_s"] is None), r
             if r["torch_compile_time_s"] is not None:
@@ -136,7 +140,7 @@ def test_bench_torch_compile_column_skipped_when_it_fails(tiny_spec, tmp_path, c
                       capsys)
     assert rc == 0
     results = json.loads(out.read_text())["results"]
-    compared = [r for r in results if r["torch_time_s"] is not None]
+    compared = [r for r in results if r["torch_time_s"] is not None and r["function"] not in BACKWARD_ROLES]
     assert compared
     for r in compared:
         assert r["torch_compile_time_s"] is None and r["torch_compile_speedup"] is None
@@ -311,14 +315,125 @@ def test_core_in_place_and_long_runs():
 
 
 def test_progress_never_counts_past_its_total(tiny_spec, capsys):
-    """The progress lines ("[k/n ...]" on stderr) end at n/n, the PyTorch re-run phase included."""
-    assert main(["bench", str(tiny_spec), "--repeat", "3", "--warmup", "1", "--no-ort"]) == 0
+    """The progress bar (tqdm, the bench extra) ends at n/n, the PyTorch re-run phase included."""
+    pytest.importorskip("tqdm")
+    assert main(["bench", str(tiny_spec), "--repeat", "3", "--warmup", "1", "--no-ort", "--no-compile"]) == 0
     err = capsys.readouterr().err
-    steps = [line[1:].split()[0] for line in err.replace("\r", "\n").splitlines() if line.startswith("[")]
+    import re
+
+    steps = re.findall(r"\| *(\d+)/(\d+) \[", err)
     assert steps, err
-    for step in steps:
-        done, total = map(int, step.split("/"))
-        assert 1 <= done <= total, step
+    for done, total in steps:
+        assert 0 <= int(done) <= int(total), (done, total)
+    assert ("tln.backward" in err) and ("freed memory reused" in err)
+
+
+def test_progress_without_tqdm_draws_nothing(tiny_spec, capsys, monkeypatch):
+    """tqdm is optional: without it the bench runs and writes no progress to stderr."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm raises ImportError
+    progress = Progress(3)
+    assert progress.bar is None
+    progress.step("x")
+    progress.advance()
+    progress.extend(2)
+    progress.close()
+    assert progress.total == 5 and progress.done == 1
+    rc, text = _bench([str(tiny_spec), "--layer", "tbn", "--function", "predict", "--repeat", "2", "--warmup", "1",
+                       "--no-torch", "--no-ort"], capsys)
+    assert rc == 0 and "tbn.predict" in text
+    assert capsys.readouterr().err == ""
+
+
+def test_bench_times_every_training_function(tiny_spec, tmp_path, capsys):
+    """train_forward_save, backward, backward_saved and backward_frozen are timed, each beside its copy
+    and (where torch is importable) autograd's backward; bytes as traffic() counts them."""
+    out = tmp_path / "train.json"
+    rc, text = _bench([str(tiny_spec), "--batch", "2", "--repeat", "2", "--warmup", "1", "--no-ort", "--no-compile",
+                       "--function", "train_forward_save", "--function", "backward", "--function", "backward_saved",
+                       "--function", "backward_frozen", "--json", str(out)], capsys)
+    assert rc == 0
+    got = {(r["layer"], r["function"]): r for r in json.loads(out.read_text())["results"]}
+    assert set(got) == {(n, f) for n in ("tbn", "tgn", "tln") for f in ("train_forward_save", "backward", "backward_saved")} | {
+        ("tbn", "backward_frozen")}
+    for (name, role), r in got.items():
+        layer = next(l for l in load_spec(tiny_spec) if l.name == name)
+        assert r["bytes"] == traffic(layer, role, 2) and r["time_s"] > 0
+        if importlib.util.find_spec("torch") is not None:
+            assert r["torch_time_s"] is not None, r
+            if role in BACKWARD_ROLES:
+                assert "autograd" in r["torch_note"]
+
+
+def test_traffic_of_the_training_functions():
+    """Saved statistics are doubles, one mean and one 1/std per statistic."""
+    bn = BatchNorm(name="b", format="BCSS", shape=[3, 4, 5])
+    n = 2 * 3 * 4 * 5
+    assert traffic(bn, "backward", 2) == 3 * n * 4 + 2 * 3 * 4
+    assert traffic(bn, "backward_frozen", 2) == 3 * n * 4 + 2 * 3 * 4
+    assert traffic(bn, "backward_saved", 2) == 3 * n * 4 + 2 * 3 * 4 + 2 * 3 * 8
+    assert traffic(bn, "train_forward_save", 2) == 2 * n * 4 + 4 * 3 * 4 + 2 * 3 * 8
+    gn = GroupNorm(name="g", format="BCSS", shape=[6, 4, 5], num_groups=3)
+    assert traffic(gn, "train_forward_save", 2) == 2 * 240 * 4 + 2 * (2 * 3) * 8
+
+
+@pytest.mark.parametrize("layer", [
+    BatchNorm(name="ab", format="BSSC", shape=[3, 4, 8], trained_mean=np.linspace(-1, 1, 8),
+              trained_variance=np.linspace(0.5, 2, 8), scale=np.linspace(0.5, 1.5, 8)),
+    GroupNorm(name="ag", format="BCSS", shape=[8, 3, 4], num_groups=4, offset=np.linspace(-1, 1, 8)),
+    LayerNorm(name="al", format="BTC", shape=[5, 16]),
+], ids=lambda l: l.name)
+@pytest.mark.parametrize("role", BACKWARD_ROLES)
+def test_torch_autograd_column_is_the_reference_gradient(layer, role):
+    """The PyTorch column of a gradient times autograd computing what the generated backward does."""
+    pytest.importorskip("torch")
+    if role == "backward_frozen" and layer.kind != "batchnorm":
+        return
+    x = np.random.default_rng(0).standard_normal(reference.full_shape(layer, 2)).astype(np.float32)
+    fn, note = torch_case(layer, role, x)
+    assert fn is not None and "autograd" in note
+    dx, dscale, doffset = (t.detach().numpy() for t in fn())
+    from_logical = (lambda a: np.moveaxis(a, 1, -1)) if layer.fmt.letters == "BSSC" else (lambda a: a)
+    dy = from_logical(fn.dy.numpy())  # the dy autograd is given
+    want = (reference.backward_frozen if role == "backward_frozen" else reference.backward)(layer, x, dy)
+    assert np.abs(from_logical(dx) - want[0]).max() < 1e-4 * (1 + np.abs(want[0]).max())
+    np.testing.assert_allclose(dscale, want[1], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(doffset, want[2], rtol=1e-4, atol=1e-4)
+
+
+def test_training_methods_write_into_preallocated_outputs():
+    """train_forward_save, backward, backward_saved and backward_frozen take out= (the bench's
+    timings are not timings of page faults): the arrays given are written and returned."""
+    for layer in (BatchNorm(name="ob", format="BSSC", shape=[4, 3, 6]),
+                  GroupNorm(name="og", format="BCSS", shape=[8, 5, 5], num_groups=2),
+                  LayerNorm(name="ol", format="BTC", shape=[3, 16], bias=False)):
+        c = build(layer)
+        rng = np.random.default_rng(1)
+        x = rng.standard_normal(reference.full_shape(layer, 2)).astype(np.float32)
+        dy = rng.standard_normal(x.shape).astype(np.float32)
+        y, mean, inv = c.train_forward_save(x)
+        out = (np.empty_like(x), np.empty_like(mean), np.empty_like(inv))
+        got = c.train_forward_save(x, out=out)
+        assert all(g is o for g, o in zip(got, out, strict=True))
+        assert np.array_equal(got[0], y) and np.array_equal(got[1], mean) and np.array_equal(got[2], inv)
+        roles = ["backward", "backward_saved"] + (["backward_frozen"] if layer.kind == "batchnorm" else [])
+        for role in roles:
+            args = (x, dy, mean, inv) if role == "backward_saved" else (x, dy)
+            want = getattr(c, role)(*args)
+            out = tuple(None if w is None else np.empty_like(w) for w in want)
+            got = getattr(c, role)(*args, out=out)
+            for g, o, w in zip(got, out, want, strict=True):
+                assert g is o and (w is None or np.array_equal(g, w))
+            dx_only = getattr(c, role)(*args, out=np.empty_like(x))
+            assert np.array_equal(dx_only[0], want[0])
+        with pytest.raises(NormgenError, match="out= dx"):
+            c.backward(x, dy, out=(np.empty(3, np.float32),))
+        with pytest.raises(NormgenError, match="out= y"):
+            c.train_forward_save(x, out=(x.astype(np.float64),))
+        if layer.has_offset is False:
+            with pytest.raises(NormgenError, match="pass None"):
+                c.backward(x, dy, out=(None, None, np.empty(layer.channels, np.float32)))
 
 
 def test_traffic_counts_fused_tensors():

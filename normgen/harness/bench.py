@@ -63,7 +63,10 @@ else:  # pragma: no cover
 DEFAULT_FLAGS = "-O3 -march=native"
 #: A timing sample lasts at least this long (short functions are called several times per sample).
 MIN_SAMPLE_S = 2e-3
-ROLES = ("predict", "train_forward", "train_forward_sync", "backward")
+ROLES = ("predict", "train_forward", "train_forward_save", "train_forward_sync", "backward", "backward_saved",
+         "backward_frozen")
+#: the training half's gradients (docs/training.md): PyTorch's counterpart is autograd's backward
+BACKWARD_ROLES = ("backward", "backward_saved", "backward_frozen")
 NUMPY_DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16}
 
 
@@ -181,8 +184,12 @@ def traffic(layer: Layer, role: str, batch: int) -> int:
         return (2 + layer.residual + layer.residual_out) * n * s + mod
     if role in ("train_forward", "train_forward_sync"):
         return (2 + layer.residual + layer.residual_out) * n * s + mod + 4 * layer.channels * s
-    if role == "backward":
-        return (3 + layer.residual_out) * n * s + 2 * layer.channels * s
+    saved = 2 * 8 * (layer.channels if layer.kind == "batchnorm" else n // reference.count(layer, batch))
+    if role == "train_forward_save":
+        running = 4 * layer.channels * s if layer.kind == "batchnorm" else 0
+        return (2 + layer.residual + layer.residual_out) * n * s + mod + running + saved
+    if role in BACKWARD_ROLES:
+        return (3 + layer.residual_out) * n * s + 2 * layer.channels * s + (saved if role == "backward_saved" else 0)
     raise NormgenError(f"unknown function role {role!r}")
 
 
@@ -190,38 +197,39 @@ def traffic(layer: Layer, role: str, batch: int) -> int:
 
 
 class Progress:
-    """One status line on stderr: rewritten in place on a terminal, one line per step otherwise."""
+    """A progress bar on stderr (tqdm: steps done, rate and time left) with the step being timed
+    as its description; tqdm is optional (the ``bench`` extra): without it nothing is drawn."""
 
     def __init__(self, total: int, stream=None):
         self.total = total
         self.done = 0
-        self.stream = sys.stderr if stream is None else stream
-        self.tty = self.stream.isatty()
-        self.t0 = time.perf_counter()
-        self._width = 0
+        self.bar = None
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return
+        self.bar = tqdm(total=total, file=sys.stderr if stream is None else stream, unit="step",
+                        dynamic_ncols=True, leave=False)
 
     def step(self, what: str) -> None:
-        elapsed = time.perf_counter() - self.t0
-        line = f"[{self.done + 1}/{self.total} {elapsed:5.1f}s] {what}"
-        if self.tty:
-            pad = max(0, self._width - len(line))
-            self.stream.write("\r" + line + " " * pad)
-            self._width = len(line)
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+        if self.bar is not None:
+            self.bar.set_description_str(what, refresh=True)
 
     def advance(self) -> None:
         self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
 
     def extend(self, steps: int) -> None:
         """More steps than counted at the start (a phase whose size is known only later)."""
         self.total += steps
+        if self.bar is not None:
+            self.bar.total = self.total
+            self.bar.refresh()
 
     def close(self) -> None:
-        if self.tty and self._width:
-            self.stream.write("\r" + " " * self._width + "\r")
-        self.stream.flush()
+        if self.bar is not None:
+            self.bar.close()
 
 
 # ---- timing ----------------------------------------------------------------------------------
@@ -447,8 +455,8 @@ class CFunctions:
     def roles(self) -> list[str]:
         roles = [f.role for f in self.compiled.plan.public_functions]
         train = getattr(self.compiled.plan, "train", None)
-        if hasattr(self.compiled, "backward") and train is not None and "backward" in train.roles:
-            roles.append("backward")
+        if hasattr(self.compiled, "backward") and train is not None:
+            roles += [r for r in ("train_forward_save", *BACKWARD_ROLES) if r in train.roles]
         if train is not None and train.sync is not None:
             roles.append("train_forward_sync")
         return [r for r in ROLES if r in roles]
@@ -508,8 +516,8 @@ class CFunctions:
         elif role == "train_forward":
             fn = getattr(self.lib, f"{name}_train_forward")
             args = [*lead, self._p(self.x), self._p(self.y), *self.dims, self._p(self.rm), self._p(self.rv)]
-        elif role == "backward":
-            return self._backward()
+        elif role in BACKWARD_ROLES or role == "train_forward_save":
+            return self._training(role)
         elif role == "train_forward_sync":
             return self._sync_forward()
         else:  # pragma: no cover
@@ -522,25 +530,37 @@ class CFunctions:
 
         return go
 
-    def _backward(self) -> Callable[[], object]:
-        """``NAME_backward(x, dy, dx, dscale, doffset, batch)`` (docs/training.md) on
-        preallocated buffers."""
-        name = self.layer.name
-        dy = aligned_copy(np.random.default_rng(1).standard_normal(self.x.shape), self.x.dtype)
-        self.dx = aligned_empty(self.x.shape, self.x.dtype)
-        self.grads = [np.empty(self.compiled.plan.channels, dtype=self.x.dtype) for _ in self.compiled.plan.gradients]
-        self.dy = dy
-        fn = getattr(self.lib, f"{name}_backward")
-        args = [*self.compiled._lead, self._p(self.x), self._p(dy), self._p(self.dx), *map(self._p, self.grads),
-                *self.dims]
+    def _training(self, role: str) -> Callable[[], object]:
+        """``NAME_train_forward_save(x, y, batch, [running_mean, running_var], saved_mean,
+        saved_invstd)`` and ``NAME_backward[_saved|_frozen](x, dy, [saved_mean, saved_invstd], dx,
+        dscale, doffset, batch)`` (docs/training.md) on preallocated buffers; backward_saved reads
+        the statistics that one train_forward_save call saved."""
+        name, plan = self.layer.name, self.compiled.plan
+        if not hasattr(self, "dy"):
+            self.dy = aligned_copy(np.random.default_rng(1).standard_normal(self.x.shape), self.x.dtype)
+            self.dx = aligned_empty(self.x.shape, self.x.dtype)
+            self.grads = [aligned_empty(plan.channels, self.x.dtype) for _ in plan.gradients]
+            n = self.compiled.saved_count(*self.dims)
+            acc = np.float64 if plan.acc_type == "double" else np.float32  # the saved statistics' type
+            self.saved = [aligned_empty(n, acc) for _ in range(2)]
+            self.compiled.train_forward_save(self.x, out=(self.y, *self.saved))
+        acc = [self.ffi.cast(f"{plan.acc_type} *", self.ffi.from_buffer(a)) for a in self.saved]
+        self._keep += acc
+        lead = list(self.compiled._lead)
+        if role == "train_forward_save":
+            running = [self._p(self.rm), self._p(self.rv)] if self.layer.kind == "batchnorm" else []
+            args = [*lead, self._p(self.x), self._p(self.y), *self.dims, *running, *acc]
+        else:
+            args = [*lead, self._p(self.x), self._p(self.dy), *(acc if role == "backward_saved" else []),
+                    self._p(self.dx), *map(self._p, self.grads), *self.dims]
+        fn = getattr(self.lib, f"{name}_{role}")
 
         def go(fn=fn, args=args):
             rc = fn(*args)
             if rc:
-                raise NormgenError(f"{name}_backward returned {rc}")
+                raise NormgenError(f"{name}_{role} returned {rc}")
 
         return go
-
 
     def _sync_forward(self) -> Callable[[], object]:
         """The data-parallel training forward on one process (normgen/lowering/sync.py): the shard's
@@ -588,14 +608,24 @@ def torch_case(layer: Layer, role: str, x: np.ndarray, device: str = "cpu",
                fused: dict[str, np.ndarray] | None = None) -> tuple[Callable[[], object] | None, str]:
     """A zero-argument callable running PyTorch's version of one generated function, and a note.
     A fused layer (README "Fused forms") runs as PyTorch composes it: x + residual, the norm,
-    then z * (1 + mod_scale) + mod_shift and the activation (``fused``: those inputs by name)."""
+    then z * (1 + mod_scale) + mod_shift and the activation (``fused``: those inputs by name).
+    A gradient (BACKWARD_ROLES) is autograd's backward of the forward it differentiates (batch
+    norm's training forward, or its predict for ``backward_frozen``), the forward run once here:
+    ``torch.autograd.grad`` of x, scale and offset with the graph retained, PyTorch's backward
+    kernels alone. ``train_forward_save`` is PyTorch's training forward (which keeps its
+    statistics for the backward in any case)."""
     try:
         import torch
         import torch.nn.functional as F
     except ImportError:
         return None, "torch not importable"
-    if role == "backward":
+    grad = role in BACKWARD_ROLES
+    if grad and layer.fused:
         return None, "not compared"
+    if role == "train_forward_save":
+        role = "train_forward" if layer.kind == "batchnorm" else "predict"
+    elif grad:
+        role = "train_forward" if layer.kind == "batchnorm" and role != "backward_frozen" else "predict"
     letters = layer.fmt.letters
     dt = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}[layer.dtype]
@@ -608,6 +638,8 @@ def torch_case(layer: Layer, role: str, x: np.ndarray, device: str = "cpu",
 
     w = vec(layer.scale_values) if layer.has_scale else None
     b = vec(layer.offset_values) if layer.has_offset else None
+    if grad:
+        w, b = (p.requires_grad_(True) if p is not None else None for p in (w, b))
     eps = layer.epsilon
     note = "channels_last" if v.dim() >= 3 and not v.is_contiguous() and v.is_contiguous(
         memory_format=torch.channels_last if v.dim() == 4 else torch.contiguous_format) else ""
@@ -638,11 +670,29 @@ def torch_case(layer: Layer, role: str, x: np.ndarray, device: str = "cpu",
         else:
             return None, how
     note = ", ".join(n for n in (note, how) if n)
+    if grad:
+        return _autograd(torch, op, v, [p for p in (w, b) if p is not None]), ", ".join(n for n in (note, "autograd") if n)
     if not layer.fused:
         return (lambda: op(v)), note
     pre = (lambda: v + rv) if rv is not None else (lambda: v)
     post = _torch_post(layer, fused, order, device, dt, torch, F)
     return (lambda: post(op(pre()))), ", ".join(n for n in (note, "composed") if n)
+
+
+def _autograd(torch, op, v, params: list) -> Callable[[], object]:
+    """PyTorch's backward of ``op`` at ``v``: the forward once, then each call
+    ``torch.autograd.grad`` of v and the parameters for one dy (strided as the output is; the
+    callable's ``dy``)."""
+    leaf = v.detach().requires_grad_(True)
+    out = op(leaf)
+    dy = torch.randn_like(out)
+    inputs = [leaf, *params]
+
+    def go():
+        return torch.autograd.grad(out, inputs, dy, retain_graph=True)
+
+    go.dy = dy  # what the gradient is taken for (tests compare with the reference)
+    return go
 
 
 def _torch_op(layer: Layer, role: str, v, w, b, eps, F, vec):
@@ -694,7 +744,10 @@ def torch_compile_case(layer: Layer, role: str, x: np.ndarray, fused: dict[str, 
     """:func:`torch_case`'s expression through ``torch.compile`` (inductor, ``fullgraph=True``,
     static shapes), compiled here by its first call, outside any timing, and checked against the
     eager result: (the compiled callable, a note, seconds the compile took). None where torch.compile
-    is missing or fails on this machine (inductor needs a C++ compiler), with the reason."""
+    is missing or fails on this machine (inductor needs a C++ compiler), with the reason. Gradients
+    are not compiled (autograd's backward is PyTorch's column)."""
+    if role in BACKWARD_ROLES:
+        return None, "not compared (a gradient)", None
     fn, note = torch_case(layer, role, x, fused=fused)
     if fn is None:
         return None, note, None
@@ -729,7 +782,7 @@ def ort_case(layer: Layer, role: str, x: np.ndarray, threads: int,
         from onnx import TensorProto, helper, numpy_helper
     except ImportError:
         return None, "onnxruntime/onnx not importable"
-    if role == "backward":
+    if role not in ("predict", "train_forward", "train_forward_sync"):
         return None, "not compared"
     if layer.dtype not in ("float32", "float64"):
         return None, f"{layer.dtype} not compared"

@@ -770,6 +770,7 @@ int block_gn_backward(const float *x, const float *dy, float *dx, float *dscale,
                     if (i1 + 256 < 196) {
                         for (size_t p = 0; p < 64; p += 16) {
                             BLOCK_GN_PREFETCH(xr + 16384 + p);
+                            BLOCK_GN_PREFETCH(dyr + 16384 + p);
                         }
                     }
                 }

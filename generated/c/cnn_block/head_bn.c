@@ -38,6 +38,14 @@
 #define HEAD_BN_PREFETCH(p) ((void)(p))
 #endif
 
+/* A short loop over a block of partial sums stays a loop, which the compiler vectorizes as it
+ * stands, rather than straight-line code it vectorizes across the loop around it with permutations. */
+#if defined(__GNUC__)
+#define HEAD_BN_LANE_LOOP _Pragma("GCC unroll 1")
+#else
+#define HEAD_BN_LANE_LOOP
+#endif
+
 /* Streaming stores: a call that moves at least HEAD_BN_STREAM_BYTES bytes through memory (x
  * and y; x, dy and dx for the backward; an input twice where a statistic's block is larger than a
  * core's L2) stores its output with non-temporal stores, past the caches, the way memcpy copies
@@ -363,6 +371,7 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                             HEAD_BN_PREFETCH(xr + i2 + 523712);
                             HEAD_BN_PREFETCH(xr + i2 + 523712 + 8);
                         }
+                        HEAD_BN_LANE_LOOP
                         for (size_t l = 0; l < 16; ++l) {
                             const double dev = xr[i2 + l] - K;
                             lane[l] += dev;
@@ -394,6 +403,7 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                         const double *xr = x + i0 * 3136 + i1 * 49;
                         const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
                         for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                            HEAD_BN_LANE_LOOP
                             for (size_t l = 0; l < 16; ++l) {
                                 lane[l] += xr[i2 + l];
                             }
@@ -416,6 +426,7 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                         const double *xr = x + i0 * 3136 + i1 * 49;
                         const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
                         for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                            HEAD_BN_LANE_LOOP
                             for (size_t l = 0; l < 16; ++l) {
                                 const double dev = xr[i2 + l] - m;
                                 lane[l] += dev;
@@ -506,6 +517,7 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                                     HEAD_BN_PREFETCH(xr + i2 + 523712);
                                     HEAD_BN_PREFETCH(xr + i2 + 523712 + 8);
                                 }
+                                HEAD_BN_LANE_LOOP
                                 for (size_t l = 0; l < 16; ++l) {
                                     const double dev = xr[i2 + l] - K;
                                     lane[l] += dev;
@@ -537,6 +549,7 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                                 const double *xr = xn + i0 * 3136 + i1 * 49;
                                 const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
                                 for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                                    HEAD_BN_LANE_LOOP
                                     for (size_t l = 0; l < 16; ++l) {
                                         lane[l] += xr[i2 + l];
                                     }
@@ -559,6 +572,7 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                                 const double *xr = xn + i0 * 3136 + i1 * 49;
                                 const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
                                 for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                                    HEAD_BN_LANE_LOOP
                                     for (size_t l = 0; l < 16; ++l) {
                                         const double dev = xr[i2 + l] - m;
                                         lane[l] += dev;
@@ -646,9 +660,11 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                             const double b = offset[i1];
                             const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
                             for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                                HEAD_BN_LANE_LOOP
                                 for (size_t l = 0; l < 16; ++l) {
                                     yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
                                 }
+                                HEAD_BN_LANE_LOOP
                                 for (size_t l = 0; l < 16; ++l) {
                                     const double dev = xq[i2 + l] - K;
                                     lane[l] += dev;
@@ -683,6 +699,7 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                                 const double *xr = xn + i0 * 3136 + i1 * 49;
                                 const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
                                 for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                                    HEAD_BN_LANE_LOOP
                                     for (size_t l = 0; l < 16; ++l) {
                                         lane[l] += xr[i2 + l];
                                     }
@@ -705,6 +722,7 @@ int head_bn_train_forward(const double *x, double *y, int32_t batch, double *run
                                 const double *xr = xn + i0 * 3136 + i1 * 49;
                                 const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
                                 for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                                    HEAD_BN_LANE_LOOP
                                     for (size_t l = 0; l < 16; ++l) {
                                         const double dev = xr[i2 + l] - m;
                                         lane[l] += dev;
@@ -855,6 +873,7 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                             HEAD_BN_PREFETCH(xr + i2 + 523712);
                             HEAD_BN_PREFETCH(xr + i2 + 523712 + 8);
                         }
+                        HEAD_BN_LANE_LOOP
                         for (size_t l = 0; l < 16; ++l) {
                             const double dev = xr[i2 + l] - K;
                             lane[l] += dev;
@@ -886,6 +905,7 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                         const double *xr = x + i0 * 3136 + i1 * 49;
                         const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
                         for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                            HEAD_BN_LANE_LOOP
                             for (size_t l = 0; l < 16; ++l) {
                                 lane[l] += xr[i2 + l];
                             }
@@ -908,6 +928,7 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                         const double *xr = x + i0 * 3136 + i1 * 49;
                         const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
                         for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                            HEAD_BN_LANE_LOOP
                             for (size_t l = 0; l < 16; ++l) {
                                 const double dev = xr[i2 + l] - m;
                                 lane[l] += dev;
@@ -1002,6 +1023,7 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                                     HEAD_BN_PREFETCH(xr + i2 + 523712);
                                     HEAD_BN_PREFETCH(xr + i2 + 523712 + 8);
                                 }
+                                HEAD_BN_LANE_LOOP
                                 for (size_t l = 0; l < 16; ++l) {
                                     const double dev = xr[i2 + l] - K;
                                     lane[l] += dev;
@@ -1033,6 +1055,7 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                                 const double *xr = xn + i0 * 3136 + i1 * 49;
                                 const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
                                 for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                                    HEAD_BN_LANE_LOOP
                                     for (size_t l = 0; l < 16; ++l) {
                                         lane[l] += xr[i2 + l];
                                     }
@@ -1055,6 +1078,7 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                                 const double *xr = xn + i0 * 3136 + i1 * 49;
                                 const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
                                 for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                                    HEAD_BN_LANE_LOOP
                                     for (size_t l = 0; l < 16; ++l) {
                                         const double dev = xr[i2 + l] - m;
                                         lane[l] += dev;
@@ -1142,9 +1166,11 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                             const double b = offset[i1];
                             const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
                             for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                                HEAD_BN_LANE_LOOP
                                 for (size_t l = 0; l < 16; ++l) {
                                     yr[i2 + l] = (xr[i2 + l] - mhi[0]) * g + b;
                                 }
+                                HEAD_BN_LANE_LOOP
                                 for (size_t l = 0; l < 16; ++l) {
                                     const double dev = xq[i2 + l] - K;
                                     lane[l] += dev;
@@ -1179,6 +1205,7 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                                 const double *xr = xn + i0 * 3136 + i1 * 49;
                                 const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
                                 for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                                    HEAD_BN_LANE_LOOP
                                     for (size_t l = 0; l < 16; ++l) {
                                         lane[l] += xr[i2 + l];
                                     }
@@ -1201,6 +1228,7 @@ int head_bn_train_forward_save(const double *x, double *y, int32_t batch, double
                                 const double *xr = xn + i0 * 3136 + i1 * 49;
                                 const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
                                 for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                                    HEAD_BN_LANE_LOOP
                                     for (size_t l = 0; l < 16; ++l) {
                                         const double dev = xr[i2 + l] - m;
                                         lane[l] += dev;
@@ -1338,6 +1366,7 @@ int head_bn_backward(const double *x, const double *dy, double *dx, double *dsca
                     const double *xr = x + i0 * 3136 + i1 * 49;
                     const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
                     for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                        HEAD_BN_LANE_LOOP
                         for (size_t l = 0; l < 16; ++l) {
                             lane[l] += xr[i2 + l];
                         }
@@ -1378,6 +1407,8 @@ int head_bn_backward(const double *x, const double *dy, double *dx, double *dsca
                         if (i0 + 167 < nb) {
                             HEAD_BN_PREFETCH(xr + i2 + 523712);
                             HEAD_BN_PREFETCH(xr + i2 + 523712 + 8);
+                            HEAD_BN_PREFETCH(dyr + i2 + 523712);
+                            HEAD_BN_PREFETCH(dyr + i2 + 523712 + 8);
                         }
                         for (size_t l = 0; l < 16; ++l) {
                             const double dev = xr[i2 + l] - m;
@@ -1570,6 +1601,13 @@ int head_bn_backward_saved(const double *x, const double *dy, const double *save
                     const double *dyr = dy + i0 * 3136 + i1 * 49;
                     const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
                     for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                        if (i0 + 167 < nb) {
+                            HEAD_BN_PREFETCH(xr + i2 + 523712);
+                            HEAD_BN_PREFETCH(xr + i2 + 523712 + 8);
+                            HEAD_BN_PREFETCH(dyr + i2 + 523712);
+                            HEAD_BN_PREFETCH(dyr + i2 + 523712 + 8);
+                        }
+                        HEAD_BN_LANE_LOOP
                         for (size_t l = 0; l < 16; ++l) {
                             const double dev = xr[i2 + l] - mhi[0];
                             const double d = dyr[i2 + l];
@@ -1683,16 +1721,37 @@ int head_bn_backward_frozen(const double *x, const double *dy, double *dx, doubl
         goffset[c] = 0;
         inv[c] = 1 / sqrt((double)trained_variance[c] + 0.001);
     }
-    /* dx = dy * scale / sqrt(trained_var + epsilon); per channel sums of dy * xhat and dy */
+    /* dx = dy * scale / sqrt(trained_var + epsilon); per channel sums of dy * xhat and dy, over each
+     * run in 16 lanes added into the channel's sums in order */
     for (size_t j0 = 0; j0 < nb; ++j0) {
         for (size_t j1 = 0; j1 < 64; ++j1) {
-            for (size_t j2 = 0; j2 < 49; ++j2) {
-                const size_t o = j0 * 3136 + j1 * 49 + j2;
-                const size_t ch = j1;
-                const double d = (double)dy[o];
-                gscale[ch] += d * (((double)x[o] - (double)trained_mean[ch]) * inv[ch]);
-                goffset[ch] += d;
-                dx[o] = (double)(d * ((double)scale[ch] * inv[ch]));
+            const size_t o0 = j0 * 3136 + j1 * 49;
+            const size_t ch = j1;
+            const double mu = (double)trained_mean[ch], iv = inv[ch], w = (double)scale[ch] * inv[ch];
+            const size_t n_run = 49;
+            const size_t blocks_end = n_run / 16 * 16;
+            double la[16], lb[16];
+            for (size_t l = 0; l < 16; ++l) {
+                la[l] = 0;
+                lb[l] = 0;
+            }
+            for (size_t j2 = 0; j2 < blocks_end; j2 += 16) {
+                for (size_t l = 0; l < 16; ++l) {
+                    const double d = (double)dy[o0 + j2 + l];
+                    la[l] += d * (((double)x[o0 + j2 + l] - mu) * iv);
+                    lb[l] += d;
+                    dx[o0 + j2 + l] = (double)(d * w);
+                }
+            }
+            for (size_t l = 0; l < n_run - blocks_end; ++l) {
+                const double d = (double)dy[o0 + blocks_end + l];
+                la[l] += d * (((double)x[o0 + blocks_end + l] - mu) * iv);
+                lb[l] += d;
+                dx[o0 + blocks_end + l] = (double)(d * w);
+            }
+            for (size_t l = 0; l < 16; ++l) {
+                gscale[ch] += la[l];
+                goffset[ch] += lb[l];
             }
         }
     }
@@ -1771,6 +1830,7 @@ int head_bn_accumulate(head_bn_stats *acc, const double *x, int32_t batch)
                             HEAD_BN_PREFETCH(xr + i2 + 523712);
                             HEAD_BN_PREFETCH(xr + i2 + 523712 + 8);
                         }
+                        HEAD_BN_LANE_LOOP
                         for (size_t l = 0; l < 16; ++l) {
                             const double dev = xr[i2 + l] - K;
                             lane[l] += dev;
@@ -1802,6 +1862,7 @@ int head_bn_accumulate(head_bn_stats *acc, const double *x, int32_t batch)
                         const double *xr = x + i0 * 3136 + i1 * 49;
                         const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
                         for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                            HEAD_BN_LANE_LOOP
                             for (size_t l = 0; l < 16; ++l) {
                                 lane[l] += xr[i2 + l];
                             }
@@ -1824,6 +1885,7 @@ int head_bn_accumulate(head_bn_stats *acc, const double *x, int32_t batch)
                         const double *xr = x + i0 * 3136 + i1 * 49;
                         const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
                         for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                            HEAD_BN_LANE_LOOP
                             for (size_t l = 0; l < 16; ++l) {
                                 const double dev = xr[i2 + l] - m;
                                 lane[l] += dev;
@@ -1959,6 +2021,7 @@ int head_bn_sync_stats(const double *x, head_bn_stats *local, int32_t batch)
                             HEAD_BN_PREFETCH(xr + i2 + 523712);
                             HEAD_BN_PREFETCH(xr + i2 + 523712 + 8);
                         }
+                        HEAD_BN_LANE_LOOP
                         for (size_t l = 0; l < 16; ++l) {
                             const double dev = xr[i2 + l] - K;
                             lane[l] += dev;
@@ -1990,6 +2053,7 @@ int head_bn_sync_stats(const double *x, head_bn_stats *local, int32_t batch)
                         const double *xr = x + i0 * 3136 + i1 * 49;
                         const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
                         for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                            HEAD_BN_LANE_LOOP
                             for (size_t l = 0; l < 16; ++l) {
                                 lane[l] += xr[i2 + l];
                             }
@@ -2012,6 +2076,7 @@ int head_bn_sync_stats(const double *x, head_bn_stats *local, int32_t batch)
                         const double *xr = x + i0 * 3136 + i1 * 49;
                         const size_t blocks_end = 0 + (49 - 0) / 16 * 16;
                         for (size_t i2 = 0; i2 < blocks_end; i2 += 16) {
+                            HEAD_BN_LANE_LOOP
                             for (size_t l = 0; l < 16; ++l) {
                                 const double dev = xr[i2 + l] - m;
                                 lane[l] += dev;

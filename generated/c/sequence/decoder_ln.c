@@ -1265,6 +1265,8 @@ int decoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
                             if (i1 + 8224 <= 128) {
                                 DECODER_LN_PREFETCH(xr + i1 + 8192);
                                 DECODER_LN_PREFETCH(xr + i1 + 8192 + 16);
+                                DECODER_LN_PREFETCH(dyr + i1 + 8192);
+                                DECODER_LN_PREFETCH(dyr + i1 + 8192 + 16);
                             }
                             for (size_t l = 0; l < 32; ++l) {
                                 const float dev = xr[i1 + l] - m;

@@ -1307,6 +1307,8 @@ int encoder_ln_backward(const float *x, const float *dy, float *dx, float *dscal
                             if (i1 + 8224 <= 256) {
                                 ENCODER_LN_PREFETCH(xr + i1 + 8192);
                                 ENCODER_LN_PREFETCH(xr + i1 + 8192 + 16);
+                                ENCODER_LN_PREFETCH(dyr + i1 + 8192);
+                                ENCODER_LN_PREFETCH(dyr + i1 + 8192 + 16);
                             }
                             for (size_t l = 0; l < 32; ++l) {
                                 const float dev = xr[i1 + l] - m;

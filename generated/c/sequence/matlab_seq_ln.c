@@ -1254,6 +1254,8 @@ int matlab_seq_ln_backward(const float *x, const float *dy, float *dx, float *ds
                             if (i1 + 8224 <= 96) {
                                 MATLAB_SEQ_LN_PREFETCH(xr + i1 + 8192);
                                 MATLAB_SEQ_LN_PREFETCH(xr + i1 + 8192 + 16);
+                                MATLAB_SEQ_LN_PREFETCH(dyr + i1 + 8192);
+                                MATLAB_SEQ_LN_PREFETCH(dyr + i1 + 8192 + 16);
                             }
                             for (size_t l = 0; l < 32; ++l) {
                                 const float dev = xr[i1 + l] - m;

@@ -1247,6 +1247,8 @@ int sequence_in_backward(const float *x, const float *dy, float *dx, float *dsca
                                 if (i2 + 8224 <= 100) {
                                     SEQUENCE_IN_PREFETCH(xr + i2 + 8192);
                                     SEQUENCE_IN_PREFETCH(xr + i2 + 8192 + 16);
+                                    SEQUENCE_IN_PREFETCH(dyr + i2 + 8192);
+                                    SEQUENCE_IN_PREFETCH(dyr + i2 + 8192 + 16);
                                 }
                                 for (size_t l = 0; l < 32; ++l) {
                                     const float dev = xr[i2 + l] - m;

@@ -3319,6 +3319,8 @@ int convnext_ln_backward(const float *x, const float *dy, float *dx, float *dsca
                             if (i1 + 8224 <= 6272) {
                                 CONVNEXT_LN_PREFETCH(xr + i1 + 8192);
                                 CONVNEXT_LN_PREFETCH(xr + i1 + 8192 + 16);
+                                CONVNEXT_LN_PREFETCH(dyr + i1 + 8192);
+                                CONVNEXT_LN_PREFETCH(dyr + i1 + 8192 + 16);
                             }
                             for (size_t l = 0; l < 32; ++l) {
                                 const float dev = xr[i1 + l] - m;

@@ -1387,6 +1387,8 @@ int vit_ln_backward(const float *x, const float *dy, float *dx, float *dscale, f
                             if (i1 + 8224 <= 384) {
                                 VIT_LN_PREFETCH(xr + i1 + 8192);
                                 VIT_LN_PREFETCH(xr + i1 + 8192 + 16);
+                                VIT_LN_PREFETCH(dyr + i1 + 8192);
+                                VIT_LN_PREFETCH(dyr + i1 + 8192 + 16);
                             }
                             for (size_t l = 0; l < 32; ++l) {
                                 const float dev = xr[i1 + l] - m;

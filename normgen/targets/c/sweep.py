@@ -59,6 +59,7 @@ compute them, and one more elementwise pass writes dx.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ...lowering.plan import CTYPE_SIZES, Axis, Extent, Loop, Plan, Rotation, _offset, rows_of_whole_lines
@@ -74,6 +75,25 @@ SHIFT_PROBE = 8
 ROTATED = "_r"
 #: Columns: the statistics tiles fetch the same columns this many rows ahead.
 TILE_PREFETCH_ROWS = 16
+#: Columns: the statistics tiles also fetch the next tile's columns of the row they are on, where
+#: rows are at least this many bytes apart (a tile's walk down the chunk then steps from page to
+#: page, which the hardware prefetchers do not follow: float64 rows of 1024 channels, 8 KB apart,
+#: ran their training forward 7-11 % faster so, benchmarks/README.md).
+TILE_PREFETCH_NEXT_BYTES = 4096
+#: Rows: a lane loop of at most this many iterations is kept a loop (NAME_LANE_LOOP, GCC's
+#: ``unroll 1``). GCC unrolls such a short loop completely (16 is its limit for a complete peel)
+#: and then vectorizes the run loop around the straight-line lanes, transposing each group of
+#: blocks with permutations: float64 rows (16 double lanes of 128 bytes) ran 1.6x slower that way
+#: than with the lane loop vectorized (benchmarks/README.md). Unrolling changes no arithmetic.
+UNROLLED_LANES = 16
+#: backward_saved: its one sweep of x and dy fetches the next chunk of both meanwhile where the
+#: hardware prefetchers do not follow the chunks: rows whose next chunk is not the next memory
+#: (batch norm NCHW: a channel's chunks are samples apart), or columns whose rows are at least
+#: this many bytes and less than TILE_PREFETCH_NEXT_BYTES (channels-last group norm's 1280-byte
+#: rows). Measured (benchmarks/README.md): 8-12 % and 31-34 % faster there; 0-6 % slower with the
+#: next chunk adjacent (group norm NCHW), 11-17 % with channels-last batch norm's 256-byte rows and
+#: 8-10 % with float64 rows of 8 KB, which keep their code.
+SAVED_PREFETCH_ROW_BYTES = 1024
 #: Elements an OpenMP thread takes at a time (schedule(dynamic, n)).
 OMP_GRAIN = 16384
 #: Backward, rows strategy with the channel along the run: runs whose dy and dy * xhat the per-channel
@@ -147,6 +167,9 @@ class Sweep:
     tile: int = 1
     tile_ahead: int = 0
     tile_shift: str = "0"
+    tile_next: bool = False  # ... and the next tile's columns of the same row (TILE_PREFETCH_NEXT_BYTES)
+    #: backward_saved's sweep fetches the next chunk of x and dy (SAVED_PREFETCH_ROW_BYTES)
+    saved_prefetch: bool = False
     #: columns, where pass 2 reads per-column values only ("columns_fold") and the block's rows
     #: lie back to back as whole 64-byte lines: pass 2 walks the block as rows that
     #: begin on y's first line, with the per-column values rotated to match (``norm_rotated``), so
@@ -159,6 +182,16 @@ class Sweep:
     statistic: str = "shifted"
     per_acc_tail: int = 1  # columns: the columns of one statistic
     offset: bool = True  # the layer has an offset (RMSNorm's pass 2 leaves out a fixed offset of 0)
+    #: batch norm's backward_frozen, where the channel is fixed along the contiguous innermost run
+    #: (NCHW): dscale's and doffset's sums over a run go through this many independent lanes of the
+    #: accumulator type, added into the channel's sums in lane order at the run's end, so that
+    #: the compiler vectorizes them without reassociating (0: the channel varies along the run,
+    #: and each element adds into its channel's sums directly)
+    frozen_lanes: int = 0
+    #: rows: lines before each loop over a block of lanes (UNROLLED_LANES), and whether the layer's
+    #: file defines NAME_LANE_LOOP for them (a fused activation's helpers define it otherwise)
+    lane_loop: tuple[str, ...] = ()
+    define_lane_loop: bool = False
 
     @property
     def centered(self) -> bool:
@@ -682,6 +715,15 @@ def _pipeline(plan: Plan, openmp: bool) -> dict:
     )
 
 
+def _frozen_lanes(plan: Plan) -> int:
+    """Sweep.frozen_lanes: LANE_BYTES of accumulator-type lanes where batch norm's innermost apply
+    loop is a contiguous run along which the channel does not change."""
+    run = plan.apply_run
+    if plan.kind != "batchnorm" or run is None or run[0] in re.findall(r"\w+", plan.apply_channel_expr):
+        return 0
+    return LANE_BYTES // LANE_SIZES[plan.acc_type]
+
+
 def sweep_of(plan: Plan) -> Sweep:
     openmp = plan.parallel == "openmp"
     domain = plan.domain_axes
@@ -749,7 +791,11 @@ def sweep_of(plan: Plan) -> Sweep:
             apply_rotation=plan.apply_rotation(omp_apply_chunk),
             statistic="shifted" if plan.centered else "mean_square",
             per_acc_tail_expr=plan.per_acc_tail.expr(),
-            offset="offset" in plan.params, act=plan.act_fn,
+            offset="offset" in plan.params, act=plan.act_fn, frozen_lanes=_frozen_lanes(plan),
+            saved_prefetch=run_axis.step == "1" and len(domain) > 1 and not domain[0].stride.dynamic
+            and domain[0].stride.static != _static_elems(domain[1:]),
+            lane_loop=(f"{plan.upper}_LANE_LOOP",) if lanes <= UNROLLED_LANES else (),
+            define_lane_loop=lanes <= UNROLLED_LANES and not plan.lane_pragma,
             **_pipeline(plan, openmp),
         )
     first, inner = domain[0], domain[1:]
@@ -777,7 +823,10 @@ def sweep_of(plan: Plan) -> Sweep:
         norm="columns" if first.channel_mul else "columns_fold",
         prefetch_shift=shift, prefetch_if=more, line=line,
         acc_type=plan.acc_type, channel_lane=_sum(channel), channels=plan.channels, nacc=plan.nacc,
-        tile=lanes, tile_ahead=TILE_PREFETCH_ROWS,
+        tile=lanes, tile_ahead=TILE_PREFETCH_ROWS, frozen_lanes=_frozen_lanes(plan),
+        tile_next=not first.stride.dynamic and first.stride.static * plan.itemsize >= TILE_PREFETCH_NEXT_BYTES,
+        saved_prefetch=not first.stride.dynamic
+        and SAVED_PREFETCH_ROW_BYTES <= first.stride.static * plan.itemsize < TILE_PREFETCH_NEXT_BYTES,
         tile_shift=(first.stride * Extent(TILE_PREFETCH_ROWS)).expr(),
         rotate=not first.channel_mul and rows_of_whole_lines(width, first.stride, plan.itemsize),
         block_first=plan.stat_offset_expr,

@@ -24,15 +24,46 @@ class CTraining(CSync, TrainingBench):
     def _acc_ptr(self, arr: np.ndarray):
         return self.ffi.cast(f"{self.plan.acc_type} *", self.ffi.from_buffer(arr))
 
-    def train_forward_save(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _outputs(self, out, specs: list[tuple[str, tuple, np.dtype] | None]) -> list[np.ndarray | None]:
+        """The output arrays of a call: ``out`` (a tuple with an array or None for each output;
+        a single array for the first) checked against ``specs`` (name, shape, dtype; None where
+        the layer has no such output), new arrays where it gives none. An array given must be
+        C-contiguous, writable, of the dtype and of the shape (a per-channel or per-statistic
+        output: of the size), so that the C function writes into it, not into a copy."""
+        given = (out,) if isinstance(out, np.ndarray) else tuple(out or ())
+        if len(given) > len(specs):
+            raise NormgenError(f"out= has {len(given)} arrays; this function writes {len(specs)}")
+        arrays = []
+        for i, spec in enumerate(specs):
+            arr = given[i] if i < len(given) else None
+            if spec is None:
+                if arr is not None:
+                    raise NormgenError(f"layer {self.layer.name!r} has no output number {i + 1} here: pass None")
+                arrays.append(None)
+                continue
+            name, shape, dtype = spec
+            if arr is None:
+                arrays.append(np.empty(shape, dtype=dtype))
+                continue
+            size = int(np.prod(shape))
+            if not isinstance(arr, np.ndarray) or arr.dtype != dtype or not arr.flags.c_contiguous \
+                    or not arr.flags.writeable or (arr.shape != tuple(shape) if len(shape) > 1 else arr.size != size):
+                raise NormgenError(f"out= {name} must be a writable C-contiguous {np.dtype(dtype).name} array of"
+                                   f" {'shape ' + str(tuple(shape)) if len(shape) > 1 else str(size) + ' values'}")
+            arrays.append(arr)
+        return arrays
+
+    def train_forward_save(self, x: np.ndarray, out=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Training forward that also returns the saved (mean, 1/sqrt(var + ε)) per statistic,
-        in the accumulation type (float64; float32 with ``statistics = "float"``), laid out as :func:`normgen.reference.saved_statistics`. Batch norm also updates
-        ``running_mean``/``running_var`` as :meth:`train_forward` does."""
+        in the accumulation type (float64; float32 with ``statistics = "float"``), laid out as
+        :func:`normgen.reference.saved_statistics`. Batch norm also updates
+        ``running_mean``/``running_var`` as :meth:`train_forward` does. ``out``: preallocated
+        ``(y, saved_mean, saved_invstd)`` (any of them None: allocated here); y may be x."""
         x, dims = self._input(x)
-        y = np.empty_like(x)
         n = self.saved_count(*dims)
-        acc = ACC_DTYPES[self.plan.acc_type]
-        mean, inv = np.empty(n, acc), np.empty(n, acc)
+        acc = np.dtype(ACC_DTYPES[self.plan.acc_type])  # the saved statistics' type
+        y, mean, inv = self._outputs(out, [("y", x.shape, self.dtype), ("saved_mean", (n,), acc),
+                                           ("saved_invstd", (n,), acc)])
         running = [self._ptr(self.running_mean), self._ptr(self.running_var)] if self.layer.kind == "batchnorm" else []
         rc = self._train_fn("train_forward_save")(
             *self._lead, self._ptr(x), self._ptr(y), *dims, *running, self._acc_ptr(mean), self._acc_ptr(inv)
@@ -40,12 +71,16 @@ class CTraining(CSync, TrainingBench):
         self._train_check(rc, "train_forward_save")
         return y, mean, inv
 
-    def _backward(self, role: str, x, dy, saved=()) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """(dx, dscale, doffset); a gradient the layer has no parameter for is None."""
+    def _backward(self, role: str, x, dy, saved=(), out=None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(dx, dscale, doffset); a gradient the layer has no parameter for is None. ``out``:
+        preallocated ``(dx, dscale, doffset)`` (None for any to allocate; dx may be x or dy)."""
         x, dims = self._input(x)
         dy = self._dy(x, dy)
-        dx = np.empty_like(x)
-        grads = {g: np.empty(self.plan.channels, dtype=self.dtype) for g, _ in self.plan.gradients}
+        have = {g for g, _ in self.plan.gradients}
+        c = (self.plan.channels,)
+        dx, dscale, doffset = self._outputs(out, [("dx", x.shape, self.dtype)] + [
+            (g, c, self.dtype) if g in have else None for g in ("dscale", "doffset")])
+        grads = {g: a for g, a in (("dscale", dscale), ("doffset", doffset)) if a is not None}
         extra = []
         for name, arr in zip(("saved_mean", "saved_invstd"), saved, strict=False):  # saved: () or both
             arr = np.ascontiguousarray(arr, dtype=ACC_DTYPES[self.plan.acc_type]).reshape(-1)
@@ -64,18 +99,19 @@ class CTraining(CSync, TrainingBench):
         self._train_check(rc, role)
         return dx, grads.get("dscale"), grads.get("doffset")
 
-    def backward(self, x: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(dx, dscale, doffset): the gradient of the training forward, statistics from x."""
-        return self._backward("backward", x, dy)
+    def backward(self, x: np.ndarray, dy: np.ndarray, out=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(dx, dscale, doffset): the gradient of the training forward, statistics from x.
+        ``out``: preallocated ``(dx, dscale, doffset)``, any of them None."""
+        return self._backward("backward", x, dy, out=out)
 
-    def backward_saved(self, x, dy, saved_mean, saved_invstd) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def backward_saved(self, x, dy, saved_mean, saved_invstd, out=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`backward` with the statistics returned by :meth:`train_forward_save`."""
-        return self._backward("backward_saved", x, dy, (saved_mean, saved_invstd))
+        return self._backward("backward_saved", x, dy, (saved_mean, saved_invstd), out=out)
 
-    def backward_frozen(self, x: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def backward_frozen(self, x: np.ndarray, dy: np.ndarray, out=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Batch norm: (dx, dscale, doffset) with the trained statistics held fixed."""
         self._require_batchnorm("backward_frozen")
-        return self._backward("backward_frozen", x, dy)
+        return self._backward("backward_frozen", x, dy, out=out)
 
     def update(
         self,

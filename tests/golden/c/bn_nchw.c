@@ -967,6 +967,7 @@ int bn_nchw_backward(const float *x, const float *dy, float *dx, float *dscale, 
                 if (i0 + 256 < nb) {
                     for (size_t p = 0; p < 48; p += 16) {
                         BN_NCHW_PREFETCH(xr + 12288 + p);
+                        BN_NCHW_PREFETCH(dyr + 12288 + p);
                     }
                 }
             }
@@ -1262,16 +1263,37 @@ int bn_nchw_backward_frozen(const float *x, const float *dy, float *dx, float *d
         goffset[c] = 0;
         inv[c] = 1 / sqrt((double)trained_variance[c] + 1e-05);
     }
-    /* dx = dy * scale / sqrt(trained_var + epsilon); per channel sums of dy * xhat and dy */
+    /* dx = dy * scale / sqrt(trained_var + epsilon); per channel sums of dy * xhat and dy, over each
+     * run in 16 lanes added into the channel's sums in order */
     for (size_t j0 = 0; j0 < nb; ++j0) {
         for (size_t j1 = 0; j1 < 3; ++j1) {
-            for (size_t j2 = 0; j2 < 16; ++j2) {
-                const size_t o = j0 * 48 + j1 * 16 + j2;
-                const size_t ch = j1;
-                const double d = (double)dy[o];
-                gscale[ch] += d * (((double)x[o] - (double)trained_mean[ch]) * inv[ch]);
-                goffset[ch] += d;
-                dx[o] = (float)(d * ((double)scale[ch] * inv[ch]));
+            const size_t o0 = j0 * 48 + j1 * 16;
+            const size_t ch = j1;
+            const double mu = (double)trained_mean[ch], iv = inv[ch], w = (double)scale[ch] * inv[ch];
+            const size_t n_run = 16;
+            const size_t blocks_end = n_run / 16 * 16;
+            double la[16], lb[16];
+            for (size_t l = 0; l < 16; ++l) {
+                la[l] = 0;
+                lb[l] = 0;
+            }
+            for (size_t j2 = 0; j2 < blocks_end; j2 += 16) {
+                for (size_t l = 0; l < 16; ++l) {
+                    const double d = (double)dy[o0 + j2 + l];
+                    la[l] += d * (((double)x[o0 + j2 + l] - mu) * iv);
+                    lb[l] += d;
+                    dx[o0 + j2 + l] = (float)(d * w);
+                }
+            }
+            for (size_t l = 0; l < n_run - blocks_end; ++l) {
+                const double d = (double)dy[o0 + blocks_end + l];
+                la[l] += d * (((double)x[o0 + blocks_end + l] - mu) * iv);
+                lb[l] += d;
+                dx[o0 + blocks_end + l] = (float)(d * w);
+            }
+            for (size_t l = 0; l < 16; ++l) {
+                gscale[ch] += la[l];
+                goffset[ch] += lb[l];
             }
         }
     }

@@ -706,6 +706,7 @@ int gn_nhwc_backward(const float *x, const float *dy, float *dx, float *dscale, 
                     if (i1 + 256 < 16) {
                         for (size_t p = 0; p < 6; p += 16) {
                             GN_NHWC_PREFETCH(xr + 1536 + p);
+                            GN_NHWC_PREFETCH(dyr + 1536 + p);
                         }
                     }
                 }

@@ -1235,6 +1235,8 @@ int ln_element_backward(const float *x, const float *dy, float *dx, float *dscal
                             if (i1 + 8224 <= 48) {
                                 LN_ELEMENT_PREFETCH(xr + i1 + 8192);
                                 LN_ELEMENT_PREFETCH(xr + i1 + 8192 + 16);
+                                LN_ELEMENT_PREFETCH(dyr + i1 + 8192);
+                                LN_ELEMENT_PREFETCH(dyr + i1 + 8192 + 16);
                             }
                             for (size_t l = 0; l < 32; ++l) {
                                 const float dev = xr[i1 + l] - m;
