@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from ..description.kinds import semantics
 from ..description.layers import Layer
-from .plan import Extent, Function, Loop, as_core, extent_of
+from .plan import Extent, Function, Loop, as_core, extent_of, literal
 
 #: The roles a fused layer wraps in stages (the others stay as they are: population statistics
 #: take h for a residual layer, the update step takes gradients).
@@ -141,13 +141,14 @@ class Fusion:
     functions: list[FusedFunction]
     act: list[str]  # NAME_act's body (element type)
     expf: list[str]  # NAME_expf's body, where the float activation uses it
-    act_grad: list[str]  # NAME_act_grad's body (the accumulation type)
+    act_grad: list[str]  # NAME_act_grad's body (the accumulation type): act'(v)
+    act_dz: list[str]  # NAME_act_dz's body (the C target): d * act'(v)
     total: str  # elements of x (C expression after the size locals)
     mod_loops: list[Loop]  # the epilogue: every element in memory order
     mod_offset: str
     mod_index: str  # index of (b, c) in mod_shift / mod_scale
-    bc_head: list[Loop]  # the dz stage: b (where the format has B) and c, outermost
-    bc_rest: list[Loop]  # ... then the other letters in memory order
+    bc_head: list[Loop]  # the dz stage, with a modulation: b (where the format has B) and c, outermost
+    bc_rest: list[Loop]  # ... then the other letters in memory order (without: every letter)
     bc_offset: str
     stat_index: str  # the dz stage: the saved statistic of the element
     param_index: str  # the dz stage: the element's scale/offset
@@ -199,6 +200,18 @@ def _row_major(items: list[tuple[str, Extent]]) -> str:
     return " + ".join(reversed(terms)) or "0"
 
 
+def act_dz(act: str, acc: str) -> list[str]:
+    """The statements of d * act'(v) in ``acc`` (the C dz stage): ReLU's as a select of d, so that
+    its loop vectorizes (a multiply by a 0 or 1 chosen by a branch could trap: the compiler keeps
+    the branch)."""
+    if act == "none":
+        return []
+    if act == "relu":
+        return [f"return v > 0 ? d : {literal(0.0, acc)};"]
+    *head, last = ACTIVATIONS[act]["grad_float" if acc == "float" else "grad"]
+    return [*head, f"return d * ({last.removeprefix('return ').removesuffix(';')});"]
+
+
 def lower_fusion(layer: Layer, plan) -> Fusion | None:
     """The fused form of a layer's plan, or None for a plain layer."""
     if not layer.fused:
@@ -213,8 +226,13 @@ def lower_fusion(layer: Layer, plan) -> Fusion | None:
     b = by["B"].var if "B" in by else "0"
     c = by["C"].var
     mod_index = f"{b} * {layer.channels} + {c}" if "B" in by else c
-    rest = [ax for ax in axes if ax.letter not in "BC"]
-    bc_axes = [ax for ax in axes if ax.letter == "B"] + [by["C"]] + rest
+    if layer.modulation != "none":
+        # the dz stage sums the modulation's gradients per (b, c): b and c outermost
+        rest = [ax for ax in axes if ax.letter not in "BC"]
+        head = [ax for ax in axes if ax.letter == "B"] + [by["C"]]
+    else:
+        rest, head = list(axes), []  # no sums: every element in memory order
+    bc_axes = head + rest
     sem = semantics(layer)
     kept = []
     for ax in axes:
@@ -238,10 +256,11 @@ def lower_fusion(layer: Layer, plan) -> Fusion | None:
         act=[line.format(exp=f"{plan.name}_expf") for line in ACTIVATIONS[act][key]] if act != "none" else [],
         expf=EXPF if act != "none" and any("{exp}" in line for line in ACTIVATIONS[act][key]) else [],
         act_grad=ACTIVATIONS[act]["grad_float" if plan.acc_type == "float" else "grad"] if act != "none" else [],
+        act_dz=act_dz(act, plan.acc_type),
         total=plan.elements.expr(),
         mod_loops=[Loop(ax.var, "0", ax.extent.expr()) for ax in axes], mod_offset=_offset(axes),
         mod_index=mod_index,
-        bc_head=[Loop(ax.var, "0", ax.extent.expr()) for ax in bc_axes if ax.letter in "BC"],
+        bc_head=[Loop(ax.var, "0", ax.extent.expr()) for ax in head],
         bc_rest=[Loop(ax.var, "0", ax.extent.expr()) for ax in rest], bc_offset=_offset(bc_axes),
         stat_index=_row_major(kept), param_index=param,
         bc_count=f"{'nb * ' if 'B' in by else ''}{layer.channels}", letters=tuple(axes),
