@@ -192,6 +192,23 @@ def _main(inputs: dict[str, np.ndarray]) -> str:
     return "\n".join([*lines, "    return 0;", "}", ""])
 
 
+def _link_and_run(cpu: str, work: Path, layers) -> list[str]:
+    """work/main.c linked with the layers' objects, the start-up and the linker script of
+    examples/firmware, run on the core's QEMU board: the lines it printed."""
+    flags, board = CPUS[cpu]
+    elf = work / "test.elf"
+    cmd = [GCC, *flags, "-Os", "-std=c99", "-Wall", "-Wextra", "-Werror", "-nostartfiles", "--specs=rdimon.specs",
+           "-T", str(HERE / "link.ld"), str(HERE / "start.c"), str(work / "main.c"),
+           *(str(work / f"{layer.name}_{cpu}.o") for layer in layers), "-lm", "-o", str(elf)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    run = subprocess.run([QEMU, "-M", board, "-nographic", "-monitor", "none", "-serial", "none",
+                          "-semihosting-config", "enable=on,target=native", "-kernel", str(elf)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, (run.returncode, run.stdout[-2000:], run.stderr[-2000:])
+    return run.stdout.splitlines()
+
+
 @pytest.mark.skipif(QEMU is None, reason="qemu-system-arm is not installed")
 @pytest.mark.parametrize("cpu", sorted(CPUS))
 def test_runs_under_qemu_and_matches_the_reference(cpu, tmp_path):
@@ -201,18 +218,7 @@ def test_runs_under_qemu_and_matches_the_reference(cpu, tmp_path):
     for layer in LAYERS:
         cross_compile(layer, cpu, tmp_path)
     (tmp_path / "main.c").write_text(_main(inputs))
-    flags, board = CPUS[cpu]
-    elf = tmp_path / "test.elf"
-    cmd = [GCC, *flags, "-Os", "-std=c99", "-Wall", "-Wextra", "-Werror", "-nostartfiles", "--specs=rdimon.specs",
-           "-T", str(HERE / "link.ld"), str(HERE / "start.c"), str(tmp_path / "main.c"),
-           *(str(tmp_path / f"{layer.name}_{cpu}.o") for layer in LAYERS), "-lm", "-o", str(elf)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    run = subprocess.run([QEMU, "-M", board, "-nographic", "-monitor", "none", "-serial", "none",
-                          "-semihosting-config", "enable=on,target=native", "-kernel", str(elf)],
-                         capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, (run.returncode, run.stdout[-2000:], run.stderr[-2000:])
-    out = iter(run.stdout.splitlines())
+    out = iter(_link_and_run(cpu, tmp_path, LAYERS))
     for layer in LAYERS:
         assert next(out) == f"{layer.name} 0"
         x = inputs[layer.name]
@@ -275,18 +281,7 @@ def test_int8_runs_under_qemu_and_matches_the_reference(cpu, tmp_path):
         runs += [(f"{layer.name}_full", layer, drawn[""]), (f"{layer.name}_equal", layer, drawn[":equal"])]
         cross_compile(layer, cpu, tmp_path)
     (tmp_path / "main.c").write_text(_int8_main([(buf, layer.name, x) for buf, layer, x in runs]))
-    flags, board = CPUS[cpu]
-    elf = tmp_path / "test.elf"
-    cmd = [GCC, *flags, "-Os", "-std=c99", "-Wall", "-Wextra", "-Werror", "-nostartfiles", "--specs=rdimon.specs",
-           "-T", str(HERE / "link.ld"), str(HERE / "start.c"), str(tmp_path / "main.c"),
-           *(str(tmp_path / f"{layer.name}_{cpu}.o") for layer in INT8_LAYERS), "-lm", "-o", str(elf)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    run = subprocess.run([QEMU, "-M", board, "-nographic", "-monitor", "none", "-serial", "none",
-                          "-semihosting-config", "enable=on,target=native", "-kernel", str(elf)],
-                         capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, (run.returncode, run.stdout[-2000:], run.stderr[-2000:])
-    out = iter(run.stdout.splitlines())
+    out = iter(_link_and_run(cpu, tmp_path, INT8_LAYERS))
     for buf, layer, x in runs:
         assert next(out) == f"{buf} 0"
         got = np.array([int(next(out)) for _ in range(x.size)], dtype=np.int8).reshape(x.shape)
