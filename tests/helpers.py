@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import strategies as st
 
 from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, NormgenError, RMSNorm
 
@@ -76,3 +77,20 @@ def grid(dtypes=("float32", "float64")):
             yield from kinds({"format": fmt, "shape": shape}, 12, dtype, f"{fmt}_{dtype[-2:]}")
         for fmt, shape in MATLAB_FORMATS.items():
             yield from kinds({"matlab_format": fmt, "shape": shape}, 12, dtype, f"m{fmt}_{dtype[-2:]}")
+
+
+@st.composite
+def random_formats(draw, groups: int = 3, size: int = 6):
+    """A random valid format (one C, at most one B and T, some S/U), with a group count (at most
+    ``groups``), its channel count (a multiple of it) and the sizes of its non-B dimensions (the
+    others at most ``size``): (format, groups, channels, shape)."""
+    letters = ["C"] + draw(st.lists(st.sampled_from("SU"), max_size=3))
+    if draw(st.booleans()):
+        letters.append("B")
+    if draw(st.booleans()):
+        letters.append("T")
+    fmt = "".join(draw(st.permutations(letters)))
+    g = draw(st.integers(1, groups))
+    channels = g * draw(st.integers(1, 3))
+    shape = [channels if ch == "C" else draw(st.integers(1, size)) for ch in fmt if ch != "B"]
+    return fmt, g, channels, shape

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import grid, params
+from helpers import grid, params, random_formats
 from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, NormgenError, build, reference
 from normgen.harness.check import check_layer, compare
 from normgen.lowering import lower
@@ -27,16 +27,7 @@ def test_grid_matches_reference(layer):
 @st.composite
 def layers(draw):
     """A random valid format (one C, at most one B and T, some S/U), sizes, kind and dtype."""
-    letters = ["C"] + draw(st.lists(st.sampled_from("SU"), max_size=3))
-    if draw(st.booleans()):
-        letters.append("B")
-    if draw(st.booleans()):
-        letters.append("T")
-    letters = draw(st.permutations(letters))
-    fmt = "".join(letters)
-    groups = draw(st.integers(1, 4))
-    channels = groups * draw(st.integers(1, 3))
-    shape = [channels if ch == "C" else draw(st.integers(1, 6)) for ch in fmt if ch != "B"]
+    fmt, groups, channels, shape = draw(random_formats(groups=4, size=6))
     kw = dict(name="h", format=fmt, shape=shape, dtype=draw(st.sampled_from(["float32", "float64"])),
               epsilon=draw(st.sampled_from([1e-5, 1e-3, 0.5])), **params(channels, 3))
     kind = draw(st.sampled_from(["bn", "gn", "ln", "in"]))

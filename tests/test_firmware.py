@@ -21,7 +21,7 @@ from helpers import bn_stats, params
 from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm, emit, load_spec, reference
 from normgen.harness.check import compare, compare_int8, int8_inputs, random_input
 from normgen.lowering import lower
-from normgen.targets.c.build import STRICT_FLAGS
+from normgen.targets.c.build import FIRMWARE_WARNINGS, STRICT_FLAGS
 
 GCC = shutil.which("arm-none-eabi-gcc")
 QEMU = shutil.which("qemu-system-arm")
@@ -34,8 +34,6 @@ CPUS = {
     "m4f": (["-mcpu=cortex-m4", "-mfpu=fpv4-sp-d16", "-mfloat-abi=hard"], "mps2-an386"),
     "m7": (["-mcpu=cortex-m7", "-mfpu=fpv5-d16", "-mfloat-abi=hard"], "mps2-an500"),
 }
-#: The warnings firmware projects add; a predict-only file has none of them.
-FIRMWARE_WARNINGS = ["-Wdouble-promotion", "-Wshadow", "-Wconversion", "-Wcast-align", "-Wundef", "-Wvla"]
 #: The stack of a predict function (bytes, -fstack-usage on the M4F) that firmware budgets for.
 PREDICT_STACK = 512
 BATCH = 3

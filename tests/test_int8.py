@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import normgen.reference as reference
-from helpers import grid
+from helpers import grid, random_formats
 from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, NormgenError, RMSNorm, build, emit, load_spec
 from normgen.cli import main
 from normgen.harness.check import check_layer, int8_inputs
@@ -416,15 +416,7 @@ def test_reference_matches_onnxruntime_qdq(kind):
 @st.composite
 def int8_layers(draw):
     """A random format, sizes, kind, quantization and arithmetic."""
-    letters = ["C"] + draw(st.lists(st.sampled_from("SU"), max_size=3))
-    if draw(st.booleans()):
-        letters.append("B")
-    if draw(st.booleans()):
-        letters.append("T")
-    fmt = "".join(draw(st.permutations(letters)))
-    groups = draw(st.integers(1, 3))
-    channels = groups * draw(st.integers(1, 3))
-    shape = [channels if ch == "C" else draw(st.integers(1, 6)) for ch in fmt if ch != "B"]
+    fmt, groups, channels, shape = draw(random_formats(groups=3, size=6))
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     kw = dict(name="h8", format=fmt, shape=shape, dtype="int8", epsilon=draw(st.sampled_from([1e-5, 1e-3, 0.5])),
               input_scale=draw(st.floats(1e-3, 2.0)), input_zero_point=draw(st.integers(-128, 127)),

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import random_formats
 from normgen import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, NormgenError, build, emit, reference
 from normgen.harness.check import TOLERANCES, random_input
 from normgen.targets.c.build import compile_c
@@ -183,15 +184,7 @@ def test_backward_large_mean_float32(kind):
 @st.composite
 def random_layers(draw):
     """A random valid format (one C, at most one B and T, some S/U), sizes, kind and dtype."""
-    letters = ["C"] + draw(st.lists(st.sampled_from("SU"), max_size=3))
-    if draw(st.booleans()):
-        letters.append("B")
-    if draw(st.booleans()):
-        letters.append("T")
-    fmt = "".join(draw(st.permutations(letters)))
-    groups = draw(st.integers(1, 3))
-    channels = groups * draw(st.integers(1, 3))
-    shape = [channels if ch == "C" else draw(st.integers(1, 5)) for ch in fmt if ch != "B"]
+    fmt, groups, channels, shape = draw(random_formats(groups=3, size=5))
     kw = dict(format=fmt, shape=shape, dtype=draw(st.sampled_from(DTYPES)), **_params(3, channels))
     kind = draw(st.sampled_from(["bn", "gn", "ln", "in"]))
     name = f"thyp_{kind}_{fmt}_{'_'.join(map(str, shape))}_{kw['dtype'][-2:]}"

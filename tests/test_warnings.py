@@ -14,9 +14,8 @@ import pytest
 
 from helpers import grid
 from normgen import LayerNorm, RMSNorm, emit
-from normgen.targets.c.build import STRICT_FLAGS
+from normgen.targets.c.build import FIRMWARE_WARNINGS, STRICT_FLAGS
 
-FIRMWARE_WARNINGS = ["-Wdouble-promotion", "-Wshadow", "-Wconversion", "-Wcast-align", "-Wundef", "-Wvla"]
 CC = shutil.which("gcc") or shutil.which("cc")
 
 

@@ -144,6 +144,14 @@ def minus(zero_point: int) -> str:
     return "q" if zero_point == 0 else f"q {'-' if zero_point > 0 else '+'} {abs(zero_point)}"
 
 
+#: What an int8 plan reads from the float plan of the same layout: the names every C template
+#: shares, the sizes, and the loops and offsets of the elementwise (batch-norm) pass.
+SHARED = frozenset({
+    "name", "upper", "guard", "channels", "sizes", "per_batch", "format", "has_batch", "elements", "size_locals",
+    "size_guard", "offset_expr", "channel_expr", "apply_loops", "apply_offset_expr", "apply_channel_expr",
+})
+
+
 @dataclass(frozen=True)
 class Int8Plan:
     """Everything templates/c/int8.{h,c}.j2 need to spell out an int8 layer's predict."""
@@ -169,50 +177,11 @@ class Int8Plan:
     max_count: int = MAX_COUNT  # most elements of one statistic (checked at run time where it is not fixed)
     version: str = __version__
 
-    # ---- names every C template shares -------------------------------------------------------
-    @property
-    def name(self) -> str:
-        return self.base.name
-
-    @property
-    def upper(self) -> str:
-        return self.base.upper
-
-    @property
-    def guard(self) -> str:
-        return self.base.guard
-
-    @property
-    def channels(self) -> int:
-        return self.base.channels
-
-    @property
-    def sizes(self) -> tuple[str, ...]:
-        return self.base.sizes
-
-    @property
-    def per_batch(self) -> tuple[str, str]:
-        return self.base.per_batch
-
-    @property
-    def format(self) -> str:
-        return self.base.format
-
-    @property
-    def has_batch(self) -> bool:
-        return self.base.has_batch
-
-    @property
-    def elements(self) -> Extent:
-        return self.base.elements
-
-    @property
-    def size_locals(self) -> list[str]:
-        return self.base.size_locals
-
-    @property
-    def size_guard(self) -> list[str]:
-        return self.base.size_guard
+    def __getattr__(self, name: str):
+        """The names every C template shares (SHARED) are the float plan's."""
+        if name in SHARED:
+            return getattr(self.base, name)
+        raise AttributeError(name)
 
     @property
     def quant_defines(self) -> list[tuple[str, str]]:
@@ -266,26 +235,6 @@ class Int8Plan:
     def reduced_loops(self) -> list[Loop]:
         """The elements of one statistic: the reduced axes, in memory order."""
         return self.base.loops([a for a in self.base.axes if not a.keep])
-
-    @property
-    def offset_expr(self) -> str:
-        return self.base.offset_expr
-
-    @property
-    def channel_expr(self) -> str:
-        return self.base.channel_expr
-
-    @property
-    def apply_loops(self) -> list[Loop]:
-        return self.base.apply_loops
-
-    @property
-    def apply_offset_expr(self) -> str:
-        return self.base.apply_offset_expr
-
-    @property
-    def apply_channel_expr(self) -> str:
-        return self.base.apply_channel_expr
 
     @property
     def deviation_type(self) -> str:

@@ -31,6 +31,8 @@ from ..render import emit
 from .training import CTraining
 
 STRICT_FLAGS = ["-std=c99", "-Wall", "-Wextra", "-pedantic", "-Werror"]
+#: The warnings firmware projects add (README "Firmware"); every generated file is free of them.
+FIRMWARE_WARNINGS = ["-Wdouble-promotion", "-Wshadow", "-Wconversion", "-Wcast-align", "-Wundef", "-Wvla"]
 DEFAULT_OPT = ["-O2"]
 NUMPY_DTYPES = {"float32": np.float32, "float64": np.float64, "int8": np.int8}
 
